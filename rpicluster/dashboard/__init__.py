@@ -1,0 +1,1 @@
+"""rpicluster.dashboard"""

@@ -1,0 +1,48 @@
+"""One error hierarchy for rpicluster.
+
+Every error a user can meet derives from :class:`RPiClusterError`, so the CLI can print it as a
+clear one-line message (no traceback) and library users can catch the family. Messages name the
+thing at fault (file, host, block, chunk, field) and what was expected.
+"""
+
+from __future__ import annotations
+
+
+class RPiClusterError(Exception):
+    """Base class of every error rpicluster raises on purpose."""
+
+
+class ConfigError(RPiClusterError, ValueError):
+    """A configuration value (inventory file, flag, parameter) is wrong."""
+
+
+class InventoryError(ConfigError):
+    """The TOML inventory is invalid; the message names the file and the key."""
+
+
+class SSHError(RPiClusterError):
+    """An SSH connection or remote command failed; the message names the host."""
+
+
+class HostKeyError(SSHError):
+    """A host key is unknown or has changed; the message shows the offered fingerprint."""
+
+
+class BootstrapError(RPiClusterError):
+    """Bringing a worker or the scheduler up failed (the message names the host)."""
+
+
+class DataError(RPiClusterError, ValueError):
+    """A dataset or store is invalid; the message names the array, chunk, row or field."""
+
+
+class StoreIncompleteError(DataError):
+    """A Zarr store has no completion marker: an interrupted ingest, not a dataset."""
+
+
+class ModelError(RPiClusterError):
+    """A model file is missing, corrupted or of an unknown format."""
+
+
+class TrainingError(RPiClusterError):
+    """A distributed training run failed; the message names the block or cluster."""

@@ -1,0 +1,114 @@
+"""Progress reporting shared by every long command (ingest, train, score, bench).
+
+On a terminal it draws a rich progress bar; when output is not a terminal (CI, ``nohup``, a log
+file) it degrades to plain lines, at most one every ``interval`` seconds plus the final one, so
+logs stay readable.
+
+Library code takes an optional ``progress`` callback-like object and calls ``advance``; the CLI
+decides how to show it. ``Progress.null()`` shows nothing (the library default).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO
+
+
+class Progress:
+    """A counter towards ``total`` with a description, shown on ``stream``.
+
+    Use as a context manager::
+
+        with Progress("ingest", total=n_blocks, unit="blocks") as p:
+            for ...:
+                p.advance()
+    """
+
+    def __init__(
+        self,
+        description: str,
+        total: int | None = None,
+        *,
+        unit: str = "",
+        stream: IO[str] | None = None,
+        interval: float = 5.0,
+        enabled: bool = True,
+    ) -> None:
+        self.description = description
+        self.total = total
+        self.unit = unit
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval = interval
+        self.enabled = enabled
+        self.completed = 0
+        self._start = time.perf_counter()
+        self._last_line = 0.0
+        self._rich = None
+        self._task = None
+
+    @classmethod
+    def null(cls) -> "Progress":
+        """A progress object that shows nothing."""
+        return cls("", enabled=False)
+
+    def __enter__(self) -> "Progress":
+        self._start = time.perf_counter()
+        if self.enabled and _is_terminal(self.stream):
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
+                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+
+            self._rich = RichProgress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn(self.unit), TimeElapsedColumn(), TextColumn("eta"),
+                TimeRemainingColumn(), console=Console(file=self.stream), transient=False)
+            self._rich.start()
+            self._task = self._rich.add_task(self.description, total=self.total)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+            self._rich = None
+        elif self.enabled and exc[0] is None:
+            self._line(final=True)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._start
+
+    def eta(self) -> float | None:
+        """Seconds left at the rate so far, or None when it cannot be told yet."""
+        if not self.total or not self.completed:
+            return None
+        return self.elapsed / self.completed * (self.total - self.completed)
+
+    def advance(self, n: int = 1, *, note: str | None = None) -> None:
+        self.completed += n
+        if not self.enabled:
+            return
+        if self._rich is not None:
+            desc = self.description if note is None else f"{self.description} ({note})"
+            self._rich.update(self._task, completed=self.completed, description=desc)
+            return
+        now = time.perf_counter()
+        if now - self._last_line >= self.interval or self.completed == self.total:
+            self._line(note=note)
+
+    def _line(self, *, final: bool = False, note: str | None = None) -> None:
+        self._last_line = time.perf_counter()
+        of = f"/{self.total}" if self.total is not None else ""
+        eta = self.eta()
+        tail = "done" if final else (f"eta {eta:.0f} s" if eta is not None else "")
+        extra = f" ({note})" if note else ""
+        print(f"{self.description}: {self.completed}{of} {self.unit} "
+              f"[{self.elapsed:.1f} s{', ' + tail if tail else ''}]{extra}",
+              file=self.stream, flush=True)
+
+
+def _is_terminal(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

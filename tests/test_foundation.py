@@ -1,0 +1,64 @@
+"""The package skeleton: public names, error hierarchy, CLI entry point, progress output."""
+
+import io
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+import rpicluster
+from rpicluster import errors
+from rpicluster.cli import main
+from rpicluster.progress import Progress
+
+
+def test_every_error_is_an_rpicluster_error():
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Exception)]
+    assert len(classes) > 5
+    for cls in classes:
+        assert issubclass(cls, errors.RPiClusterError)
+
+
+def test_data_and_config_errors_are_value_errors():
+    # scikit-learn style callers catch ValueError for bad input.
+    assert issubclass(errors.DataError, ValueError)
+    assert issubclass(errors.ConfigError, ValueError)
+
+
+def test_unknown_public_name_raises_attribute_error():
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        rpicluster.nope  # noqa: B018
+
+
+def test_cli_help_and_version():
+    runner = CliRunner()
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0
+    assert "Inc-kSGD" in result.output
+    result = runner.invoke(main, ["--version"])
+    assert rpicluster.__version__ in result.output
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "rpicluster.cli", "--help"],
+                         capture_output=True, text=True, check=True)
+    assert "Usage" in out.stdout
+
+
+def test_progress_degrades_to_plain_lines_when_not_a_terminal():
+    buf = io.StringIO()
+    with Progress("ingest", total=3, unit="blocks", stream=buf, interval=0) as p:
+        for _ in range(3):
+            p.advance()
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("ingest: 1/3 blocks")
+    assert "3/3" in lines[-1] and "done" in lines[-1]
+    assert "\x1b[" not in buf.getvalue()  # no terminal escape codes in logs
+
+
+def test_progress_null_prints_nothing(capsys):
+    with Progress.null() as p:
+        p.advance(5)
+    assert capsys.readouterr().err == ""
+    assert p.completed == 5
