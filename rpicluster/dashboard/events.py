@@ -1,0 +1,73 @@
+"""The training event schema: one topic, a few kinds, a fixed set of field names.
+
+Training publishes with ``client.log_event(TOPIC, {KIND: ..., ...})`` (or ``distributed.get_worker()
+.log_event`` from inside a task); the dashboard reads them back from the scheduler with
+``scheduler.get_events(TOPIC)``. Both sides import the names from here so they cannot drift.
+
+Every event is a flat ``dict`` of plain Python values (str, int, float, None) so it stays cheap to
+send and safe to keep in the scheduler's bounded event log.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rpicluster.errors import ConfigError
+
+#: Scheduler event topic for training progress.
+TOPIC = "rpicluster.train"
+
+# Event kinds ("kind" field).
+RUN_START = "run-start"  #: a run begins: run_id, n_blocks, n_clusters, rows (total), t
+PARTITIONED = "partitioned"  #: block clustered: block, rows, worker, seconds
+FITTED = "fitted"  #: one local model fitted: block, cluster, rows, worker, seconds
+COMMITTED = "committed"  #: block model written to the run directory: block
+RUN_END = "run-end"  #: run finished (or failed): run_id, t
+VALIDATION = "validation"  #: block model scored on the validation set: block, accuracy
+
+KINDS = (RUN_START, PARTITIONED, FITTED, COMMITTED, RUN_END, VALIDATION)
+
+# Field names.
+KIND = "kind"
+RUN_ID = "run_id"
+N_BLOCKS = "n_blocks"
+N_CLUSTERS = "n_clusters"
+BLOCK = "block"
+CLUSTER = "cluster"
+ROWS = "rows"
+WORKER = "worker"
+SECONDS = "seconds"
+ACCURACY = "accuracy"
+T = "t"
+
+FIELDS = (KIND, RUN_ID, N_BLOCKS, N_CLUSTERS, BLOCK, CLUSTER, ROWS, WORKER, SECONDS, ACCURACY, T)
+
+
+def make_event(kind: str, **fields) -> dict:
+    """Build one training event, checking the kind and field names against the schema.
+
+    Parameters
+    ----------
+    kind : str
+        One of :data:`KINDS`.
+    **fields
+        Any of :data:`FIELDS` except ``kind``. ``t`` defaults to ``time.time()``.
+
+    Returns
+    -------
+    dict
+        The event, ready for ``client.log_event(TOPIC, event)``.
+
+    Raises
+    ------
+    rpicluster.errors.ConfigError
+        If ``kind`` or a field name is not part of the schema.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"unknown training event kind {kind!r} (known kinds: {list(KINDS)})")
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown training event field(s) {unknown} (known fields: {list(FIELDS)})")
+    event = {KIND: kind, **fields}
+    event.setdefault(T, time.time())
+    return event
