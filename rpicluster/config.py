@@ -22,3 +22,28 @@ def state_dir() -> Path:
     ``RPICLUSTER_HOME`` overrides the default ``~/.rpicluster``.
     """
     return Path(os.environ.get("RPICLUSTER_HOME", Path.home() / ".rpicluster")).expanduser()
+
+
+# --- cluster bring-up over SSH (rpicluster.inventory, rpicluster.deploy) ---
+
+#: Inventory defaults, used where neither [defaults] nor a group sets the key.
+SSH_KEY = "~/.ssh/id_ed25519"
+KNOWN_HOSTS = "~/.ssh/known_hosts"
+#: Interpreter on a host, by absolute path (a non-interactive SSH session does not see a venv's
+#: PATH); ``up --provision`` creates this venv.
+REMOTE_PYTHON = "~/.venvs/rpicluster/bin/python"
+#: Each worker works in ``<local_directory>/<host>`` (hosts may share a filesystem).
+REMOTE_DIRECTORY = "~/.rpicluster/workers"
+
+#: Seconds for the TCP connect, the SSH banner and authentication of one host.
+SSH_TIMEOUT = 10.0
+#: Seconds for one remote command to finish.
+COMMAND_TIMEOUT = 120.0
+#: Seconds ``up`` waits for the scheduler to see every started worker.
+JOIN_TIMEOUT = 60.0
+#: Hosts contacted at the same time.
+SSH_PARALLEL = 32
+
+#: ``rpicluster serve``: bind every interface (the Pis on the LAN read from it) on this port.
+SERVE_HOST = "0.0.0.0"
+SERVE_PORT = 8788
