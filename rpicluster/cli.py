@@ -52,5 +52,16 @@ def echo_table(title: str, columns: list[str], rows: list[list[object]]) -> None
 
 
 
+@main.command()
+@click.option("--scheduler", "address", metavar="ADDR",
+              help="Scheduler address (tcp://host:8786); default: the cluster `up` recorded.")
+def dashboard(address: str | None) -> None:
+    """Print the URLs of the Dask dashboard and its rpicluster training page."""
+    from rpicluster.dashboard.links import dashboard_links
+
+    for line in dashboard_links(address).lines():
+        click.echo(line)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

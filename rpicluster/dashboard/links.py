@@ -1,0 +1,138 @@
+"""Where the dashboard is: its URLs and, from a remote shell, the SSH tunnel that reaches it."""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import os
+
+from rpicluster.errors import ConfigError, RPiClusterError
+
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+_WILDCARD = {"", "0.0.0.0", "::"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DashboardLinks:
+    """The Dask dashboard's status URL, the rpicluster page's URL, and a tunnel command or None."""
+
+    status: str
+    page: str | None
+    tunnel: str | None = None
+
+    def lines(self) -> list[str]:
+        """What ``rpicluster dashboard`` prints."""
+        out = [f"dashboard: {self.status}"]
+        out.append(f"training:  {self.page}" if self.page else
+                   "training:  (no /rpicluster page: this scheduler serves no bokeh dashboard)")
+        if self.tunnel:
+            out.append(f"from your own machine, first run:  {self.tunnel}")
+        return out
+
+
+def build_links(bind_host: str, port: int, scheduler_host: str, *, prefix: str = "",
+                page: str | None = "/rpicluster", tls: bool = False,
+                ssh_connection: str | None = None, user: str | None = None) -> DashboardLinks:
+    """URLs of a dashboard listening on ``bind_host:port``, as seen by whoever asks.
+
+    Parameters
+    ----------
+    bind_host : str
+        Address the dashboard's HTTP server is bound to (``0.0.0.0`` = every interface).
+    port : int
+        Its port.
+    scheduler_host : str
+        Host of the scheduler address the user gave: the name that reaches that machine when the
+        dashboard listens on every interface.
+    prefix : str
+        The dashboard's URL prefix (``dask scheduler --dashboard-prefix``).
+    page : str or None
+        URL path of the rpicluster page (prefix included), None when it is not served.
+    tls : bool
+        Whether the dashboard serves HTTPS.
+    ssh_connection : str or None
+        The ``SSH_CONNECTION`` variable (``client_ip client_port server_ip server_port``): set when
+        this shell runs on a machine reached over SSH, whose loopback the user's browser cannot see.
+    user : str or None
+        User name for the tunnel command (default: the current user).
+
+    Returns
+    -------
+    DashboardLinks
+    """
+    host = scheduler_host if bind_host in _WILDCARD else bind_host
+    if ":" in host:  # a literal IPv6 address
+        host = f"[{host}]"
+    root = f"{'https' if tls else 'http'}://{host}:{port}"
+    prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
+    tunnel = None
+    if bind_host in _LOOPBACK and ssh_connection:
+        fields = ssh_connection.split()
+        if len(fields) == 4:
+            _, _, server_ip, server_port = fields
+            via = "" if server_port == "22" else f" -p {server_port}"
+            tunnel = (f"ssh -L {port}:localhost:{port}{via} "
+                      f"{user or getpass.getuser()}@{server_ip}")
+    return DashboardLinks(status=f"{root}{prefix}/status", page=f"{root}{page}" if page else None,
+                          tunnel=tunnel)
+
+
+def _dashboard_facts(dask_scheduler) -> dict | None:
+    # Runs on the scheduler (client.run_on_scheduler).
+    from rpicluster.dashboard.server import dashboard_prefix
+
+    http = dask_scheduler.services.get("dashboard")
+    if http is None:
+        return None
+    return {"address": http.address, "port": http.port,
+            "prefix": dashboard_prefix(dask_scheduler) or "",
+            "tls": getattr(http, "ssl_options", None) is not None}
+
+
+def recorded_scheduler() -> str | None:
+    """Address of the cluster ``rpicluster up`` recorded on this machine, or None."""
+    from rpicluster.deploy.local import local_status
+
+    info = local_status()
+    return info["scheduler_address"] if info else None
+
+
+def dashboard_links(address: str | None = None, *, timeout: str = "10s") -> DashboardLinks:
+    """Connect to a scheduler, make sure it serves the rpicluster page, and return its URLs.
+
+    Parameters
+    ----------
+    address : str or None
+        Scheduler address (``tcp://host:8786``); None uses :func:`recorded_scheduler`.
+    timeout : str
+        How long to try to connect.
+
+    Raises
+    ------
+    rpicluster.errors.ConfigError
+        No address given and no cluster recorded, or the scheduler serves no dashboard.
+    rpicluster.errors.RPiClusterError
+        The scheduler cannot be reached.
+    """
+    from distributed import Client
+    from distributed.comm import get_address_host
+
+    from rpicluster.dashboard import install
+
+    address = address or recorded_scheduler()
+    if address is None:
+        raise ConfigError("no cluster to show: pass --scheduler tcp://HOST:8786, or start one "
+                          "with `rpicluster up`")
+    try:
+        client = Client(address, timeout=timeout)
+    except OSError as exc:
+        raise RPiClusterError(f"cannot reach the scheduler at {address}: {exc}") from exc
+    with client:
+        facts = client.run_on_scheduler(_dashboard_facts)
+        if facts is None:
+            raise ConfigError(f"the scheduler at {address} serves no dashboard (started with "
+                              "--no-dashboard?)")
+        page = client.run_on_scheduler(install)
+    return build_links(facts["address"], facts["port"], get_address_host(address),
+                       prefix=facts["prefix"], page=page,
+                       tls=facts["tls"], ssh_connection=os.environ.get("SSH_CONNECTION"))

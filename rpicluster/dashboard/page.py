@@ -1,0 +1,244 @@
+"""The ``/rpicluster`` bokeh document: training progress, worker throughput and hardware, accuracy.
+
+One :class:`TrainingPage` per browser session; every second it redraws from the scheduler's
+:class:`~rpicluster.dashboard.server.TrainingMonitor` (the folded event stream) and from the
+workers' heartbeat metrics (:mod:`rpicluster.dashboard.health`). Plots carry ``name`` attributes
+(see :data:`PLOT_NAMES`) so tests and users can find them in ``Bokeh.documents``.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+
+from bokeh.layouts import column, row
+from bokeh.models import (AdaptiveTicker, ColumnDataSource, DataTable, Div, FactorRange, HoverTool, Label,
+                          LabelSet, NumeralTickFormatter, Range1d, TableColumn)
+from bokeh.plotting import figure
+from bokeh.transform import dodge
+from dask.utils import format_bytes
+from distributed.dashboard.components import add_periodic_callback
+from distributed.dashboard.components.scheduler import BOKEH_THEME, env
+from distributed.utils import log_errors
+
+from rpicluster.dashboard.health import METRIC
+from rpicluster.dashboard.state import TrainingState, format_duration
+
+#: Refresh period of the page, in milliseconds.
+REFRESH_MS = 1000
+
+#: ``name`` of each plot or table on the page.
+PLOT_NAMES = ("rpicluster-summary", "rpicluster-progress", "rpicluster-throughput",
+              "rpicluster-accuracy", "rpicluster-hardware")
+
+_STAGES = ("blocks partitioned", "clusters fitted", "blocks committed")
+_DONE, _TODO = "#2b8cbe", "#e5eef5"
+_PARTITION, _FIT = "#7fb2d5", "#e6821e"
+_HARDWARE_COLUMNS = (("worker", "Worker"), ("host", "Host"), ("arch", "Arch"),
+                     ("cores", "Cores"), ("threads", "Threads"), ("memory", "Memory"),
+                     ("temperature", "Temp °C"), ("throttling", "Throttling"))
+
+
+def _short(address: str) -> str:
+    return address.split("://", 1)[-1]
+
+
+class TrainingPage:
+    """The models of one ``/rpicluster`` session and the callback that refreshes them.
+
+    Parameters
+    ----------
+    scheduler : distributed.Scheduler
+        The scheduler the page runs in (its workers give the hardware table).
+    state : TrainingState
+        The live training state folded by the scheduler plugin.
+    """
+
+    def __init__(self, scheduler, state: TrainingState) -> None:
+        self.scheduler = scheduler
+        self.state = state
+        self.summary = Div(name=PLOT_NAMES[0], sizing_mode="stretch_width")
+
+        self.progress_source = ColumnDataSource(
+            {"stage": list(_STAGES), "fraction": [0.0] * 3, "label": [""] * 3, "full": [1.0] * 3})
+        self.progress = figure(
+            name=PLOT_NAMES[1], title="Training progress", y_range=FactorRange(*reversed(_STAGES)),
+            x_range=Range1d(0, 1), height=230, sizing_mode="stretch_width", tools="",
+            toolbar_location=None)
+        self.progress.hbar(y="stage", right="full", height=0.6, color=_TODO,
+                           source=self.progress_source)
+        self.progress.hbar(y="stage", right="fraction", height=0.6, color=_DONE,
+                           source=self.progress_source)
+        self.progress.add_layout(LabelSet(
+            x=0.99, y="stage", text="label", source=self.progress_source, text_align="right",
+            text_baseline="middle", text_font_size="13px", text_color="#222222"))
+        self.progress.xaxis.formatter = NumeralTickFormatter(format="0%")
+        self.progress.ygrid.grid_line_color = None
+
+        self.throughput_source = ColumnDataSource(
+            {"worker": [], "partition": [], "fit": [], "tasks": []})
+        self.throughput = figure(
+            name=PLOT_NAMES[2], title="Throughput per worker (rows per second of task time)",
+            x_range=FactorRange(), height=300, sizing_mode="stretch_width", tools="",
+            toolbar_location=None)
+        for series, color, offset in (("partition", _PARTITION, -0.18), ("fit", _FIT, 0.18)):
+            self.throughput.vbar(x=dodge("worker", offset, range=self.throughput.x_range),
+                                 top=series, width=0.34, color=color, legend_label=series,
+                                 source=self.throughput_source)
+        self.throughput.add_tools(HoverTool(tooltips=[
+            ("worker", "@worker"), ("partition", "@partition{0,0} rows/s"),
+            ("fit", "@fit{0,0} rows/s"), ("tasks", "@tasks")]))
+        self.throughput.y_range.start = 0
+        self.throughput.yaxis.formatter = NumeralTickFormatter(format="0.[0]a")
+        self.throughput.xaxis.major_label_orientation = 0.3
+        # Outside the plot: inside, it would hide the first worker's bars.
+        self.throughput.add_layout(self.throughput.legend[0], "right")
+        self.throughput.xgrid.grid_line_color = None
+
+        self.accuracy_source = ColumnDataSource({"block": [], "accuracy": []})
+        self.accuracy = figure(
+            name=PLOT_NAMES[3], title="Validation accuracy per block", height=300,
+            y_range=Range1d(0, 1.02), sizing_mode="stretch_width", tools="",
+            toolbar_location=None, x_axis_label="block", y_axis_label="accuracy")
+        self.accuracy.line(x="block", y="accuracy", source=self.accuracy_source, color=_DONE,
+                           line_width=2)
+        self.accuracy.scatter(x="block", y="accuracy", source=self.accuracy_source, color=_DONE,
+                              size=7)
+        self.accuracy.add_tools(HoverTool(tooltips=[("block", "@block"),
+                                                    ("accuracy", "@accuracy{0.000}")]))
+        self.accuracy.yaxis.formatter = NumeralTickFormatter(format="0%")
+        self.accuracy.xaxis.ticker = AdaptiveTicker(min_interval=1, mantissas=[1, 2, 5])
+        self.no_accuracy = Label(x=10, y=120, x_units="screen", y_units="screen",
+                                 text="no validation set in this run (yet)",
+                                 text_color="#777777", text_font_size="13px")
+        self.accuracy.add_layout(self.no_accuracy)
+
+        self.hardware_source = ColumnDataSource({key: [] for key, _ in _HARDWARE_COLUMNS})
+        self.hardware = DataTable(
+            name=PLOT_NAMES[4], source=self.hardware_source, index_position=None,
+            height=_table_height(0),
+            sizing_mode="stretch_width",
+            columns=[TableColumn(field=key, title=title) for key, title in _HARDWARE_COLUMNS])
+        hardware_title = Div(text="<h3 style='margin:4px 0'>Worker hardware</h3>",
+                             sizing_mode="stretch_width")
+
+        self.root = column(
+            self.summary,
+            row(self.progress, self.accuracy, sizing_mode="stretch_width"),
+            self.throughput, hardware_title, self.hardware,
+            sizing_mode="stretch_width")
+
+    @log_errors
+    def update(self) -> None:
+        """Redraw every part from the current state (called every :data:`REFRESH_MS`)."""
+        now = time.time()
+        s = self.state
+        self.summary.text = _summary_html(s, now)
+
+        fits = len(s.fitted)
+        totals = (s.n_blocks, s.total_fits, s.n_blocks)
+        dones = (len(s.partitioned), fits, len(s.committed))
+        fractions = [min(1.0, d / t) if t else 0.0 for d, t in zip(dones, totals)]
+        labels = [f"{d} / {t if t is not None else '?'}" for d, t in zip(dones, totals)]
+        _set(self.progress_source, {"stage": list(_STAGES), "fraction": fractions,
+                                    "label": labels, "full": [1.0] * 3})
+
+        workers = sorted(s.workers)
+        names = [_short(w) for w in workers]
+        if list(self.throughput.x_range.factors) != names:
+            self.throughput.x_range.factors = names
+        _set(self.throughput_source, {
+            "worker": names,
+            "partition": [s.workers[w].partition_rate for w in workers],
+            "fit": [s.workers[w].fit_rate for w in workers],
+            "tasks": [s.workers[w].tasks for w in workers]})
+
+        blocks = sorted(s.accuracy)
+        _set(self.accuracy_source, {"block": blocks, "accuracy": [s.accuracy[b] for b in blocks]})
+        self.no_accuracy.visible = not blocks
+
+        hardware = _hardware_rows(self.scheduler)
+        _set(self.hardware_source, hardware)
+        height = _table_height(len(hardware["worker"]))
+        if self.hardware.height != height:
+            self.hardware.height = height
+
+
+def _table_height(n_rows: int) -> int:
+    # Grow with the cluster so eight Pis show without a scroll bar; scroll beyond twenty.
+    return 32 + 26 * max(2, min(n_rows, 20))
+
+
+def _set(source: ColumnDataSource, data: dict) -> None:
+    # Sending identical data every second would make every browser re-render for nothing.
+    if dict(source.data) != data:
+        source.data = data
+
+
+def _summary_html(s: TrainingState, now: float) -> str:
+    status = s.status()
+    if status == "waiting":
+        body = "waiting for a training run (nothing published on this scheduler yet)"
+    else:
+        frac = s.fraction()
+        ended = s.finished if s.finished is not None else now
+        elapsed = ended - s.started if s.started is not None else None
+        parts = [f"run <b>{html.escape(str(s.run_id or '?'))}</b>", f"<b>{status}</b>",
+                 f"{s.n_blocks if s.n_blocks is not None else '?'} blocks × "
+                 f"{s.n_clusters if s.n_clusters is not None else '?'} clusters",
+                 f"{frac:.0%} done" if frac is not None else "size unknown",
+                 f"elapsed {format_duration(elapsed)}"]
+        if status == "running":
+            parts.append(f"ETA <b>{format_duration(s.eta(now))}</b>")
+        body = " · ".join(parts)
+    return (f"<h2 style='margin:6px 0 2px 0'>rpicluster training</h2>"
+            f"<div style='font-size:15px;color:#333'>{body}</div>")
+
+
+def _hardware_rows(scheduler) -> dict:
+    rows = {key: [] for key, _ in _HARDWARE_COLUMNS}
+    for address, ws in sorted(scheduler.workers.items()):
+        health = (ws.metrics or {}).get(METRIC) or {}
+        temp = health.get("temperature")
+        flags = health.get("throttled")
+        if flags is None:
+            throttling = "n/a (no vcgencmd)" if health else "waiting for report"
+        else:
+            throttling = ", ".join(flags) if flags else "ok"
+        memory = health.get("memory")
+        for key, value in (
+                ("worker", str(ws.name) if ws.name != address else _short(address)),
+                ("host", ws.host), ("arch", health.get("arch", "")),
+                ("cores", health.get("cores", "")), ("threads", ws.nthreads),
+                ("memory", format_bytes(memory) if memory else ""),
+                ("temperature", f"{temp:.1f}" if temp is not None else "n/a"),
+                ("throttling", throttling)):
+            rows[key].append(value)
+    return rows
+
+
+@log_errors
+def training_doc(scheduler, extra: dict, doc) -> None:
+    """Bokeh application body for ``/rpicluster`` (the signature distributed's dashboard uses).
+
+    Parameters
+    ----------
+    scheduler : distributed.Scheduler
+        The scheduler serving the dashboard; it must have the
+        :class:`~rpicluster.dashboard.server.TrainingMonitor` plugin (see
+        :func:`rpicluster.dashboard.install`).
+    extra : dict
+        Template variables of the Dask dashboard (navigation bar, prefix).
+    doc : bokeh.document.Document
+        The session's document.
+    """
+    from rpicluster.dashboard.server import monitor_of
+
+    page = TrainingPage(scheduler, monitor_of(scheduler).state)
+    page.update()
+    add_periodic_callback(doc, page, REFRESH_MS)
+    doc.title = "Dask: rpicluster training"
+    doc.add_root(page.root)
+    doc.template = env.get_template("simple.html")
+    doc.template_variables.update(extra)
+    doc.theme = BOKEH_THEME

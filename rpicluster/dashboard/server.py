@@ -1,0 +1,143 @@
+"""Scheduler side of the dashboard: the event-folding plugin and :func:`install`.
+
+``install(scheduler)`` is the one way in. It adds :class:`TrainingMonitor` (folds the
+``rpicluster.train`` events into a :class:`~rpicluster.dashboard.state.TrainingState`), registers
+:class:`~rpicluster.dashboard.health.HealthPlugin` on every current and future worker, and serves
+the ``/rpicluster`` bokeh page from the scheduler's own dashboard HTTP server. It works on a
+scheduler that is already running, so the same call serves an in-process ``LocalCluster``, a
+``dask scheduler --preload rpicluster.dashboard`` and ``client.run_on_scheduler(install)``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from rpicluster.dashboard import events as ev
+from rpicluster.dashboard.health import METRIC, HealthPlugin
+from rpicluster.dashboard.state import TrainingState
+from rpicluster.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: URL path of the page, relative to the dashboard's prefix.
+PAGE = "/rpicluster"
+
+#: Name of the scheduler plugin.
+PLUGIN = "rpicluster-dashboard"
+
+
+class TrainingMonitor(SchedulerPlugin):
+    """Scheduler plugin folding every ``rpicluster.train`` event into :attr:`state`.
+
+    The scheduler keeps only the last ~1000 events of a topic; folding them as they arrive keeps a
+    long run's counts right. Events published before the plugin came are read back on start.
+    """
+
+    name = PLUGIN
+
+    def __init__(self) -> None:
+        self.state = TrainingState()
+        self._caught_up = False
+
+    async def start(self, scheduler) -> None:
+        # install() starts the plugin itself (the scheduler may be running already); a scheduler
+        # that is still starting calls start() again, and the backlog must be folded only once.
+        if not self._caught_up:
+            self._caught_up = True
+            self.state.update(msg for _, msg in scheduler.get_events(ev.TOPIC))
+
+    def log_event(self, topic: str, msg) -> None:
+        if topic == ev.TOPIC:
+            self.state.feed(msg)
+
+
+def monitor_of(scheduler) -> TrainingMonitor:
+    """The :class:`TrainingMonitor` installed on ``scheduler``.
+
+    Raises
+    ------
+    rpicluster.errors.ConfigError
+        If :func:`install` was not run on this scheduler.
+    """
+    try:
+        return scheduler.plugins[PLUGIN]
+    except KeyError:
+        raise ConfigError(f"scheduler plugin {PLUGIN!r} is not installed: run "
+                          "rpicluster.dashboard.install(scheduler) or start the scheduler with "
+                          "--preload rpicluster.dashboard") from None
+
+
+async def install(scheduler) -> str | None:
+    """Add the rpicluster training page and worker health reports to a running scheduler.
+
+    Idempotent: a second call changes nothing.
+
+    Parameters
+    ----------
+    scheduler : distributed.Scheduler
+        The scheduler, running or starting (a preload's ``dask_setup`` passes it).
+
+    Returns
+    -------
+    str or None
+        The page's URL path (``/rpicluster`` under the dashboard prefix), or None when the
+        scheduler serves no bokeh dashboard (events and health are still collected).
+    """
+    from distributed.protocol.pickle import dumps
+
+    if PLUGIN not in scheduler.plugins:
+        monitor = TrainingMonitor()
+        scheduler.add_plugin(monitor)
+        await monitor.start(scheduler)
+    await scheduler.register_worker_plugin(None, dumps(HealthPlugin()), METRIC, idempotent=True)
+    return _serve_page(scheduler)
+
+
+def _bokeh_apps(scheduler) -> list:
+    try:
+        from bokeh.server.tornado import BokehTornado
+    except ImportError:
+        return []
+    http = getattr(scheduler, "http_application", None)
+    return [a for a in getattr(http, "applications", ()) if isinstance(a, BokehTornado)]
+
+
+def dashboard_prefix(scheduler) -> str | None:
+    """The URL prefix of the scheduler's bokeh dashboard (``""`` for none, else ``"/name"``).
+
+    Returns None when the scheduler serves no bokeh dashboard (``--no-dashboard``, or a bokeh
+    version distributed refuses).
+    """
+    apps = _bokeh_apps(scheduler)
+    # distributed keeps the --dashboard-prefix only inside its bokeh server.
+    return apps[0]._prefix if apps else None
+
+
+def _serve_page(scheduler) -> str | None:
+    prefix = dashboard_prefix(scheduler)
+    if prefix is None:
+        return None
+    path = prefix + PAGE
+    if any(PAGE in a.app_paths for a in _bokeh_apps(scheduler)):
+        return path
+    from distributed.dashboard import scheduler as dashboard
+    from distributed.dashboard.core import BokehApplication
+    from tornado.ioloop import IOLoop
+
+    from rpicluster.dashboard.page import training_doc
+
+    nav = dashboard.template_variables(scheduler)
+    # The variables are memoized per scheduler and shared by every built-in page, so this adds the
+    # page to the navigation bar of the whole dashboard, not only its own.
+    if PAGE.strip("/") not in nav["pages"]:
+        nav["pages"].append(PAGE.strip("/"))
+    # A second bokeh server app beside distributed's own: distributed builds its app once at
+    # scheduler start, and the routing application falls through to added apps for unknown paths.
+    app = BokehApplication({PAGE: training_doc}, scheduler, prefix=prefix, template_variables=nav)
+    scheduler.http_application.add_application(app)
+    app.initialize(IOLoop.current())
+    app.start()
+    logger.info("rpicluster training page at %s", path)
+    return path

@@ -1,0 +1,184 @@
+"""Training progress folded from the event stream: pure Python, no bokeh, no Dask.
+
+:class:`TrainingState` consumes the events of :mod:`rpicluster.dashboard.events` one at a time and
+answers what the page shows: how many blocks are partitioned, clusters fitted and blocks committed,
+the ETA, each worker's throughput, and each block's validation accuracy. Tasks may run twice (a
+worker died), so progress counts distinct blocks and (block, cluster) pairs, never events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from rpicluster.dashboard import events as ev
+
+
+@dataclass
+class WorkerStats:
+    """Rows a worker processed and the seconds its tasks took, per task kind."""
+
+    partition_rows: int = 0
+    partition_seconds: float = 0.0
+    fit_rows: int = 0
+    fit_seconds: float = 0.0
+    tasks: int = 0
+
+    @staticmethod
+    def _rate(rows: int, seconds: float) -> float:
+        return rows / seconds if seconds > 0 else 0.0
+
+    @property
+    def partition_rate(self) -> float:
+        """Rows per second of busy time in partition tasks."""
+        return self._rate(self.partition_rows, self.partition_seconds)
+
+    @property
+    def fit_rate(self) -> float:
+        """Rows per second of busy time in fit tasks."""
+        return self._rate(self.fit_rows, self.fit_seconds)
+
+
+@dataclass
+class TrainingState:
+    """Progress of the latest training run, updated event by event.
+
+    A ``run-start`` event starts afresh; events of another ``run_id`` than the current run's are
+    ignored, and so are events of unknown kind (a newer trainer must not break an older page).
+    """
+
+    run_id: str | None = None
+    n_blocks: int | None = None
+    n_clusters: int | None = None
+    started: float | None = None
+    finished: float | None = None
+    last_t: float | None = None
+    partitioned: set = field(default_factory=set)
+    fitted: set = field(default_factory=set)
+    committed: set = field(default_factory=set)
+    accuracy: dict = field(default_factory=dict)
+    workers: dict = field(default_factory=dict)
+    n_events: int = 0
+
+    def update(self, events: Iterable[dict]) -> None:
+        """Fold several events, oldest first (see :meth:`feed`)."""
+        for e in events:
+            self.feed(e)
+
+    def feed(self, event: dict) -> None:
+        """Fold one event into the state.
+
+        Parameters
+        ----------
+        event : dict
+            A training event (see :mod:`rpicluster.dashboard.events`); non-dicts are ignored.
+        """
+        if not isinstance(event, dict):
+            return
+        kind = event.get(ev.KIND)
+        if kind not in ev.KINDS:
+            return
+        run_id = event.get(ev.RUN_ID)
+        if kind == ev.RUN_START:
+            self._start(event)
+        elif self.run_id is not None and run_id is not None and run_id != self.run_id:
+            return
+        elif self.run_id is None and run_id is not None:
+            # Joined mid-run (the page came up after run-start): adopt the run.
+            self.run_id = run_id
+        self.n_events += 1
+        t = event.get(ev.T)
+        if t is not None:
+            self.last_t = t if self.last_t is None else max(self.last_t, t)
+            if self.started is None:
+                self.started = t
+        for name, attr in ((ev.N_BLOCKS, "n_blocks"), (ev.N_CLUSTERS, "n_clusters")):
+            if event.get(name) is not None:
+                setattr(self, attr, int(event[name]))
+        block = event.get(ev.BLOCK)
+        if kind == ev.PARTITIONED:
+            self.partitioned.add(block)
+            self._work(event, "partition")
+        elif kind == ev.FITTED:
+            self.fitted.add((block, event.get(ev.CLUSTER)))
+            self._work(event, "fit")
+        elif kind == ev.COMMITTED:
+            self.committed.add(block)
+        elif kind == ev.VALIDATION and event.get(ev.ACCURACY) is not None:
+            self.accuracy[block] = float(event[ev.ACCURACY])
+        elif kind == ev.RUN_END:
+            self.finished = t if t is not None else self.last_t
+
+    def _start(self, event: dict) -> None:
+        fresh = TrainingState()
+        vars(self).update(vars(fresh))
+        self.run_id = event.get(ev.RUN_ID)
+        self.started = event.get(ev.T)
+
+    def _work(self, event: dict, what: str) -> None:
+        worker = event.get(ev.WORKER)
+        rows, seconds = event.get(ev.ROWS), event.get(ev.SECONDS)
+        if worker is None or rows is None or seconds is None:
+            return
+        stats = self.workers.setdefault(worker, WorkerStats())
+        stats.tasks += 1
+        setattr(stats, f"{what}_rows", getattr(stats, f"{what}_rows") + int(rows))
+        setattr(stats, f"{what}_seconds", getattr(stats, f"{what}_seconds") + float(seconds))
+
+    @property
+    def total_fits(self) -> int | None:
+        """Local models the run fits in all (blocks x clusters), when both are known."""
+        if self.n_blocks is None or self.n_clusters is None:
+            return None
+        return self.n_blocks * self.n_clusters
+
+    def fraction(self) -> float | None:
+        """Share of the run done, 0..1, or None before the run's size is known.
+
+        Fitting dominates a block's time, so fitted clusters measure progress best; committed
+        blocks count too, so a run whose fits ran before the page came up still shows them.
+        """
+        if self.finished is not None:
+            return 1.0
+        parts = []
+        if self.total_fits:
+            parts.append(len(self.fitted) / self.total_fits)
+        if self.n_blocks:
+            parts.append(len(self.committed) / self.n_blocks)
+        return min(1.0, max(parts)) if parts else None
+
+    def eta(self, now: float) -> float | None:
+        """Seconds left at the average rate since the run started, or None when unknown.
+
+        Parameters
+        ----------
+        now : float
+            The current ``time.time()``.
+        """
+        frac = self.fraction()
+        if frac is None or self.started is None:
+            return None
+        if frac >= 1.0:
+            return 0.0
+        if frac <= 0.0:
+            return None
+        elapsed = max(0.0, now - self.started)
+        return elapsed * (1.0 - frac) / frac
+
+    def status(self) -> str:
+        """One word for the run: ``"waiting"``, ``"running"`` or ``"finished"``."""
+        if self.run_id is None and self.n_events == 0:
+            return "waiting"
+        return "finished" if self.finished is not None else "running"
+
+
+def format_duration(seconds: float | None) -> str:
+    """``"1 h 02 min"``, ``"3 min 05 s"``, ``"12 s"``, or ``"–"`` when unknown."""
+    if seconds is None:
+        return "–"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    if s >= 60:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s} s"
