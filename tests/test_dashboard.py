@@ -171,12 +171,13 @@ def test_workers_report_health_through_heartbeats(local):
 
 
 def test_dashboard_command_prints_the_page_url(local):
-    cluster, _ = local
+    cluster, client = local
     out = CliRunner().invoke(main, ["dashboard", "--scheduler", cluster.scheduler_address])
     assert out.exit_code == 0, out.output
     base = f"http://127.0.0.1:{cluster.scheduler.http_server.port}"
     assert f"training:  {base}/rpicluster" in out.output
     assert dashboard_links(cluster.scheduler_address).status == f"{base}/status"
+    assert dashboard_links(client=client).page == f"{base}/rpicluster"
 
 
 def test_dashboard_command_names_a_missing_cluster(tmp_path, monkeypatch):

@@ -97,13 +97,17 @@ def recorded_scheduler() -> str | None:
     return info["scheduler_address"] if info else None
 
 
-def dashboard_links(address: str | None = None, *, timeout: str = "10s") -> DashboardLinks:
-    """Connect to a scheduler, make sure it serves the rpicluster page, and return its URLs.
+def dashboard_links(address: str | None = None, *, client=None,
+                    timeout: str = "10s") -> DashboardLinks:
+    """Make sure a scheduler serves the rpicluster page, and return the dashboard's URLs.
 
     Parameters
     ----------
     address : str or None
-        Scheduler address (``tcp://host:8786``); None uses :func:`recorded_scheduler`.
+        Scheduler address (``tcp://host:8786``); None uses ``client``'s scheduler, else
+        :func:`recorded_scheduler`.
+    client : distributed.Client, optional
+        An open client to use instead of connecting (e.g. one with the cluster's TLS security).
     timeout : str
         How long to try to connect.
 
@@ -115,10 +119,9 @@ def dashboard_links(address: str | None = None, *, timeout: str = "10s") -> Dash
         The scheduler cannot be reached.
     """
     from distributed import Client
-    from distributed.comm import get_address_host
 
-    from rpicluster.dashboard import install
-
+    if client is not None:
+        return _links(client, address or client.scheduler.address)
     address = address or recorded_scheduler()
     if address is None:
         raise ConfigError("no cluster to show: pass --scheduler tcp://HOST:8786, or start one "
@@ -128,11 +131,19 @@ def dashboard_links(address: str | None = None, *, timeout: str = "10s") -> Dash
     except OSError as exc:
         raise RPiClusterError(f"cannot reach the scheduler at {address}: {exc}") from exc
     with client:
-        facts = client.run_on_scheduler(_dashboard_facts)
-        if facts is None:
-            raise ConfigError(f"the scheduler at {address} serves no dashboard (started with "
-                              "--no-dashboard?)")
-        page = client.run_on_scheduler(install)
+        return _links(client, address)
+
+
+def _links(client, address: str) -> DashboardLinks:
+    from distributed.comm import get_address_host
+
+    from rpicluster.dashboard import install
+
+    facts = client.run_on_scheduler(_dashboard_facts)
+    if facts is None:
+        raise ConfigError(f"the scheduler at {address} serves no dashboard (started with "
+                          "--no-dashboard?)")
+    page = client.run_on_scheduler(install)
     return build_links(facts["address"], facts["port"], get_address_host(address),
-                       prefix=facts["prefix"], page=page,
-                       tls=facts["tls"], ssh_connection=os.environ.get("SSH_CONNECTION"))
+                       prefix=facts["prefix"], page=page, tls=facts["tls"],
+                       ssh_connection=os.environ.get("SSH_CONNECTION"))
