@@ -1,0 +1,172 @@
+"""Preflight checks of every host of an inventory, in parallel: ``rpicluster doctor``.
+
+Each host gets :mod:`rpicluster.deploy.health` sent to its interpreter over SSH (so the checks
+work before rpicluster is installed there) and its facts are compared with this machine's:
+package versions must match exactly (tasks and models are pickled between them).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rpicluster import config
+from rpicluster.deploy import health
+from rpicluster.deploy.ssh import Connection, fan_out
+from rpicluster.inventory import ClusterSpec, NodeSpec, load_inventory
+
+#: Architectures with wheels for the whole stack.
+SUPPORTED_ARCH = ("aarch64", "armv7l", "x86_64")
+#: Less free disk than this in the worker directory's filesystem is a warning.
+MIN_DISK = 1 << 30
+
+
+@dataclass(frozen=True)
+class HostCheck:
+    """``doctor``'s findings on one host: the facts, and the problems (errors, then warnings)."""
+
+    host: str
+    facts: dict = field(default_factory=dict)
+    errors: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def local_versions() -> dict[str, str | None]:
+    """Versions of the packages that must match, on this machine."""
+    return health.probe()["versions"]
+
+
+def _probe(conn: Connection, args: dict) -> dict:
+    source = Path(health.__file__).read_bytes()
+    res = conn.python(["-", json.dumps(args)], stdin=source, check=False)
+    if res.exit_status == 127:
+        raise _Missing(f"python not found at {conn.node.python} "
+                       "(set python = ... in the inventory, or run up --provision)")
+    if res.exit_status != 0:
+        raise _Missing(f"{conn.node.python} failed: {(res.stderr or res.stdout).strip()[-300:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+class _Missing(Exception):
+    """The host answers but its interpreter cannot run the probe."""
+
+
+def compare(facts: dict, desktop: dict, node: NodeSpec) -> tuple[list[str], list[str]]:
+    """Errors and warnings of one host's facts against this machine's."""
+    errors, warnings = [], []
+    if facts["arch"] not in SUPPORTED_ARCH:
+        errors.append(f"architecture {facts['arch']} (supported: {', '.join(SUPPORTED_ARCH)})")
+    if facts["python"].rsplit(".", 1)[0] != desktop["python"].rsplit(".", 1)[0]:
+        errors.append(f"python {facts['python']} here, {desktop['python']} on the desktop")
+    for name, want in desktop["versions"].items():
+        have = facts["versions"].get(name)
+        if have != want:
+            errors.append(f"{name} {have or 'missing'} here, {want or 'missing'} on the desktop")
+    if facts["scheduler_error"]:
+        errors.append(f"scheduler port unreachable from the host: {facts['scheduler_error']}")
+    if node.memory and facts["mem_available"] and node.memory > facts["mem_available"]:
+        warnings.append(f"memory limit {node.memory >> 20} MiB > {facts['mem_available'] >> 20} "
+                        "MiB available")
+    if facts["disk_free"] is not None and facts["disk_free"] < MIN_DISK:
+        warnings.append(f"only {facts['disk_free'] >> 20} MiB free disk")
+    current = [f for f in facts["throttled"] or () if not f.endswith("occurred")]
+    if current:
+        warnings.append("Pi health: " + ", ".join(current))
+    return errors, warnings
+
+
+@contextmanager
+def _scheduler_port_open(spec: ClusterSpec):
+    """Listen on the scheduler's address while checking, if it is this machine and free.
+
+    The scheduler is usually not running yet; what matters is whether hosts can reach its port.
+    """
+    from rpicluster.deploy.cluster import is_local_host
+
+    sock = None
+    if is_local_host(spec.scheduler.host):
+        sock = socket.socket()
+        try:
+            sock.bind((spec.scheduler.host, spec.scheduler.scheduler_port))
+            sock.listen(64)
+        except OSError:   # already in use: the scheduler is up and answers itself
+            sock.close()
+            sock = None
+    try:
+        yield
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+def doctor(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
+           ssh_timeout: float = config.SSH_TIMEOUT) -> list[HostCheck]:
+    """Check every worker host of an inventory, in parallel; one result per host, in order.
+
+    Parameters
+    ----------
+    inventory : path or ClusterSpec
+        The TOML inventory.
+    accept_new_hosts : bool
+        Trust and record unknown host keys.
+    ssh_timeout : float
+        Seconds for connecting to one host.
+
+    Returns
+    -------
+    list of HostCheck
+        ``ok`` is false for a host with any error (unreachable, version mismatch, ...).
+    """
+    spec = inventory if isinstance(inventory, ClusterSpec) else load_inventory(inventory)
+    desktop = health.probe()
+    sched = spec.scheduler
+
+    def check(node: NodeSpec) -> HostCheck:
+        with Connection(node, accept_new_hosts=accept_new_hosts, timeout=ssh_timeout) as conn:
+            try:
+                facts = _probe(conn, {"scheduler_host": sched.host,
+                                      "scheduler_port": sched.scheduler_port,
+                                      "directory": node.local_directory})
+            except _Missing as exc:
+                return HostCheck(node.host, {"reachable": True}, (str(exc),))
+        errors, warnings = compare(facts, desktop, node)
+        return HostCheck(node.host, {"reachable": True, **facts}, tuple(errors), tuple(warnings))
+
+    with _scheduler_port_open(spec):
+        results = fan_out(spec.workers, check)
+    return [r.value if r.ok else HostCheck(h, {"reachable": False}, (r.error,))
+            for h, r in results.items()]
+
+
+def table_rows(checks: list[HostCheck]) -> tuple[list[str], list[list[object]]]:
+    """Columns and rows of the doctor table."""
+    from dask.utils import format_bytes
+
+    def size(v):
+        return format_bytes(v) if v is not None else "?"
+
+    columns = ["host", "ok", "arch", "os / glibc", "python", "packages", "mem avail", "disk free",
+               "scheduler", "temp", "throttled", "problems"]
+    rows = []
+    for c in checks:
+        f = c.facts
+        if "arch" not in f:
+            rows.append([c.host, "FAIL", *[""] * 9, "; ".join(c.errors)])
+            continue
+        mismatched = [e.split()[0] for e in c.errors if "on the desktop" in e]
+        rows.append([
+            c.host, "ok" if c.ok else "FAIL", f["arch"], f"{f['os']} / glibc {f['glibc']}",
+            f["python"], "match" if not mismatched else "MISMATCH: " + ", ".join(mismatched),
+            size(f["mem_available"]), size(f["disk_free"]),
+            "reachable" if not f["scheduler_error"] else "UNREACHABLE",
+            f"{f['temperature']:.1f} C" if f["temperature"] is not None else "n/a",
+            ("n/a" if f["throttled"] is None else ", ".join(f["throttled"]) or "none"),
+            "; ".join([*c.errors, *c.warnings])])
+    return columns, rows

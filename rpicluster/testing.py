@@ -1,0 +1,236 @@
+"""Real SSH test hosts on this machine: one sshd per Linux network namespace.
+
+:class:`NamespaceHosts` builds a private bridge (its own /24 under 10.77.0.0/16, chosen so it
+does not clash with an existing address) and ``n`` namespaces joined to it by veth pairs, each
+running its own sshd (own host key and pid file, key-only login, ``StrictModes no`` because the
+files live under /tmp). Nothing leaves the test subnet: the namespaces have no default route.
+One host can be CPU-capped through the cgroup v1 cpu controller to act like a slow Pi; every
+process started over SSH on it inherits the cap.
+
+Needs root, ``ip`` (iproute2) and ``/usr/sbin/sshd`` (openssh-server); :func:`unavailable`
+says why not when they are missing. The hosts share this machine's filesystem, so each worker
+needs its own directory, and ``hostname`` is the same everywhere (give workers names).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SSHD = "/usr/sbin/sshd"
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+
+
+def unavailable() -> str | None:
+    """Why namespace hosts cannot be built here, or None when they can."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "iproute2 ('ip') is not installed (apt-get install iproute2)"
+    if not os.path.exists(SSHD):
+        return f"{SSHD} is missing (apt-get install openssh-server)"
+    if shutil.which("ssh-keygen") is None:
+        return "ssh-keygen is missing (apt-get install openssh-client)"
+    return None
+
+
+def cpu_cgroup_unavailable() -> str | None:
+    """Why the cgroup v1 cpu controller cannot cap a host here, or None."""
+    if not (CGROUP_CPU / "cpu.cfs_quota_us").exists():
+        return f"cgroup v1 cpu controller not mounted at {CGROUP_CPU}"
+    return None
+
+
+def _ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = ["ip", "netns", "exec", netns, "ip", *args] if netns else ["ip", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=check)
+
+
+def _keygen(path: Path) -> str:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f",
+                    str(path)], check=True, capture_output=True)
+    return Path(f"{path}.pub").read_text().strip()
+
+
+def _free_subnet() -> int:
+    """Third octet of a 10.77.X.0/24 that no interface here uses."""
+    used = _ip("-4", "-o", "addr", "show").stdout
+    for x in [(os.getpid() % 200) + 20, *range(20, 250)]:
+        if f" 10.77.{x}." not in used:
+            return x
+    raise RuntimeError("no free 10.77.X.0/24 test subnet")
+
+
+@dataclass
+class TestHost:
+    """One namespace host."""
+
+    name: str
+    netns: str
+    address: str
+    veth: str
+    host_key: Path
+    host_public_key: str
+    sshd: subprocess.Popen | None = None
+
+
+class NamespaceHosts:
+    """Build ``n`` sshd hosts in network namespaces under ``directory``; tear down on close.
+
+    Parameters
+    ----------
+    directory : Path
+        Where keys, sshd configs, pid files and logs go.
+    n : int
+        Number of hosts (pi1 .. piN).
+    cpu_capped : str, optional
+        Name of a host to cap at ``cpu_quota`` of one CPU (cgroup v1), or None.
+    cpu_quota : float
+        Fraction of one CPU the capped host may use.
+
+    Attributes
+    ----------
+    hosts : dict[str, TestHost]
+        By name (pi1 ...).
+    client_key : Path
+        Private key accepted by every host (for user root).
+    known_hosts : Path
+        A known_hosts file with every host's real key.
+    gateway : str
+        This machine's address on the test bridge (where a scheduler listens).
+    """
+
+    def __init__(self, directory: str | Path, n: int = 3, *, cpu_capped: str | None = None,
+                 cpu_quota: float = 0.5) -> None:
+        reason = unavailable()
+        if reason:
+            raise RuntimeError(reason)
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.tag = f"rc{os.getpid() % 100000}"
+        self.bridge = f"br-{self.tag}"
+        self.hosts: dict[str, TestHost] = {}
+        self.cgroup: Path | None = None
+        self.capped = cpu_capped
+        try:
+            self._build(n, cpu_capped, cpu_quota)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, n: int, cpu_capped: str | None, cpu_quota: float) -> None:
+        x = _free_subnet()
+        self.gateway = f"10.77.{x}.1"
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        self.client_key = self.directory / "id_ed25519"
+        authorized = self.directory / "authorized_keys"
+        authorized.write_text(_keygen(self.client_key) + "\n")
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        for i in range(1, n + 1):
+            name = f"pi{i}"
+            hdir = self.directory / name
+            hdir.mkdir(exist_ok=True)
+            host = TestHost(name=name, netns=f"{self.tag}-{name}", address=f"10.77.{x}.{10 + i}",
+                            veth=f"v{self.tag}p{i}", host_key=hdir / "ssh_host_ed25519_key",
+                            host_public_key="")
+            self.hosts[name] = host
+            host.host_public_key = _keygen(host.host_key)
+            subprocess.run(["ip", "netns", "add", host.netns], check=True, capture_output=True)
+            _ip("link", "add", host.veth, "type", "veth", "peer", "name", f"{host.veth}i")
+            _ip("link", "set", f"{host.veth}i", "netns", host.netns)
+            _ip("link", "set", host.veth, "master", self.bridge)
+            _ip("link", "set", host.veth, "up")
+            _ip("link", "set", "lo", "up", netns=host.netns)
+            _ip("addr", "add", f"{host.address}/24", "dev", f"{host.veth}i", netns=host.netns)
+            _ip("link", "set", f"{host.veth}i", "up", netns=host.netns)
+            config = hdir / "sshd_config"
+            config.write_text("\n".join([
+                f"ListenAddress {host.address}", "Port 22", f"HostKey {host.host_key}",
+                f"PidFile {hdir / 'sshd.pid'}", f"AuthorizedKeysFile {authorized}",
+                "PubkeyAuthentication yes", "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password",
+                "StrictModes no", "UsePAM no", "AllowAgentForwarding no", "X11Forwarding no",
+                "Subsystem sftp internal-sftp", "LogLevel ERROR", "MaxStartups 50", ""]))
+            host.sshd = subprocess.Popen(
+                ["ip", "netns", "exec", host.netns, SSHD, "-D", "-f", str(config),
+                 "-E", str(hdir / "sshd.log")],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if name == cpu_capped:
+                self._cap(host, cpu_quota)
+        self.known_hosts = self.directory / "known_hosts"
+        self.known_hosts.write_text("".join(f"{h.address} {h.host_public_key}\n"
+                                            for h in self.hosts.values()))
+        for host in self.hosts.values():
+            self._wait_port(host)
+
+    def _cap(self, host: TestHost, quota: float) -> None:
+        if cpu_cgroup_unavailable():
+            self.capped = None
+            return
+        self.cgroup = CGROUP_CPU / f"rpicluster-{self.tag}"
+        self.cgroup.mkdir(exist_ok=True)
+        period = int((self.cgroup / "cpu.cfs_period_us").read_text())
+        (self.cgroup / "cpu.cfs_quota_us").write_text(str(int(period * quota)))
+        # ``ip netns exec`` execs sshd in place, so this pid is sshd's; its children inherit.
+        (self.cgroup / "cgroup.procs").write_text(str(host.sshd.pid))
+
+    def _wait_port(self, host: TestHost, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection((host.address, 22), timeout=1):
+                    return
+            except OSError:
+                if host.sshd.poll() is not None or time.monotonic() > deadline:
+                    log = (self.directory / host.name / "sshd.log")
+                    raise RuntimeError(f"sshd of {host.name} did not start: "
+                                       f"{log.read_text() if log.exists() else ''}") from None
+                time.sleep(0.1)
+
+    def set_link(self, name: str, up: bool) -> None:
+        """Plug or unplug host ``name``'s cable (its veth end on the bridge)."""
+        _ip("link", "set", self.hosts[name].veth, "up" if up else "down")
+
+    def pids(self, name: str) -> list[int]:
+        """Processes running in host ``name``'s namespace (sshd and what it started)."""
+        out = subprocess.run(["ip", "netns", "pids", self.hosts[name].netns],
+                             capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def close(self) -> None:
+        """Stop every process in the namespaces, then delete namespaces, bridge and cgroup."""
+        for host in self.hosts.values():
+            for pid in self.pids(host.name):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if host.sshd is not None:
+                host.sshd.kill()
+                host.sshd.wait(timeout=10)
+            subprocess.run(["ip", "netns", "del", host.netns], capture_output=True)
+            _ip("link", "del", host.veth, check=False)
+        _ip("link", "del", self.bridge, check=False)
+        if self.cgroup is not None and self.cgroup.exists():
+            deadline = time.monotonic() + 10
+            while (self.cgroup / "cgroup.procs").read_text().strip() and \
+                    time.monotonic() < deadline:
+                time.sleep(0.1)
+            try:
+                self.cgroup.rmdir()
+            except OSError:
+                pass
+
+    def __enter__(self) -> "NamespaceHosts":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
