@@ -46,3 +46,11 @@ class ModelError(RPiClusterError):
 
 class TrainingError(RPiClusterError):
     """A distributed training run failed; the message names the block or cluster."""
+
+
+class HostsFailedError(BootstrapError):
+    """Some hosts failed while the others went ahead; ``report`` holds every host's outcome."""
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report

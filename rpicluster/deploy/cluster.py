@@ -1,0 +1,532 @@
+"""Bring an inventory's cluster up, look at it, and take it down: ``up``, ``status``, ``down``.
+
+The cluster is data and ``up`` reconciles (like distributed's ``SpecCluster``): it starts the
+scheduler if it does not answer, then exactly the workers the scheduler does not see
+(``to_open = spec - running``), and stops recorded workers that left the inventory. A worker is
+ready when the scheduler lists it by name, never by reading its log. What was started, where,
+with which pid, is kept in a state file under :func:`rpicluster.config.state_dir`, so ``down``
+stops exactly that and verifies that no process of it is left.
+
+TLS is the default: a private CA (:mod:`rpicluster.deploy.tls`) signs a certificate for the
+scheduler, every worker and the client; ``insecure=True`` runs plain TCP, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+
+from rpicluster import config
+from rpicluster.deploy.ssh import Connection, LocalConnection, fan_out
+from rpicluster.deploy.tls import CertFiles, CertificateAuthority
+from rpicluster.errors import (BootstrapError, ConfigError, HostsFailedError, RPiClusterError,
+                               SSHError)
+from rpicluster.inventory import ClusterSpec, NodeSpec, load_inventory
+
+_REMOTE = ["-m", "rpicluster.deploy.remote", "--spec"]
+
+
+# --------------------------------------------------------------------------- state file
+
+
+def cluster_id(inventory: Path) -> str:
+    """Stable name of the cluster of an inventory file (its stem plus a hash of its path)."""
+    path = Path(inventory).resolve()
+    return f"{path.stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+
+
+def _cluster_dir(cid: str) -> Path:
+    return config.state_dir() / "clusters" / cid
+
+
+def _node_to_json(node: NodeSpec) -> dict:
+    d = {f.name: getattr(node, f.name) for f in fields(node)}
+    d.update(key=str(node.key), known_hosts=str(node.known_hosts), env=dict(node.env),
+             tags=list(node.tags))
+    return d
+
+
+def _node_from_json(d: dict) -> NodeSpec:
+    return NodeSpec(**{**d, "key": Path(d["key"]), "known_hosts": Path(d["known_hosts"]),
+                       "env": MappingProxyType(d["env"]), "tags": tuple(d["tags"])})
+
+
+@dataclass
+class _State:
+    """What runs where: scheduler and workers with pids, logs and how to reach them."""
+
+    cid: str
+    inventory: str
+    address: str = ""
+    dashboard: str = ""
+    tls: bool = True
+    scheduler: dict | None = None        # {"local", "pid", "log", "node"}
+    workers: dict[str, dict] = field(default_factory=dict)   # name -> {"pid", "log", "node"}
+
+    @property
+    def path(self) -> Path:
+        return _cluster_dir(self.cid) / "state.json"
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.replace(self.path)
+        (config.state_dir() / "current").write_text(self.cid)
+
+    def certs(self, name: str) -> CertFiles | None:
+        return CertificateAuthority(_cluster_dir(self.cid) / "tls").issue(name) if self.tls else None
+
+    def security(self):
+        certs = self.certs("client")
+        return certs.security() if certs else None
+
+
+def _load_state(inventory: str | Path | None) -> _State:
+    """The recorded state of ``inventory``'s cluster, or of the last one ``up`` recorded."""
+    if inventory is None:
+        current = config.state_dir() / "current"
+        if not current.exists():
+            raise ConfigError(f"no cluster recorded in {config.state_dir()} "
+                              "(run rpicluster up -c cluster.toml first)")
+        cid = current.read_text().strip()
+    else:
+        cid = cluster_id(Path(inventory))
+    path = _cluster_dir(cid) / "state.json"
+    if not path.exists():
+        raise ConfigError(f"no running cluster recorded for {inventory or cid} ({path} missing; "
+                          "run rpicluster up first)")
+    return _State(**json.loads(path.read_text()))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _connect(node: NodeSpec, local: bool, accept_new_hosts: bool, ssh_timeout: float):
+    if local:
+        return LocalConnection(node)
+    return Connection(node, accept_new_hosts=accept_new_hosts, timeout=ssh_timeout)
+
+
+def _remote(conn, spec: dict) -> dict:
+    """Run the remote entry point with ``spec``; its last output line is JSON."""
+    res = conn.python([*_REMOTE, json.dumps(spec)])
+    try:
+        return json.loads(res.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise SSHError(f"{conn.host}: unexpected output from rpicluster.deploy.remote: "
+                       f"{(res.stdout + res.stderr)[-500:]!r}") from None
+
+
+def _push_certs(conn, certs: CertFiles | None, workdir: str, local: bool) -> dict | None:
+    """Copy a node's certificate files next to its work directory (mode 0600)."""
+    if certs is None:
+        return None
+    if local:
+        return {"ca": str(certs.ca), "cert": str(certs.cert), "key": str(certs.key)}
+    tls_dir = f"{workdir}/tls"
+    conn.makedirs(tls_dir)
+    paths = {"ca": f"{tls_dir}/ca.pem", "cert": f"{tls_dir}/node.pem", "key": f"{tls_dir}/node-key.pem"}
+    for kind, remote in paths.items():
+        conn.put_bytes(getattr(certs, kind).read_bytes(), remote, mode=0o600)
+    return paths
+
+
+def _stop(conn, entry: dict, name: str) -> dict:
+    return _remote(conn, {"action": "stop", "pid": entry["pid"], "name": name})
+
+
+def is_local_host(host: str) -> bool:
+    """Whether ``host`` names this machine (loopback, or an address of a local interface)."""
+    import socket
+
+    import psutil
+
+    try:
+        addrs = {ai[4][0] for ai in socket.getaddrinfo(host, None)}
+    except socket.gaierror:
+        return False
+    local = {a.address.split("%")[0] for nics in psutil.net_if_addrs().values() for a in nics}
+    return any(a.startswith("127.") or a == "::1" or a in local for a in addrs)
+
+
+def _client(address: str, security, timeout: float = 10.0):
+    from distributed import Client
+
+    return Client(address, security=security, timeout=timeout, set_as_default=False)
+
+
+def _seen_workers(client) -> dict[str, dict]:
+    """name -> worker info for every worker the scheduler lists."""
+    return {str(w["name"]): {**w, "address": a}
+            for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclass(frozen=True)
+class HostRow:
+    """One host's line in a report."""
+
+    host: str
+    role: str
+    state: str
+    pid: int | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Report:
+    """Outcome of ``up`` or ``down`` for every host."""
+
+    address: str
+    dashboard: str
+    rows: tuple[HostRow, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not any(r.state == "failed" for r in self.rows)
+
+    def failures(self) -> str:
+        return "\n".join(f"{r.host}: {r.detail}" for r in self.rows if r.state == "failed")
+
+
+# --------------------------------------------------------------------------- up
+
+
+def _ensure_scheduler(spec: ClusterSpec, state: _State, accept_new_hosts: bool,
+                      ssh_timeout: float) -> tuple[object, HostRow]:
+    """A client of a live scheduler, starting (or restarting) it when it does not answer."""
+    sched = spec.scheduler
+    proto = "tls" if state.tls else "tcp"
+    state.address = f"{proto}://{sched.host}:{sched.scheduler_port}"
+    state.dashboard = f"http://{sched.host}:{sched.dashboard_port}/status"
+    security = state.security()
+    if state.scheduler is not None:
+        try:
+            return _client(state.address, security, timeout=5), HostRow(
+                sched.host, "scheduler", "running", state.scheduler["pid"], state.address)
+        except (OSError, TimeoutError):
+            pass
+    local = is_local_host(sched.host)
+    try:
+        with _connect(sched.node, local, accept_new_hosts, ssh_timeout) as conn:
+            if state.scheduler is not None:
+                _stop(conn, state.scheduler, "scheduler")
+            workdir = (str(_cluster_dir(state.cid) / "scheduler") if local
+                       else conn.resolve(f"{sched.node.local_directory}/scheduler"))
+            tls = _push_certs(conn, state.certs("scheduler"), workdir, local)
+            started = _remote(conn, {
+                "action": "start", "role": "scheduler", "name": "scheduler", "host": sched.host,
+                "port": sched.scheduler_port, "dashboard_port": sched.dashboard_port,
+                "local_directory": workdir, "tls": tls, "env": dict(sched.node.env)})
+    except RPiClusterError as exc:
+        raise BootstrapError(f"scheduler on {sched.host}: could not start: {exc}") from None
+    state.scheduler = {"local": local, "pid": started["pid"], "log": started["log"],
+                       "node": _node_to_json(sched.node)}
+    state.save()
+    deadline = time.monotonic() + config.JOIN_TIMEOUT
+    while True:
+        try:
+            client = _client(state.address, security, timeout=5)
+            break
+        except (OSError, TimeoutError):
+            if time.monotonic() > deadline:
+                with _connect(sched.node, local, accept_new_hosts, ssh_timeout) as conn:
+                    tail = conn.tail(started["log"])
+                raise BootstrapError(f"scheduler on {sched.host}: not answering on "
+                                     f"{state.address} after {config.JOIN_TIMEOUT:.0f} s; "
+                                     f"log {started['log']}:\n{tail}") from None
+            time.sleep(0.5)
+    return client, HostRow(sched.host, "scheduler", "started", started["pid"], state.address)
+
+
+def _start_worker(node: NodeSpec, state: _State, accept_new_hosts: bool,
+                  ssh_timeout: float) -> dict:
+    with Connection(node, accept_new_hosts=accept_new_hosts, timeout=ssh_timeout) as conn:
+        old = state.workers.get(node.name)
+        if old is not None:
+            # Recorded but not seen by the scheduler: a stale or cut-off process; replace it.
+            _stop(conn, old, node.name)
+        workdir = conn.resolve(node.workdir)
+        conn.makedirs(workdir)
+        started = _remote(conn, {
+            "action": "start", "role": "worker", "name": node.name, "scheduler": state.address,
+            "nthreads": node.nthreads, "memory_limit": node.memory, "local_directory": workdir,
+            "resources": node.resources, "env": dict(node.env),
+            "tls": _push_certs(conn, state.certs(node.name), workdir, local=False)})
+    return {"pid": started["pid"], "log": started["log"], "node": _node_to_json(node)}
+
+
+def _stop_worker(name: str, entry: dict, ssh_timeout: float) -> dict:
+    node = _node_from_json(entry["node"])
+    with Connection(node, timeout=ssh_timeout) as conn:
+        return _stop(conn, entry, name)
+
+
+def _log_tail(node: NodeSpec, log: str, ssh_timeout: float) -> str:
+    with Connection(node, timeout=ssh_timeout) as conn:
+        return conn.tail(log)
+
+
+def up(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
+       insecure: bool = False, provision: bool = False, join_timeout: float = config.JOIN_TIMEOUT,
+       ssh_timeout: float = config.SSH_TIMEOUT) -> Report:
+    """Bring the inventory's cluster to its spec: start what is missing, nothing else.
+
+    Parameters
+    ----------
+    inventory : path or ClusterSpec
+        The TOML inventory (or one already loaded).
+    accept_new_hosts : bool
+        Trust and record unknown host keys (trust on first use). Changed keys are always refused.
+    insecure : bool
+        Plain TCP instead of TLS (a warning is issued).
+    provision : bool
+        First create the venv on every worker host from a wheelhouse of this machine's exact
+        versions (:func:`rpicluster.deploy.provision.provision`).
+    join_timeout : float
+        Seconds to wait for the scheduler to see every started worker.
+    ssh_timeout : float
+        Seconds for connecting to one host.
+
+    Returns
+    -------
+    Report
+        Every host's row (running, started).
+
+    Raises
+    ------
+    HostsFailedError
+        Some workers could not be started or did not join; the others are up and recorded.
+        ``exc.report`` has every row, and the message each failure with its log tail.
+    BootstrapError
+        The scheduler could not be started.
+    """
+    spec = inventory if isinstance(inventory, ClusterSpec) else load_inventory(inventory)
+    cid = cluster_id(spec.path)
+    try:
+        state = _load_state(spec.path)
+    except ConfigError:
+        state = _State(cid=cid, inventory=str(spec.path), tls=not insecure)
+    if state.tls == insecure and state.scheduler is not None:
+        raise ConfigError(f"{spec.path}: the cluster is running with"
+                          f"{'' if state.tls else 'out'} TLS; run rpicluster down before "
+                          f"switching {'to' if insecure else 'off'} --insecure")
+    state.tls = not insecure
+    if insecure:
+        warnings.warn(f"{spec.path}: --insecure: scheduler and workers use plain TCP; anyone on "
+                      "the network can connect and run code on the cluster", UserWarning,
+                      stacklevel=2)
+    if provision:
+        from rpicluster.deploy.provision import provision as _provision
+
+        _provision(spec, accept_new_hosts=accept_new_hosts, ssh_timeout=ssh_timeout)
+    client, sched_row = _ensure_scheduler(spec, state, accept_new_hosts, ssh_timeout)
+    try:
+        return _reconcile(spec, state, client, sched_row, accept_new_hosts, join_timeout,
+                          ssh_timeout)
+    finally:
+        client.close()
+
+
+def _reconcile(spec, state, client, sched_row, accept_new_hosts, join_timeout, ssh_timeout):
+    seen = _seen_workers(client)
+    wanted = {w.name: w for w in spec.workers}
+    rows: dict[str, HostRow] = {}
+    # Recorded workers that left the inventory.
+    gone = {n: e for n, e in state.workers.items() if n not in wanted}
+    for name, res in fan_out([_node_from_json(e["node"]) for e in gone.values()],
+                             lambda n: _stop_worker(n.name, gone[n.name], ssh_timeout)).items():
+        if res.ok and not res.value["left"]:
+            del state.workers[name]
+            rows[name] = HostRow(name, "worker", "stopped", gone[name]["pid"], "not in inventory")
+        else:
+            rows[name] = HostRow(name, "worker", "failed", gone[name]["pid"],
+                                 res.error or f"processes left: {res.value['left']}")
+    to_open = [w for w in spec.workers if w.name not in seen]
+    results = fan_out(to_open, lambda n: _start_worker(n, state, accept_new_hosts, ssh_timeout))
+    for name, res in results.items():
+        if res.ok:
+            state.workers[name] = res.value
+        else:
+            rows[name] = HostRow(name, "worker", "failed", None, res.error)
+    state.save()
+    started = [n for n, r in results.items() if r.ok]
+    deadline = time.monotonic() + join_timeout
+    while True:
+        seen = _seen_workers(client)
+        missing = [n for n in started if n not in seen]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    tails = fan_out([wanted[n] for n in missing],
+                    lambda n: _log_tail(n, state.workers[n.name]["log"], ssh_timeout))
+    for name in missing:
+        tail = tails[name].value if tails[name].ok else f"(log unavailable: {tails[name].error})"
+        rows[name] = HostRow(name, "worker", "failed", state.workers[name]["pid"],
+                             f"did not join within {join_timeout:.0f} s; last lines of "
+                             f"{state.workers[name]['log']}:\n{tail}")
+    for w in spec.workers:
+        if w.name not in rows:
+            info = seen.get(w.name, {})
+            rows[w.name] = HostRow(w.name, "worker", "started" if w.name in started else "running",
+                                   state.workers.get(w.name, {}).get("pid"),
+                                   info.get("address", ""))
+    report = Report(state.address, state.dashboard,
+                    (sched_row, *(rows[w.name] for w in spec.workers),
+                     *(r for n, r in rows.items() if n not in wanted)))
+    if not report.ok:
+        raise HostsFailedError(f"{spec.path}: some hosts are not up (the others are):\n"
+                               f"{report.failures()}", report)
+    return report
+
+
+# --------------------------------------------------------------------------- down
+
+
+def down(inventory: str | Path | None = None, *, ssh_timeout: float = config.SSH_TIMEOUT) -> Report:
+    """Stop exactly what ``up`` started (workers, then the scheduler) and verify it by pid.
+
+    Parameters
+    ----------
+    inventory : path, optional
+        The inventory whose cluster to stop; default: the cluster ``up`` last recorded.
+
+    Raises
+    ------
+    HostsFailedError
+        A host could not be reached or a process would not die; it stays recorded so that
+        ``down`` can be run again. The other hosts are stopped.
+    """
+    state = _load_state(inventory)
+    rows = []
+    entries = dict(state.workers)
+    results = fan_out([_node_from_json(e["node"]) for e in entries.values()],
+                      lambda n: _stop_worker(n.name, entries[n.name], ssh_timeout))
+    for name, res in results.items():
+        if res.ok and not res.value["left"]:
+            del state.workers[name]
+            rows.append(HostRow(name, "worker", "stopped" if res.value["was_running"]
+                                else "not running", entries[name]["pid"]))
+        else:
+            rows.append(HostRow(name, "worker", "failed", entries[name]["pid"],
+                                res.error or f"processes left: {res.value['left']}"))
+    if state.scheduler is not None:
+        node = _node_from_json(state.scheduler["node"])
+        try:
+            with _connect(node, state.scheduler["local"], False, ssh_timeout) as conn:
+                res = _stop(conn, state.scheduler, "scheduler")
+            if res["left"]:
+                raise SSHError(f"processes left: {res['left']}")
+            rows.append(HostRow(node.host, "scheduler", "stopped" if res["was_running"]
+                                else "not running", state.scheduler["pid"]))
+            state.scheduler = None
+        except RPiClusterError as exc:
+            rows.append(HostRow(node.host, "scheduler", "failed", state.scheduler["pid"], str(exc)))
+    report = Report(state.address, state.dashboard, tuple(rows))
+    if state.workers or state.scheduler is not None:
+        state.save()
+        raise HostsFailedError(f"{state.inventory}: not everything stopped (run down again):\n"
+                               f"{report.failures()}", report)
+    state.path.unlink()
+    return report
+
+
+# --------------------------------------------------------------------------- status, logs, connect
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    """One host's line in ``status``."""
+
+    host: str
+    role: str
+    state: str
+    pid: int | None
+    threads: int | None = None
+    memory: str = ""
+    tasks: int | None = None
+    temperature: float | None = None
+
+
+def status(inventory: str | Path | None = None) -> tuple[StatusRow, ...]:
+    """Scheduler and workers of a recorded cluster as the scheduler sees them.
+
+    Workers recorded but not seen by the scheduler are ``missing``; when the scheduler does not
+    answer every row says so.
+    """
+    from dask.utils import format_bytes
+
+    from rpicluster.deploy.health import read_temperature
+
+    state = _load_state(inventory)
+    sched_host = _node_from_json(state.scheduler["node"]).host if state.scheduler else "?"
+    sched_pid = state.scheduler["pid"] if state.scheduler else None
+    try:
+        client = _client(state.address, state.security(), timeout=5)
+    except (OSError, TimeoutError):
+        return (StatusRow(sched_host, "scheduler", "not answering", sched_pid),
+                *(StatusRow(n, "worker", "unknown", e["pid"]) for n, e in state.workers.items()))
+    try:
+        seen = _seen_workers(client)
+        processing = client.processing()
+        temps = client.run(read_temperature) if seen else {}
+    finally:
+        client.close()
+    rows = [StatusRow(sched_host, "scheduler", "running", sched_pid,
+                      tasks=sum(len(v) for v in processing.values()))]
+    for name in dict.fromkeys([*state.workers, *seen]):
+        pid = state.workers.get(name, {}).get("pid")
+        w = seen.get(name)
+        if w is None:
+            rows.append(StatusRow(name, "worker", "missing", pid))
+            continue
+        used = w.get("metrics", {}).get("memory", 0)
+        rows.append(StatusRow(
+            name, "worker", w.get("status", "running"), pid, w["nthreads"],
+            f"{format_bytes(used)} / {format_bytes(w['memory_limit'] or 0)}",
+            len(processing.get(w["address"], ())), temps.get(w["address"])))
+    return tuple(rows)
+
+
+def logs(host: str, inventory: str | Path | None = None, *, lines: int = 100,
+         ssh_timeout: float = config.SSH_TIMEOUT) -> str:
+    """The last ``lines`` lines of the log of the worker on ``host`` (or ``"scheduler"``)."""
+    state = _load_state(inventory)
+    if host == "scheduler" or (state.scheduler and host == state.scheduler["node"]["host"]
+                               and host not in state.workers):
+        entry, local = state.scheduler, state.scheduler and state.scheduler["local"]
+    else:
+        entry, local = state.workers.get(host), False
+    if entry is None:
+        raise ConfigError(f"{state.inventory}: nothing recorded on host {host!r} (recorded: "
+                          f"scheduler, {', '.join(state.workers) or 'no workers'})")
+    with _connect(_node_from_json(entry["node"]), local, False, ssh_timeout) as conn:
+        return conn.tail(entry["log"], lines)
+
+
+def connect(inventory: str | Path | None = None, **client_kwargs):
+    """A ``distributed.Client`` of a recorded cluster, with its TLS certificate.
+
+    Parameters
+    ----------
+    inventory : path, optional
+        Default: the cluster ``up`` last recorded.
+    **client_kwargs
+        Passed to ``distributed.Client`` (e.g. ``timeout``).
+    """
+    from distributed import Client
+
+    state = _load_state(inventory)
+    return Client(state.address, security=state.security(), **client_kwargs)
+
+
+__all__ = ["up", "down", "status", "logs", "connect", "Report", "HostRow", "StatusRow",
+           "is_local_host", "cluster_id"]

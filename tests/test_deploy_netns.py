@@ -1,0 +1,271 @@
+"""Cluster bring-up against real sshd hosts in network namespaces (rpicluster.testing).
+
+Three hosts, pi3 CPU-capped like a Pi. The scheduler runs on this machine on the test bridge;
+workers start over SSH with the venv's interpreter (the filesystem is shared).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from rpicluster.deploy import cluster
+from rpicluster.deploy.doctor import doctor, table_rows
+from rpicluster.deploy.tls import CertificateAuthority
+from rpicluster.errors import HostKeyError, HostsFailedError
+from rpicluster.testing import NamespaceHosts, cpu_cgroup_unavailable, unavailable
+
+pytestmark = [pytest.mark.netns,
+              pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")]
+
+
+@pytest.fixture(scope="session")
+def hosts(tmp_path_factory):
+    """Three sshd hosts pi1..pi3 in network namespaces on a private bridge; pi3 CPU-capped.
+
+    Torn down (processes killed, namespaces, bridge and cgroup deleted) at the end of the
+    session, also when a test fails.
+    """
+    with NamespaceHosts(tmp_path_factory.mktemp("netns"), 3, cpu_capped="pi3",
+                        cpu_quota=0.5) as h:
+        yield h
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """RPICLUSTER_HOME in tmp_path, so state files and certificates stay in the test."""
+    monkeypatch.setenv("RPICLUSTER_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def inventory(tmp_path, hosts, home):
+    """Factory: write an inventory of the namespace hosts; the cluster is taken down after."""
+    written = []
+
+    def make(known_hosts=None, names=("pi1", "pi2", "pi3")) -> str:
+        path = tmp_path / "cluster.toml"
+        groups = "".join(
+            f'[[workers]]\nhost = "{hosts.hosts[n].address}"\nnthreads = 2\nmemory = "1GiB"\n'
+            + ('tags = ["slowpi"]\n' if n == hosts.capped else "") for n in names)
+        path.write_text(f'''
+[scheduler]
+host = "{hosts.gateway}"
+scheduler_port = {_free_port(hosts.gateway)}
+dashboard_port = {_free_port(hosts.gateway)}
+[defaults]
+user = "root"
+key = "{hosts.client_key}"
+known_hosts = "{known_hosts or hosts.known_hosts}"
+python = "{sys.executable}"
+local_directory = "{tmp_path / 'workers'}"
+env = {{ OMP_NUM_THREADS = "1" }}
+''' + groups)
+        written.append(path)
+        return path
+
+    yield make
+    for path in written:
+        if (home / "clusters" / cluster.cluster_id(path) / "state.json").exists():
+            cluster.down(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _dask_processes(hosts) -> list[int]:
+    found = []
+    for name in hosts.hosts:
+        for pid in hosts.pids(name):
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if b"distributed" in cmd and _alive(pid):
+                found.append(pid)
+    return found
+
+
+def _fingerprint(pub_line: str) -> str:
+    out = subprocess.run(["ssh-keygen", "-lf", "/dev/stdin"], input=pub_line, text=True,
+                         capture_output=True, check=True).stdout
+    return out.split()[1]
+
+
+def test_doctor_unknown_hosts_refused_then_trusted_on_first_use(hosts, inventory, tmp_path):
+    known = tmp_path / "empty_known_hosts"
+    path = inventory(known_hosts=known)
+    checks = doctor(path, ssh_timeout=5)
+    assert [c.ok for c in checks] == [False] * 3
+    for c, h in zip(checks, hosts.hosts.values()):
+        assert "unknown host key" in c.errors[0]
+        assert _fingerprint(h.host_public_key) in c.errors[0]
+    assert not known.exists()
+
+    checks = doctor(path, accept_new_hosts=True, ssh_timeout=5)
+    assert [c.host for c in checks] == [h.address for h in hosts.hosts.values()]
+    assert all(c.ok for c in checks), [c.errors for c in checks]
+    assert len(known.read_text().splitlines()) == 3
+
+    # Recorded: the default (refusing) policy now connects.
+    checks = doctor(path, ssh_timeout=5)
+    assert all(c.ok for c in checks)
+    facts = checks[0].facts
+    assert facts["arch"] == os.uname().machine
+    assert facts["scheduler_error"] is None
+    # Not a Pi: no thermal zones here and no vcgencmd -> n/a, through the real file-reading path.
+    assert facts["throttled"] is None
+    columns, rows = table_rows(checks)
+    assert rows[0][columns.index("packages")] == "match"
+    assert rows[0][columns.index("throttled")] == "n/a"
+
+
+def test_doctor_reports_unreachable_scheduler_port(hosts, inventory):
+    path = inventory()
+    text = path.read_text().replace(f'host = "{hosts.gateway}"', 'host = "10.77.254.254"', 1)
+    path.write_text(text)
+    checks = doctor(path, ssh_timeout=5)
+    assert not any(c.ok for c in checks)
+    assert all("scheduler port unreachable" in c.errors[0] for c in checks)
+
+
+def test_up_train_status_down(hosts, inventory, home):
+    """The main path; the training room extends this with a real training job."""
+    path = inventory()
+    report = cluster.up(path)
+    assert [r.state for r in report.rows] == ["started"] * 4
+    assert report.address.startswith("tls://")
+    state_pids = {r.host: r.pid for r in report.rows}
+
+    with cluster.connect(timeout=10) as client:
+        workers = client.scheduler_info()["workers"]
+        assert sorted(w["name"] for w in workers.values()) == sorted(
+            h.address for h in hosts.hosts.values())
+        rng = np.random.default_rng(0)
+        a = rng.random((300, 300))
+        futures = [client.submit(np.linalg.matrix_power, a / 30, k, pure=False,
+                                 workers=[w], allow_other_workers=False)
+                   for k, w in enumerate(workers, start=1)]
+        for k, fut in enumerate(futures, start=1):
+            np.testing.assert_allclose(fut.result(), np.linalg.matrix_power(a / 30, k))
+        # Tags are per-host Dask resources: only the slow "Pi" has 'slowpi'.
+        if hosts.capped:
+            fut = client.submit(os.getpid, resources={"slowpi": 1}, pure=False)
+            fut.result()
+            (where,) = client.who_has(fut)[fut.key]
+            assert workers[where]["name"] == hosts.hosts[hosts.capped].address
+
+    rows = cluster.status()
+    assert [(r.role, r.state) for r in rows] == [("scheduler", "running")] + [
+        ("worker", "running")] * 3
+    assert all(r.threads == 2 and r.temperature is None for r in rows[1:])
+
+    log = cluster.logs(hosts.hosts["pi1"].address)
+    assert "rpicluster start" in log
+
+    # A plain-TCP client, and a TLS client of another CA, are refused by the TLS scheduler.
+    from distributed import Client
+
+    plain = report.address.replace("tls://", "tcp://")
+    with pytest.raises((OSError, TimeoutError)):
+        Client(plain, timeout=3)
+    stranger = CertificateAuthority(home.parent / "other-ca").issue("client").security()
+    with pytest.raises((OSError, TimeoutError)):
+        Client(report.address, security=stranger, timeout=3)
+
+    down = cluster.down()
+    assert [r.state for r in down.rows] == ["stopped"] * 4
+    for pid in state_pids.values():
+        assert not _alive(pid)
+    assert _dask_processes(hosts) == []
+    assert not (home / "clusters" / cluster.cluster_id(path) / "state.json").exists()
+
+
+def test_second_up_restarts_only_the_killed_worker(hosts, inventory):
+    path = inventory()
+    first = {r.host: r.pid for r in cluster.up(path).rows}
+    again = cluster.up(path)
+    assert [r.state for r in again.rows] == ["running"] * 4
+    assert {r.host: r.pid for r in again.rows} == first
+
+    victim = hosts.hosts["pi2"].address
+    os.killpg(first[victim], signal.SIGKILL)      # nanny and worker: gone for good
+    with cluster.connect(timeout=10) as client:
+        deadline = time.monotonic() + 30
+        while victim in {w["name"] for w in client.scheduler_info()["workers"].values()}:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    third = cluster.up(path)
+    states = {r.host: r.state for r in third.rows}
+    assert states.pop(victim) == "started"
+    assert set(states.values()) == {"running"}
+    pids = {r.host: r.pid for r in third.rows}
+    assert pids[victim] != first[victim]
+    assert {h: p for h, p in pids.items() if h != victim} == {
+        h: p for h, p in first.items() if h != victim}
+
+
+def test_changed_host_key_refused_while_other_hosts_come_up(hosts, inventory, tmp_path):
+    impostor = tmp_path / "impostor"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor)],
+                   check=True)
+    known = tmp_path / "known_hosts"
+    pi2 = hosts.hosts["pi2"]
+    known.write_text(hosts.known_hosts.read_text().replace(
+        pi2.host_public_key, (tmp_path / "impostor.pub").read_text().strip()))
+    path = inventory(known_hosts=known)
+    with pytest.raises(HostsFailedError) as info:
+        cluster.up(path)
+    rows = {r.host: r for r in info.value.report.rows}
+    assert rows[pi2.address].state == "failed"
+    assert "CHANGED" in rows[pi2.address].detail
+    assert _fingerprint(pi2.host_public_key) in rows[pi2.address].detail
+    assert {rows[h.address].state for h in hosts.hosts.values() if h is not pi2} == {"started"}
+    assert issubclass(HostsFailedError, Exception) and not issubclass(HostsFailedError, HostKeyError)
+    assert [r.state for r in cluster.down(path).rows] == ["stopped"] * 3
+
+
+def test_unreachable_host_reported_within_the_timeout(hosts, inventory):
+    path = inventory()
+    pi3 = hosts.hosts["pi3"]
+    hosts.set_link("pi3", up=False)
+    try:
+        with pytest.raises(HostsFailedError) as info:
+            cluster.up(path, ssh_timeout=3)
+    finally:
+        hosts.set_link("pi3", up=True)
+    rows = {r.host: r for r in info.value.report.rows}
+    assert rows[pi3.address].state == "failed"
+    assert "timed out" in rows[pi3.address].detail
+    assert {rows[h.address].state for h in hosts.hosts.values() if h is not pi3} == {"started"}
+    # Back on the network: the next up starts just that host.
+    again = {r.host: r.state for r in cluster.up(path).rows}
+    assert again[pi3.address] == "started"
+    assert list(again.values()).count("running") == 3
+
+
+def test_cpu_capped_host_is_in_its_cgroup(hosts):
+    if cpu_cgroup_unavailable():
+        pytest.skip(cpu_cgroup_unavailable())
+    pids = hosts.pids(hosts.capped)
+    assert pids
+    procs = set((hosts.cgroup / "cgroup.procs").read_text().split())
+    assert {str(p) for p in pids} <= procs
