@@ -1,0 +1,497 @@
+"""kSGD: k-means splits a block of rows into cells, one linear SVM (hinge, L2, OvR) per cell.
+
+The paper's "local SGD": a block's rows are clustered with k-means; each cluster trains a
+one-vs-rest linear model over only the classes present in it; a row is predicted by the model of
+its nearest centroid. The pieces are module-level pure functions so that the Dask training room
+can run them as separate tasks and :meth:`KSGDClassifier.from_parts` can assemble the result:
+
+* :func:`partition_block` -- k-means of one block (task seed ``task_seed(rs, block)``),
+* :func:`fit_cluster` -- one cluster's model (task seed ``task_seed(rs, block, cluster)``),
+* :func:`fit_block` -- both, in process, with the per-cluster fits on ``n_jobs`` threads.
+
+Rules for awkward clusters (documented behaviour, relied on by tests):
+
+* a centroid whose cluster receives no row of the block is dropped, so every remaining centroid
+  routes to a model trained on at least one row;
+* a cluster whose rows all share one class predicts that class (no SGD is run);
+* any other cluster, however small, trains the SGD over the classes present in it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+from threadpoolctl import threadpool_limits
+
+from rpicluster.models._sgd import LEARNING_RATES, sgd_ovr_fit
+
+#: ``solver`` values: our minibatch kernel, or one scikit-learn ``SGDClassifier`` per cluster.
+SOLVERS = ("minibatch", "sklearn")
+
+# k-means is fitted on at most this many rows per cluster (and at least _KMEANS_MIN_SAMPLE rows)
+# and then every row is assigned to its nearest centroid: Lloyd's cost is linear in the rows, and
+# a few dozen rows per centroid place it as well as the whole block does.
+_KMEANS_ROWS_PER_CLUSTER = 50
+_KMEANS_MIN_SAMPLE = 10_000
+_KMEANS_MAX_ITER = 20
+# Rows per chunk when assigning rows to centroids: bounds the (chunk, k) distance matrix.
+_ASSIGN_CHUNK = 8192
+
+
+class LocalModel(NamedTuple):
+    """One cluster's linear model: arrays only, cheap to ship between Dask workers.
+
+    Attributes
+    ----------
+    classes : ndarray of shape (c,), int
+        Codes (indices into the estimator's ``classes_``) of the classes present in the cluster.
+    coef : ndarray of shape (c, d), float32
+    intercept : ndarray of shape (c,), float32
+    """
+
+    classes: np.ndarray
+    coef: np.ndarray
+    intercept: np.ndarray
+
+
+def task_seed(random_state: int, *key: int) -> int:
+    """Seed of one task, derived from integers only, identical in-process and on any worker.
+
+    ``task_seed(rs, block)`` seeds block ``block``'s k-means, ``task_seed(rs, block, cluster)``
+    the SGD of one of its clusters.
+
+    Parameters
+    ----------
+    random_state : int
+        The estimator's integer seed.
+    *key : int
+        Block index, then optionally cluster index.
+
+    Returns
+    -------
+    int
+        A 32-bit seed.
+    """
+    seq = np.random.SeedSequence(int(random_state), spawn_key=tuple(int(k) for k in key))
+    return int(seq.generate_state(1)[0])
+
+
+def resolve_random_state(random_state) -> int:
+    """Turn an estimator's ``random_state`` (None, int or RandomState) into one integer.
+
+    None draws fresh entropy, so unseeded fits differ; an int is used as is.
+    """
+    if random_state is None:
+        return int(np.random.SeedSequence().generate_state(1)[0])
+    if isinstance(random_state, np.random.RandomState):
+        return int(random_state.randint(np.iinfo(np.int32).max))
+    return int(random_state)
+
+
+def nearest_center(X, centers) -> np.ndarray:
+    """Index of each row's nearest centre (squared Euclidean), computed in row chunks.
+
+    Training and prediction both route rows with this function, so a training row always lands
+    on the model trained with it.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, d)
+    centers : ndarray of shape (k, d)
+
+    Returns
+    -------
+    ndarray of shape (n,), intp
+    """
+    X = np.asarray(X, dtype=np.float32)
+    centers = np.asarray(centers, dtype=np.float32)
+    # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the first term does not change the argmin
+    half_sq = 0.5 * np.einsum("ij,ij->i", centers, centers)
+    labels = np.empty(X.shape[0], dtype=np.intp)
+    buf = np.empty((min(_ASSIGN_CHUNK, X.shape[0]), centers.shape[0]), dtype=np.float32)
+    for start in range(0, X.shape[0], _ASSIGN_CHUNK):
+        xb = X[start:start + _ASSIGN_CHUNK]
+        d = buf[:xb.shape[0]]
+        np.matmul(xb, centers.T, out=d)
+        np.subtract(half_sq, d, out=d)
+        np.argmin(d, axis=1, out=labels[start:start + xb.shape[0]])
+    return labels
+
+
+def partition_block(X, n_clusters: int, *, seed: int):
+    """k-means of one block: centroids and each row's cluster.
+
+    k-means (k-means++ start, Lloyd iterations) is fitted on a seeded subsample of
+    ``max(10_000, 50 * n_clusters)`` rows, then every row is assigned to its nearest centroid
+    with :func:`nearest_center`. Centroids that receive no row are dropped and the labels
+    renumbered, so the result may have fewer than ``n_clusters`` centres.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, d), float32
+        The block's rows; ``n >= n_clusters``.
+    n_clusters : int
+    seed : int
+        For example ``task_seed(random_state, block)``.
+
+    Returns
+    -------
+    centers : ndarray of shape (k, d), float32, ``k <= n_clusters``
+    labels : ndarray of shape (n,), intp, values in ``[0, k)``
+    """
+    from sklearn.cluster import KMeans
+
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    n = X.shape[0]
+    check_enough_rows(X, n_clusters)
+    if n_clusters == 1:
+        return X.mean(axis=0, keepdims=True), np.zeros(n, dtype=np.intp)
+    rng = np.random.default_rng(seed)
+    n_sample = min(n, max(_KMEANS_MIN_SAMPLE, _KMEANS_ROWS_PER_CLUSTER * n_clusters))
+    sample = X if n_sample == n else X[np.sort(rng.choice(n, n_sample, replace=False))]
+    km = KMeans(n_clusters, n_init=1, max_iter=_KMEANS_MAX_ITER, algorithm="lloyd",
+                random_state=int(rng.integers(np.iinfo(np.int32).max)))
+    with warnings.catch_warnings():
+        # duplicate rows give fewer distinct centroids than asked: the empty ones are dropped
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        km.fit(sample)
+    centers = km.cluster_centers_.astype(np.float32, copy=False)
+    labels = nearest_center(X, centers)
+    used = np.bincount(labels, minlength=centers.shape[0]) > 0
+    if not used.all():
+        renumber = np.cumsum(used) - 1
+        centers, labels = centers[used], renumber[labels]
+    return np.ascontiguousarray(centers), labels
+
+
+def _sgd_params(params: dict) -> dict:
+    """The SGD settings of an estimator's ``get_params()`` dict (other keys are ignored)."""
+    return {k: params[k] for k in ("max_iter", "alpha", "learning_rate", "eta0", "power_t",
+                                   "batch_size", "solver")}
+
+
+def fit_cluster(X, y_codes, *, params: dict, seed: int, rows=None) -> LocalModel:
+    """Fit one cluster's one-vs-rest hinge model over the classes present in it.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, d), float32
+        The cluster's rows (or a whole block with ``rows`` selecting the cluster's rows).
+    y_codes : ndarray of shape (n,), int
+        Class codes, indices into the estimator's ``classes_``.
+    params : dict
+        Estimator parameters (``get_params()``); uses ``max_iter``, ``alpha``,
+        ``learning_rate``, ``eta0``, ``power_t``, ``batch_size`` and ``solver``.
+    seed : int
+        For example ``task_seed(random_state, block, cluster)``.
+    rows : ndarray of int, optional
+        Row indices of the cluster in ``X``; the rows are gathered batch by batch, not copied.
+
+    Returns
+    -------
+    LocalModel
+        A single-class cluster gets a zero model of its one class.
+    """
+    p = _sgd_params(params)
+    y_codes = np.asarray(y_codes)
+    y_rows = y_codes if rows is None else y_codes[rows]
+    classes, local = np.unique(y_rows, return_inverse=True)
+    d = X.shape[1]
+    if classes.shape[0] == 1:
+        return LocalModel(classes, np.zeros((1, d), np.float32), np.zeros(1, np.float32))
+    if p["solver"] == "sklearn":
+        coef, intercept = _fit_sklearn(X if rows is None else X[rows], local, p, seed)
+    else:
+        coef, intercept = sgd_ovr_fit(
+            X, local, classes.shape[0], epochs=p["max_iter"], alpha=p["alpha"],
+            learning_rate=p["learning_rate"], eta0=p["eta0"], power_t=p["power_t"],
+            batch_size=p["batch_size"], seed=seed, rows=rows)
+    return LocalModel(classes, coef, intercept)
+
+
+def _fit_sklearn(X, y_local, p: dict, seed: int):
+    """The paper's path: one scikit-learn ``SGDClassifier`` (hinge, L2), OvR over local codes."""
+    from sklearn.linear_model import SGDClassifier
+
+    clf = SGDClassifier(loss="hinge", penalty="l2", alpha=p["alpha"], max_iter=p["max_iter"],
+                        tol=None, learning_rate=p["learning_rate"], eta0=p["eta0"],
+                        power_t=p["power_t"], random_state=seed)
+    clf.fit(X, y_local)
+    coef = clf.coef_.astype(np.float32)
+    intercept = clf.intercept_.astype(np.float32)
+    if coef.shape[0] == 1:  # binary: one model, predicted class 1 when positive
+        return np.vstack([-coef, coef]), np.concatenate([-intercept, intercept])
+    return coef, intercept
+
+
+def effective_n_jobs(n_jobs) -> int:
+    """Threads for ``n_jobs`` (None -> 1, negative -> cores + 1 + n_jobs, as joblib)."""
+    if n_jobs is None:
+        return 1
+    if n_jobs < 0:
+        return max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+    return max(1, int(n_jobs))
+
+
+def fit_block(X, y_codes, classes, params: dict, *, random_state: int, block: int = 0):
+    """Fit one block's kSGD in process: :func:`partition_block`, then :func:`fit_cluster` each.
+
+    With ``params['n_jobs']`` > 1 the clusters are fitted on that many threads with BLAS
+    limited to one thread each (numpy and scikit-learn's SGD release the GIL), like the paper's
+    OpenMP loop; otherwise serially with BLAS using all cores.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, d), float32
+    y_codes : ndarray of shape (n,), int
+        Codes into ``classes``.
+    classes : ndarray
+        The estimator's ``classes_`` (all classes, not only this block's).
+    params : dict
+        Estimator parameters (``get_params()``).
+    random_state : int
+    block : int
+        Block index: seeds are ``task_seed(random_state, block[, cluster])``.
+
+    Returns
+    -------
+    KSGDClassifier
+        Fitted, built with :meth:`KSGDClassifier.from_parts`.
+    """
+    centers, labels = partition_block(X, params["n_clusters"],
+                                      seed=task_seed(random_state, block))
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(centers.shape[0] + 1))
+    jobs = effective_n_jobs(params.get("n_jobs"))
+
+    def one(j):
+        return fit_cluster(X, y_codes, params=params, rows=order[bounds[j]:bounds[j + 1]],
+                           seed=task_seed(random_state, block, j))
+
+    if jobs == 1 or centers.shape[0] == 1:
+        models = [one(j) for j in range(centers.shape[0])]
+    else:
+        with threadpool_limits(limits=1), ThreadPoolExecutor(jobs) as pool:
+            models = list(pool.map(one, range(centers.shape[0])))
+    return KSGDClassifier.from_parts(classes, centers, models, params)
+
+
+def check_enough_rows(X, n_clusters: int, where: str = "") -> None:
+    """ValueError, in scikit-learn's KMeans wording, when X has fewer rows than clusters."""
+    if X.shape[0] < n_clusters:
+        raise ValueError(f"{where}n_samples={X.shape[0]} should be >= n_clusters={n_clusters}.")
+
+
+@contextmanager
+def unchanged_on_error(est):
+    """Restore ``est``'s attributes if the block raises, so bad input changes no state.
+
+    scikit-learn's ``validate_data`` records ``n_features_in_`` before later checks (rows,
+    targets) can fail; this undoes that on failure.
+    """
+    saved = dict(est.__dict__)
+    try:
+        yield
+    except BaseException:
+        est.__dict__.clear()
+        est.__dict__.update(saved)
+        raise
+
+
+def check_params(params: dict) -> None:
+    """Validate the kSGD hyper-parameters; ValueError names the parameter and what is allowed."""
+    def positive_int(name):
+        v = params[name]
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}.")
+
+    for name in ("n_clusters", "max_iter", "batch_size"):
+        positive_int(name)
+    for name in ("alpha", "eta0"):
+        v = params[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"{name} must be a float > 0, got {v!r}.")
+    if params["learning_rate"] not in LEARNING_RATES:
+        raise ValueError(f"learning_rate must be one of {list(LEARNING_RATES)}, "
+                         f"got {params['learning_rate']!r}.")
+    if params["solver"] not in SOLVERS:
+        raise ValueError(f"solver must be one of {list(SOLVERS)}, got {params['solver']!r}.")
+    n_jobs = params.get("n_jobs")
+    if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, int)
+                               or n_jobs == 0):
+        raise ValueError(f"n_jobs must be None or a non-zero int, got {n_jobs!r}.")
+
+
+class KSGDClassifier(ClassifierMixin, BaseEstimator):
+    """The paper's kSGD: k-means cells, one linear SVM per cell over the classes it holds.
+
+    Parameters
+    ----------
+    n_clusters : int, default=10
+        k-means clusters (cells); ``fit`` needs at least this many rows.
+    max_iter : int, default=5
+        Epochs of SGD per cluster.
+    alpha : float, default=1e-4
+        L2 regularisation strength.
+    learning_rate : {'optimal', 'invscaling', 'constant'}, default='optimal'
+        scikit-learn's schedules, counted in samples seen.
+    eta0 : float, default=0.01
+        Initial rate of 'invscaling' and 'constant'.
+    power_t : float, default=0.5
+        Exponent of 'invscaling'.
+    batch_size : int, default=256
+        Minibatch rows of the 'minibatch' solver.
+    solver : {'minibatch', 'sklearn'}, default='minibatch'
+        'minibatch': our vectorised kernel (:mod:`rpicluster.models._sgd`); 'sklearn': one
+        ``SGDClassifier(loss='hinge', penalty='l2')`` per cluster, the paper's path.
+    n_jobs : int, default=None
+        Threads fitting clusters in parallel (None = 1, -1 = all cores).
+    random_state : int, RandomState or None, default=None
+        Seed; every task seed derives from it with :func:`task_seed`.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    n_features_in_ : int
+    cluster_centers_ : ndarray of shape (k, d), float32
+        Centroids actually used (empty clusters dropped).
+    local_classes_ : ndarray of shape (m,), int
+        Class codes of every local model row, cluster after cluster.
+    local_coef_ : ndarray of shape (m, d), float32
+    local_intercept_ : ndarray of shape (m,), float32
+    local_ptr_ : ndarray of shape (k + 1,), int
+        Cluster ``j``'s rows of the three arrays above are ``local_ptr_[j]:local_ptr_[j + 1]``.
+    """
+
+    def __init__(self, n_clusters=10, *, max_iter=5, alpha=1e-4, learning_rate="optimal",
+                 eta0=0.01, power_t=0.5, batch_size=256, solver="minibatch", n_jobs=None,
+                 random_state=None):
+        self.n_clusters = n_clusters
+        self.max_iter = max_iter
+        self.alpha = alpha
+        self.learning_rate = learning_rate
+        self.eta0 = eta0
+        self.power_t = power_t
+        self.batch_size = batch_size
+        self.solver = solver
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False
+        return tags
+
+    def fit(self, X, y):
+        """Fit k-means and one local model per cluster.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,)
+
+        Returns
+        -------
+        self
+        """
+        params = self.get_params()
+        check_params(params)
+        with unchanged_on_error(self):
+            X, y = validate_data(self, X, y, dtype=np.float32, order="C")
+            check_classification_targets(y)
+            check_enough_rows(X, self.n_clusters)
+        classes, codes = np.unique(y, return_inverse=True)
+        fitted = fit_block(X, codes, classes, params,
+                           random_state=resolve_random_state(self.random_state))
+        self._set_fitted(fitted)
+        return self
+
+    @classmethod
+    def from_parts(cls, classes, centers, local_models, params: dict):
+        """Assemble a fitted estimator from a partition and its clusters' models.
+
+        Parameters
+        ----------
+        classes : ndarray of shape (n_classes,)
+            All classes; ``LocalModel.classes`` are codes into it.
+        centers : ndarray of shape (k, d)
+            From :func:`partition_block`.
+        local_models : list of LocalModel
+            ``local_models[j]`` from :func:`fit_cluster` on cluster ``j``'s rows.
+        params : dict
+            Estimator parameters; unknown keys (such as ``block_rows``) are ignored.
+
+        Returns
+        -------
+        KSGDClassifier
+        """
+        est = cls(**{k: v for k, v in params.items() if k in cls._get_param_names()})
+        centers = np.ascontiguousarray(centers, dtype=np.float32)
+        if len(local_models) != centers.shape[0]:
+            raise ValueError(f"got {len(local_models)} local models for "
+                             f"{centers.shape[0]} cluster centers.")
+        est.classes_ = np.asarray(classes)
+        est.n_features_in_ = int(centers.shape[1])
+        est.cluster_centers_ = centers
+        est.local_classes_ = np.concatenate([np.asarray(m.classes, dtype=np.int64)
+                                             for m in local_models])
+        est.local_coef_ = np.ascontiguousarray(
+            np.concatenate([m.coef for m in local_models]), dtype=np.float32)
+        est.local_intercept_ = np.concatenate([m.intercept for m in local_models]).astype(
+            np.float32)
+        est.local_ptr_ = np.concatenate(
+            [[0], np.cumsum([len(m.classes) for m in local_models])]).astype(np.int64)
+        return est
+
+    def _set_fitted(self, other: KSGDClassifier) -> None:
+        """Copy the learned attributes of ``other`` (an assembled estimator) onto self."""
+        for name in ("classes_", "cluster_centers_", "local_classes_", "local_coef_",
+                     "local_intercept_", "local_ptr_"):
+            setattr(self, name, getattr(other, name))
+
+    def predict_codes(self, X) -> np.ndarray:
+        """Class codes (indices into ``classes_``) of validated float32 rows.
+
+        Each row is routed to its nearest centroid's local model; rows are grouped by cluster
+        so that each local model scores its rows with one matrix product.
+        """
+        labels = nearest_center(X, self.cluster_centers_)
+        order = np.argsort(labels, kind="stable")
+        bounds = np.searchsorted(labels[order], np.arange(self.cluster_centers_.shape[0] + 1))
+        codes = np.empty(X.shape[0], dtype=np.int64)
+        for j in range(self.cluster_centers_.shape[0]):
+            rows = order[bounds[j]:bounds[j + 1]]
+            if rows.shape[0] == 0:
+                continue
+            lo, hi = self.local_ptr_[j], self.local_ptr_[j + 1]
+            if hi - lo == 1:
+                codes[rows] = self.local_classes_[lo]
+                continue
+            scores = X[rows] @ self.local_coef_[lo:hi].T
+            scores += self.local_intercept_[lo:hi]
+            codes[rows] = self.local_classes_[lo:hi][scores.argmax(axis=1)]
+        return codes
+
+    def predict(self, X):
+        """Predict class labels.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
+        return self.classes_[self.predict_codes(X)]
