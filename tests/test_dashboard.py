@@ -49,9 +49,10 @@ def test_state_counts_progress_throughput_and_accuracy():
     a = s.workers["tcp://a:1"]
     assert a.partition_rate == pytest.approx(100 / 1.0)
     assert a.fit_rate == pytest.approx((60 + 50) / 1.0)
-    assert s.fraction() == pytest.approx(3 / 8)
-    # 4 s elapsed for 3/8 of the work: 5/8 left at the same rate.
-    assert s.eta(now=1004.0) == pytest.approx(4.0 * 5 / 3)
+    # 2 partitions + 3 fits of 4 x (1 + 2) tasks.
+    assert s.fraction() == pytest.approx(5 / 12)
+    # 4 s elapsed for 5/12 of the work: 7/12 left at the same rate.
+    assert s.eta(now=1004.0) == pytest.approx(4.0 * 7 / 5)
     assert s.status() == "running"
 
 
@@ -188,8 +189,9 @@ def test_dashboard_command_names_a_missing_cluster(tmp_path, monkeypatch):
 
 
 def test_scheduler_without_dashboard_still_collects_events():
-    with LocalCluster(n_workers=1, processes=False, dashboard_address=None,
-                      scheduler_kwargs={"preload": ["rpicluster.dashboard"]}) as cluster, \
+    with LocalCluster(n_workers=1, processes=False, dashboard_address="127.0.0.1:0",
+                      scheduler_kwargs={"dashboard": False,
+                                        "preload": ["rpicluster.dashboard"]}) as cluster, \
             Client(cluster) as client:
         assert client.run_on_scheduler(install) is None
         client.log_event(ev.TOPIC, ev.make_event(ev.RUN_START, run_id="headless", n_blocks=1))

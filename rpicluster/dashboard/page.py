@@ -197,7 +197,7 @@ def _summary_html(s: TrainingState, now: float) -> str:
 
 def _hardware_rows(scheduler) -> dict:
     rows = {key: [] for key, _ in _HARDWARE_COLUMNS}
-    for address, ws in sorted(scheduler.workers.items()):
+    for address, ws in sorted(scheduler.workers.items(), key=lambda kv: str(kv[1].name)):
         health = (ws.metrics or {}).get(METRIC) or {}
         temp = health.get("temperature")
         flags = health.get("throttled")

@@ -135,14 +135,15 @@ class TrainingState:
     def fraction(self) -> float | None:
         """Share of the run done, 0..1, or None before the run's size is known.
 
-        Fitting dominates a block's time, so fitted clusters measure progress best; committed
-        blocks count too, so a run whose fits ran before the page came up still shows them.
+        Each block is one partition task and ``n_clusters`` fit tasks; committed blocks count in
+        full, so a run whose tasks finished before the page came up still shows them.
         """
         if self.finished is not None:
             return 1.0
         parts = []
-        if self.total_fits:
-            parts.append(len(self.fitted) / self.total_fits)
+        if self.n_blocks and self.n_clusters:
+            tasks = len(self.partitioned) + len(self.fitted)
+            parts.append(tasks / (self.n_blocks * (1 + self.n_clusters)))
         if self.n_blocks:
             parts.append(len(self.committed) / self.n_blocks)
         return min(1.0, max(parts)) if parts else None
