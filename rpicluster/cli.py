@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from rpicluster import __version__
+from rpicluster import __version__, config
 from rpicluster.errors import RPiClusterError
 
 
@@ -61,6 +61,52 @@ def dashboard(address: str | None) -> None:
 
     for line in dashboard_links(address).lines():
         click.echo(line)
+
+
+@main.command()
+@click.argument("source")
+@click.argument("out", metavar="OUT.zarr", type=click.Path())
+@click.option("--block-rows", type=click.IntRange(min=1), default=config.BLOCK_ROWS,
+              show_default=True, metavar="N", help="Rows per training block (one Zarr chunk row).")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False),
+              help="Labels .npy for a .npy features file.")
+@click.option("--label-column", metavar="NAME",
+              help="CSV label column (default: label, y or target, else the last column).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted ingest of the same source.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at OUT.zarr.")
+def ingest(source, out, block_rows, labels, label_column, resume, overwrite) -> None:
+    """Write SOURCE into the Zarr store OUT.zarr, block by block.
+
+    SOURCE is a file (data.npz with X and y; features.npy with --labels; data.csv; svmlight
+    .svm/.svmlight/.libsvm), sklearn:digits (iris, wine, breast_cancer), or
+    synthetic:rows=..,features=..,classes=..,seed=..
+    """
+    import time
+
+    from rpicluster.data.store import ingest as ingest_store
+    from rpicluster.progress import Progress
+
+    t0 = time.perf_counter()
+    ds = ingest_store(source, out, block_rows=block_rows, labels=labels,
+                      label_column=label_column, resume=resume, overwrite=overwrite,
+                      progress=Progress("ingest", unit="blocks"))
+    click.echo(f"ingested {ds.url}: {ds.n_rows} rows, {ds.n_features} features, "
+               f"{len(ds.classes)} classes, {ds.n_blocks} blocks, {ds.nbytes} bytes, "
+               f"{time.perf_counter() - t0:.1f} s")
+
+
+@main.command()
+@click.argument("store", metavar="DATA.zarr", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default=config.SERVE_HOST, show_default=True,
+              help="Address to bind (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=config.SERVE_PORT,
+              show_default=True, help="Port (0 picks a free one).")
+def serve(store, host, port) -> None:
+    """Serve DATA.zarr read-only over HTTP; workers open http://THIS-HOST:PORT."""
+    from rpicluster.data.serve import serve as serve_store
+
+    serve_store(store, host, port, on_ready=lambda url: click.echo(
+        f"serving {store} read-only at {url} (Ctrl-C stops)"))
 
 
 if __name__ == "__main__":  # pragma: no cover

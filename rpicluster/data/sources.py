@@ -1,0 +1,435 @@
+"""Readers that turn a dataset on disk (or a generator) into row blocks for :func:`ingest`.
+
+A :class:`Source` knows its shape and its sorted class list before the first block is read, and
+yields ``(X float32 (rows, features), y int32 class codes)`` one block at a time, starting at any
+block (``--resume``). Only one block of features is held in memory at a time; labels, which are
+small, may be held whole.
+
+Source strings understood by :func:`open_source`:
+
+==========================================  ====================================================
+``data.npz``                                arrays ``X`` and ``y`` (``X`` is streamed from the zip)
+``features.npy`` + ``labels=labels.npy``    ``X`` streamed from the file, labels loaded whole
+``data.csv``                                header row; label column ``label_column``, else one
+                                            named ``label``/``y``/``target``, else the last
+``data.svm`` / ``.svmlight`` / ``.libsvm``  scikit-learn's ``load_svmlight_file`` (the sparse
+(or ``svmlight:PATH`` / ``libsvm:PATH``)    matrix is held whole; blocks are densified one by one)
+``sklearn:digits`` (``iris``, ``wine``,     scikit-learn's bundled data sets
+``breast_cancer``)
+``synthetic:rows=..,features=..,...``       :mod:`rpicluster.data.synthetic`, classes ``0..C-1``
+==========================================  ====================================================
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import csv
+import itertools
+import os
+import re
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from rpicluster.errors import ConfigError, DataError
+
+#: Label column names picked (case-insensitively, in this order) when a CSV has no --label-column.
+CSV_LABEL_NAMES = ("label", "y", "target")
+SKLEARN_DATASETS = ("breast_cancer", "digits", "iris", "wine")
+SVMLIGHT_SUFFIXES = (".svm", ".svmlight", ".libsvm")
+SCHEMES = ("sklearn", "synthetic", "svmlight", "libsvm")
+FILE_SUFFIXES = (".npz", ".npy", ".csv") + SVMLIGHT_SUFFIXES
+
+
+class Source(abc.ABC):
+    """A dataset read block by block.
+
+    Subclasses set the attributes in ``__init__`` (through ``super().__init__``) and implement
+    :meth:`_raw_blocks`; :meth:`blocks` checks every block (shape, finite values, codes).
+
+    Attributes
+    ----------
+    description : str
+        Names the source; stored in the Zarr attributes and compared on ``--resume``.
+    n_rows, n_features : int
+    classes : ndarray
+        Sorted original labels (int64 or str); ``y`` codes index into it.
+    """
+
+    def __init__(self, description: str, n_rows: int, n_features: int, classes: np.ndarray):
+        if n_rows < 1:
+            raise DataError(f"{description}: no rows (X has 0 rows)")
+        if n_features < 1:
+            raise DataError(f"{description}: no features (X has 0 columns)")
+        self.description = description
+        self.n_rows = int(n_rows)
+        self.n_features = int(n_features)
+        self.classes = classes
+
+    @abc.abstractmethod
+    def _raw_blocks(self, block_rows: int, start_block: int
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(X, codes)`` for blocks ``start_block, start_block+1, ...`` (unchecked)."""
+
+    def blocks(self, block_rows: int, start_block: int = 0
+               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(X float32 (r, n_features), y int32 (r,))`` for each block from ``start_block``.
+
+        Raises
+        ------
+        DataError
+            A block with NaN/inf (naming the row), the wrong width, or a row count that does not
+            add up to ``n_rows``.
+        """
+        row = start_block * block_rows
+        for X, y in self._raw_blocks(block_rows, start_block):
+            expected = min(block_rows, self.n_rows - row)
+            X = np.asarray(X)
+            if X.ndim != 2 or X.shape[1] != self.n_features or len(X) != expected:
+                raise DataError(f"{self.description}: block at row {row} has X shape {X.shape}, "
+                                f"expected ({expected}, {self.n_features})")
+            if len(y) != expected:
+                raise DataError(f"{self.description}: block at row {row} has {len(y)} labels, "
+                                f"expected {expected}")
+            X = X.astype(np.float32, copy=False)
+            _check_finite(X, row, self.description)
+            yield X, np.asarray(y, dtype=np.int32)
+            row += expected
+        if row < self.n_rows:
+            raise DataError(f"{self.description}: ended at row {row}, expected {self.n_rows} rows")
+
+
+def _check_finite(X: np.ndarray, first_row: int, description: str) -> None:
+    # The sum is NaN/inf exactly when a value is (or values overflow, then we look closer); it
+    # avoids a block-sized boolean temporary in the common, clean case.
+    if np.isfinite(X.sum(dtype=np.float64)):
+        return
+    bad = ~np.isfinite(X).all(axis=1)
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        col = int(np.flatnonzero(~np.isfinite(X[r]))[0])
+        raise DataError(f"{description}: X row {first_row + r} column {col} is {X[r, col]} "
+                        "(NaN and inf are not allowed; clean or impute the data first)")
+
+
+def encode_labels(labels: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted classes and int32 codes for a 1-D array of labels (ints, whole floats, strings).
+
+    Raises
+    ------
+    DataError
+        Labels that are not 1-D, non-integer or non-finite floats (naming the row), or of an
+        unsupported type.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise DataError(f"{where}: labels must be 1-D, got shape {labels.shape}")
+    kind = labels.dtype.kind
+    if kind == "f":
+        bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{where}: label at row {r} is {labels[r]!r}; float labels must be "
+                            "whole numbers (class ids)")
+        labels = labels.astype(np.int64)
+    elif kind in "biu":
+        labels = labels.astype(np.int64)
+    elif kind == "S":
+        labels = labels.astype(str)
+    elif kind != "U":
+        raise DataError(f"{where}: labels of dtype {labels.dtype} are not supported "
+                        "(expected integers, whole floats or strings)")
+    classes, codes = np.unique(labels, return_inverse=True)
+    return classes, codes.astype(np.int32)
+
+
+def classes_to_json(classes: np.ndarray) -> list:
+    """The class list as JSON values (Python ints or strs)."""
+    return [str(c) if classes.dtype.kind == "U" else int(c) for c in classes]
+
+
+def classes_from_json(values: list) -> np.ndarray:
+    """Inverse of :func:`classes_to_json`."""
+    if any(isinstance(v, str) for v in values):
+        return np.asarray(values, dtype=str)
+    return np.asarray(values, dtype=np.int64)
+
+
+class ArraySource(Source):
+    """Blocks of an in-memory (or sparse) ``X`` with labels; used for scikit-learn data sets and
+    svmlight files."""
+
+    def __init__(self, description: str, X, labels: np.ndarray):
+        if X.ndim != 2:
+            raise DataError(f"{description}: X must be 2-D (rows, features), got shape {X.shape}")
+        if X.shape[0] != len(labels):
+            raise DataError(f"{description}: X has {X.shape[0]} rows but y has {len(labels)}")
+        classes, self._codes = encode_labels(labels, description)
+        super().__init__(description, X.shape[0], X.shape[1], classes)
+        self._X = X
+
+    def _raw_blocks(self, block_rows, start_block):
+        for start in range(start_block * block_rows, self.n_rows, block_rows):
+            block = self._X[start:start + block_rows]
+            dense = block.toarray() if hasattr(block, "toarray") else block
+            yield dense, self._codes[start:start + block_rows]
+
+
+class NpySource(Source):
+    """``X`` read sequentially from ``.npy`` bytes (a file, or a member of an ``.npz``)."""
+
+    def __init__(self, description: str, opener, labels: np.ndarray):
+        self._opener = opener
+        with opener() as f:
+            shape, fortran, dtype = _read_npy_header(f, description)
+        if len(shape) != 2:
+            raise DataError(f"{description}: X must be 2-D (rows, features), got shape {shape}")
+        if dtype.kind not in "biuf":
+            raise DataError(f"{description}: X has dtype {dtype}, expected numbers")
+        if shape[0] != len(labels):
+            raise DataError(f"{description}: X has {shape[0]} rows but y has {len(labels)}")
+        classes, self._codes = encode_labels(labels, description)
+        super().__init__(description, shape[0], shape[1], classes)
+        self._fortran, self._dtype = fortran, dtype
+
+    def _raw_blocks(self, block_rows, start_block):
+        row_bytes = self.n_features * self._dtype.itemsize
+        with self._opener() as f:
+            if self._fortran:
+                # Column-major bytes cannot be read row block by row block; such files are rare
+                # (np.save of a transposed array) and are read whole.
+                X = np.lib.format.read_array(f, allow_pickle=False)
+            else:
+                X = None
+                _read_npy_header(f, self.description)
+                f.seek(start_block * block_rows * row_bytes, os.SEEK_CUR)
+            for start in range(start_block * block_rows, self.n_rows, block_rows):
+                n = min(block_rows, self.n_rows - start)
+                if X is not None:
+                    block = X[start:start + n]
+                else:
+                    raw = f.read(n * row_bytes)
+                    if len(raw) != n * row_bytes:
+                        raise DataError(f"{self.description}: file is truncated at row {start}")
+                    block = np.frombuffer(raw, dtype=self._dtype).reshape(n, self.n_features)
+                yield block, self._codes[start:start + n]
+
+
+def _read_npy_header(f: IO[bytes], description: str):
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(f)
+        return np.lib.format.read_array_header_2_0(f)
+    except ValueError as exc:
+        raise DataError(f"{description}: not a valid .npy array ({exc})") from None
+
+
+class CsvSource(Source):
+    """A CSV file with a header row, read twice: labels first (classes, row count), then the
+    features block by block."""
+
+    def __init__(self, path: Path, label_column: str | None):
+        self._path = path
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if not header:
+                raise DataError(f"{path}: empty CSV file (expected a header row)")
+            self._label = _pick_label_column(header, label_column, path)
+            description = f"csv:{path}:{header[self._label]}"
+            seen: dict[str, int] = {}
+            first_ids = []
+            for fields in reader:
+                if len(fields) != len(header):
+                    raise DataError(f"{path}: line {reader.line_num} has {len(fields)} fields, "
+                                    f"the header has {len(header)}")
+                first_ids.append(seen.setdefault(fields[self._label], len(seen)))
+            if reader.line_num != len(first_ids) + 1:
+                raise DataError(f"{path}: quoted line breaks inside fields are not supported")
+        classes, order = _classes_from_strings(list(seen), first_ids, path)
+        self._codes = order[np.asarray(first_ids, dtype=np.int64)] if first_ids else order[:0]
+        self._header = header
+        self._usecols = [i for i in range(len(header)) if i != self._label]
+        super().__init__(description, len(first_ids), len(self._usecols), classes)
+
+    def _raw_blocks(self, block_rows, start_block):
+        # Parse in slices of about a million cells: numpy's loadtxt is fast on a list of lines,
+        # and the slice keeps the text of only a few MB in memory next to the float32 block.
+        step = max(1, 2**20 // (self.n_features + 1))
+        with open(self._path, encoding="utf-8") as f:
+            lines = itertools.islice(f, 1 + start_block * block_rows, None)
+            for start in range(start_block * block_rows, self.n_rows, block_rows):
+                n = min(block_rows, self.n_rows - start)
+                X = np.empty((n, self.n_features), dtype=np.float32)
+                for lo in range(0, n, step):
+                    batch = list(itertools.islice(lines, min(step, n - lo)))
+                    X[lo:lo + len(batch)] = self._parse(batch, start + lo)
+                yield X, self._codes[start:start + n]
+
+    def _parse(self, lines: list[str], first_row: int) -> np.ndarray:
+        try:
+            return np.loadtxt(lines, delimiter=",", quotechar='"', comments=None,
+                              usecols=self._usecols, dtype=np.float32, ndmin=2)
+        except ValueError as exc:
+            m = re.search(r"at row (\d+), column (\d+)", str(exc))
+            row = first_row + int(m.group(1)) if m else first_row
+            where = (f"data row {row} (line {row + 2}), column {self._header[int(m.group(2)) - 1]!r}"
+                     if m
+                     else f"data rows {first_row}..{first_row + len(lines) - 1}")
+            raise DataError(f"{self._path}: {where}: not a number ({exc})") from None
+
+
+def _pick_label_column(header: list[str], label_column: str | None, path: Path) -> int:
+    if label_column is not None:
+        if label_column not in header:
+            raise ConfigError(f"{path}: no column {label_column!r} (columns: {', '.join(header)})")
+        return header.index(label_column)
+    lowered = [h.strip().lower() for h in header]
+    for name in CSV_LABEL_NAMES:
+        if name in lowered:
+            return lowered.index(name)
+    return len(header) - 1
+
+
+def _classes_from_strings(values: list[str], first_ids: list[int], path: Path
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted classes of the distinct CSV label strings ``values`` (numbers when every one is a
+    whole number, else strings) and each value's class code."""
+    try:
+        labels = np.asarray([float(v) for v in values], dtype=np.float64)
+    except ValueError:
+        labels = np.asarray(values, dtype=str)
+    if labels.dtype.kind == "f":
+        bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            row = first_ids.index(i)
+            raise DataError(f"{path}: label {values[i]!r} at data row {row} (line {row + 2}) is "
+                            "not a whole number; numeric labels must be class ids")
+    classes, codes = encode_labels(labels, str(path))
+    return classes, codes.astype(np.int64)
+
+
+class SyntheticSource(Source):
+    """Rows of :mod:`rpicluster.data.synthetic`; classes are ``0 .. classes-1``."""
+
+    def __init__(self, spec_text: str):
+        from rpicluster.data.synthetic import SyntheticSpec
+
+        self._spec = SyntheticSpec.from_string(spec_text)
+        fields = ",".join(f"{k}={v}" for k, v in vars(self._spec).items())
+        super().__init__(f"synthetic:{fields}", self._spec.rows, self._spec.features,
+                         np.arange(self._spec.classes, dtype=np.int64))
+
+    def _raw_blocks(self, block_rows, start_block):
+        # The generator has no start offset; skipped blocks are generated and dropped, which only
+        # costs time on --resume, and keeps resumed rows identical to a clean run.
+        return itertools.islice(self._spec.iter_blocks(block_rows), start_block, None)
+
+
+def open_source(source: str | os.PathLike, *, labels: str | os.PathLike | None = None,
+                label_column: str | None = None) -> Source:
+    """Open a source string or path (see the module docstring for the forms).
+
+    Parameters
+    ----------
+    source : str or path
+    labels : path, optional
+        Labels ``.npy`` for a ``.npy`` features file (required there, refused elsewhere).
+    label_column : str, optional
+        Label column of a CSV file (refused for other sources).
+
+    Raises
+    ------
+    ConfigError
+        An unknown scheme or suffix (listing the known ones), or options that do not apply.
+    DataError
+        A missing file or invalid data.
+    """
+    text = os.fspath(source)
+    m = re.match(r"^([A-Za-z][A-Za-z0-9_+.-]*):(?!//)(.*)$", text)
+    is_scheme = m is not None and len(m.group(1)) > 1 and not Path(text).exists()
+    kind = m.group(1).lower() if is_scheme else Path(text).suffix.lower()
+    if is_scheme and kind not in SCHEMES:
+        raise ConfigError(f"unknown source scheme {m.group(1)!r} (known schemes: "
+                          f"{', '.join(s + ':' for s in SCHEMES)}; or a file ending "
+                          f"{', '.join(FILE_SUFFIXES)})")
+    if labels is not None and kind != ".npy":
+        raise ConfigError(f"labels= (--labels) only applies to a .npy features file, not {text}")
+    if label_column is not None and kind != ".csv":
+        raise ConfigError(f"label_column= (--label-column) only applies to .csv, not {text}")
+    if kind == "sklearn":
+        return _sklearn_source(m.group(2))
+    if kind == "synthetic":
+        return SyntheticSource(m.group(2))
+    path = Path(m.group(2) if is_scheme else text).expanduser().resolve()
+    if not is_scheme and kind not in FILE_SUFFIXES:
+        raise ConfigError(f"unknown source file type {kind or '(no suffix)'!r} for {text} "
+                          f"(known: {', '.join(FILE_SUFFIXES)}; or a scheme "
+                          f"{', '.join(s + ':' for s in SCHEMES)})")
+    if not path.is_file():
+        raise DataError(f"source file {path} does not exist")
+    if kind in ("svmlight", "libsvm") or kind in SVMLIGHT_SUFFIXES:
+        return _svmlight_source(path)
+    if kind == ".csv":
+        return CsvSource(path, label_column)
+    if kind == ".npz":
+        return _npz_source(path)
+    if labels is None:
+        raise ConfigError(f"{path}: a .npy features file needs labels (--labels labels.npy)")
+    labels_path = Path(labels).expanduser().resolve()
+    if not labels_path.is_file():
+        raise DataError(f"labels file {labels_path} does not exist")
+    y = _load_npy(labels_path)
+    return NpySource(f"npy:{path}+{labels_path}", lambda: open(path, "rb"), y)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise DataError(f"{path}: not a readable .npy array ({exc})") from None
+
+
+def _npz_source(path: Path) -> Source:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("X", "y") if k not in z.files]
+            if missing:
+                raise DataError(f"{path}: no array {missing[0]!r} (arrays in the file: "
+                                f"{', '.join(z.files) or 'none'}; expected X and y)")
+            y = z["y"]
+    except (ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+
+    @contextlib.contextmanager
+    def opener():
+        with zipfile.ZipFile(path) as archive, archive.open("X.npy") as member:
+            yield member
+
+    return NpySource(f"npz:{path}", opener, y)
+
+
+def _svmlight_source(path: Path) -> Source:
+    from sklearn.datasets import load_svmlight_file
+
+    try:
+        X, y = load_svmlight_file(str(path), dtype=np.float32)
+    except ValueError as exc:
+        raise DataError(f"{path}: not a readable svmlight/libsvm file ({exc})") from None
+    return ArraySource(f"svmlight:{path}", X, y)
+
+
+def _sklearn_source(name: str) -> Source:
+    if name not in SKLEARN_DATASETS:
+        raise ConfigError(f"unknown scikit-learn data set {name!r} "
+                          f"(known: {', '.join('sklearn:' + n for n in SKLEARN_DATASETS)})")
+    import sklearn.datasets
+
+    X, y = getattr(sklearn.datasets, f"load_{name}")(return_X_y=True)
+    return ArraySource(f"sklearn:{name}", X, y)

@@ -1,0 +1,184 @@
+"""The store contract on real Zarr stores on disk: damaged chunks are reported by key, incomplete
+stores are refused, resume equals a clean ingest, and a Dataset pickles as its URL."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from rpicluster.data.sources import ArraySource, Source
+from rpicluster.data.store import FORMAT_VERSION, ingest, open_dataset
+from rpicluster.errors import DataError, StoreIncompleteError
+
+
+@pytest.fixture
+def raw():
+    """250 rows x 6 features with string labels; the first 40 rows all zero (an all-zero block
+    must still be stored, not skipped as 'empty')."""
+    rng = np.random.default_rng(2)
+    X = rng.random((250, 6))
+    y = rng.choice(["ant", "bee", "cow", "dog"], size=250)
+    X[:40] = 0
+    y[:40] = "ant"
+    return X, y
+
+
+@pytest.fixture
+def source(raw):
+    """``raw`` as a source."""
+    return ArraySource("test:array", *raw)
+
+
+@pytest.fixture
+def store(tmp_path, source):
+    """A complete store of ``source`` in blocks of 40 rows (7 blocks, the last of 10 rows)."""
+    ingest(source, tmp_path / "d.zarr", block_rows=40)
+    return tmp_path / "d.zarr"
+
+
+class FailingSource(Source):
+    """The blocks of ``inner``, then an error when block ``fail_at`` is due: an ingest that
+    stops half-way (a source that went away, a full disk)."""
+
+    def __init__(self, inner: Source, fail_at: int):
+        super().__init__(inner.description, inner.n_rows, inner.n_features, inner.classes)
+        self.inner, self.fail_at = inner, fail_at
+
+    def _raw_blocks(self, block_rows, start_block):
+        for i, block in enumerate(self.inner.blocks(block_rows, start_block), start_block):
+            if i == self.fail_at:
+                raise DataError("source went away")
+            yield block
+
+
+def test_all_zero_block_is_stored_and_read_back(store, source):
+    ds = open_dataset(store)
+    assert (store / "X" / "c" / "0" / "0").is_file() and (store / "y" / "c" / "0").is_file()
+    X0, y0 = ds.block(0)
+    assert not X0.any() and (ds.classes[y0] == "ant").all()
+
+
+@pytest.mark.parametrize("array, key", [("X", "X/c/2/0"), ("y", "y/c/2")])
+@pytest.mark.parametrize("damage", ["corrupt", "truncate", "delete"])
+def test_damaged_chunk_is_reported_by_key(store, array, key, damage):
+    path = store / key
+    data = bytearray(path.read_bytes())
+    if damage == "corrupt":
+        data[len(data) // 2] ^= 0x10
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        path.unlink()
+    word = {"corrupt": "corrupted", "truncate": "corrupted or truncated", "delete": "missing"}
+    ds = open_dataset(store)
+    with pytest.raises(DataError, match=rf"array '{array}' chunk '{key}' \(block 2\) is "
+                                        rf"{word[damage]}"):
+        ds.block(2)
+    # the dask arrays read through the same checks
+    with pytest.raises(DataError, match=rf"chunk '{key}'"):
+        getattr(ds, array).sum().compute(scheduler="sync")
+    ds.block(1)  # other blocks still read
+
+
+def rewrite_attrs(store, **changes):
+    """Edit the group attributes of a store in place (as a foreign writer would)."""
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"].update(changes)
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
+def test_unknown_format_version_is_refused(store):
+    rewrite_attrs(store, rpicluster_format=FORMAT_VERSION + 1)
+    with pytest.raises(DataError, match=rf"unknown format version {FORMAT_VERSION + 1}"):
+        open_dataset(store)
+
+
+def test_store_without_completion_marker_is_refused(store):
+    rewrite_attrs(store, complete=False)
+    with pytest.raises(StoreIncompleteError, match="incomplete"):
+        open_dataset(store)
+
+
+def test_not_a_store(tmp_path):
+    with pytest.raises(DataError, match="no Zarr store at"):
+        open_dataset(tmp_path / "nothing.zarr")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="not a Zarr store; refusing"):
+        ingest("sklearn:iris", tmp_path / "other", overwrite=True)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_metadata_that_disagrees_with_the_arrays(store):
+    rewrite_attrs(store, n_features=7)
+    with pytest.raises(DataError, match=r"array 'X' has shape \(250, 6\)"):
+        open_dataset(store)
+
+
+def chunk_bytes(store):
+    """Every chunk file of a store, by key."""
+    return {p.relative_to(store).as_posix(): p.read_bytes()
+            for p in store.rglob("*") if p.is_file() and "/c/" in p.as_posix()}
+
+
+def test_resume_continues_and_equals_a_clean_ingest(tmp_path, source, store):
+    out = tmp_path / "resumed.zarr"
+    with pytest.raises(DataError, match=r"source went away .*holds 4 of 7 blocks"):
+        ingest(FailingSource(source, fail_at=4), out, block_rows=40)
+    with pytest.raises(StoreIncompleteError, match="4 of 7 blocks"):
+        open_dataset(out)
+    # a torn write of the block that was in flight is rewritten, not trusted
+    (out / "X" / "c" / "4").mkdir()
+    (out / "X" / "c" / "4" / "0").write_bytes(b"torn")
+    with pytest.raises(DataError, match=r"incomplete rpicluster store .*pass resume"):
+        ingest(source, out, block_rows=40)
+    with pytest.raises(DataError, match=r"cannot resume .*block_rows is 40, this ingest's is 50"):
+        ingest(source, out, block_rows=50, resume=True)
+
+    class Counting(Source):
+        """``source``, counting the blocks it is asked for."""
+
+        def __init__(self):
+            super().__init__(source.description, source.n_rows, source.n_features,
+                             source.classes)
+            self.read = 0
+
+        def _raw_blocks(self, block_rows, start_block):
+            for block in source.blocks(block_rows, start_block):
+                self.read += 1
+                yield block
+
+    counting = Counting()
+    ds = ingest(counting, out, block_rows=40, resume=True)
+    assert counting.read == 3
+    assert chunk_bytes(out) == chunk_bytes(store)
+    clean = open_dataset(store)
+    assert {k: v for k, v in ds.attrs.items() if k != "created"} == {
+        k: v for k, v in clean.attrs.items() if k != "created"}
+    # resuming a finished ingest changes nothing
+    assert ingest(source, out, block_rows=40, resume=True).n_rows == 250
+
+
+def test_existing_complete_store_needs_overwrite(tmp_path, store):
+    with pytest.raises(DataError, match=r"already holds a complete rpicluster store "
+                                        r"\(test:array\); pass overwrite"):
+        ingest("sklearn:iris", store)
+    ds = ingest("sklearn:iris", store, overwrite=True, block_rows=100)
+    assert (ds.n_rows, ds.n_blocks) == (150, 2)
+    assert not (store / "X" / "c" / "2").exists()  # the old store's chunks are gone
+
+
+def test_dataset_pickles_as_its_url_and_reads_through_dask(store, raw):
+    ds = open_dataset(store)
+    blob = pickle.dumps(ds)
+    assert len(blob) < 300
+    remote = pickle.loads(blob)
+    assert remote.url == str(store) and remote.n_blocks == 7
+    assert remote.X.chunks[0] == (40,) * 6 + (10,)
+    X, y = remote.X.compute(scheduler="sync"), remote.y.compute(scheduler="sync")
+    np.testing.assert_array_equal(X, raw[0].astype(np.float32))
+    np.testing.assert_array_equal(remote.classes[y], raw[1])
+    with pytest.raises(DataError, match=r"block 7 does not exist \(blocks 0..6\)"):
+        ds.block(7)
