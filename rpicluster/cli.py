@@ -109,5 +109,140 @@ def serve(store, host, port) -> None:
         f"serving {store} read-only at {url} (Ctrl-C stops)"))
 
 
+# --- cluster bring-up: init / doctor / up / status / logs / down (rpicluster.deploy) ---
+
+_inventory_option = click.option("-c", "--inventory", type=click.Path(dir_okay=False),
+                                 metavar="TOML", help="The cluster inventory (rpicluster init).")
+_accept_option = click.option("--accept-new-hosts", is_flag=True,
+                              help="Trust and record unknown host keys (changed keys are refused).")
+
+
+@main.command()
+@click.argument("path", default="cluster.toml", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(path, force) -> None:
+    """Write a commented example inventory to PATH (default cluster.toml)."""
+    from rpicluster.inventory import write_example
+
+    click.echo(f"wrote {write_example(path, overwrite=force)}: edit hosts, user and key, "
+               "then run rpicluster doctor -c " + path)
+
+
+@main.command()
+@click.option("-c", "--inventory", required=True, type=click.Path(dir_okay=False),
+              metavar="TOML", help="The cluster inventory (rpicluster init).")
+@_accept_option
+def doctor(inventory, accept_new_hosts) -> None:
+    """Check every host: SSH, platform, versions against this machine, memory, disk, health."""
+    from rpicluster.deploy.doctor import doctor as run_doctor, table_rows
+
+    checks = run_doctor(inventory, accept_new_hosts=accept_new_hosts)
+    echo_table("rpicluster doctor", *table_rows(checks))
+    if not all(c.ok for c in checks):
+        sys.exit(1)
+
+
+def _echo_report(title, report) -> None:
+    echo_table(title, ["host", "role", "state", "pid", "detail"],
+               [[r.host, r.role, r.state, r.pid, r.detail] for r in report.rows])
+
+
+@main.command()
+@_inventory_option
+@click.option("--local", type=click.IntRange(min=1), metavar="N",
+              help="Start the embedded local cluster with N workers instead.")
+@click.option("--threads-per-worker", type=click.IntRange(min=1), help="With --local.")
+@click.option("--memory-limit", help="With --local: per-worker limit, e.g. 4GiB.")
+@_accept_option
+@click.option("--insecure", is_flag=True, help="Plain TCP instead of TLS (not recommended).")
+@click.option("--provision", is_flag=True,
+              help="First install this machine's exact packages on every host (no internet needed).")
+def up(inventory, local, threads_per_worker, memory_limit, accept_new_hosts, insecure,
+       provision) -> None:
+    """Start the cluster of an inventory (only what is missing), or the embedded local one."""
+    if inventory is None:
+        from rpicluster.deploy.local import start_local
+
+        info = start_local(local, threads_per_worker=threads_per_worker,
+                           memory_limit=memory_limit or "auto")
+        click.echo(f"local cluster: {info['scheduler_address']} "
+                   f"dashboard {info['dashboard_link']}")
+        return
+    import warnings
+
+    from rpicluster.deploy.cluster import up as cluster_up
+    from rpicluster.errors import HostsFailedError
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            report = cluster_up(inventory, accept_new_hosts=accept_new_hosts, insecure=insecure,
+                                provision=provision)
+        except HostsFailedError as exc:
+            _echo_report("rpicluster up", exc.report)
+            raise
+        finally:
+            for w in caught:
+                click.echo(f"warning: {w.message}", err=True)
+    _echo_report("rpicluster up", report)
+    click.echo(f"scheduler {report.address}, dashboard {report.dashboard}")
+
+
+@main.command()
+@_inventory_option
+@click.option("--local", is_flag=True, help="The embedded local cluster.")
+def status(inventory, local) -> None:
+    """Show scheduler and workers: state, threads, memory, tasks, temperature."""
+    if local:
+        from rpicluster.deploy.local import local_status
+
+        info = local_status()
+        click.echo("no local cluster running" if info is None else
+                   f"local cluster: {info['scheduler_address']}, {info['n_workers']} workers, "
+                   f"dashboard {info['dashboard_link']}")
+        return
+    from rpicluster.deploy.cluster import status as cluster_status
+
+    rows = cluster_status(inventory)
+    echo_table("rpicluster status", ["host", "role", "state", "pid", "threads", "memory", "tasks",
+                                     "temp"],
+               [[r.host, r.role, r.state, r.pid, r.threads, r.memory, r.tasks,
+                 None if r.temperature is None else f"{r.temperature:.1f} C"] for r in rows])
+
+
+@main.command()
+@click.argument("host")
+@_inventory_option
+@click.option("-n", "--lines", type=click.IntRange(min=1), default=100, show_default=True)
+def logs(host, inventory, lines) -> None:
+    """Print the end of the log of the worker on HOST (or of the scheduler: HOST = scheduler)."""
+    from rpicluster.deploy.cluster import logs as cluster_logs
+
+    click.echo(cluster_logs(host, inventory, lines=lines), nl=False)
+
+
+@main.command()
+@_inventory_option
+@click.option("--local", is_flag=True, help="Stop the embedded local cluster.")
+def down(inventory, local) -> None:
+    """Stop exactly what up started (workers, then scheduler), verified by pid."""
+    if local:
+        from rpicluster.deploy.local import stop_local
+
+        info = stop_local()
+        click.echo("no local cluster running" if info is None else
+                   f"stopped the local cluster (pid {info['pid']})")
+        return
+    from rpicluster.deploy.cluster import down as cluster_down
+    from rpicluster.errors import HostsFailedError
+
+    try:
+        report = cluster_down(inventory)
+    except HostsFailedError as exc:
+        _echo_report("rpicluster down", exc.report)
+        raise
+    _echo_report("rpicluster down", report)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

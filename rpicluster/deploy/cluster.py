@@ -22,6 +22,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from rpicluster import config
+from rpicluster.dashboard import PRELOAD
 from rpicluster.deploy.ssh import Connection, LocalConnection, fan_out
 from rpicluster.deploy.tls import CertFiles, CertificateAuthority
 from rpicluster.errors import (BootstrapError, ConfigError, HostsFailedError, RPiClusterError,
@@ -225,7 +226,9 @@ def _ensure_scheduler(spec: ClusterSpec, state: _State, accept_new_hosts: bool,
             started = _remote(conn, {
                 "action": "start", "role": "scheduler", "name": "scheduler", "host": sched.host,
                 "port": sched.scheduler_port, "dashboard_port": sched.dashboard_port,
-                "local_directory": workdir, "tls": tls, "env": dict(sched.node.env)})
+                "local_directory": workdir, "tls": tls, "env": dict(sched.node.env),
+                # The rpicluster dashboard page (training progress, worker health).
+                "preload": [PRELOAD]})
     except RPiClusterError as exc:
         raise BootstrapError(f"scheduler on {sched.host}: could not start: {exc}") from None
     state.scheduler = {"local": local, "pid": started["pid"], "log": started["log"],
@@ -512,6 +515,21 @@ def logs(host: str, inventory: str | Path | None = None, *, lines: int = 100,
         return conn.tail(entry["log"], lines)
 
 
+def recorded_cluster(inventory: str | Path | None = None) -> dict | None:
+    """The cluster ``up`` recorded (last, or for ``inventory``), or None when there is none.
+
+    Returns a dict with ``address``, ``dashboard``, ``inventory``, ``tls`` and ``workers``.
+    """
+    try:
+        state = _load_state(inventory)
+    except ConfigError:
+        return None
+    if state.scheduler is None:
+        return None
+    return {"address": state.address, "dashboard": state.dashboard, "inventory": state.inventory,
+            "tls": state.tls, "workers": list(state.workers)}
+
+
 def connect(inventory: str | Path | None = None, **client_kwargs):
     """A ``distributed.Client`` of a recorded cluster, with its TLS certificate.
 
@@ -528,5 +546,5 @@ def connect(inventory: str | Path | None = None, **client_kwargs):
     return Client(state.address, security=state.security(), **client_kwargs)
 
 
-__all__ = ["up", "down", "status", "logs", "connect", "Report", "HostRow", "StatusRow",
+__all__ = ["up", "down", "status", "logs", "connect", "recorded_cluster", "Report", "HostRow", "StatusRow",
            "is_local_host", "cluster_id"]

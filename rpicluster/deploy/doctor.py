@@ -16,6 +16,7 @@ from pathlib import Path
 from rpicluster import config
 from rpicluster.deploy import health
 from rpicluster.deploy.ssh import Connection, fan_out
+from rpicluster.errors import SSHError
 from rpicluster.inventory import ClusterSpec, NodeSpec, load_inventory
 
 #: Architectures with wheels for the whole stack.
@@ -43,19 +44,24 @@ def local_versions() -> dict[str, str | None]:
     return health.probe()["versions"]
 
 
-def _probe(conn: Connection, args: dict) -> dict:
+def probe_host(conn: Connection, args: dict, interpreter: str | None = None) -> dict:
+    """Run :func:`rpicluster.deploy.health.probe` on a host by sending it the module's source.
+
+    Raises
+    ------
+    SSHError
+        The interpreter is missing or failed.
+    """
+    python = interpreter or conn.node.python
     source = Path(health.__file__).read_bytes()
-    res = conn.python(["-", json.dumps(args)], stdin=source, check=False)
+    res = conn.python(["-", json.dumps(args)], stdin=source, check=False, interpreter=python)
     if res.exit_status == 127:
-        raise _Missing(f"python not found at {conn.node.python} "
+        raise SSHError(f"{conn.host}: python not found at {python} "
                        "(set python = ... in the inventory, or run up --provision)")
     if res.exit_status != 0:
-        raise _Missing(f"{conn.node.python} failed: {(res.stderr or res.stdout).strip()[-300:]}")
+        raise SSHError(f"{conn.host}: {python} failed: "
+                       f"{(res.stderr or res.stdout).strip()[-300:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-class _Missing(Exception):
-    """The host answers but its interpreter cannot run the probe."""
 
 
 def compare(facts: dict, desktop: dict, node: NodeSpec) -> tuple[list[str], list[str]]:
@@ -131,10 +137,10 @@ def doctor(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = Fals
     def check(node: NodeSpec) -> HostCheck:
         with Connection(node, accept_new_hosts=accept_new_hosts, timeout=ssh_timeout) as conn:
             try:
-                facts = _probe(conn, {"scheduler_host": sched.host,
-                                      "scheduler_port": sched.scheduler_port,
-                                      "directory": node.local_directory})
-            except _Missing as exc:
+                facts = probe_host(conn, {"scheduler_host": sched.host,
+                                          "scheduler_port": sched.scheduler_port,
+                                          "directory": node.local_directory})
+            except SSHError as exc:
                 return HostCheck(node.host, {"reachable": True}, (str(exc),))
         errors, warnings = compare(facts, desktop, node)
         return HostCheck(node.host, {"reachable": True, **facts}, tuple(errors), tuple(warnings))

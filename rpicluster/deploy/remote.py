@@ -42,7 +42,8 @@ def command(spec: dict) -> list[str]:
         return [sys.executable, "-m", "distributed.cli.dask_scheduler",
                 "--host", spec["host"], "--port", str(spec["port"]), "--protocol", proto,
                 "--dashboard-address", f"{spec['host']}:{spec['dashboard_port']}",
-                *_tls_args(spec.get("tls"))]
+                *_tls_args(spec.get("tls")),
+                *(arg for module in spec.get("preload", ()) for arg in ("--preload", module))]
     if spec["role"] == "worker":
         cmd = [sys.executable, "-m", "distributed.cli.dask_worker", spec["scheduler"],
                "--name", spec["name"], "--nthreads", str(spec["nthreads"]), "--nanny",

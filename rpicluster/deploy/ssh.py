@@ -173,9 +173,10 @@ class Connection:
             raise SSHError(f"{self.host}: exit status {status} from {command[:200]}: {tail}")
         return CommandResult(out, err, status)
 
-    def python(self, args: Iterable[str], **kw) -> CommandResult:
-        """Run the node's Python interpreter with ``args`` (each argument quoted)."""
-        cmd = " ".join([shell_path(self.node.python), *map(shlex.quote, args)])
+    def python(self, args: Iterable[str], *, interpreter: str | None = None,
+               **kw) -> CommandResult:
+        """Run the node's Python (or ``interpreter``) with ``args``, each argument quoted."""
+        cmd = " ".join([shell_path(interpreter or self.node.python), *map(shlex.quote, args)])
         return self.run(cmd, **kw)
 
     @property
