@@ -61,8 +61,8 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
             raise ConfigError(f"--resume {run_dir}: {k}={v!r} differs from the run's "
                               f"{k}={recorded[k]!r}; leave it out to resume")
         params = recorded
-    estimator = IncrementalKSGDClassifier(**params)
     dataset = open_dataset(data, storage_options=storage_options)
+    estimator = IncrementalKSGDClassifier(**{**params, "block_rows": dataset.block_rows})
     test_ds = open_dataset(test, storage_options=storage_options) if test else None
     with (cluster or ClusterChoice()).client() as client:
         n_workers = len(client.scheduler_info()["workers"])

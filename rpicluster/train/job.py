@@ -102,10 +102,16 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
     TrainingError
         A task failed or kept killing its worker; the message names the block (and cluster).
     """
+    from distributed import as_completed
+
+    from rpicluster.models.ksgd import KSGDClassifier, resolve_random_state
+
     t0 = time.perf_counter()
-    params = estimator.get_params()
+    # A store's blocks are its chunks: block_rows is the store's, whatever the estimator says.
+    params = {**estimator._check_params(), "block_rows": int(dataset.block_rows)}
+    random_state = resolve_random_state(estimator.random_state)
+    classes = np.asarray(dataset.classes)
     n_blocks = dataset.n_blocks
-    estimator._start_distributed_fit(dataset)
     rundir = RunDir(run_dir) if run_dir is not None else None
     done: dict[int, object] = {}
     if rundir is not None:
@@ -125,42 +131,41 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
     _log(client, ev.RUN_START, run_id=run_id, n_blocks=n_blocks,
          n_clusters=int(params["n_clusters"]), rows=int(dataset.n_rows))
 
-    from distributed import as_completed
-
     in_flight: dict[int, _Block] = {}
     pending = iter(todo)
     queue = as_completed([], with_results=True, raise_errors=False)
     owner: dict[str, tuple[int, int | None]] = {}
+    prefix = f"rpicluster-{run_id}"
 
-    def submit_next() -> None:
+    def submit_partition() -> None:
         b = next(pending, None)
         if b is None:
             return
-        blk = _Block(b)
-        k = int(params["n_clusters"])
-        prio = -b  # earlier blocks first, so they finish and free memory in order
-        key = f"rpicluster-{run_id}"
-        part = client.submit(tasks.partition_task, dataset, b, params,
-                             key=f"{key}-partition-{b}", priority=prio)
-        meta = client.submit(tasks.block_meta, part, key=f"{key}-meta-{b}", priority=prio)
+        blk = in_flight[b] = _Block(b)
+        # Earlier blocks first, so they finish and free their workers' memory in order.
+        part = client.submit(tasks.partition_task, dataset, b, params, random_state,
+                             key=f"{prefix}-partition-{b}", priority=-b)
+        meta = client.submit(tasks.block_meta, part, key=f"{prefix}-meta-{b}", priority=-b)
         owner[meta.key] = (b, None)
         queue.add(meta)
         blk.futures = [part, meta]
-        for j in range(k):
-            piece = client.submit(tasks.cluster_piece, part, j, key=f"{key}-piece-{b}-{j}",
-                                  priority=prio)
-            fit = client.submit(tasks.fit_task, piece, b, j, params, key=f"{key}-fit-{b}-{j}",
-                                priority=prio)
+
+    def submit_fits(blk: _Block) -> None:
+        b, part = blk.index, blk.futures[0]
+        for j in range(blk.n_clusters):
+            piece = client.submit(tasks.cluster_piece, part, j, key=f"{prefix}-piece-{b}-{j}",
+                                  priority=-b)
+            fit = client.submit(tasks.fit_task, piece, b, j, params, random_state,
+                                key=f"{prefix}-fit-{b}-{j}", priority=-b)
             owner[fit.key] = (b, j)
             queue.add(fit)
             blk.futures += [piece, fit]
-        blk.n_clusters = k
-        in_flight[b] = blk
 
     with progress:
-        progress.advance(len(resumed), note=f"{len(resumed)} resumed" if resumed else None)
+        if resumed:
+            progress.advance(len(resumed), note=f"{len(resumed)} resumed")
         for _ in range(window):
-            submit_next()
+            submit_partition()
         try:
             for future, result in queue:
                 b, j = owner.pop(future.key)
@@ -172,6 +177,8 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
                 busy[result["worker"]] += result["seconds"]
                 if j is None:
                     blk.meta = result
+                    blk.n_clusters = len(result["sizes"])
+                    submit_fits(blk)
                     _log(client, ev.PARTITIONED, run_id=run_id, block=b, rows=result["rows"],
                          worker=result["worker"], seconds=result["seconds"])
                 else:
@@ -180,22 +187,24 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
                          rows=result["rows"], worker=result["worker"],
                          seconds=result["seconds"])
                 if blk.complete():
-                    model = estimator._assemble_block(
-                        blk.meta["centers"], [blk.models[c] for c in range(blk.n_clusters)],
-                        block=b)
+                    model = KSGDClassifier.from_parts(
+                        classes, blk.meta["centers"],
+                        [blk.models[c] for c in range(blk.n_clusters)], params)
                     if rundir is not None:
                         rundir.commit_block(b, model, {"rows": blk.meta["rows"]})
                     done[b] = model
                     del in_flight[b]  # drops the futures: the block's data leaves the workers
                     _log(client, ev.COMMITTED, run_id=run_id, block=b)
                     progress.advance(note=f"block {b} committed")
-                    submit_next()
+                    submit_partition()
         except BaseException:
             for blk in in_flight.values():
                 client.cancel(blk.futures)
             _log(client, ev.RUN_END, run_id=run_id)
             raise
-    estimator._finish_distributed_fit([done[b] for b in range(n_blocks)])
+    estimator.estimators_ = [done[b] for b in range(n_blocks)]
+    estimator.classes_ = classes
+    estimator.n_features_in_ = int(dataset.n_features)
     _log(client, ev.RUN_END, run_id=run_id)
     return TrainResult(model=estimator, seconds=time.perf_counter() - t0,
                        trained_blocks=todo, resumed_blocks=resumed, tasks_per_worker=counts,

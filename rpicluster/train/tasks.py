@@ -29,14 +29,17 @@ def worker_name() -> str:
         return "local"
 
 
-def partition_task(dataset, block: int, params: dict) -> dict:
+def partition_task(dataset, block: int, params: dict, random_state: int) -> dict:
     """Read block ``block`` of ``dataset`` and split its rows by nearest k-means centroid."""
-    from rpicluster.models.ksgd import partition_rows
+    from rpicluster.models.ksgd import partition_block, task_seed
 
     t0 = time.perf_counter()
     X, y = dataset.block(block)
-    centers, groups = partition_rows(X, params, block=block)
-    pieces = [(X[idx], y[idx]) for idx in groups]
+    centers, labels = partition_block(X, params["n_clusters"], seed=task_seed(random_state, block))
+    # Rows of each cluster in their original order, as the in-process fit takes them.
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(centers.shape[0] + 1))
+    pieces = [(X[order[a:z]], y[order[a:z]]) for a, z in zip(bounds[:-1], bounds[1:])]
     return {"centers": centers, "pieces": pieces, "rows": int(X.shape[0]),
             "worker": worker_name(), "seconds": time.perf_counter() - t0}
 
@@ -52,13 +55,13 @@ def cluster_piece(part: dict, cluster: int):
     return part["pieces"][cluster]
 
 
-def fit_task(piece, block: int, cluster: int, params: dict) -> dict:
+def fit_task(piece, block: int, cluster: int, params: dict, random_state: int) -> dict:
     """Fit cluster ``cluster``'s local model of block ``block`` on its rows."""
-    from rpicluster.models.ksgd import fit_cluster_model
+    from rpicluster.models.ksgd import fit_cluster, task_seed
 
     t0 = time.perf_counter()
     X, y = piece
-    model = fit_cluster_model(X, y, params, block=block, cluster=cluster)
+    model = fit_cluster(X, y, params=params, seed=task_seed(random_state, block, cluster))
     return {"model": model, "rows": int(X.shape[0]), "worker": worker_name(),
             "seconds": time.perf_counter() - t0}
 

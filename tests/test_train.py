@@ -1,0 +1,259 @@
+"""Training on a real Dask cluster from a real Zarr store: equality with the in-process fit,
+commits and resume, a killed worker, a block that keeps killing its worker, uneven workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cloudpickle
+import dask
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster, WorkerPlugin
+
+from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
+from rpicluster.dashboard import events as ev
+from rpicluster.data.synthetic import make_imagenet_like
+from rpicluster.errors import ConfigError, TrainingError
+from rpicluster.train.job import predict_dataset, score_dataset, train
+from rpicluster.train.modelfile import load_model
+from rpicluster.train.rundir import RunDir
+
+# Plugins defined here run inside worker processes that cannot import this test module.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+PARAMS = dict(n_clusters=4, max_iter=5, random_state=7)
+BLOCK_ROWS = 600
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A 4-block synthetic store (2,400 rows x 32 features, 12 classes) and a held-out store."""
+    root = tmp_path_factory.mktemp("train-data")
+    X, y = make_imagenet_like(3000, n_features=32, n_classes=12, seed=3)
+    np.savez(root / "train.npz", X=X[:2400], y=y[:2400])
+    np.savez(root / "test.npz", X=X[2400:], y=y[2400:])
+    ingest(str(root / "train.npz"), root / "train.zarr", block_rows=BLOCK_ROWS)
+    ingest(str(root / "test.npz"), root / "test.zarr", block_rows=BLOCK_ROWS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A nanny-backed 2-worker LocalCluster (separate processes, like real workers)."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as c:
+        yield c
+
+
+@pytest.fixture
+def client(cluster):
+    """A client of the shared cluster, with the cluster restored to 2 workers afterwards."""
+    with Client(cluster) as c:
+        yield c
+        cluster.scale(2)
+        c.wait_for_workers(2, timeout=60)
+
+
+def _in_process(store):
+    ds = open_dataset(store / "train.zarr")
+    return IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS).fit(*_all(ds))
+
+
+def _all(ds):
+    X, y = zip(*(ds.block(b) for b in range(ds.n_blocks)))
+    return np.concatenate(X), np.asarray(ds.classes)[np.concatenate(y)]
+
+
+def _same_model(a, b, X):
+    """Same predictions and the same centroids, up to float32 rounding (k-means' threaded sums
+    run on 2 BLAS/OpenMP threads in-process and on 1 in a Dask worker)."""
+    assert len(a.estimators_) == len(b.estimators_)
+    np.testing.assert_array_equal(a.predict(X), b.predict(X))
+    for ea, eb in zip(a.estimators_, b.estimators_):
+        np.testing.assert_allclose(ea.cluster_centers_, eb.cluster_centers_, rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_distributed_fit_equals_in_process_fit(store, client, tmp_path):
+    ds = open_dataset(store / "train.zarr")
+    reference = _in_process(store)
+    est = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS)
+    result = train(est, ds, client, run_dir=tmp_path / "run")
+    X, _ = _all(ds)
+    _same_model(est, reference, X)
+    assert result.trained_blocks == [0, 1, 2, 3]
+    assert sorted(RunDir(tmp_path / "run").verified()) == [0, 1, 2, 3]
+    # 4 partition tasks and 4 x 4 fit tasks, spread over the two workers.
+    assert sum(result.tasks_per_worker.values()) == 4 + 16
+    assert len(result.tasks_per_worker) == 2
+
+
+def test_estimator_fit_on_dataset_uses_the_current_client(store, client):
+    ds = open_dataset(store / "train.zarr")
+    est = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS).fit(ds)
+    _same_model(est, _in_process(store), _all(ds)[0])
+    # The run announced itself on the scheduler (what the dashboard page reads).
+    kinds = [e[1][ev.KIND] for e in client.get_events(ev.TOPIC)]
+    assert ev.RUN_START in kinds and kinds.count(ev.COMMITTED) >= 4
+
+
+def test_score_and_predict_on_the_cluster_match_local(store, client):
+    model = _in_process(store)
+    test = open_dataset(store / "test.zarr")
+    X, y = _all(test)
+    np.testing.assert_array_equal(predict_dataset(model, test, client), model.predict(X))
+    assert score_dataset(model, test, client) == pytest.approx(model.score(X, y))
+
+
+def test_resume_after_the_client_is_killed(store, cluster, client, tmp_path):
+    run_dir = tmp_path / "run"
+    model_path = tmp_path / "model.skops"
+    cmd = [sys.executable, "-m", "rpicluster.cli", "train", str(store / "train.zarr"),
+           "-o", str(model_path), "--run-dir", str(run_dir), "--scheduler",
+           cluster.scheduler_address, "--clusters", "4", "--epochs", "5", "--seed", "7"]
+    # Slow each fit a little so the kill lands between the first commit and the last.
+    client.register_plugin(_SlowTasks(prefix="fit", seconds=0.15), name="slow")
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while not RunDir(run_dir).committed() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        client.unregister_worker_plugin("slow")
+    committed = sorted(RunDir(run_dir).verified())
+    assert 1 <= len(committed) < 4, "the kill should land mid-run"
+    assert not model_path.exists(), "a killed run must not leave a model file"
+
+    est = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS)
+    result = train(est, open_dataset(store / "train.zarr"), client, run_dir=run_dir,
+                   resume=True)
+    assert result.resumed_blocks == committed
+    assert sorted(result.trained_blocks) == [b for b in range(4) if b not in committed]
+    _same_model(est, _in_process(store), _all(open_dataset(store / "train.zarr"))[0])
+
+
+def test_resume_refuses_changed_parameters(store, client, tmp_path):
+    ds = open_dataset(store / "train.zarr")
+    train(IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS), ds, client,
+          run_dir=tmp_path / "run")
+    other = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **{**PARAMS, "n_clusters": 3})
+    with pytest.raises(ConfigError, match="n_clusters"):
+        train(other, ds, client, run_dir=tmp_path / "run", resume=True)
+
+
+def test_a_killed_worker_does_not_lose_the_run(store, cluster, client, tmp_path):
+    ds = open_dataset(store / "train.zarr")
+    client.register_plugin(_SlowTasks(prefix="fit", seconds=0.1), name="slow")
+    pids = client.run(os.getpid)
+    victim = sorted(pids)[0]
+
+    def kill_after_first_partition(event):
+        topic, msg = event
+        if msg[ev.KIND] == ev.PARTITIONED and pids:
+            os.kill(pids.pop(victim), signal.SIGKILL)
+
+    client.subscribe_topic(ev.TOPIC, kill_after_first_partition)
+    try:
+        est = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS)
+        train(est, ds, client, run_dir=tmp_path / "run")
+    finally:
+        client.unsubscribe_topic(ev.TOPIC)
+        client.unregister_worker_plugin("slow")
+    assert victim not in pids, "the worker was killed during the run"
+    _same_model(est, _in_process(store), _all(ds)[0])
+
+
+def test_a_block_that_keeps_killing_its_worker_fails_the_job_naming_it(store, tmp_path):
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                          dashboard_address=None) as cluster, Client(cluster) as client:
+            client.register_plugin(_DieOn(key_part="-partition-2"), name="die")
+            est = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS)
+            with pytest.raises(TrainingError, match="block 2"):
+                train(est, open_dataset(store / "train.zarr"), client, run_dir=tmp_path / "run")
+    assert 2 not in RunDir(tmp_path / "run").committed()
+
+
+def test_faster_workers_take_more_tasks(store, tmp_path):
+    with LocalCluster(n_workers=0, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            # One "desktop" with 3 threads and one "Pi" whose tasks each take 0.2 s longer.
+            procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker",
+                                       cluster.scheduler_address, "--name", name,
+                                       "--nthreads", str(n), "--no-dashboard",
+                                       "--local-directory", str(tmp_path / name)])
+                     for name, n in (("desktop", 3), ("pi", 1))]
+            try:
+                client.wait_for_workers(2, timeout=60)
+                client.register_plugin(_SlowTasks(prefix="", seconds=0.2, only="pi"),
+                                       name="slow-pi")
+                est = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS)
+                result = train(est, open_dataset(store / "train.zarr"), client)
+            finally:
+                for p in procs:
+                    p.terminate()
+                for p in procs:
+                    p.wait(30)
+    counts = result.tasks_per_worker
+    assert counts["desktop"] > counts["pi"] > 0, counts
+
+
+def test_model_file_round_trip_and_cli(store, cluster, tmp_path):
+    from click.testing import CliRunner
+
+    from rpicluster.cli import main
+
+    model_path = tmp_path / "m.skops"
+    runner = CliRunner()
+    res = runner.invoke(main, ["train", str(store / "train.zarr"), "-o", str(model_path),
+                               "--scheduler", cluster.scheduler_address, "--clusters", "4",
+                               "--epochs", "5", "--seed", "7",
+                               "--test", str(store / "test.zarr")])
+    assert res.exit_code == 0, res.output
+    assert "test accuracy" in res.output and "tasks per worker" in res.output
+    model = load_model(model_path)
+    X, y = _all(open_dataset(store / "test.zarr"))
+    _same_model(model, _in_process(store), X)
+    res = runner.invoke(main, ["score", str(model_path), str(store / "test.zarr"),
+                               "--scheduler", cluster.scheduler_address])
+    assert res.exit_code == 0, res.output
+    assert f"{model.score(X, y):.4f}" in res.output
+    out = tmp_path / "pred.npy"
+    res = runner.invoke(main, ["predict", str(model_path), str(store / "test.zarr"), "-o",
+                               str(out), "--scheduler", cluster.scheduler_address])
+    assert res.exit_code == 0, res.output
+    np.testing.assert_array_equal(np.load(out), model.predict(X))
+
+
+class _SlowTasks(WorkerPlugin):
+    """Delays tasks whose key contains ``prefix`` (on the worker named ``only``, if given)."""
+
+    def __init__(self, prefix: str, seconds: float, only: str | None = None):
+        self.prefix, self.seconds, self.only = prefix, seconds, only
+
+    def setup(self, worker):
+        self.worker = worker
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish == "executing" and self.prefix in str(key) and (
+                self.only is None or self.worker.name == self.only):
+            time.sleep(self.seconds)
+
+
+class _DieOn(WorkerPlugin):
+    """Kills the worker process as soon as it starts a task whose key contains ``key_part``."""
+
+    def __init__(self, key_part: str):
+        self.key_part = key_part
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish == "executing" and self.key_part in str(key):
+            os._exit(13)
