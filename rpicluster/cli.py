@@ -207,7 +207,7 @@ def status(inventory, local) -> None:
     echo_table("rpicluster status", ["host", "role", "state", "pid", "threads", "memory", "tasks",
                                      "temp"],
                [[r.host, r.role, r.state, r.pid, r.threads, r.memory, r.tasks,
-                 None if r.temperature is None else f"{r.temperature:.1f} C"] for r in rows])
+                 "n/a" if r.temperature is None else f"{r.temperature:.1f} C"] for r in rows])
 
 
 @main.command()
