@@ -46,6 +46,7 @@ class Progress:
         self._last_line = 0.0
         self._rich = None
         self._task = None
+        self._depth = 0  # re-entrant: a library call may enter the Progress its caller entered
 
     @classmethod
     def null(cls) -> "Progress":
@@ -53,6 +54,9 @@ class Progress:
         return cls("", enabled=False)
 
     def __enter__(self) -> "Progress":
+        self._depth += 1
+        if self._depth > 1:
+            return self
         self._start = time.perf_counter()
         if self.enabled and _is_terminal(self.stream):
             from rich.console import Console
@@ -68,6 +72,9 @@ class Progress:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth > 0:
+            return
         if self._rich is not None:
             self._rich.stop()
             self._rich = None

@@ -62,3 +62,12 @@ def test_progress_null_prints_nothing(capsys):
         p.advance(5)
     assert capsys.readouterr().err == ""
     assert p.completed == 5
+
+
+def test_progress_is_reentrant_and_prints_one_final_line():
+    buf = io.StringIO()
+    p = Progress("train", total=2, unit="blocks", stream=buf, interval=60)
+    with p:
+        with p:  # a library call entering the caller's progress again
+            p.advance(2)
+    assert buf.getvalue().count("done") == 1

@@ -12,6 +12,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from rpicluster.errors import ConfigError
 from rpicluster.progress import Progress
 
 
@@ -28,29 +29,45 @@ class DemoResult:
 
 def run_demo(workdir: str | Path = "rpicluster-demo", *, rows: int = 60_000, features: int = 256,
              classes: int = 100, block_rows: int = 12_000, workers: int | None = None,
-             n_clusters: int = 16, max_iter: int = 10, seed: int = 0,
+             n_clusters: int = 16, max_iter: int = 10, seed: int = 0, on_cluster=None,
              show_progress: bool = True) -> DemoResult:
-    """Run the demo; ``workdir`` receives the stores, the run directory and the model."""
+    """Run the demo; ``workdir`` receives the stores, the run directory and the model.
+
+    ``on_cluster(info)`` is called once the cluster is up (the CLI prints the dashboard URL).
+    """
+    from rpicluster.data.sources import ArraySource
     from rpicluster.data.store import ingest
+    from rpicluster.data.synthetic import SyntheticSpec
     from rpicluster.deploy.local import start_local, stop_local
     from rpicluster.train.api import ClusterChoice, train_model
 
+    if rows < block_rows or rows % block_rows:
+        raise ConfigError(f"demo rows ({rows}) must be a positive multiple of block rows "
+                          f"({block_rows})")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    test_rows = max(rows // 5, 1)
+    test_rows = block_rows
     t0 = time.perf_counter()
-    spec = f"rows={rows + test_rows},features={features},classes={classes},seed={seed}"
-    # One generated table split into train and test rows, so both share one class geometry.
-    for name, part in (("train", f"{spec},start=0,stop={rows}"),
-                       ("test", f"{spec},start={rows},stop={rows + test_rows}")):
-        store = workdir / f"{name}.zarr"
-        progress = Progress(f"ingest {name}", unit="blocks", enabled=show_progress)
-        ingest(f"synthetic:{part}", store, block_rows=block_rows, overwrite=True,
-               progress=progress)
+    knobs = f"features={features},classes={classes},seed={seed}"
+    with Progress("ingest train", unit="blocks", enabled=show_progress) as progress:
+        ingest(f"synthetic:rows={rows},{knobs}", workdir / "train.zarr", block_rows=block_rows,
+               overwrite=True, progress=progress)
+    # Held-out rows: the same generator continued past the training rows (same classes, new
+    # draws); only one block of them is held in memory.
+    spec = SyntheticSpec.from_string(f"rows={rows + test_rows},{knobs}")
+    blocks = spec.iter_blocks(test_rows)
+    for _ in range(rows // test_rows):
+        next(blocks)
+    X_test, y_test = next(blocks)
+    with Progress("ingest test", unit="blocks", enabled=show_progress) as progress:
+        ingest(ArraySource(f"synthetic held-out rows {rows}..{rows + test_rows}", X_test, y_test),
+               workdir / "test.zarr", block_rows=block_rows, overwrite=True, progress=progress)
     ingest_seconds = time.perf_counter() - t0
 
     info = start_local(workers)
     try:
+        if on_cluster is not None:
+            on_cluster(info)
         params = {"n_clusters": n_clusters, "max_iter": max_iter, "random_state": seed}
         summary = train_model(str(workdir / "train.zarr"), workdir / "model.skops", params,
                               cluster=ClusterChoice(scheduler=info["scheduler_address"]),
