@@ -278,8 +278,8 @@ class CsvSource(Source):
         except ValueError as exc:
             m = re.search(r"at row (\d+), column (\d+)", str(exc))
             row = first_row + int(m.group(1)) if m else first_row
-            where = (f"data row {row} (line {row + 2}), column {self._header[int(m.group(2)) - 1]!r}"
-                     if m
+            column = self._header[int(m.group(2)) - 1] if m else None
+            where = (f"data row {row} (line {row + 2}), column {column!r}" if m
                      else f"data rows {first_row}..{first_row + len(lines) - 1}")
             raise DataError(f"{self._path}: {where}: not a number ({exc})") from None
 

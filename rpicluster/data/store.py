@@ -126,7 +126,8 @@ def ingest(source, out: str | os.PathLike, *, block_rows: int = config.BLOCK_ROW
         if not resume:
             hint = ("pass overwrite (--overwrite) to replace it" if state == "complete" else
                     "pass resume (--resume) to continue it, or overwrite (--overwrite)")
-            raise DataError(f"{url} already holds a {state} rpicluster store ({existing.get('source')}); {hint}")
+            raise DataError(f"{url} already holds a {state} rpicluster store "
+                            f"({existing.get('source')}); {hint}")
         diff = [k for k in layout if existing.get(k) != layout[k]]
         if diff:
             k = diff[0]
