@@ -102,6 +102,24 @@ def test_estimator_fit_on_dataset_uses_the_current_client(store, client):
     assert ev.RUN_START in kinds and kinds.count(ev.COMMITTED) >= 4
 
 
+def test_validation_scores_and_worker_restriction(store, client):
+    ds, test = open_dataset(store / "train.zarr"), open_dataset(store / "test.zarr")
+    one = sorted(client.scheduler_info()["workers"])[0]
+    est = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS)
+    result = train(est, ds, client, validation=test, workers=[one])
+    assert len(result.tasks_per_worker) == 1, "every task ran on the one worker allowed"
+    X, y = _all(test)
+    scores = {e[1][ev.BLOCK]: e[1][ev.ACCURACY] for e in client.get_events(ev.TOPIC)
+              if e[1][ev.KIND] == ev.VALIDATION and e[1][ev.T] >= result_start(client)}
+    for b, block_model in enumerate(est.estimators_):
+        assert scores[b] == pytest.approx(block_model.score(X, y))
+
+
+def result_start(client):
+    """Time of the latest run-start event."""
+    return max(e[1][ev.T] for e in client.get_events(ev.TOPIC) if e[1][ev.KIND] == ev.RUN_START)
+
+
 def test_score_and_predict_on_the_cluster_match_local(store, client):
     model = _in_process(store)
     test = open_dataset(store / "test.zarr")

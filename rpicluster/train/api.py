@@ -69,7 +69,7 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
         with Progress("train", total=dataset.n_blocks, unit="blocks",
                       enabled=show_progress) as progress:
             result = train(estimator, dataset, client, run_dir=run_dir, resume=resume,
-                           progress=progress)
+                           validation=test_ds, progress=progress)
         accuracy = None
         if test_ds is not None:
             accuracy = score_dataset(estimator, test_ds, client)

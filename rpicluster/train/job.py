@@ -71,11 +71,15 @@ class _Block:
         return self.meta is not None and len(self.models) == self.n_clusters
 
 
+VALIDATE = "validate"  # marks a validation-scoring future in the driver's bookkeeping
+
+
 def _log(client, kind: str, **fields) -> None:
     client.log_event(ev.TOPIC, ev.make_event(kind, **fields))
 
 
 def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
+          validation=None, workers: list[str] | None = None,
           max_blocks_in_flight: int | None = None, progress: Progress | None = None
           ) -> TrainResult:
     """Fit ``estimator`` (an IncrementalKSGDClassifier) on a Zarr ``dataset`` through ``client``.
@@ -92,6 +96,12 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
         Where block models are committed as they finish. Without one nothing is written.
     resume : bool
         Continue the run in ``run_dir``: committed blocks are loaded, not recomputed.
+    validation : Dataset, optional
+        A labelled store each block model is scored on as it is committed (``validation``
+        events, shown on the dashboard page).
+    workers : list of str, optional
+        Run every task on these workers only (addresses or names), e.g. one step of a scaling
+        benchmark; default: any worker.
     max_blocks_in_flight : int, optional
         Blocks submitted at once; default one more than the number of workers.
     progress : Progress, optional
@@ -123,7 +133,8 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
             rundir.create(params, dataset)
     resumed = sorted(done)
     todo = [b for b in range(n_blocks) if b not in done]
-    n_workers = max(1, len(client.scheduler_info()["workers"]))
+    n_workers = len(workers) if workers else max(1, len(client.scheduler_info()["workers"]))
+    where = {"workers": workers, "allow_other_workers": False} if workers else {}
     window = max_blocks_in_flight or n_workers + 1
     run_id = uuid.uuid4().hex[:8]
     progress = progress or Progress.null()
@@ -144,8 +155,9 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
         blk = in_flight[b] = _Block(b)
         # Earlier blocks first, so they finish and free their workers' memory in order.
         part = client.submit(tasks.partition_task, dataset, b, params, random_state,
-                             key=f"{prefix}-partition-{b}", priority=-b)
-        meta = client.submit(tasks.block_meta, part, key=f"{prefix}-meta-{b}", priority=-b)
+                             key=f"{prefix}-partition-{b}", priority=-b, **where)
+        meta = client.submit(tasks.block_meta, part, key=f"{prefix}-meta-{b}", priority=-b,
+                             **where)
         owner[meta.key] = (b, None)
         queue.add(meta)
         blk.futures = [part, meta]
@@ -154,12 +166,23 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
         b, part = blk.index, blk.futures[0]
         for j in range(blk.n_clusters):
             piece = client.submit(tasks.cluster_piece, part, j, key=f"{prefix}-piece-{b}-{j}",
-                                  priority=-b)
+                                  priority=-b, **where)
             fit = client.submit(tasks.fit_task, piece, b, j, params, random_state,
-                                key=f"{prefix}-fit-{b}-{j}", priority=-b)
+                                key=f"{prefix}-fit-{b}-{j}", priority=-b, **where)
             owner[fit.key] = (b, j)
             queue.add(fit)
             blk.futures += [piece, fit]
+
+    scores: dict[int, list[int]] = {}  # block -> [validation blocks left, correct, rows]
+
+    def submit_validation(b: int, model) -> None:
+        [remote] = client.scatter([model], hash=False, **({"workers": workers} if workers else {}))
+        scores[b] = [validation.n_blocks, 0, 0]
+        for vb in range(validation.n_blocks):
+            f = client.submit(tasks.score_task, remote, validation, vb, pure=False,
+                              key=f"{prefix}-validate-{b}-{vb}", priority=-b, **where)
+            owner[f.key] = (b, VALIDATE)
+            queue.add(f)
 
     with progress:
         if resumed:
@@ -169,9 +192,16 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
         try:
             for future, result in queue:
                 b, j = owner.pop(future.key)
-                blk = in_flight[b]
                 if future.status == "error":
-                    _raise_task_error(future, b, j)
+                    _raise_task_error(future, b, None if j == VALIDATE else j)
+                if j == VALIDATE:
+                    left, correct, total = scores[b]
+                    scores[b] = [left - 1, correct + result[0], total + result[1]]
+                    if left == 1:
+                        _log(client, ev.VALIDATION, run_id=run_id, block=b,
+                             accuracy=scores[b][1] / max(scores[b][2], 1))
+                    continue
+                blk = in_flight[b]
                 counts[result["worker"]] += 1
                 rows[result["worker"]] += result["rows"]
                 busy[result["worker"]] += result["seconds"]
@@ -196,6 +226,8 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
                     del in_flight[b]  # drops the futures: the block's data leaves the workers
                     _log(client, ev.COMMITTED, run_id=run_id, block=b)
                     progress.advance(note=f"block {b} committed")
+                    if validation is not None:
+                        submit_validation(b, model)
                     submit_partition()
         except BaseException:
             for blk in in_flight.values():
