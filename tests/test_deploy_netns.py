@@ -17,11 +17,14 @@ import time
 import numpy as np
 import pytest
 
+from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
 from rpicluster.deploy import cluster
 from rpicluster.deploy.doctor import doctor, table_rows
 from rpicluster.deploy.tls import CertificateAuthority
 from rpicluster.errors import HostsFailedError
 from rpicluster.testing import NamespaceHosts, cpu_cgroup_unavailable, unavailable
+from rpicluster.train.api import ClusterChoice, train_model
+from rpicluster.train.modelfile import load_model
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")]
@@ -149,7 +152,7 @@ def test_doctor_reports_unreachable_scheduler_port(hosts, inventory):
 
 
 def test_up_train_status_down(hosts, inventory, home):
-    """The main path; the training room extends this with a real training job."""
+    """The main path: up, a real training job on the hosts, status, down with nothing left."""
     path = inventory()
     report = cluster.up(path)
     assert [r.state for r in report.rows] == ["started"] * 4
@@ -173,6 +176,21 @@ def test_up_train_status_down(hosts, inventory, home):
             fut.result()
             (where,) = client.who_has(fut)[fut.key]
             assert workers[where]["name"] == hosts.hosts[hosts.capped].address
+
+    # A real training job through the inventory: workers on the hosts read the store's blocks
+    # themselves (shared filesystem), and the model equals the in-process fit.
+    data = home.parent / "netns-train.zarr"
+    ingest("synthetic:rows=4000,features=32,classes=8,seed=1", data, block_rows=1000)
+    params = {"n_clusters": 4, "max_iter": 5, "random_state": 0}
+    summary = train_model(str(data), home.parent / "model.skops", params,
+                          cluster=ClusterChoice(inventory=path), show_progress=False)
+    assert len(summary.result.tasks_per_worker) >= 2, summary.result.tasks_per_worker
+    ds = open_dataset(data)
+    X = np.concatenate([ds.block(b)[0] for b in range(ds.n_blocks)])
+    y = np.asarray(ds.classes)[np.concatenate([ds.block(b)[1] for b in range(ds.n_blocks)])]
+    reference = IncrementalKSGDClassifier(block_rows=1000, **params).fit(X, y)
+    np.testing.assert_array_equal(load_model(summary.model_path).predict(X),
+                                  reference.predict(X))
 
     rows = cluster.status()
     assert [(r.role, r.state) for r in rows] == [("scheduler", "running")] + [
