@@ -37,6 +37,38 @@ def bench() -> None:
     """Benchmarks: algorithm comparison and cluster scaling."""
 
 
+@bench.command("algorithms")
+@click.option("--sizes", default=",".join(("200k", "100k")), show_default=True,
+              help="Comma-separated presets: quick, 200k (200k x 512, 200 classes), "
+                   "100k (100k x 2048, 1000 classes), 1m (1M x 2048, 1000 classes).")
+@click.option("--quick", is_flag=True, help="Smoke run: the tiny 'quick' preset only.")
+@click.option("--algorithms", "algos", metavar="A,B,...",
+              help="Subset of rows: inc-ksgd, inc-ksgd-sklearn, minibatch-sgd, sgd, liblinear, "
+                   "dask-ml (default: all).")
+@click.option("--time-cap", type=click.FloatRange(min=0, min_open=True),
+              default=config.BENCH_TIME_CAP_S, show_default=True,
+              help="Seconds after which a row is stopped and reported as not finished.")
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
+              help="SGD epochs for every row.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data and models.")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
+              default=str(config.BENCH_OUT / "algorithms"), show_default=True,
+              help="Folder for algorithms.md and algorithms.json.")
+def bench_algorithms(sizes, quick, algos, time_cap, epochs, seed, out_dir) -> None:
+    """Inc-kSGD against SGDClassifier, LIBLINEAR and dask-ml on the same data (Table 1)."""
+    from rpicluster.bench.algorithms import ALGORITHMS, run_algorithms, to_markdown
+    from rpicluster.progress import Progress
+
+    names = ["quick"] if quick else [s.strip() for s in sizes.split(",") if s.strip()]
+    chosen = [a.strip() for a in algos.split(",")] if algos else list(ALGORITHMS)
+    with Progress("bench algorithms", total=len(names) * len(chosen), unit="rows",
+                  interval=0) as progress:
+        doc = run_algorithms(names, algorithms=chosen, out_dir=out_dir, time_cap=time_cap,
+                             epochs=epochs, seed=seed, progress=progress)
+    click.echo(to_markdown(doc))
+    click.echo(f"wrote {out_dir}/algorithms.md and algorithms.json")
+
+
 def echo_table(title: str, columns: list[str], rows: list[list[object]]) -> None:
     """Print a table with rich (plain text when not a terminal)."""
     from rich.console import Console

@@ -47,3 +47,8 @@ SSH_PARALLEL = 32
 #: ``rpicluster serve``: bind every interface (the Pis on the LAN read from it) on this port.
 SERVE_HOST = "0.0.0.0"
 SERVE_PORT = 8788
+
+#: ``rpicluster bench``: output folder (git-ignored) and the per-row time cap of ``bench
+#: algorithms`` (a row still running then is killed and reported as not finished).
+BENCH_OUT = Path("bench-out")
+BENCH_TIME_CAP_S = 1200.0
