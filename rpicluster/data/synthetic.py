@@ -31,8 +31,15 @@ Why a global linear model is clearly imperfect here while local ones are not: a 
 sit in two super-classes is a union of two far-apart regions with other super-classes between
 them (not linearly separable one-vs-rest), and detail coordinates mean different classes in
 different super-classes. A k-means cell sees one region, so its local linear models do not have to
-compromise. ``mode_jump=0`` gives pure super-class cells; ``modes=4,mode_jump=1`` mixes too many
-classes per cell, and the local models lose.
+compromise.
+
+Measured with the defaults (seed 1, 60,000 train x 512 features, 200 classes, 10,000 test rows):
+``MiniBatchKMeans(10)`` cells hold ~38 of the 200 classes (90 % of a cell's rows in ~32),
+``MiniBatchKMeans(20)`` cells ~21 (~17); one global ``SGDClassifier`` (hinge, 5 epochs) scores
+0.809 while kSGD with one ``SGDClassifier`` per cell scores 0.826 (k=10) and 0.831 (k=20). On a
+smaller set (40,000 x 256, 100 classes) the two tie (0.727 against 0.715-0.721). ``mode_jump=0``
+gives purer cells but the global model ties there too; ``modes=4,mode_jump=1`` mixes too many
+classes per cell and the local models lose.
 
 Knobs (``make_imagenet_like(..., **knobs)``, ``SyntheticSpec``, or ``synthetic:key=value,...``)
 -------------------------------------------------------------------------------------------
