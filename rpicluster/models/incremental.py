@@ -71,7 +71,7 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
     block_rows : int, default=config.BLOCK_ROWS
         Rows per block in :meth:`fit` (the last block takes the remainder; a remainder smaller
         than ``n_clusters`` joins the previous block).
-    n_clusters, max_iter, alpha, learning_rate, eta0, power_t, batch_size, solver, n_jobs
+    n_clusters, max_iter, alpha, learning_rate, eta0, power_t, batch_size, average, solver, n_jobs
         As :class:`KSGDClassifier`, for every block.
     random_state : int, RandomState or None, default=None
         Block ``b`` is seeded by ``(random_state, b)``.
@@ -80,6 +80,8 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
     ----------
     classes_ : ndarray of shape (n_classes,)
     n_features_in_ : int
+    n_iter_ : int
+        Epochs run per cluster of every block (``max_iter``).
     estimators_ : list of KSGDClassifier
         One fitted kSGD per block, all sharing ``classes_``.
 
@@ -90,7 +92,7 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, block_rows=config.BLOCK_ROWS, *, n_clusters=10, max_iter=5, alpha=1e-4,
-                 learning_rate="optimal", eta0=0.01, power_t=0.5, batch_size=256,
+                 learning_rate="optimal", eta0=0.01, power_t=0.5, batch_size=256, average=True,
                  solver="minibatch", n_jobs=None, random_state=None):
         self.block_rows = block_rows
         self.n_clusters = n_clusters
@@ -100,6 +102,7 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
         self.eta0 = eta0
         self.power_t = power_t
         self.batch_size = batch_size
+        self.average = average
         self.solver = solver
         self.n_jobs = n_jobs
         self.random_state = random_state
@@ -148,6 +151,7 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
         if len(starts) > 1 and n - starts[-1] < self.n_clusters:
             starts.pop()  # a remainder too small to cluster joins the previous block
         stops = starts[1:] + [n]
+        self.n_iter_ = int(self.max_iter)
         self.estimators_ = [fit_block(X[a:z], codes[a:z], classes, params, random_state=rs,
                                       block=b)
                             for b, (a, z) in enumerate(zip(starts, stops))]
@@ -179,6 +183,7 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
                                         block=i))
         self.estimators_ = estimators
         self.classes_ = classes
+        self.n_iter_ = int(self.max_iter)
         self.n_features_in_ = int(estimators[0].n_features_in_)
         return self
 
@@ -231,6 +236,7 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
                             random_state=resolve_random_state(self.random_state), block=block)
         if first:
             self.classes_ = known
+            self.n_iter_ = int(self.max_iter)
             self.estimators_ = [est]
         else:
             self.estimators_ = [*self.estimators_, est]
@@ -253,6 +259,7 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
         if not hasattr(self, "classes_"):
             self.classes_ = np.asarray(est.classes_)
             self.n_features_in_ = int(est.n_features_in_)
+            self.n_iter_ = int(est.n_iter_)
             self.estimators_ = [est]
             return self
         if not np.array_equal(est.classes_, self.classes_):

@@ -176,7 +176,7 @@ def partition_block(X, n_clusters: int, *, seed: int):
 def _sgd_params(params: dict) -> dict:
     """The SGD settings of an estimator's ``get_params()`` dict (other keys are ignored)."""
     return {k: params[k] for k in ("max_iter", "alpha", "learning_rate", "eta0", "power_t",
-                                   "batch_size", "solver")}
+                                   "batch_size", "average", "solver")}
 
 
 def fit_cluster(X, y_codes, *, params: dict, seed: int, rows=None) -> LocalModel:
@@ -190,7 +190,7 @@ def fit_cluster(X, y_codes, *, params: dict, seed: int, rows=None) -> LocalModel
         Class codes, indices into the estimator's ``classes_``.
     params : dict
         Estimator parameters (``get_params()``); uses ``max_iter``, ``alpha``,
-        ``learning_rate``, ``eta0``, ``power_t``, ``batch_size`` and ``solver``.
+        ``learning_rate``, ``eta0``, ``power_t``, ``batch_size``, ``average`` and ``solver``.
     seed : int
         For example ``task_seed(random_state, block, cluster)``.
     rows : ndarray of int, optional
@@ -214,17 +214,21 @@ def fit_cluster(X, y_codes, *, params: dict, seed: int, rows=None) -> LocalModel
         coef, intercept = sgd_ovr_fit(
             X, local, classes.shape[0], epochs=p["max_iter"], alpha=p["alpha"],
             learning_rate=p["learning_rate"], eta0=p["eta0"], power_t=p["power_t"],
-            batch_size=p["batch_size"], seed=seed, rows=rows)
+            batch_size=p["batch_size"], average=p["average"], seed=seed, rows=rows)
     return LocalModel(classes, coef, intercept)
 
 
 def _fit_sklearn(X, y_local, p: dict, seed: int):
-    """The paper's path: one scikit-learn ``SGDClassifier`` (hinge, L2), OvR over local codes."""
+    """The paper's path: one scikit-learn ``SGDClassifier`` (hinge, L2), OvR over local codes.
+
+    ``average=True`` averages over the second half of the samples seen, as our kernel does.
+    """
     from sklearn.linear_model import SGDClassifier
 
+    average = max(1, X.shape[0] * p["max_iter"] // 2) if p["average"] else False
     clf = SGDClassifier(loss="hinge", penalty="l2", alpha=p["alpha"], max_iter=p["max_iter"],
                         tol=None, learning_rate=p["learning_rate"], eta0=p["eta0"],
-                        power_t=p["power_t"], random_state=seed)
+                        power_t=p["power_t"], average=average, random_state=seed)
     clf.fit(X, y_local)
     coef = clf.coef_.astype(np.float32)
     intercept = clf.intercept_.astype(np.float32)
@@ -323,6 +327,8 @@ def check_params(params: dict) -> None:
     if params["learning_rate"] not in LEARNING_RATES:
         raise ValueError(f"learning_rate must be one of {list(LEARNING_RATES)}, "
                          f"got {params['learning_rate']!r}.")
+    if not isinstance(params["average"], (bool, np.bool_)):
+        raise ValueError(f"average must be a bool, got {params['average']!r}.")
     if params["solver"] not in SOLVERS:
         raise ValueError(f"solver must be one of {list(SOLVERS)}, got {params['solver']!r}.")
     n_jobs = params.get("n_jobs")
@@ -349,7 +355,11 @@ class KSGDClassifier(ClassifierMixin, BaseEstimator):
     power_t : float, default=0.5
         Exponent of 'invscaling'.
     batch_size : int, default=256
-        Minibatch rows of the 'minibatch' solver.
+        Largest minibatch of the 'minibatch' solver; batches start at 16 rows and grow with
+        the samples seen (see :mod:`rpicluster.models._sgd`). 1 gives per-sample SGD.
+    average : bool, default=True
+        Return the mean of the SGD iterates over the second half of the samples seen (both
+        solvers). ``solver='sklearn', average=False`` is the paper's plain SGD.
     solver : {'minibatch', 'sklearn'}, default='minibatch'
         'minibatch': our vectorised kernel (:mod:`rpicluster.models._sgd`); 'sklearn': one
         ``SGDClassifier(loss='hinge', penalty='l2')`` per cluster, the paper's path.
@@ -362,6 +372,8 @@ class KSGDClassifier(ClassifierMixin, BaseEstimator):
     ----------
     classes_ : ndarray of shape (n_classes,)
     n_features_in_ : int
+    n_iter_ : int
+        Epochs run per cluster (``max_iter``: there is no early stopping).
     cluster_centers_ : ndarray of shape (k, d), float32
         Centroids actually used (empty clusters dropped).
     local_classes_ : ndarray of shape (m,), int
@@ -373,8 +385,8 @@ class KSGDClassifier(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, n_clusters=10, *, max_iter=5, alpha=1e-4, learning_rate="optimal",
-                 eta0=0.01, power_t=0.5, batch_size=256, solver="minibatch", n_jobs=None,
-                 random_state=None):
+                 eta0=0.01, power_t=0.5, batch_size=256, average=True, solver="minibatch",
+                 n_jobs=None, random_state=None):
         self.n_clusters = n_clusters
         self.max_iter = max_iter
         self.alpha = alpha
@@ -382,6 +394,7 @@ class KSGDClassifier(ClassifierMixin, BaseEstimator):
         self.eta0 = eta0
         self.power_t = power_t
         self.batch_size = batch_size
+        self.average = average
         self.solver = solver
         self.n_jobs = n_jobs
         self.random_state = random_state
@@ -441,6 +454,7 @@ class KSGDClassifier(ClassifierMixin, BaseEstimator):
                              f"{centers.shape[0]} cluster centers.")
         est.classes_ = np.asarray(classes)
         est.n_features_in_ = int(centers.shape[1])
+        est.n_iter_ = int(est.max_iter)
         est.cluster_centers_ = centers
         est.local_classes_ = np.concatenate([np.asarray(m.classes, dtype=np.int64)
                                              for m in local_models])
@@ -454,7 +468,7 @@ class KSGDClassifier(ClassifierMixin, BaseEstimator):
 
     def _set_fitted(self, other: KSGDClassifier) -> None:
         """Copy the learned attributes of ``other`` (an assembled estimator) onto self."""
-        for name in ("classes_", "cluster_centers_", "local_classes_", "local_coef_",
+        for name in ("classes_", "n_iter_", "cluster_centers_", "local_classes_", "local_coef_",
                      "local_intercept_", "local_ptr_"):
             setattr(self, name, getattr(other, name))
 

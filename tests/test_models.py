@@ -1,0 +1,301 @@
+"""KSGDClassifier and IncrementalKSGDClassifier against plain scikit-learn, seeds, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import skops.io
+from sklearn.datasets import load_digits
+from sklearn.linear_model import SGDClassifier
+from sklearn.model_selection import train_test_split
+
+from rpicluster.models import TRUSTED_TYPES
+from rpicluster.models._sgd import batch_sizes, sgd_flops, sgd_ovr_fit
+from rpicluster.models.incremental import IncrementalKSGDClassifier, majority_vote
+from rpicluster.models.ksgd import (KSGDClassifier, LocalModel, fit_cluster, nearest_center,
+                                    partition_block, task_seed)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """scikit-learn's digits scaled to [0, 1], split 75/25: (X_train, X_test, y_train, y_test)."""
+    X, y = load_digits(return_X_y=True)
+    return train_test_split((X / 16).astype(np.float32), y, random_state=0, stratify=y)
+
+
+def _fitted_state(est):
+    """Learned attributes of a fitted estimator, for exact comparisons."""
+    return {k: v for k, v in vars(est).items() if k.endswith("_")}
+
+
+def _assert_same_state(a, b):
+    sa, sb = _fitted_state(a), _fitted_state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        if k == "estimators_":
+            for ea, eb in zip(sa[k], sb[k], strict=True):
+                _assert_same_state(ea, eb)
+        else:
+            np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+
+
+# ---------------------------------------------------------------- partition and local models
+
+
+def test_partition_block_labels_are_nearest_centers(digits):
+    X = digits[0]
+    centers, labels = partition_block(X, 8, seed=3)
+    assert centers.dtype == np.float32 and centers.shape == (8, X.shape[1])
+    assert labels.shape == (X.shape[0],)
+    np.testing.assert_array_equal(labels, nearest_center(X, centers))
+    assert set(np.unique(labels)) == set(range(8))
+    again = partition_block(X, 8, seed=3)
+    np.testing.assert_array_equal(centers, again[0])
+
+
+def test_partition_block_drops_empty_clusters():
+    """Three distinct points cannot fill five clusters: the unused centroids are dropped."""
+    X = np.repeat(np.eye(3, 4, dtype=np.float32), 4, axis=0)
+    centers, labels = partition_block(X, 5, seed=0)
+    assert centers.shape[0] == 3
+    assert set(np.unique(labels)) == {0, 1, 2}
+    # rows that are equal share a cluster
+    assert all(len(set(labels[i * 4:(i + 1) * 4])) == 1 for i in range(3))
+
+
+def test_fit_cluster_single_class_predicts_it():
+    X = np.random.default_rng(0).random((6, 3), dtype=np.float32)
+    model = fit_cluster(X, np.full(6, 4), params=KSGDClassifier().get_params(), seed=0)
+    assert isinstance(model, LocalModel)
+    np.testing.assert_array_equal(model.classes, [4])
+    est = KSGDClassifier.from_parts(np.arange(6), X[:1], [model], KSGDClassifier().get_params())
+    np.testing.assert_array_equal(est.predict(X), np.full(6, 4))
+
+
+def test_fit_cluster_keeps_only_present_classes(digits):
+    X, _, y, _ = digits
+    rows = np.flatnonzero(y < 3)
+    params = KSGDClassifier().get_params()
+    model = fit_cluster(X, y, params=params, seed=1, rows=rows)
+    np.testing.assert_array_equal(model.classes, [0, 1, 2])
+    assert model.coef.shape == (3, X.shape[1]) and model.coef.dtype == np.float32
+    copied = fit_cluster(X[rows], y[rows], params=params, seed=1)
+    np.testing.assert_array_equal(model.coef, copied.coef)
+
+
+def test_task_seeds_differ_by_block_and_cluster():
+    seeds = {task_seed(7, 0), task_seed(7, 1), task_seed(7, 0, 0), task_seed(7, 0, 1),
+             task_seed(8, 0)}
+    assert len(seeds) == 5
+    assert task_seed(7, 2, 3) == task_seed(7, 2, 3)
+
+
+# ---------------------------------------------------------------- KSGDClassifier vs scikit-learn
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_one_cluster_sklearn_solver_is_sgdclassifier(digits, average):
+    """n_clusters=1 with solver='sklearn' is exactly one SGDClassifier on all rows."""
+    X, Xt, y, _ = digits
+    est = KSGDClassifier(1, solver="sklearn", max_iter=3, average=average,
+                         random_state=5).fit(X, y)
+    ref = SGDClassifier(loss="hinge", penalty="l2", max_iter=3, tol=None,
+                        average=len(X) * 3 // 2 if average else False,
+                        random_state=task_seed(5, 0, 0)).fit(X, y)
+    np.testing.assert_array_equal(est.predict(Xt), ref.predict(Xt))
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_kernel_per_sample_is_sklearn_sgd(n_classes):
+    """batch_size=1 without shuffling or averaging reproduces SGDClassifier's weights."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 12)).astype(np.float32)
+    y = np.argmax(X[:, :n_classes] + 0.5 * rng.standard_normal((300, n_classes)), axis=1)
+    # two epochs: longer runs may flip a row sitting on a margin (float32 rounding), after
+    # which the two trajectories part
+    coef, intercept = sgd_ovr_fit(X, y, n_classes, epochs=2, batch_size=1, average=False,
+                                  shuffle=False)
+    ref = SGDClassifier(max_iter=2, tol=None, shuffle=False).fit(X, y)
+    if n_classes == 2:  # one binary model, returned as [-w, w]
+        coef, intercept = coef[1:], intercept[1:]
+    scale = np.abs(ref.coef_).max()
+    np.testing.assert_allclose(coef, ref.coef_, atol=2e-3 * scale)
+    np.testing.assert_allclose(intercept, ref.intercept_, atol=2e-3 * scale)
+
+
+def test_kernel_flops_and_batches():
+    assert sgd_flops(100, 8, 5, 2) == 4 * 100 * 8 * 5 * 2
+    assert sgd_flops(100, 8, 2, 1) == 4 * 100 * 8
+    sizes = batch_sizes(1000, 3, batch_size=64, alpha=1e-4)
+    assert sizes.sum() == 3000 and sizes.max() <= 64 and sizes[0] == 16
+    assert np.all(np.diff(np.cumsum(sizes)[np.cumsum(sizes) % 1000 == 0]) == 1000)
+
+
+@pytest.mark.parametrize("n_clusters", [1, 8])
+def test_minibatch_accuracy_matches_sklearn_solver(digits, n_clusters):
+    """Our kernel is at least as accurate as the paper's per-cluster SGDClassifier path."""
+    X, Xt, y, yt = digits
+    ours = KSGDClassifier(n_clusters, random_state=0).fit(X, y).score(Xt, yt)
+    paper = KSGDClassifier(n_clusters, solver="sklearn", random_state=0).fit(X, y).score(Xt, yt)
+    assert ours > 0.9
+    assert ours >= paper - 0.02
+
+
+def test_fit_is_deterministic_and_thread_count_free(digits):
+    X, _, y, _ = digits
+    a = KSGDClassifier(6, random_state=11, n_jobs=1).fit(X, y)
+    b = KSGDClassifier(6, random_state=11, n_jobs=2).fit(X, y)
+    _assert_same_state(a, b)
+    c = KSGDClassifier(6, random_state=12).fit(X, y)
+    assert not np.array_equal(a.local_coef_, c.local_coef_)
+
+
+def test_from_parts_equals_fit(digits):
+    """The Dask room's path (partition, fit each cluster, assemble) gives the fitted model."""
+    X, Xt, y, _ = digits
+    est = KSGDClassifier(5, random_state=3).fit(X, y)
+    params = est.get_params()
+    centers, labels = partition_block(X, 5, seed=task_seed(3, 0))
+    models = [fit_cluster(X[labels == j], y[labels == j], params=params, seed=task_seed(3, 0, j))
+              for j in range(centers.shape[0])]
+    built = KSGDClassifier.from_parts(np.arange(10), centers, models, params)
+    np.testing.assert_array_equal(built.predict(Xt), est.predict(Xt))
+    np.testing.assert_array_equal(built.local_coef_, est.local_coef_)
+
+
+def test_string_labels_round_trip(digits):
+    X, Xt, y, _ = digits
+    names = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                      "nine"])
+    est = KSGDClassifier(4, random_state=0).fit(X, names[y])
+    num = KSGDClassifier(4, random_state=0).fit(X, y)
+    # np.unique sorts the names, so codes differ; predictions must still agree as labels
+    assert set(est.predict(Xt)) <= set(names)
+    assert (est.predict(Xt) == names[num.predict(Xt)]).mean() > 0.8
+
+
+# ---------------------------------------------------------------- IncrementalKSGDClassifier
+
+
+def test_majority_vote_ties_go_to_lowest_class():
+    votes = np.array([[2, 1, 0, 3],
+                      [1, 1, 3, 3],
+                      [0, 2, 3, 0]])
+    np.testing.assert_array_equal(majority_vote(votes, 4), [0, 1, 3, 3])
+
+
+def test_fit_equals_partial_fit_blocks(digits):
+    X, Xt, y, yt = digits
+    kw = dict(n_clusters=4, random_state=2)
+    inc = IncrementalKSGDClassifier(block_rows=400, **kw).fit(X, y)
+    assert len(inc.estimators_) == 4  # 1347 rows: 400, 400, 400, 147
+    pf = IncrementalKSGDClassifier(block_rows=400, **kw)
+    for a, z in [(0, 400), (400, 800), (800, 1200), (1200, len(X))]:
+        pf.partial_fit(X[a:z], y[a:z], classes=np.arange(10))
+    _assert_same_state(inc, pf)
+    assert inc.score(Xt, yt) > 0.85
+
+
+def test_small_remainder_joins_previous_block(digits):
+    X, _, y, _ = digits
+    inc = IncrementalKSGDClassifier(block_rows=449, n_clusters=4, random_state=0).fit(X, y)
+    # 1347 = 3 * 449 exactly; 1350 rows leave a 3-row tail, smaller than n_clusters
+    assert len(inc.estimators_) == 3
+    Xp, yp = np.vstack([X, X[:3]]), np.concatenate([y, y[:3]])
+    inc = IncrementalKSGDClassifier(block_rows=449, n_clusters=4, random_state=0).fit(Xp, yp)
+    assert len(inc.estimators_) == 3
+
+
+def test_add_block_model_and_dataset_contract(digits):
+    """A blocked dataset fits one block model per block, as the Dask room's models assemble."""
+    X, Xt, y, _ = digits
+
+    class Blocks:
+        """The dataset contract: n_blocks, block(i) -> (X_i, codes_i), classes."""
+        n_blocks = 2
+        classes = np.arange(10)
+
+        def block(self, i):
+            sl = slice(0, 700) if i == 0 else slice(700, None)
+            return X[sl], y[sl]
+
+    kw = dict(n_clusters=3, random_state=9)
+    from_ds = IncrementalKSGDClassifier(**kw).fit(Blocks())
+    by_hand = IncrementalKSGDClassifier(**kw)
+    for i in range(2):
+        Xi, yi = Blocks().block(i)
+        by_hand.partial_fit(Xi, yi, classes=np.arange(10))
+    _assert_same_state(from_ds, by_hand)
+
+    appended = IncrementalKSGDClassifier(**kw)
+    for est in from_ds.estimators_:
+        appended.add_block_model(est)
+    np.testing.assert_array_equal(appended.predict(Xt), from_ds.predict(Xt))
+    with pytest.raises(ValueError, match="features"):
+        appended.add_block_model(KSGDClassifier(2, random_state=0).fit(X[:, :5], y))
+
+
+def test_skops_round_trip(digits, tmp_path):
+    X, Xt, y, _ = digits
+    inc = IncrementalKSGDClassifier(block_rows=700, n_clusters=3, random_state=0).fit(X, y)
+    path = tmp_path / "model.skops"
+    skops.io.dump(inc, path)
+    assert sorted(skops.io.get_untrusted_types(file=path)) == sorted(TRUSTED_TYPES)
+    loaded = skops.io.load(path, trusted=TRUSTED_TYPES)
+    np.testing.assert_array_equal(loaded.predict(Xt), inc.predict(Xt))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+_X = np.random.default_rng(0).random((30, 4))
+_Y = np.arange(30) % 3
+_BAD_FIT = {
+    "nan": (np.where(_X > 0.9, np.nan, _X), _Y, "Input X contains NaN"),
+    "inf": (np.where(_X > 0.9, np.inf, _X), _Y, "Input X contains infinity"),
+    "1-D": (_X[:, 0], _Y, "Expected 2D array, got 1D array instead"),
+    "empty": (_X[:0], _Y[:0], "Found array with 0 sample"),
+    "length": (_X, _Y[:-1], "inconsistent numbers of samples"),
+    "rows<clusters": (_X[:3], _Y[:3], r"n_samples=3 should be >= n_clusters=4"),
+    "continuous y": (_X, _X[:, 0], "Unknown label type"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_FIT))
+@pytest.mark.parametrize("cls", [KSGDClassifier, IncrementalKSGDClassifier])
+def test_bad_input_raises_before_state_changes(cls, case):
+    X, y, message = _BAD_FIT[case]
+    est = cls(n_clusters=4, random_state=0)
+    with pytest.raises(ValueError, match=message):
+        est.fit(X, y)
+    assert _fitted_state(est) == {}
+    if cls is IncrementalKSGDClassifier:
+        est.partial_fit(_X, _Y, classes=[0, 1, 2])
+        before = [e.local_coef_ for e in est.estimators_]
+        with pytest.raises(ValueError, match=message):
+            est.partial_fit(X, y)
+        assert [e.local_coef_ for e in est.estimators_] == before
+
+
+def test_partial_fit_feature_count_change_and_classes():
+    est = IncrementalKSGDClassifier(n_clusters=2, random_state=0)
+    with pytest.raises(ValueError, match="classes must be passed on the first call"):
+        est.partial_fit(_X, _Y)
+    est.partial_fit(_X, _Y, classes=[0, 1, 2])
+    with pytest.raises(ValueError, match="X has 3 features, but IncrementalKSGDClassifier is "
+                                         "expecting 4 features"):
+        est.partial_fit(_X[:, :3], _Y)
+    with pytest.raises(ValueError, match="not in classes"):
+        est.partial_fit(_X, _Y + 1)
+    with pytest.raises(ValueError, match="is not the same as on last call"):
+        est.partial_fit(_X, _Y, classes=[0, 1])
+    assert len(est.estimators_) == 1 and est.n_features_in_ == 4
+
+
+@pytest.mark.parametrize("param, value", [("n_clusters", 0), ("solver", "lbfgs"),
+                                          ("learning_rate", "adaptive"), ("alpha", -1.0),
+                                          ("batch_size", 0), ("n_jobs", 0)])
+def test_bad_parameters_are_named(param, value):
+    est = KSGDClassifier(random_state=0).set_params(**{param: value})
+    with pytest.raises(ValueError, match=param):
+        est.fit(_X, _Y)
