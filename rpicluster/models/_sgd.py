@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.linalg.blas import sgemm as _sgemm
 
 #: Learning-rate schedules (scikit-learn's names and formulas, ``t`` = samples seen, from 1).
 LEARNING_RATES = ("optimal", "invscaling", "constant")
@@ -42,6 +43,9 @@ LEARNING_RATES = ("optimal", "invscaling", "constant")
 # Below this weight scale the scale is folded back into the weights, as scikit-learn does, so
 # that float32 never underflows.
 _MIN_WSCALE = 1e-6
+# While averaging, rescale sooner: the averaged sum P * V - Q cancels digits in proportion to
+# how far wscale fell since the last rescale.
+_AVERAGING_MIN_WSCALE = 1e-2
 # First batch size of the growing-batch schedule (capped by ``batch_size``).
 _FIRST_BATCH = 16
 
@@ -178,23 +182,28 @@ def sgd_ovr_fit(X, y_codes, n_classes: int, *, epochs: int = 5, alpha: float = 1
     binary = n_classes == 2
     c = 1 if binary else n_classes
     sizes = batch_sizes(n, epochs, batch_size=batch_size, alpha=alpha)
-    average_from = (n * epochs) // 2  # samples seen before averaging starts
+    average_from = (n * epochs) // 2 if average else n * epochs  # samples before averaging
 
-    V = np.zeros((c, d), dtype=np.float32)     # weights are wscale * V (lazy L2 shrinkage)
+    # The weights are wscale * V, so the L2 shrinkage is one scalar product per batch. The
+    # running sum of the averaged weights is A + P * V - Q with P the sum of their wscales and
+    # Q the sum of P_before * dV (summation by parts), so averaging costs no pass over W; A
+    # banks that sum whenever V is rescaled.
+    V = np.zeros((c, d), dtype=np.float32)
     b = np.zeros(c, dtype=np.float32)
     wscale = 1.0
-    A = np.zeros((c, d), dtype=np.float32) if average else None
-    A_b = np.zeros(c, dtype=np.float32)
+    Q = np.zeros((c, d), dtype=np.float32) if average else None
+    A = None
+    P = 0.0
+    b_sum = np.zeros(c, dtype=np.float64)
     n_averaged = 0
     bmax = int(sizes.max())
     Xb = np.empty((bmax, d), dtype=np.float32)   # buffers reused by every batch
     S = np.empty((bmax, c), dtype=np.float32)
-    GW = np.empty((c, d), dtype=np.float32)
     arange = np.arange(bmax)
     rng = np.random.default_rng(seed)
     t = 0
     perm = np.arange(n)
-    for m in sizes:
+    for m in sizes.tolist():
         start = t % n
         if start == 0 and shuffle:
             perm = rng.permutation(n)
@@ -217,24 +226,32 @@ def sgd_ovr_fit(X, y_codes, n_classes: int, *, epochs: int = 5, alpha: float = 1
             s[ar, yb] = np.where(true_s < 1.0, -1.0, 0.0)
         eta = learning_rate_at(t + 1 + (m - 1) / 2.0, learning_rate=learning_rate, eta0=eta0,
                                alpha=alpha, power_t=power_t)
-        b -= eta * s.sum(axis=0)
-        s *= -eta / wscale
-        np.matmul(s.T, xb, out=GW)
-        V += GW
-        wscale *= max(0.0, 1.0 - eta * alpha) ** int(m)
-        t += int(m)
-        if wscale < _MIN_WSCALE:
+        # shrink first, then step, as scikit-learn orders a per-sample update
+        wscale *= max(0.0, 1.0 - eta * alpha) ** m
+        averaging = t + m > average_from
+        if wscale < (_AVERAGING_MIN_WSCALE if averaging else _MIN_WSCALE):
+            if P:  # bank the averaged sum so far: P * V - Q loses precision as V grows
+                A = P * V - Q if A is None else A + (P * V - Q)
+                P = 0.0
+                Q[:] = 0.0
             V *= wscale
             wscale = 1.0
-        if average and t > average_from:
-            # running mean of the iterates: A <- A (1 - 1/k) + W / k
+        b -= eta * s.sum(axis=0)
+        # V += (-eta / wscale) * s.T @ xb, in place (V.T is Fortran-ordered for BLAS)
+        _sgemm(-eta / wscale, xb.T, s.T, beta=1.0, c=V.T, trans_b=1, overwrite_c=1)
+        if averaging:
+            if P:
+                _sgemm(-eta / wscale * P, xb.T, s.T, beta=1.0, c=Q.T, trans_b=1, overwrite_c=1)
+            P += wscale
+            b_sum += b
             n_averaged += 1
-            A *= 1.0 - 1.0 / n_averaged
-            np.multiply(V, wscale / n_averaged, out=GW)
-            A += GW
-            A_b *= 1.0 - 1.0 / n_averaged
-            A_b += b / n_averaged
-    coef, intercept = (A, A_b) if average else (V * np.float32(wscale), b)
+        t += m
+    if average:
+        total = P * V - Q if A is None else A + (P * V - Q)
+        coef = (total / n_averaged).astype(np.float32)
+        intercept = (b_sum / n_averaged).astype(np.float32)
+    else:
+        coef, intercept = V * np.float32(wscale), b
     if binary:
         return np.vstack([-coef, coef]), np.concatenate([-intercept, intercept])
     return coef, intercept
