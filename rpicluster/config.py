@@ -52,3 +52,8 @@ SERVE_PORT = 8788
 #: algorithms`` (a row still running then is killed and reported as not finished).
 BENCH_OUT = Path("bench-out")
 BENCH_TIME_CAP_S = 1200.0
+
+#: ``rpicluster bench scaling``: synthetic rows when neither --data nor --rows is given, and rows
+#: of the per-worker calibration task (capped at the store's block rows).
+BENCH_SCALING_ROWS = 48_000
+BENCH_CALIBRATION_ROWS = 2_000

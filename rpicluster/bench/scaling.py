@@ -1,0 +1,497 @@
+"""Scaling benchmark: the same job on growing worker sets, ideal against measured time.
+
+One running cluster serves every step: a step restricts the job to its workers (the training
+job's ``workers=``; for the random forest, joblib's dask backend passes ``workers=`` and
+``allow_other_workers=False`` to every ``client.submit``), so no cluster restarts between steps.
+
+Two ideals per step N, both anchored at the first step's measured median T1:
+
+* core ideal (the cluster paper's): ``T1 * cores_1 / cores_N``. It assumes every core is
+  equal, so a fast desktop joining a slow Pi reads as "138 % scalability".
+* capacity ideal: ``T1 * capacity_1 / capacity_N``, where a worker's capacity is the throughput
+  (rows/s, all its threads busy) it reached on a short calibration task of the same job, run
+  on every worker at once before the steps (it also warms every worker's imports).
+
+Scalability is ideal / measured for both. The simulator (:mod:`rpicluster.bench.simulate`)
+replays the first step's task costs on each step's workers and predicts its time (one fitted
+constant, the per-task overhead, from the first step): the prediction error column validates it,
+and ``simulate=`` applies it to a hypothetical cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import platform
+import re
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rpicluster import config
+from rpicluster.bench import simulate as sim
+from rpicluster.errors import ConfigError, TrainingError
+from rpicluster.progress import Progress
+
+JOBS = ("inc-ksgd", "random-forest")
+
+
+# --- workers and steps ---
+
+def worker_table(client) -> dict[str, dict]:
+    """Connected workers by name: address, threads, memory limit, tags, host and hardware.
+
+    ``hardware`` is the rpicluster dashboard's health metric (arch, cores, memory, temperature,
+    throttling) where the worker reports it, else None.
+    """
+    from rpicluster.dashboard.health import METRIC
+
+    out = {}
+    for addr, w in client.scheduler_info(n_workers=-1)["workers"].items():
+        out[str(w.get("name", addr))] = {
+            "address": addr, "threads": int(w["nthreads"]),
+            "memory": int(w.get("memory_limit") or 0), "host": w.get("host"),
+            "tags": sorted((w.get("resources") or {}).keys()),
+            "hardware": (w.get("metrics") or {}).get(METRIC)}
+    return out
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def worker_order(workers: dict[str, dict], inventory=None) -> list[str]:
+    """Names in inventory order (default steps add one worker each), then the rest by name."""
+    first: list[str] = []
+    if inventory is not None:
+        from rpicluster.inventory import load_inventory
+
+        first = [n.name for n in load_inventory(inventory).workers if n.name in workers]
+    return first + sorted((n for n in workers if n not in first), key=_natural)
+
+
+def parse_steps(text: str | None, workers: dict[str, dict], order: list[str]) -> list[list[str]]:
+    """Worker sets of the steps: ``"pi01; pi01,desktop"`` or, when ``text`` is None, one more
+    worker per step in ``order``.
+
+    Names are worker names or addresses; the result holds names.
+
+    Raises
+    ------
+    ConfigError
+        An empty step, an unknown worker (the message lists the known ones) or a worker twice
+        in one step.
+    """
+    if text is None:
+        return [order[:i] for i in range(1, len(order) + 1)]
+    by_address = {w["address"]: n for n, w in workers.items()}
+    steps = []
+    for s, chunk in enumerate(text.split(";"), start=1):
+        names = [n.strip() for n in chunk.split(",")]
+        if not all(names):
+            raise ConfigError(f"--steps {text!r}: step {s} is empty or has an empty name; "
+                              f"expected names like '{', '.join(order[:2])}'")
+        step = []
+        for n in names:
+            name = n if n in workers else by_address.get(n)
+            if name is None:
+                raise ConfigError(f"--steps: step {s} names unknown worker {n!r} "
+                                  f"(workers: {', '.join(order)})")
+            if name in step:
+                raise ConfigError(f"--steps: step {s} names worker {n!r} twice")
+            step.append(name)
+        steps.append(step)
+    return steps
+
+
+# --- jobs ---
+
+def _calibrate_ksgd(dataset, params: dict, rows: int) -> tuple[int, float]:
+    """On a worker: partition ``rows`` rows of block 0 and fit every cluster; (rows, seconds)."""
+    from rpicluster.models.ksgd import fit_cluster, partition_block, task_seed
+
+    X, y = dataset.block(0)
+    X, y = X[:rows], y[:rows]
+    t0 = time.perf_counter()
+    _, labels = partition_block(X, params["n_clusters"], seed=task_seed(0, 0))
+    for j in range(params["n_clusters"]):
+        fit_cluster(X, y, params=params, seed=task_seed(0, 0, j), rows=np.flatnonzero(labels == j))
+    return int(X.shape[0]), time.perf_counter() - t0
+
+
+def _calibrate_forest(dataset, params: dict, rows: int) -> tuple[int, float]:
+    """On a worker: one tree of the forest on ``rows`` rows of block 0; (rows, seconds)."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    X, y = dataset.block(0)
+    X, y = X[:rows], y[:rows]
+    t0 = time.perf_counter()
+    RandomForestClassifier(**{**params, "n_estimators": 1, "n_jobs": 1}).fit(X, y)
+    return int(X.shape[0]), time.perf_counter() - t0
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """One repeat of a step: wall seconds, the task trace, tasks run outside the step."""
+
+    seconds: float
+    trace: list[dict]     # {"key", "group", "deps", "worker", "seconds"}
+    outside: int          # tasks that ran on a worker not in the step (must be 0)
+
+
+class IncKSGDJob:
+    """The Inc-kSGD training job (:func:`rpicluster.train.job.train`) on a step's workers."""
+
+    name = "inc-ksgd"
+    calibrate = staticmethod(_calibrate_ksgd)
+
+    def __init__(self, params: dict | None = None):
+        from rpicluster.models.incremental import IncrementalKSGDClassifier
+
+        est = IncrementalKSGDClassifier(**{"random_state": 0, **(params or {})})
+        self.params = est._check_params()
+
+    def window(self, n_workers: int) -> int:
+        """Blocks in flight, as the training job sets them."""
+        return n_workers + 1
+
+    def sim_tasks(self, trace: list[dict], cal: dict[str, dict]) -> list[sim.SimTask]:
+        """Partition and fit tasks of every block, work = seconds x the worker's thread rate."""
+        return [sim.SimTask(t["key"], t["seconds"] * _thread_rate(cal, t["worker"]), t["group"],
+                            tuple(t["deps"])) for t in trace]
+
+    def run(self, client, dataset, workers: dict[str, dict], step: list[str]) -> RunRecord:
+        from rpicluster.dashboard import events as ev
+        from rpicluster.models.incremental import IncrementalKSGDClassifier
+        from rpicluster.train.job import train
+
+        got: list[dict] = []
+        ended = threading.Event()
+
+        def on_event(event) -> None:
+            msg = event[1]
+            if isinstance(msg, dict):
+                got.append(msg)
+                if msg.get(ev.KIND) == ev.RUN_END:
+                    ended.set()
+
+        est = IncrementalKSGDClassifier(**{k: v for k, v in self.params.items()
+                                           if k != "block_rows"})
+        client.subscribe_topic(ev.TOPIC, on_event)
+        try:
+            result = train(est, dataset, client, workers=[workers[n]["address"] for n in step])
+            # Events reach this client after train() returns; run-end is the last one.
+            ended.wait(10)
+        finally:
+            client.unsubscribe_topic(ev.TOPIC)
+        trace = []
+        for e in got:
+            if e.get(ev.KIND) == ev.PARTITIONED:
+                trace.append({"key": f"p{e['block']}", "group": e["block"], "deps": [],
+                              "worker": str(e["worker"]), "seconds": e["seconds"]})
+            elif e.get(ev.KIND) == ev.FITTED:
+                trace.append({"key": f"f{e['block']}-{e['cluster']}", "group": e["block"],
+                              "deps": [f"p{e['block']}"], "worker": str(e["worker"]),
+                              "seconds": e["seconds"]})
+        outside = sum(n for w, n in result.tasks_per_worker.items() if w not in step)
+        return RunRecord(result.seconds, trace, outside)
+
+
+class RandomForestJob:
+    """scikit-learn's RandomForestClassifier through joblib's dask backend, as the paper ran.
+
+    The client loads the dataset (the forest needs it in memory); joblib scatters it to the
+    workers once and submits batches of trees restricted to the step's workers.
+    """
+
+    name = "random-forest"
+    calibrate = staticmethod(_calibrate_forest)
+
+    def __init__(self, params: dict | None = None):
+        self.params = {"n_estimators": 32, "max_depth": 12, "random_state": 0, **(params or {})}
+        self._data = None
+
+    def window(self, n_workers: int) -> None:
+        return None
+
+    def run(self, client, dataset, workers: dict[str, dict], step: list[str]) -> RunRecord:
+        import joblib
+        from distributed import get_task_stream
+        from sklearn.ensemble import RandomForestClassifier
+
+        if self._data is None:
+            parts = [dataset.block(b) for b in range(dataset.n_blocks)]
+            self._data = (np.concatenate([p[0] for p in parts]),
+                          np.concatenate([p[1] for p in parts]))
+        X, y = self._data
+        addresses = [workers[n]["address"] for n in step]
+        cores = sum(workers[n]["threads"] for n in step)
+        forest = RandomForestClassifier(**{**self.params, "n_jobs": cores})
+        with get_task_stream(client) as ts:
+            t0 = time.perf_counter()
+            with joblib.parallel_config(backend="dask", client=client, workers=addresses,
+                                        allow_other_workers=False):
+                forest.fit(X, y)
+            seconds = time.perf_counter() - t0
+        names = {w["address"]: n for n, w in workers.items()}
+        trace, outside = [], 0
+        for i, rec in enumerate(r for r in ts.data if "_parallel_build_trees" in str(r["key"])):
+            busy = sum(s["stop"] - s["start"] for s in rec["startstops"]
+                       if s["action"] == "compute")
+            worker = names.get(rec["worker"], rec["worker"])
+            outside += worker not in step
+            trace.append({"key": f"b{i}", "group": 0, "deps": [], "worker": worker,
+                          "seconds": busy})
+        return RunRecord(seconds, trace, outside)
+
+    def sim_tasks(self, trace: list[dict], cal: dict[str, dict]) -> list[sim.SimTask]:
+        """One task per tree, each an equal share of the batches' work: joblib sizes its
+        batches itself, so the graph is the trees, not the batches of one run."""
+        total = sum(t["seconds"] * _thread_rate(cal, t["worker"]) for t in trace)
+        n = self.params["n_estimators"]
+        return [sim.SimTask(f"t{i}", total / n) for i in range(n)]
+
+
+def make_job(name: str, params: dict | None = None):
+    """The job called ``name`` (one of :data:`JOBS`)."""
+    if name == "inc-ksgd":
+        return IncKSGDJob(params)
+    if name == "random-forest":
+        return RandomForestJob(params)
+    raise ConfigError(f"unknown job {name!r} (jobs: {', '.join(JOBS)})")
+
+
+# --- calibration ---
+
+
+def calibrate(client, job, dataset, workers: dict[str, dict], *, rows: int | None = None,
+              rounds: int = 3) -> dict[str, dict]:
+    """Measure every worker's throughput on the job's calibration task, all workers at once.
+
+    Each worker runs ``rounds`` tasks per thread, pinned to it; its rate is threads x the median
+    per-task rows/s (rows/s with every thread busy).
+
+    Returns
+    -------
+    dict
+        By worker name: ``{"rate": rows/s, "threads", "tags", "samples": [rows/s per task]}``.
+    """
+    rows = int(min(rows or config.BENCH_CALIBRATION_ROWS, dataset.block_rows))
+    futures = {}
+    for name, w in workers.items():
+        futures[name] = [client.submit(job.calibrate, dataset, job.params, rows, pure=False,
+                                       workers=[w["address"]], allow_other_workers=False)
+                         for _ in range(w["threads"] * rounds)]
+    out = {}
+    for name, fs in futures.items():
+        try:
+            samples = [r / s for r, s in client.gather(fs)]
+        except Exception as exc:
+            raise TrainingError(f"calibration task failed on worker {name!r}: "
+                                f"{type(exc).__name__}: {exc}") from exc
+        threads = workers[name]["threads"]
+        out[name] = {"rate": threads * statistics.median(samples), "threads": threads,
+                     "tags": workers[name]["tags"], "samples": samples}
+    return out
+
+
+# --- the benchmark ---
+
+def _thread_rate(cal: dict[str, dict], worker: str) -> float:
+    """Calibrated rows/s of one thread of ``worker``: a task of s seconds there did s x this."""
+    return cal[worker]["rate"] / cal[worker]["threads"]
+
+
+def _busy(trace: list[dict]) -> dict[str, float]:
+    """Task seconds per worker in one run (how evenly the step's workers were used)."""
+    out: dict[str, float] = {}
+    for t in trace:
+        out[t["worker"]] = out.get(t["worker"], 0.0) + t["seconds"]
+    return out
+
+
+def _median_run(runs: list[RunRecord]) -> RunRecord:
+    med = statistics.median(r.seconds for r in runs)
+    return min(runs, key=lambda r: abs(r.seconds - med))
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for dist in ("rpicluster", "dask", "distributed", "numpy", "scikit-learn", "joblib", "zarr"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict | None = None,
+                steps: str | None = None, repeats: int = 3, inventory=None,
+                simulate: str | None = None, calibration_rows: int | None = None,
+                progress: Progress | None = None) -> dict:
+    """Run the scaling benchmark on ``client``'s cluster and write the reports to ``out_dir``.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    dataset : rpicluster.data.store.Dataset
+        Readable by every worker.
+    out_dir : path
+        Receives scaling.csv, scaling.json, scaling.md, scaling.png and step-N.html.
+    job : {"inc-ksgd", "random-forest"}
+    params : dict, optional
+        Estimator parameters of the job.
+    steps : str, optional
+        ``"pi01; pi01,desktop"``; default one more worker per step in ``worker_order``.
+    repeats : int
+        Runs per step (median, min and max are reported).
+    inventory : path, optional
+        Orders the default steps as the inventory lists its workers.
+    simulate : str, optional
+        A hypothetical cluster (``"32x pi4, 2x desktop"``) to predict the job's time on.
+    calibration_rows : int, optional
+        Rows of the calibration task (default ``config.BENCH_CALIBRATION_ROWS``).
+
+    Returns
+    -------
+    dict
+        The report document (as written to scaling.json).
+    """
+    from distributed import performance_report
+
+    from rpicluster.bench import report
+
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {repeats}")
+    jobber = make_job(job, params)
+    workers = worker_table(client)
+    if not workers:
+        raise ConfigError("the cluster has no workers")
+    order = worker_order(workers, inventory)
+    step_sets = parse_steps(steps, workers, order)
+    terms = sim.parse_cluster(simulate, {n: {"tags": w["tags"]} for n, w in workers.items()}) \
+        if simulate else None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = progress or Progress.null()
+    load_before = os.getloadavg()
+    with progress:
+        cal = calibrate(client, jobber, dataset, workers, rows=calibration_rows)
+        progress.advance(note="calibrated " + ", ".join(
+            f"{n}: {c['rate']:,.0f} rows/s" for n, c in cal.items()))
+        runs: list[list[RunRecord]] = []
+        for i, step in enumerate(step_sets, start=1):
+            with performance_report(filename=str(out / f"step-{i}.html")):
+                step_runs = []
+                for r in range(repeats):
+                    step_runs.append(jobber.run(client, dataset, workers, step))
+                    progress.advance(note=f"step {i} ({len(step)} workers) run {r + 1}: "
+                                          f"{step_runs[-1].seconds:.1f} s")
+            runs.append(step_runs)
+    rows_out = []
+    ref = _median_run(runs[0])
+    ref_tasks = jobber.sim_tasks(ref.trace, cal)
+    t1 = statistics.median(r.seconds for r in runs[0])
+    overhead = sim.fit_overhead(ref_tasks, sim.measured_slots(step_sets[0], cal), t1,
+                                window=jobber.window(len(step_sets[0])))
+    cores1 = sum(workers[n]["threads"] for n in step_sets[0])
+    cap1 = sum(cal[n]["rate"] for n in step_sets[0])
+    for i, (step, step_runs) in enumerate(zip(step_sets, runs), start=1):
+        secs = [r.seconds for r in step_runs]
+        med = statistics.median(secs)
+        cores = sum(workers[n]["threads"] for n in step)
+        cap = sum(cal[n]["rate"] for n in step)
+        ideal_c, ideal_k = t1 * cores1 / cores, t1 * cap1 / cap
+        pred = sim.list_schedule(ref_tasks, sim.measured_slots(step, cal),
+                                 window=jobber.window(len(step)), overhead=overhead).makespan
+        rows_out.append({
+            "step": i, "workers": step, "cores": cores,
+            "memory": sum(workers[n]["memory"] for n in step),
+            "seconds": secs, "median": med, "min": min(secs), "max": max(secs),
+            "ideal_cores": ideal_c, "scalability_cores": ideal_c / med,
+            "capacity": cap, "ideal_capacity": ideal_k, "scalability_capacity": ideal_k / med,
+            "speedup": t1 / med, "rows_per_s_per_core": dataset.n_rows / med / cores,
+            "predicted": pred, "prediction_error": (pred - med) / med,
+            "tasks_outside_step": sum(r.outside for r in step_runs),
+            "busy_seconds": _busy(_median_run(step_runs).trace),
+            "report_html": f"step-{i}.html"})
+    doc = {
+        "job": jobber.name, "params": jobber.params, "repeats": repeats,
+        "dataset": {"url": str(dataset.url), "rows": int(dataset.n_rows),
+                    "features": int(dataset.n_features), "classes": len(dataset.classes),
+                    "blocks": int(dataset.n_blocks), "block_rows": int(dataset.block_rows)},
+        "versions": _versions(), "scheduler": client.scheduler.address,
+        "workers": {n: {**w, "calibration": cal[n]} for n, w in workers.items()},
+        "calibration": {"rows": int(min(calibration_rows or config.BENCH_CALIBRATION_ROWS,
+                                        dataset.block_rows)), "rounds": 3},
+        "steps": rows_out,
+        "simulation": {"reference_step": 1, "overhead_s": overhead,
+                       "window": "blocks in flight = workers + 1" if job == "inc-ksgd"
+                       else "none"},
+        "load": {"before": list(load_before), "after": list(os.getloadavg()),
+                 "cpus": os.cpu_count()},
+    }
+    if terms is not None:
+        slots = sim.slots_for(terms, cal)
+        n_hyp = sum(c for c, _ in terms)
+        doc["simulation"]["hypothetical"] = {
+            "spec": simulate, "workers": n_hyp, "threads": len(slots),
+            "predicted": sim.list_schedule(ref_tasks, slots, window=jobber.window(n_hyp),
+                                           overhead=overhead).makespan}
+    report.write_all(doc, out)
+    return doc
+
+
+def scaling_bench(out_dir, *, scheduler: str | None = None, inventory=None,
+                  local: int | None = None, job: str = "inc-ksgd", data: str | None = None,
+                  rows: int | None = None, features: int = 256, classes: int = 100,
+                  block_rows: int | None = None, steps: str | None = None, repeats: int = 3,
+                  simulate: str | None = None, params: dict | None = None,
+                  progress: Progress | None = None) -> dict:
+    """``rpicluster bench scaling``: pick the dataset and the cluster, then :func:`run_scaling`.
+
+    Without ``data``, a synthetic store of ``rows`` x ``features`` (``classes`` classes, blocks
+    of ``block_rows``) is ingested into ``out_dir/data.zarr`` (reused when it already matches);
+    on an SSH cluster the workers must be able to read it (a shared path), else pass ``data``
+    as an ``http://`` or ``s3://`` URL.
+    """
+    from rpicluster.data.store import ingest, open_dataset
+    from rpicluster.deploy.local import cluster_client
+
+    if job not in JOBS:
+        raise ConfigError(f"unknown job {job!r} (jobs: {', '.join(JOBS)})")
+    if data is not None and rows is not None:
+        raise ConfigError("give --data or --rows, not both")
+    out = Path(out_dir)
+    if data is None:
+        rows = rows or config.BENCH_SCALING_ROWS
+        block_rows = block_rows or max(1, math.ceil(rows / 12))
+        spec = f"synthetic:rows={rows},features={features},classes={classes},seed=0"
+        target = out / "data.zarr"
+        dataset = None
+        with contextlib.suppress(Exception):
+            ds = open_dataset(target)
+            if (ds.n_rows, ds.n_features, len(ds.classes), ds.block_rows) == (
+                    rows, features, classes, block_rows):
+                dataset = ds
+        if dataset is None:
+            out.mkdir(parents=True, exist_ok=True)
+            dataset = ingest(spec, target, block_rows=block_rows, overwrite=True)
+    else:
+        dataset = open_dataset(data)
+    with cluster_client(scheduler, inventory, local) as client:
+        if local is not None:
+            n = len(client.scheduler_info(n_workers=-1)["workers"])
+            if n != local:
+                raise ConfigError(f"an embedded local cluster with {n} workers is already "
+                                  f"running; stop it (rpicluster down --local) to use {local}")
+        return run_scaling(client, dataset, out, job=job, params=params, steps=steps,
+                           repeats=repeats, inventory=inventory, simulate=simulate,
+                           progress=progress)

@@ -1,0 +1,222 @@
+"""Scaling benchmark: list-scheduling simulator, step parsing, and small real runs.
+
+The runs use a real in-process Dask cluster of two single-thread workers (names "0" and "1") and
+a real Zarr store in tmp_path; sizes are tiny, so only sanity of the numbers is checked.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from rpicluster.bench import report
+from rpicluster.bench.scaling import parse_steps, run_scaling, worker_order, worker_table
+from rpicluster.bench.simulate import (SimTask, Slot, fit_overhead, list_schedule, parse_cluster,
+                                       slots_for)
+from rpicluster.cli import main
+from rpicluster.errors import ConfigError
+
+
+# --- simulator ---
+
+def _graph():
+    """Group 0: A then B and C (both need A); group 1: D alone."""
+    return [SimTask("A", 4, 0), SimTask("B", 2, 0, ("A",)), SimTask("C", 2, 0, ("A",)),
+            SimTask("D", 3, 1)]
+
+
+SLOTS = [Slot("fast", 2.0), Slot("slow", 1.0)]
+
+
+def test_list_schedule_window_one_by_hand():
+    # A on fast [0,2]; B fast [2,3], C slow [2,4]; group 1 opens at 4: D on fast [4,5.5].
+    s = list_schedule(_graph(), SLOTS, window=1)
+    assert s.placed == {"A": (0, 0, 2), "B": (0, 2, 3), "C": (1, 2, 4), "D": (0, 4, 5.5)}
+    assert s.makespan == 5.5
+
+
+def test_list_schedule_unbounded_by_hand():
+    # A fast [0,2] and D slow [0,3]; B fast [2,3]; C takes fast again [3,4].
+    s = list_schedule(_graph(), SLOTS)
+    assert s.placed["D"] == (1, 0, 3)
+    assert s.placed["C"] == (0, 3, 4)
+    assert s.makespan == 4
+
+
+def test_overhead_is_added_per_task_and_fitted_back():
+    s = list_schedule(_graph(), SLOTS, window=1, overhead=0.5)
+    assert s.makespan == pytest.approx(7.0)  # A 2.5, C to 5.0, D 5.0 + 1.5 + 0.5
+    assert fit_overhead(_graph(), SLOTS, 7.0, window=1) == pytest.approx(0.5, abs=1e-6)
+    assert fit_overhead(_graph(), SLOTS, 1.0, window=1) == 0.0
+
+
+def test_simulator_errors():
+    with pytest.raises(ConfigError, match="empty cluster"):
+        list_schedule(_graph(), [])
+    with pytest.raises(ConfigError, match="unknown task 'Z'"):
+        list_schedule([SimTask("A", 1, 0, ("Z",))], SLOTS)
+    with pytest.raises(ConfigError, match="cycle"):
+        list_schedule([SimTask("A", 1, 0, ("B",)), SimTask("B", 1, 0, ("A",))], SLOTS)
+
+
+CALIBRATED = {"pi01": {"threads": 2, "rate": 4.0, "tags": ["pi4"]},
+              "pi02": {"threads": 2, "rate": 8.0, "tags": ["pi4"]},
+              "desktop": {"threads": 4, "rate": 40.0, "tags": []}}
+
+
+def test_parse_cluster_names_and_tags():
+    terms = parse_cluster("32x pi4, 2 x desktop, pi01", CALIBRATED)
+    assert terms == [(32, "pi4"), (2, "desktop"), (1, "pi01")]
+    slots = slots_for(terms, CALIBRATED)
+    # pi4 = mean over pi01, pi02: 2 threads of (2 + 4) / 2 = 3 units/s each.
+    assert len(slots) == 32 * 2 + 2 * 4 + 2
+    assert {s.rate for s in slots if s.worker.startswith("pi4#")} == {3.0}
+    assert {s.rate for s in slots if s.worker.startswith("desktop#")} == {10.0}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "expected terms"),
+    ("3x pi5", "unknown worker or tag 'pi5'.*desktop, pi01, pi02, pi4"),
+    ("0x pi4", "asks for 0 workers"),
+    ("3x big desktop", "cannot read"),
+])
+def test_parse_cluster_errors(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_cluster(text, CALIBRATED)
+
+
+# --- steps ---
+
+WORKERS = {"pi01": {"address": "tcp://10.0.0.1:1"}, "desktop": {"address": "tcp://10.0.0.9:1"},
+           "pi02": {"address": "tcp://10.0.0.2:1"}}
+
+
+def test_default_steps_add_one_worker_in_order():
+    order = worker_order(WORKERS)
+    assert order == ["desktop", "pi01", "pi02"]
+    assert parse_steps(None, WORKERS, ["pi01", "desktop", "pi02"]) == [
+        ["pi01"], ["pi01", "desktop"], ["pi01", "desktop", "pi02"]]
+
+
+def test_steps_by_name_and_address():
+    assert parse_steps("pi01; pi01, tcp://10.0.0.9:1", WORKERS, list(WORKERS)) == [
+        ["pi01"], ["pi01", "desktop"]]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("pi01;;pi02", "step 2 is empty"),
+    ("pi01; pi01,", "step 2 is empty"),
+    ("pi01; pi03", "step 2 names unknown worker 'pi03' \\(workers: pi01, desktop, pi02\\)"),
+    ("pi01, pi01", "step 1 names worker 'pi01' twice"),
+])
+def test_steps_errors(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_steps(text, WORKERS, list(WORKERS))
+
+
+# --- real runs ---
+
+@pytest.fixture(scope="module")
+def cluster():
+    """An in-process Dask cluster: two workers ("0", "1") of one thread; a client on it."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=":0") as lc, Client(lc) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A 1,200-row synthetic store of 16 features, 4 classes, in 6 blocks of 200 rows."""
+    from rpicluster.data.store import ingest
+
+    return ingest("synthetic:rows=1200,features=16,classes=4,seed=0",
+                  tmp_path_factory.mktemp("scaling") / "data.zarr", block_rows=200)
+
+
+def _check_reports(out, doc, n_steps):
+    for name in ("scaling.csv", "scaling.json", "scaling.md", "scaling.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for i in range(1, n_steps + 1):
+        assert "<html" in (out / f"step-{i}.html").read_text()[:2000].lower()
+    steps = doc["steps"]
+    assert [s["step"] for s in steps] == list(range(1, n_steps + 1))
+    cores = [s["cores"] for s in steps]
+    assert cores == sorted(cores) and cores[0] >= 1
+    for s in steps:
+        assert 0 < s["min"] <= s["median"] <= s["max"]
+        assert s["memory"] > 0 and s["predicted"] > 0 and s["capacity"] > 0
+        for k in ("scalability_cores", "scalability_capacity", "prediction_error",
+                  "rows_per_s_per_core"):
+            assert math.isfinite(s[k]), k
+        assert s["tasks_outside_step"] == 0
+        assert set(s["busy_seconds"]) <= set(s["workers"])
+    assert steps[0]["scalability_cores"] == pytest.approx(1.0)
+    assert steps[-1]["ideal_cores"] == pytest.approx(
+        steps[0]["median"] * steps[0]["cores"] / steps[-1]["cores"])
+    with open(out / "scaling.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == n_steps and list(rows[0]) == list(report.CSV_COLUMNS)
+    written = json.loads((out / "scaling.json").read_text())
+    assert written["versions"]["distributed"] and written["dataset"]["rows"] == 1200
+    assert all(w["calibration"]["rate"] > 0 for w in written["workers"].values())
+    md = (out / "scaling.md").read_text()
+    assert "| step | hardware | cores | memory | ideal (cores) s" in md
+    assert md.count("\n| ") == n_steps + 1  # header and one row per step
+
+
+def test_inc_ksgd_scaling_writes_every_report(cluster, dataset, tmp_path):
+    out = tmp_path / "out"
+    doc = run_scaling(cluster, dataset, out, params={"n_clusters": 2, "max_iter": 1},
+                      repeats=2, simulate="3x 0, 1")
+    _check_reports(out, doc, 2)
+    assert [s["workers"] for s in doc["steps"]] == [["0"], ["0", "1"]]
+    assert len(doc["steps"][0]["seconds"]) == 2
+    assert list(doc["steps"][0]["busy_seconds"]) == ["0"]
+    hyp = doc["simulation"]["hypothetical"]
+    assert hyp["workers"] == 4 and hyp["threads"] == 4 and hyp["predicted"] > 0
+    assert "Simulated cluster '3x 0, 1'" in (out / "scaling.md").read_text()
+
+
+def test_random_forest_through_cli_stays_on_step_workers(cluster, dataset, tmp_path):
+    """joblib's dask backend with workers=: every tree batch of step 1 runs on worker 1 only."""
+    out = tmp_path / "rf"
+    res = CliRunner().invoke(main, [
+        "bench", "scaling", "--scheduler", cluster.scheduler.address, "--job", "random-forest",
+        "--data", str(dataset.url), "--steps", "1; 1,0", "--repeats", "1", "--trees", "4",
+        "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "scaling.json").read_text())
+    _check_reports(out, doc, 2)
+    assert list(doc["steps"][0]["busy_seconds"]) == ["1"]
+    assert doc["params"]["n_estimators"] == 4
+    assert "| 2 | + 0 (1 thr) | 2 |" in res.output
+
+
+def test_cli_errors_name_the_problem(cluster, dataset, tmp_path):
+    runner = CliRunner()
+    base = ["bench", "scaling", "--scheduler", cluster.scheduler.address, "-o", str(tmp_path)]
+    res = runner.invoke(main, base + ["--data", str(dataset.url), "--steps", "0; 7"])
+    assert res.exit_code == 1
+    assert "error: --steps: step 2 names unknown worker '7' (workers: 0, 1)" in res.output
+    res = runner.invoke(main, base + ["--data", str(dataset.url), "--rows", "10"])
+    assert res.exit_code == 1 and "give --data or --rows, not both" in res.output
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ConfigError, match="pip install 'rpicluster\\[bench\\]'"):
+        report.write_png({"steps": []}, tmp_path / "x.png")
+
+
+def test_worker_table_reads_the_scheduler(cluster):
+    table = worker_table(cluster)
+    assert sorted(table) == ["0", "1"]
+    assert all(w["threads"] == 1 and w["memory"] > 0 for w in table.values())
