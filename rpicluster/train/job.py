@@ -173,6 +173,7 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
             queue.add(fit)
             blk.futures += [piece, fit]
 
+    n_partitioned = n_fitted = 0
     scores: dict[int, list[int]] = {}  # block -> [validation blocks left, correct, rows]
 
     def submit_validation(b: int, model) -> None:
@@ -209,13 +210,17 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
                     blk.meta = result
                     blk.n_clusters = len(result["sizes"])
                     submit_fits(blk)
+                    n_partitioned += 1
                     _log(client, ev.PARTITIONED, run_id=run_id, block=b, rows=result["rows"],
                          worker=result["worker"], seconds=result["seconds"])
                 else:
                     blk.models[j] = result["model"]
+                    n_fitted += 1
                     _log(client, ev.FITTED, run_id=run_id, block=b, cluster=j,
                          rows=result["rows"], worker=result["worker"],
                          seconds=result["seconds"])
+                progress.advance(0, note=f"{n_partitioned}/{len(todo)} partitioned, "
+                                         f"{n_fitted} clusters fitted")
                 if blk.complete():
                     model = KSGDClassifier.from_parts(
                         classes, blk.meta["centers"],
@@ -225,7 +230,7 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
                     done[b] = model
                     del in_flight[b]  # drops the futures: the block's data leaves the workers
                     _log(client, ev.COMMITTED, run_id=run_id, block=b)
-                    progress.advance(note=f"block {b} committed")
+                    progress.advance(note=f"block {b} committed, {n_fitted} clusters fitted")
                     if validation is not None:
                         submit_validation(b, model)
                     submit_partition()
