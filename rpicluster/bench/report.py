@@ -123,7 +123,8 @@ def write_png(doc: dict, path: Path) -> None:
             label="ideal: calibrated capacity")
     ax.plot(x, [s["predicted"] for s in steps], "x:", color="tab:red",
             label="predicted (list scheduling)")
-    ax.set_xticks(x, [f"{s['step']}\n{s['cores']} cores" for s in steps])
+    ax.set_xticks(x, [f"{s['step']}\n{s['cores']} core{'s' * (s['cores'] != 1)}"
+                      for s in steps])
     ax.set_xlabel("step")
     ax.set_ylabel("wall time (s)")
     ax.set_ylim(bottom=0)

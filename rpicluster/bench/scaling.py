@@ -10,7 +10,7 @@ Two ideals per step N, both anchored at the first step's measured median T1:
   equal, so a fast desktop joining a slow Pi reads as "138 % scalability".
 * capacity ideal: ``T1 * capacity_1 / capacity_N``, where a worker's capacity is the throughput
   (rows/s, all its threads busy) it reached on a short calibration task of the same job, run
-  on every worker at once before the steps (it also warms every worker's imports).
+  on each worker in turn before the steps (it also warms every worker's imports).
 
 Scalability is ideal / measured for both. The simulator (:mod:`rpicluster.bench.simulate`)
 replays the first step's task costs on each step's workers and predicts its time (one fitted
@@ -271,33 +271,42 @@ def make_job(name: str, params: dict | None = None):
 
 def calibrate(client, job, dataset, workers: dict[str, dict], *, rows: int | None = None,
               rounds: int = 3) -> dict[str, dict]:
-    """Measure every worker's throughput on the job's calibration task, all workers at once.
+    """Measure every worker's throughput on the job's calibration task, one worker at a time.
 
-    Each worker runs ``rounds`` tasks per thread, pinned to it; its rate is threads x the median
-    per-task rows/s (rows/s with every thread busy).
+    A worker runs ``rounds`` tasks per thread, pinned to it; its rate is threads x the median
+    per-task rows/s (rows/s with every thread busy; the median drops the first, cold task).
+    Workers take turns so that workers sharing a machine (a test bed, or a desktop running
+    several) are each measured at what they can do, not at their share of a contended machine.
 
     Returns
     -------
     dict
         By worker name: ``{"rate": rows/s, "threads", "tags", "samples": [rows/s per task]}``.
+
+    Raises
+    ------
+    TrainingError
+        The calibration task failed on a worker (named).
     """
-    rows = int(min(rows or config.BENCH_CALIBRATION_ROWS, dataset.block_rows))
-    futures = {}
-    for name, w in workers.items():
-        futures[name] = [client.submit(job.calibrate, dataset, job.params, rows, pure=False,
-                                       workers=[w["address"]], allow_other_workers=False)
-                         for _ in range(w["threads"] * rounds)]
+    rows = _calibration_size(dataset, rows)
     out = {}
-    for name, fs in futures.items():
+    for name, w in workers.items():
+        futures = [client.submit(job.calibrate, dataset, job.params, rows, pure=False,
+                                 workers=[w["address"]], allow_other_workers=False)
+                   for _ in range(w["threads"] * rounds)]
         try:
-            samples = [r / s for r, s in client.gather(fs)]
+            samples = [r / s for r, s in client.gather(futures)]
         except Exception as exc:
             raise TrainingError(f"calibration task failed on worker {name!r}: "
                                 f"{type(exc).__name__}: {exc}") from exc
-        threads = workers[name]["threads"]
-        out[name] = {"rate": threads * statistics.median(samples), "threads": threads,
-                     "tags": workers[name]["tags"], "samples": samples}
+        out[name] = {"rate": w["threads"] * statistics.median(samples), "threads": w["threads"],
+                     "tags": w["tags"], "samples": samples}
     return out
+
+
+def _calibration_size(dataset, rows: int | None = None) -> int:
+    """Rows of the calibration task: ``rows`` or the configured default, at most one block."""
+    return int(min(rows or config.BENCH_CALIBRATION_ROWS, dataset.block_rows))
 
 
 # --- the benchmark ---
@@ -429,8 +438,8 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
                     "blocks": int(dataset.n_blocks), "block_rows": int(dataset.block_rows)},
         "versions": _versions(), "scheduler": client.scheduler.address,
         "workers": {n: {**w, "calibration": cal[n]} for n, w in workers.items()},
-        "calibration": {"rows": int(min(calibration_rows or config.BENCH_CALIBRATION_ROWS,
-                                        dataset.block_rows)), "rounds": 3},
+        "calibration": {"rows": _calibration_size(dataset, calibration_rows), "rounds": 3,
+                        "mode": "one worker at a time, all its threads busy"},
         "steps": rows_out,
         "simulation": {"reference_step": 1, "overhead_s": overhead,
                        "window": "blocks in flight = workers + 1" if job == "inc-ksgd"
