@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
+import os
+import socket
 import time
 
 import pytest
@@ -14,10 +18,13 @@ from rpicluster.cli import main
 from rpicluster.dashboard import dask_setup, install
 from rpicluster.dashboard import events as ev
 from rpicluster.dashboard.health import METRIC, snapshot
-from rpicluster.dashboard.links import build_links, dashboard_links
+from rpicluster.dashboard.links import (RecordedScheduler, build_links, dashboard_links,
+                                        recorded_scheduler)
 from rpicluster.dashboard.server import PLUGIN
 from rpicluster.dashboard.state import TrainingState, format_duration
+from rpicluster.deploy.cluster import down, up
 from rpicluster.errors import ConfigError
+from rpicluster.inventory import load_inventory
 
 
 def _run(run_id="r1", n_blocks=4, k=2, t0=1000.0):
@@ -51,9 +58,69 @@ def test_state_counts_progress_throughput_and_accuracy():
     assert a.fit_rate == pytest.approx((60 + 50) / 1.0)
     # 2 partitions + 3 fits of 4 x (1 + 2) tasks.
     assert s.fraction() == pytest.approx(5 / 12)
-    # 4 s elapsed for 5/12 of the work: 7/12 left at the same rate.
-    assert s.eta(now=1004.0) == pytest.approx(4.0 * 7 / 5)
+    # Rate over the last half of the 4 s elapsed: from 2/12 done at t0 + 2 to 5/12 at t0 + 4.
+    assert s.eta(now=1004.0) == pytest.approx(2.0 * (7 / 12) / (3 / 12))
+    assert s.stages() == [(2, 4), (3, 8), (1, 4)]
+    assert s.rows_per_second(now=1004.0) == pytest.approx(100 / 4.0)  # block 0 committed
     assert s.status() == "running"
+
+
+def _tasks(n_blocks, k, blocks, t0, run_id="r"):
+    """Events of ``blocks`` trained one task per second from ``t0``: partition, k fits, commit."""
+    out, t = [], t0
+    for b in blocks:
+        out.append(ev.make_event(ev.PARTITIONED, run_id=run_id, block=b, rows=10, worker="w",
+                                 seconds=1.0, t=t))
+        for j in range(k):
+            t += 1
+            out.append(ev.make_event(ev.FITTED, run_id=run_id, block=b, cluster=j, rows=5,
+                                     worker="w", seconds=1.0, t=t))
+        out.append(ev.make_event(ev.COMMITTED, run_id=run_id, block=b, t=t))
+        t += 1
+    return out
+
+
+def test_state_eta_is_not_misled_by_a_slow_start():
+    s = TrainingState()
+    s.feed(ev.make_event(ev.RUN_START, run_id="r", n_blocks=20, n_clusters=4, t=0.0))
+    # The workers' start-up delays the first result by 60 s; then one task a second.
+    events = _tasks(20, 4, range(20), t0=60.0)
+    s.update(events[:84])  # 14 blocks: 70 of the 100 tasks
+    now = s.last_t
+    tasks_left = 100 - 70
+    assert s.fraction() == pytest.approx(0.7)
+    assert s.eta(now) == pytest.approx(tasks_left * 1.0)
+    assert s.eta(now) < now * 0.3 / 0.7  # what the average since run-start would say
+
+
+def test_state_resumed_run_counts_resumed_blocks_and_times_only_new_work():
+    n_blocks, k, resumed = 10, 2, 6
+    s = TrainingState()
+    s.feed(ev.make_event(ev.RUN_START, run_id="r", n_blocks=n_blocks, n_clusters=k,
+                         resumed=resumed, t=0.0))
+    assert s.stages() == [(6, 10), (12, 20), (6, 10)]
+    assert s.fraction() == pytest.approx(0.6)
+    assert s.eta(now=5.0) is None  # no work of this run yet: no rate
+    events = _tasks(n_blocks, k, range(resumed, n_blocks), t0=1.0)
+    s.update(events[:4])  # block 6: partition and two fits, one a second, then its commit
+    tasks_left = (n_blocks - resumed - 1) * (1 + k)
+    assert s.fraction() == pytest.approx(1 - tasks_left / (n_blocks * (1 + k)))
+    assert s.eta(now=s.last_t) == pytest.approx(tasks_left * 1.0)
+    s.update(events[4:])
+    s.feed(ev.make_event(ev.RUN_END, run_id="r", t=s.last_t))
+    assert s.stages() == [(10, 10), (20, 20), (10, 10)]
+    assert (s.status(), s.fraction(), s.eta(now=1e9)) == ("finished", 1.0, 0.0)
+
+
+def test_state_run_that_ended_early_shows_what_it_did():
+    """A failed run (or a resumed one whose trainer does not send ``resumed``) stops short."""
+    s = TrainingState()
+    s.feed(ev.make_event(ev.RUN_START, run_id="r", n_blocks=4, n_clusters=2, t=0.0))
+    s.update(_tasks(4, 2, [0, 1], t0=1.0))
+    s.feed(ev.make_event(ev.RUN_END, run_id="r", t=s.last_t))
+    assert s.status() == "finished"
+    assert s.fraction() == pytest.approx(0.5)
+    assert s.eta(now=100.0) is None
 
 
 def test_state_counts_a_task_that_ran_twice_once_and_ignores_strangers():
@@ -73,6 +140,7 @@ def test_state_new_run_starts_afresh_and_run_end_finishes():
     s.update(_run("r1"))
     s.update(_run("r2", n_blocks=2, k=1, t0=2000.0))
     assert s.run_id == "r2" and s.total_fits == 2 and s.accuracy == {0: 0.75}
+    s.update(_tasks(2, 1, [1], t0=2005.0, run_id="r2"))
     s.feed(ev.make_event(ev.RUN_END, run_id="r2", t=2010.0))
     assert (s.status(), s.fraction(), s.eta(now=3000.0)) == ("finished", 1.0, 0.0)
 
@@ -179,6 +247,54 @@ def test_dashboard_command_prints_the_page_url(local):
     assert f"training:  {base}/rpicluster" in out.output
     assert dashboard_links(cluster.scheduler_address).status == f"{base}/status"
     assert dashboard_links(client=client).page == f"{base}/rpicluster"
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An empty rpicluster state directory (``RPICLUSTER_HOME``) under tmp_path."""
+    path = tmp_path / "home"
+    path.mkdir()
+    monkeypatch.setenv("RPICLUSTER_HOME", str(path))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_recorded_clusters_ssh_first_tls_with_the_recorded_certificate(home, local, tmp_path):
+    cluster, _ = local
+    # The embedded cluster's record, as `up --local` writes it, naming the running test cluster.
+    (home / "local.json").write_text(json.dumps(
+        {"pid": os.getpid(), "scheduler_address": cluster.scheduler_address}))
+    assert recorded_scheduler() == RecordedScheduler(cluster.scheduler_address, "local")
+    local_base = f"http://127.0.0.1:{cluster.scheduler.http_server.port}"
+    assert dashboard_links().page == f"{local_base}/rpicluster"
+
+    # An SSH cluster brought up from an inventory: its scheduler runs here (no SSH needed), with
+    # TLS; the inventory's worker is left out so that no host has to be reached.
+    dashboard_port = _free_port()
+    inventory = tmp_path / "cluster.toml"
+    inventory.write_text(
+        f'[scheduler]\nhost = "127.0.0.1"\nscheduler_port = {_free_port()}\n'
+        f'dashboard_port = {dashboard_port}\n'
+        f'[defaults]\nkey = "{tmp_path}/key"\nknown_hosts = "{tmp_path}/known_hosts"\n'
+        '[[workers]]\nhost = "192.0.2.1"\n')
+    up(dataclasses.replace(load_inventory(inventory), workers=()))
+    try:
+        recorded = recorded_scheduler()
+        assert recorded.kind == "ssh" and recorded.address.startswith("tls://127.0.0.1:")
+        links = dashboard_links()
+        assert links.page == f"http://127.0.0.1:{dashboard_port}/rpicluster"
+        assert requests.get(links.page, timeout=10).status_code == 200
+        # Named explicitly, the recorded cluster is still reached with its certificate.
+        out = CliRunner().invoke(main, ["dashboard", "--scheduler", recorded.address])
+        assert out.exit_code == 0, out.output
+        assert f"training:  {links.page}" in out.output
+    finally:
+        down()
 
 
 def test_dashboard_command_names_a_missing_cluster(tmp_path, monkeypatch):

@@ -1,8 +1,11 @@
 """Headless Chromium loads /rpicluster during a real training run on a local cluster.
 
-Chromium is driven through the DevTools protocol over aiohttp's websocket client: navigate, wait
-until the page's plots exist and show progress, collect every JavaScript exception and console
-error, take a screenshot (saved under test-artifacts/ at the repository root).
+Inc-kSGD trains on a two-process LocalCluster (the page preloaded as the embedded cluster does)
+in a thread while Chromium, driven through the DevTools protocol over aiohttp's websocket client,
+opens the page: it waits until the plots exist and show live progress, a validation point and
+per-worker throughput, screenshots the page, follows the run to its end and screenshots it again
+(both under test-artifacts/ at the repository root), collecting every JavaScript exception and
+console error on the way.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import itertools
 import json
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +27,11 @@ from distributed import Client, LocalCluster
 
 from rpicluster.dashboard import PRELOAD
 from rpicluster.dashboard.page import PLOT_NAMES
+from rpicluster.data.sources import ArraySource
+from rpicluster.data.store import ingest
+from rpicluster.data.synthetic import make_imagenet_like
+from rpicluster.models.incremental import IncrementalKSGDClassifier
+from rpicluster.train.job import train
 
 pytestmark = pytest.mark.browser
 
@@ -115,7 +124,36 @@ def chromium(tmp_path):
             proc.wait()
 
 
-async def _load_page(devtools_http: str, url: str, screenshot: Path) -> dict:
+# Reads the page's models in the browser: the progress bars, accuracy points, throughput bars,
+# hardware rows and summary, as the user sees them.
+_PAGE_STATE = """(() => {
+  const m = n => Bokeh.documents[0].get_model_by_name(n);
+  const progress = m('rpicluster-progress').renderers[1].data_source.data;
+  const throughput = m('rpicluster-throughput').renderers[0].data_source.data;
+  return {
+    summary: m('rpicluster-summary').text,
+    fractions: Array.from(progress.fraction),
+    labels: Array.from(progress.label),
+    accuracy: Array.from(m('rpicluster-accuracy').renderers[0].data_source.data.accuracy),
+    throughput_workers: Array.from(throughput.worker),
+    partition_rates: Array.from(throughput.partition),
+    fit_rates: Array.from(throughput.fit),
+    hardware_workers: Array.from(m('rpicluster-hardware').source.data.worker),
+    title: document.title,
+  };
+})()"""
+
+# Live progress: a local model fitted, a block scored on the validation set, a worker's rate.
+_LIVE = ("(s => s.fractions[1] > 0 && s.accuracy.length > 0 && s.fit_rates.some(r => r > 0))"
+         f"({_PAGE_STATE})")
+
+
+async def _watch_training(devtools_http: str, url: str, run_done, shots: Path) -> dict:
+    """Open ``url`` while training runs; screenshot it live and once ``run_done()`` returns.
+
+    Returns the page's state as seen live (``live``) and after the run (``final``), and every
+    JavaScript error.
+    """
     async with aiohttp.ClientSession() as http:
         async with http.put(f"{devtools_http}/json/new?about:blank") as r:
             target = await r.json()
@@ -133,131 +171,95 @@ async def _load_page(devtools_http: str, url: str, screenshot: Path) -> dict:
                 f"{names}.every(n => Bokeh.documents[0].get_model_by_name(n) !== null) && "
                 f"{names}.every(n => Bokeh.index.find_one_by_id("
                 f"Bokeh.documents[0].get_model_by_name(n).id) != null)")
-            # Live: the page has seen the run and local models fitted.
-            await cdp.wait_for(
-                "Bokeh.documents[0].get_model_by_name('rpicluster-progress')"
-                ".renderers[1].data_source.data.fraction[1] > 0", timeout=60)
-            await asyncio.sleep(1.5)  # let the layout settle and a refresh or two land
-            shot = await cdp.call("Page.captureScreenshot", format="png")
-            screenshot.write_bytes(base64.b64decode(shot["data"]))
-            info = await cdp.evaluate(
-                "(() => { const d = Bokeh.documents[0]; return {"
-                "summary: d.get_model_by_name('rpicluster-summary').text,"
-                "workers: d.get_model_by_name('rpicluster-hardware').source.data.worker.length,"
-                "throughput: d.get_model_by_name('rpicluster-throughput')"
-                ".renderers[0].data_source.data.worker.length,"
-                "title: document.title} })()")
+            await cdp.wait_for(_LIVE, timeout=90)
+            live = await cdp.evaluate(_PAGE_STATE)
+            await _screenshot(cdp, shots / "dashboard-rpicluster-live.png")
+            await asyncio.to_thread(run_done)
+            # The page follows the run to its end without a reload.
+            await cdp.wait_for(f"{_PAGE_STATE}.summary.includes('finished')", timeout=30)
+            final = await cdp.evaluate(_PAGE_STATE)
+            await _screenshot(cdp, shots / "dashboard-rpicluster.png")
             cdp.reader.cancel()
-            return {**info, "errors": list(cdp.errors)}
+            return {"live": live, "final": final, "errors": list(cdp.errors)}
 
 
-def _partition(block: int, rows: int, features: int, k: int) -> dict:
-    """A block's worth of real work: a few Lloyd iterations of k-means on seeded data."""
-    import numpy as np
-    from distributed import get_worker
-
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(block)
-    X = rng.standard_normal((rows, features), dtype=np.float32)
-    centers = X[:k].copy()
-    for _ in range(8):
-        labels = ((X[:, None, :] - centers[None]) ** 2).sum(-1).argmin(1)
-        centers = np.stack([X[labels == j].mean(0) if (labels == j).any() else centers[j]
-                            for j in range(k)])
-    return {"rows": rows, "labels": labels, "worker": get_worker().address,
-            "seconds": time.perf_counter() - t0}
+async def _screenshot(cdp: DevTools, path: Path) -> None:
+    await asyncio.sleep(1.5)  # let the layout settle and a refresh or two land
+    shot = await cdp.call("Page.captureScreenshot", format="png")
+    path.write_bytes(base64.b64decode(shot["data"]))
 
 
-def _fit(block: int, cluster: int, part: dict, features: int) -> dict:
-    """A local model's worth of real work: least squares on the cluster's rows (R² as accuracy)."""
-    import numpy as np
-    from distributed import get_worker
-
-    t0 = time.perf_counter()
-    rng = np.random.default_rng([block, cluster])
-    n = int((part["labels"] == cluster).sum())
-    X = rng.standard_normal((n, features))
-    y = X @ rng.standard_normal(features) + rng.standard_normal(n) * (2 + block % 4)
-    for _ in range(20):
-        coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-    accuracy = float(1 - ((X @ coef - y) ** 2).mean() / y.var())
-    return {"rows": n, "worker": get_worker().address, "accuracy": accuracy,
-            "seconds": time.perf_counter() - t0}
+ROWS, FEATURES, CLASSES, BLOCK_ROWS = 30_000, 64, 10, 2_000
 
 
-def _run_training(client: Client, run_id: str, n_blocks: int, k: int) -> None:
-    """Run a block/cluster job on the cluster, publishing the training events as it goes."""
-    from distributed import as_completed
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """Train and held-out validation stores of seeded ImageNet-like rows (15 training blocks).
 
-    from rpicluster.dashboard import events as ev
-
-    def log(kind, **fields):
-        client.log_event(ev.TOPIC, ev.make_event(kind, run_id=run_id, **fields))
-
-    rows, features = 6000, 48
-    log(ev.RUN_START, n_blocks=n_blocks, n_clusters=k, rows=rows * n_blocks)
-    parts = {client.submit(_partition, b, rows, features, k, pure=False): b
-             for b in range(n_blocks)}
-    fits: dict = {}
-    done_fits = {b: [] for b in range(n_blocks)}
-    pending = as_completed(list(parts))
-    for fut in pending:
-        result = fut.result()
-        if fut in parts:
-            b = parts[fut]
-            log(ev.PARTITIONED, block=b, rows=result["rows"], worker=result["worker"],
-                seconds=result["seconds"])
-            for j in range(k):
-                f = client.submit(_fit, b, j, fut, features, pure=False)
-                fits[f] = (b, j)
-                pending.add(f)
-        else:
-            b, j = fits[fut]
-            log(ev.FITTED, block=b, cluster=j, rows=result["rows"], worker=result["worker"],
-                seconds=result["seconds"])
-            done_fits[b].append(result["accuracy"])
-            if len(done_fits[b]) == k:
-                log(ev.COMMITTED, block=b)
-                log(ev.VALIDATION, block=b, accuracy=sum(done_fits[b]) / k)
-    log(ev.RUN_END)
+    Sized so that training takes some 10-20 s on two single-threaded workers: long enough to
+    load the page while it runs.
+    """
+    root = tmp_path_factory.mktemp("stores")
+    X, y = make_imagenet_like(ROWS + BLOCK_ROWS, FEATURES, CLASSES, seed=0)
+    train = ingest(ArraySource("browser-test train rows", X[:ROWS], y[:ROWS]),
+                   root / "train.zarr", block_rows=BLOCK_ROWS)
+    test = ingest(ArraySource("browser-test held-out rows", X[ROWS:], y[ROWS:]),
+                  root / "test.zarr", block_rows=BLOCK_ROWS)
+    return train, test
 
 
 @pytest.fixture
 def cluster():
-    """A real two-process LocalCluster whose scheduler preloads the rpicluster page."""
+    """A two-process LocalCluster whose scheduler preloads the page, as the embedded one does."""
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0",
                       scheduler_kwargs={"preload": [PRELOAD]}) as c:
         yield c
 
 
-def test_page_in_headless_chromium_during_training(cluster, chromium):
-    import threading
-
+def test_page_in_headless_chromium_during_training(cluster, chromium, stores):
+    train_store, test_store = stores
     base = cluster.dashboard_link.rsplit("/", 1)[0]
+    estimator = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, n_clusters=4, max_iter=5,
+                                          random_state=0)
+    outcome: dict = {}
     with Client(cluster) as client:
-        errors = []
 
-        def train():
+        def run() -> None:
             try:
-                _run_training(client, "browser-test", n_blocks=8, k=3)
+                outcome["result"] = train(estimator, train_store, client, validation=test_store)
             except BaseException as exc:  # re-raised in the test thread
-                errors.append(exc)
+                outcome["error"] = exc
 
-        runner = threading.Thread(target=train)
+        runner = threading.Thread(target=run)
         runner.start()
         try:
             for path in ("/status", "/rpicluster"):
                 assert requests.get(base + path, timeout=30).status_code == 200, path
             ARTIFACTS.mkdir(exist_ok=True)
-            screenshot = ARTIFACTS / "dashboard-rpicluster.png"
-            seen = asyncio.run(_load_page(chromium, base + "/rpicluster", screenshot))
+            seen = asyncio.run(_watch_training(chromium, base + "/rpicluster", runner.join,
+                                               ARTIFACTS))
         finally:
             runner.join()
-        if errors:
-            raise errors[0]
-    print(f"\nscreenshot: {screenshot}")
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
+    live, final = seen["live"], seen["final"]
+    print(f"\nscreenshots: {ARTIFACTS / 'dashboard-rpicluster-live.png'} "
+          f"({'during' if 'running' in live['summary'] else 'after'} the run), "
+          f"{ARTIFACTS / 'dashboard-rpicluster.png'}")
     assert seen["errors"] == []
-    assert "browser-test" in seen["summary"]
-    assert seen["workers"] == 2
-    assert seen["throughput"] >= 1
-    assert screenshot.stat().st_size > 10_000
+    assert live["fractions"][1] > 0 and live["accuracy"]
+    # Per-worker throughput under the workers' own names, as training measured them.
+    assert set(final["throughput_workers"]) == set(result.rows_per_second())
+    assert set(final["throughput_workers"]) <= set(final["hardware_workers"])
+    assert len(final["hardware_workers"]) == 2
+    # A worker may have only partitioned or only fitted, but every one charted did work.
+    assert all(p + f > 0 for p, f in zip(final["partition_rates"], final["fit_rates"]))
+    n_blocks = train_store.n_blocks
+    assert final["fractions"] == [1, 1, 1]
+    assert final["labels"][2] == f"{n_blocks} / {n_blocks}"
+    assert len(final["accuracy"]) == n_blocks
+    assert all(0 <= a <= 1 for a in final["accuracy"])
+    assert "100% done" in final["summary"] and "– rows/s" not in final["summary"]
+    for name in ("dashboard-rpicluster-live.png", "dashboard-rpicluster.png"):
+        assert (ARTIFACTS / name).stat().st_size > 10_000

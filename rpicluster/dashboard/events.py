@@ -18,7 +18,9 @@ from rpicluster.errors import ConfigError
 TOPIC = "rpicluster.train"
 
 # Event kinds ("kind" field).
-RUN_START = "run-start"  #: a run begins: run_id, n_blocks, n_clusters, rows (total), t
+#: a run begins: run_id, n_blocks (every block, resumed ones included), n_clusters, rows (total),
+#: resumed (how many blocks were loaded from the run directory instead of trained), t
+RUN_START = "run-start"
 PARTITIONED = "partitioned"  #: block clustered: block, rows, worker, seconds
 FITTED = "fitted"  #: one local model fitted: block, cluster, rows, worker, seconds
 COMMITTED = "committed"  #: block model written to the run directory: block
@@ -38,9 +40,11 @@ ROWS = "rows"
 WORKER = "worker"
 SECONDS = "seconds"
 ACCURACY = "accuracy"
+RESUMED = "resumed"
 T = "t"
 
-FIELDS = (KIND, RUN_ID, N_BLOCKS, N_CLUSTERS, BLOCK, CLUSTER, ROWS, WORKER, SECONDS, ACCURACY, T)
+FIELDS = (KIND, RUN_ID, N_BLOCKS, N_CLUSTERS, BLOCK, CLUSTER, ROWS, WORKER, SECONDS, ACCURACY,
+          RESUMED, T)
 
 
 def make_event(kind: str, **fields) -> dict:

@@ -89,12 +89,47 @@ def _dashboard_facts(dask_scheduler) -> dict | None:
             "tls": getattr(http, "ssl_options", None) is not None}
 
 
-def recorded_scheduler() -> str | None:
-    """Address of the cluster ``rpicluster up`` recorded on this machine, or None."""
+@dataclasses.dataclass(frozen=True)
+class RecordedScheduler:
+    """A scheduler ``rpicluster up`` recorded on this machine.
+
+    Attributes
+    ----------
+    address : str
+        Its address (``tls://host:8786`` for an SSH cluster with TLS).
+    kind : str
+        ``"ssh"``: the cluster ``up -c cluster.toml`` started (connected with its recorded TLS
+        certificate); ``"local"``: the embedded cluster of ``up --local``.
+    """
+
+    address: str
+    kind: str
+
+    def client(self, timeout: str = "10s"):
+        """A ``distributed.Client`` of this scheduler, with the cluster's security."""
+        if self.kind == "ssh":
+            from rpicluster.deploy.cluster import connect
+
+            return connect(timeout=timeout)
+        from distributed import Client
+
+        return Client(self.address, timeout=timeout)
+
+
+def recorded_scheduler() -> RecordedScheduler | None:
+    """The cluster ``rpicluster up`` recorded on this machine: the SSH one, else the embedded one.
+
+    The same order as the commands that run on a cluster (see
+    :func:`rpicluster.deploy.local.cluster_client`). None when neither is recorded.
+    """
+    from rpicluster.deploy.cluster import recorded_cluster
     from rpicluster.deploy.local import local_status
 
+    ssh = recorded_cluster()
+    if ssh is not None:
+        return RecordedScheduler(ssh["address"], "ssh")
     info = local_status()
-    return info["scheduler_address"] if info else None
+    return RecordedScheduler(info["scheduler_address"], "local") if info else None
 
 
 def dashboard_links(address: str | None = None, *, client=None,
@@ -105,9 +140,10 @@ def dashboard_links(address: str | None = None, *, client=None,
     ----------
     address : str or None
         Scheduler address (``tcp://host:8786``); None uses ``client``'s scheduler, else
-        :func:`recorded_scheduler`.
+        :func:`recorded_scheduler`. The recorded cluster's TLS certificate is used when
+        ``address`` is its address.
     client : distributed.Client, optional
-        An open client to use instead of connecting (e.g. one with the cluster's TLS security).
+        An open client to use instead of connecting.
     timeout : str
         How long to try to connect.
 
@@ -122,14 +158,19 @@ def dashboard_links(address: str | None = None, *, client=None,
 
     if client is not None:
         return _links(client, address or client.scheduler.address)
-    address = address or recorded_scheduler()
+    recorded = recorded_scheduler()
     if address is None:
-        raise ConfigError("no cluster to show: pass --scheduler tcp://HOST:8786, or start one "
-                          "with `rpicluster up`")
+        if recorded is None:
+            raise ConfigError("no cluster to show: pass --scheduler tcp://HOST:8786, or start one "
+                              "with `rpicluster up`")
+        address = recorded.address
     try:
-        client = Client(address, timeout=timeout)
+        client = (recorded.client(timeout) if recorded is not None and recorded.address == address
+                  else Client(address, timeout=timeout))
     except OSError as exc:
-        raise RPiClusterError(f"cannot reach the scheduler at {address}: {exc}") from exc
+        hint = (" (a TLS scheduler needs the certificate `rpicluster up` recorded: run this on "
+                "the machine that started the cluster)" if address.startswith("tls://") else "")
+        raise RPiClusterError(f"cannot reach the scheduler at {address}: {exc}{hint}") from exc
     with client:
         return _links(client, address)
 

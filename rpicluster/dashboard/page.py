@@ -80,7 +80,7 @@ class TrainingPage:
         self.throughput = figure(
             name=PLOT_NAMES[2], title="Throughput per worker (rows per second of task time)",
             x_range=FactorRange(), height=300, sizing_mode="stretch_width", tools="",
-            toolbar_location=None)
+            toolbar_location=None, x_axis_label="worker")
         for series, color, offset in (("partition", _PARTITION, -0.18), ("fit", _FIT, 0.18)):
             self.throughput.vbar(x=dodge("worker", offset, range=self.throughput.x_range),
                                  top=series, width=0.34, color=color, legend_label=series,
@@ -90,7 +90,7 @@ class TrainingPage:
             ("fit", "@fit{0,0} rows/s"), ("tasks", "@tasks")]))
         self.throughput.y_range.start = 0
         self.throughput.yaxis.formatter = NumeralTickFormatter(format="0.[0]a")
-        self.throughput.xaxis.major_label_orientation = 0.3
+        self.throughput.xaxis.major_label_text_font_size = "13px"
         # Outside the plot: inside, it would hide the first worker's bars.
         self.throughput.add_layout(self.throughput.legend[0], "right")
         self.throughput.xgrid.grid_line_color = None
@@ -98,8 +98,8 @@ class TrainingPage:
         self.accuracy_source = ColumnDataSource({"block": [], "accuracy": []})
         self.accuracy = figure(
             name=PLOT_NAMES[3], title="Validation accuracy per block", height=300,
-            y_range=Range1d(0, 1.02), sizing_mode="stretch_width", tools="",
-            toolbar_location=None, x_axis_label="block", y_axis_label="accuracy")
+            x_range=Range1d(-0.5, 0.5), y_range=Range1d(0, 1.02), sizing_mode="stretch_width",
+            tools="", toolbar_location=None, x_axis_label="block", y_axis_label="accuracy")
         self.accuracy.line(x="block", y="accuracy", source=self.accuracy_source, color=_DONE,
                            line_width=2)
         self.accuracy.scatter(x="block", y="accuracy", source=self.accuracy_source, color=_DONE,
@@ -135,11 +135,9 @@ class TrainingPage:
         s = self.state
         self.summary.text = _summary_html(s, now)
 
-        fits = len(s.fitted)
-        totals = (s.n_blocks, s.total_fits, s.n_blocks)
-        dones = (len(s.partitioned), fits, len(s.committed))
-        fractions = [min(1.0, d / t) if t else 0.0 for d, t in zip(dones, totals)]
-        labels = [f"{d} / {t if t is not None else '?'}" for d, t in zip(dones, totals)]
+        stages = s.stages()
+        fractions = [min(1.0, d / t) if t else 0.0 for d, t in stages]
+        labels = [f"{d} / {t if t is not None else '?'}" for d, t in stages]
         _set(self.progress_source, {"stage": list(_STAGES), "fraction": fractions,
                                     "label": labels, "full": [1.0] * 3})
 
@@ -147,6 +145,8 @@ class TrainingPage:
         names = [_short(w) for w in workers]
         if list(self.throughput.x_range.factors) != names:
             self.throughput.x_range.factors = names
+            # Slanted only when many workers' names would collide.
+            self.throughput.xaxis.major_label_orientation = 0.5 if len(names) > 8 else "horizontal"
         _set(self.throughput_source, {
             "worker": names,
             "partition": [s.workers[w].partition_rate for w in workers],
@@ -156,6 +156,11 @@ class TrainingPage:
         blocks = sorted(s.accuracy)
         _set(self.accuracy_source, {"block": blocks, "accuracy": [s.accuracy[b] for b in blocks]})
         self.no_accuracy.visible = not blocks
+        # Every block of the run on the axis from the start, so points fill it in as blocks are
+        # scored instead of the axis rescaling under them.
+        end = (s.n_blocks if s.n_blocks else max(blocks, default=0) + 1) - 0.5
+        if self.accuracy.x_range.end != end:
+            self.accuracy.x_range.end = end
 
         hardware = _hardware_rows(self.scheduler)
         _set(self.hardware_source, hardware)
@@ -183,11 +188,14 @@ def _summary_html(s: TrainingState, now: float) -> str:
         frac = s.fraction()
         ended = s.finished if s.finished is not None else now
         elapsed = ended - s.started if s.started is not None else None
+        rate = s.rows_per_second(now)
         parts = [f"run <b>{html.escape(str(s.run_id or '?'))}</b>", f"<b>{status}</b>",
                  f"{s.n_blocks if s.n_blocks is not None else '?'} blocks × "
-                 f"{s.n_clusters if s.n_clusters is not None else '?'} clusters",
+                 f"{s.n_clusters if s.n_clusters is not None else '?'} clusters"
+                 + (f" ({s.resumed} blocks resumed)" if s.resumed else ""),
                  f"{frac:.0%} done" if frac is not None else "size unknown",
-                 f"elapsed {format_duration(elapsed)}"]
+                 f"elapsed {format_duration(elapsed)}",
+                 f"{rate:,.0f} rows/s" if rate is not None else "– rows/s"]
         if status == "running":
             parts.append(f"ETA <b>{format_duration(s.eta(now))}</b>")
         body = " · ".join(parts)

@@ -3,11 +3,15 @@
 :class:`TrainingState` consumes the events of :mod:`rpicluster.dashboard.events` one at a time and
 answers what the page shows: how many blocks are partitioned, clusters fitted and blocks committed,
 the ETA, each worker's throughput, and each block's validation accuracy. Tasks may run twice (a
-worker died), so progress counts distinct blocks and (block, cluster) pairs, never events.
+worker died), so progress counts distinct blocks and (block, cluster) pairs, never events. A
+resumed run trains only the blocks its run directory lacks: the ``resumed`` count of its
+``run-start`` event counts as done in every stage, and the ETA is measured on this run's work only.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -50,6 +54,7 @@ class TrainingState:
     run_id: str | None = None
     n_blocks: int | None = None
     n_clusters: int | None = None
+    resumed: int = 0
     started: float | None = None
     finished: float | None = None
     last_t: float | None = None
@@ -57,7 +62,9 @@ class TrainingState:
     fitted: set = field(default_factory=set)
     committed: set = field(default_factory=set)
     accuracy: dict = field(default_factory=dict)
+    block_rows: dict = field(default_factory=dict)
     workers: dict = field(default_factory=dict)
+    marks: list = field(default_factory=list)
     n_events: int = 0
 
     def update(self, events: Iterable[dict]) -> None:
@@ -92,12 +99,15 @@ class TrainingState:
             self.last_t = t if self.last_t is None else max(self.last_t, t)
             if self.started is None:
                 self.started = t
-        for name, attr in ((ev.N_BLOCKS, "n_blocks"), (ev.N_CLUSTERS, "n_clusters")):
+        for name, attr in ((ev.N_BLOCKS, "n_blocks"), (ev.N_CLUSTERS, "n_clusters"),
+                           (ev.RESUMED, "resumed")):
             if event.get(name) is not None:
                 setattr(self, attr, int(event[name]))
         block = event.get(ev.BLOCK)
         if kind == ev.PARTITIONED:
             self.partitioned.add(block)
+            if event.get(ev.ROWS) is not None:
+                self.block_rows[block] = int(event[ev.ROWS])
             self._work(event, "partition")
         elif kind == ev.FITTED:
             self.fitted.add((block, event.get(ev.CLUSTER)))
@@ -108,6 +118,13 @@ class TrainingState:
             self.accuracy[block] = float(event[ev.ACCURACY])
         elif kind == ev.RUN_END:
             self.finished = t if t is not None else self.last_t
+        self._mark(t)
+
+    def _mark(self, t: float | None) -> None:
+        # (time, fraction done) whenever the fraction moves: the ETA's rate comes from these.
+        frac = self.fraction()
+        if t is not None and frac is not None and (not self.marks or frac > self.marks[-1][1]):
+            self.marks.append((t, frac))
 
     def _start(self, event: dict) -> None:
         fresh = TrainingState()
@@ -132,24 +149,37 @@ class TrainingState:
             return None
         return self.n_blocks * self.n_clusters
 
+    def stages(self) -> list[tuple[int, int | None]]:
+        """(done, total) of blocks partitioned, clusters fitted and blocks committed.
+
+        Resumed blocks count as done in each; a total is None while unknown.
+        """
+        k = self.n_clusters or 0
+        return [(self.resumed + len(self.partitioned), self.n_blocks),
+                (self.resumed * k + len(self.fitted), self.total_fits),
+                (self.resumed + len(self.committed), self.n_blocks)]
+
     def fraction(self) -> float | None:
         """Share of the run done, 0..1, or None before the run's size is known.
 
         Each block is one partition task and ``n_clusters`` fit tasks; committed blocks count in
-        full, so a run whose tasks finished before the page came up still shows them.
+        full, so a run whose tasks finished before the page came up still shows them. A run that
+        ended early (it failed) stays below 1.
         """
-        if self.finished is not None:
-            return 1.0
-        parts = []
-        if self.n_blocks and self.n_clusters:
-            tasks = len(self.partitioned) + len(self.fitted)
-            parts.append(tasks / (self.n_blocks * (1 + self.n_clusters)))
-        if self.n_blocks:
-            parts.append(len(self.committed) / self.n_blocks)
-        return min(1.0, max(parts)) if parts else None
+        if not self.n_blocks:
+            return None
+        (parts, _), (fits, _), (committed, _) = self.stages()
+        frac = committed / self.n_blocks
+        if self.n_clusters:
+            frac = max(frac, (parts + fits) / (self.n_blocks * (1 + self.n_clusters)))
+        return min(1.0, frac)
 
     def eta(self, now: float) -> float | None:
-        """Seconds left at the average rate since the run started, or None when unknown.
+        """Seconds left at the recent rate, or None when unknown (or the run ended early).
+
+        The rate is measured over the second half of the time elapsed: the first tasks also pay
+        for the workers' start-up (imports, first reads), so the average since the start would
+        overstate what is left, and a cluster that gained or lost workers is seen sooner.
 
         Parameters
         ----------
@@ -157,14 +187,31 @@ class TrainingState:
             The current ``time.time()``.
         """
         frac = self.fraction()
-        if frac is None or self.started is None:
+        if frac is None:
             return None
         if frac >= 1.0:
             return 0.0
-        if frac <= 0.0:
+        if self.finished is not None or not self.marks:
             return None
-        elapsed = max(0.0, now - self.started)
-        return elapsed * (1.0 - frac) / frac
+        horizon = now - (now - self.marks[0][0]) / 2
+        t0, f0 = self.marks[max(0, bisect.bisect_right(self.marks, (horizon, math.inf)) - 1)]
+        if frac <= f0 or now <= t0:
+            return None
+        return (now - t0) * (1.0 - frac) / (frac - f0)
+
+    def rows_per_second(self, now: float) -> float | None:
+        """Training rows committed by this run per second of its wall time, or None when unknown.
+
+        Parameters
+        ----------
+        now : float
+            The current ``time.time()`` (the run's end is used once it finished).
+        """
+        if self.started is None:
+            return None
+        elapsed = (self.finished if self.finished is not None else now) - self.started
+        rows = sum(self.block_rows.get(b, 0) for b in self.committed)
+        return rows / elapsed if elapsed > 0 and rows else None
 
     def status(self) -> str:
         """One word for the run: ``"waiting"``, ``"running"`` or ``"finished"``."""
