@@ -47,6 +47,8 @@ class Progress:
         self._rich = None
         self._task = None
         self._depth = 0  # re-entrant: a library call may enter the Progress its caller entered
+        self._marks: list[tuple[float, int]] = []  # (time, completed) at each advance
+        self._base = 0
 
     @classmethod
     def null(cls) -> "Progress":
@@ -86,13 +88,31 @@ class Progress:
         return time.perf_counter() - self._start
 
     def eta(self) -> float | None:
-        """Seconds left at the rate so far, or None when it cannot be told yet."""
-        if not self.total or not self.completed:
+        """Seconds left at the recent rate, or None when it cannot be told yet.
+
+        The rate is measured between the items finished in the second half of the time
+        elapsed, so a slow start (workers importing libraries) does not inflate it; with too few
+        such items, over the whole run. Skipped (resumed) items never count.
+        """
+        if not self.total or not self._marks:
             return None
-        return self.elapsed / self.completed * (self.total - self.completed)
+        now = time.perf_counter()
+        half = now - (now - self._start) / 2
+        recent = [m for m in self._marks if m[0] > half]
+        t0, c0 = recent[0] if len(recent) >= 2 else (self._start, self._base)
+        done = self.completed - c0
+        return (now - t0) / done * (self.total - self.completed) if done > 0 else None
+
+    def skip(self, n: int, *, note: str | None = None) -> None:
+        """Count ``n`` items done before this run (resumed work): shown, but not in the rate."""
+        self._base += n
+        self.advance(n, note=note)
+        self._marks.pop()
 
     def advance(self, n: int = 1, *, note: str | None = None) -> None:
         self.completed += n
+        if n:
+            self._marks.append((time.perf_counter(), self.completed))
         if not self.enabled:
             return
         if self._rich is not None:

@@ -71,3 +71,20 @@ def test_progress_is_reentrant_and_prints_one_final_line():
         with p:  # a library call entering the caller's progress again
             p.advance(2)
     assert buf.getvalue().count("done") == 1
+
+
+def test_progress_eta_uses_the_recent_rate_and_ignores_skipped_work(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr("rpicluster.progress.time.perf_counter", lambda: now[0])
+    p = Progress("train", total=10, enabled=False)
+    with p:
+        p.skip(4)  # resumed blocks: no rate can be told from them
+        assert p.eta() is None
+        now[0] = 60.0  # a slow first item (workers starting) ...
+        p.advance()
+        for _ in range(3):  # ... then one item every 2 s
+            now[0] += 2.0
+            p.advance()
+        # 3 items in the last 6 s of 66 s elapsed (the second half: since t=33 s, 3 items and
+        # the one at t=60 s), 2 items left: about 4-5 s, far from the 66/4*2 = 33 s average.
+        assert p.eta() < 10

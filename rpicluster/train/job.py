@@ -139,7 +139,7 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
     run_id = uuid.uuid4().hex[:8]
     progress = progress or Progress.null()
     counts, rows, busy = Counter(), Counter(), Counter()
-    _log(client, ev.RUN_START, run_id=run_id, n_blocks=n_blocks,
+    _log(client, ev.RUN_START, run_id=run_id, n_blocks=n_blocks, resumed=len(resumed),
          n_clusters=int(params["n_clusters"]), rows=int(dataset.n_rows))
 
     in_flight: dict[int, _Block] = {}
@@ -187,7 +187,7 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
 
     with progress:
         if resumed:
-            progress.advance(len(resumed), note=f"{len(resumed)} resumed")
+            progress.skip(len(resumed), note=f"{len(resumed)} resumed")
         for _ in range(window):
             submit_partition()
         try:
