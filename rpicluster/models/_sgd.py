@@ -33,6 +33,7 @@ Everything here is a pure function of its inputs (and the integer ``seed``).
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy.linalg.blas import sgemm as _sgemm
@@ -46,6 +47,9 @@ _MIN_WSCALE = 1e-6
 # While averaging, rescale sooner: the averaged sum P * V - Q cancels digits in proportion to
 # how far wscale fell since the last rescale.
 _AVERAGING_MIN_WSCALE = 1e-2
+# Fewest classes per thread worth a thread of their own (below, the per-batch Python work of a
+# thread outweighs its share of the matrix products).
+_MIN_CLASSES_PER_THREAD = 16
 # First batch size of the growing-batch schedule (capped by ``batch_size``).
 _FIRST_BATCH = 16
 
@@ -141,7 +145,7 @@ def batch_sizes(n_samples: int, epochs: int, *, batch_size: int, alpha: float) -
 def sgd_ovr_fit(X, y_codes, n_classes: int, *, epochs: int = 5, alpha: float = 1e-4,
                 learning_rate: str = "optimal", eta0: float = 0.01, power_t: float = 0.5,
                 batch_size: int = 256, average: bool = True, shuffle: bool = True,
-                seed: int = 0, rows=None):
+                seed: int = 0, rows=None, n_jobs: int = 1):
     """Fit one-vs-rest linear SVMs (hinge loss, L2) with minibatch SGD.
 
     Parameters
@@ -169,6 +173,11 @@ def sgd_ovr_fit(X, y_codes, n_classes: int, *, epochs: int = 5, alpha: float = 1
         Seed of the shuffling RNG; the result is a pure function of the inputs and ``seed``.
     rows : ndarray of int, optional
         Train on ``X[rows]`` only, gathering the rows batch by batch instead of copying them out.
+    n_jobs : int
+        Threads, each training a contiguous group of classes (one-vs-rest models are
+        independent and every group sees the same batches). Run with BLAS limited to one
+        thread (``threadpoolctl``): the per-batch products are small, and BLAS threads
+        competing with these (or with other processes) can slow them a hundredfold.
 
     Returns
     -------
@@ -178,12 +187,40 @@ def sgd_ovr_fit(X, y_codes, n_classes: int, *, epochs: int = 5, alpha: float = 1
     X = np.ascontiguousarray(X, dtype=np.float32)
     y_codes = np.asarray(y_codes, dtype=np.intp)
     rows = None if rows is None else np.asarray(rows, dtype=np.intp)
-    n, d = y_codes.shape[0], X.shape[1]
-    binary = n_classes == 2
-    c = 1 if binary else n_classes
-    sizes = batch_sizes(n, epochs, batch_size=batch_size, alpha=alpha)
-    average_from = (n * epochs) // 2 if average else n * epochs  # samples before averaging
+    n = y_codes.shape[0]
+    opts = dict(sizes=batch_sizes(n, epochs, batch_size=batch_size, alpha=alpha),
+                learning_rate=learning_rate, eta0=eta0, alpha=alpha, power_t=power_t,
+                average=average, shuffle=shuffle, seed=seed)
+    if n_classes == 2:
+        # one binary model: the positive class is 1, as in scikit-learn
+        coef, intercept = _fit_columns(X, rows, np.where(y_codes == 1, 0, -1), 1, **opts)
+        return np.vstack([-coef, coef]), np.concatenate([-intercept, intercept])
+    groups = np.array_split(np.arange(n_classes),
+                            max(1, min(n_jobs, n_classes // _MIN_CLASSES_PER_THREAD)))
+    if len(groups) == 1:
+        return _fit_columns(X, rows, y_codes, n_classes, **opts)
 
+    def group(cols):
+        # rows of other groups' classes are negatives for every column of this group
+        y_cols = np.where((y_codes >= cols[0]) & (y_codes <= cols[-1]), y_codes - cols[0], -1)
+        return _fit_columns(X, rows, y_cols, len(cols), **opts)
+
+    with ThreadPoolExecutor(len(groups)) as pool:
+        parts = list(pool.map(group, groups))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _fit_columns(X, rows, y_cols, c: int, *, sizes, learning_rate, eta0, alpha, power_t,
+                 average, shuffle, seed):
+    """The minibatch loop for ``c`` one-vs-rest columns.
+
+    ``y_cols[i]`` is the column whose positive class row ``i`` belongs to, or -1 when the row
+    is a negative for every column.
+    """
+    n, d = y_cols.shape[0], X.shape[1]
+    total = int(sizes.sum())
+    average_from = total // 2 if average else total  # samples seen before averaging starts
+    all_positive = bool(np.all(y_cols >= 0))
     # The weights are wscale * V, so the L2 shrinkage is one scalar product per batch. The
     # running sum of the averaged weights is A + P * V - Q with P the sum of their wscales and
     # Q the sum of P_before * dV (summation by parts), so averaging costs no pass over W; A
@@ -209,21 +246,22 @@ def sgd_ovr_fit(X, y_codes, n_classes: int, *, epochs: int = 5, alpha: float = 1
             perm = rng.permutation(n)
         pb = perm[start:start + m]
         idx = pb if rows is None else rows[pb]
-        xb, s, ar = Xb[:m], S[:m], arange[:m]
+        xb, s = Xb[:m], S[:m]
         np.take(X, idx, axis=0, out=xb)
         np.matmul(xb, V.T, out=s)
         s *= wscale
         s += b
-        yb = y_codes[pb]
-        # s becomes the hinge derivative with respect to the score, per row and class
-        if binary:
-            ysign = (2 * yb - 1).astype(np.float32)
-            s[:, 0] = np.where(ysign * s[:, 0] < 1.0, -ysign, 0.0)
+        yb = y_cols[pb]
+        if all_positive:
+            ar = arange[:m]
         else:
-            true_s = s[ar, yb]
-            # negatives are active above -1 (derivative +1), the true class below 1 (-1)
-            np.greater(s, -1.0, out=s)
-            s[ar, yb] = np.where(true_s < 1.0, -1.0, 0.0)
+            pos = yb >= 0
+            ar, yb = arange[:m][pos], yb[pos]
+        true_s = s[ar, yb]
+        # s becomes the hinge derivative with respect to the score: a negative is active
+        # above -1 (derivative +1), a positive below 1 (derivative -1)
+        np.greater(s, -1.0, out=s)
+        s[ar, yb] = np.where(true_s < 1.0, -1.0, 0.0)
         eta = learning_rate_at(t + 1 + (m - 1) / 2.0, learning_rate=learning_rate, eta0=eta0,
                                alpha=alpha, power_t=power_t)
         # shrink first, then step, as scikit-learn orders a per-sample update
@@ -247,11 +285,6 @@ def sgd_ovr_fit(X, y_codes, n_classes: int, *, epochs: int = 5, alpha: float = 1
             n_averaged += 1
         t += m
     if average:
-        total = P * V - Q if A is None else A + (P * V - Q)
-        coef = (total / n_averaged).astype(np.float32)
-        intercept = (b_sum / n_averaged).astype(np.float32)
-    else:
-        coef, intercept = V * np.float32(wscale), b
-    if binary:
-        return np.vstack([-coef, coef]), np.concatenate([-intercept, intercept])
-    return coef, intercept
+        w_sum = P * V - Q if A is None else A + (P * V - Q)
+        return (w_sum / n_averaged).astype(np.float32), (b_sum / n_averaged).astype(np.float32)
+    return V * np.float32(wscale), b

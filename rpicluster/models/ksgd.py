@@ -97,16 +97,18 @@ def resolve_random_state(random_state) -> int:
     return int(random_state)
 
 
-def nearest_center(X, centers) -> np.ndarray:
+def nearest_center(X, centers, *, n_jobs: int = 1) -> np.ndarray:
     """Index of each row's nearest centre (squared Euclidean), computed in row chunks.
 
     Training and prediction both route rows with this function, so a training row always lands
-    on the model trained with it.
+    on the model trained with it. The result does not depend on ``n_jobs``.
 
     Parameters
     ----------
     X : ndarray of shape (n, d)
     centers : ndarray of shape (k, d)
+    n_jobs : int
+        Threads working on separate chunks.
 
     Returns
     -------
@@ -117,17 +119,23 @@ def nearest_center(X, centers) -> np.ndarray:
     # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the first term does not change the argmin
     half_sq = 0.5 * np.einsum("ij,ij->i", centers, centers)
     labels = np.empty(X.shape[0], dtype=np.intp)
-    buf = np.empty((min(_ASSIGN_CHUNK, X.shape[0]), centers.shape[0]), dtype=np.float32)
-    for start in range(0, X.shape[0], _ASSIGN_CHUNK):
-        xb = X[start:start + _ASSIGN_CHUNK]
-        d = buf[:xb.shape[0]]
-        np.matmul(xb, centers.T, out=d)
+
+    def chunk(start):
+        d = X[start:start + _ASSIGN_CHUNK] @ centers.T
         np.subtract(half_sq, d, out=d)
-        np.argmin(d, axis=1, out=labels[start:start + xb.shape[0]])
+        np.argmin(d, axis=1, out=labels[start:start + d.shape[0]])
+
+    starts = range(0, X.shape[0], _ASSIGN_CHUNK)
+    if n_jobs == 1 or len(starts) == 1:
+        for start in starts:
+            chunk(start)
+    else:
+        with ThreadPoolExecutor(n_jobs) as pool:
+            list(pool.map(chunk, starts))
     return labels
 
 
-def partition_block(X, n_clusters: int, *, seed: int):
+def partition_block(X, n_clusters: int, *, seed: int, n_jobs: int = 1):
     """k-means of one block: centroids and each row's cluster.
 
     k-means (k-means++ start, Lloyd iterations) is fitted on a seeded subsample of
@@ -142,6 +150,8 @@ def partition_block(X, n_clusters: int, *, seed: int):
     n_clusters : int
     seed : int
         For example ``task_seed(random_state, block)``.
+    n_jobs : int
+        Threads assigning rows to centroids (the result does not depend on it).
 
     Returns
     -------
@@ -165,7 +175,7 @@ def partition_block(X, n_clusters: int, *, seed: int):
         warnings.simplefilter("ignore", ConvergenceWarning)
         km.fit(sample)
     centers = km.cluster_centers_.astype(np.float32, copy=False)
-    labels = nearest_center(X, centers)
+    labels = nearest_center(X, centers, n_jobs=n_jobs)
     used = np.bincount(labels, minlength=centers.shape[0]) > 0
     if not used.all():
         renumber = np.cumsum(used) - 1
@@ -179,7 +189,7 @@ def _sgd_params(params: dict) -> dict:
                                    "batch_size", "average", "solver")}
 
 
-def fit_cluster(X, y_codes, *, params: dict, seed: int, rows=None) -> LocalModel:
+def fit_cluster(X, y_codes, *, params: dict, seed: int, rows=None, n_jobs: int = 1) -> LocalModel:
     """Fit one cluster's one-vs-rest hinge model over the classes present in it.
 
     Parameters
@@ -195,6 +205,9 @@ def fit_cluster(X, y_codes, *, params: dict, seed: int, rows=None) -> LocalModel
         For example ``task_seed(random_state, block, cluster)``.
     rows : ndarray of int, optional
         Row indices of the cluster in ``X``; the rows are gathered batch by batch, not copied.
+    n_jobs : int
+        Threads of the 'minibatch' kernel, splitting the classes (see
+        :func:`~rpicluster.models._sgd.sgd_ovr_fit`; limit BLAS to one thread around it).
 
     Returns
     -------
@@ -214,7 +227,8 @@ def fit_cluster(X, y_codes, *, params: dict, seed: int, rows=None) -> LocalModel
         coef, intercept = sgd_ovr_fit(
             X, local, classes.shape[0], epochs=p["max_iter"], alpha=p["alpha"],
             learning_rate=p["learning_rate"], eta0=p["eta0"], power_t=p["power_t"],
-            batch_size=p["batch_size"], average=p["average"], seed=seed, rows=rows)
+            batch_size=p["batch_size"], average=p["average"], seed=seed, rows=rows,
+            n_jobs=n_jobs)
     return LocalModel(classes, coef, intercept)
 
 
@@ -249,9 +263,12 @@ def effective_n_jobs(n_jobs) -> int:
 def fit_block(X, y_codes, classes, params: dict, *, random_state: int, block: int = 0):
     """Fit one block's kSGD in process: :func:`partition_block`, then :func:`fit_cluster` each.
 
-    With ``params['n_jobs']`` > 1 the clusters are fitted on that many threads with BLAS
-    limited to one thread each (numpy and scikit-learn's SGD release the GIL), like the paper's
-    OpenMP loop; otherwise serially with BLAS using all cores.
+    Everything runs with BLAS limited to one thread, and ``params['n_jobs']`` threads of our
+    own share the work, like the paper's OpenMP loop: row chunks when assigning centroids,
+    clusters when fitting (numpy and scikit-learn's SGD release the GIL), and classes inside a
+    cluster when there are fewer clusters than threads. One-thread BLAS is deliberate: the
+    per-batch products are small, and BLAS threads competing with ours or with other processes
+    were measured a hundred times slower.
 
     Parameters
     ----------
@@ -269,23 +286,28 @@ def fit_block(X, y_codes, classes, params: dict, *, random_state: int, block: in
     Returns
     -------
     KSGDClassifier
-        Fitted, built with :meth:`KSGDClassifier.from_parts`.
+        Fitted, built with :meth:`KSGDClassifier.from_parts`. With more threads than clusters
+        the kernel splits classes over threads, which changes results only by float rounding.
     """
-    centers, labels = partition_block(X, params["n_clusters"],
-                                      seed=task_seed(random_state, block))
-    order = np.argsort(labels, kind="stable")
-    bounds = np.searchsorted(labels[order], np.arange(centers.shape[0] + 1))
     jobs = effective_n_jobs(params.get("n_jobs"))
+    with threadpool_limits(limits=1, user_api="blas"):
+        centers, labels = partition_block(X, params["n_clusters"], n_jobs=jobs,
+                                          seed=task_seed(random_state, block))
+        k = centers.shape[0]
+        order = np.argsort(labels, kind="stable")
+        bounds = np.searchsorted(labels[order], np.arange(k + 1))
+        cluster_jobs = min(jobs, k)
 
-    def one(j):
-        return fit_cluster(X, y_codes, params=params, rows=order[bounds[j]:bounds[j + 1]],
-                           seed=task_seed(random_state, block, j))
+        def one(j):
+            return fit_cluster(X, y_codes, params=params, rows=order[bounds[j]:bounds[j + 1]],
+                               seed=task_seed(random_state, block, j),
+                               n_jobs=max(1, jobs // k))
 
-    if jobs == 1 or centers.shape[0] == 1:
-        models = [one(j) for j in range(centers.shape[0])]
-    else:
-        with threadpool_limits(limits=1), ThreadPoolExecutor(jobs) as pool:
-            models = list(pool.map(one, range(centers.shape[0])))
+        if cluster_jobs == 1:
+            models = [one(j) for j in range(k)]
+        else:
+            with ThreadPoolExecutor(cluster_jobs) as pool:
+                models = list(pool.map(one, range(k)))
     return KSGDClassifier.from_parts(classes, centers, models, params)
 
 
