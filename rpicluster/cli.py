@@ -276,5 +276,30 @@ def down(inventory, local) -> None:
     _echo_report("rpicluster down", report)
 
 
+@main.group(cls=_Group)
+def deploy() -> None:
+    """Run the cluster under each host's service manager instead of `up`."""
+
+
+@deploy.command("systemd")
+@click.option("-c", "--inventory", required=True, type=click.Path(dir_okay=False),
+              metavar="TOML", help="The cluster inventory (rpicluster init).")
+@click.option("-o", "--out", "out_dir", default="rpicluster-units", show_default=True,
+              type=click.Path(file_okay=False), help="Folder for the units, certificates and "
+              "install.sh.")
+@click.option("--insecure", is_flag=True, help="Plain TCP units, no certificates (as up --insecure).")
+def deploy_systemd(inventory, out_dir, insecure) -> None:
+    """Render a systemd unit per host (scheduler, workers) and an install script."""
+    from rpicluster.deploy.systemd import write_units
+
+    kit = write_units(inventory, out_dir, insecure=insecure)
+    for unit in kit.units:
+        click.echo(f"{unit.host}: {kit.out_dir / unit.host / unit.filename} ({unit.role}, "
+                   f"User={unit.node.user})")
+    click.echo(f"install: review {kit.install_script}, then run: sh {kit.install_script}")
+    if kit.client_env is not None:
+        click.echo(f"then, before rpicluster train ... --scheduler ADDR: . {kit.client_env}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
