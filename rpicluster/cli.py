@@ -95,6 +95,90 @@ def dashboard(address: str | None) -> None:
         click.echo(line)
 
 
+def cluster_options(f):
+    """--scheduler / -c / --local: which cluster a command runs on."""
+    f = click.option("--local", "local", type=click.IntRange(min=1), metavar="N",
+                     help="Use the embedded local cluster with N workers (started if needed).")(f)
+    f = click.option("-c", "--inventory", type=click.Path(dir_okay=False), metavar="TOML",
+                     help="Use the SSH cluster `up` started from this inventory.")(f)
+    f = click.option("--scheduler", metavar="ADDR",
+                     help="Scheduler address, e.g. tls://192.168.1.10:8786.")(f)
+    return f
+
+
+def _cluster(scheduler, inventory, local):
+    from rpicluster.train.api import ClusterChoice
+
+    return ClusterChoice(scheduler=scheduler, inventory=inventory, local=local)
+
+
+@main.command("train")
+@click.argument("data")
+@click.option("-o", "--output", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="Model file to write (skops format).")
+@click.option("--clusters", "n_clusters", type=click.IntRange(min=1), help="k-means clusters per block (k).")
+@click.option("--epochs", "max_iter", type=click.IntRange(min=1), help="SGD epochs per local model.")
+@click.option("--eta", "eta0", type=click.FloatRange(min=0, min_open=True), help="Initial learning rate.")
+@click.option("--alpha", type=click.FloatRange(min=0), help="L2 regularisation strength.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Minibatch rows (our kernel).")
+@click.option("--solver", type=click.Choice(["minibatch", "sklearn"]),
+              help="minibatch: our vectorised kernel; sklearn: one SGDClassifier per cluster.")
+@click.option("--seed", "random_state", type=int, help="Random seed (same seed, same model).")
+@click.option("--run-dir", type=click.Path(file_okay=False),
+              help="Where block models are committed (default MODEL.run).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
+              help="Continue a killed run from its run directory.")
+@click.option("--test", metavar="DATA", help="A store to report accuracy on after training.")
+@cluster_options
+def train_cmd(data, model_path, run_dir, resume_dir, test, scheduler, inventory, local, **params):
+    """Train an Inc-kSGD model on a Zarr store DATA (made by `rpicluster ingest`)."""
+    from rpicluster.train.api import train_model
+
+    params = {k: v for k, v in params.items() if v is not None}
+    if resume_dir and run_dir and resume_dir != run_dir:
+        raise click.UsageError("give --resume RUN_DIR or --run-dir, not both")
+    summary = train_model(data, model_path, params, cluster=_cluster(scheduler, inventory, local),
+                          run_dir=resume_dir or run_dir, resume=resume_dir is not None,
+                          test=test)
+    r = summary.result
+    click.echo(f"trained {len(r.trained_blocks)} blocks"
+               + (f" (+{len(r.resumed_blocks)} resumed)" if r.resumed_blocks else "")
+               + f" on {summary.n_workers} workers in {r.seconds:.1f} s")
+    rates = r.rows_per_second()
+    echo_table("tasks per worker", ["worker", "tasks", "rows", "busy s", "rows/s"],
+               [[w, n, r.rows_per_worker[w], f"{r.busy_seconds_per_worker[w]:.1f}",
+                 f"{rates.get(w, 0):,.0f}"] for w, n in sorted(r.tasks_per_worker.items())])
+    if summary.test_accuracy is not None:
+        click.echo(f"test accuracy: {summary.test_accuracy:.4f}")
+    click.echo(f"model: {summary.model_path} (sha256 {summary.sha256[:16]}...)")
+
+
+@main.command("score")
+@click.argument("model_path", type=click.Path(dir_okay=False, exists=True))
+@click.argument("data")
+@cluster_options
+def score_cmd(model_path, data, scheduler, inventory, local):
+    """Print the accuracy of MODEL on the labelled store DATA."""
+    from rpicluster.train.api import score_model
+
+    acc = score_model(model_path, data, cluster=_cluster(scheduler, inventory, local))
+    click.echo(f"accuracy: {acc:.4f}")
+
+
+@main.command("predict")
+@click.argument("model_path", type=click.Path(dir_okay=False, exists=True))
+@click.argument("data")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the labels (.npy, .csv or .txt).")
+@cluster_options
+def predict_cmd(model_path, data, out, scheduler, inventory, local):
+    """Predict a label for every row of the store DATA with MODEL."""
+    from rpicluster.train.api import predict_to_file
+
+    n = predict_to_file(model_path, data, out, cluster=_cluster(scheduler, inventory, local))
+    click.echo(f"wrote {n} labels to {out}")
+
+
 @main.command()
 @click.argument("source")
 @click.argument("out", metavar="OUT.zarr", type=click.Path())
@@ -274,6 +358,86 @@ def down(inventory, local) -> None:
         _echo_report("rpicluster down", exc.report)
         raise
     _echo_report("rpicluster down", report)
+
+
+@main.command("demo")
+@click.option("--workdir", default="rpicluster-demo", show_default=True,
+              type=click.Path(file_okay=False), help="Where the stores and the model go.")
+@click.option("--rows", default=60_000, show_default=True, type=click.IntRange(min=1),
+              help="Training rows (a multiple of --block-rows).")
+@click.option("--features", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--classes", default=100, show_default=True, type=click.IntRange(min=2))
+@click.option("--block-rows", default=12_000, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Local workers (default: one per core).")
+def demo_cmd(workdir, rows, features, classes, block_rows, workers):
+    """The main job on the embedded default: ingest, a local cluster, train, score."""
+    from rpicluster.train.demo import run_demo
+
+    def announce(info):
+        click.echo(f"local cluster: {info['scheduler_address']} "
+                   f"({info['n_workers']} workers); watch the run at "
+                   f"{info['dashboard_link'].rsplit('/', 1)[0]}/rpicluster")
+
+    res = run_demo(workdir, rows=rows, features=features, classes=classes,
+                   block_rows=block_rows, workers=workers, on_cluster=announce)
+    s, r = res.summary, res.summary.result
+    echo_table(f"Inc-kSGD on {res.rows:,} x {res.features} synthetic ImageNet-like rows, "
+               f"{res.classes} classes", ["step", "result"],
+               [["ingest (train + test)", f"{res.ingest_seconds:.1f} s"],
+                ["train", f"{r.seconds:.1f} s on {s.n_workers} workers"],
+                ["test accuracy", f"{s.test_accuracy:.4f}"],
+                ["tasks per worker", ", ".join(f"{w}: {n}" for w, n in
+                                               sorted(r.tasks_per_worker.items()))],
+                ["model", f"{s.model_path} (sha256 {s.sha256[:12]}...)"]])
+    click.echo(f"next: rpicluster score {s.model_path} {res.workdir / 'test.zarr'}")
+
+
+@bench.command("scaling")
+@cluster_options
+@click.option("--job", type=click.Choice(["inc-ksgd", "random-forest"]), default="inc-ksgd",
+              show_default=True, help="inc-ksgd: the training job; random-forest: scikit-learn "
+              "RandomForestClassifier through joblib's dask backend.")
+@click.option("--data", metavar="DATA.zarr", help="Store (path or URL every worker can read).")
+@click.option("--rows", type=click.IntRange(min=1), metavar="R",
+              help=f"Without --data: synthetic rows (default {config.BENCH_SCALING_ROWS:,}), "
+                   "ingested into OUT/data.zarr.")
+@click.option("--features", type=click.IntRange(min=1), default=256, show_default=True,
+              help="With --rows.")
+@click.option("--classes", type=click.IntRange(min=2), default=100, show_default=True,
+              help="With --rows.")
+@click.option("--block-rows", type=click.IntRange(min=1), help="With --rows (default rows/12).")
+@click.option("--steps", metavar="'A; A,B; ...'",
+              help="Worker sets, ';' between steps (default: one more worker per step, in "
+                   "inventory order).")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--simulate", metavar="WORKERS",
+              help="Also predict a hypothetical cluster, e.g. '32x pi4, 2x desktop' (names are "
+                   "calibrated workers or their tags).")
+@click.option("--clusters", "n_clusters", type=click.IntRange(min=1),
+              help="inc-ksgd: k-means clusters per block.")
+@click.option("--epochs", "max_iter", type=click.IntRange(min=1), help="inc-ksgd: SGD epochs.")
+@click.option("--trees", "n_estimators", type=click.IntRange(min=1),
+              help="random-forest: trees (default 32).")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
+              default=str(config.BENCH_OUT / "scaling"), show_default=True,
+              help="Folder for scaling.{csv,json,md,png} and step-N.html.")
+def bench_scaling(scheduler, inventory, local, job, data, rows, features, classes, block_rows,
+                  steps, repeats, simulate, n_clusters, max_iter, n_estimators, out_dir) -> None:
+    """The same job on growing worker sets: ideal (cores, capacity) against measured time."""
+    from rpicluster.bench.report import to_markdown
+    from rpicluster.bench.scaling import scaling_bench
+    from rpicluster.progress import Progress
+
+    params = {"n_clusters": n_clusters, "max_iter": max_iter} if job == "inc-ksgd" else \
+        {"n_estimators": n_estimators}
+    doc = scaling_bench(out_dir, scheduler=scheduler, inventory=inventory, local=local, job=job,
+                        data=data, rows=rows, features=features, classes=classes,
+                        block_rows=block_rows, steps=steps, repeats=repeats, simulate=simulate,
+                        params={k: v for k, v in params.items() if v is not None},
+                        progress=Progress("bench scaling", unit="runs", interval=0))
+    click.echo(to_markdown(doc))
+    click.echo(f"wrote {out_dir}/scaling.{{csv,json,md,png}} and step-1..{len(doc['steps'])}.html")
 
 
 @main.group(cls=_Group)
