@@ -23,7 +23,7 @@ from rpicluster.deploy.doctor import doctor, table_rows
 from rpicluster.deploy.tls import CertificateAuthority
 from rpicluster.errors import HostsFailedError
 from rpicluster.testing import NamespaceHosts, cpu_cgroup_unavailable, unavailable
-from rpicluster.train.api import ClusterChoice, train_model
+from rpicluster.train.api import ClusterChoice, score_model, train_model
 from rpicluster.train.modelfile import load_model
 
 pytestmark = [pytest.mark.netns,
@@ -191,6 +191,10 @@ def test_up_train_status_down(hosts, inventory, home):
     reference = IncrementalKSGDClassifier(block_rows=1000, **params).fit(X, y)
     np.testing.assert_array_equal(load_model(summary.model_path).predict(X),
                                   reference.predict(X))
+    # --scheduler with the recorded TLS address connects with the recorded certificate.
+    accuracy = score_model(summary.model_path, str(data),
+                           cluster=ClusterChoice(scheduler=report.address), show_progress=False)
+    assert accuracy == pytest.approx(reference.score(X, y))
 
     rows = cluster.status()
     assert [(r.role, r.state) for r in rows] == [("scheduler", "running")] + [

@@ -157,6 +157,14 @@ def cluster_client(scheduler: str | None = None, inventory: str | os.PathLike | 
     if sum(x is not None for x in (scheduler, inventory, local)) > 1:
         raise ConfigError("give at most one of --scheduler, -c/--inventory and --local")
     if scheduler is not None:
+        if _recorded_ssh(scheduler) is not None:  # `up`'s cluster: connect with its certificate
+            from rpicluster.deploy.cluster import connect
+
+            with connect(timeout="30s") as client:
+                yield client
+            return
+        # Any other scheduler: Dask's own configuration supplies TLS settings when needed
+        # (`rpicluster deploy systemd` writes them to client.env).
         with Client(scheduler, timeout="30s") as client:
             yield client
         return
@@ -181,16 +189,21 @@ def cluster_client(scheduler: str | None = None, inventory: str | os.PathLike | 
             stop_local()
 
 
+def _recorded_ssh(address: str | None = None) -> dict | None:
+    """The SSH cluster ``up`` last recorded (only if at ``address``, when given), or None."""
+    from rpicluster.deploy.cluster import recorded_cluster
+
+    recorded = recorded_cluster()
+    if recorded is None or (address is not None and recorded["address"] != address):
+        return None
+    return recorded
+
+
 def _recorded_ssh_client():
     """A client for the SSH cluster ``up`` last recorded, or None when there is none."""
-    try:
-        from rpicluster.deploy import cluster
-    except ImportError:  # pragma: no cover - SSH room not installed
-        return None
-    recorded = getattr(cluster, "recorded_cluster", None)
-    if recorded is None or recorded() is None:
-        return None
-    return cluster.connect()
+    from rpicluster.deploy.cluster import connect
+
+    return connect() if _recorded_ssh() is not None else None
 
 
 def _tail(path: Path, lines: int = 20) -> str:
