@@ -107,11 +107,6 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
         self.n_jobs = n_jobs
         self.random_state = random_state
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.sparse = False
-        return tags
-
     def _check_params(self) -> dict:
         params = self.get_params()
         check_params(params)

@@ -421,11 +421,6 @@ class KSGDClassifier(ClassifierMixin, BaseEstimator):
         self.n_jobs = n_jobs
         self.random_state = random_state
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.sparse = False
-        return tags
-
     def fit(self, X, y):
         """Fit k-means and one local model per cluster.
 
