@@ -4,8 +4,9 @@ Run:  python benchmarks/algorithms.py [--sizes 200k,100k] [--time-cap 1800] [--o
 
 Runs ``rpicluster bench algorithms`` (each row in a fresh process, same data for every row) and
 copies the resulting Markdown table to ``benchmarks/results/algorithms.md``, the committed copy
-README's Performance section links to. The two default sizes take about an hour on two cores,
-most of it in the per-sample baselines (SGDClassifier, dask-ml, LIBLINEAR).
+README's Performance section links to. The two default sizes take hours on two cores (the 200k
+size alone took over an hour on a loaded machine), most of it in the per-sample baselines
+(SGDClassifier, dask-ml, LIBLINEAR up to the time cap).
 """
 
 from __future__ import annotations
