@@ -6,7 +6,7 @@ Prints, on this machine and from one run:
 * numpy's float32 matrix-product rate (one thread, and BLAS's default threads) at the kernel's
   shapes and at a large square shape;
 * our kernel's achieved GFLOP/s (the FLOPs of its two products per batch, ``sgd_flops``),
-  train time and test accuracy: plain on one thread and on all cores, averaged on all cores;
+  train time and test accuracy: plain and averaged on one thread, averaged on all cores;
 * ``SGDClassifier(loss='hinge', penalty='l2')`` on the same rows and epochs (``tol=None``),
   with the speed-up.
 Data: ``rpicluster.data.synthetic.make_imagenet_like`` (non-negative deep-feature-like rows),
@@ -67,7 +67,7 @@ def main() -> None:
     Xtr, ytr, Xte, yte = X[:n], y[:n], X[n:], y[n:]
     flops = sgd_flops(n, d, c, args.epochs)
     rows = []
-    for average, jobs in ((False, 1), (False, cores), (True, cores)):
+    for average, jobs in ((False, 1), (True, 1), (True, cores)):
         with threadpool_limits(1):
             t = time.perf_counter()
             coef, intercept = sgd_ovr_fit(Xtr, ytr, c, epochs=args.epochs, average=average,

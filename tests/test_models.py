@@ -346,8 +346,8 @@ def test_kernel_class_split_over_threads_is_the_same_model():
     """Classes trained on separate threads see the same batches: same weights up to rounding."""
     rng = np.random.default_rng(2)
     X = rng.random((2000, 16), dtype=np.float32)
-    y = rng.integers(0, 40, 2000)
-    one, b_one = sgd_ovr_fit(X, y, 40, epochs=2, seed=4)
-    two, b_two = sgd_ovr_fit(X, y, 40, epochs=2, seed=4, n_jobs=2)
+    y = rng.integers(0, 256, 2000)  # enough classes for two threads
+    one, b_one = sgd_ovr_fit(X, y, 256, epochs=2, seed=4)
+    two, b_two = sgd_ovr_fit(X, y, 256, epochs=2, seed=4, n_jobs=2)
     np.testing.assert_allclose(two, one, atol=1e-4 * np.abs(one).max())
     np.testing.assert_allclose(b_two, b_one, atol=1e-4 * np.abs(one).max())

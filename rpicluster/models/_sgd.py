@@ -49,7 +49,7 @@ _MIN_WSCALE = 1e-6
 _AVERAGING_MIN_WSCALE = 1e-2
 # Fewest classes per thread worth a thread of their own (below, the per-batch Python work of a
 # thread outweighs its share of the matrix products).
-_MIN_CLASSES_PER_THREAD = 16
+_MIN_CLASSES_PER_THREAD = 128
 # First batch size of the growing-batch schedule (capped by ``batch_size``).
 _FIRST_BATCH = 16
 
