@@ -16,38 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def write_inventory(path: Path, hosts, workdir: Path) -> Path:
-    """An inventory of every namespace host (one thread each); the capped one tagged slowpi."""
-    groups = "".join(
-        f'[[workers]]\nhost = "{h.address}"\nnthreads = 1\nmemory = "2GiB"\n'
-        f'tags = ["{"slowpi" if name == hosts.capped else "fast"}"]\n'
-        for name, h in hosts.hosts.items())
-    path.write_text(f'''[scheduler]
-host = "{hosts.gateway}"
-scheduler_port = {_free_port(hosts.gateway)}
-dashboard_port = {_free_port(hosts.gateway)}
-[defaults]
-user = "root"
-key = "{hosts.client_key}"
-known_hosts = "{hosts.known_hosts}"
-python = "{sys.executable}"
-local_directory = "{workdir}"
-env = {{ OMP_NUM_THREADS = "1" }}
-''' + groups)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         from rpicluster.deploy import cluster
 
         with NamespaceHosts(tmp / "hosts", 3, cpu_capped="pi1", cpu_quota=args.quota) as hosts:
-            inventory = write_inventory(tmp / "cluster.toml", hosts, tmp / "workers")
+            inventory = hosts.write_inventory(
+                tmp / "cluster.toml", local_directory=tmp / "workers", nthreads=1,
+                tags=lambda name, capped: ["slowpi" if capped else "fast"])
             report = cluster.up(inventory)
             print(f"up: {report.address} "
                   + ", ".join(f"{r.host} {r.state}" for r in report.rows), flush=True)

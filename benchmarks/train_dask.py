@@ -74,7 +74,7 @@ def main() -> None:
 
     params = dict(n_clusters=a.clusters, max_iter=a.epochs, random_state=0,
                   block_rows=a.block_rows)
-    lines = [f"# Training on Dask (benchmarks/train_dask.py)\n",
+    lines = ["# Training on Dask (benchmarks/train_dask.py)\n",
              f"load average at start: {os.getloadavg()[0]:.2f}; cores: {os.cpu_count()}\n"]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -19,12 +19,19 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 SSHD = "/usr/sbin/sshd"
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def unavailable() -> str | None:
@@ -194,6 +201,36 @@ class NamespaceHosts:
                     raise RuntimeError(f"sshd of {host.name} did not start: "
                                        f"{log.read_text() if log.exists() else ''}") from None
                 time.sleep(0.1)
+
+    def write_inventory(self, path: str | Path, *, local_directory: str | Path,
+                        names=None, nthreads: int = 1, memory: str = "2GiB",
+                        tags=lambda name, capped: ["slowpi"] if capped else [],
+                        known_hosts: str | Path | None = None, python: str = sys.executable
+                        ) -> Path:
+        """Write an inventory of these hosts (all, or ``names``) for the scheduler on the bridge.
+
+        ``tags(name, capped)`` gives each host's tags; the CPU-capped host is the slow "Pi".
+        Workers run ``python`` (by default this interpreter: the filesystem is shared) with one
+        BLAS thread per task.
+        """
+        groups = "".join(
+            f'[[workers]]\nhost = "{self.hosts[n].address}"\nnthreads = {nthreads}\n'
+            f'memory = "{memory}"\ntags = {list(tags(n, n == self.capped))!r}\n'.replace("'", '"')
+            for n in (names or self.hosts))
+        path = Path(path)
+        path.write_text(f"""[scheduler]
+host = "{self.gateway}"
+scheduler_port = {_free_port(self.gateway)}
+dashboard_port = {_free_port(self.gateway)}
+[defaults]
+user = "root"
+key = "{self.client_key}"
+known_hosts = "{known_hosts or self.known_hosts}"
+python = "{python}"
+local_directory = "{local_directory}"
+env = {{ OMP_NUM_THREADS = "1" }}
+""" + groups)
+        return path
 
     def set_link(self, name: str, up: bool) -> None:
         """Plug or unplug host ``name``'s cable (its veth end on the bridge)."""

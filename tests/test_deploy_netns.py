@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -49,35 +48,15 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def inventory(tmp_path, hosts, home):
     """Factory: write an inventory of the namespace hosts; the cluster is taken down after."""
     written = []
 
     def make(known_hosts=None, names=("pi1", "pi2", "pi3"), python=sys.executable) -> str:
-        path = tmp_path / "cluster.toml"
-        groups = "".join(
-            f'[[workers]]\nhost = "{hosts.hosts[n].address}"\nnthreads = 2\nmemory = "1GiB"\n'
-            + ('tags = ["slowpi"]\n' if n == hosts.capped else "") for n in names)
-        path.write_text(f'''
-[scheduler]
-host = "{hosts.gateway}"
-scheduler_port = {_free_port(hosts.gateway)}
-dashboard_port = {_free_port(hosts.gateway)}
-[defaults]
-user = "root"
-key = "{hosts.client_key}"
-known_hosts = "{known_hosts or hosts.known_hosts}"
-python = "{python}"
-local_directory = "{tmp_path / 'workers'}"
-env = {{ OMP_NUM_THREADS = "1" }}
-''' + groups)
+        path = hosts.write_inventory(tmp_path / "cluster.toml", names=names, nthreads=2,
+                                     memory="1GiB", known_hosts=known_hosts, python=python,
+                                     local_directory=tmp_path / "workers")
         written.append(path)
         return path
 
