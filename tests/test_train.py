@@ -70,13 +70,11 @@ def _all(ds):
 
 
 def _same_model(a, b, X):
-    """Same predictions and the same centroids, up to float32 rounding (k-means' threaded sums
-    run on 2 BLAS/OpenMP threads in-process and on 1 in a Dask worker)."""
+    """Same predictions and bit-identical centroids."""
     assert len(a.estimators_) == len(b.estimators_)
     np.testing.assert_array_equal(a.predict(X), b.predict(X))
     for ea, eb in zip(a.estimators_, b.estimators_):
-        np.testing.assert_allclose(ea.cluster_centers_, eb.cluster_centers_, rtol=1e-5,
-                                   atol=1e-6)
+        np.testing.assert_array_equal(ea.cluster_centers_, eb.cluster_centers_)
 
 
 def test_distributed_fit_equals_in_process_fit(store, client, tmp_path):

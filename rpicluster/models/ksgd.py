@@ -181,8 +181,11 @@ def partition_block(X, n_clusters: int, *, seed: int, n_jobs: int = 1):
         warnings.simplefilter("ignore", ConvergenceWarning)
         init, _ = kmeans_plusplus(sample[init_rows], n_clusters,
                                   random_state=int(rng.integers(np.iinfo(np.int32).max)))
-        km = KMeans(n_clusters, init=init, n_init=1, max_iter=_KMEANS_MAX_ITER,
-                    algorithm="lloyd").fit(sample)
+        # One OpenMP thread: k-means' threaded sums round differently with the thread count,
+        # and a block must get the same centroids in-process and on any worker.
+        with threadpool_limits(limits=1, user_api="openmp"):
+            km = KMeans(n_clusters, init=init, n_init=1, max_iter=_KMEANS_MAX_ITER,
+                        algorithm="lloyd").fit(sample)
     centers = km.cluster_centers_.astype(np.float32, copy=False)
     labels = nearest_center(X, centers, n_jobs=n_jobs)
     used = np.bincount(labels, minlength=centers.shape[0]) > 0

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Every benchmark of the repo, one after the other (hours on two cores; never part of CI).
+# Results land in benchmarks/results/ (Markdown) and bench-out/ (raw files). Run from the repo
+# root with the project's venv active; the namespace-host runs need root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pytest -m bench -q                            # heavy tests (full provision + up)
+python benchmarks/kernel_gflops.py                      # kernel GFLOP/s vs numpy matmul, SGDClassifier
+python benchmarks/algorithms.py                         # the paper's Table 1 on one machine
+python benchmarks/train_dask.py                         # Dask vs in-process, 1 vs N workers, memory
+python benchmarks/ingest_memory.py --gb 8               # streaming ingest stays under 1 GB RSS
+rpicluster bench scaling --local 2 --rows 48000 -o bench-out/scaling-local
+if [ "$(id -u)" = 0 ]; then python benchmarks/scaling_netns.py -o bench-out/scaling-netns; fi
