@@ -54,13 +54,9 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
     model_path = Path(model_path)
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{model_path}.run")
     if resume:
-        recorded = RunDir(run_dir).meta()["params"]
-        clash = {k: v for k, v in params.items() if k in recorded and recorded[k] != v}
-        if clash:
-            k, v = next(iter(clash.items()))
-            raise ConfigError(f"--resume {run_dir}: {k}={v!r} differs from the run's "
-                              f"{k}={recorded[k]!r}; leave it out to resume")
-        params = recorded
+        # The run's parameters, with any given here on top: RunDir.check_resumable (in train)
+        # refuses one that differs, naming it.
+        params = {**RunDir(run_dir).meta()["params"], **params}
     dataset = open_dataset(data, storage_options=storage_options)
     estimator = IncrementalKSGDClassifier(**{**params, "block_rows": dataset.block_rows})
     test_ds = open_dataset(test, storage_options=storage_options) if test else None
