@@ -231,6 +231,11 @@ def verify_chunk(dataset: "Dataset", name: str, block: int, data: np.ndarray, ke
     return data
 
 
+def block_label_counts(dataset: "Dataset", block: int) -> np.ndarray:
+    """Rows of each class (in ``dataset.classes`` order) in block ``block``; a small task."""
+    return np.bincount(dataset.read("y", block), minlength=len(dataset.classes))
+
+
 def _create(url, src, block_rows, layout, storage_options):
     import zarr
     from zarr.codecs import BytesCodec, Crc32cCodec

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rpicluster.errors import (ConfigError, RPiClusterWarning, TrainingError, TrainingStopped,
-                               WriteError)
+from rpicluster.errors import (ConfigError, DataError, RPiClusterWarning, TrainingError,
+                               TrainingStopped, WriteError)
 from rpicluster.progress import Progress
 from rpicluster.train.job import TrainResult, predict_dataset, score_dataset, train
 from rpicluster.train.modelfile import load_model, save_model
@@ -189,8 +189,52 @@ def score_model(model_path: str | os.PathLike, data: str, *, cluster: ClusterCho
     model = load_model(model_path)
     dataset = open_dataset(data, storage_options=storage_options)
     with (cluster or ClusterChoice()).client() as client:
+        check_labels(model, dataset, client, name=str(model_path))
         progress = Progress("score", total=dataset.n_blocks, unit="blocks", enabled=show_progress)
         return score_dataset(model, dataset, client, progress=progress)
+
+
+def _label_kind(labels: np.ndarray) -> str:
+    return "string" if labels.dtype.kind in "USO" else "numeric"
+
+
+def check_labels(model, dataset, client, *, name: str = "the model") -> None:
+    """Refuse a store whose labels the model can never predict; warn, with counts, when some are.
+
+    Raises
+    ------
+    DataError
+        The store's labels are of another type than the model's (strings against numbers), or
+        none of them was seen in training.
+    """
+    from rpicluster.data.store import block_label_counts
+
+    known, labels = np.asarray(model.classes_), np.asarray(dataset.classes)
+    ours, theirs = _label_kind(known), _label_kind(labels)
+    if ours != theirs:
+        raise DataError(f"{name} was trained on {ours} labels (e.g. {_some(known)}), "
+                        f"{dataset.url} holds {theirs} labels (e.g. {_some(labels)}): no "
+                        "prediction can match; score a store ingested from the same kind of "
+                        "labels")
+    unseen = ~np.isin(labels, known)
+    if not unseen.any():
+        return
+    futures = client.map(block_label_counts, [dataset] * dataset.n_blocks,
+                         range(dataset.n_blocks), pure=False)
+    counts = np.sum(client.gather(futures), axis=0)
+    total, missed = int(counts.sum()), int(counts[unseen].sum())
+    what = (f"{missed} of {total} rows of {dataset.url} have labels {name} never saw in "
+            f"training ({int(unseen.sum())} labels: {_some(labels[unseen])})")
+    if missed == total:
+        raise DataError(f"{what}: accuracy would be 0; score a store of the classes it was "
+                        "trained on")
+    warnings.warn(f"{what}; they count as errors ({missed / total:.1%} of the rows)",
+                  RPiClusterWarning, stacklevel=2)
+
+
+def _some(values: np.ndarray, n: int = 5) -> str:
+    shown = ", ".join(repr(v) for v in values.tolist()[:n])
+    return shown + (", ..." if len(values) > n else "")
 
 
 def predict_to_file(model_path: str | os.PathLike, data: str, out: str | os.PathLike, *,
