@@ -263,15 +263,18 @@ def ingest(source, out, block_rows, labels, label_column, resume, overwrite) -> 
 @main.command()
 @click.argument("store", metavar="DATA.zarr", type=click.Path(exists=True, file_okay=False))
 @click.option("--host", default=config.SERVE_HOST, show_default=True,
-              help="Address to bind (0.0.0.0: every interface).")
+              help="Address to bind (default: this machine only; 0.0.0.0: every interface, "
+                   "so the Pis can read).")
 @click.option("--port", type=click.IntRange(0, 65535), default=config.SERVE_PORT,
               show_default=True, help="Port (0 picks a free one).")
 def serve(store, host, port) -> None:
     """Serve DATA.zarr read-only over HTTP; workers open http://THIS-HOST:PORT."""
     from rpicluster.data.serve import serve as serve_store
 
+    local = host in ("127.0.0.1", "localhost", "::1")
     serve_store(store, host, port, on_ready=lambda url: click.echo(
-        f"serving {store} read-only at {url} (Ctrl-C stops)"))
+        f"serving {store} read-only at {url} (Ctrl-C stops)"
+        + ("; only this machine can read it: --host 0.0.0.0 serves the LAN" if local else "")))
 
 
 # --- cluster bring-up: init / doctor / up / status / logs / down (rpicluster.deploy) ---

@@ -44,8 +44,9 @@ JOIN_TIMEOUT = 60.0
 #: Hosts contacted at the same time.
 SSH_PARALLEL = 32
 
-#: ``rpicluster serve``: bind every interface (the Pis on the LAN read from it) on this port.
-SERVE_HOST = "0.0.0.0"
+#: ``rpicluster serve``: bind loopback unless told otherwise (``--host 0.0.0.0`` lets the Pis on
+#: the LAN read; anyone who can reach the port can then read the store).
+SERVE_HOST = "127.0.0.1"
 SERVE_PORT = 8788
 
 #: ``rpicluster bench``: output folder (git-ignored) and the per-row time cap of ``bench

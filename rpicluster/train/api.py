@@ -144,11 +144,21 @@ def _first(exc: BaseException, test) -> BaseException | None:
     """The exception behind ``exc`` that passes ``test``, looking first at the one raised first
     (the end of the ``__context__`` chain: the cause, not a later failure while cleaning up
     after it), then along ``exc``'s own chain."""
-    origin, seen = exc, [exc]
-    while origin.__context__ is not None and all(origin.__context__ is not e for e in seen):
-        origin = origin.__context__
-        seen.append(origin)
-    return next((e for e in _causes(origin) + seen + _causes(exc) if test(e)), None)
+    return next((e for e in _causes(_origin(exc)) + _contexts(exc) + _causes(exc) if test(e)),
+                None)
+
+
+def _contexts(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised while handling, newest first."""
+    out = [exc]
+    while out[-1].__context__ is not None and all(out[-1].__context__ is not e for e in out):
+        out.append(out[-1].__context__)
+    return out
+
+
+def _origin(exc: BaseException) -> BaseException:
+    """The exception raised first in ``exc``'s chain."""
+    return _contexts(exc)[-1]
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -172,8 +182,12 @@ def _stopped(exc: BaseException, run: RunDir, dataset, address: str | None
         return TrainingStopped(f"interrupted: {kept}", run.path, interrupted=True)
     lost = _first(exc, _is_connection_error)
     if lost is not None:
-        return TrainingStopped(f"lost the scheduler {address} during training "
-                               f"({type(lost).__name__}: {str(lost).splitlines()[0][:160]}): "
+        # Quote the connection error only when it is the cause; one raised while cleaning up
+        # (cancelling, logging the run's end) would only say that cleanup timed out.
+        why = (f"{type(lost).__name__}: {str(lost).splitlines()[0][:160]}"
+               if any(lost is e for e in _causes(_origin(exc))) else
+               "it stopped answering and the client gave up reconnecting")
+        return TrainingStopped(f"lost the scheduler {address} during training ({why}): "
                                f"{kept}; bring the cluster back (rpicluster up)", run.path)
     cause = _first(exc, lambda e: isinstance(e, (WriteError, TrainingError)))
     if cause is not None and not isinstance(cause, TrainingStopped):

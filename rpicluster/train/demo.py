@@ -33,6 +33,8 @@ def run_demo(workdir: str | Path = "rpicluster-demo", *, rows: int = 60_000, fea
              show_progress: bool = True) -> DemoResult:
     """Run the demo; ``workdir`` receives the stores, the run directory and the model.
 
+    The demo owns ``workdir``: running it again replaces what the last run left there.
+
     ``on_cluster(info)`` is called once the cluster is up (the CLI prints the dashboard URL).
     """
     from rpicluster.data.sources import ArraySource
@@ -72,7 +74,7 @@ def run_demo(workdir: str | Path = "rpicluster-demo", *, rows: int = 60_000, fea
         summary = train_model(str(workdir / "train.zarr"), workdir / "model.skops", params,
                               cluster=ClusterChoice(scheduler=info["scheduler_address"]),
                               run_dir=workdir / "model.run", test=str(workdir / "test.zarr"),
-                              show_progress=show_progress)
+                              overwrite=True, show_progress=show_progress)
     finally:
         if not info["already_running"]:
             stop_local()
