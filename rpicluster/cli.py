@@ -172,9 +172,11 @@ def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, scheduler,
         raise click.UsageError("give --resume RUN_DIR or --run-dir, not both")
     import logging
 
+    import distributed  # noqa: F401 - configures its loggers on import; ours must come after
+
     # A run that stops (Ctrl-C, lost scheduler) makes Dask's client log its own reconnect
     # attempts and callback tracebacks while it cleans up; the one line below says it all.
-    for name in ("distributed.client", "tornado.application", "asyncio"):
+    for name in ("distributed.client", "distributed.batched", "tornado.application", "asyncio"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         summary = train_model(data, model_path, params,
