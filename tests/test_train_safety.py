@@ -198,6 +198,40 @@ def test_a_single_class_store_trains_with_a_warning(tmp_path, cluster):
     assert "warning: " in res.output and "holds a single class (5)" in res.output
 
 
+# --- scoring labels the model cannot predict ------------------------------------------------------
+
+def test_scoring_refuses_or_warns_on_labels_the_model_never_saw(store, cluster, tmp_path):
+    """Finding 7: 25 % never-seen labels printed `accuracy: 0.6070`, exit 0, without a word; a
+    string-labelled store against an int-label model printed 0.0000."""
+    from rpicluster.train.modelfile import save_model
+
+    model, _ = _reference(store)
+    save_model(model, tmp_path / "m.skops")
+    X, y = make_imagenet_like(400, n_features=32, n_classes=12, seed=5)
+    stores = {"unseen": (X, np.where(np.arange(400) % 4 == 0, 99, y)),
+              "strings": (X, np.array([f"c{v}" for v in y])),
+              "all-unseen": (X, y + 100)}
+    out = {}
+    for name, (Xs, ys) in stores.items():
+        np.savez(tmp_path / f"{name}.npz", X=Xs, y=ys)
+        ingest(str(tmp_path / f"{name}.npz"), tmp_path / f"{name}.zarr", block_rows=200)
+        out[name] = CliRunner().invoke(main, ["score", str(tmp_path / "m.skops"),
+                                              str(tmp_path / f"{name}.zarr"), "--scheduler",
+                                              cluster.scheduler_address])
+    assert out["unseen"].exit_code == 0, out["unseen"].output
+    assert re.search(r"warning: 100 of 400 rows of \S+unseen.zarr have labels \S+m.skops never "
+                     r"saw in training \(1 labels: 99\); they count as errors \(25.0% of the "
+                     r"rows\)", out["unseen"].output), out["unseen"].output
+    assert "accuracy: " in out["unseen"].output
+    assert out["strings"].exit_code == 1
+    assert re.search(r"error: \S+m.skops was trained on numeric labels \(e.g. 0, 1, 2, 3, 4, "
+                     r"\.\.\.\), \S+strings.zarr holds string labels \(e.g. 'c0', ",
+                     out["strings"].output), out["strings"].output
+    assert out["all-unseen"].exit_code == 1
+    assert "error: 400 of 400 rows" in out["all-unseen"].output
+    assert "accuracy would be 0" in out["all-unseen"].output
+
+
 # --- a run that stops says what it kept and how to continue ------------------------------------
 
 def _resume_line(output: str) -> list[str]:
