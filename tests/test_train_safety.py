@@ -348,3 +348,29 @@ class _SlowTasks(WorkerPlugin):
     def transition(self, key, start, finish, **kwargs):
         if finish == "executing" and self.prefix in str(key):
             time.sleep(self.seconds)
+
+
+def test_a_model_file_with_a_pickled_npy_member_is_refused_in_one_line(store, tmp_path):
+    """Finding 6: a skops file whose .npy member holds pickled objects was refused with a
+    79-line traceback."""
+    import io
+    import zipfile
+
+    from rpicluster.train.modelfile import save_model
+
+    model, _ = _reference(store)
+    save_model(model, tmp_path / "good.skops")
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"run": "code"}], dtype=object), allow_pickle=True)
+    with zipfile.ZipFile(tmp_path / "good.skops") as src, \
+            zipfile.ZipFile(tmp_path / "bad.skops", "w") as dst:
+        first = next(n for n in src.namelist() if n.endswith(".npy"))
+        for n in src.namelist():
+            dst.writestr(n, pickled.getvalue() if n == first else src.read(n))
+    res = CliRunner().invoke(main, ["score", str(tmp_path / "bad.skops"), str(store),
+                                    "--local", "1"])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines() == [
+        f"error: model file {tmp_path / 'bad.skops'} holds a pickled array (a .npy member with "
+        "Python objects), which rpicluster never loads: refusing it; use a model file written "
+        "by rpicluster"]
