@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rpicluster.dashboard import events as ev
+from rpicluster import events as ev
 from rpicluster.errors import RPiClusterError, TrainingError
 from rpicluster.progress import Progress
 from rpicluster.train import tasks
