@@ -101,16 +101,15 @@ def test_example_inventories_load(name, n_workers, tags):
 
 
 @pytest.fixture
-def inventory(tmp_path, monkeypatch):
+def inventory(tmp_path, home, free_port):
     """An inventory for this machine: scheduler and a worker on 127.0.0.1, run as the current
     user with this interpreter, state and work directories in tmp_path."""
-    monkeypatch.setenv("RPICLUSTER_HOME", str(tmp_path / "home"))
     path = tmp_path / "cluster.toml"
     path.write_text(f'''
 [scheduler]
 host = "127.0.0.1"
-scheduler_port = {_free_port()}
-dashboard_port = {_free_port()}
+scheduler_port = {free_port()}
+dashboard_port = {free_port()}
 [defaults]
 user = "{getpass.getuser()}"
 python = "{sys.executable}"
@@ -123,14 +122,6 @@ tags = ["rpi4"]
 env = {{ OMP_NUM_THREADS = "1", ODD = "a \\"quoted\\" 50% $HOME \\\\ value" }}
 ''')
     return path
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def unit_argv(unit: systemd.Unit) -> list[str]:
@@ -189,8 +180,7 @@ def test_worker_unit_runs_what_up_runs(tmp_path):
     assert 'Environment="OMP_NUM_THREADS=1"' in unit.text
 
 
-def test_units_refuse_values_that_break_them(tmp_path, monkeypatch):
-    monkeypatch.setenv("RPICLUSTER_HOME", str(tmp_path / "home"))
+def test_units_refuse_values_that_break_them(tmp_path, home):
     path = tmp_path / "bad.toml"
     path.write_text('[scheduler]\nhost = "10.0.0.1"\n[[workers]]\nhost = "pi01"\n'
                     'env = { NOTE = "two\\nlines" }\n')
