@@ -30,7 +30,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 # The estimators fit a blocked dataset on the current Dask client through the job this package
 # registers (models sit below train and never import it).
-_WITH = {"IncrementalKSGDClassifier": "rpicluster.train"}
+_WITH = {"IncrementalKSGDClassifier": "rpicluster.train.job"}
 
 
 def __getattr__(name: str):

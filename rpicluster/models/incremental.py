@@ -21,7 +21,7 @@ from rpicluster.models.ksgd import (KSGDClassifier, check_enough_rows, check_par
 _VOTE_CHUNK = 4096
 
 # How a blocked dataset is fitted while a Dask client is current: ``fit(estimator, dataset,
-# client)``. rpicluster.train registers its job here when imported, so the estimator never
+# client)``. rpicluster.train.job registers itself here when imported, so the estimator never
 # imports the layer above it.
 _distributed_fit = None
 
@@ -176,7 +176,7 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
         Block ``i`` of the dataset becomes block model ``i``. With a current Dask client (as
         joblib's dask backend and dask-ml use one) the blocks are fitted on the cluster by the
         registered job (:func:`register_distributed_fit`: :func:`rpicluster.train.job.train`,
-        registered when ``rpicluster.train`` is imported, as ``rpicluster`` does for its
+        registered when ``rpicluster.train.job`` is imported, as ``rpicluster`` does for its
         estimators); otherwise by this in-process loop, which is the reference the distributed
         path reproduces exactly.
         """
@@ -185,7 +185,7 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
             import warnings
 
             warnings.warn("a Dask client is current but no distributed fit is registered "
-                          "(import rpicluster.train): fitting the blocks in this process",
+                          "(import rpicluster.train.job): fitting the blocks in this process",
                           UserWarning, stacklevel=3)
         elif client is not None:
             _distributed_fit(self, dataset, client)
