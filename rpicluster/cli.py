@@ -433,14 +433,30 @@ def down(inventory, local) -> None:
     _echo_report("rpicluster down", report)
 
 
+def _default(func, name: str):
+    """The default of ``func``'s parameter ``name``: the library's, shown by --help, not repeated."""
+    import inspect
+
+    return inspect.signature(func).parameters[name].default
+
+
+def _demo_default(name: str):
+    from rpicluster.train.demo import run_demo  # light: the heavy imports are inside it
+
+    return _default(run_demo, name)
+
+
 @main.command("demo")
-@click.option("--workdir", default="rpicluster-demo", show_default=True,
+@click.option("--workdir", default=str(_demo_default("workdir")), show_default=True,
               type=click.Path(file_okay=False), help="Where the stores and the model go.")
-@click.option("--rows", default=60_000, show_default=True, type=click.IntRange(min=1),
-              help="Training rows (a multiple of --block-rows).")
-@click.option("--features", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--classes", default=100, show_default=True, type=click.IntRange(min=2))
-@click.option("--block-rows", default=12_000, show_default=True, type=click.IntRange(min=1))
+@click.option("--rows", default=_demo_default("rows"), show_default=True,
+              type=click.IntRange(min=1), help="Training rows (a multiple of --block-rows).")
+@click.option("--features", default=_demo_default("features"), show_default=True,
+              type=click.IntRange(min=1))
+@click.option("--classes", default=_demo_default("classes"), show_default=True,
+              type=click.IntRange(min=2))
+@click.option("--block-rows", default=_demo_default("block_rows"), show_default=True,
+              type=click.IntRange(min=1))
 @click.option("--local", type=click.IntRange(min=1), metavar="N",
               help="Workers of the embedded local cluster (default: the running one, else one "
                    "per core).")

@@ -68,7 +68,8 @@ class ClusterRef:
         if self.kind == "ssh":
             return f"the SSH cluster of {self.inventory} at {self.address}"
         if self.kind == "local":
-            size = f", {self.n_workers} workers" if self.n_workers else ""
+            size = (f", {self.n_workers} worker{'s' if self.n_workers != 1 else ''}"
+                    if self.n_workers else "")
             when = "started for this command" if self.started else "up --local"
             return f"the local cluster at {self.address} ({when}{size})"
         return f"the scheduler at {self.address}"
@@ -224,18 +225,8 @@ def connect(scheduler: str | None = None, *, inventory: str | os.PathLike | None
     ``rpicluster up -c cluster.toml``, that one (see :func:`find_cluster` for the order). Nothing
     is started: use :func:`client` for that. Close the client when done (or use ``with``).
 
-    Parameters
-    ----------
-    scheduler : str, optional
-        A scheduler address.
-    inventory : path, optional
-        The inventory of an SSH cluster ``up`` started.
-    local : int or True, optional
-        The embedded cluster (with N workers).
-    timeout : float or str, optional
-        How long to try (default ``config.CONNECT_TIMEOUT``).
-    **client_kwargs
-        Passed to ``distributed.Client``.
+    ``scheduler``, ``inventory`` and ``local`` are :func:`find_cluster`'s; ``timeout`` (default
+    ``config.CONNECT_TIMEOUT``) and ``client_kwargs`` go to ``distributed.Client``.
     """
     return find_cluster(scheduler, inventory=inventory, local=local).client(timeout,
                                                                             **client_kwargs)
