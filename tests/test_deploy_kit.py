@@ -346,7 +346,9 @@ def readme_commands() -> list[list[str]]:
     """Every ``rpicluster ...`` command in README.md's code blocks, as argv after the name."""
     text = (ROOT / "README.md").read_text()
     commands = []
-    for block in re.findall(r"^ *```(?:bash|sh|console)?\n(.*?)^ *```", text, re.M | re.S):
+    for lang, block in re.findall(r"^ *```(\w*)\n(.*?)^ *```", text, re.M | re.S):
+        if lang not in ("", "bash", "sh", "console"):
+            continue
         for line in block.replace("\\\n", " ").splitlines():
             line = line.strip().removeprefix("$ ")
             for part in re.split(r"&&|;|\|", line):
