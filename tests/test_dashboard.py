@@ -303,3 +303,11 @@ def test_preload_refuses_a_worker():
     worker = Worker.__new__(Worker)  # never started: only its type matters
     with pytest.raises(ConfigError, match="belongs on the scheduler, not on a Worker"):
         asyncio.run(dask_setup(worker))
+
+
+def test_preload_name_in_events_is_the_dashboard_module():
+    """deploy names the page by this string (it never imports the dashboard): it must stay true."""
+    import importlib
+
+    assert hasattr(importlib.import_module(ev.PRELOAD), "dask_setup")
+    assert ev.HEALTH_METRIC == METRIC

@@ -180,6 +180,21 @@ def test_worker_unit_runs_what_up_runs(tmp_path):
     assert 'Environment="OMP_NUM_THREADS=1"' in unit.text
 
 
+def test_scheduler_unit_runs_the_start_spec_up_sends(home):
+    """One builder (remote.start_spec) for up and the units: the same argv, preload included."""
+    from rpicluster.deploy import remote
+
+    spec = load_inventory(ROOT / "deploy" / "inventories" / "paper-cluster.toml")
+    unit = systemd.scheduler_unit(spec)
+    workdir = unit.tls_dir.rsplit("/tls", 1)[0]
+    start = remote.start_spec("scheduler", spec.scheduler, local_directory=workdir,
+                              tls=remote.tls_paths(unit.tls_dir))
+    argv = unit_argv(unit)
+    assert argv[1:] == remote.command(start)[1:]
+    assert argv[argv.index("--preload") + 1] == "rpicluster.dashboard"
+    assert argv[argv.index("--tls-cert") + 1] == f"{workdir}/tls/node.pem"
+
+
 def test_units_refuse_values_that_break_them(tmp_path, home):
     path = tmp_path / "bad.toml"
     path.write_text('[scheduler]\nhost = "10.0.0.1"\n[[workers]]\nhost = "pi01"\n'
