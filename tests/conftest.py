@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
+
+from rpicluster import testing
 
 
 @pytest.fixture
@@ -23,9 +23,4 @@ def home(tmp_path, monkeypatch):
 @pytest.fixture
 def free_port():
     """A function returning a TCP port on 127.0.0.1 that is free right now."""
-    def pick() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    return pick
+    return testing.free_port
