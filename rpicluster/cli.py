@@ -144,7 +144,8 @@ def dashboard(scheduler, inventory, local) -> None:
     """Print the URLs of the Dask dashboard and its rpicluster training page."""
     from rpicluster.dashboard.links import dashboard_links
 
-    for line in dashboard_links(scheduler, inventory=inventory, local=local).lines():
+    for line in dashboard_links(scheduler, inventory=inventory, local=local,
+                                announce=_announce).lines():
         click.echo(line)
 
 

@@ -109,7 +109,9 @@ def test_up_local_then_every_command_finds_it_without_flags(home):
         out = run("status")
         assert "cluster: the local cluster at tcp://" in out and "2 workers" in out
         assert "distributed" in run("logs", "-n", "500")
-        assert "training:  http://" in run("dashboard")
+        out = run("dashboard")
+        assert "training:  http://" in out and "cluster: the local cluster at" in out
+        assert "cluster: the local cluster at" in run("logs")
     finally:
         out = run("down")
     assert "cluster: the local cluster at" in out and "stopped the local cluster" in out

@@ -90,8 +90,8 @@ def _dashboard_facts(dask_scheduler) -> dict | None:
 
 
 def dashboard_links(address: str | None = None, *, client=None, inventory=None,
-                    local: int | bool | None = None,
-                    timeout: float | str | None = None) -> DashboardLinks:
+                    local: int | bool | None = None, timeout: float | str | None = None,
+                    announce=None) -> DashboardLinks:
     """Make sure a scheduler serves the rpicluster page, and return the dashboard's URLs.
 
     Parameters
@@ -104,6 +104,9 @@ def dashboard_links(address: str | None = None, *, client=None, inventory=None,
         An open client to use instead of connecting.
     timeout : float or str, optional
         How long to try to connect (default ``config.CONNECT_TIMEOUT``).
+    announce : callable, optional
+        Called with the chosen :class:`~rpicluster.deploy.resolve.ClusterRef` (the CLI says which
+        cluster it shows).
 
     Raises
     ------
@@ -123,6 +126,8 @@ def dashboard_links(address: str | None = None, *, client=None, inventory=None,
             raise ConfigError(f"no cluster to show: pass --scheduler tcp://HOST:8786, or start "
                               f"one with `rpicluster up` ({exc})") from None
         raise
+    if announce is not None:
+        announce(ref)
     try:
         client = ref.client(timeout)
     except OSError as exc:
