@@ -38,7 +38,7 @@ def test_demo_can_be_run_again(tmp_path):
     env = {**os.environ, "RPICLUSTER_HOME": str(tmp_path / "home")}
     args = [sys.executable, "-m", "rpicluster.cli", "demo", "--workdir", str(tmp_path / "demo"),
             "--rows", "800", "--block-rows", "400", "--features", "8", "--classes", "4",
-            "--workers", "1"]
+            "--local", "1"]
     for _ in range(2):
         res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
         assert res.returncode == 0, res.stdout + res.stderr
