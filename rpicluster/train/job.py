@@ -46,7 +46,7 @@ class TrainResult:
     run_dir : Path or None
     phases : dict
         Seconds by phase: on the workers ``read``, ``kmeans``, ``sort``, ``fit`` (task time,
-        summed over workers), on the driver ``driver-assemble``, ``driver-validation`` and
+        summed over workers) and ``partition-cpu``, ``fit-cpu`` (their CPU time), on the driver ``driver-assemble``, ``driver-validation`` and
         ``driver-commit`` (waiting for the background writer at the end).
     window : int
         Blocks that were in flight at once.
@@ -72,34 +72,38 @@ class TrainResult:
 class _Block:
     """Futures and results of one block in flight."""
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, planned: str | None):
         self.index = index
-        self.futures: list = []  # the client's references: meta, then the fits
+        self.planned = planned  # the worker chosen to partition it (None: Dask chooses)
+        self.address: str | None = None  # the worker that did, and holds its rows
+        self.futures: list = []  # the client's references: meta and the fits
         self.meta: dict | None = None
         self.models: dict[int, object] = {}  # cluster -> LocalModel
+        self.fits_left = 0
         self.n_clusters = 0
 
     def complete(self) -> bool:
-        return self.meta is not None and len(self.models) == self.n_clusters
+        return self.meta is not None and self.fits_left == 0
 
 
 VALIDATE = "validate"  # marks a validation-scoring future in the driver's bookkeeping
-# Headroom a block in flight needs on the worker that partitions it: the block itself, plus
-# the next block it reads while the last fits of this one still hold their pieces.
-_BLOCKS_PER_SLOT = 2
+# RSS of a worker once training's libraries are imported and their buffers allocated (measured
+# ~210 MiB on x86-64; a worker that has not run a task yet reports less).
+_WORKER_BASELINE = 256 * 2**20
 
 
 def _log(client, kind: str, **fields) -> None:
     client.log_event(ev.TOPIC, ev.make_event(kind, **fields))
 
 
-def memory_window(worker_info: dict, block_bytes: int) -> int | None:
-    """Blocks in flight the workers' memory limits allow, or None when no worker has a limit.
+def worker_slots(worker_info: dict, block_bytes: int) -> dict[str, int]:
+    """Blocks each worker may hold at once, from its memory limit and threads.
 
-    Each block in flight needs about two blocks of room (see ``_BLOCKS_PER_SLOT``) on the
-    worker that partitions it, above what that worker uses now; a worker with a limit
-    contributes ``floor(room / (2 * block))`` blocks, at least one, and a worker without a
-    limit counts as one more block than its threads.
+    A block held costs one block (its rows, sorted in place; the fits' pieces are views), and
+    partitioning one costs about a third of a block more for a moment (k-means' sample), plus
+    pieces of other blocks a worker fits: so a worker gets ``(room - block / 2) // (1.5 block)``
+    slots, at least one and at most its threads, where room is its limit above its
+    post-import baseline. A worker without a limit gets one slot per thread.
 
     Parameters
     ----------
@@ -107,17 +111,23 @@ def memory_window(worker_info: dict, block_bytes: int) -> int | None:
         ``client.scheduler_info()["workers"]`` (or the subset the run may use).
     block_bytes : int
         Bytes of one block (rows x features x 4 + labels).
+
+    Returns
+    -------
+    dict
+        Worker address -> slots.
     """
-    total, limited = 0, False
-    for w in worker_info.values():
+    out = {}
+    for addr, w in worker_info.items():
+        threads = max(1, int(w.get("nthreads", 1)))
         limit = int(w.get("memory_limit") or 0)
         if not limit:
-            total += int(w.get("nthreads", 1)) + 1
+            out[addr] = threads
             continue
-        limited = True
-        used = int((w.get("metrics") or {}).get("memory") or 0)
-        total += max(1, (limit - used) // (_BLOCKS_PER_SLOT * max(1, block_bytes)))
-    return total if limited else None
+        used = max(int((w.get("metrics") or {}).get("memory") or 0), _WORKER_BASELINE)
+        room = limit - used
+        out[addr] = max(1, min(threads, int((room - block_bytes / 2) // (1.5 * block_bytes))))
+    return out
 
 
 class TrainingRun:
@@ -126,11 +136,13 @@ class TrainingRun:
     :func:`train` builds one and calls :meth:`run`; the phases are methods so that each can be
     read and tested alone.
 
-    * :meth:`submit_partition` sends the next block's partition (and meta) task, while fewer
-      than ``window`` blocks are in flight;
-    * :meth:`on_result` takes one finished task: a meta result submits the block's fit tasks
-      (and releases the partition result: the pieces hold what the fits need), a fit result is
-      stored, a validation result is counted;
+    * :meth:`submit_partition` sends the next block's whole graph at once (partition, meta, and
+      a piece and a fit task per possible fit group, so no worker waits for the driver between
+      a partition and its fits) to a worker with a free slot (:func:`worker_slots`: a worker
+      holds at most as many blocks as its memory allows), while fewer than ``window`` blocks
+      are in flight;
+    * :meth:`on_result` takes one finished task: a meta result records where the block's rows
+      are held, a fit result is stored, a validation result is counted;
     * :meth:`commit` assembles a complete block model, submits the next partition first (so the
       workers never wait on the driver), then hands the run-directory write to a background
       thread (a skops dump and two fsyncs are the driver's slowest step).
@@ -170,6 +182,8 @@ class TrainingRun:
         self.scores: dict[int, list[int]] = {}  # block -> [validation blocks left, correct, rows]
         self.n_partitioned = self.n_fitted = 0
         self.window = 1
+        self.slots: dict[str, int] = {}  # worker address -> blocks it may hold
+        self.holding: Counter = Counter()  # worker address -> blocks held or planned there
         self.todo: list[int] = []
         self.resumed: list[int] = []
         self._pending = iter(())
@@ -190,19 +204,18 @@ class TrainingRun:
         self.resumed = sorted(self.done)
         self.todo = [b for b in range(self.dataset.n_blocks) if b not in self.done]
         self._pending = iter(self.todo)
-        self.window = self.max_blocks_in_flight or self.default_window()
-
-    def default_window(self) -> int:
-        """Blocks in flight: one more than the workers (so none waits while a block's fits
-        drain), capped by what the workers' memory limits allow (:func:`memory_window`)."""
         info = self.client.scheduler_info(n_workers=-1)["workers"]
         if self.workers:
             wanted = set(self.workers)
             info = {a: w for a, w in info.items() if a in wanted or w.get("name") in wanted}
-        n_workers = max(1, len(info))
         ds = self.dataset
-        by_memory = memory_window(info, ds.block_rows * (ds.n_features * 4 + 4))
-        return min(n_workers + 1, by_memory or n_workers + 1)
+        self.slots = worker_slots(info, ds.block_rows * (ds.n_features * 4 + 4))
+        self.window = self.max_blocks_in_flight or max(1, sum(self.slots.values()))
+
+    def _free_worker(self) -> str | None:
+        """The worker with the most free slots (None when there are no workers)."""
+        free = {a: n - self.holding[a] for a, n in self.slots.items()}
+        return max(free, key=free.get) if free else None
 
     def _key(self, phase: str, *parts) -> str:
         return "-".join([phase, self.run_id, *(str(p) for p in parts)])
@@ -210,40 +223,51 @@ class TrainingRun:
     # --- submit ---
 
     def submit_partition(self) -> bool:
-        """Submit the next block's partition and meta tasks; False when none is left."""
+        """Submit the next block's tasks if the window and a worker's memory allow; False
+        when nothing was submitted.
+
+        Partition, meta, and one piece and one fit task for each of the ``n_clusters`` fit
+        groups a block can have (a group that turns out not to exist is an empty piece and a
+        fit that returns nothing). The client keeps only meta and the fits: a piece is released
+        once its fit has run, the partition result once every piece is cut from it.
+        """
+        if len(self.in_flight) >= self.window:
+            return False
+        planned = self._free_worker()
+        if self.max_blocks_in_flight is None and (
+                planned is None or self.holding[planned] >= self.slots[planned]):
+            return False  # every worker holds all the blocks its memory allows
         b = next(self._pending, None)
         if b is None:
             return False
-        blk = self.in_flight[b] = _Block(b)
+        blk = self.in_flight[b] = _Block(b, planned)
+        where = self.where
+        if planned is not None:
+            self.holding[planned] += 1
+            # The partition and its pieces on the planned worker: Dask would otherwise cut a
+            # piece on an idle worker and move the whole block there first. A preference, not
+            # a pin: if that worker dies, Dask runs them elsewhere.
+            where = {"workers": [planned], "allow_other_workers": True}
         # Earlier blocks first, so they finish and free their workers' memory in order.
         part = self.client.submit(tasks.partition_task, self.dataset, b, self.params,
                                   self.random_state, key=self._key("partition", b),
-                                  priority=-b, **self.where)
+                                  priority=-b, **where)
         meta = self.client.submit(tasks.block_meta, part, key=self._key("meta", b),
                                   priority=-b, **self.where)
         self.owner[meta.key] = (b, None)
         self.queue.add(meta)
-        blk.futures = [part, meta]
-        return True
-
-    def submit_fits(self, blk: _Block) -> None:
-        """One piece and one fit task per fit group of a partitioned block.
-
-        The client keeps only the fits: a piece is released as soon as its fit has run, and
-        the partition result as soon as every piece has been cut from it.
-        """
-        b, part = blk.index, blk.futures[0]
-        fits = []
-        for g, (first, _stop) in enumerate(blk.meta["groups"]):
+        blk.futures = [meta]
+        for g in range(int(self.params["n_clusters"])):
             piece = self.client.submit(tasks.cluster_piece, part, g,
-                                       key=self._key("piece", b, g), priority=-b, **self.where)
-            fit = self.client.submit(tasks.fit_task, piece, b, first, self.params,
+                                       key=self._key("piece", b, g), priority=-b, **where)
+            fit = self.client.submit(tasks.fit_task, piece, b, g, self.params,
                                      self.random_state, key=self._key("fit", b, g),
                                      priority=-b, **self.where)
-            self.owner[fit.key] = (b, first)
+            self.owner[fit.key] = (b, g)
             self.queue.add(fit)
-            fits.append(fit)
-        blk.futures = fits  # drops part and meta: the scheduler frees them once cut
+            blk.futures.append(fit)
+        blk.fits_left = int(self.params["n_clusters"])
+        return True
 
     def submit_validation(self, b: int, model) -> None:
         """Score block model ``b`` on every validation block (``score-…`` tasks)."""
@@ -274,26 +298,34 @@ class TrainingRun:
             return
         blk = self.in_flight[b]
         w = result["worker"]
-        self.counts[w] += 1
-        self.rows[w] += result["rows"]
-        self.busy[w] += result["seconds"]
+        if result["rows"]:
+            self.counts[w] += 1
+            self.rows[w] += result["rows"]
+            self.busy[w] += result["seconds"]
         if j is None:
             blk.meta = result
             blk.n_clusters = len(result["sizes"])
+            blk.address = result["address"]
+            if blk.planned != blk.address:  # Dask chose, or the planned worker left
+                if blk.planned is not None:
+                    self.holding[blk.planned] -= 1
+                self.holding[blk.address] += 1
             self.worker_phases.update(result["phases"])
-            self.submit_fits(blk)
             self.n_partitioned += 1
             _log(self.client, ev.PARTITIONED, run_id=self.run_id, block=b, rows=result["rows"],
                  worker=w, seconds=result["seconds"])
         else:
+            blk.fits_left -= 1
             self.worker_phases["fit"] += result["seconds"]
+            self.worker_phases["fit-cpu"] += result.get("cpu", 0.0)
             share = result["seconds"] / max(1, result["rows"])
+            first = result["first"]
             for i, (model, n) in enumerate(zip(result["models"], result["sizes"])):
-                blk.models[j + i] = model
+                blk.models[first + i] = model
                 self.n_fitted += 1
                 # One event per cluster, the group's seconds shared by rows: the dashboard
                 # counts clusters, whatever the batching.
-                _log(self.client, ev.FITTED, run_id=self.run_id, block=b, cluster=j + i,
+                _log(self.client, ev.FITTED, run_id=self.run_id, block=b, cluster=first + i,
                      rows=int(n), worker=w, seconds=share * n)
         self.progress.advance(0, note=f"{self.n_partitioned}/{len(self.todo)} partitioned, "
                                       f"{self.n_fitted} clusters fitted")
@@ -306,7 +338,10 @@ class TrainingRun:
 
         b = blk.index
         del self.in_flight[b]  # drops the futures: the block's data leaves the workers
-        self.submit_partition()  # before anything slow: a worker may be waiting for it
+        if blk.address is not None and self.holding[blk.address] > 0:
+            self.holding[blk.address] -= 1
+        while self.submit_partition():  # before anything slow: a worker may be waiting
+            pass
         t0 = time.perf_counter()
         model = KSGDClassifier.from_parts(self.classes, blk.meta["centers"],
                                           [blk.models[c] for c in range(blk.n_clusters)],
@@ -357,8 +392,8 @@ class TrainingRun:
             if self.resumed:
                 self.progress.skip(len(self.resumed), note=f"{len(self.resumed)} resumed")
             try:
-                for _ in range(self.window):
-                    self.submit_partition()
+                while self.submit_partition():
+                    pass
                 for future, result in self.queue:
                     self.on_result(future, result)
                     self._drain_writes(wait=False)
@@ -412,7 +447,7 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
         benchmark; default: any worker.
     max_blocks_in_flight : int, optional
         Blocks submitted at once; default one more than the number of workers, fewer where the
-        workers' memory limits allow fewer (:func:`memory_window`).
+        workers' memory limits allow fewer (:func:`worker_slots`).
     progress : Progress, optional
         Where to report blocks committed (with partition/fit counts and ETA).
 

@@ -10,6 +10,10 @@ dashboard tells the phases apart; then the run id, block and group)::
            └─ fit-<run>-b-g    Dask moves it if an idle worker takes the fit) -> one local
                                linear model per cluster of the group (to the client)
 
+The client submits all of it at once, with ``n_clusters`` piece/fit pairs (a group the block
+turns out not to have is empty), so no worker waits for the client between a partition and
+its fits.
+
 A group is one cluster, or several consecutive small clusters batched into one task (see
 :func:`fit_groups`); each cluster is still fitted alone, with its own seed, so grouping never
 changes the model. Only centroids and fitted local models reach the client; training rows never
@@ -55,6 +59,16 @@ def one_blas_thread():
     return _CONTROLLER.limit(limits=1, user_api="blas")
 
 
+def worker_address() -> str | None:
+    """Address of the Dask worker running the current task, or None outside a worker."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except ValueError:
+        return None
+
+
 def fit_groups(sizes, min_rows: int) -> list[tuple[int, int]]:
     """Consecutive clusters batched into fit tasks: ``[(first, stop), ...]``.
 
@@ -96,11 +110,12 @@ def partition_task(dataset, block: int, params: dict, random_state: int) -> dict
     dict
         ``X``, ``y`` (the block, rows sorted by cluster), ``centers``, ``bounds`` (cluster ``j``
         is rows ``bounds[j]:bounds[j + 1]``), ``groups`` (:func:`fit_groups`), ``rows``,
-        ``worker``, ``seconds`` and ``phases`` (seconds of read, k-means and sort).
+        ``worker``, ``seconds`` and ``phases`` (seconds of read, k-means and sort, and the
+        task's CPU seconds: on a loaded machine wall time also counts waiting for a core).
     """
     from rpicluster.models.ksgd import group_rows, partition_block, permute_rows, task_seed
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     X, y = dataset.block(block)
     if not X.flags.writeable:
         X = X.copy()
@@ -118,48 +133,59 @@ def partition_task(dataset, block: int, params: dict, random_state: int) -> dict
     t3 = time.perf_counter()
     return {"X": X, "y": y, "centers": centers, "bounds": bounds,
             "groups": fit_groups(sizes, min_group_rows(X.shape[0], params["n_clusters"])),
-            "rows": int(X.shape[0]), "worker": worker_name(), "seconds": t3 - t0,
-            "phases": {"read": t1 - t0, "kmeans": t2 - t1, "sort": t3 - t2}}
+            "rows": int(X.shape[0]), "worker": worker_name(), "address": worker_address(),
+            "seconds": t3 - t0,
+            "phases": {"read": t1 - t0, "kmeans": t2 - t1, "sort": t3 - t2,
+                       "partition-cpu": time.thread_time() - c0}}
 
 
 def block_meta(part: dict) -> dict:
     """The small part of a partition result: centroids, sizes, groups, who ran it, how long."""
     return {"centers": part["centers"], "sizes": np.diff(part["bounds"]).tolist(),
             "groups": part["groups"], "rows": part["rows"], "worker": part["worker"],
+            "address": part["address"],
             "seconds": part["seconds"], "phases": part["phases"]}
 
 
 def cluster_piece(part: dict, group: int):
-    """Rows of fit group ``group``: ``(X_g, y_g, bounds_g)``, views into the sorted block.
+    """Rows of fit group ``group``: ``(X_g, y_g, bounds_g, first)``, views into the sorted block.
 
-    ``bounds_g`` are the group's cluster bounds relative to its first row.
+    ``bounds_g`` are the group's cluster bounds relative to its first row and ``first`` its
+    first cluster. A group the block does not have (the client submits ``n_clusters`` fits
+    before it knows how many groups there are) is empty.
     """
-    first, stop = part["groups"][group]
     bounds = part["bounds"]
+    if group >= len(part["groups"]):
+        k = len(bounds) - 1
+        return part["X"][:0], part["y"][:0], bounds[k:] - bounds[k], k
+    first, stop = part["groups"][group]
     lo, hi = int(bounds[first]), int(bounds[stop])
-    return part["X"][lo:hi], part["y"][lo:hi], bounds[first:stop + 1] - lo
+    return part["X"][lo:hi], part["y"][lo:hi], bounds[first:stop + 1] - lo, first
 
 
-def fit_task(piece, block: int, first_cluster: int, params: dict, random_state: int) -> dict:
-    """Fit the local model of every cluster of one group of block ``block``.
+def fit_task(piece, block: int, group: int, params: dict, random_state: int) -> dict:
+    """Fit the local model of every cluster of fit group ``group`` of block ``block``.
 
     Returns
     -------
     dict
-        ``models`` (one LocalModel per cluster, from ``first_cluster`` on), ``sizes``, ``rows``,
-        ``worker``, ``seconds``.
+        ``models`` (one LocalModel per cluster, from cluster ``first`` on), ``first``, ``sizes``,
+        ``rows``,
+        ``worker``, ``seconds``, ``cpu`` (the task's CPU seconds).
     """
     from rpicluster.models.ksgd import fit_cluster, task_seed
 
-    t0 = time.perf_counter()
-    X, y, bounds = piece
+    t0, c0 = time.perf_counter(), time.thread_time()
+    X, y, bounds, first_cluster = piece
     models = []
     with one_blas_thread():
         for i, (a, z) in enumerate(zip(bounds[:-1], bounds[1:])):
             models.append(fit_cluster(X[a:z], y[a:z], params=params,
                                       seed=task_seed(random_state, block, first_cluster + i)))
-    return {"models": models, "sizes": np.diff(bounds).tolist(), "rows": int(X.shape[0]),
-            "worker": worker_name(), "seconds": time.perf_counter() - t0}
+    return {"models": models, "first": int(first_cluster), "sizes": np.diff(bounds).tolist(),
+            "rows": int(X.shape[0]),
+            "worker": worker_name(), "seconds": time.perf_counter() - t0,
+            "cpu": time.thread_time() - c0}
 
 
 def predict_task(model, dataset, block: int) -> np.ndarray:
