@@ -253,7 +253,7 @@ class TrainingRun:
                                   self.random_state, key=self._key("partition", b),
                                   priority=-b, **where)
         meta = self.client.submit(tasks.block_meta, part, key=self._key("meta", b),
-                                  priority=-b, **self.where)
+                                  priority=-b, **where)
         self.owner[meta.key] = (b, None)
         self.queue.add(meta)
         blk.futures = [meta]
