@@ -233,7 +233,8 @@ class TrainingRun:
         """
         if len(self.in_flight) >= self.window:
             return False
-        planned = self._free_worker()
+        # A window the caller fixed is taken as is, and Dask places the blocks.
+        planned = self._free_worker() if self.max_blocks_in_flight is None else None
         if self.max_blocks_in_flight is None and (
                 planned is None or self.holding[planned] >= self.slots[planned]):
             return False  # every worker holds all the blocks its memory allows
