@@ -589,6 +589,37 @@ def bench_scaling(scheduler, inventory, local, job, data, rows, features, classe
     click.echo(f"wrote {out_dir}/scaling.{{csv,json,md,png}} and step-1..{len(doc['steps'])}.html")
 
 
+@bench.command("paper")
+@click.option("--rows", type=click.IntRange(min=1), default=1_009_124, show_default=True,
+              help="Training rows (the paper's ImageNet: 1,009,124).")
+@click.option("--features", type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option("--classes", type=click.IntRange(min=2), default=1000, show_default=True)
+@click.option("--blocks", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--test-rows", type=click.IntRange(min=1), default=20_000, show_default=True,
+              help="Held-out rows (the generator continued past the training rows).")
+@click.option("--clusters", "n_clusters", type=click.IntRange(min=1), default=20,
+              show_default=True, help="k-means clusters per block.")
+@click.option("--epochs", "max_iter", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--sgd-rows", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Rows SGDClassifier's one epoch is timed on (then extrapolated).")
+@click.option("--local", "workers", type=click.IntRange(min=1),
+              help="Workers of the embedded cluster (default: one per core).")
+@click.option("--keep-data", is_flag=True, help="Keep the stores (a rerun reuses them).")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
+              default=str(config.BENCH_OUT / "paper"), show_default=True,
+              help="Folder for the stores, paper.json and paper.md.")
+def bench_paper(rows, features, classes, blocks, test_rows, n_clusters, max_iter, sgd_rows,
+                workers, keep_data, out_dir) -> None:
+    """The paper's ImageNet shape on this machine: ingest, train, accuracy, memory, vs SGD."""
+    from rpicluster.bench.paper import run_paper, to_markdown
+
+    doc = run_paper(out_dir, rows=rows, features=features, classes=classes, blocks=blocks,
+                    test_rows=test_rows, n_clusters=n_clusters, max_iter=max_iter,
+                    sgd_rows=sgd_rows, workers=workers, keep_data=keep_data)
+    click.echo(to_markdown(doc))
+    click.echo(f"wrote {out_dir}/paper.json and paper.md")
+
+
 @main.group(cls=_Group)
 def deploy() -> None:
     """Run the cluster under each host's service manager instead of `up`."""

@@ -195,6 +195,66 @@ def partition_block(X, n_clusters: int, *, seed: int, n_jobs: int = 1):
     return np.ascontiguousarray(centers), labels
 
 
+def group_rows(labels, n_clusters: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows grouped by cluster, once: ``order`` lists cluster 0's rows, then cluster 1's, ...
+
+    Within a cluster rows keep their original order (a stable sort), which is the order the
+    cluster's SGD sees them in, in-process and on a worker alike.
+
+    Parameters
+    ----------
+    labels : ndarray of shape (n,), int
+        Each row's cluster, in ``[0, n_clusters)``.
+    n_clusters : int
+
+    Returns
+    -------
+    order : ndarray of shape (n,), intp
+    bounds : ndarray of shape (n_clusters + 1,), intp
+        Cluster ``j``'s rows are ``order[bounds[j]:bounds[j + 1]]``.
+    """
+    labels = np.asarray(labels)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.zeros(n_clusters + 1, dtype=np.intp)
+    np.cumsum(np.bincount(labels, minlength=n_clusters), out=bounds[1:])
+    return order, bounds
+
+
+def permute_rows(X: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Reorder ``X``'s rows in place so that row ``i`` becomes old row ``order[i]``.
+
+    Same result as ``X[order]`` without a second copy of ``X``: the permutation is followed
+    cycle by cycle with one row of scratch (a block is the largest array a worker holds, and
+    a copy of it is what would push a Pi over its memory). Costs about one row copy per row.
+
+    Returns
+    -------
+    ndarray
+        ``X`` itself.
+    """
+    order = np.asarray(order)
+    n = order.shape[0]
+    if n != X.shape[0]:
+        raise ValueError(f"order has {n} entries for {X.shape[0]} rows.")
+    nxt = order.tolist()
+    done = (order == np.arange(n)).tolist()
+    scratch = np.empty(X.shape[1:], dtype=X.dtype)
+    for start in range(n):
+        if done[start]:
+            continue
+        scratch[...] = X[start]
+        j = start
+        while True:
+            k = nxt[j]
+            done[j] = True
+            if k == start:
+                X[j] = scratch
+                break
+            X[j] = X[k]
+            j = k
+    return X
+
+
 def _sgd_params(params: dict) -> dict:
     """The SGD settings of an estimator's ``get_params()`` dict (other keys are ignored)."""
     return {k: params[k] for k in ("max_iter", "alpha", "learning_rate", "eta0", "power_t",
@@ -306,8 +366,7 @@ def fit_block(X, y_codes, classes, params: dict, *, random_state: int, block: in
         centers, labels = partition_block(X, params["n_clusters"], n_jobs=jobs,
                                           seed=task_seed(random_state, block))
         k = centers.shape[0]
-        order = np.argsort(labels, kind="stable")
-        bounds = np.searchsorted(labels[order], np.arange(k + 1))
+        order, bounds = group_rows(labels, k)
         cluster_jobs = min(jobs, k)
 
         def one(j):
@@ -508,8 +567,7 @@ class KSGDClassifier(ClassifierMixin, BaseEstimator):
         so that each local model scores its rows with one matrix product.
         """
         labels = nearest_center(X, self.cluster_centers_)
-        order = np.argsort(labels, kind="stable")
-        bounds = np.searchsorted(labels[order], np.arange(self.cluster_centers_.shape[0] + 1))
+        order, bounds = group_rows(labels, self.cluster_centers_.shape[0])
         codes = np.empty(X.shape[0], dtype=np.int64)
         for j in range(self.cluster_centers_.shape[0]):
             rows = order[bounds[j]:bounds[j + 1]]
