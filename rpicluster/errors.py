@@ -54,3 +54,7 @@ class HostsFailedError(BootstrapError):
     def __init__(self, message: str, report: object = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class DataWarning(UserWarning):
+    """Data that works but probably not as intended (class-skewed blocks, skipped files)."""

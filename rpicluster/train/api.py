@@ -41,15 +41,19 @@ class TrainSummary:
 def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
                 cluster: ClusterChoice | None = None, run_dir: str | os.PathLike | None = None,
                 resume: bool = False, test: str | None = None,
-                storage_options: dict | None = None, show_progress: bool = True) -> TrainSummary:
+                storage_options: dict | None = None, show_progress: bool = True,
+                allow_skewed: bool = False) -> TrainSummary:
     """Train an IncrementalKSGDClassifier on the store ``data`` and save it to ``model_path``.
 
     ``run_dir`` (default ``<model_path>.run``) receives each block model as it is committed;
     with ``resume=True`` the parameters recorded there are used and committed blocks are kept.
     ``test`` is a store to report accuracy on. Unset ``params`` take the estimator's defaults.
+    A store whose blocks cannot hold ``n_clusters`` rows, or an unshuffled class-skewed one
+    (unless ``allow_skewed``), is refused before the cluster is contacted
+    (:func:`~rpicluster.models.incremental.check_dataset_blocks`).
     """
     from rpicluster import open_dataset
-    from rpicluster.models.incremental import IncrementalKSGDClassifier
+    from rpicluster.models.incremental import IncrementalKSGDClassifier, check_dataset_blocks
 
     model_path = Path(model_path)
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{model_path}.run")
@@ -59,6 +63,7 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
         params = {**RunDir(run_dir).meta()["params"], **params}
     dataset = open_dataset(data, storage_options=storage_options)
     estimator = IncrementalKSGDClassifier(**{**params, "block_rows": dataset.block_rows})
+    check_dataset_blocks(dataset, estimator.n_clusters, allow_skewed=allow_skewed)
     test_ds = open_dataset(test, storage_options=storage_options) if test else None
     with (cluster or ClusterChoice()).client() as client:
         n_workers = len(client.scheduler_info()["workers"])
