@@ -590,14 +590,13 @@ class Dataset:
                 raise DataError(f"{self.url}: attribute {key!r} is missing")
         n, d, b = attrs["n_rows"], attrs["n_features"], attrs["block_rows"]
         arrays = {}
-        # X is float features, or uint8 pixels in an image store (attribute image_shape)
-        x_kind = "u" if "image_shape" in attrs else "f"
-        for name, shape, chunks, kind in (("X", (n, d), (b, d), x_kind),
-                                          ("y", (n,), (b,), "i")):
+        for name, shape, chunks, kind in (("X", (n, d), (b, d), "f"), ("y", (n,), (b,), "i")):
             try:
                 arr = group[name]
             except KeyError:
                 raise DataError(f"{self.url}: array {name!r} is missing") from None
+            if name == "X" and arr.dtype == np.uint8 and "image_shape" in attrs:
+                kind = "u"  # an image store: uint8 pixels
             if arr.shape != shape or arr.chunks != chunks or arr.dtype.kind != kind:
                 raise DataError(f"{self.url}: array {name!r} has shape {arr.shape}, chunks "
                                 f"{arr.chunks}, dtype {arr.dtype}; the attributes say shape "
@@ -627,7 +626,7 @@ class Dataset:
     @property
     def itemsize(self) -> int:
         """Bytes per value of ``X``: 4 (float32 features) or 1 (uint8 image store)."""
-        return 1 if "image_shape" in self.attrs else 4
+        return self._open()["X"].dtype.itemsize
 
     @property
     def shuffled(self) -> bool | None:
