@@ -42,9 +42,12 @@ def bench() -> None:
               help="Comma-separated presets: quick, 200k (200k x 512, 200 classes), "
                    "100k (100k x 2048, 1000 classes), 1m (1M x 2048, 1000 classes).")
 @click.option("--quick", is_flag=True, help="Smoke run: the tiny 'quick' preset only.")
+@click.option("--data", metavar="NAME,...",
+              help="Real data sets instead of --sizes: digits, fashion-mnist "
+                   "(apt-get install dataset-fashion-mnist).")
 @click.option("--algorithms", "algos", metavar="A,B,...",
-              help="Subset of rows: inc-ksgd, inc-ksgd-sklearn, minibatch-sgd, sgd, liblinear, "
-                   "dask-ml (default: all).")
+              help="Subset of rows: inc-ksgd, inc-ksgd-sklearn, ksgd, ksgd-sklearn, "
+                   "minibatch-sgd, sgd, liblinear, logreg, dask-ml (default: all).")
 @click.option("--time-cap", type=click.FloatRange(min=0, min_open=True),
               default=config.BENCH_TIME_CAP_S, show_default=True,
               help="Seconds after which a row is stopped and reported as not finished.")
@@ -54,12 +57,19 @@ def bench() -> None:
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
               default=str(config.BENCH_OUT / "algorithms"), show_default=True,
               help="Folder for algorithms.md and algorithms.json.")
-def bench_algorithms(sizes, quick, algos, time_cap, epochs, seed, out_dir) -> None:
-    """Inc-kSGD against SGDClassifier, LIBLINEAR and dask-ml on the same data (Table 1)."""
-    from rpicluster.bench.algorithms import ALGORITHMS, run_algorithms, to_markdown
+def bench_algorithms(sizes, quick, data, algos, time_cap, epochs, seed, out_dir) -> None:
+    """Inc-kSGD against SGDClassifier, LIBLINEAR, LogisticRegression and dask-ml (Table 1)."""
+    from rpicluster.bench.algorithms import ALGORITHMS, REAL_DATA, run_algorithms, to_markdown
+    from rpicluster.errors import ConfigError
     from rpicluster.progress import Progress
 
     names = ["quick"] if quick else [s.strip() for s in sizes.split(",") if s.strip()]
+    if data:
+        names = [d.strip() for d in data.split(",") if d.strip()]
+        bad = [d for d in names if d not in REAL_DATA]
+        if bad:
+            raise ConfigError(f"unknown data set {bad[0]!r} for --data (known: "
+                              f"{', '.join(REAL_DATA)})")
     chosen = [a.strip() for a in algos.split(",")] if algos else list(ALGORITHMS)
     with Progress("bench algorithms", total=len(names) * len(chosen), unit="rows",
                   interval=0) as progress:
