@@ -308,9 +308,10 @@ class _Reorder:
     def prepare(self, progress) -> None:
         if self.mode == "stream":
             return
-        self.codes = self.src.codes()
         if self.mode == "memory":
-            self.X = np.concatenate([Xb for Xb, _ in self.src.blocks(self.block_rows)])
+            parts = list(self.src.blocks(self.block_rows))
+            self.X = np.concatenate([Xb for Xb, _ in parts])
+            self.codes = np.concatenate([yb for _, yb in parts])
             return
         import tempfile
 
@@ -323,7 +324,9 @@ class _Reorder:
             store[order] = k
             pos[order] = np.arange(len(order))
         row = 0
-        for Xb, _ in self.src.blocks(self.block_rows):
+        codes = []  # labels as read (a synthetic source would regenerate everything for them)
+        for Xb, yb in self.src.blocks(self.block_rows):
+            codes.append(yb)
             rows = slice(row, row + len(Xb))
             s, p = store[rows], pos[rows]
             keep = s >= 0
@@ -344,6 +347,7 @@ class _Reorder:
                         fx.write(np.ascontiguousarray(Xb[idx[part]]).tobytes())
                         fp.write((p[idx[part]] % self.block_rows).astype(np.int64).tobytes())
             row += len(Xb)
+        self.codes = np.concatenate(codes)
 
     def blocks(self, k: int):
         """``(X, y codes)`` of target ``k``'s blocks from its start block."""
