@@ -193,3 +193,27 @@ def test_missing_uint8_chunk_is_reported(tmp_path):
     (tmp_path / "a.zarr" / "X" / "c" / "1" / "0").unlink()
     with pytest.raises(DataError, match=r"chunk 'X/c/1/0' \(block 1\) is missing"):
         open_dataset(tmp_path / "a.zarr").block(1)
+
+
+def test_cli_ingest_reports_spread_split_and_warnings_and_train_refuses(tmp_path):
+    from click.testing import CliRunner
+
+    from rpicluster.cli import main
+
+    run = CliRunner()
+    res = run.invoke(main, ["ingest", "sklearn:iris", str(tmp_path / "a.zarr"), "--block-rows",
+                            "40", "--test-fraction", "0.2", "--test-out",
+                            str(tmp_path / "t.zarr")])
+    assert res.exit_code == 0, res.output
+    assert "ingested" in res.output and "classes per block: min 3" in res.output
+    assert open_dataset(tmp_path / "t.zarr").n_rows == 30
+    res = run.invoke(main, ["ingest", "sklearn:iris", str(tmp_path / "s.zarr"), "--block-rows",
+                            "50", "--no-shuffle"])
+    assert res.exit_code == 0 and "warning:" in res.output and "block 0 holds 1" in res.output
+    res = run.invoke(main, ["train", str(tmp_path / "s.zarr"), "-o", str(tmp_path / "m.skops"),
+                            "--clusters", "2"])
+    assert res.exit_code == 1 and "error:" in res.output and "--no-shuffle" in res.output
+    assert not (tmp_path / "m.skops").exists()
+    res = run.invoke(main, ["ingest", "sklearn:iris", str(tmp_path / "x.zarr"),
+                            "--test-fraction", "0.2"])
+    assert res.exit_code != 0 and "go together" in res.output
