@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 python -m pytest -m bench -q                            # heavy tests (full provision + up)
 python benchmarks/kernel_gflops.py                      # kernel GFLOP/s vs numpy matmul, SGDClassifier
 python benchmarks/algorithms.py                         # the paper's Table 1 on one machine
+python benchmarks/algorithms.py --data digits           # real data: digits (about 3 min)
+python benchmarks/algorithms.py --data fashion-mnist    # real data: Fashion-MNIST (about 15 min)
 python benchmarks/train_dask.py                         # Dask vs in-process, 1 vs N workers, memory
 python benchmarks/ingest_memory.py --gb 8               # streaming ingest stays under 1 GB RSS
 rpicluster bench scaling --local 2 --rows 48000 -o bench-out/scaling-local

@@ -393,8 +393,7 @@ def to_markdown(doc: dict) -> str:
              f"{doc['epochs']} epochs for every SGD row; time cap {doc['time_cap_s']:.0f} s "
              "per row. Each row runs in a fresh process; peak RSS includes the loaded data.",
              "Reproduce: `rpicluster bench algorithms --sizes "
-             + ",".join(e["size"]["name"] for e in doc["sizes"]) + "`"
-             + (f" ({doc['note']})" if doc.get("note") else "") + ".", ""]
+             + ",".join(e["size"]["name"] for e in doc["sizes"]) + "`.", ""]
     for entry in doc["sizes"]:
         s = BenchSize(**entry["size"])
         origin = (f"synthetic, seed {doc['seed']}" if s.data == "synthetic" else
