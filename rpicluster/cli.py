@@ -134,6 +134,9 @@ def _cluster(scheduler, inventory, local):
 @click.option("--solver", type=click.Choice(["minibatch", "sklearn"]),
               help="minibatch: our vectorised kernel; sklearn: one SGDClassifier per cluster.")
 @click.option("--seed", "random_state", type=int, help="Random seed (same seed, same model).")
+@click.option("--vote", type=click.Choice(["majority", "soft"]),
+              help="How block models combine: majority vote (default; ties broken by summed "
+                   "decision scores) or soft (mean decision scores).")
 @click.option("--run-dir", type=click.Path(file_okay=False),
               help="Where block models are committed (default MODEL.run).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),

@@ -437,3 +437,24 @@ def test_small_clusters_run_enough_epochs():
 
     assert cluster_epochs(5, 100_000) == 5
     assert cluster_epochs(5, 25) * 25 >= MIN_SAMPLES_SEEN
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_inc_ksgd_on_digits_is_within_half_a_point_of_sgdclassifier(seed):
+    """The issue's setting: raw digits, 75/25 split, two block models of 700 rows, 4 cells."""
+    X, y = load_digits(return_X_y=True)
+    X, Xt, y, yt = train_test_split(X, y, test_size=0.25, random_state=seed, stratify=y)
+    sgd = SGDClassifier(random_state=seed).fit(X, y).score(Xt, yt)
+    inc = IncrementalKSGDClassifier(block_rows=700, n_clusters=4, random_state=seed).fit(X, y)
+    assert len(inc.estimators_) == 2
+    assert inc.score(Xt, yt) >= sgd - 0.005
+
+
+def test_load_model_is_exported(digits, tmp_path):
+    import rpicluster
+
+    X, Xt, y, _ = digits
+    est = KSGDClassifier(2, random_state=0).fit(X, y)
+    rpicluster.save_model(est, tmp_path / "m.skops")
+    np.testing.assert_array_equal(rpicluster.load_model(tmp_path / "m.skops").predict(Xt),
+                                  est.predict(Xt))
