@@ -392,7 +392,9 @@ def to_markdown(doc: dict) -> str:
              f"{m['python']}, numpy {m['numpy']}, scikit-learn {m['scikit-learn']}. "
              f"{doc['epochs']} epochs for every SGD row; time cap {doc['time_cap_s']:.0f} s "
              "per row. Each row runs in a fresh process; peak RSS includes the loaded data.",
-             "Reproduce: `rpicluster bench algorithms --sizes "
+             "Reproduce: `rpicluster bench algorithms "
+             + ("--data " if all(e["size"].get("data", "synthetic") != "synthetic"
+                                 for e in doc["sizes"]) else "--sizes ")
              + ",".join(e["size"]["name"] for e in doc["sizes"]) + "`.", ""]
     for entry in doc["sizes"]:
         s = BenchSize(**entry["size"])

@@ -258,17 +258,41 @@ def _plan(src, *, shuffle: bool, seed: int, test_fraction: float | None):
     if test_fraction is None:
         return rng.permutation(n), None
     codes = src.codes()
+    quota = split_quotas(np.bincount(codes, minlength=len(src.classes)), test_fraction)
     test_mask = np.zeros(n, dtype=bool)
-    for c in range(len(src.classes)):
+    for c in np.flatnonzero(quota):
         rows = np.flatnonzero(codes == c)
-        if len(rows) < 2:
-            continue
-        k = min(len(rows) - 1, max(1, int(round(test_fraction * len(rows)))))
-        test_mask[rng.choice(rows, k, replace=False)] = True
+        test_mask[rng.choice(rows, int(quota[c]), replace=False)] = True
     train, test = np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
     if shuffle:
         train, test = rng.permutation(train), rng.permutation(test)
     return train, test
+
+
+def split_quotas(counts, fraction: float) -> np.ndarray:
+    """Test rows per class: ``fraction`` of each class, summing to ``round(fraction * rows)``.
+
+    Largest-remainder rounding, so a split of ``rows + t`` rows with ``fraction = t / (rows +
+    t)`` leaves exactly ``rows`` training rows; a class of two rows or more gives at least one
+    and keeps at least one, a class of one row stays in training.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    eligible = counts >= 2
+    want = fraction * counts * eligible
+    quota = np.floor(want).astype(np.int64)
+    lo = np.where(eligible, 1, 0)
+    hi = np.where(eligible, counts - 1, 0)
+    quota = np.clip(quota, lo, hi)
+    left = int(round(fraction * counts[eligible].sum())) - int(quota.sum())
+    order = np.argsort(-(want - quota), kind="stable")  # largest remainders first
+    step = 1 if left > 0 else -1
+    for c in np.concatenate([order, order[::-1]]) if left < 0 else order:
+        if left == 0:
+            break
+        if lo[c] <= quota[c] + step <= hi[c]:
+            quota[c] += step
+            left -= step
+    return quota
 
 
 class _Reorder:
