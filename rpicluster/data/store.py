@@ -371,6 +371,7 @@ class _Reorder:
                         fx.write(np.ascontiguousarray(Xb[idx[part]]).tobytes())
                         fp.write((p[idx[part]] % self.block_rows).astype(np.int64).tobytes())
             row += len(Xb)
+            progress.advance(0, note=f"shuffling: {row} of {n} rows scattered to block buckets")
         self.codes = np.concatenate(codes)
 
     def blocks(self, k: int):
