@@ -79,8 +79,9 @@ def ingest(source, out: str | os.PathLike, *, block_rows: int = config.BLOCK_ROW
     scikit-learn's iris) come sorted by label. Sources larger than memory are shuffled in two
     passes: rows are scattered into one bucket file per block in a temporary folder beside
     ``out`` (as much disk as the data), then each block is read back, put in order and written.
-    Memory stays at about two blocks whatever the source's size (svmlight files, held whole as a
-    sparse matrix, are the exception). After the last block, the class spread per block is
+    Memory stays at about two blocks whatever the source's size, plus about 13 bytes per row for
+    the shuffle's row map and labels (svmlight files, held whole as a sparse matrix, are the
+    exception). After the last block, the class spread per block is
     recorded (``block_classes``) and a :class:`~rpicluster.errors.DataWarning` names blocks that
     hold far fewer classes than a random sample of their size would.
 
