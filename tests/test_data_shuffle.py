@@ -13,7 +13,11 @@ from sklearn.datasets import load_iris
 from rpicluster.data.sources import FASHION_MNIST_DIR, ArraySource, open_source
 from rpicluster.data.store import ingest, open_dataset, skewed_blocks
 from rpicluster.errors import DataError, DataWarning
-from rpicluster.models.incremental import check_dataset_blocks
+
+
+def check_dataset_blocks(ds, n_clusters, **kw):
+    """What `train` checks before it contacts the cluster."""
+    ds.check_trainable(n_clusters, **kw)
 
 
 def rows_of(ds):

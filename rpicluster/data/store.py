@@ -398,6 +398,15 @@ class _Reorder:
             yield Xb, self.codes[rows]
 
 
+def _fitting_block_rows(n_rows: int, block_rows: int, n_clusters: int) -> int:
+    """The block size nearest ``block_rows`` (not above) whose last block has ``n_clusters``
+    rows or more."""
+    for b in range(block_rows, n_clusters - 1, -1):
+        if n_rows - (n_rows - 1) // b * b >= n_clusters:
+            return b
+    return n_rows
+
+
 def expected_classes(class_counts, rows: int) -> float:
     """Distinct classes expected in ``rows`` rows drawn at random from data with these counts."""
     counts = np.asarray(class_counts, dtype=np.float64)
@@ -663,6 +672,39 @@ class Dataset:
         """Whether ingest shuffled the rows (None for stores that do not record it)."""
         value = self.attrs.get("shuffle")
         return None if value is None else bool(value)
+
+    def check_trainable(self, n_clusters: int, *, allow_skewed: bool = False) -> None:
+        """Refuse a store Inc-kSGD cannot train well on, before any task runs.
+
+        Raises
+        ------
+        DataError
+            A block with fewer rows than ``n_clusters`` (naming it and a ``--block-rows`` that
+            works), or a store ingested with ``--no-shuffle`` whose blocks are class-skewed
+            (unless ``allow_skewed``; a shuffled store with skewed blocks only warns, a
+            :class:`~rpicluster.errors.DataWarning`).
+        """
+        import warnings
+
+        lo, hi = self.block_slice(self.n_blocks - 1)
+        if hi - lo < n_clusters:
+            raise DataError(
+                f"{self.url}: block {self.n_blocks - 1} holds {hi - lo} rows, fewer than "
+                f"n_clusters={n_clusters} (--clusters): re-ingest with a --block-rows whose last "
+                f"block keeps >= {n_clusters} rows (e.g. "
+                f"{_fitting_block_rows(self.n_rows, self.block_rows, n_clusters)}), or lower "
+                "--clusters")
+        skewed = skewed_blocks(self)
+        if not skewed:
+            return
+        b, seen, expected = skewed[0]
+        text = (f"{self.url}: {len(skewed)} of {self.n_blocks} blocks are class-skewed (block "
+                f"{b} holds {seen} of {len(self.classes)} classes, a random sample "
+                f"~{expected:.0f}); each block model votes on classes it never saw")
+        if self.attrs.get("shuffle") is False and not allow_skewed:
+            raise DataError(f"{text}. The store was ingested with --no-shuffle: ingest it again "
+                            "without it (or pass allow_skewed / --allow-skewed to train anyway)")
+        warnings.warn(text, DataWarning, stacklevel=3)
 
     def block_slice(self, i: int) -> tuple[int, int]:
         """Rows ``(start, stop)`` of block ``i``."""

@@ -21,6 +21,44 @@ from rpicluster.models.ksgd import (KSGDClassifier, check_enough_rows, check_par
 # Rows per chunk when counting votes: bounds the (chunk, n_classes) count matrix.
 _VOTE_CHUNK = 4096
 
+# How a blocked dataset is fitted while a Dask client is current: ``fit(estimator, dataset,
+# client)``. rpicluster.train.job registers itself here when imported, so the estimator never
+# imports the layer above it.
+_distributed_fit = None
+
+
+# How a fitted estimator predicts and scores a blocked dataset on a Dask client:
+# ``predict(estimator, dataset, client)``, ``score(estimator, dataset, client)``; registered by
+# rpicluster.train.job like the fit.
+_distributed_predict = None
+_distributed_score = None
+
+
+def register_distributed_predict(predict, score) -> None:
+    """Set the functions that predict and score a blocked dataset on a Dask client.
+
+    Parameters
+    ----------
+    predict : callable
+        ``predict(estimator, dataset, client)`` -> labels of every row.
+    score : callable
+        ``score(estimator, dataset, client)`` -> accuracy.
+    """
+    global _distributed_predict, _distributed_score
+    _distributed_predict, _distributed_score = predict, score
+
+
+def register_distributed_fit(fit) -> None:
+    """Set the function that fits a blocked dataset on a Dask client (``rpicluster.train``'s job).
+
+    Parameters
+    ----------
+    fit : callable
+        ``fit(estimator, dataset, client)``; fills the estimator's learned attributes.
+    """
+    global _distributed_fit
+    _distributed_fit = fit
+
 
 def is_dataset(X) -> bool:
     """Whether ``X`` is a blocked dataset (``n_blocks`` and ``block(i)``), e.g. a Zarr one."""
@@ -80,57 +118,6 @@ def vote_counts(block_codes, n_classes: int) -> np.ndarray:
     m = block_codes.shape[1]
     flat = (np.arange(m) * n_classes)[None, :] + block_codes
     return np.bincount(flat.ravel(), minlength=m * n_classes).reshape(m, n_classes)
-
-
-def check_dataset_blocks(dataset, n_clusters: int, *, allow_skewed: bool = False) -> None:
-    """Refuse a store Inc-kSGD cannot train well on, before any task runs.
-
-    Raises
-    ------
-    DataError
-        A block with fewer rows than ``n_clusters`` (naming it and a ``--block-rows`` that
-        works), or a store ingested with ``--no-shuffle`` whose blocks are class-skewed (unless
-        ``allow_skewed``; a shuffled store with skewed blocks only warns).
-    """
-    import warnings
-
-    from rpicluster.data.store import skewed_blocks
-    from rpicluster.errors import DataError, DataWarning
-
-    if not hasattr(dataset, "block_slice"):
-        return  # a bare blocked dataset (n_blocks, block, classes): checked block by block
-    n_blocks = int(dataset.n_blocks)
-    if n_blocks < 1:
-        raise DataError(f"{dataset.url}: the store has no blocks")
-    lo, hi = dataset.block_slice(n_blocks - 1)
-    if hi - lo < n_clusters:
-        full = int(dataset.block_rows)
-        raise DataError(
-            f"{dataset.url}: block {n_blocks - 1} holds {hi - lo} rows, fewer than "
-            f"n_clusters={n_clusters} (--clusters): re-ingest with a --block-rows whose last "
-            f"block keeps >= {n_clusters} rows (e.g. {_fitting_block_rows(dataset.n_rows, full, n_clusters)}),"
-            f" or lower --clusters")
-    skewed = skewed_blocks(dataset)
-    if not skewed:
-        return
-    b, seen, expected = skewed[0]
-    text = (f"{dataset.url}: {len(skewed)} of {n_blocks} blocks are class-skewed (block {b} "
-            f"holds {seen} of {len(dataset.classes)} classes, a random sample ~{expected:.0f}); "
-            "each block model votes on classes it never saw")
-    if dataset.attrs.get("shuffle") is False and not allow_skewed:
-        raise DataError(f"{text}. The store was ingested with --no-shuffle: ingest it again "
-                        "without it (or pass allow_skewed / --allow-skewed to train anyway)")
-    warnings.warn(text, DataWarning, stacklevel=3)
-
-
-def _fitting_block_rows(n_rows: int, block_rows: int, n_clusters: int) -> int:
-    """The block size nearest ``block_rows`` (not above) whose last block has ``n_clusters``
-    rows or more."""
-    for b in range(block_rows, n_clusters - 1, -1):
-        last = n_rows - (n_rows - 1) // b * b
-        if last >= n_clusters:
-            return b
-    return n_rows
 
 
 class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
@@ -244,16 +231,24 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
         """Fit a blocked dataset: the one place where distributed training plugs in.
 
         Block ``i`` of the dataset becomes block model ``i``. With a current Dask client (as
-        joblib's dask backend and dask-ml use one) the blocks are fitted on the cluster by
-        :func:`rpicluster.train.job.train`; otherwise by this in-process loop, which is the
-        reference the distributed path reproduces exactly.
+        joblib's dask backend and dask-ml use one) the blocks are fitted on the cluster by the
+        registered job (:func:`register_distributed_fit`: :func:`rpicluster.train.job.train`,
+        registered when ``rpicluster.train.job`` is imported, as ``rpicluster`` does for its
+        estimators); otherwise by this in-process loop, which is the reference the distributed
+        path reproduces exactly.
         """
-        check_dataset_blocks(dataset, self.n_clusters)
+        check = getattr(dataset, "check_trainable", None)  # a Zarr store refuses bad blocks
+        if check is not None:
+            check(self.n_clusters)
         client = _current_client()
-        if client is not None:
-            from rpicluster.train.job import train
+        if client is not None and _distributed_fit is None:
+            import warnings
 
-            train(self, dataset, client)
+            warnings.warn("a Dask client is current but no distributed fit is registered "
+                          "(import rpicluster.train.job): fitting the blocks in this process",
+                          UserWarning, stacklevel=3)
+        elif client is not None:
+            _distributed_fit(self, dataset, client)
             return self
         classes = np.asarray(dataset.classes)
         if dataset.n_blocks < 1:
@@ -422,10 +417,8 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
     def _predict_dataset(self, dataset) -> np.ndarray:
         self._check_dataset_features(dataset)
         client = _current_client()
-        if client is not None:
-            from rpicluster.train.job import predict_dataset
-
-            return predict_dataset(self, dataset, client)
+        if client is not None and _distributed_predict is not None:
+            return _distributed_predict(self, dataset, client)
         parts = [self.predict(dataset.block(i)[0]) for i in range(dataset.n_blocks)]
         return np.concatenate(parts) if parts else np.empty(0, dtype=self.classes_.dtype)
 
@@ -459,10 +452,8 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         self._check_dataset_features(X)
         client = _current_client()
-        if client is not None:
-            from rpicluster.train.job import score_dataset
-
-            return score_dataset(self, X, client)
+        if client is not None and _distributed_score is not None:
+            return _distributed_score(self, X, client)
         correct = total = 0
         classes = np.asarray(X.classes)
         for i in range(X.n_blocks):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +18,23 @@ from rpicluster.train.rundir import RunDir
 
 @dataclasses.dataclass
 class ClusterChoice:
-    """Which cluster a command uses (at most one field set; none = the recorded or embedded one)."""
+    """Which cluster a command uses: the arguments of :func:`rpicluster.deploy.resolve.client`.
+
+    At most one of ``scheduler``, ``inventory`` and ``local`` (``N`` workers, or ``True`` for any
+    size); none = the recorded cluster, else an embedded one for this command. ``announce(ref)``
+    hears which cluster was chosen.
+    """
 
     scheduler: str | None = None
     inventory: str | None = None
-    local: int | None = None
+    local: int | bool | None = None
+    announce: Callable | None = None
 
     def client(self):
-        from rpicluster.deploy.local import cluster_client
+        from rpicluster.deploy.resolve import client
 
-        return cluster_client(self.scheduler, self.inventory, self.local)
+        return client(self.scheduler, inventory=self.inventory, local=self.local,
+                      announce=self.announce)
 
 
 @dataclasses.dataclass
@@ -50,10 +58,10 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
     ``test`` is a store to report accuracy on. Unset ``params`` take the estimator's defaults.
     A store whose blocks cannot hold ``n_clusters`` rows, or an unshuffled class-skewed one
     (unless ``allow_skewed``), is refused before the cluster is contacted
-    (:func:`~rpicluster.models.incremental.check_dataset_blocks`).
+    (:meth:`~rpicluster.data.store.Dataset.check_trainable`).
     """
     from rpicluster import open_dataset
-    from rpicluster.models.incremental import IncrementalKSGDClassifier, check_dataset_blocks
+    from rpicluster.models.incremental import IncrementalKSGDClassifier
 
     model_path = Path(model_path)
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{model_path}.run")
@@ -63,7 +71,7 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
         params = {**RunDir(run_dir).meta()["params"], **params}
     dataset = open_dataset(data, storage_options=storage_options)
     estimator = IncrementalKSGDClassifier(**{**params, "block_rows": dataset.block_rows})
-    check_dataset_blocks(dataset, estimator.n_clusters, allow_skewed=allow_skewed)
+    dataset.check_trainable(estimator.n_clusters, allow_skewed=allow_skewed)
     test_ds = open_dataset(test, storage_options=storage_options) if test else None
     with (cluster or ClusterChoice()).client() as client:
         n_workers = len(client.scheduler_info()["workers"])
