@@ -306,14 +306,16 @@ def ingest(source, out, block_rows, labels, label_column, seed, no_shuffle, test
         finally:
             for w in caught:
                 click.echo(f"warning: {w.message}", err=True)
-    seconds = time.perf_counter() - t0
-    for store in [ds] + ([open_dataset(test_out)] if test_out else []):
-        click.echo(f"ingested {store.url}: {store.n_rows} rows, {store.n_features} features, "
-                   f"{len(store.classes)} classes, {store.n_blocks} blocks, {store.nbytes} bytes")
+    seconds = f", {time.perf_counter() - t0:.1f} s"
+    for what, store in [("ingested", ds)] + ([("held out", open_dataset(test_out))]
+                                             if test_out else []):
+        click.echo(f"{what} {store.url}: {store.n_rows} rows, {store.n_features} features, "
+                   f"{len(store.classes)} classes, {store.n_blocks} blocks, {store.nbytes} bytes"
+                   f"{seconds}")
+        seconds = ""
         spread = class_spread_text(store)
         if spread:
             click.echo(f"  {spread}")
-    click.echo(f"done in {seconds:.1f} s")
 
 
 @main.command()
