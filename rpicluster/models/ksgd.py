@@ -552,16 +552,18 @@ class KSGDClassifier(ClassifierMixin, BaseEstimator):
         labels = nearest_center(X, self.cluster_centers_)
         order = np.argsort(labels, kind="stable")
         bounds = np.searchsorted(labels[order], np.arange(self.cluster_centers_.shape[0] + 1))
-        out = np.empty((X.shape[0], len(self.classes_)), dtype=np.float32)
+        # float64 products: float32 BLAS rounds differently with the number of rows, and a
+        # row's score must not depend on which other rows are scored with it
+        out = np.empty((X.shape[0], len(self.classes_)), dtype=np.float64)
         for j in range(self.cluster_centers_.shape[0]):
             rows = order[bounds[j]:bounds[j + 1]]
             if rows.shape[0] == 0:
                 continue
             lo, hi = self.local_ptr_[j], self.local_ptr_[j + 1]
             if hi - lo == 1:
-                scores = np.ones((rows.shape[0], 1), dtype=np.float32)
+                scores = np.ones((rows.shape[0], 1))
             else:
-                scores = X[rows] @ self.local_coef_[lo:hi].T
+                scores = X[rows].astype(np.float64) @ self.local_coef_[lo:hi].T.astype(np.float64)
                 scores += self.local_intercept_[lo:hi]
             floor = np.minimum(scores.min(axis=1), 0.0) - 1.0
             block = np.repeat(floor[:, None], len(self.classes_), axis=1)
