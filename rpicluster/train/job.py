@@ -512,9 +512,11 @@ def score_dataset(model, dataset, client, *, progress: Progress | None = None) -
 def _register() -> None:
     # The estimator fits a blocked dataset on the current client through this job, without
     # importing it (models sit below train).
-    from rpicluster.models.incremental import register_distributed_fit
+    from rpicluster.models.incremental import (register_distributed_fit,
+                                               register_distributed_predict)
 
     register_distributed_fit(train)
+    register_distributed_predict(predict_dataset, score_dataset)
 
 
 _register()
