@@ -159,7 +159,8 @@ def ingest(source, out: str | os.PathLike, *, block_rows: int = config.BLOCK_ROW
     src = source if isinstance(source, Source) else open_source(
         source, labels=labels, label_column=label_column, **dict(source_options or {}))
     if len(src.classes) < 2:
-        raise DataError(f"{src.description}: every row has the label {src.classes[0]!r}; a "
+        only = np.asarray(src.classes).tolist()[0]
+        raise DataError(f"{src.description}: every row has the label {only!r}; a "
                         "classifier needs at least 2 classes (check the label column/file)")
     url = _normalize_url(out)
     test_url = _normalize_url(test_out) if test_out is not None else None
@@ -779,6 +780,11 @@ class Dataset:
                 f"block keeps >= {n_clusters} rows (e.g. "
                 f"{_fitting_block_rows(self.n_rows, self.block_rows, n_clusters)}), or lower "
                 "--clusters")
+        if len(self.classes) < 2:  # ingest refuses these; a store written otherwise can hold one
+            warnings.warn(f"{self.url} holds a single class ({self.classes.tolist()[0]!r}): the "
+                          "model will predict it for every row; ingest data with at least two "
+                          "classes", DataWarning, stacklevel=3)
+            return
         skewed = skewed_blocks(self)
         if not skewed:
             return

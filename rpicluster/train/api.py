@@ -86,7 +86,6 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
         # refuses one that differs, naming it.
         params = {**RunDir(run_dir).meta()["params"], **params}
     dataset = open_dataset(data, storage_options=storage_options)
-    check_trainable(dataset, params)
     estimator = IncrementalKSGDClassifier(**{**params, "block_rows": dataset.block_rows})
     dataset.check_trainable(estimator.n_clusters, allow_skewed=allow_skewed)
     test_ds = open_dataset(test, storage_options=storage_options) if test else None
@@ -118,30 +117,6 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
         digest = save_model(estimator, model_path)
     return TrainSummary(result=result, model_path=model_path, sha256=digest,
                         test_accuracy=accuracy, n_workers=n_workers)
-
-
-def check_trainable(dataset, params: dict) -> None:
-    """Refuse parameters that cannot work on ``dataset``; warn on a single-class store.
-
-    Raises
-    ------
-    ConfigError
-        More k-means clusters than the smallest block has rows.
-    """
-    k = params.get("n_clusters")
-    if k is not None:
-        last = dataset.n_rows - (dataset.n_blocks - 1) * dataset.block_rows
-        smallest = min(dataset.block_rows, last)
-        if k > smallest:
-            where = (f"its blocks have {dataset.block_rows} rows" if smallest == dataset.block_rows
-                     else f"its last block has {smallest} rows")
-            raise ConfigError(f"--clusters {k} is more than {dataset.url} can split: {where} "
-                              f"and each block is split into k clusters; use --clusters "
-                              f"{smallest} or fewer, or re-ingest with more --block-rows")
-    if len(dataset.classes) < 2:
-        warnings.warn(f"{dataset.url} holds a single class ({dataset.classes.tolist()[0]!r}): the model "
-                      "will predict it for every row; ingest data with at least two classes",
-                      RPiClusterWarning, stacklevel=2)
 
 
 def _causes(exc: BaseException | None) -> list[BaseException]:
