@@ -21,6 +21,7 @@ _EXPORTS = {
     "down": "rpicluster.deploy.cluster",
     "status": "rpicluster.deploy.cluster",
     "connect": "rpicluster.deploy.cluster",
+    "extract_features": "rpicluster.features.job",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,0 +1,124 @@
+"""Image stores as the feature job reads them: the dataset layout contract with uint8 images.
+
+An image store is a store of :mod:`rpicluster.data.store`'s layout (format version, ``classes``,
+``n_rows``, ``block_rows``, ``n_blocks``, ``complete``; ``bytes`` + ``crc32c`` codecs; one block
+per chunk row) whose ``X`` holds uint8 images ``(n_rows, H, W)`` or ``(n_rows, H, W, C)`` instead
+of float features. ``rpicluster ingest images:DIR`` (and ``idx:``, ``fashion-mnist``) write them;
+:func:`write_image_store` writes one from arrays in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from rpicluster.errors import DataError
+
+
+class ImageStore:
+    """A complete image store opened for reading; pickles as its URL (workers reopen it).
+
+    Attributes
+    ----------
+    url : str
+    n_rows, block_rows, n_blocks : int
+    image_shape : tuple
+        ``(H, W)`` or ``(H, W, C)``.
+    classes : ndarray
+    attrs : dict
+    """
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
+        from rpicluster.data.store import _normalize_url
+
+        self.url = _normalize_url(url)
+        self.storage_options = dict(storage_options) if storage_options else None
+        self._open()
+
+    def __getstate__(self):
+        return {"url": self.url, "storage_options": self.storage_options}
+
+    def __setstate__(self, state):
+        self.url, self.storage_options = state["url"], state["storage_options"]
+        self._open()
+
+    def _open(self) -> None:
+        from rpicluster.data.sources import classes_from_json
+        from rpicluster.data.store import Dataset
+
+        # The store-level checks (format version, completion marker, attributes) are the
+        # dataset's; only the arrays differ.
+        try:
+            Dataset(self.url, self.storage_options)._validate()
+        except DataError as exc:
+            if "array 'X' has shape" not in str(exc):
+                raise
+        import zarr
+
+        group = zarr.open_group(self.url, mode="r", zarr_format=3,
+                                storage_options=self.storage_options)
+        attrs = dict(group.attrs)
+        X, y = group["X"], group["y"]
+        n, b = int(attrs["n_rows"]), int(attrs["block_rows"])
+        if X.dtype != np.uint8 or X.ndim not in (3, 4) or X.shape[0] != n or X.chunks[0] != b:
+            raise DataError(f"{self.url} is not an image store: its X is {X.dtype} of shape "
+                            f"{X.shape} (expected uint8 images (rows, H, W[, C]) chunked by "
+                            f"{b} rows); ingest images with `rpicluster ingest images:DIR`")
+        self.attrs, self._X, self._y = attrs, X, y
+        self.n_rows, self.block_rows = n, b
+        self.n_blocks = math.ceil(n / b)
+        self.image_shape = tuple(X.shape[1:])
+        self.classes = classes_from_json(attrs["classes"])
+
+    def block(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(uint8 images, int32 codes)`` of block ``i``; a damaged chunk names its key."""
+        lo, hi = i * self.block_rows, min((i + 1) * self.block_rows, self.n_rows)
+        try:
+            images, y = self._X[lo:hi], self._y[lo:hi]
+        except (ValueError, OSError) as exc:
+            key = "X/c/" + "/".join([str(i)] + ["0"] * (self._X.ndim - 1))
+            raise DataError(f"{self.url}: chunk {key} (block {i}) is corrupted or unreadable "
+                            f"({exc})") from None
+        if len(y) and y.min() < 0:
+            raise DataError(f"{self.url}: chunk y/c/{i} (block {i}) is missing")
+        return images, y
+
+
+def open_images(url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None
+                ) -> ImageStore:
+    """Open a complete image store (see :class:`ImageStore`)."""
+    return ImageStore(os.fspath(url), storage_options)
+
+
+def write_image_store(out: str | os.PathLike, images: np.ndarray, y: np.ndarray, classes,
+                      *, block_rows: int, source: str = "arrays") -> ImageStore:
+    """Write uint8 ``images`` and int ``y`` codes (indices into ``classes``) as an image store."""
+    import datetime
+
+    import zarr
+    from zarr.codecs import BytesCodec, Crc32cCodec
+
+    from rpicluster.data import store
+    from rpicluster.data.sources import classes_to_json
+
+    images = np.asarray(images, np.uint8)
+    n = len(images)
+    attrs = {store.FORMAT_KEY: store.FORMAT_VERSION, "classes": classes_to_json(np.asarray(classes)),
+             "n_rows": n, "n_features": int(np.prod(images.shape[1:])), "block_rows": block_rows,
+             "n_blocks": math.ceil(n / block_rows), "source": source,
+             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "blocks_written": 0, "complete": False}
+    root = zarr.open_group(store._normalize_url(out), mode="w", zarr_format=3, attributes=attrs)
+    common = dict(serializer=BytesCodec(), compressors=[Crc32cCodec()], filters=None,
+                  config={"write_empty_chunks": True})
+    X = root.create_array("X", shape=images.shape, dtype="uint8",
+                          chunks=(block_rows, *images.shape[1:]), fill_value=0, **common)
+    Y = root.create_array("y", shape=(n,), dtype="int32", chunks=(block_rows,), fill_value=-1,
+                          **common)
+    X[:], Y[:] = images, np.asarray(y, np.int32)
+    root.attrs.update({"blocks_written": attrs["n_blocks"], "complete": True})
+    return open_images(out)
