@@ -2,9 +2,10 @@
 
 An image store is a store of :mod:`rpicluster.data.store`'s layout (format version, ``classes``,
 ``n_rows``, ``block_rows``, ``n_blocks``, ``complete``; ``bytes`` + ``crc32c`` codecs; one block
-per chunk row) whose ``X`` holds uint8 images ``(n_rows, H, W)`` or ``(n_rows, H, W, C)`` instead
-of float features. ``rpicluster ingest images:DIR`` (and ``idx:``, ``fashion-mnist``) write them;
-:func:`write_image_store` writes one from arrays in memory.
+per chunk row) whose ``X`` holds uint8 pixels instead of float features: one image per row,
+flattened in (height, width, channel) order, with the attribute ``image_shape`` =
+``[height, width, channels]``. ``rpicluster ingest images:DIR`` (and ``idx:``,
+``fashion-mnist``) write them; :func:`write_image_store` writes one from arrays in memory.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class ImageStore:
         from rpicluster.data.store import Dataset
 
         # The store-level checks (format version, completion marker, attributes) are the
-        # dataset's; only the arrays differ.
+        # dataset's; only X's dtype differs.
         try:
             Dataset(self.url, self.storage_options)._validate()
         except DataError as exc:
@@ -64,23 +65,26 @@ class ImageStore:
         attrs = dict(group.attrs)
         X, y = group["X"], group["y"]
         n, b = int(attrs["n_rows"]), int(attrs["block_rows"])
-        if X.dtype != np.uint8 or X.ndim not in (3, 4) or X.shape[0] != n or X.chunks[0] != b:
+        shape = attrs.get("image_shape")
+        if X.dtype != np.uint8 or not shape or X.shape != (n, int(np.prod(shape))):
             raise DataError(f"{self.url} is not an image store: its X is {X.dtype} of shape "
-                            f"{X.shape} (expected uint8 images (rows, H, W[, C]) chunked by "
-                            f"{b} rows); ingest images with `rpicluster ingest images:DIR`")
+                            f"{X.shape} and image_shape is {shape} (expected uint8 rows of "
+                            "height x width x channels pixels); ingest images with "
+                            "`rpicluster ingest images:DIR`")
         self.attrs, self._X, self._y = attrs, X, y
         self.n_rows, self.block_rows = n, b
         self.n_blocks = math.ceil(n / b)
-        self.image_shape = tuple(X.shape[1:])
+        h, w, c = (list(shape) + [1])[:3]
+        self.image_shape = (h, w) if c == 1 else (h, w, c)
         self.classes = classes_from_json(attrs["classes"])
 
     def block(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """``(uint8 images, int32 codes)`` of block ``i``; a damaged chunk names its key."""
         lo, hi = i * self.block_rows, min((i + 1) * self.block_rows, self.n_rows)
         try:
-            images, y = self._X[lo:hi], self._y[lo:hi]
+            images, y = self._X[lo:hi].reshape(-1, *self.image_shape), self._y[lo:hi]
         except (ValueError, OSError) as exc:
-            key = "X/c/" + "/".join([str(i)] + ["0"] * (self._X.ndim - 1))
+            key = f"X/c/{i}/0"
             raise DataError(f"{self.url}: chunk {key} (block {i}) is corrupted or unreadable "
                             f"({exc})") from None
         if len(y) and y.min() < 0:
@@ -106,19 +110,21 @@ def write_image_store(out: str | os.PathLike, images: np.ndarray, y: np.ndarray,
     from rpicluster.data.sources import classes_to_json
 
     images = np.asarray(images, np.uint8)
-    n = len(images)
+    n, shape = len(images), (list(images.shape[1:]) + [1])[:3]
+    flat = images.reshape(n, -1)
     attrs = {store.FORMAT_KEY: store.FORMAT_VERSION, "classes": classes_to_json(np.asarray(classes)),
-             "n_rows": n, "n_features": int(np.prod(images.shape[1:])), "block_rows": block_rows,
+             "n_rows": n, "n_features": flat.shape[1], "image_shape": shape,
+             "block_rows": block_rows,
              "n_blocks": math.ceil(n / block_rows), "source": source,
              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "blocks_written": 0, "complete": False}
     root = zarr.open_group(store._normalize_url(out), mode="w", zarr_format=3, attributes=attrs)
     common = dict(serializer=BytesCodec(), compressors=[Crc32cCodec()], filters=None,
                   config={"write_empty_chunks": True})
-    X = root.create_array("X", shape=images.shape, dtype="uint8",
-                          chunks=(block_rows, *images.shape[1:]), fill_value=0, **common)
+    X = root.create_array("X", shape=flat.shape, dtype="uint8",
+                          chunks=(block_rows, flat.shape[1]), fill_value=0, **common)
     Y = root.create_array("y", shape=(n,), dtype="int32", chunks=(block_rows,), fill_value=-1,
                           **common)
-    X[:], Y[:] = images, np.asarray(y, np.int32)
+    X[:], Y[:] = flat, np.asarray(y, np.int32)
     root.attrs.update({"blocks_written": attrs["n_blocks"], "complete": True})
     return open_images(out)

@@ -223,7 +223,8 @@ def _prepare(url: str, layout: dict, *, resume: bool, overwrite: bool, storage_o
                 raise DataError(f"cannot resume {url}: its {key} is {existing.get(key)!r}, this "
                                 f"run's is {value!r} (use overwrite to start over)")
         return set(existing.get("blocks_done", [])), existing.get("complete") is True
-    store._create(url, SimpleNamespace(n_rows=layout["n_rows"], n_features=layout["n_features"]),
+    store._create(url, SimpleNamespace(n_rows=layout["n_rows"], n_features=layout["n_features"],
+                                       dtype=np.float32),
                   layout["block_rows"], {**layout, "blocks_done": []}, storage_options)
     return set(), False
 
