@@ -191,19 +191,21 @@ def predict_cmd(model_path, data, out, scheduler, inventory, local):
               help="Images per ONNX Runtime call on a worker (bounds its memory).")
 @click.option("--threads", type=click.IntRange(min=1), metavar="T",
               help="ONNX Runtime threads per worker (default: the worker's threads).")
+@click.option("--block-rows", type=click.IntRange(min=1), metavar="N",
+              help="Rows per feature block: a multiple of the image store's (its own by default).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into FEATURES.zarr.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing FEATURES.zarr.")
 @cluster_options
-def features_cmd(images, out, model, input_size, batch_size, threads, resume, overwrite,
-                 scheduler, inventory, local):
+def features_cmd(images, out, model, input_size, batch_size, threads, block_rows, resume,
+                 overwrite, scheduler, inventory, local):
     """Extract frozen-network features of the image store IMAGES.zarr on the cluster."""
     from rpicluster.features.job import extract_features
     from rpicluster.progress import Progress
 
     with Progress("features", unit="blocks") as progress:
         r = extract_features(images, out, model=model, input_size=input_size,
-                             batch_size=batch_size, threads=threads, resume=resume,
-                             overwrite=overwrite, scheduler=scheduler, inventory=inventory,
+                             batch_size=batch_size, threads=threads, block_rows=block_rows,
+                             resume=resume, overwrite=overwrite, scheduler=scheduler, inventory=inventory,
                              local=local, progress=progress)
     ds = r.store
     click.echo(f"extracted {len(r.extracted_blocks)} blocks"

@@ -152,6 +152,20 @@ def test_cli_features(images, client, tiny, tmp_path):
     assert "extracted 13 blocks" in res.output and "200 images -> 4 features" in res.output
     assert "images/s" in res.output
     assert open_dataset(out).n_features == 4
+    # Feature blocks of two image blocks each: 7 blocks (the last one holds 8 rows).
+    res = CliRunner().invoke(main, ["features", images.url, "-o", str(tmp_path / "big.zarr"),
+                                    "--model", str(tiny), "--input-size", "16",
+                                    "--block-rows", "32", "--scheduler", addr])
+    assert res.exit_code == 0, res.output
+    big = open_dataset(tmp_path / "big.zarr")
+    assert (big.block_rows, big.n_blocks) == (32, 7)
+    np.testing.assert_array_equal(np.asarray(big.X.compute()),
+                                  np.asarray(open_dataset(out).X.compute()))
+    np.testing.assert_array_equal(np.asarray(big.y.compute()), _all_images(images)[1])
+    res = CliRunner().invoke(main, ["features", images.url, "-o", str(tmp_path / "odd.zarr"),
+                                    "--model", str(tiny), "--block-rows", "20",
+                                    "--scheduler", addr])
+    assert res.exit_code == 1 and "multiple of the image store's block rows (16)" in res.output
     res = CliRunner().invoke(main, ["features", images.url, "-o", str(out), "--model",
                                     str(tmp_path / "missing.onnx"), "--scheduler", addr])
     assert res.exit_code == 1

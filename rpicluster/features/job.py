@@ -76,21 +76,28 @@ class FeaturesResult:
 
 
 def extract_task(model: FrozenModel, images, out_url: str, out_options, block: int,
-                 input_size: int, batch_size: int, threads: int | None) -> dict:
-    """Extract the features of block ``block`` and write them to the feature store (a worker)."""
+                 block_rows: int, input_size: int, batch_size: int, threads: int | None) -> dict:
+    """Extract the features of feature block ``block`` (``block_rows`` rows, one or more image
+    blocks read one at a time) and write it as one chunk of the feature store (on a worker)."""
     import zarr
 
     from rpicluster.train.tasks import worker_name
 
     with _WORKER_LOCK:
         t0 = time.perf_counter()
-        imgs, y = images.block(block)
         extractor = Extractor(model, input_size=input_size, batch_size=batch_size,
                               threads=threads or _worker_threads())
-        feats = extractor.transform(imgs)
+        per = block_rows // images.block_rows
+        feats, ys = [], []
+        for b in range(block * per, min((block + 1) * per, images.n_blocks)):
+            imgs, y = images.block(b)
+            feats.append(extractor.transform(imgs))
+            ys.append(y)
+            del imgs
+        X, y = np.concatenate(feats), np.concatenate(ys)
         root = zarr.open_group(out_url, mode="r+", zarr_format=3, storage_options=out_options)
-        lo = block * images.block_rows
-        root["X"][lo:lo + len(y)] = feats
+        lo = block * block_rows
+        root["X"][lo:lo + len(y)] = X
         root["y"][lo:lo + len(y)] = y
         return {"block": block, "rows": int(len(y)), "worker": worker_name(),
                 "seconds": time.perf_counter() - t0}
@@ -108,8 +115,8 @@ def _worker_threads() -> int:
 
 def extract_features(images: str, out: str, *, model: str = "efficientnet-lite0",
                      input_size: int | None = None, batch_size: int = BATCH_SIZE,
-                     threads: int | None = None, resume: bool = False, overwrite: bool = False,
-                     client=None, scheduler: str | None = None, inventory: str | None = None,
+                     threads: int | None = None, block_rows: int | None = None,
+                     resume: bool = False, overwrite: bool = False, client=None, scheduler: str | None = None, inventory: str | None = None,
                      local: int | None = None, storage_options: dict | None = None,
                      cache: str | os.PathLike | None = None,
                      progress: Progress | None = None) -> FeaturesResult:
@@ -132,6 +139,10 @@ def extract_features(images: str, out: str, *, model: str = "efficientnet-lite0"
         Images per ONNX Runtime call on a worker.
     threads : int, optional
         ONNX Runtime threads per worker (default: the worker's Dask threads).
+    block_rows : int, optional
+        Rows per block of the feature store: the image store's (default) or a multiple of it.
+        Small image blocks bound a worker's memory (it holds one image block at a time) and
+        spread the work; training wants bigger feature blocks.
     resume, overwrite : bool
         Continue an interrupted run into ``out`` (finished blocks are skipped), or replace an
         existing store.
@@ -167,6 +178,11 @@ def extract_features(images: str, out: str, *, model: str = "efficientnet-lite0"
     frozen = load_model(model, cache=cache)
     size = frozen.size(input_size)
     source = open_images(images, storage_options)
+    block_rows = source.block_rows if block_rows is None else int(block_rows)
+    if block_rows < 1 or block_rows % source.block_rows:
+        raise ConfigError(f"block rows {block_rows} must be a multiple of the image store's "
+                          f"block rows ({source.block_rows}): each feature block is made of "
+                          "whole image blocks")
     # One blank image through the network on the client: a model that cannot take these images
     # fails here with its shapes, not on every worker.
     probe = Extractor(frozen, input_size=size, batch_size=1, threads=1)
@@ -176,16 +192,18 @@ def extract_features(images: str, out: str, *, model: str = "efficientnet-lite0"
 
         with cluster_client(scheduler, inventory, local) as c:
             return extract_features(images, out, model=model, input_size=input_size,
-                                    batch_size=batch_size, threads=threads, resume=resume,
+                                    batch_size=batch_size, threads=threads,
+                                    block_rows=block_rows, resume=resume,
                                     overwrite=overwrite, client=c,
                                     storage_options=storage_options, cache=cache,
                                     progress=progress)
-    return _run(source, frozen, size, n_features, out, client, batch_size=batch_size,
+    return _run(source, frozen, size, n_features, block_rows, out, client,
+                batch_size=batch_size,
                 threads=threads, resume=resume, overwrite=overwrite,
                 storage_options=storage_options, progress=progress or Progress.null())
 
 
-def _layout(source, frozen: FrozenModel, size: int, n_features: int) -> dict:
+def _layout(source, frozen: FrozenModel, size: int, n_features: int, block_rows: int) -> dict:
     from rpicluster.data import store
 
     return {
@@ -193,8 +211,8 @@ def _layout(source, frozen: FrozenModel, size: int, n_features: int) -> dict:
         "classes": source.attrs["classes"],
         "n_rows": source.n_rows,
         "n_features": int(n_features),
-        "block_rows": source.block_rows,
-        "n_blocks": source.n_blocks,
+        "block_rows": block_rows,
+        "n_blocks": math.ceil(source.n_rows / block_rows),
         "source": f"features:{os.path.basename(frozen.name)}@{frozen.sha256[:12]}"
                   f",input={size}:{source.url}",
         "features_model": frozen.name,
@@ -229,7 +247,7 @@ def _prepare(url: str, layout: dict, *, resume: bool, overwrite: bool, storage_o
     return set(), False
 
 
-def _run(source, frozen, size, n_features, out, client, *, batch_size, threads, resume,
+def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_size, threads, resume,
          overwrite, storage_options, progress) -> FeaturesResult:
     import zarr
     from distributed import as_completed
@@ -240,24 +258,25 @@ def _run(source, frozen, size, n_features, out, client, *, batch_size, threads, 
     url = _normalize_url(out)
     if url == source.url:
         raise ConfigError(f"the feature store {url} would overwrite its own image store")
-    layout = _layout(source, frozen, size, n_features)
+    layout = _layout(source, frozen, size, n_features, block_rows)
+    n_blocks = layout["n_blocks"]
     done, complete = _prepare(url, layout, resume=resume, overwrite=overwrite,
                               storage_options=storage_options)
     resumed = sorted(done)
-    todo = [] if complete else [b for b in range(source.n_blocks) if b not in done]
+    todo = [] if complete else [b for b in range(n_blocks) if b not in done]
     root = zarr.open_group(url, mode="r+", zarr_format=3, storage_options=storage_options)
     run_id = uuid.uuid4().hex[:8]
     log = _logger(client, run_id)
-    log(ev.RUN_START, n_blocks=source.n_blocks, resumed=len(resumed), rows=source.n_rows)
+    log(ev.RUN_START, n_blocks=n_blocks, resumed=len(resumed), rows=source.n_rows)
     images_done, busy = Counter(), Counter()
     # The model's bytes go to every worker once; each task refers to the same copy.
     [remote_model] = client.scatter([frozen], broadcast=True, hash=False)
-    futures = [client.submit(extract_task, remote_model, source, url, storage_options, b, size,
-                             batch_size, threads, key=f"rpicluster-features-{run_id}-{b}",
+    futures = [client.submit(extract_task, remote_model, source, url, storage_options, b,
+                             block_rows, size, batch_size, threads, key=f"rpicluster-features-{run_id}-{b}",
                              priority=-b, pure=False) for b in todo]
     index = {f.key: b for f, b in zip(futures, todo)}
     with progress:
-        progress.total = source.n_blocks
+        progress.total = n_blocks
         if resumed:
             progress.skip(len(resumed), note=f"{len(resumed)} blocks resumed")
         try:
