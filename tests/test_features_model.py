@@ -182,6 +182,9 @@ def test_lite0_features_and_cache(lite0, onnx_cache):
     # Grayscale and small inputs: replicated to 3 channels, any input size.
     gray = (data.camera()[::8, ::8]).astype(np.uint8)
     assert Extractor(lite0, input_size=64).transform(gray[None]).shape == (1, 1280)
+    with pytest.raises(ConfigError, match=r"input size 32 is too small for model "
+                                          r"efficientnet-lite0 \(at least 48 pixels\)"):
+        Extractor(lite0, input_size=32)
     # The cached graph is reused, and named after the weights' digest.
     import hashlib
 

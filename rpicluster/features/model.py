@@ -55,6 +55,8 @@ class FrozenModel:
         Input side used when the caller gives none.
     mean, std : tuple of float
         Per-channel normalisation applied to pixels scaled to 0..1.
+    min_size : int
+        Smallest input side that gives usable features.
     """
 
     name: str
@@ -67,13 +69,15 @@ class FrozenModel:
     default_size: int
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
+    min_size: int = 8
 
     def size(self, requested: int | None) -> int:
         """The input side to use, checking ``requested`` against a fixed-size graph."""
         if requested is None:
             return self.input_size or self.default_size
-        if requested < 8:
-            raise ConfigError(f"input size {requested} is too small (at least 8 pixels)")
+        if requested < self.min_size:
+            raise ConfigError(f"input size {requested} is too small for model {self.name} (at "
+                              f"least {self.min_size} pixels)")
         if self.input_size is not None and requested != self.input_size:
             raise ModelError(f"model {self.name} takes {self.input_size}x{self.input_size} "
                              f"images; input size {requested} does not fit it (pass "
@@ -140,8 +144,10 @@ def load_model(model: str | os.PathLike, *, cache: str | os.PathLike | None = No
         from rpicluster.features import efficientnet as eff
 
         data = efficientnet_lite0_path(cache).read_bytes()
+        # At 32 px the last feature map is 1x1 and every pooled feature is 0: 48 px is the
+        # smallest input measured to give features (64-96 suit 28x28 images).
         return FrozenModel(text, data, _sha256(data), eff.INPUT, eff.FEATURES, 3, None, 224,
-                           eff.MEAN, eff.STD)
+                           eff.MEAN, eff.STD, min_size=48)
     if not text.endswith(".onnx") and not os.path.exists(text):
         raise ModelError(f"unknown model {text!r} (known: {', '.join(MODELS)}, or a path to an "
                          ".onnx file)")
