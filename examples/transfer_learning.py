@@ -22,7 +22,6 @@ Raw pixels with the same Inc-kSGD head are the baseline. The same run from the c
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import time
 from pathlib import Path
@@ -46,19 +45,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _idx(path: Path) -> np.ndarray:
-    """An IDX file (gzip) as a uint8 array: a big-endian header of 4-byte dimensions."""
-    data = gzip.decompress(path.read_bytes())
-    ndim = data[3]
-    dims = np.frombuffer(data, ">u4", ndim, 4)
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def load_case(name: str, n_images: int, seed: int):
     """(images uint8, labels, class names) of a case."""
     if name == "fashion":
-        images = _idx(FASHION / "train-images-idx3-ubyte.gz")
-        labels = _idx(FASHION / "train-labels-idx1-ubyte.gz")
+        from rpicluster.features.images import read_idx
+
+        images = read_idx(FASHION / "train-images-idx3-ubyte.gz")
+        labels = read_idx(FASHION / "train-labels-idx1-ubyte.gz")
         per_class = n_images // 10
         rng = np.random.default_rng(seed)
         pick = np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False)

@@ -98,6 +98,24 @@ def open_images(url: str | os.PathLike, storage_options: Mapping[str, Any] | Non
     return ImageStore(os.fspath(url), storage_options)
 
 
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An IDX file (MNIST / Fashion-MNIST; gzip or plain) as a uint8 array."""
+    import gzip
+
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise DataError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
+    body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path}: header says {dims}, the file holds {body.size} values")
+    return body.reshape(dims)
+
+
 def write_image_store(out: str | os.PathLike, images: np.ndarray, y: np.ndarray, classes,
                       *, block_rows: int, source: str = "arrays") -> ImageStore:
     """Write uint8 ``images`` and int ``y`` codes (indices into ``classes``) as an image store."""
