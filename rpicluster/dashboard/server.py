@@ -16,7 +16,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from rpicluster.dashboard import events as ev
 from rpicluster.dashboard.health import METRIC, HealthPlugin
-from rpicluster.dashboard.state import TrainingState
+from rpicluster.dashboard.state import FeaturesState, TrainingState
 from rpicluster.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,8 @@ PLUGIN = "rpicluster-dashboard"
 
 
 class TrainingMonitor(SchedulerPlugin):
-    """Scheduler plugin folding every ``rpicluster.train`` event into :attr:`state`.
+    """Scheduler plugin folding every ``rpicluster.train`` event into :attr:`state` (and every
+    ``rpicluster.features`` event into :attr:`features`).
 
     The scheduler keeps only the last ~1000 events of a topic; folding them as they arrive keeps a
     long run's counts right. Events published before the plugin came are read back on start.
@@ -39,6 +40,7 @@ class TrainingMonitor(SchedulerPlugin):
 
     def __init__(self) -> None:
         self.state = TrainingState()
+        self.features = FeaturesState()
         self._caught_up = False
 
     async def start(self, scheduler) -> None:
@@ -47,10 +49,14 @@ class TrainingMonitor(SchedulerPlugin):
         if not self._caught_up:
             self._caught_up = True
             self.state.update(msg for _, msg in scheduler.get_events(ev.TOPIC))
+            for _, msg in scheduler.get_events(ev.FEATURES_TOPIC):
+                self.features.feed(msg)
 
     def log_event(self, topic: str, msg) -> None:
         if topic == ev.TOPIC:
             self.state.feed(msg)
+        elif topic == ev.FEATURES_TOPIC:
+            self.features.feed(msg)
 
 
 def monitor_of(scheduler) -> TrainingMonitor:
