@@ -187,20 +187,14 @@ def extract_features(images: str, out: str, *, model: str = "efficientnet-lite0"
     # fails here with its shapes, not on every worker.
     probe = Extractor(frozen, input_size=size, batch_size=1, threads=1)
     n_features = probe.transform(np.zeros((1, *source.image_shape), np.uint8)).shape[1]
-    if client is None:
-        from rpicluster.deploy.local import cluster_client
+    run = dict(batch_size=batch_size, threads=threads, resume=resume, overwrite=overwrite,
+               storage_options=storage_options, progress=progress or Progress.null())
+    if client is not None:
+        return _run(source, frozen, size, n_features, block_rows, out, client, **run)
+    from rpicluster.deploy.local import cluster_client
 
-        with cluster_client(scheduler, inventory, local) as c:
-            return extract_features(images, out, model=model, input_size=input_size,
-                                    batch_size=batch_size, threads=threads,
-                                    block_rows=block_rows, resume=resume,
-                                    overwrite=overwrite, client=c,
-                                    storage_options=storage_options, cache=cache,
-                                    progress=progress)
-    return _run(source, frozen, size, n_features, block_rows, out, client,
-                batch_size=batch_size,
-                threads=threads, resume=resume, overwrite=overwrite,
-                storage_options=storage_options, progress=progress or Progress.null())
+    with cluster_client(scheduler, inventory, local) as c:
+        return _run(source, frozen, size, n_features, block_rows, out, c, **run)
 
 
 def _layout(source, frozen: FrozenModel, size: int, n_features: int, block_rows: int) -> dict:

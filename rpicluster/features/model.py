@@ -234,6 +234,7 @@ def preprocess(images: np.ndarray, size: int, model: FrozenModel) -> np.ndarray:
 
 _SESSIONS: dict[tuple[str, int], object] = {}
 _SESSIONS_LOCK = threading.Lock()
+_MAX_SESSIONS = 2
 
 
 class Extractor:
@@ -259,8 +260,11 @@ class Extractor:
         key = (model.sha256, self.threads)
         with _SESSIONS_LOCK:
             # Built once per worker process and reused by every task: building costs about a
-            # second on a Pi 4, far more than one block's batches at small sizes.
+            # second on a Pi 4, far more than one block's batches at small sizes. Only the
+            # latest few are kept: each holds its weights and arena.
             if key not in _SESSIONS:
+                while len(_SESSIONS) >= _MAX_SESSIONS:
+                    _SESSIONS.pop(next(iter(_SESSIONS)))
                 _SESSIONS[key] = _session(model.onnx, self.threads, model.name)
             self.session = _SESSIONS[key]
 
