@@ -22,10 +22,10 @@ CONFIGS = [(224, 1), (224, 8), (224, 32), (224, 64), (96, 32), (64, 32)]
 def one(size: int, batch: int, threads: int, images: int, model: str) -> dict:
     import numpy as np
 
-    from rpicluster.features.model import Extractor, load_model
+    from rpicluster.features.model import Extractor, load_network
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    ex = Extractor(load_model(model), input_size=size, batch_size=batch, threads=threads)
+    ex = Extractor(load_network(model), input_size=size, batch_size=batch, threads=threads)
     # Photo-sized inputs (resized to size/0.875 and centre-cropped, as in the job).
     side = max(size + size // 7, 32)
     imgs = np.random.default_rng(0).integers(0, 256, (images, side, side, 3), dtype=np.uint8)

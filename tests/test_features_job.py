@@ -16,7 +16,7 @@ from rpicluster.cli import main
 from rpicluster.dashboard import events as ev
 from rpicluster.errors import DataError, ModelError
 from rpicluster.features.images import open_images, write_image_store
-from rpicluster.features.model import Extractor, load_model
+from rpicluster.features.model import Extractor, load_network
 
 from test_features_model import _tiny_onnx
 
@@ -69,7 +69,7 @@ def test_features_equal_in_process_and_follow_the_layout(images, client, tmp_pat
     imgs, y = _all_images(images)
     X = np.asarray(ds.X.compute())
     np.testing.assert_array_equal(np.asarray(ds.y.compute()), y)
-    reference = Extractor(load_model("efficientnet-lite0"), input_size=64).transform(imgs)
+    reference = Extractor(load_network("efficientnet-lite0"), input_size=64).transform(imgs)
     np.testing.assert_allclose(X, reference, rtol=1e-4, atol=1e-4)
     assert sorted(r.extracted_blocks) == list(range(13)) and r.resumed_blocks == []
     assert sum(r.images_per_worker.values()) == 200

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from rpicluster.errors import ConfigError, ModelError
-from rpicluster.features.model import Extractor, load_model, preprocess
+from rpicluster.features.model import Extractor, load_network, preprocess
 from rpicluster.features.weights import load_state_dict
 
 
@@ -143,7 +143,7 @@ def onnx_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lite0(onnx_cache):
     """The EfficientNet-Lite0 graph built from the installed weights into a fresh cache."""
-    return load_model("efficientnet-lite0", cache=onnx_cache)
+    return load_network("efficientnet-lite0", cache=onnx_cache)
 
 
 def _top(extractor, image, k=3):
@@ -194,7 +194,7 @@ def test_lite0_features_and_cache(lite0, onnx_cache):
     digest = hashlib.sha256(efficientnet_lite0_weights().read_bytes()).hexdigest()
     assert cached.name.startswith(f"efficientnet-lite0-{digest[:16]}-")
     stamp = cached.stat().st_mtime_ns
-    assert load_model("efficientnet-lite0", cache=onnx_cache).sha256 == lite0.sha256
+    assert load_network("efficientnet-lite0", cache=onnx_cache).sha256 == lite0.sha256
     assert cached.stat().st_mtime_ns == stamp
 
 
@@ -233,7 +233,7 @@ def _tiny_onnx(path, *, channels=3, size=None, flat=False):
 
 def test_user_onnx_model_matches_numpy(tmp_path):
     w = _tiny_onnx(tmp_path / "tiny.onnx")
-    model = load_model(tmp_path / "tiny.onnx")
+    model = load_network(tmp_path / "tiny.onnx")
     assert (model.channels, model.input_size, model.output_name) == (3, None, "out")
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (5, 20, 30, 3), dtype=np.uint8)
@@ -245,7 +245,7 @@ def test_user_onnx_model_matches_numpy(tmp_path):
 
 def test_user_onnx_fixed_size_and_grayscale(tmp_path):
     _tiny_onnx(tmp_path / "g.onnx", channels=1, size=24)
-    model = load_model(str(tmp_path / "g.onnx"))
+    model = load_network(str(tmp_path / "g.onnx"))
     assert (model.channels, model.size(None)) == (1, 24)
     rgb = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     assert Extractor(model).transform(rgb).shape == (2, 4)
@@ -255,18 +255,18 @@ def test_user_onnx_fixed_size_and_grayscale(tmp_path):
 
 def test_user_onnx_errors(tmp_path):
     with pytest.raises(ModelError, match=r"cannot read model file .*nope\.onnx"):
-        load_model(tmp_path / "nope.onnx")
+        load_network(tmp_path / "nope.onnx")
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x00garbage" * 10)
     with pytest.raises(ModelError, match=r"cannot load model .*bad\.onnx: not a valid ONNX"):
-        load_model(bad)
+        load_network(bad)
     _tiny_onnx(tmp_path / "flat.onnx", flat=True)
     with pytest.raises(ModelError, match=r"shape \['N', 784\].*\(N, C, H, W\)"):
-        load_model(tmp_path / "flat.onnx")
+        load_network(tmp_path / "flat.onnx")
     with pytest.raises(ModelError, match=r"unknown model 'resnet'.*efficientnet-lite0"):
-        load_model("resnet")
+        load_network("resnet")
     with pytest.raises(ConfigError, match="too small"):
-        load_model(_path_of_tiny(tmp_path)).size(4)
+        load_network(_path_of_tiny(tmp_path)).size(4)
 
 
 def _path_of_tiny(tmp_path):

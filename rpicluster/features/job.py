@@ -1,6 +1,6 @@
 """The feature-extraction job: a frozen network mapped over the blocks of an image store.
 
-The client resolves the model (:func:`rpicluster.features.model.load_model`), runs it once on a
+The client resolves the model (:func:`rpicluster.features.model.load_network`), runs it once on a
 blank image (a wrong input shape fails here, before any work is sent), creates the feature store
 (the layout contract of :mod:`rpicluster.data.store`, marked incomplete) and ships the model's
 bytes to every worker once. Each task then reads one block of images from the image store,
@@ -30,7 +30,7 @@ import numpy as np
 from rpicluster.dashboard import events as ev
 from rpicluster.errors import ConfigError, DataError
 from rpicluster.features.images import open_images
-from rpicluster.features.model import Extractor, FrozenModel, load_model
+from rpicluster.features.model import Extractor, FrozenModel, load_network
 from rpicluster.progress import Progress
 from rpicluster.train.job import _raise_task_error
 
@@ -175,7 +175,7 @@ def extract_features(images: str, out: str, *, model: str = "efficientnet-lite0"
         raise ConfigError(f"threads must be >= 1, got {threads}")
     if resume and overwrite:
         raise ConfigError("resume and overwrite exclude each other")
-    frozen = load_model(model, cache=cache)
+    frozen = load_network(model, cache=cache)
     size = frozen.size(input_size)
     source = open_images(images, storage_options)
     block_rows = source.block_rows if block_rows is None else int(block_rows)

@@ -1,7 +1,7 @@
 """Frozen networks for feature extraction: resolve a name or ``.onnx`` file, preprocess images,
 run ONNX Runtime.
 
-:func:`load_model` turns ``"efficientnet-lite0"`` (built from the installed weights package and
+:func:`load_network` turns ``"efficientnet-lite0"`` (built from the installed weights package and
 cached, see :func:`efficientnet_lite0_path`) or a path to any ``.onnx`` file into a
 :class:`FrozenModel`: the serialized graph, its sha256 and what its input expects. The model's
 bytes travel to the workers (Dask ships them once per worker), so workers need only
@@ -24,7 +24,7 @@ import numpy as np
 from rpicluster import config
 from rpicluster.errors import ConfigError, ModelError
 
-#: The built-in backbone (the only name :func:`load_model` knows besides ``.onnx`` paths).
+#: The built-in backbone (the only name :func:`load_network` knows besides ``.onnx`` paths).
 EFFICIENTNET_LITE0 = "efficientnet-lite0"
 MODELS = (EFFICIENTNET_LITE0,)
 #: The resize rule of ImageNet evaluation: shorter side to size / 0.875 (224 -> 256), then a
@@ -126,7 +126,7 @@ def efficientnet_lite0_path(cache: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def load_model(model: str | os.PathLike, *, cache: str | os.PathLike | None = None
+def load_network(model: str | os.PathLike, *, cache: str | os.PathLike | None = None
                ) -> FrozenModel:
     """Resolve ``model`` (``"efficientnet-lite0"`` or a path to an ``.onnx`` file).
 
