@@ -241,8 +241,8 @@ def _prepare(url: str, layout: dict, *, resume: bool, overwrite: bool, storage_o
     return set(), False
 
 
-def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_size, threads, resume,
-         overwrite, storage_options, progress) -> FeaturesResult:
+def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_size, threads,
+         resume, overwrite, storage_options, progress) -> FeaturesResult:
     import zarr
     from distributed import as_completed
 
@@ -266,8 +266,8 @@ def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_siz
     # The model's bytes go to every worker once; each task refers to the same copy.
     [remote_model] = client.scatter([frozen], broadcast=True, hash=False)
     futures = [client.submit(extract_task, remote_model, source, url, storage_options, b,
-                             block_rows, size, batch_size, threads, key=f"rpicluster-features-{run_id}-{b}",
-                             priority=-b, pure=False) for b in todo]
+                             block_rows, size, batch_size, threads, priority=-b, pure=False,
+                             key=f"rpicluster-features-{run_id}-{b}") for b in todo]
     index = {f.key: b for f, b in zip(futures, todo)}
     with progress:
         progress.total = n_blocks
