@@ -205,8 +205,8 @@ def features_cmd(images, out, model, input_size, batch_size, threads, block_rows
     with Progress("features", unit="blocks") as progress:
         r = extract_features(images, out, model=model, input_size=input_size,
                              batch_size=batch_size, threads=threads, block_rows=block_rows,
-                             resume=resume, overwrite=overwrite, scheduler=scheduler, inventory=inventory,
-                             local=local, progress=progress)
+                             resume=resume, overwrite=overwrite, scheduler=scheduler,
+                             inventory=inventory, local=local, progress=progress)
     ds = r.store
     click.echo(f"extracted {len(r.extracted_blocks)} blocks"
                + (f" (+{len(r.resumed_blocks)} resumed)" if r.resumed_blocks else "")

@@ -130,7 +130,8 @@ def write_image_store(out: str | os.PathLike, images: np.ndarray, y: np.ndarray,
     images = np.asarray(images, np.uint8)
     n, shape = len(images), (list(images.shape[1:]) + [1])[:3]
     flat = images.reshape(n, -1)
-    attrs = {store.FORMAT_KEY: store.FORMAT_VERSION, "classes": classes_to_json(np.asarray(classes)),
+    attrs = {store.FORMAT_KEY: store.FORMAT_VERSION,
+             "classes": classes_to_json(np.asarray(classes)),
              "n_rows": n, "n_features": flat.shape[1], "image_shape": shape,
              "block_rows": block_rows,
              "n_blocks": math.ceil(n / block_rows), "source": source,

@@ -116,7 +116,8 @@ def _worker_threads() -> int:
 def extract_features(images: str, out: str, *, model: str = "efficientnet-lite0",
                      input_size: int | None = None, batch_size: int = BATCH_SIZE,
                      threads: int | None = None, block_rows: int | None = None,
-                     resume: bool = False, overwrite: bool = False, client=None, scheduler: str | None = None, inventory: str | None = None,
+                     resume: bool = False, overwrite: bool = False, client=None,
+                     scheduler: str | None = None, inventory: str | None = None,
                      local: int | None = None, storage_options: dict | None = None,
                      cache: str | os.PathLike | None = None,
                      progress: Progress | None = None) -> FeaturesResult:
