@@ -156,6 +156,9 @@ def _load_zip(f, where: str):
         if len(pkls) != 1:
             raise ModelError(f"{where}: a zip without exactly one data.pkl (found {len(pkls)})")
         prefix = pkls[0][:-len("data.pkl")]
+        order = f"{prefix}byteorder"
+        if order in z.namelist() and z.read(order).strip() != b"little":
+            raise ModelError(f"{where}: only little-endian weights files are supported")
 
         def read_storage(key, dtype, numel):
             raw = z.read(f"{prefix}data/{key}")
