@@ -7,7 +7,7 @@ cluster (images/s per worker, extraction time); Inc-kSGD trains on the feature s
 pixels (scaled to 0..1) with the same parameters on the same cluster (train time, held-out
 accuracy). Results: ``benchmarks/results/features_fashion.{md,json}``.
 
-    .venv/bin/python benchmarks/features_fashion.py --workers 2 --input-size 64
+    .venv/bin/python benchmarks/features_fashion.py --local 2 --input-size 64
     .venv/bin/python benchmarks/features_fashion.py --rows 6000 --test-rows 1000   # quick
 """
 
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--block-rows", type=int, default=15_000, help="rows per training block")
     ap.add_argument("--clusters", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--workers", type=int, help="embedded cluster workers (default: recorded "
+    ap.add_argument("--local", type=int, help="embedded cluster workers (default: recorded "
                     "or one per core)")
     ap.add_argument("--scheduler")
     ap.add_argument("--workdir", type=Path, default=Path("bench-out/features-fashion"))
@@ -44,7 +44,7 @@ def main() -> None:
 
     from rpicluster import IncrementalKSGDClassifier, extract_features, ingest, open_dataset
     from rpicluster.data.sources import ArraySource
-    from rpicluster.deploy.local import cluster_client
+    from rpicluster.deploy.resolve import client as cluster_client
     from rpicluster.features.images import read_idx, write_image_store
     from rpicluster.train.job import score_dataset, train
 
@@ -67,7 +67,7 @@ def main() -> None:
     doc = {"note": args.note, "rows": args.rows, "test_rows": args.test_rows,
            "input_size": args.input_size, "clusters": args.clusters, "epochs": args.epochs,
            "block_rows": block, "rows_out": []}
-    with cluster_client(args.scheduler, None, args.workers) as client:
+    with cluster_client(args.scheduler, local=args.local) as client:
         workers = client.scheduler_info()["workers"]
         doc["workers"] = len(workers)
         doc["threads_per_worker"] = sorted({w["nthreads"] for w in workers.values()})

@@ -13,7 +13,7 @@ from distributed import Client, LocalCluster
 
 from rpicluster import IncrementalKSGDClassifier, extract_features, open_dataset
 from rpicluster.cli import main
-from rpicluster.dashboard import events as ev
+from rpicluster import events as ev
 from rpicluster.errors import DataError, ModelError
 from rpicluster.features.images import open_images, write_image_store
 from rpicluster.features.model import Extractor, load_network

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from rpicluster.dashboard import events as ev
+from rpicluster import events as ev
 from rpicluster.errors import ConfigError, DataError
 from rpicluster.features.images import open_images
 from rpicluster.features.model import Extractor, FrozenModel, load_network
@@ -117,8 +117,7 @@ def extract_features(images: str, out: str, *, model: str = "efficientnet-lite0"
                      input_size: int | None = None, batch_size: int = BATCH_SIZE,
                      threads: int | None = None, block_rows: int | None = None,
                      resume: bool = False, overwrite: bool = False, client=None,
-                     scheduler: str | None = None, inventory: str | None = None,
-                     local: int | None = None, storage_options: dict | None = None,
+                     cluster=None, storage_options: dict | None = None,
                      cache: str | os.PathLike | None = None,
                      progress: Progress | None = None) -> FeaturesResult:
     """Run a frozen network over every image of ``images`` on the cluster; write ``out``.
@@ -148,8 +147,10 @@ def extract_features(images: str, out: str, *, model: str = "efficientnet-lite0"
         Continue an interrupted run into ``out`` (finished blocks are skipped), or replace an
         existing store.
     client : distributed.Client, optional
-        Default: the cluster chosen by ``scheduler`` / ``inventory`` / ``local`` as for
-        ``rpicluster train`` (the recorded cluster, else an embedded one).
+        The cluster to run on; default: ``cluster``'s.
+    cluster : rpicluster.train.api.ClusterChoice, optional
+        Which cluster, as for ``rpicluster train`` (default: the recorded cluster, else an
+        embedded one for this call).
     storage_options : dict, optional
         fsspec options for both stores.
     cache : path, optional
@@ -192,9 +193,9 @@ def extract_features(images: str, out: str, *, model: str = "efficientnet-lite0"
                storage_options=storage_options, progress=progress or Progress.null())
     if client is not None:
         return _run(source, frozen, size, n_features, block_rows, out, client, **run)
-    from rpicluster.deploy.local import cluster_client
+    from rpicluster.train.api import ClusterChoice
 
-    with cluster_client(scheduler, inventory, local) as c:
+    with (cluster or ClusterChoice()).client() as c:
         return _run(source, frozen, size, n_features, block_rows, out, c, **run)
 
 
