@@ -144,6 +144,10 @@ def write_image_store(out: str | os.PathLike, images: np.ndarray, y: np.ndarray,
                           chunks=(block_rows, flat.shape[1]), fill_value=0, **common)
     Y = root.create_array("y", shape=(n,), dtype="int32", chunks=(block_rows,), fill_value=-1,
                           **common)
-    X[:], Y[:] = flat, np.asarray(y, np.int32)
-    root.attrs.update({"blocks_written": attrs["n_blocks"], "complete": True})
+    codes = np.asarray(y, np.int32)
+    X[:], Y[:] = flat, codes
+    sums = {"X": [store._crc(flat[lo:lo + block_rows]) for lo in range(0, n, block_rows)],
+            "y": [store._crc(codes[lo:lo + block_rows]) for lo in range(0, n, block_rows)]}
+    root.attrs.update({"blocks_written": attrs["n_blocks"], store.CHECKSUMS_KEY: sums,
+                       "complete": True})
     return open_images(out)

@@ -81,6 +81,7 @@ def extract_task(model: FrozenModel, images, out_url: str, out_options, block: i
     blocks read one at a time) and write it as one chunk of the feature store (on a worker)."""
     import zarr
 
+    from rpicluster.data.store import _crc
     from rpicluster.train.tasks import worker_name
 
     with _WORKER_LOCK:
@@ -94,13 +95,14 @@ def extract_task(model: FrozenModel, images, out_url: str, out_options, block: i
             feats.append(extractor.transform(imgs))
             ys.append(y)
             del imgs
-        X, y = np.concatenate(feats), np.concatenate(ys)
+        X, y = np.concatenate(feats).astype(np.float32), np.concatenate(ys).astype(np.int32)
         root = zarr.open_group(out_url, mode="r+", zarr_format=3, storage_options=out_options)
         lo = block * block_rows
         root["X"][lo:lo + len(y)] = X
         root["y"][lo:lo + len(y)] = y
+        # The per-position checksums of the layout, recorded by the client with the block.
         return {"block": block, "rows": int(len(y)), "worker": worker_name(),
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0, "crc": {"X": _crc(X), "y": _crc(y)}}
 
 
 def _worker_threads() -> int:
@@ -236,11 +238,12 @@ def _prepare(url: str, layout: dict, *, resume: bool, overwrite: bool, storage_o
             if existing.get(key) != value:
                 raise DataError(f"cannot resume {url}: its {key} is {existing.get(key)!r}, this "
                                 f"run's is {value!r} (use overwrite to start over)")
-        return set(existing.get("blocks_done", [])), existing.get("complete") is True
+        return (set(existing.get("blocks_done", [])), existing.get("complete") is True,
+                existing.get(store.CHECKSUMS_KEY))
     store._create(url, SimpleNamespace(n_rows=layout["n_rows"], n_features=layout["n_features"],
                                        dtype=np.float32),
                   layout["block_rows"], {**layout, "blocks_done": []}, storage_options)
-    return set(), False
+    return set(), False, None
 
 
 def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_size, threads,
@@ -248,7 +251,7 @@ def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_siz
     import zarr
     from distributed import as_completed
 
-    from rpicluster.data.store import _normalize_url, open_dataset
+    from rpicluster.data.store import CHECKSUMS_KEY, _normalize_url, open_dataset
 
     t0 = time.perf_counter()
     url = _normalize_url(out)
@@ -256,8 +259,10 @@ def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_siz
         raise ConfigError(f"the feature store {url} would overwrite its own image store")
     layout = _layout(source, frozen, size, n_features, block_rows)
     n_blocks = layout["n_blocks"]
-    done, complete = _prepare(url, layout, resume=resume, overwrite=overwrite,
-                              storage_options=storage_options)
+    done, complete, sums = _prepare(url, layout, resume=resume, overwrite=overwrite,
+                                    storage_options=storage_options)
+    # Blocks finish out of order: one slot per position, filled as each block is recorded.
+    sums = {k: list((sums or {}).get(k) or [None] * n_blocks) for k in ("X", "y")}
     resumed = sorted(done)
     todo = [] if complete else [b for b in range(n_blocks) if b not in done]
     root = zarr.open_group(url, mode="r+", zarr_format=3, storage_options=storage_options)
@@ -284,8 +289,10 @@ def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_siz
                 images_done[r["worker"]] += r["rows"]
                 busy[r["worker"]] += r["seconds"]
                 done.add(b)
+                sums["X"][b], sums["y"][b] = r["crc"]["X"], r["crc"]["y"]
                 # Recorded only after the worker wrote both chunks: resume skips this block.
-                root.attrs.update({"blocks_done": sorted(done), "blocks_written": len(done)})
+                root.attrs.update({"blocks_done": sorted(done), "blocks_written": len(done),
+                                   CHECKSUMS_KEY: sums})
                 log(ev.EXTRACTED, block=b, rows=r["rows"], worker=r["worker"],
                     seconds=r["seconds"])
                 rate = r["rows"] / r["seconds"] if r["seconds"] > 0 else math.inf
