@@ -24,13 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 
 from common import cluster, example_parser
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 #: The article's figures (Pi 4, 1,000 images, frozen backbone + head).
 ARTICLE = "article (Pi 4, 1,000 images): MobileNetV2 98 % in 102 min, InceptionV3 91 % in 186 min"
 
@@ -48,22 +46,25 @@ def parser() -> argparse.ArgumentParser:
 def load_case(name: str, n_images: int, seed: int):
     """(images uint8, labels, class names) of a case."""
     if name == "fashion":
-        from rpicluster.features.images import read_idx
+        from rpicluster.data.sources import fashion_mnist_source
 
-        images = read_idx(FASHION / "train-images-idx3-ubyte.gz")
-        labels = read_idx(FASHION / "train-labels-idx1-ubyte.gz")
+        src = fashion_mnist_source("train")
+        # The source yields pixels / 255 as float32: back to the uint8 images they were.
+        pixels = np.concatenate([X for X, _ in src.blocks(10_000)])
+        images = np.rint(pixels * 255).astype(np.uint8).reshape(-1, 28, 28)
+        labels = src.codes()
         per_class = n_images // 10
         rng = np.random.default_rng(seed)
         pick = np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
                                for c in range(10)])
         names = np.array(["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                           "Shirt", "Sneaker", "Bag", "Ankle boot"])
-        return images[pick], labels[pick], names
+        return images[pick], names[labels[pick]], names
     if name == "faces":
         from skimage.data import lfw_subset
 
         images = (lfw_subset() * 255).round().astype(np.uint8)
-        return images, np.repeat([0, 1], 100), np.array(["face", "non-face"])
+        return images, np.repeat(["face", "non-face"], 100), np.array(["face", "non-face"])
     raise SystemExit(f"unknown case {name!r} (known: fashion, faces)")
 
 
@@ -84,7 +85,7 @@ def run_case(name: str, args, client) -> dict:
     feats, seconds = {}, 0.0
     rates: dict[str, float] = {}
     for part, (X, y) in parts.items():
-        store = write_image_store(args.workdir / f"{name}-{part}.zarr", X, y, names,
+        store = write_image_store(args.workdir / f"{name}-{part}.zarr", X, y,
                                   block_rows=args.block_rows, source=f"{name} {part}")
         r = extract_features(store.url, str(args.workdir / f"{name}-{part}-features.zarr"),
                              model=args.model, input_size=args.input_size, client=client,

@@ -30,10 +30,10 @@ def images(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("features-data")
     faces = (lfw_subset() * 255).round().astype(np.uint8)
-    y = np.repeat([0, 1], 100)  # the first 100 are faces
+    y = np.repeat(["face", "other"], 100)  # the first 100 are faces
     order = np.random.default_rng(0).permutation(200)
     store = write_image_store(root / "faces.zarr", faces[order], y[order],
-                              np.array(["face", "other"]), block_rows=BLOCK_ROWS)
+                              block_rows=BLOCK_ROWS)
     return store
 
 
@@ -99,7 +99,7 @@ def test_resume_after_a_failed_run(images, client, tiny, tmp_path):
     good = chunk.read_bytes()
     chunk.write_bytes(good[:-7] + b"garbage")
     out = tmp_path / "f.zarr"
-    with pytest.raises(DataError, match=r"chunk X/c/5/0 \(block 5\) is corrupted"):
+    with pytest.raises(DataError, match=r"chunk 'X/c/5/0' \(block 5\) is corrupted"):
         extract_features(str(src), str(out), model=str(tiny), input_size=16, client=client)
     with pytest.raises(DataError, match="incomplete"):
         open_dataset(out)
@@ -136,7 +136,7 @@ def test_errors_before_any_work(images, client, tmp_path):
     from rpicluster import ingest
 
     feats = ingest("sklearn:iris", tmp_path / "iris.zarr", block_rows=50)
-    with pytest.raises(DataError, match=r"not an image store: its X is float32"):
+    with pytest.raises(DataError, match=r"not an image store: it has no image_shape"):
         extract_features(feats.url, str(tmp_path / "c.zarr"), model="efficientnet-lite0",
                          client=client)
     assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "c.zarr").exists()
@@ -170,3 +170,42 @@ def test_cli_features(images, client, tiny, tmp_path):
                                     str(tmp_path / "missing.onnx"), "--scheduler", addr])
     assert res.exit_code == 1
     assert res.output.startswith("error: cannot read model file") and "Traceback" not in res.output
+
+
+def test_readme_photos_pipeline(client, tmp_path):
+    """README's path on a user's photos: ingest images:DIR -> features -> train -> score."""
+    from PIL import Image
+    from skimage import data
+
+    rng = np.random.default_rng(0)
+    photos = {"cat": data.chelsea(), "coffee": data.coffee(), "rocket": data.rocket()}
+    for label, photo in photos.items():
+        (tmp_path / "photos" / label).mkdir(parents=True)
+        h, w = photo.shape[:2]
+        for i in range(20):  # random crops and flips of one photo per class
+            side = int(rng.integers(min(h, w) // 2, min(h, w)))
+            top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            crop = photo[top:top + side, left:left + side]
+            Image.fromarray(crop[:, ::-1] if i % 2 else crop).save(
+                tmp_path / "photos" / label / f"{i}.png")
+    addr = ["--scheduler", client.scheduler.address]
+    run = CliRunner().invoke
+    steps = [
+        ["ingest", f"images:{tmp_path / 'photos'}", str(tmp_path / "photos.zarr"),
+         "--block-rows", "15", "--image-size", "112", "--test-fraction", "0.25",
+         "--test-out", str(tmp_path / "test.zarr")],
+        ["features", str(tmp_path / "photos.zarr"), "-o", str(tmp_path / "f.zarr"),
+         "--input-size", "96", "--block-rows", "45", *addr],
+        ["features", str(tmp_path / "test.zarr"), "-o", str(tmp_path / "ft.zarr"),
+         "--input-size", "96", *addr],
+        ["train", str(tmp_path / "f.zarr"), "-o", str(tmp_path / "m.skops"), "--clusters", "1",
+         *addr],
+        ["score", str(tmp_path / "m.skops"), str(tmp_path / "ft.zarr"), *addr],
+    ]
+    for argv in steps:
+        res = run(main, argv)
+        assert res.exit_code == 0, (argv, res.output)
+    import re
+
+    accuracy = float(re.search(r"accuracy:? ([0-9.]+)", res.output).group(1))
+    assert accuracy > 0.9, res.output

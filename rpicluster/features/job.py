@@ -241,7 +241,7 @@ def _prepare(url: str, layout: dict, *, resume: bool, overwrite: bool, storage_o
         return (set(existing.get("blocks_done", [])), existing.get("complete") is True,
                 existing.get(store.CHECKSUMS_KEY))
     store._create(url, SimpleNamespace(n_rows=layout["n_rows"], n_features=layout["n_features"],
-                                       dtype=np.float32),
+                                       dtype=np.dtype(np.float32)),
                   layout["block_rows"], {**layout, "blocks_done": []}, storage_options)
     return set(), False, None
 
