@@ -25,6 +25,7 @@ _EXPORTS = {
     "connect": "rpicluster.deploy.resolve",
     "client": "rpicluster.deploy.resolve",
     "find_cluster": "rpicluster.deploy.resolve",
+    "extract_features": "rpicluster.features.job",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -302,6 +302,46 @@ def predict_cmd(model_path, data, out, scheduler, inventory, local):
     click.echo(f"wrote {n} labels to {out}")
 
 
+@main.command("features")
+@click.argument("images", metavar="IMAGES.zarr")
+@click.option("-o", "--output", "out", required=True, metavar="FEATURES.zarr",
+              help="Feature store to write (a path or URL every worker can write).")
+@click.option("--model", default="efficientnet-lite0", show_default=True,
+              metavar="efficientnet-lite0|FILE.onnx", help="Frozen network to run.")
+@click.option("--input-size", type=click.IntRange(min=8), metavar="N",
+              help="Network input side in pixels (default 224, or the model's fixed size).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images per ONNX Runtime call on a worker (bounds its memory).")
+@click.option("--threads", type=click.IntRange(min=1), metavar="T",
+              help="ONNX Runtime threads per worker (default: the worker's threads).")
+@click.option("--block-rows", type=click.IntRange(min=1), metavar="N",
+              help="Rows per feature block: a multiple of the image store's (its own by default).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run into FEATURES.zarr.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing FEATURES.zarr.")
+@cluster_options
+def features_cmd(images, out, model, input_size, batch_size, threads, block_rows, resume,
+                 overwrite, scheduler, inventory, local):
+    """Extract frozen-network features of the image store IMAGES.zarr on the cluster."""
+    from rpicluster.features.job import extract_features
+    from rpicluster.progress import Progress
+
+    with Progress("features", unit="blocks") as progress:
+        r = extract_features(images, out, model=model, input_size=input_size,
+                             batch_size=batch_size, threads=threads, block_rows=block_rows,
+                             resume=resume, overwrite=overwrite,
+                             cluster=_cluster(scheduler, inventory, local), progress=progress)
+    ds = r.store
+    click.echo(f"extracted {len(r.extracted_blocks)} blocks"
+               + (f" (+{len(r.resumed_blocks)} resumed)" if r.resumed_blocks else "")
+               + f" in {r.seconds:.1f} s: {ds.n_rows} images -> {ds.n_features} features "
+               f"({r.model} at {r.input_size} px, sha256 {r.sha256[:12]})")
+    rates = r.images_per_second()
+    echo_table("images per worker", ["worker", "images", "busy s", "images/s"],
+               [[w, n, f"{r.busy_seconds_per_worker[w]:.1f}", f"{rates.get(w, 0):,.1f}"]
+                for w, n in sorted(r.images_per_worker.items())])
+    click.echo(f"features: {ds.url}")
+
+
 @main.command()
 @click.argument("source")
 @click.argument("out", metavar="OUT.zarr", type=click.Path())

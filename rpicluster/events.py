@@ -30,6 +30,9 @@ HEALTH_METRIC = "rpicluster"
 
 #: Scheduler event topic for training progress.
 TOPIC = "rpicluster.train"
+#: Scheduler event topic for feature extraction (``rpicluster features``): run-start, extracted,
+#: run-end.
+FEATURES_TOPIC = "rpicluster.features"
 
 # Event kinds ("kind" field).
 #: a run begins: run_id, n_blocks (every block, resumed ones included), n_clusters, rows (total),
@@ -40,8 +43,9 @@ FITTED = "fitted"  #: one local model fitted: block, cluster, rows, worker, seco
 COMMITTED = "committed"  #: block model written to the run directory: block
 RUN_END = "run-end"  #: run finished (or failed): run_id, t
 VALIDATION = "validation"  #: block model scored on the validation set: block, accuracy
+EXTRACTED = "extracted"  #: features of a block written: block, rows (images), worker, seconds
 
-KINDS = (RUN_START, PARTITIONED, FITTED, COMMITTED, RUN_END, VALIDATION)
+KINDS = (RUN_START, PARTITIONED, FITTED, COMMITTED, RUN_END, VALIDATION, EXTRACTED)
 
 # Field names.
 KIND = "kind"

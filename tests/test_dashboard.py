@@ -19,7 +19,7 @@ from rpicluster.dashboard import dask_setup, install
 from rpicluster.dashboard.health import METRIC, snapshot
 from rpicluster.dashboard.links import build_links, dashboard_links
 from rpicluster.dashboard.server import PLUGIN
-from rpicluster.dashboard.state import TrainingState, format_duration
+from rpicluster.dashboard.state import FeaturesState, TrainingState, format_duration
 from rpicluster.deploy.cluster import down, up
 from rpicluster.deploy.resolve import find_cluster
 from rpicluster.errors import ConfigError
@@ -153,6 +153,21 @@ def test_state_joined_mid_run_adopts_it_and_waits_without_events():
     assert s.status() == "running"
 
 
+def test_features_state_counts_blocks_once_and_images_per_worker():
+    f = FeaturesState()
+    f.feed(ev.make_event(ev.RUN_START, run_id="old", n_blocks=9))
+    f.feed(ev.make_event(ev.RUN_START, run_id="r", n_blocks=4, resumed=1))
+    for block, worker, rows, secs in ((1, "a", 100, 2.0), (2, "b", 100, 4.0), (1, "a", 100, 2.0),
+                                      (3, "a", 50, 1.0)):
+        f.feed(ev.make_event(ev.EXTRACTED, run_id="r", block=block, rows=rows, worker=worker,
+                             seconds=secs))
+    f.feed(ev.make_event(ev.EXTRACTED, run_id="old", block=0, rows=999, worker="c", seconds=1))
+    assert f.done == {1, 2, 3} and f.resumed == 1 and not f.finished
+    assert f.images_per_second() == {"a": 50.0, "b": 25.0}
+    f.feed(ev.make_event(ev.RUN_END, run_id="r"))
+    assert f.finished
+
+
 def test_make_event_checks_the_schema():
     with pytest.raises(ConfigError, match="unknown training event kind 'fited'"):
         ev.make_event("fited")
@@ -222,6 +237,18 @@ def test_install_on_a_running_scheduler_serves_the_page(local):
         r = requests.get(base + path, timeout=10)
         assert r.status_code == 200, path
     assert 'href="rpicluster"' in requests.get(base + "/status", timeout=10).text
+    # A feature-extraction run shows on the page's summary: blocks and images/s per worker.
+    from rpicluster.dashboard.page import TrainingPage
+
+    client.log_event(ev.FEATURES_TOPIC, ev.make_event(ev.RUN_START, run_id="fx", n_blocks=2))
+    client.log_event(ev.FEATURES_TOPIC, ev.make_event(ev.EXTRACTED, run_id="fx", block=0,
+                                                      rows=64, worker="pi01", seconds=2.0))
+    monitor = scheduler.plugins[PLUGIN]
+    _wait(lambda: monitor.features.done == {0})
+    page = TrainingPage(scheduler, monitor.state, monitor.features)
+    page.update()
+    assert "feature extraction run <b>fx</b>" in page.summary.text
+    assert "1 / 2 blocks" in page.summary.text and "pi01 32.0" in page.summary.text
 
 
 def test_workers_report_health_through_heartbeats(local):

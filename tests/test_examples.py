@@ -80,3 +80,15 @@ def test_scaling_report(cluster_env, tmp_path):
     assert [len(s["workers"]) for s in doc["steps"]] == [1, 2]
     assert all(s["median"] > 0 for s in doc["steps"])
     assert "scal. capacity" in out
+
+
+def test_transfer_learning(cluster_env, tmp_path):
+    out = run_example("transfer_learning.py", cluster_env, "--workdir", str(tmp_path),
+                      "--images", "200", "--input-size", "64", "--block-rows", "40")
+    result = json.loads((tmp_path / "result.json").read_text())
+    fashion, faces = result["cases"]
+    assert (fashion["train_images"], fashion["test_images"]) == (150, 50)
+    assert (faces["train_images"], faces["test_images"]) == (150, 50)
+    assert fashion["linear_accuracy"] > 0.4, out   # 10 classes: chance is 0.1
+    assert faces["linear_accuracy"] > 0.7, out     # 2 balanced classes
+    assert set(fashion["images_per_s_per_worker"]) and "| faces |" in out

@@ -22,7 +22,7 @@ from distributed.dashboard.components.scheduler import BOKEH_THEME, env
 from distributed.utils import log_errors
 
 from rpicluster.dashboard.health import METRIC
-from rpicluster.dashboard.state import TrainingState, format_duration
+from rpicluster.dashboard.state import FeaturesState, TrainingState, format_duration
 
 #: Refresh period of the page, in milliseconds.
 REFRESH_MS = 1000
@@ -54,9 +54,11 @@ class TrainingPage:
         The live training state folded by the scheduler plugin.
     """
 
-    def __init__(self, scheduler, state: TrainingState) -> None:
+    def __init__(self, scheduler, state: TrainingState, features: FeaturesState | None = None
+                 ) -> None:
         self.scheduler = scheduler
         self.state = state
+        self.features = features if features is not None else FeaturesState()
         self.summary = Div(name=PLOT_NAMES[0], sizing_mode="stretch_width")
 
         self.progress_source = ColumnDataSource(
@@ -133,7 +135,7 @@ class TrainingPage:
         """Redraw every part from the current state (called every :data:`REFRESH_MS`)."""
         now = time.time()
         s = self.state
-        self.summary.text = _summary_html(s, now)
+        self.summary.text = _summary_html(s, now) + _features_html(self.features)
 
         stages = s.stages()
         fractions = [min(1.0, d / t) if t else 0.0 for d, t in stages]
@@ -203,6 +205,19 @@ def _summary_html(s: TrainingState, now: float) -> str:
             f"<div style='font-size:15px;color:#333'>{body}</div>")
 
 
+def _features_html(f: FeaturesState) -> str:
+    """One line on the latest ``rpicluster features`` run, or nothing before the first."""
+    if f.run_id is None:
+        return ""
+    done = f.resumed + len(f.done)
+    rates = ", ".join(f"{html.escape(_short(w))} {r:,.1f}"
+                      for w, r in f.images_per_second().items())
+    return (f"<div style='font-size:15px;color:#333;margin-top:4px'>feature extraction run "
+            f"<b>{html.escape(f.run_id)}</b> · <b>{'finished' if f.finished else 'running'}</b>"
+            f" · {done} / {f.n_blocks if f.n_blocks is not None else '?'} blocks"
+            f" · images/s per worker: {rates or '–'}</div>")
+
+
 def _hardware_rows(scheduler) -> dict:
     rows = {key: [] for key, _ in _HARDWARE_COLUMNS}
     for address, ws in sorted(scheduler.workers.items(), key=lambda kv: str(kv[1].name)):
@@ -226,7 +241,8 @@ def _hardware_rows(scheduler) -> dict:
 
 
 @log_errors
-def training_doc(scheduler, extra: dict, doc, *, state: TrainingState) -> None:
+def training_doc(scheduler, extra: dict, doc, *, state: TrainingState,
+                 features: FeaturesState | None = None) -> None:
     """Bokeh application body for ``/rpicluster`` (the signature distributed's dashboard uses).
 
     The server binds ``state`` (``functools.partial``), so the page never looks up the scheduler
@@ -242,8 +258,10 @@ def training_doc(scheduler, extra: dict, doc, *, state: TrainingState) -> None:
         The session's document.
     state : TrainingState
         The live training state (the :class:`~rpicluster.dashboard.server.TrainingMonitor`'s).
+    features : FeaturesState, optional
+        The live feature-extraction state (the monitor's too).
     """
-    page = TrainingPage(scheduler, state)
+    page = TrainingPage(scheduler, state, features)
     page.update()
     add_periodic_callback(doc, page, REFRESH_MS)
     doc.title = "Dask: rpicluster training"

@@ -17,7 +17,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from rpicluster import events as ev
 from rpicluster.dashboard.health import METRIC, HealthPlugin
-from rpicluster.dashboard.state import TrainingState
+from rpicluster.dashboard.state import FeaturesState, TrainingState
 from rpicluster.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ PLUGIN = "rpicluster-dashboard"
 
 
 class TrainingMonitor(SchedulerPlugin):
-    """Scheduler plugin folding every ``rpicluster.train`` event into :attr:`state`.
+    """Scheduler plugin folding every ``rpicluster.train`` event into :attr:`state` (and every
+    ``rpicluster.features`` event into :attr:`features`).
 
     The scheduler keeps only the last ~1000 events of a topic; folding them as they arrive keeps a
     long run's counts right. Events published before the plugin came are read back on start.
@@ -40,6 +41,7 @@ class TrainingMonitor(SchedulerPlugin):
 
     def __init__(self) -> None:
         self.state = TrainingState()
+        self.features = FeaturesState()
         self._caught_up = False
 
     async def start(self, scheduler) -> None:
@@ -48,10 +50,14 @@ class TrainingMonitor(SchedulerPlugin):
         if not self._caught_up:
             self._caught_up = True
             self.state.update(msg for _, msg in scheduler.get_events(ev.TOPIC))
+            for _, msg in scheduler.get_events(ev.FEATURES_TOPIC):
+                self.features.feed(msg)
 
     def log_event(self, topic: str, msg) -> None:
         if topic == ev.TOPIC:
             self.state.feed(msg)
+        elif topic == ev.FEATURES_TOPIC:
+            self.features.feed(msg)
 
 
 def monitor_of(scheduler) -> TrainingMonitor:
@@ -136,7 +142,8 @@ def _serve_page(scheduler) -> str | None:
         nav["pages"].append(PAGE.strip("/"))
     # A second bokeh server app beside distributed's own: distributed builds its app once at
     # scheduler start, and the routing application falls through to added apps for unknown paths.
-    doc = functools.partial(training_doc, state=monitor_of(scheduler).state)
+    monitor = monitor_of(scheduler)
+    doc = functools.partial(training_doc, state=monitor.state, features=monitor.features)
     app = BokehApplication({PAGE: doc}, scheduler, prefix=prefix, template_variables=nav)
     scheduler.http_application.add_application(app)
     app.initialize(IOLoop.current())

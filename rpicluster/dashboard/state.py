@@ -212,6 +212,48 @@ class TrainingState:
         return "finished" if self.finished is not None else "running"
 
 
+@dataclass
+class FeaturesState:
+    """Progress of the latest feature-extraction run (``rpicluster.features`` events).
+
+    Blocks are counted once however often their task ran; images/s per worker is over the time
+    its tasks took.
+    """
+
+    run_id: str | None = None
+    n_blocks: int | None = None
+    resumed: int = 0
+    finished: bool = False
+    done: set = field(default_factory=set)
+    images: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+    def feed(self, event: dict) -> None:
+        """Fold one ``rpicluster.features`` event (others, and other runs', are ignored)."""
+        if not isinstance(event, dict):
+            return
+        kind, run_id = event.get(ev.KIND), event.get(ev.RUN_ID)
+        if kind == ev.RUN_START:
+            vars(self).update(vars(FeaturesState()))
+            self.run_id = run_id
+            self.n_blocks, self.resumed = event.get(ev.N_BLOCKS), int(event.get(ev.RESUMED) or 0)
+            return
+        if run_id != self.run_id:
+            return
+        if kind == ev.EXTRACTED:
+            self.done.add(event.get(ev.BLOCK))
+            worker = str(event.get(ev.WORKER))
+            self.images[worker] = self.images.get(worker, 0) + int(event.get(ev.ROWS) or 0)
+            self.seconds[worker] = self.seconds.get(worker, 0.0) + float(
+                event.get(ev.SECONDS) or 0.0)
+        elif kind == ev.RUN_END:
+            self.finished = True
+
+    def images_per_second(self) -> dict:
+        """Images per second of task time, by worker."""
+        return {w: self.images[w] / s for w, s in sorted(self.seconds.items()) if s > 0}
+
+
 def format_duration(seconds: float | None) -> str:
     """``"1 h 02 min"``, ``"3 min 05 s"``, ``"12 s"``, or ``"–"`` when unknown."""
     if seconds is None:

@@ -1,0 +1,318 @@
+"""The feature-extraction job: a frozen network mapped over the blocks of an image store.
+
+The client resolves the model (:func:`rpicluster.features.model.load_network`), runs it once on a
+blank image (a wrong input shape fails here, before any work is sent), creates the feature store
+(the layout contract of :mod:`rpicluster.data.store`, marked incomplete) and ships the model's
+bytes to every worker once. Each task then reads one block of images from the image store,
+extracts its features and writes them and the block's labels as chunk ``i`` of the feature
+store: images and features never pass through the client. The client records each finished
+block in the store's ``blocks_done`` attribute; a resumed run skips those, and ``complete`` is
+set last, after every block.
+
+One block at a time per worker process, with ONNX Runtime using the worker's threads: a Pi 4
+worker (4 threads) holds one session, one block of images and one batch of activations, instead
+of four of each (see README "Frozen networks" for memory per model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from types import SimpleNamespace
+
+import numpy as np
+
+from rpicluster import events as ev
+from rpicluster.errors import ConfigError, DataError
+from rpicluster.features.images import open_images
+from rpicluster.features.model import Extractor, FrozenModel, load_network
+from rpicluster.progress import Progress
+from rpicluster.train.job import _raise_task_error
+
+#: Images per ONNX Runtime call: EfficientNet-Lite0 at 224 px peaks near 0.5 GB at 32 (see
+#: README), inside a 4 GB Pi 4 with room for the block and the worker.
+BATCH_SIZE = 32
+
+_WORKER_LOCK = threading.Lock()
+
+
+@dataclasses.dataclass
+class FeaturesResult:
+    """What an extraction run did.
+
+    Attributes
+    ----------
+    store : Dataset
+        The feature store, opened.
+    model, sha256 : str
+        The model's name and the sha256 of its ONNX graph.
+    input_size : int
+    seconds : float
+        Wall time of the call.
+    extracted_blocks, resumed_blocks : list of int
+    images_per_worker, busy_seconds_per_worker : Counter
+        Images extracted and task seconds, by worker name.
+    """
+
+    store: object
+    model: str
+    sha256: str
+    input_size: int
+    seconds: float
+    extracted_blocks: list
+    resumed_blocks: list
+    images_per_worker: Counter
+    busy_seconds_per_worker: Counter
+
+    def images_per_second(self) -> dict:
+        """Per-worker throughput over the time each worker spent in its tasks."""
+        return {w: self.images_per_worker[w] / s
+                for w, s in sorted(self.busy_seconds_per_worker.items()) if s > 0}
+
+
+def extract_task(model: FrozenModel, images, out_url: str, out_options, block: int,
+                 block_rows: int, input_size: int, batch_size: int, threads: int | None) -> dict:
+    """Extract the features of feature block ``block`` (``block_rows`` rows, one or more image
+    blocks read one at a time) and write it as one chunk of the feature store (on a worker)."""
+    import zarr
+
+    from rpicluster.data.store import _crc
+    from rpicluster.train.tasks import worker_name
+
+    with _WORKER_LOCK:
+        t0 = time.perf_counter()
+        extractor = Extractor(model, input_size=input_size, batch_size=batch_size,
+                              threads=threads or _worker_threads())
+        per = block_rows // images.block_rows
+        feats, ys = [], []
+        for b in range(block * per, min((block + 1) * per, images.n_blocks)):
+            imgs, y = images.block(b)
+            feats.append(extractor.transform(imgs))
+            ys.append(y)
+            del imgs
+        X, y = np.concatenate(feats).astype(np.float32), np.concatenate(ys).astype(np.int32)
+        root = zarr.open_group(out_url, mode="r+", zarr_format=3, storage_options=out_options)
+        lo = block * block_rows
+        root["X"][lo:lo + len(y)] = X
+        root["y"][lo:lo + len(y)] = y
+        # The per-position checksums of the layout, recorded by the client with the block.
+        return {"block": block, "rows": int(len(y)), "worker": worker_name(),
+                "seconds": time.perf_counter() - t0, "crc": {"X": _crc(X), "y": _crc(y)}}
+
+
+def _worker_threads() -> int:
+    """The cores this worker may use: its Dask thread count, else the machine's cores."""
+    try:
+        from distributed import get_worker
+
+        return max(1, int(get_worker().state.nthreads))
+    except (ValueError, AttributeError):
+        return os.cpu_count() or 1
+
+
+def extract_features(images: str, out: str, *, model: str = "efficientnet-lite0",
+                     input_size: int | None = None, batch_size: int = BATCH_SIZE,
+                     threads: int | None = None, block_rows: int | None = None,
+                     resume: bool = False, overwrite: bool = False, client=None,
+                     cluster=None, storage_options: dict | None = None,
+                     cache: str | os.PathLike | None = None,
+                     progress: Progress | None = None) -> FeaturesResult:
+    """Run a frozen network over every image of ``images`` on the cluster; write ``out``.
+
+    Parameters
+    ----------
+    images : str
+        An image store (``rpicluster ingest images:DIR`` / ``idx:`` / ``fashion-mnist``): a
+        path or URL every worker can read.
+    out : str
+        The feature store to write (a path or URL every worker can write): float32
+        ``(n_rows, d)``, one block per chunk like ``images``, labels and classes carried over.
+    model : str
+        ``"efficientnet-lite0"`` (1,280 features) or a path to an ``.onnx`` file.
+    input_size : int, optional
+        Side of the square network input (default 224, or the graph's fixed size). Smaller
+        images are upscaled; 64-96 suits 28x28 images.
+    batch_size : int
+        Images per ONNX Runtime call on a worker.
+    threads : int, optional
+        ONNX Runtime threads per worker (default: the worker's Dask threads).
+    block_rows : int, optional
+        Rows per block of the feature store: the image store's (default) or a multiple of it.
+        Small image blocks bound a worker's memory (it holds one image block at a time) and
+        spread the work; training wants bigger feature blocks.
+    resume, overwrite : bool
+        Continue an interrupted run into ``out`` (finished blocks are skipped), or replace an
+        existing store.
+    client : distributed.Client, optional
+        The cluster to run on; default: ``cluster``'s.
+    cluster : rpicluster.train.api.ClusterChoice, optional
+        Which cluster, as for ``rpicluster train`` (default: the recorded cluster, else an
+        embedded one for this call).
+    storage_options : dict, optional
+        fsspec options for both stores.
+    cache : path, optional
+        Folder for the built EfficientNet-Lite0 graph.
+    progress : Progress, optional
+
+    Returns
+    -------
+    FeaturesResult
+
+    Raises
+    ------
+    ModelError
+        Unreadable model or one that does not take these images.
+    DataError
+        ``images`` is not an image store, or ``out`` exists (without resume/overwrite) or holds
+        another run.
+    TrainingError
+        A task failed on a worker (naming the block).
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}")
+    if resume and overwrite:
+        raise ConfigError("resume and overwrite exclude each other")
+    frozen = load_network(model, cache=cache)
+    size = frozen.size(input_size)
+    source = open_images(images, storage_options)
+    block_rows = source.block_rows if block_rows is None else int(block_rows)
+    if block_rows < 1 or block_rows % source.block_rows:
+        raise ConfigError(f"block rows {block_rows} must be a multiple of the image store's "
+                          f"block rows ({source.block_rows}): each feature block is made of "
+                          "whole image blocks")
+    # One blank image through the network on the client: a model that cannot take these images
+    # fails here with its shapes, not on every worker.
+    probe = Extractor(frozen, input_size=size, batch_size=1, threads=1)
+    n_features = probe.transform(np.zeros((1, *source.image_shape), np.uint8)).shape[1]
+    run = dict(batch_size=batch_size, threads=threads, resume=resume, overwrite=overwrite,
+               storage_options=storage_options, progress=progress or Progress.null())
+    if client is not None:
+        return _run(source, frozen, size, n_features, block_rows, out, client, **run)
+    from rpicluster.train.api import ClusterChoice
+
+    with (cluster or ClusterChoice()).client() as c:
+        return _run(source, frozen, size, n_features, block_rows, out, c, **run)
+
+
+def _layout(source, frozen: FrozenModel, size: int, n_features: int, block_rows: int) -> dict:
+    from rpicluster.data import store
+
+    return {
+        store.FORMAT_KEY: store.FORMAT_VERSION,
+        "classes": source.attrs["classes"],
+        "n_rows": source.n_rows,
+        "n_features": int(n_features),
+        "block_rows": block_rows,
+        "n_blocks": math.ceil(source.n_rows / block_rows),
+        "source": f"features:{os.path.basename(frozen.name)}@{frozen.sha256[:12]}"
+                  f",input={size}:{source.url}",
+        "features_model": frozen.name,
+        "features_model_sha256": frozen.sha256,
+        "features_input_size": size,
+    }
+
+
+def _prepare(url: str, layout: dict, *, resume: bool, overwrite: bool, storage_options):
+    """Create the feature store, or reopen one to resume; the blocks already done."""
+    from rpicluster.data import store
+
+    existing = store._existing_attrs(url, storage_options)
+    if existing is not None and not overwrite:
+        state = "complete" if existing.get("complete") is True else "incomplete"
+        if not resume:
+            hint = ("pass overwrite (--overwrite) to replace it" if state == "complete" else
+                    "pass resume (--resume) to continue it, or overwrite (--overwrite)")
+            article = "an" if state == "incomplete" else "a"
+            raise DataError(f"{url} already holds {article} {state} rpicluster store "
+                            f"({existing.get('source')}); {hint}")
+        # The specific keys first: "source" repeats them all in one string.
+        for key in sorted(layout, key=lambda k: k == "source"):
+            value = layout[key]
+            if existing.get(key) != value:
+                raise DataError(f"cannot resume {url}: its {key} is {existing.get(key)!r}, this "
+                                f"run's is {value!r} (use overwrite to start over)")
+        return (set(existing.get("blocks_done", [])), existing.get("complete") is True,
+                existing.get(store.CHECKSUMS_KEY))
+    store._create(url, SimpleNamespace(n_rows=layout["n_rows"], n_features=layout["n_features"],
+                                       dtype=np.dtype(np.float32)),
+                  layout["block_rows"], {**layout, "blocks_done": []}, storage_options)
+    return set(), False, None
+
+
+def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_size, threads,
+         resume, overwrite, storage_options, progress) -> FeaturesResult:
+    import zarr
+    from distributed import as_completed
+
+    from rpicluster.data.store import CHECKSUMS_KEY, _normalize_url, open_dataset
+
+    t0 = time.perf_counter()
+    url = _normalize_url(out)
+    if url == source.url:
+        raise ConfigError(f"the feature store {url} would overwrite its own image store")
+    layout = _layout(source, frozen, size, n_features, block_rows)
+    n_blocks = layout["n_blocks"]
+    done, complete, sums = _prepare(url, layout, resume=resume, overwrite=overwrite,
+                                    storage_options=storage_options)
+    # Blocks finish out of order: one slot per position, filled as each block is recorded.
+    sums = {k: list((sums or {}).get(k) or [None] * n_blocks) for k in ("X", "y")}
+    resumed = sorted(done)
+    todo = [] if complete else [b for b in range(n_blocks) if b not in done]
+    root = zarr.open_group(url, mode="r+", zarr_format=3, storage_options=storage_options)
+    run_id = uuid.uuid4().hex[:8]
+    log = _logger(client, run_id)
+    log(ev.RUN_START, n_blocks=n_blocks, resumed=len(resumed), rows=source.n_rows)
+    images_done, busy = Counter(), Counter()
+    # The model's bytes go to every worker once; each task refers to the same copy.
+    [remote_model] = client.scatter([frozen], broadcast=True, hash=False)
+    futures = [client.submit(extract_task, remote_model, source, url, storage_options, b,
+                             block_rows, size, batch_size, threads, priority=-b, pure=False,
+                             key=f"rpicluster-features-{run_id}-{b}") for b in todo]
+    index = {f.key: b for f, b in zip(futures, todo)}
+    with progress:
+        progress.total = n_blocks
+        if resumed:
+            progress.skip(len(resumed), note=f"{len(resumed)} blocks resumed")
+        try:
+            for future in as_completed(futures):
+                b = index[future.key]
+                if future.status == "error":
+                    _raise_task_error(future, b, None)
+                r = future.result()
+                images_done[r["worker"]] += r["rows"]
+                busy[r["worker"]] += r["seconds"]
+                done.add(b)
+                sums["X"][b], sums["y"][b] = r["crc"]["X"], r["crc"]["y"]
+                # Recorded only after the worker wrote both chunks: resume skips this block.
+                root.attrs.update({"blocks_done": sorted(done), "blocks_written": len(done),
+                                   CHECKSUMS_KEY: sums})
+                log(ev.EXTRACTED, block=b, rows=r["rows"], worker=r["worker"],
+                    seconds=r["seconds"])
+                rate = r["rows"] / r["seconds"] if r["seconds"] > 0 else math.inf
+                progress.advance(note=f"block {b}: {r['rows']} images, {rate:.0f} images/s "
+                                      f"on {r['worker']}")
+        except BaseException:
+            client.cancel(futures)
+            log(ev.RUN_END)
+            raise
+    root.attrs.update({"complete": True})
+    log(ev.RUN_END)
+    return FeaturesResult(store=open_dataset(url, storage_options), model=frozen.name,
+                          sha256=frozen.sha256, input_size=size,
+                          seconds=time.perf_counter() - t0, extracted_blocks=todo,
+                          resumed_blocks=resumed, images_per_worker=images_done,
+                          busy_seconds_per_worker=busy)
+
+
+def _logger(client, run_id: str):
+    def log(kind: str, **fields) -> None:
+        client.log_event(ev.FEATURES_TOPIC, ev.make_event(kind, run_id=run_id, **fields))
+
+    return log
