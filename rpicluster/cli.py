@@ -129,14 +129,33 @@ def _cluster(scheduler, inventory, local):
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
               help="Continue a killed run from its run directory.")
 @click.option("--test", metavar="DATA", help="A store to report accuracy on after training.")
+@click.option("--model", "kind", type=click.Choice(["inc-ksgd", "mlp", "sgd"]),
+              default="inc-ksgd", show_default=True,
+              help="inc-ksgd: block ensembles; mlp (MLPClassifier) / sgd (SGDClassifier): one "
+                   "model trained by averaging the workers' partial_fit runs every round.")
+@click.option("--hidden", metavar="N,N,...", help="mlp: hidden layer sizes (default 100).")
+@click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True,
+              help="mlp/sgd: averaging rounds.")
+@click.option("--local-epochs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="mlp/sgd: passes over its blocks each worker makes per round.")
+@click.option("--sync", type=click.Choice(["round", "epoch", "batch"]), default="round",
+              show_default=True, help="mlp/sgd: average once per round, after every local "
+              "epoch, or after every minibatch (parameter-server pattern).")
 @cluster_options
-def train_cmd(data, model_path, run_dir, resume_dir, test, scheduler, inventory, local, **params):
-    """Train an Inc-kSGD model on a Zarr store DATA (made by `rpicluster ingest`)."""
+def train_cmd(data, model_path, run_dir, resume_dir, test, scheduler, inventory, local, kind,
+              hidden, rounds, local_epochs, sync, **params):
+    """Train a model on a Zarr store DATA (made by `rpicluster ingest`)."""
     from rpicluster.train.api import train_model
 
     params = {k: v for k, v in params.items() if v is not None}
     if resume_dir and run_dir and resume_dir != run_dir:
         raise click.UsageError("give --resume RUN_DIR or --run-dir, not both")
+    if kind != "inc-ksgd":
+        return _train_averaged(data, model_path, resume_dir or run_dir, resume_dir is not None,
+                               test, _cluster(scheduler, inventory, local), kind, hidden, rounds,
+                               local_epochs, sync, params)
+    if hidden is not None:
+        raise click.UsageError("--hidden is for --model mlp")
     summary = train_model(data, model_path, params, cluster=_cluster(scheduler, inventory, local),
                           run_dir=resume_dir or run_dir, resume=resume_dir is not None,
                           test=test)
@@ -148,6 +167,53 @@ def train_cmd(data, model_path, run_dir, resume_dir, test, scheduler, inventory,
     echo_table("tasks per worker", ["worker", "tasks", "rows", "busy s", "rows/s"],
                [[w, n, r.rows_per_worker[w], f"{r.busy_seconds_per_worker[w]:.1f}",
                  f"{rates.get(w, 0):,.0f}"] for w, n in sorted(r.tasks_per_worker.items())])
+    if summary.test_accuracy is not None:
+        click.echo(f"test accuracy: {summary.test_accuracy:.4f}")
+    click.echo(f"model: {summary.model_path} (sha256 {summary.sha256[:16]}...)")
+
+
+def averaged_params(kind: str, hidden: str | None, params: dict) -> dict:
+    """Map the shared train flags onto MLPClassifier / SGDClassifier parameters."""
+    from rpicluster.train.averaging import parse_hidden
+
+    for flag, key in (("--clusters", "n_clusters"), ("--epochs", "max_iter"),
+                      ("--solver", "solver")):
+        if key in params:
+            raise click.UsageError(f"{flag} is for --model inc-ksgd (with {kind}: "
+                                   "--rounds and --local-epochs)")
+    if hidden is not None and kind != "mlp":
+        raise click.UsageError("--hidden is for --model mlp")
+    out = {"random_state": params.get("random_state"), "alpha": params.get("alpha")}
+    if kind == "mlp":
+        out["learning_rate_init"] = params.get("eta0")
+        out["batch_size"] = params.get("batch_size")
+        out["hidden_layer_sizes"] = parse_hidden(hidden) if hidden is not None else None
+    else:
+        if "batch_size" in params:
+            raise click.UsageError("--batch-size is for --model inc-ksgd or mlp")
+        if "eta0" in params:
+            out.update(eta0=params["eta0"], learning_rate="constant")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _train_averaged(data, model_path, run_dir, resume, test, cluster, kind, hidden, rounds,
+                    local_epochs, sync, params) -> None:
+    from rpicluster.train.averaging import train_averaged_model
+
+    summary = train_averaged_model(data, model_path, model=kind,
+                                   params=averaged_params(kind, hidden, params), rounds=rounds,
+                                   local_epochs=local_epochs, sync=sync, cluster=cluster,
+                                   run_dir=run_dir, resume=resume, test=test)
+    r = summary.result
+    click.echo(f"trained {len(r.rounds) - r.resumed_rounds} rounds"
+               + (f" (+{r.resumed_rounds} resumed)" if r.resumed_rounds else "")
+               + f" of {kind} (sync {sync}) on {summary.n_workers} workers in {r.seconds:.1f} s")
+    echo_table("rounds", ["round", "seconds", "syncs", "MB moved", "loss", "accuracy"],
+               [[x["round"], f"{x['seconds']:.1f}", x["steps"],
+                 f"{(x['bytes_down'] + x['bytes_up']) / 1e6:.1f}",
+                 "" if x["loss"] is None else f"{x['loss']:.4f}",
+                 "" if x["accuracy"] is None else f"{x['accuracy']:.4f}"]
+                for x in r.rounds[r.resumed_rounds:]])
     if summary.test_accuracy is not None:
         click.echo(f"test accuracy: {summary.test_accuracy:.4f}")
     click.echo(f"model: {summary.model_path} (sha256 {summary.sha256[:16]}...)")
