@@ -219,6 +219,64 @@ def _train_averaged(data, model_path, run_dir, resume, test, cluster, kind, hidd
     click.echo(f"model: {summary.model_path} (sha256 {summary.sha256[:16]}...)")
 
 
+@main.command("federate")
+@click.option("-c", "--inventory", required=True, type=click.Path(dir_okay=False, exists=True),
+              metavar="TOML", help="The cluster inventory (workers may give their own data).")
+@click.option("-o", "--output", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="Model file to write (skops format).")
+@click.option("--model", "kind", type=click.Choice(["mlp", "sgd"]), default="mlp",
+              show_default=True)
+@click.option("--data", metavar="PATH", help="The store's path on every host (default: each "
+              "worker's data = ... in the inventory).")
+@click.option("--hidden", metavar="N,N,...", help="mlp: hidden layer sizes (default 100).")
+@click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--local-epochs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Passes over its store each host makes per round.")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+              show_default=True, help="Fraction of the connected hosts sampled each round.")
+@click.option("--min-clients", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Hosts a round needs; it waits --round-timeout (or a minute) for them.")
+@click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="Seconds a host has to return its update (late hosts sit the round out).")
+@click.option("--validation", metavar="DATA", help="A store on this machine scored every round.")
+@click.option("--eta", "eta0", type=click.FloatRange(min=0, min_open=True),
+              help="Learning rate.")
+@click.option("--alpha", type=click.FloatRange(min=0), help="L2 regularisation strength.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="mlp: minibatch rows.")
+@click.option("--seed", "random_state", type=int, help="Random seed (same seed, same model).")
+@click.option("--run-dir", type=click.Path(file_okay=False),
+              help="Where rounds are checkpointed (default MODEL.run).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
+              help="Continue a killed run from its run directory.")
+def federate_cmd(inventory, model_path, kind, data, hidden, rounds, local_epochs, fraction,
+                 min_clients, round_timeout, validation, run_dir, resume_dir, **params):
+    """Federated averaging: each host trains on its own store, only weights travel."""
+    from rpicluster.train.federated import federate
+
+    params = {k: v for k, v in params.items() if v is not None}
+    if resume_dir and run_dir and resume_dir != run_dir:
+        raise click.UsageError("give --resume RUN_DIR or --run-dir, not both")
+
+    def show(report):
+        left = "; ".join(f"{h}: {why}" for h, why in report["left_out"].items())
+        acc = "" if report["accuracy"] is None else f" accuracy {report['accuracy']:.4f}"
+        click.echo(f"round {report['round']}: {len(report['participants'])} hosts, "
+                   f"{report['rows']} rows, {(report['bytes_down'] + report['bytes_up']) / 1e6:.2f}"
+                   f" MB moved, {report['seconds']:.1f} s{acc}" + (f" (left out: {left})"
+                                                                  if left else ""))
+
+    result, digest = federate(inventory, model_path, model=kind,
+                              params=averaged_params(kind, hidden, params), data=data,
+                              rounds=rounds, local_epochs=local_epochs, fraction=fraction,
+                              min_clients=min_clients, round_timeout=round_timeout,
+                              validation=validation, run_dir=resume_dir or run_dir,
+                              resume=resume_dir is not None, show_progress=False, on_round=show)
+    click.echo(f"federated {len(result.rounds) - result.resumed_rounds} rounds"
+               + (f" (+{result.resumed_rounds} resumed)" if result.resumed_rounds else "")
+               + f" in {result.seconds:.1f} s")
+    click.echo(f"model: {model_path} (sha256 {digest[:16]}...)")
+
+
 @main.command("score")
 @click.argument("model_path", type=click.Path(dir_okay=False, exists=True))
 @click.argument("data")

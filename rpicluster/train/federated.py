@@ -406,7 +406,8 @@ def federate(inventory, model_path, *, model: str = "mlp", params: dict | None =
              data: str | None = None, rounds: int = 10, local_epochs: int = 1,
              fraction: float = 1.0, min_clients: int = 1, round_timeout: float | None = None,
              validation: str | None = None, run_dir=None, resume: bool = False,
-             show_progress: bool = True, on_round=None) -> tuple[FederatedResult, str]:
+             show_progress: bool = True, on_round=None, on_round_start=None
+             ) -> tuple[FederatedResult, str]:
     """``rpicluster federate``: FedAvg over the workers of ``inventory``; save the model.
 
     Each worker trains on ``data`` (the same path on every host) or, without it, on the
@@ -430,5 +431,6 @@ def federate(inventory, model_path, *, model: str = "mlp", params: dict | None =
                                  local_epochs=local_epochs, fraction=fraction,
                                  min_clients=min_clients, round_timeout=round_timeout,
                                  validation=val, run_dir=run_dir, resume=resume,
-                                 progress=progress, on_round=on_round)
+                                 progress=progress, on_round=on_round,
+                                 on_round_start=on_round_start)
     return result, save_model(result.model, model_path)
