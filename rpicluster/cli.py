@@ -519,9 +519,17 @@ def demo_cmd(workdir, rows, features, classes, block_rows, workers):
 
 @bench.command("scaling")
 @cluster_options
-@click.option("--job", type=click.Choice(["inc-ksgd", "random-forest"]), default="inc-ksgd",
-              show_default=True, help="inc-ksgd: the training job; random-forest: scikit-learn "
-              "RandomForestClassifier through joblib's dask backend.")
+@click.option("--job", type=click.Choice(["inc-ksgd", "random-forest", "mlp", "sgd"]),
+              default="inc-ksgd", show_default=True,
+              help="inc-ksgd: the training job; random-forest: scikit-learn "
+              "RandomForestClassifier through joblib's dask backend; mlp / sgd: model "
+              "averaging, --sync batch (parameter server) against --sync round (local SGD).")
+@click.option("--sync", "syncs", default="batch,round", show_default=True, metavar="S,S",
+              help="mlp/sgd: synchronisation modes to compare (round, epoch, batch).")
+@click.option("--local-epochs", type=click.IntRange(min=1), default=2, show_default=True,
+              help="mlp/sgd: local epochs per round of --sync round.")
+@click.option("--hidden", metavar="N,N,...", help="mlp: hidden layer sizes (default 100).")
+@click.option("--test", metavar="DATA", help="mlp/sgd: held-out store for the accuracy column.")
 @click.option("--data", metavar="DATA.zarr", help="Store (path or URL every worker can read).")
 @click.option("--rows", type=click.IntRange(min=1), metavar="R",
               help=f"Without --data: synthetic rows (default {config.BENCH_SCALING_ROWS:,}), "
@@ -540,19 +548,34 @@ def demo_cmd(workdir, rows, features, classes, block_rows, workers):
                    "calibrated workers or their tags).")
 @click.option("--clusters", "n_clusters", type=click.IntRange(min=1),
               help="inc-ksgd: k-means clusters per block.")
-@click.option("--epochs", "max_iter", type=click.IntRange(min=1), help="inc-ksgd: SGD epochs.")
+@click.option("--epochs", "max_iter", type=click.IntRange(min=1),
+              help="inc-ksgd: SGD epochs; mlp/sgd: the epoch budget of every run (default 4).")
 @click.option("--trees", "n_estimators", type=click.IntRange(min=1),
               help="random-forest: trees (default 32).")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
               default=str(config.BENCH_OUT / "scaling"), show_default=True,
               help="Folder for scaling.{csv,json,md,png} and step-N.html.")
-def bench_scaling(scheduler, inventory, local, job, data, rows, features, classes, block_rows,
-                  steps, repeats, simulate, n_clusters, max_iter, n_estimators, out_dir) -> None:
+def bench_scaling(scheduler, inventory, local, job, syncs, local_epochs, hidden, test, data,
+                  rows, features, classes, block_rows, steps, repeats, simulate, n_clusters,
+                  max_iter, n_estimators, out_dir) -> None:
     """The same job on growing worker sets: ideal (cores, capacity) against measured time."""
     from rpicluster.bench.report import to_markdown
     from rpicluster.bench.scaling import scaling_bench
     from rpicluster.progress import Progress
 
+    if job in ("mlp", "sgd"):
+        from rpicluster.bench.averaging import to_markdown as averaging_markdown
+
+        doc = scaling_bench(
+            out_dir, scheduler=scheduler, inventory=inventory, local=local, job=job, data=data,
+            rows=rows, features=features, classes=classes, block_rows=block_rows, steps=steps,
+            params=averaged_params(job, hidden, {}),
+            averaging={"syncs": [x.strip() for x in syncs.split(",")], "test": test,
+                       "epochs": max_iter or 4, "local_epochs": local_epochs},
+            progress=Progress("bench scaling", unit="runs", interval=0))
+        click.echo(averaging_markdown(doc))
+        click.echo(f"wrote {out_dir}/averaging.{{csv,json,md}}")
+        return
     params = {"n_clusters": n_clusters, "max_iter": max_iter} if job == "inc-ksgd" else \
         {"n_estimators": n_estimators}
     doc = scaling_bench(out_dir, scheduler=scheduler, inventory=inventory, local=local, job=job,

@@ -196,7 +196,10 @@ def _worker_name() -> str:
 
 
 def _labelled(dataset, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block ``block`` as (float features, original labels); image stores' uint8 pixels / 255."""
     X, y = dataset.block(block)
+    if X.dtype == np.uint8:
+        X = X.astype(np.float32) / 255.0
     return X, np.asarray(dataset.classes)[y]
 
 
