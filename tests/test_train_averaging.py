@@ -223,3 +223,25 @@ def test_cli_train_score_and_bad_flags(digits, cluster, tmp_path):
     assert res.exit_code == 2 and "--clusters is for --model inc-ksgd" in res.output
     res = runner.invoke(main, base + ["--hidden", "32"])
     assert res.exit_code == 2 and "--hidden is for --model mlp" in res.output
+
+
+def test_bench_averaging_scaling_report(digits, client, tmp_path):
+    """bench scaling --job mlp as a library call: every (sync, worker set) row, files written."""
+    from rpicluster.bench.averaging import run_averaging_scaling
+
+    workers = {str(w["name"]): a for a, w in client.scheduler_info()["workers"].items()}
+    names = sorted(workers)
+    doc = run_averaging_scaling(client, open_dataset(digits / "train.zarr"), tmp_path,
+                                steps=[names[:1], names], addresses=workers,
+                                params={"hidden_layer_sizes": (8,)}, epochs=2, local_epochs=2,
+                                test=open_dataset(digits / "test.zarr"))
+    rows = {(r["sync"], r["workers"]): r for r in doc["rows"]}
+    assert sorted(rows) == [("batch", 1), ("batch", 2), ("round", 1), ("round", 2)]
+    # 1,400 rows in minibatches of 200: 7 syncs per epoch on one worker, 4 on two (700 each).
+    assert rows["batch", 1]["syncs_per_epoch"] == 7 and rows["batch", 2]["syncs_per_epoch"] == 4
+    assert rows["round", 2]["syncs_per_epoch"] == 0.5
+    assert rows["batch", 2]["mb_per_epoch"] > rows["round", 2]["mb_per_epoch"]
+    assert all(0 <= r["accuracy"] <= 1 and r["cpu_mean"] >= 0 for r in doc["rows"])
+    assert set(rows["round", 2]["cpu_per_worker"]) == set(names)
+    for ext in ("json", "csv", "md"):
+        assert (tmp_path / f"averaging.{ext}").stat().st_size > 0
