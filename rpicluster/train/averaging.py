@@ -145,8 +145,8 @@ def merge_updates(template, updates: list[dict]):
     if state:
         for dst, src in zip(state, weighted_average([u["opt"] for u in updates], rows)):
             dst[...] = src
-        model._optimizer.t = max(u["opt_t"] for u in updates) if hasattr(
-            model._optimizer, "t") else None
+        if hasattr(model._optimizer, "t"):  # Adam's step count (bias correction)
+            model._optimizer.t = max(u["opt_t"] for u in updates)
     for attr in ("t_", "n_iter_"):
         if hasattr(model, attr):
             setattr(model, attr, max(u[attr] for u in updates))

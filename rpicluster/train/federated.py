@@ -181,8 +181,8 @@ def _reference(probes: dict[str, dict], validation) -> tuple[int, str]:
 
 
 def _union(values) -> list:
-    out = sorted(set(values), key=lambda c: (str(type(c)), c))
-    return out
+    """Sorted distinct labels (ints and strings never mix: a run has one label type)."""
+    return sorted(set(values), key=lambda c: (str(type(c)), c))
 
 
 def federate_on(client, hosts: dict[str, str | None], *, model: str = "mlp",
