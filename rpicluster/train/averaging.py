@@ -288,7 +288,8 @@ class _Stepper:
         [remote] = self.client.scatter([model], broadcast=True, hash=False,
                                        **({"workers": self.workers} if self.workers else {}))
         self.bytes_down += _nbytes(model) * n_receivers
-        futures = [submit_one(remote, i, key=f"{self.prefix}-{name}-{i}", **self.where)
+        tag = name.replace(" ", "-")
+        futures = [submit_one(remote, i, key=f"{self.prefix}-{tag}-{i}", **self.where)
                    for i in range(n)]
         wait(futures)
         updates = []
@@ -300,8 +301,6 @@ class _Stepper:
                 raise TrainingError(f"{name}, shard {i} failed on a worker: "
                                     f"{type(exc).__name__}: {exc}") from exc
         for u in self.client.gather(futures):
-            if u is None:
-                continue
             self.bytes_up += _nbytes(u)
             self.busy[u["worker"]] = self.busy.get(u["worker"], 0.0) + u["seconds"]
             if not math.isnan(u["loss"]):
