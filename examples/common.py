@@ -9,7 +9,8 @@ from pathlib import Path
 def example_parser(doc: str, workdir: str) -> argparse.ArgumentParser:
     """A parser with ``--seed``, ``--workdir`` and the cluster choice every example takes.
 
-    With none of ``--scheduler``, ``-c`` and ``--workers`` an example uses the cluster
+    The cluster options are the CLI's (``--scheduler``, ``-c``, ``--local N``) and are resolved
+    the same way (:func:`rpicluster.client`): with none of them an example uses the cluster
     ``rpicluster up`` recorded, else starts the embedded local cluster for the run.
     """
     p = argparse.ArgumentParser(description=doc.split("\n")[0],
@@ -18,12 +19,13 @@ def example_parser(doc: str, workdir: str) -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path(workdir), help="where outputs go")
     p.add_argument("--scheduler", help="scheduler address, e.g. tls://192.168.1.10:8786")
     p.add_argument("-c", "--inventory", help="the cluster `rpicluster up` started from this file")
-    p.add_argument("--workers", type=int, help="embedded local cluster with this many workers")
+    p.add_argument("--local", type=int, metavar="N",
+                   help="the embedded local cluster with N workers (started if none runs)")
     return p
 
 
 def cluster(args: argparse.Namespace):
     """Context manager yielding a ``distributed.Client`` for the cluster ``args`` chose."""
-    from rpicluster.deploy.local import cluster_client
+    import rpicluster
 
-    return cluster_client(args.scheduler, args.inventory, args.workers)
+    return rpicluster.client(args.scheduler, inventory=args.inventory, local=args.local)

@@ -10,7 +10,7 @@ scikit-learn SGDClassifier on the same rows in memory, and saved as a skops mode
     python examples/imagenet_like.py --rows 500000 --features 2048 --classes 1000 \\
         --block-rows 65536 -c cluster.toml                 # the paper's shape, on real Pis
 
-With no --scheduler/-c/--workers it uses the cluster `rpicluster up` recorded, else starts the
+With no --scheduler/-c/--local it uses the cluster `rpicluster up` recorded, else starts the
 embedded local cluster for the run.
 """
 

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     from rpicluster.bench.scaling import scaling_bench
 
     doc = scaling_bench(args.workdir, scheduler=args.scheduler, inventory=args.inventory,
-                        local=args.workers, job=args.job, rows=args.rows,
+                        local=args.local, job=args.job, rows=args.rows,
                         features=args.features, classes=args.classes,
                         block_rows=args.block_rows, steps=args.steps, repeats=args.repeats,
                         simulate=args.simulate)

@@ -20,16 +20,25 @@ _EXPORTS = {
     "up": "rpicluster.deploy.cluster",
     "down": "rpicluster.deploy.cluster",
     "status": "rpicluster.deploy.cluster",
-    "connect": "rpicluster.deploy.cluster",
+    "connect": "rpicluster.deploy.resolve",
+    "client": "rpicluster.deploy.resolve",
+    "find_cluster": "rpicluster.deploy.resolve",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+# The estimators fit a blocked dataset on the current Dask client through the job this package
+# registers (models sit below train and never import it).
+_WITH = {"IncrementalKSGDClassifier": "rpicluster.train.job"}
 
 
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'rpicluster' has no attribute {name!r}")
+    if name in _WITH:
+        importlib.import_module(_WITH[name])
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

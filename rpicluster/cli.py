@@ -84,32 +84,69 @@ def echo_table(title: str, columns: list[str], rows: list[list[object]]) -> None
 
 
 
-@main.command()
-@click.option("--scheduler", "address", metavar="ADDR",
-              help="Scheduler address (tcp://host:8786); default: the cluster `up` recorded.")
-def dashboard(address: str | None) -> None:
-    """Print the URLs of the Dask dashboard and its rpicluster training page."""
-    from rpicluster.dashboard.links import dashboard_links
+class _LocalWorkers(click.ParamType):
+    """``--local [N]``: the embedded local cluster, with N workers when N is given."""
 
-    for line in dashboard_links(address).lines():
-        click.echo(line)
+    name = "N"
+
+    def convert(self, value, param, ctx):
+        if value is True:  # the bare flag
+            return True
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of workers", param, ctx)
+        if n < 1:
+            self.fail(f"needs at least 1 worker, got {n}", param, ctx)
+        return n
+
+
+def _local_option(help_text: str):
+    # flag_value=True: a bare --local means "the local cluster, whatever its size".
+    return click.option("--local", "local", type=_LocalWorkers(), is_flag=False,
+                        flag_value=True, default=None, metavar="[N]", help=help_text)
+
+
+_LOCAL_HELP = ("The embedded local cluster (with N workers: a running one of another size is "
+               "refused; started for this command if none runs).")
+_inventory_option = click.option("-c", "--inventory", type=click.Path(dir_okay=False),
+                                 metavar="TOML", help="The SSH cluster `up` started from this "
+                                 "inventory (rpicluster init writes one).")
 
 
 def cluster_options(f):
-    """--scheduler / -c / --local: which cluster a command runs on."""
-    f = click.option("--local", "local", type=click.IntRange(min=1), metavar="N",
-                     help="Use the embedded local cluster with N workers (started if needed).")(f)
-    f = click.option("-c", "--inventory", type=click.Path(dir_okay=False), metavar="TOML",
-                     help="Use the SSH cluster `up` started from this inventory.")(f)
+    """--scheduler / -c / --local: which cluster a command runs on (rpicluster.deploy.resolve)."""
+    f = _local_option(_LOCAL_HELP)(f)
+    f = _inventory_option(f)
     f = click.option("--scheduler", metavar="ADDR",
                      help="Scheduler address, e.g. tls://192.168.1.10:8786.")(f)
     return f
 
 
+def _announce(ref) -> None:
+    """Say which cluster a command acts on (stderr, beside the progress lines)."""
+    click.echo(f"cluster: {ref.describe()}", err=True)
+
+
 def _cluster(scheduler, inventory, local):
     from rpicluster.train.api import ClusterChoice
 
-    return ClusterChoice(scheduler=scheduler, inventory=inventory, local=local)
+    return ClusterChoice(scheduler=scheduler, inventory=inventory, local=local,
+                         announce=_announce)
+
+
+@main.command()
+@click.option("--scheduler", metavar="ADDR",
+              help="Scheduler address (tcp://host:8786); default: the cluster `up` recorded.")
+@_inventory_option
+@_local_option("The embedded local cluster (`up --local`).")
+def dashboard(scheduler, inventory, local) -> None:
+    """Print the URLs of the Dask dashboard and its rpicluster training page."""
+    from rpicluster.dashboard.links import dashboard_links
+
+    for line in dashboard_links(scheduler, inventory=inventory, local=local,
+                                announce=_announce).lines():
+        click.echo(line)
 
 
 @main.command("train")
@@ -351,8 +388,6 @@ def serve(store, host, port) -> None:
 
 # --- cluster bring-up: init / doctor / up / status / logs / down (rpicluster.deploy) ---
 
-_inventory_option = click.option("-c", "--inventory", type=click.Path(dir_okay=False),
-                                 metavar="TOML", help="The cluster inventory (rpicluster init).")
 _accept_option = click.option("--accept-new-hosts", is_flag=True,
                               help="Trust and record unknown host keys (changed keys are refused).")
 
@@ -389,10 +424,10 @@ def _echo_report(title, report) -> None:
 
 @main.command()
 @_inventory_option
-@click.option("--local", type=click.IntRange(min=1), metavar="N",
-              help="Start the embedded local cluster with N workers instead.")
+@_local_option("Start the embedded local cluster (N workers; default one per core) instead; "
+               "a running one of another size is refused.")
 @click.option("--threads-per-worker", type=click.IntRange(min=1), help="With --local.")
-@click.option("--memory-limit", help="With --local: per-worker limit, e.g. 4GiB.")
+@click.option("--memory-limit", help="With --local: per-worker limit, e.g. 4GiB (default auto).")
 @_accept_option
 @click.option("--insecure", is_flag=True, help="Plain TCP instead of TLS (not recommended).")
 @click.option("--provision", is_flag=True,
@@ -400,12 +435,15 @@ def _echo_report(title, report) -> None:
 def up(inventory, local, threads_per_worker, memory_limit, accept_new_hosts, insecure,
        provision) -> None:
     """Start the cluster of an inventory (only what is missing), or the embedded local one."""
+    if inventory is not None and local is not None:
+        raise click.UsageError("give -c/--inventory or --local, not both")
     if inventory is None:
         from rpicluster.deploy.local import start_local
 
-        info = start_local(local, threads_per_worker=threads_per_worker,
-                           memory_limit=memory_limit or "auto")
-        click.echo(f"local cluster: {info['scheduler_address']} "
+        info = start_local(None if local is True else local,
+                           threads_per_worker=threads_per_worker, memory_limit=memory_limit)
+        click.echo(f"local cluster{' already running' if info['already_running'] else ''}: "
+                   f"{info['scheduler_address']} ({info.get('n_workers', '?')} workers) "
                    f"dashboard {info['dashboard_link']}")
         return
     import warnings
@@ -428,22 +466,37 @@ def up(inventory, local, threads_per_worker, memory_limit, accept_new_hosts, ins
     click.echo(f"scheduler {report.address}, dashboard {report.dashboard}")
 
 
+_ACT_LOCAL = "The embedded local cluster (`up --local`)."
+
+
+def _target(inventory, local):
+    """The recorded cluster ``status``/``down``/``logs`` act on, announced on stderr."""
+    from rpicluster.deploy.resolve import find_cluster
+
+    ref = find_cluster(inventory=inventory, local=local)
+    _announce(ref)
+    return ref
+
+
 @main.command()
 @_inventory_option
-@click.option("--local", is_flag=True, help="The embedded local cluster.")
+@_local_option(_ACT_LOCAL)
 def status(inventory, local) -> None:
-    """Show scheduler and workers: state, threads, memory, tasks, temperature."""
-    if local:
-        from rpicluster.deploy.local import local_status
+    """Show scheduler and workers: state, threads, memory, tasks, temperature.
 
-        info = local_status()
-        click.echo("no local cluster running" if info is None else
-                   f"local cluster: {info['scheduler_address']}, {info['n_workers']} workers, "
-                   f"dashboard {info['dashboard_link']}")
+    Without -c or --local: the SSH cluster `up` last recorded, else the local cluster.
+    """
+    ref = _target(inventory, local)
+    if ref.kind == "local":
+        from rpicluster.deploy.state import local_record
+
+        info = local_record() or {}
+        click.echo(f"local cluster: {ref.address}, {info.get('n_workers', '?')} workers, "
+                   f"dashboard {info.get('dashboard_link')}")
         return
     from rpicluster.deploy.cluster import status as cluster_status
 
-    rows = cluster_status(inventory)
+    rows = cluster_status(ref.inventory)
     echo_table("rpicluster status", ["host", "role", "state", "pid", "threads", "memory", "tasks",
                                      "temp"],
                [[r.host, r.role, r.state, r.pid, r.threads, r.memory, r.tasks,
@@ -451,22 +504,43 @@ def status(inventory, local) -> None:
 
 
 @main.command()
-@click.argument("host")
+@click.argument("host", required=False)
 @_inventory_option
+@_local_option(_ACT_LOCAL)
 @click.option("-n", "--lines", type=click.IntRange(min=1), default=100, show_default=True)
-def logs(host, inventory, lines) -> None:
-    """Print the end of the log of the worker on HOST (or of the scheduler: HOST = scheduler)."""
+def logs(host, inventory, local, lines) -> None:
+    """Print the end of the log of the worker on HOST (or of the scheduler: HOST = scheduler).
+
+    The local cluster keeps one log for its scheduler and workers: HOST is not needed there.
+    """
+    ref = _target(inventory, local)
+    if ref.kind == "local":
+        from rpicluster.deploy.local import log_tail
+
+        click.echo(log_tail(lines), nl=False)
+        return
+    if host is None:
+        raise click.UsageError(f"name the HOST whose log to show ({ref.describe()} has several)")
     from rpicluster.deploy.cluster import logs as cluster_logs
 
-    click.echo(cluster_logs(host, inventory, lines=lines), nl=False)
+    click.echo(cluster_logs(host, ref.inventory, lines=lines), nl=False)
 
 
 @main.command()
 @_inventory_option
-@click.option("--local", is_flag=True, help="Stop the embedded local cluster.")
+@_local_option(_ACT_LOCAL)
 def down(inventory, local) -> None:
-    """Stop exactly what up started (workers, then scheduler), verified by pid."""
-    if local:
+    """Stop exactly what up started (workers, then scheduler), verified by pid.
+
+    Without -c or --local: the SSH cluster `up` last recorded, else the local cluster.
+    """
+    from rpicluster.deploy.state import local_record
+
+    if local is not None and local_record() is None:
+        click.echo("no local cluster running")
+        return
+    ref = _target(inventory, local)
+    if ref.kind == "local":
         from rpicluster.deploy.local import stop_local
 
         info = stop_local()
@@ -477,34 +551,51 @@ def down(inventory, local) -> None:
     from rpicluster.errors import HostsFailedError
 
     try:
-        report = cluster_down(inventory)
+        report = cluster_down(ref.inventory)
     except HostsFailedError as exc:
         _echo_report("rpicluster down", exc.report)
         raise
     _echo_report("rpicluster down", report)
 
 
+def _default(func, name: str):
+    """The default of ``func``'s parameter ``name``: the library's, shown by --help, not repeated."""
+    import inspect
+
+    return inspect.signature(func).parameters[name].default
+
+
+def _demo_default(name: str):
+    from rpicluster.train.demo import run_demo  # light: the heavy imports are inside it
+
+    return _default(run_demo, name)
+
+
 @main.command("demo")
-@click.option("--workdir", default="rpicluster-demo", show_default=True,
+@click.option("--workdir", default=str(_demo_default("workdir")), show_default=True,
               type=click.Path(file_okay=False), help="Where the stores and the model go.")
-@click.option("--rows", default=60_000, show_default=True, type=click.IntRange(min=1),
-              help="Training rows (a multiple of --block-rows).")
-@click.option("--features", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--classes", default=100, show_default=True, type=click.IntRange(min=2))
-@click.option("--block-rows", default=12_000, show_default=True, type=click.IntRange(min=1))
-@click.option("--workers", type=click.IntRange(min=1),
-              help="Local workers (default: one per core).")
-def demo_cmd(workdir, rows, features, classes, block_rows, workers):
+@click.option("--rows", default=_demo_default("rows"), show_default=True,
+              type=click.IntRange(min=1), help="Training rows (a multiple of --block-rows).")
+@click.option("--features", default=_demo_default("features"), show_default=True,
+              type=click.IntRange(min=1))
+@click.option("--classes", default=_demo_default("classes"), show_default=True,
+              type=click.IntRange(min=2))
+@click.option("--block-rows", default=_demo_default("block_rows"), show_default=True,
+              type=click.IntRange(min=1))
+@click.option("--local", type=click.IntRange(min=1), metavar="N",
+              help="Workers of the embedded local cluster (default: the running one, else one "
+                   "per core).")
+def demo_cmd(workdir, rows, features, classes, block_rows, local):
     """The main job on the embedded default: ingest, a local cluster, train, score."""
     from rpicluster.train.demo import run_demo
 
-    def announce(info):
-        click.echo(f"local cluster: {info['scheduler_address']} "
-                   f"({info['n_workers']} workers); watch the run at "
-                   f"{info['dashboard_link'].rsplit('/', 1)[0]}/rpicluster")
+    def announce(ref):
+        _announce(ref)
+        if ref.dashboard:
+            click.echo(f"watch the run at {ref.dashboard.rsplit('/', 1)[0]}/rpicluster")
 
     res = run_demo(workdir, rows=rows, features=features, classes=classes,
-                   block_rows=block_rows, workers=workers, on_cluster=announce)
+                   block_rows=block_rows, local=local, on_cluster=announce)
     s, r = res.summary, res.summary.result
     echo_table(f"Inc-kSGD on {res.rows:,} x {res.features} synthetic ImageNet-like rows, "
                f"{res.classes} classes", ["step", "result"],
@@ -572,7 +663,7 @@ def bench_scaling(scheduler, inventory, local, job, syncs, local_epochs, hidden,
             params=averaged_params(job, hidden, {}),
             averaging={"syncs": [x.strip() for x in syncs.split(",")], "test": test,
                        "epochs": max_iter or 4, "local_epochs": local_epochs},
-            progress=Progress("bench scaling", unit="runs", interval=0))
+            progress=Progress("bench scaling", unit="runs", interval=0), announce=_announce)
         click.echo(averaging_markdown(doc))
         click.echo(f"wrote {out_dir}/averaging.{{csv,json,md}}")
         return
@@ -582,7 +673,8 @@ def bench_scaling(scheduler, inventory, local, job, syncs, local_epochs, hidden,
                         data=data, rows=rows, features=features, classes=classes,
                         block_rows=block_rows, steps=steps, repeats=repeats, simulate=simulate,
                         params={k: v for k, v in params.items() if v is not None},
-                        progress=Progress("bench scaling", unit="runs", interval=0))
+                        progress=Progress("bench scaling", unit="runs", interval=0),
+                        announce=_announce)
     click.echo(to_markdown(doc))
     click.echo(f"wrote {out_dir}/scaling.{{csv,json,md,png}} and step-1..{len(doc['steps'])}.html")
 

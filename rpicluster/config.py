@@ -35,14 +35,55 @@ REMOTE_PYTHON = "~/.venvs/rpicluster/bin/python"
 #: Each worker works in ``<local_directory>/<host>`` (hosts may share a filesystem).
 REMOTE_DIRECTORY = "~/.rpicluster/workers"
 
-#: Seconds for the TCP connect, the SSH banner and authentication of one host.
-SSH_TIMEOUT = 10.0
-#: Seconds for one remote command to finish.
-COMMAND_TIMEOUT = 120.0
-#: Seconds ``up`` waits for the scheduler to see every started worker.
-JOIN_TIMEOUT = 60.0
 #: Hosts contacted at the same time.
 SSH_PARALLEL = 32
+
+#: Timeouts in seconds: name -> (default, what it bounds). Each is read when used, and
+#: ``RPICLUSTER_<NAME>`` in the environment overrides it (e.g. ``RPICLUSTER_JOIN_TIMEOUT=300`` for
+#: a shelf of slow Pis); read them as ``config.JOIN_TIMEOUT``. A function's own ``*timeout``
+#: argument, where it has one, overrides both.
+TIMEOUTS = {
+    "SSH_TIMEOUT": (10.0, "TCP connect, SSH banner and authentication of one host"),
+    "COMMAND_TIMEOUT": (120.0, "one remote command over SSH"),
+    "PROVISION_TIMEOUT": (600.0, "installing the wheelhouse on one host (up --provision)"),
+    "JOIN_TIMEOUT": (60.0, "up: a started scheduler answering, and every started worker joining"),
+    "STOP_TIMEOUT": (20.0, "down: a process's grace between SIGTERM and SIGKILL"),
+    "PROBE_TIMEOUT": (5.0, "up/status: whether a recorded scheduler answers"),
+    "CONNECT_TIMEOUT": (30.0, "a command's client connecting to its cluster's scheduler"),
+    "LOCAL_START_TIMEOUT": (120.0, "up --local: every worker of the embedded cluster joining"),
+    "LOCAL_STOP_TIMEOUT": (60.0, "down --local: the embedded cluster exiting"),
+}
+
+
+def timeout(name: str) -> float:
+    """The timeout ``name`` (a key of :data:`TIMEOUTS`), from ``RPICLUSTER_<NAME>`` if set.
+
+    Raises
+    ------
+    ConfigError
+        The environment variable is not a number of seconds above 0.
+    """
+    default, _ = TIMEOUTS[name]
+    raw = os.environ.get(f"RPICLUSTER_{name}")
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        from rpicluster.errors import ConfigError
+
+        raise ConfigError(f"RPICLUSTER_{name}={raw!r}: expected a number of seconds above 0 "
+                          f"(default {default:g}); fix or unset it")
+    return value
+
+
+def __getattr__(name: str):
+    # Timeouts are looked up when used, so the environment of the moment counts.
+    if name in TIMEOUTS:
+        return timeout(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: ``rpicluster serve``: bind every interface (the Pis on the LAN read from it) on this port.
 SERVE_HOST = "0.0.0.0"

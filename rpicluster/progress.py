@@ -10,9 +10,41 @@ decides how to show it. ``Progress.null()`` shows nothing (the library default).
 
 from __future__ import annotations
 
+import bisect
+import math
 import sys
 import time
+from collections.abc import Sequence
 from typing import IO
+
+
+def recent_eta(marks: Sequence[tuple[float, float]], now: float, done: float,
+               total: float) -> float | None:
+    """Seconds until ``done`` reaches ``total`` at the recent rate, or None when it cannot be told.
+
+    The rate is measured over the second half of the time elapsed since the first mark: the first
+    items also pay for start-up (workers importing libraries, first reads), so the average since
+    the start would overstate what is left, and a cluster that gained or lost workers is seen
+    sooner. It is taken from the first mark of that half when the half holds two or more marks,
+    else from the last mark before it (so one late item after a long start-up is not a rate).
+
+    Parameters
+    ----------
+    marks : sequence of (time, done)
+        Progress so far, oldest first; the first is where the measurement starts.
+    now : float
+        The current time, on the marks' clock.
+    done, total : float
+        Work done now and in all (items, or a fraction and 1.0).
+    """
+    if not marks:
+        return None
+    horizon = now - (now - marks[0][0]) / 2
+    i = bisect.bisect_left(marks, (horizon, -math.inf))
+    t0, d0 = marks[i] if len(marks) - i >= 2 else marks[max(0, i - 1)]
+    if done <= d0 or now <= t0:
+        return None
+    return (now - t0) * (total - done) / (done - d0)
 
 
 class Progress:
@@ -88,20 +120,14 @@ class Progress:
         return time.perf_counter() - self._start
 
     def eta(self) -> float | None:
-        """Seconds left at the recent rate, or None when it cannot be told yet.
+        """Seconds left at the recent rate (:func:`recent_eta`), or None when it cannot be told yet.
 
-        The rate is measured between the items finished in the second half of the time
-        elapsed, so a slow start (workers importing libraries) does not inflate it; with too few
-        such items, over the whole run. Skipped (resumed) items never count.
+        Skipped (resumed) items never count towards the rate.
         """
         if not self.total or not self._marks:
             return None
-        now = time.perf_counter()
-        half = now - (now - self._start) / 2
-        recent = [m for m in self._marks if m[0] > half]
-        t0, c0 = recent[0] if len(recent) >= 2 else (self._start, self._base)
-        done = self.completed - c0
-        return (now - t0) / done * (self.total - self.completed) if done > 0 else None
+        return recent_eta([(self._start, self._base), *self._marks], time.perf_counter(),
+                          self.completed, self.total)
 
     def skip(self, n: int, *, note: str | None = None) -> None:
         """Count ``n`` items done before this run (resumed work): shown, but not in the rate."""

@@ -28,7 +28,8 @@ SSHD = "/usr/sbin/sshd"
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that is free right now."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -221,8 +222,8 @@ class NamespaceHosts:
         path = Path(path)
         path.write_text(f"""[scheduler]
 host = "{self.gateway}"
-scheduler_port = {_free_port(self.gateway)}
-dashboard_port = {_free_port(self.gateway)}
+scheduler_port = {free_port(self.gateway)}
+dashboard_port = {free_port(self.gateway)}
 [defaults]
 user = "root"
 key = "{self.client_key}"

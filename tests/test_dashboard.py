@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import socket
 import time
 
 import pytest
@@ -15,14 +14,14 @@ from click.testing import CliRunner
 from distributed import Client, LocalCluster, Worker
 
 from rpicluster.cli import main
+from rpicluster import events as ev
 from rpicluster.dashboard import dask_setup, install
-from rpicluster.dashboard import events as ev
 from rpicluster.dashboard.health import METRIC, snapshot
-from rpicluster.dashboard.links import (RecordedScheduler, build_links, dashboard_links,
-                                        recorded_scheduler)
+from rpicluster.dashboard.links import build_links, dashboard_links
 from rpicluster.dashboard.server import PLUGIN
 from rpicluster.dashboard.state import TrainingState, format_duration
 from rpicluster.deploy.cluster import down, up
+from rpicluster.deploy.resolve import find_cluster
 from rpicluster.errors import ConfigError
 from rpicluster.inventory import load_inventory
 
@@ -249,42 +248,29 @@ def test_dashboard_command_prints_the_page_url(local):
     assert dashboard_links(client=client).page == f"{base}/rpicluster"
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    """An empty rpicluster state directory (``RPICLUSTER_HOME``) under tmp_path."""
-    path = tmp_path / "home"
-    path.mkdir()
-    monkeypatch.setenv("RPICLUSTER_HOME", str(path))
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_recorded_clusters_ssh_first_tls_with_the_recorded_certificate(home, local, tmp_path):
+def test_recorded_clusters_ssh_first_tls_with_the_recorded_certificate(home, local, tmp_path,
+                                                                      free_port):
     cluster, _ = local
     # The embedded cluster's record, as `up --local` writes it, naming the running test cluster.
     (home / "local.json").write_text(json.dumps(
         {"pid": os.getpid(), "scheduler_address": cluster.scheduler_address}))
-    assert recorded_scheduler() == RecordedScheduler(cluster.scheduler_address, "local")
+    recorded = find_cluster()
+    assert (recorded.kind, recorded.address) == ("local", cluster.scheduler_address)
     local_base = f"http://127.0.0.1:{cluster.scheduler.http_server.port}"
     assert dashboard_links().page == f"{local_base}/rpicluster"
 
     # An SSH cluster brought up from an inventory: its scheduler runs here (no SSH needed), with
     # TLS; the inventory's worker is left out so that no host has to be reached.
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     inventory = tmp_path / "cluster.toml"
     inventory.write_text(
-        f'[scheduler]\nhost = "127.0.0.1"\nscheduler_port = {_free_port()}\n'
+        f'[scheduler]\nhost = "127.0.0.1"\nscheduler_port = {free_port()}\n'
         f'dashboard_port = {dashboard_port}\n'
         f'[defaults]\nkey = "{tmp_path}/key"\nknown_hosts = "{tmp_path}/known_hosts"\n'
         '[[workers]]\nhost = "192.0.2.1"\n')
     up(dataclasses.replace(load_inventory(inventory), workers=()))
     try:
-        recorded = recorded_scheduler()
+        recorded = find_cluster()
         assert recorded.kind == "ssh" and recorded.address.startswith("tls://127.0.0.1:")
         links = dashboard_links()
         assert links.page == f"http://127.0.0.1:{dashboard_port}/rpicluster"
@@ -297,8 +283,7 @@ def test_recorded_clusters_ssh_first_tls_with_the_recorded_certificate(home, loc
         down()
 
 
-def test_dashboard_command_names_a_missing_cluster(tmp_path, monkeypatch):
-    monkeypatch.setenv("RPICLUSTER_HOME", str(tmp_path))
+def test_dashboard_command_names_a_missing_cluster(home):
     out = CliRunner().invoke(main, ["dashboard"])
     assert out.exit_code == 1
     assert "error: no cluster to show: pass --scheduler" in out.output
@@ -318,3 +303,11 @@ def test_preload_refuses_a_worker():
     worker = Worker.__new__(Worker)  # never started: only its type matters
     with pytest.raises(ConfigError, match="belongs on the scheduler, not on a Worker"):
         asyncio.run(dask_setup(worker))
+
+
+def test_preload_name_in_events_is_the_dashboard_module():
+    """deploy names the page by this string (it never imports the dashboard): it must stay true."""
+    import importlib
+
+    assert hasattr(importlib.import_module(ev.PRELOAD), "dask_setup")
+    assert ev.HEALTH_METRIC == METRIC

@@ -101,16 +101,15 @@ def test_example_inventories_load(name, n_workers, tags):
 
 
 @pytest.fixture
-def inventory(tmp_path, monkeypatch):
+def inventory(tmp_path, home, free_port):
     """An inventory for this machine: scheduler and a worker on 127.0.0.1, run as the current
     user with this interpreter, state and work directories in tmp_path."""
-    monkeypatch.setenv("RPICLUSTER_HOME", str(tmp_path / "home"))
     path = tmp_path / "cluster.toml"
     path.write_text(f'''
 [scheduler]
 host = "127.0.0.1"
-scheduler_port = {_free_port()}
-dashboard_port = {_free_port()}
+scheduler_port = {free_port()}
+dashboard_port = {free_port()}
 [defaults]
 user = "{getpass.getuser()}"
 python = "{sys.executable}"
@@ -123,14 +122,6 @@ tags = ["rpi4"]
 env = {{ OMP_NUM_THREADS = "1", ODD = "a \\"quoted\\" 50% $HOME \\\\ value" }}
 ''')
     return path
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def unit_argv(unit: systemd.Unit) -> list[str]:
@@ -189,8 +180,22 @@ def test_worker_unit_runs_what_up_runs(tmp_path):
     assert 'Environment="OMP_NUM_THREADS=1"' in unit.text
 
 
-def test_units_refuse_values_that_break_them(tmp_path, monkeypatch):
-    monkeypatch.setenv("RPICLUSTER_HOME", str(tmp_path / "home"))
+def test_scheduler_unit_runs_the_start_spec_up_sends(home):
+    """One builder (remote.start_spec) for up and the units: the same argv, preload included."""
+    from rpicluster.deploy import remote
+
+    spec = load_inventory(ROOT / "deploy" / "inventories" / "paper-cluster.toml")
+    unit = systemd.scheduler_unit(spec)
+    workdir = unit.tls_dir.rsplit("/tls", 1)[0]
+    start = remote.start_spec("scheduler", spec.scheduler, local_directory=workdir,
+                              tls=remote.tls_paths(unit.tls_dir))
+    argv = unit_argv(unit)
+    assert argv[1:] == remote.command(start)[1:]
+    assert argv[argv.index("--preload") + 1] == "rpicluster.dashboard"
+    assert argv[argv.index("--tls-cert") + 1] == f"{workdir}/tls/node.pem"
+
+
+def test_units_refuse_values_that_break_them(tmp_path, home):
     path = tmp_path / "bad.toml"
     path.write_text('[scheduler]\nhost = "10.0.0.1"\n[[workers]]\nhost = "pi01"\n'
                     'env = { NOTE = "two\\nlines" }\n')
@@ -356,7 +361,9 @@ def readme_commands() -> list[list[str]]:
     """Every ``rpicluster ...`` command in README.md's code blocks, as argv after the name."""
     text = (ROOT / "README.md").read_text()
     commands = []
-    for block in re.findall(r"^ *```(?:bash|sh|console)?\n(.*?)^ *```", text, re.M | re.S):
+    for lang, block in re.findall(r"^ *```(\w*)\n(.*?)^ *```", text, re.M | re.S):
+        if lang not in ("", "bash", "sh", "console"):
+            continue
         for line in block.replace("\\\n", " ").splitlines():
             line = line.strip().removeprefix("$ ")
             for part in re.split(r"&&|;|\|", line):

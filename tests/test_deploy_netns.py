@@ -16,9 +16,10 @@ import time
 import numpy as np
 import pytest
 
-from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
+from rpicluster import IncrementalKSGDClassifier, connect, ingest, open_dataset
 from rpicluster.deploy import cluster
 from rpicluster.deploy.doctor import doctor, table_rows
+from rpicluster.deploy.state import cluster_id
 from rpicluster.deploy.tls import CertificateAuthority
 from rpicluster.errors import HostsFailedError
 from rpicluster.testing import NamespaceHosts, cpu_cgroup_unavailable, unavailable
@@ -42,13 +43,6 @@ def hosts(tmp_path_factory):
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    """RPICLUSTER_HOME in tmp_path, so state files and certificates stay in the test."""
-    monkeypatch.setenv("RPICLUSTER_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
-@pytest.fixture
 def inventory(tmp_path, hosts, home):
     """Factory: write an inventory of the namespace hosts; the cluster is taken down after."""
     written = []
@@ -62,7 +56,7 @@ def inventory(tmp_path, hosts, home):
 
     yield make
     for path in written:
-        if (home / "clusters" / cluster.cluster_id(path) / "state.json").exists():
+        if (home / "clusters" / cluster_id(path) / "state.json").exists():
             cluster.down(path)
 
 
@@ -138,7 +132,7 @@ def test_up_train_status_down(hosts, inventory, home):
     assert report.address.startswith("tls://")
     state_pids = {r.host: r.pid for r in report.rows}
 
-    with cluster.connect(timeout=10) as client:
+    with connect(timeout=10) as client:
         workers = client.scheduler_info()["workers"]
         assert sorted(w["name"] for w in workers.values()) == sorted(
             h.address for h in hosts.hosts.values())
@@ -198,7 +192,7 @@ def test_up_train_status_down(hosts, inventory, home):
     for pid in state_pids.values():
         assert not _alive(pid)
     assert _dask_processes(hosts) == []
-    assert not (home / "clusters" / cluster.cluster_id(path) / "state.json").exists()
+    assert not (home / "clusters" / cluster_id(path) / "state.json").exists()
 
 
 def test_second_up_restarts_only_the_killed_worker(hosts, inventory):
@@ -210,7 +204,7 @@ def test_second_up_restarts_only_the_killed_worker(hosts, inventory):
 
     victim = hosts.hosts["pi2"].address
     os.killpg(first[victim], signal.SIGKILL)      # nanny and worker: gone for good
-    with cluster.connect(timeout=10) as client:
+    with connect(timeout=10) as client:
         deadline = time.monotonic() + 30
         while victim in {w["name"] for w in client.scheduler_info()["workers"].values()}:
             assert time.monotonic() < deadline

@@ -158,8 +158,7 @@ def test_cli_init_writes_an_inventory_and_refuses_to_overwrite(tmp_path):
     assert result.exit_code == 1 and "already exists" in result.output
 
 
-def test_cli_status_without_a_cluster_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("RPICLUSTER_HOME", str(tmp_path))
+def test_cli_status_without_a_cluster_is_a_clear_error(home):
     result = CliRunner().invoke(main, ["status"])
     assert result.exit_code == 1
     assert "error: no cluster recorded" in result.output

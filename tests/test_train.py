@@ -16,7 +16,7 @@ import pytest
 from distributed import Client, LocalCluster, WorkerPlugin
 
 from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
-from rpicluster.dashboard import events as ev
+from rpicluster import events as ev
 from rpicluster.data.synthetic import make_imagenet_like
 from rpicluster.errors import ConfigError, TrainingError
 from rpicluster.train.job import predict_dataset, score_dataset, train

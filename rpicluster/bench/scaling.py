@@ -51,7 +51,7 @@ def worker_table(client) -> dict[str, dict]:
     ``hardware`` is the rpicluster dashboard's health metric (arch, cores, memory, temperature,
     throttling) where the worker reports it, else None.
     """
-    from rpicluster.dashboard.health import METRIC
+    from rpicluster.events import HEALTH_METRIC
 
     out = {}
     for addr, w in client.scheduler_info(n_workers=-1)["workers"].items():
@@ -59,7 +59,7 @@ def worker_table(client) -> dict[str, dict]:
             "address": addr, "threads": int(w["nthreads"]),
             "memory": int(w.get("memory_limit") or 0), "host": w.get("host"),
             "tags": sorted((w.get("resources") or {}).keys()),
-            "hardware": (w.get("metrics") or {}).get(METRIC)}
+            "hardware": (w.get("metrics") or {}).get(HEALTH_METRIC)}
     return out
 
 
@@ -168,7 +168,7 @@ class IncKSGDJob:
                             tuple(t["deps"])) for t in trace]
 
     def run(self, client, dataset, workers: dict[str, dict], step: list[str]) -> RunRecord:
-        from rpicluster.dashboard import events as ev
+        from rpicluster import events as ev
         from rpicluster.models.incremental import IncrementalKSGDClassifier
         from rpicluster.train.job import train
 
@@ -332,15 +332,11 @@ def _median_run(runs: list[RunRecord]) -> RunRecord:
 
 
 def _versions() -> dict:
-    from importlib import metadata
+    from rpicluster.deploy.health import versions
 
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for dist in ("rpicluster", "dask", "distributed", "numpy", "scikit-learn", "joblib", "zarr"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            **versions(("rpicluster", "dask", "distributed", "numpy", "scikit-learn", "joblib",
+                        "zarr"))}
 
 
 def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict | None = None,
@@ -461,24 +457,27 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
 
 
 def scaling_bench(out_dir, *, scheduler: str | None = None, inventory=None,
-                  local: int | None = None, job: str = "inc-ksgd", data: str | None = None,
+                  local: int | bool | None = None, job: str = "inc-ksgd",
+                  data: str | None = None,
                   rows: int | None = None, features: int = 256, classes: int = 100,
                   block_rows: int | None = None, steps: str | None = None, repeats: int = 3,
                   simulate: str | None = None, params: dict | None = None,
-                  progress: Progress | None = None, averaging: dict | None = None) -> dict:
+                  progress: Progress | None = None, announce=None,
+                  averaging: dict | None = None) -> dict:
     """``rpicluster bench scaling``: pick the dataset and the cluster, then :func:`run_scaling`.
 
     Without ``data``, a synthetic store of ``rows`` x ``features`` (``classes`` classes, blocks
     of ``block_rows``) is ingested into ``out_dir/data.zarr`` (reused when it already matches);
     on an SSH cluster the workers must be able to read it (a shared path), else pass ``data``
-    as an ``http://`` or ``s3://`` URL.
+    as an ``http://`` or ``s3://`` URL. The cluster is chosen by
+    :func:`rpicluster.deploy.resolve.client` (``announce(ref)`` hears which one).
 
     ``job="mlp"`` (or ``"sgd"``) measures model averaging instead
     (:func:`rpicluster.bench.averaging.run_averaging_scaling`; ``averaging`` holds its
     ``syncs``, ``epochs``, ``local_epochs`` and ``test`` store).
     """
     from rpicluster.data.store import ingest, open_dataset
-    from rpicluster.deploy.local import cluster_client
+    from rpicluster.deploy.resolve import client as cluster_client
 
     if job not in JOBS + AVERAGING_JOBS:
         raise ConfigError(f"unknown job {job!r} (jobs: {', '.join(JOBS + AVERAGING_JOBS)})")
@@ -501,12 +500,8 @@ def scaling_bench(out_dir, *, scheduler: str | None = None, inventory=None,
             dataset = ingest(spec, target, block_rows=block_rows, overwrite=True)
     else:
         dataset = open_dataset(data)
-    with cluster_client(scheduler, inventory, local) as client:
-        if local is not None:
-            n = len(client.scheduler_info(n_workers=-1)["workers"])
-            if n != local:
-                raise ConfigError(f"an embedded local cluster with {n} workers is already "
-                                  f"running; stop it (rpicluster down --local) to use {local}")
+    # A running local cluster of another size than ``local`` is refused by the resolver.
+    with cluster_client(scheduler, inventory=inventory, local=local, announce=announce) as client:
         if job in AVERAGING_JOBS:
             from rpicluster.bench.averaging import run_averaging_scaling
 

@@ -13,8 +13,9 @@ The page is then at ``http://<scheduler host>:8787/rpicluster``.
 
 from __future__ import annotations
 
-#: Module name to pass to ``--preload`` (or ``scheduler_kwargs={"preload": [PRELOAD]}``).
-PRELOAD = __name__
+#: Module name to pass to ``--preload`` (or ``scheduler_kwargs={"preload": [PRELOAD]}``); defined
+#: in :mod:`rpicluster.events` so that ``deploy`` can name the page without importing it.
+from rpicluster.events import PRELOAD
 
 
 async def install(dask_scheduler) -> str | None:

@@ -19,9 +19,7 @@ import time
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from rpicluster.deploy.health import read_temperature, read_throttled
-
-#: Name of the worker metric (and of the registered worker plugin).
-METRIC = "rpicluster"
+from rpicluster.events import HEALTH_METRIC as METRIC
 
 
 def static_info() -> dict:

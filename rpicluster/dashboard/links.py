@@ -89,90 +89,54 @@ def _dashboard_facts(dask_scheduler) -> dict | None:
             "tls": getattr(http, "ssl_options", None) is not None}
 
 
-@dataclasses.dataclass(frozen=True)
-class RecordedScheduler:
-    """A scheduler ``rpicluster up`` recorded on this machine.
-
-    Attributes
-    ----------
-    address : str
-        Its address (``tls://host:8786`` for an SSH cluster with TLS).
-    kind : str
-        ``"ssh"``: the cluster ``up -c cluster.toml`` started (connected with its recorded TLS
-        certificate); ``"local"``: the embedded cluster of ``up --local``.
-    """
-
-    address: str
-    kind: str
-
-    def client(self, timeout: str = "10s"):
-        """A ``distributed.Client`` of this scheduler, with the cluster's security."""
-        if self.kind == "ssh":
-            from rpicluster.deploy.cluster import connect
-
-            return connect(timeout=timeout)
-        from distributed import Client
-
-        return Client(self.address, timeout=timeout)
-
-
-def recorded_scheduler() -> RecordedScheduler | None:
-    """The cluster ``rpicluster up`` recorded on this machine: the SSH one, else the embedded one.
-
-    The same order as the commands that run on a cluster (see
-    :func:`rpicluster.deploy.local.cluster_client`). None when neither is recorded.
-    """
-    from rpicluster.deploy.cluster import recorded_cluster
-    from rpicluster.deploy.local import local_status
-
-    ssh = recorded_cluster()
-    if ssh is not None:
-        return RecordedScheduler(ssh["address"], "ssh")
-    info = local_status()
-    return RecordedScheduler(info["scheduler_address"], "local") if info else None
-
-
-def dashboard_links(address: str | None = None, *, client=None,
-                    timeout: str = "10s") -> DashboardLinks:
+def dashboard_links(address: str | None = None, *, client=None, inventory=None,
+                    local: int | bool | None = None, timeout: float | str | None = None,
+                    announce=None) -> DashboardLinks:
     """Make sure a scheduler serves the rpicluster page, and return the dashboard's URLs.
 
     Parameters
     ----------
     address : str or None
-        Scheduler address (``tcp://host:8786``); None uses ``client``'s scheduler, else
-        :func:`recorded_scheduler`. The recorded cluster's TLS certificate is used when
-        ``address`` is its address.
+        Scheduler address (``tcp://host:8786``); with ``inventory`` and ``local`` the cluster
+        choice of every command (:func:`rpicluster.deploy.resolve.find_cluster`): by default the
+        cluster ``up`` recorded. A recorded cluster is reached with its TLS certificate.
     client : distributed.Client, optional
         An open client to use instead of connecting.
-    timeout : str
-        How long to try to connect.
+    timeout : float or str, optional
+        How long to try to connect (default ``config.CONNECT_TIMEOUT``).
+    announce : callable, optional
+        Called with the chosen :class:`~rpicluster.deploy.resolve.ClusterRef` (the CLI says which
+        cluster it shows).
 
     Raises
     ------
     rpicluster.errors.ConfigError
-        No address given and no cluster recorded, or the scheduler serves no dashboard.
+        No cluster chosen and none recorded, or the scheduler serves no dashboard.
     rpicluster.errors.RPiClusterError
         The scheduler cannot be reached.
     """
-    from distributed import Client
+    from rpicluster.deploy.resolve import find_cluster
 
     if client is not None:
         return _links(client, address or client.scheduler.address)
-    recorded = recorded_scheduler()
-    if address is None:
-        if recorded is None:
-            raise ConfigError("no cluster to show: pass --scheduler tcp://HOST:8786, or start one "
-                              "with `rpicluster up`")
-        address = recorded.address
     try:
-        client = (recorded.client(timeout) if recorded is not None and recorded.address == address
-                  else Client(address, timeout=timeout))
+        ref = find_cluster(address, inventory=inventory, local=local)
+    except ConfigError as exc:
+        if address is None and inventory is None and local is None:
+            raise ConfigError(f"no cluster to show: pass --scheduler tcp://HOST:8786, or start "
+                              f"one with `rpicluster up` ({exc})") from None
+        raise
+    if announce is not None:
+        announce(ref)
+    try:
+        client = ref.client(timeout)
     except OSError as exc:
         hint = (" (a TLS scheduler needs the certificate `rpicluster up` recorded: run this on "
-                "the machine that started the cluster)" if address.startswith("tls://") else "")
-        raise RPiClusterError(f"cannot reach the scheduler at {address}: {exc}{hint}") from exc
+                "the machine that started the cluster)" if ref.address.startswith("tls://")
+                else "")
+        raise RPiClusterError(f"cannot reach {ref.describe()}: {exc}{hint}") from exc
     with client:
-        return _links(client, address)
+        return _links(client, ref.address)
 
 
 def _links(client, address: str) -> DashboardLinks:

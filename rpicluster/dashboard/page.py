@@ -1,8 +1,8 @@
 """The ``/rpicluster`` bokeh document: training progress, worker throughput and hardware, accuracy.
 
-One :class:`TrainingPage` per browser session; every second it redraws from the scheduler's
-:class:`~rpicluster.dashboard.server.TrainingMonitor` (the folded event stream) and from the
-workers' heartbeat metrics (:mod:`rpicluster.dashboard.health`). Plots carry ``name`` attributes
+One :class:`TrainingPage` per browser session; every second it redraws from the
+:class:`~rpicluster.dashboard.state.TrainingState` the server passes in (the folded event stream)
+and from the workers' heartbeat metrics (:mod:`rpicluster.dashboard.health`). Plots carry ``name`` attributes
 (see :data:`PLOT_NAMES`) so tests and users can find them in ``Bokeh.documents``.
 """
 
@@ -226,23 +226,24 @@ def _hardware_rows(scheduler) -> dict:
 
 
 @log_errors
-def training_doc(scheduler, extra: dict, doc) -> None:
+def training_doc(scheduler, extra: dict, doc, *, state: TrainingState) -> None:
     """Bokeh application body for ``/rpicluster`` (the signature distributed's dashboard uses).
+
+    The server binds ``state`` (``functools.partial``), so the page never looks up the scheduler
+    plugin that folds it.
 
     Parameters
     ----------
     scheduler : distributed.Scheduler
-        The scheduler serving the dashboard; it must have the
-        :class:`~rpicluster.dashboard.server.TrainingMonitor` plugin (see
-        :func:`rpicluster.dashboard.install`).
+        The scheduler serving the dashboard (its workers give the hardware table).
     extra : dict
         Template variables of the Dask dashboard (navigation bar, prefix).
     doc : bokeh.document.Document
         The session's document.
+    state : TrainingState
+        The live training state (the :class:`~rpicluster.dashboard.server.TrainingMonitor`'s).
     """
-    from rpicluster.dashboard.server import monitor_of
-
-    page = TrainingPage(scheduler, monitor_of(scheduler).state)
+    page = TrainingPage(scheduler, state)
     page.update()
     add_periodic_callback(doc, page, REFRESH_MS)
     doc.title = "Dask: rpicluster training"

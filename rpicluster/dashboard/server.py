@@ -10,11 +10,12 @@ scheduler that is already running, so the same call serves an in-process ``Local
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from rpicluster.dashboard import events as ev
+from rpicluster import events as ev
 from rpicluster.dashboard.health import METRIC, HealthPlugin
 from rpicluster.dashboard.state import TrainingState
 from rpicluster.errors import ConfigError
@@ -135,7 +136,8 @@ def _serve_page(scheduler) -> str | None:
         nav["pages"].append(PAGE.strip("/"))
     # A second bokeh server app beside distributed's own: distributed builds its app once at
     # scheduler start, and the routing application falls through to added apps for unknown paths.
-    app = BokehApplication({PAGE: training_doc}, scheduler, prefix=prefix, template_variables=nav)
+    doc = functools.partial(training_doc, state=monitor_of(scheduler).state)
+    app = BokehApplication({PAGE: doc}, scheduler, prefix=prefix, template_variables=nav)
     scheduler.http_application.add_application(app)
     app.initialize(IOLoop.current())
     app.start()

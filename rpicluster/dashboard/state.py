@@ -1,6 +1,6 @@
 """Training progress folded from the event stream: pure Python, no bokeh, no Dask.
 
-:class:`TrainingState` consumes the events of :mod:`rpicluster.dashboard.events` one at a time and
+:class:`TrainingState` consumes the events of :mod:`rpicluster.events` one at a time and
 answers what the page shows: how many blocks are partitioned, clusters fitted and blocks committed,
 the ETA, each worker's throughput, and each block's validation accuracy. Tasks may run twice (a
 worker died), so progress counts distinct blocks and (block, cluster) pairs, never events. A
@@ -10,12 +10,11 @@ resumed run trains only the blocks its run directory lacks: the ``resumed`` coun
 
 from __future__ import annotations
 
-import bisect
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from rpicluster.dashboard import events as ev
+from rpicluster import events as ev
+from rpicluster.progress import recent_eta
 
 
 @dataclass
@@ -78,7 +77,7 @@ class TrainingState:
         Parameters
         ----------
         event : dict
-            A training event (see :mod:`rpicluster.dashboard.events`); non-dicts are ignored.
+            A training event (see :mod:`rpicluster.events`); non-dicts are ignored.
         """
         if not isinstance(event, dict):
             return
@@ -175,11 +174,8 @@ class TrainingState:
         return min(1.0, frac)
 
     def eta(self, now: float) -> float | None:
-        """Seconds left at the recent rate, or None when unknown (or the run ended early).
-
-        The rate is measured over the second half of the time elapsed: the first tasks also pay
-        for the workers' start-up (imports, first reads), so the average since the start would
-        overstate what is left, and a cluster that gained or lost workers is seen sooner.
+        """Seconds left at the recent rate (:func:`rpicluster.progress.recent_eta`), or None when
+        unknown (or the run ended early).
 
         Parameters
         ----------
@@ -191,13 +187,9 @@ class TrainingState:
             return None
         if frac >= 1.0:
             return 0.0
-        if self.finished is not None or not self.marks:
+        if self.finished is not None:
             return None
-        horizon = now - (now - self.marks[0][0]) / 2
-        t0, f0 = self.marks[max(0, bisect.bisect_right(self.marks, (horizon, math.inf)) - 1)]
-        if frac <= f0 or now <= t0:
-            return None
-        return (now - t0) * (1.0 - frac) / (frac - f0)
+        return recent_eta(self.marks, now, frac, 1.0)
 
     def rows_per_second(self, now: float) -> float | None:
         """Training rows committed by this run per second of its wall time, or None when unknown.

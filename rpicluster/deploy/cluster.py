@@ -13,96 +13,24 @@ scheduler, every worker and the client; ``insecure=True`` runs plain TCP, with a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 
 from rpicluster import config
-from rpicluster.dashboard import PRELOAD
+from rpicluster.deploy import remote
+from rpicluster.deploy.hosts import is_local_host
 from rpicluster.deploy.ssh import Connection, LocalConnection, fan_out
-from rpicluster.deploy.tls import CertFiles, CertificateAuthority
+from rpicluster.deploy.state import (ClusterState, cluster_dir, cluster_id, load_state,
+                                     node_from_json, node_to_json)
+from rpicluster.deploy.tls import CertFiles
 from rpicluster.errors import (BootstrapError, ConfigError, HostsFailedError, RPiClusterError,
                                SSHError)
 from rpicluster.inventory import ClusterSpec, NodeSpec, load_inventory
 
 _REMOTE = ["-m", "rpicluster.deploy.remote", "--spec"]
-
-
-# --------------------------------------------------------------------------- state file
-
-
-def cluster_id(inventory: Path) -> str:
-    """Stable name of the cluster of an inventory file (its stem plus a hash of its path)."""
-    path = Path(inventory).resolve()
-    return f"{path.stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
-
-
-def _cluster_dir(cid: str) -> Path:
-    return config.state_dir() / "clusters" / cid
-
-
-def _node_to_json(node: NodeSpec) -> dict:
-    d = {f.name: getattr(node, f.name) for f in fields(node)}
-    d.update(key=str(node.key), known_hosts=str(node.known_hosts), env=dict(node.env),
-             tags=list(node.tags))
-    return d
-
-
-def _node_from_json(d: dict) -> NodeSpec:
-    return NodeSpec(**{**d, "key": Path(d["key"]), "known_hosts": Path(d["known_hosts"]),
-                       "env": MappingProxyType(d["env"]), "tags": tuple(d["tags"])})
-
-
-@dataclass
-class _State:
-    """What runs where: scheduler and workers with pids, logs and how to reach them."""
-
-    cid: str
-    inventory: str
-    address: str = ""
-    dashboard: str = ""
-    tls: bool = True
-    scheduler: dict | None = None        # {"local", "pid", "log", "node"}
-    workers: dict[str, dict] = field(default_factory=dict)   # name -> {"pid", "log", "node"}
-
-    @property
-    def path(self) -> Path:
-        return _cluster_dir(self.cid) / "state.json"
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        tmp.replace(self.path)
-        (config.state_dir() / "current").write_text(self.cid)
-
-    def certs(self, name: str) -> CertFiles | None:
-        return CertificateAuthority(_cluster_dir(self.cid) / "tls").issue(name) if self.tls else None
-
-    def security(self):
-        certs = self.certs("client")
-        return certs.security() if certs else None
-
-
-def _load_state(inventory: str | Path | None) -> _State:
-    """The recorded state of ``inventory``'s cluster, or of the last one ``up`` recorded."""
-    if inventory is None:
-        current = config.state_dir() / "current"
-        if not current.exists():
-            raise ConfigError(f"no cluster recorded in {config.state_dir()} "
-                              "(run rpicluster up -c cluster.toml first)")
-        cid = current.read_text().strip()
-    else:
-        cid = cluster_id(Path(inventory))
-    path = _cluster_dir(cid) / "state.json"
-    if not path.exists():
-        raise ConfigError(f"no running cluster recorded for {inventory or cid} ({path} missing; "
-                          "run rpicluster up first)")
-    return _State(**json.loads(path.read_text()))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -130,36 +58,24 @@ def _push_certs(conn, certs: CertFiles | None, workdir: str, local: bool) -> dic
         return None
     if local:
         return {"ca": str(certs.ca), "cert": str(certs.cert), "key": str(certs.key)}
-    tls_dir = f"{workdir}/tls"
-    conn.makedirs(tls_dir)
-    paths = {"ca": f"{tls_dir}/ca.pem", "cert": f"{tls_dir}/node.pem", "key": f"{tls_dir}/node-key.pem"}
-    for kind, remote in paths.items():
-        conn.put_bytes(getattr(certs, kind).read_bytes(), remote, mode=0o600)
+    paths = remote.tls_paths(f"{workdir}/tls")
+    conn.makedirs(f"{workdir}/tls")
+    for kind, path in paths.items():
+        conn.put_bytes(getattr(certs, kind).read_bytes(), path, mode=0o600)
     return paths
 
 
 def _stop(conn, entry: dict, name: str) -> dict:
-    return _remote(conn, {"action": "stop", "pid": entry["pid"], "name": name})
+    return _remote(conn, {"action": "stop", "pid": entry["pid"], "name": name,
+                          "timeout": config.STOP_TIMEOUT})
 
 
-def is_local_host(host: str) -> bool:
-    """Whether ``host`` names this machine (loopback, or an address of a local interface)."""
-    import socket
-
-    import psutil
-
-    try:
-        addrs = {ai[4][0] for ai in socket.getaddrinfo(host, None)}
-    except socket.gaierror:
-        return False
-    local = {a.address.split("%")[0] for nics in psutil.net_if_addrs().values() for a in nics}
-    return any(a.startswith("127.") or a == "::1" or a in local for a in addrs)
-
-
-def _client(address: str, security, timeout: float = 10.0):
+def _client(address: str, security, timeout: float | None = None):
+    """A client of a recorded scheduler, or OSError/TimeoutError when it does not answer."""
     from distributed import Client
 
-    return Client(address, security=security, timeout=timeout, set_as_default=False)
+    return Client(address, security=security, set_as_default=False,
+                  timeout=config.PROBE_TIMEOUT if timeout is None else timeout)
 
 
 def _seen_workers(client) -> dict[str, dict]:
@@ -201,7 +117,7 @@ class Report:
 # --------------------------------------------------------------------------- up
 
 
-def _ensure_scheduler(spec: ClusterSpec, state: _State, accept_new_hosts: bool,
+def _ensure_scheduler(spec: ClusterSpec, state: ClusterState, accept_new_hosts: bool,
                       ssh_timeout: float) -> tuple[object, HostRow]:
     """A client of a live scheduler, starting (or restarting) it when it does not answer."""
     sched = spec.scheduler
@@ -211,7 +127,7 @@ def _ensure_scheduler(spec: ClusterSpec, state: _State, accept_new_hosts: bool,
     security = state.security()
     if state.scheduler is not None:
         try:
-            return _client(state.address, security, timeout=5), HostRow(
+            return _client(state.address, security), HostRow(
                 sched.host, "scheduler", "running", state.scheduler["pid"], state.address)
         except (OSError, TimeoutError):
             pass
@@ -220,37 +136,34 @@ def _ensure_scheduler(spec: ClusterSpec, state: _State, accept_new_hosts: bool,
         with _connect(sched.node, local, accept_new_hosts, ssh_timeout) as conn:
             if state.scheduler is not None:
                 _stop(conn, state.scheduler, "scheduler")
-            workdir = (str(_cluster_dir(state.cid) / "scheduler") if local
+            workdir = (str(cluster_dir(state.cid) / "scheduler") if local
                        else conn.resolve(f"{sched.node.local_directory}/scheduler"))
             tls = _push_certs(conn, state.certs("scheduler"), workdir, local)
-            started = _remote(conn, {
-                "action": "start", "role": "scheduler", "name": "scheduler", "host": sched.host,
-                "port": sched.scheduler_port, "dashboard_port": sched.dashboard_port,
-                "local_directory": workdir, "tls": tls, "env": dict(sched.node.env),
-                # The rpicluster dashboard page (training progress, worker health).
-                "preload": [PRELOAD]})
+            started = _remote(conn, remote.start_spec("scheduler", sched, local_directory=workdir,
+                                                      tls=tls))
     except RPiClusterError as exc:
         raise BootstrapError(f"scheduler on {sched.host}: could not start: {exc}") from None
     state.scheduler = {"local": local, "pid": started["pid"], "log": started["log"],
-                       "node": _node_to_json(sched.node)}
+                       "node": node_to_json(sched.node)}
     state.save()
-    deadline = time.monotonic() + config.JOIN_TIMEOUT
+    join_timeout = config.JOIN_TIMEOUT
+    deadline = time.monotonic() + join_timeout
     while True:
         try:
-            client = _client(state.address, security, timeout=5)
+            client = _client(state.address, security)
             break
         except (OSError, TimeoutError):
             if time.monotonic() > deadline:
                 with _connect(sched.node, local, accept_new_hosts, ssh_timeout) as conn:
                     tail = conn.tail(started["log"])
                 raise BootstrapError(f"scheduler on {sched.host}: not answering on "
-                                     f"{state.address} after {config.JOIN_TIMEOUT:.0f} s; "
+                                     f"{state.address} after {join_timeout:.0f} s; "
                                      f"log {started['log']}:\n{tail}") from None
             time.sleep(0.5)
     return client, HostRow(sched.host, "scheduler", "started", started["pid"], state.address)
 
 
-def _start_worker(node: NodeSpec, state: _State, accept_new_hosts: bool,
+def _start_worker(node: NodeSpec, state: ClusterState, accept_new_hosts: bool,
                   ssh_timeout: float) -> dict:
     with Connection(node, accept_new_hosts=accept_new_hosts, timeout=ssh_timeout) as conn:
         old = state.workers.get(node.name)
@@ -259,16 +172,14 @@ def _start_worker(node: NodeSpec, state: _State, accept_new_hosts: bool,
             _stop(conn, old, node.name)
         workdir = conn.resolve(node.workdir)
         conn.makedirs(workdir)
-        started = _remote(conn, {
-            "action": "start", "role": "worker", "name": node.name, "scheduler": state.address,
-            "nthreads": node.nthreads, "memory_limit": node.memory, "local_directory": workdir,
-            "resources": node.resources, "env": dict(node.env),
-            "tls": _push_certs(conn, state.certs(node.name), workdir, local=False)})
-    return {"pid": started["pid"], "log": started["log"], "node": _node_to_json(node)}
+        tls = _push_certs(conn, state.certs(node.name), workdir, local=False)
+        started = _remote(conn, remote.start_spec("worker", node, local_directory=workdir,
+                                                  tls=tls, scheduler=state.address))
+    return {"pid": started["pid"], "log": started["log"], "node": node_to_json(node)}
 
 
 def _stop_worker(name: str, entry: dict, ssh_timeout: float) -> dict:
-    node = _node_from_json(entry["node"])
+    node = node_from_json(entry["node"])
     with Connection(node, timeout=ssh_timeout) as conn:
         return _stop(conn, entry, name)
 
@@ -279,8 +190,8 @@ def _log_tail(node: NodeSpec, log: str, ssh_timeout: float) -> str:
 
 
 def up(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
-       insecure: bool = False, provision: bool = False, join_timeout: float = config.JOIN_TIMEOUT,
-       ssh_timeout: float = config.SSH_TIMEOUT) -> Report:
+       insecure: bool = False, provision: bool = False, join_timeout: float | None = None,
+       ssh_timeout: float | None = None) -> Report:
     """Bring the inventory's cluster to its spec: start what is missing, nothing else.
 
     Parameters
@@ -294,10 +205,11 @@ def up(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
     provision : bool
         First create the venv on every worker host from a wheelhouse of this machine's exact
         versions (:func:`rpicluster.deploy.provision.provision`).
-    join_timeout : float
-        Seconds to wait for the scheduler to see every started worker.
-    ssh_timeout : float
-        Seconds for connecting to one host.
+    join_timeout : float, optional
+        Seconds to wait for the scheduler to see every started worker (default
+        ``config.JOIN_TIMEOUT``, env ``RPICLUSTER_JOIN_TIMEOUT``).
+    ssh_timeout : float, optional
+        Seconds for connecting to one host (default ``config.SSH_TIMEOUT``).
 
     Returns
     -------
@@ -313,11 +225,13 @@ def up(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
         The scheduler could not be started.
     """
     spec = inventory if isinstance(inventory, ClusterSpec) else load_inventory(inventory)
+    join_timeout = config.JOIN_TIMEOUT if join_timeout is None else join_timeout
+    ssh_timeout = config.SSH_TIMEOUT if ssh_timeout is None else ssh_timeout
     cid = cluster_id(spec.path)
     try:
-        state = _load_state(spec.path)
+        state = load_state(spec.path)
     except ConfigError:
-        state = _State(cid=cid, inventory=str(spec.path), tls=not insecure)
+        state = ClusterState(cid=cid, inventory=str(spec.path), tls=not insecure)
     if state.tls == insecure and state.scheduler is not None:
         raise ConfigError(f"{spec.path}: the cluster is running with"
                           f"{'' if state.tls else 'out'} TLS; run rpicluster down before "
@@ -345,7 +259,7 @@ def _reconcile(spec, state, client, sched_row, accept_new_hosts, join_timeout, s
     rows: dict[str, HostRow] = {}
     # Recorded workers that left the inventory.
     gone = {n: e for n, e in state.workers.items() if n not in wanted}
-    for name, res in fan_out([_node_from_json(e["node"]) for e in gone.values()],
+    for name, res in fan_out([node_from_json(e["node"]) for e in gone.values()],
                              lambda n: _stop_worker(n.name, gone[n.name], ssh_timeout)).items():
         if res.ok and not res.value["left"]:
             del state.workers[name]
@@ -394,7 +308,7 @@ def _reconcile(spec, state, client, sched_row, accept_new_hosts, join_timeout, s
 # --------------------------------------------------------------------------- down
 
 
-def down(inventory: str | Path | None = None, *, ssh_timeout: float = config.SSH_TIMEOUT) -> Report:
+def down(inventory: str | Path | None = None, *, ssh_timeout: float | None = None) -> Report:
     """Stop exactly what ``up`` started (workers, then the scheduler) and verify it by pid.
 
     Parameters
@@ -408,10 +322,11 @@ def down(inventory: str | Path | None = None, *, ssh_timeout: float = config.SSH
         A host could not be reached or a process would not die; it stays recorded so that
         ``down`` can be run again. The other hosts are stopped.
     """
-    state = _load_state(inventory)
+    state = load_state(inventory)
+    ssh_timeout = config.SSH_TIMEOUT if ssh_timeout is None else ssh_timeout
     rows = []
     entries = dict(state.workers)
-    results = fan_out([_node_from_json(e["node"]) for e in entries.values()],
+    results = fan_out([node_from_json(e["node"]) for e in entries.values()],
                       lambda n: _stop_worker(n.name, entries[n.name], ssh_timeout))
     for name, res in results.items():
         if res.ok and not res.value["left"]:
@@ -422,7 +337,7 @@ def down(inventory: str | Path | None = None, *, ssh_timeout: float = config.SSH
             rows.append(HostRow(name, "worker", "failed", entries[name]["pid"],
                                 res.error or f"processes left: {res.value['left']}"))
     if state.scheduler is not None:
-        node = _node_from_json(state.scheduler["node"])
+        node = node_from_json(state.scheduler["node"])
         try:
             with _connect(node, state.scheduler["local"], False, ssh_timeout) as conn:
                 res = _stop(conn, state.scheduler, "scheduler")
@@ -442,7 +357,7 @@ def down(inventory: str | Path | None = None, *, ssh_timeout: float = config.SSH
     return report
 
 
-# --------------------------------------------------------------------------- status, logs, connect
+# --------------------------------------------------------------------------- status, logs
 
 
 @dataclass(frozen=True)
@@ -469,11 +384,11 @@ def status(inventory: str | Path | None = None) -> tuple[StatusRow, ...]:
 
     from rpicluster.deploy.health import read_temperature
 
-    state = _load_state(inventory)
-    sched_host = _node_from_json(state.scheduler["node"]).host if state.scheduler else "?"
+    state = load_state(inventory)
+    sched_host = node_from_json(state.scheduler["node"]).host if state.scheduler else "?"
     sched_pid = state.scheduler["pid"] if state.scheduler else None
     try:
-        client = _client(state.address, state.security(), timeout=5)
+        client = _client(state.address, state.security())
     except (OSError, TimeoutError):
         return (StatusRow(sched_host, "scheduler", "not answering", sched_pid),
                 *(StatusRow(n, "worker", "unknown", e["pid"]) for n, e in state.workers.items()))
@@ -500,9 +415,10 @@ def status(inventory: str | Path | None = None) -> tuple[StatusRow, ...]:
 
 
 def logs(host: str, inventory: str | Path | None = None, *, lines: int = 100,
-         ssh_timeout: float = config.SSH_TIMEOUT) -> str:
+         ssh_timeout: float | None = None) -> str:
     """The last ``lines`` lines of the log of the worker on ``host`` (or ``"scheduler"``)."""
-    state = _load_state(inventory)
+    state = load_state(inventory)
+    ssh_timeout = config.SSH_TIMEOUT if ssh_timeout is None else ssh_timeout
     if host == "scheduler" or (state.scheduler and host == state.scheduler["node"]["host"]
                                and host not in state.workers):
         entry, local = state.scheduler, state.scheduler and state.scheduler["local"]
@@ -511,40 +427,8 @@ def logs(host: str, inventory: str | Path | None = None, *, lines: int = 100,
     if entry is None:
         raise ConfigError(f"{state.inventory}: nothing recorded on host {host!r} (recorded: "
                           f"scheduler, {', '.join(state.workers) or 'no workers'})")
-    with _connect(_node_from_json(entry["node"]), local, False, ssh_timeout) as conn:
+    with _connect(node_from_json(entry["node"]), local, False, ssh_timeout) as conn:
         return conn.tail(entry["log"], lines)
 
 
-def recorded_cluster(inventory: str | Path | None = None) -> dict | None:
-    """The cluster ``up`` recorded (last, or for ``inventory``), or None when there is none.
-
-    Returns a dict with ``address``, ``dashboard``, ``inventory``, ``tls`` and ``workers``.
-    """
-    try:
-        state = _load_state(inventory)
-    except ConfigError:
-        return None
-    if state.scheduler is None:
-        return None
-    return {"address": state.address, "dashboard": state.dashboard, "inventory": state.inventory,
-            "tls": state.tls, "workers": list(state.workers)}
-
-
-def connect(inventory: str | Path | None = None, **client_kwargs):
-    """A ``distributed.Client`` of a recorded cluster, with its TLS certificate.
-
-    Parameters
-    ----------
-    inventory : path, optional
-        Default: the cluster ``up`` last recorded.
-    **client_kwargs
-        Passed to ``distributed.Client`` (e.g. ``timeout``).
-    """
-    from distributed import Client
-
-    state = _load_state(inventory)
-    return Client(state.address, security=state.security(), **client_kwargs)
-
-
-__all__ = ["up", "down", "status", "logs", "connect", "recorded_cluster", "Report", "HostRow", "StatusRow",
-           "is_local_host", "cluster_id"]
+__all__ = ["up", "down", "status", "logs", "Report", "HostRow", "StatusRow"]

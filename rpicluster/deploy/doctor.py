@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rpicluster import config
 from rpicluster.deploy import health
+from rpicluster.deploy.hosts import is_local_host
 from rpicluster.deploy.ssh import Connection, fan_out
 from rpicluster.errors import SSHError
 from rpicluster.inventory import ClusterSpec, NodeSpec, load_inventory
@@ -94,8 +95,6 @@ def _scheduler_port_open(spec: ClusterSpec):
 
     The scheduler is usually not running yet; what matters is whether hosts can reach its port.
     """
-    from rpicluster.deploy.cluster import is_local_host
-
     sock = None
     if is_local_host(spec.scheduler.host):
         sock = socket.socket()
@@ -113,7 +112,7 @@ def _scheduler_port_open(spec: ClusterSpec):
 
 
 def doctor(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
-           ssh_timeout: float = config.SSH_TIMEOUT) -> list[HostCheck]:
+           ssh_timeout: float | None = None) -> list[HostCheck]:
     """Check every worker host of an inventory, in parallel; one result per host, in order.
 
     Parameters
@@ -122,8 +121,8 @@ def doctor(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = Fals
         The TOML inventory.
     accept_new_hosts : bool
         Trust and record unknown host keys.
-    ssh_timeout : float
-        Seconds for connecting to one host.
+    ssh_timeout : float, optional
+        Seconds for connecting to one host (default ``config.SSH_TIMEOUT``).
 
     Returns
     -------
@@ -131,6 +130,7 @@ def doctor(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = Fals
         ``ok`` is false for a host with any error (unreachable, version mismatch, ...).
     """
     spec = inventory if isinstance(inventory, ClusterSpec) else load_inventory(inventory)
+    ssh_timeout = config.SSH_TIMEOUT if ssh_timeout is None else ssh_timeout
     desktop = health.probe()
     sched = spec.scheduler
 

@@ -99,11 +99,12 @@ def _os_name() -> str:
         return platform.system()
 
 
-def _versions() -> dict[str, str | None]:
+def versions(packages=PACKAGES) -> dict[str, str | None]:
+    """Installed version of each distribution in ``packages`` (None where it is missing)."""
     from importlib import metadata
 
     out = {}
-    for name in PACKAGES:
+    for name in packages:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -141,7 +142,7 @@ def probe(scheduler_host: str | None = None, scheduler_port: int | None = None,
         "glibc": libc[1] if libc[0] == "glibc" else None,
         "python": platform.python_version(),
         "python_tag": f"cp{sys.version_info[0]}{sys.version_info[1]}",
-        "versions": _versions(),
+        "versions": versions(),
         "mem_total": mem.get("MemTotal"),
         "mem_available": mem.get("MemAvailable"),
         "disk_free": _free_disk(directory),

@@ -125,7 +125,7 @@ def _venv_of(node: NodeSpec) -> str:
 
 
 def provision(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
-              ssh_timeout: float = config.SSH_TIMEOUT, requirements: list[str] | None = None,
+              ssh_timeout: float | None = None, requirements: list[str] | None = None,
               wheelhouse: Path | None = None) -> GroupResult:
     """Create every worker host's venv with this machine's exact package versions, offline.
 
@@ -149,6 +149,7 @@ def provision(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = F
         A host could not be provisioned; the others are.
     """
     spec = inventory if isinstance(inventory, ClusterSpec) else load_inventory(inventory)
+    ssh_timeout = config.SSH_TIMEOUT if ssh_timeout is None else ssh_timeout
     requirements = pinned_requirements() if requirements is None else requirements
     wheelhouse = Path(wheelhouse or config.state_dir() / "wheelhouse")
     build_lock = threading.Lock()  # one pip at a time; hosts of one platform share the result
@@ -174,7 +175,7 @@ def provision(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = F
             # pip runs from its own wheel, so the host needs no ensurepip (python3-venv).
             conn.run(f"{venv_sh}/bin/python {shell_path(f'{remote}/{pip_wheel}')}/pip install "
                      f"--disable-pip-version-check --no-index --no-deps --force-reinstall "
-                     f"-q {names}", timeout=max(config.COMMAND_TIMEOUT, 600))
+                     f"-q {names}", timeout=config.PROVISION_TIMEOUT)
             res = conn.python(["-c", "import json, importlib.metadata as m; print(json.dumps("
                                "{d.metadata['Name']: d.version for d in m.distributions()}))"])
         return json.loads(res.stdout)

@@ -13,6 +13,9 @@ Actions (the ``action`` field of the spec):
     member is left; print ``{"pid", "was_running", "left"}``.
 
 Standard library only at import time: this starts in well under a second on a Pi.
+
+The start spec itself is built here too, by :func:`start_spec`, for both ``up`` (which sends it)
+and ``deploy systemd`` (which renders its :func:`command` into a unit), so the two cannot drift.
 """
 
 from __future__ import annotations
@@ -25,8 +28,52 @@ import subprocess
 import sys
 import time
 
+from rpicluster.events import PRELOAD
+
 #: Environment variable marking the processes started by ``start`` (value: the name).
 MARKER = "RPICLUSTER_PROCESS"
+#: File names of a node's TLS material in ``<workdir>/tls`` (the layout ``up`` pushes).
+TLS_FILES = {"ca": "ca.pem", "cert": "node.pem", "key": "node-key.pem"}
+
+
+def tls_paths(tls_dir: str | None) -> dict | None:
+    """``{"ca", "cert", "key"}`` paths of the :data:`TLS_FILES` in ``tls_dir`` (None: no TLS)."""
+    return None if tls_dir is None else {k: f"{tls_dir}/{v}" for k, v in TLS_FILES.items()}
+
+
+def start_spec(role: str, target, *, local_directory: str, tls: dict | None,
+               scheduler: str | None = None) -> dict:
+    """The ``start`` spec of the scheduler or of one worker, as ``up`` and ``deploy systemd`` use it.
+
+    Parameters
+    ----------
+    role : {"scheduler", "worker"}
+    target : SchedulerSpec or NodeSpec
+        The inventory's scheduler (role ``"scheduler"``) or worker node (role ``"worker"``).
+    local_directory : str
+        The process's work directory on its host (resolved: no ``~``).
+    tls : dict or None
+        ``{"ca", "cert", "key"}`` paths on the host, None for plain TCP.
+    scheduler : str, optional
+        The scheduler address a worker joins.
+
+    Returns
+    -------
+    dict
+        JSON-able; :func:`command` turns it into the ``dask`` command line.
+    """
+    if role == "scheduler":
+        return {"action": "start", "role": "scheduler", "name": "scheduler", "host": target.host,
+                "port": target.scheduler_port, "dashboard_port": target.dashboard_port,
+                "local_directory": local_directory, "tls": tls, "env": dict(target.node.env),
+                # The rpicluster dashboard page (training progress, worker health).
+                "preload": [PRELOAD]}
+    if role == "worker":
+        return {"action": "start", "role": "worker", "name": target.name, "scheduler": scheduler,
+                "nthreads": target.nthreads, "memory_limit": target.memory,
+                "local_directory": local_directory, "resources": target.resources,
+                "env": dict(target.env), "tls": tls}
+    raise ValueError(f"unknown role {role!r} (known roles: scheduler, worker)")
 
 
 def _tls_args(tls: dict | None) -> list[str]:
@@ -112,12 +159,18 @@ def _ours(pgid: int, name: str) -> list[int]:
     return [p for p in _group(pgid) if is_ours(p, name)]
 
 
-def stop(pid: int, name: str, timeout: float = 20.0) -> dict:
+def stop(pid: int, name: str, timeout: float | None = None) -> dict:
     """Stop the group of ``pid`` (SIGTERM, then SIGKILL after ``timeout``) and verify it.
+
+    ``timeout`` defaults to ``config.STOP_TIMEOUT``.
 
     Only processes carrying ``name``'s marker count, so a recycled pid is never signalled; the
     group is searched even when its leader is gone (an orphaned worker of a killed nanny).
     """
+    if timeout is None:
+        from rpicluster import config
+
+        timeout = config.STOP_TIMEOUT
     was_running = bool(_ours(pid, name))
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         if not _ours(pid, name):
@@ -141,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     if action == "start":
         result = start(spec)
     elif action == "stop":
-        result = stop(int(spec["pid"]), spec["name"], float(spec.get("timeout", 20.0)))
+        timeout = spec.get("timeout")
+        result = stop(int(spec["pid"]), spec["name"], None if timeout is None else float(timeout))
     else:
         parser.error(f"unknown action {action!r} (known actions: start, stop)")
     print(json.dumps(result), flush=True)

@@ -96,14 +96,15 @@ class Connection:
         Host, port, user, key and known_hosts.
     accept_new_hosts : bool
         Record unknown host keys instead of refusing them.
-    timeout : float
-        Seconds for TCP connect, SSH banner and authentication.
+    timeout : float, optional
+        Seconds for TCP connect, SSH banner and authentication (default ``config.SSH_TIMEOUT``).
     """
 
     def __init__(self, node: NodeSpec, *, accept_new_hosts: bool = False,
-                 timeout: float = config.SSH_TIMEOUT) -> None:
+                 timeout: float | None = None) -> None:
         self.node = node
         self.host = node.host
+        timeout = config.SSH_TIMEOUT if timeout is None else timeout
         client = paramiko.SSHClient()
         if node.known_hosts.exists():
             client.load_host_keys(str(node.known_hosts))
@@ -147,14 +148,16 @@ class Connection:
         self._client.close()
 
     def run(self, command: str, *, stdin: bytes | None = None,
-            timeout: float = config.COMMAND_TIMEOUT, check: bool = True) -> CommandResult:
+            timeout: float | None = None, check: bool = True) -> CommandResult:
         """Run a shell command (already quoted) and wait for it.
 
         Raises
         ------
         SSHError
-            ``check`` and the command exited non-zero, or it ran past ``timeout``.
+            ``check`` and the command exited non-zero, or it ran past ``timeout`` (default
+            ``config.COMMAND_TIMEOUT``).
         """
+        timeout = config.COMMAND_TIMEOUT if timeout is None else timeout
         try:
             chan_in, chan_out, chan_err = self._client.exec_command(command, timeout=timeout)
             if stdin is not None:
@@ -281,9 +284,10 @@ class LocalConnection:
     def __exit__(self, *exc) -> None:
         pass
 
-    def python(self, args: Iterable[str], *, timeout: float = config.COMMAND_TIMEOUT,
+    def python(self, args: Iterable[str], *, timeout: float | None = None,
                check: bool = True) -> CommandResult:
         """Run this machine's interpreter with ``args``."""
+        timeout = config.COMMAND_TIMEOUT if timeout is None else timeout
         try:
             proc = subprocess.run([self._python, *args], capture_output=True, text=True,
                                   timeout=timeout, stdin=subprocess.DEVNULL)

@@ -29,6 +29,8 @@ from pathlib import Path
 from string import Template
 
 from rpicluster.deploy import remote
+from rpicluster.deploy.hosts import is_local_host
+from rpicluster.deploy.state import cluster_dir, cluster_id
 from rpicluster.deploy.tls import CertFiles, CertificateAuthority
 from rpicluster.errors import ConfigError
 from rpicluster.inventory import ClusterSpec, NodeSpec, load_inventory
@@ -40,7 +42,7 @@ WORKER_UNIT = "rpicluster-worker.service"
 #: only catches a runaway.
 MEMORY_MARGIN = 256 * 2**20
 #: File names of a node's TLS material in ``<workdir>/tls`` (the layout ``up`` pushes).
-TLS_FILES = {"ca": "ca.pem", "cert": "node.pem", "key": "node-key.pem"}
+TLS_FILES = remote.TLS_FILES
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_./:=@+,-]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -137,10 +139,6 @@ def _template(name: str) -> Template:
     return Template(resources.files("rpicluster.deploy").joinpath("templates", name).read_text())
 
 
-def _tls_paths(tls_dir: str | None) -> dict | None:
-    return None if tls_dir is None else {k: f"{tls_dir}/{v}" for k, v in TLS_FILES.items()}
-
-
 def _render(template: str, spec: dict, node: NodeSpec, python: str, *,
             inventory: Path, where: str, **extra: str) -> str:
     argv = [python, *remote.command(spec)[1:]]
@@ -160,17 +158,14 @@ def scheduler_unit(spec: ClusterSpec, *, insecure: bool = False) -> Unit:
     """
     import sys
 
-    from rpicluster.dashboard import PRELOAD
-    from rpicluster.deploy.cluster import _cluster_dir, cluster_id, is_local_host
-
     sched = spec.scheduler
     node = sched.node
     local = is_local_host(sched.host)
     if local:
         node = NodeSpec(**{**node.__dict__, "user": getpass.getuser()})
         python = sys.executable
-        workdir = str(_cluster_dir(cluster_id(spec.path)) / "scheduler")
-        tls_dir = None if insecure else str(_cluster_dir(cluster_id(spec.path)) / "tls")
+        workdir = str(cluster_dir(cluster_id(spec.path)) / "scheduler")
+        tls_dir = None if insecure else str(cluster_dir(cluster_id(spec.path)) / "tls")
         tls = tls_dir and {"ca": f"{tls_dir}/ca.pem", "cert": f"{tls_dir}/scheduler.pem",
                            "key": f"{tls_dir}/scheduler-key.pem"}
     else:
@@ -178,10 +173,8 @@ def scheduler_unit(spec: ClusterSpec, *, insecure: bool = False) -> Unit:
         python = _interpreter(node.python, home)
         workdir = host_path(f"{node.local_directory.rstrip('/')}/scheduler", home)
         tls_dir = None if insecure else f"{workdir}/tls"
-        tls = _tls_paths(tls_dir)
-    start = {"role": "scheduler", "name": "scheduler", "host": sched.host,
-             "port": sched.scheduler_port, "dashboard_port": sched.dashboard_port,
-             "local_directory": workdir, "tls": tls, "preload": [PRELOAD]}
+        tls = remote.tls_paths(tls_dir)
+    start = remote.start_spec("scheduler", sched, local_directory=workdir, tls=tls)
     text = _render(SCHEDULER_UNIT + ".in", start, node, python, inventory=spec.path,
                    where="scheduler", address=_address(spec, insecure))
     return Unit(sched.host, "scheduler", SCHEDULER_UNIT, text, node, local, tls_dir, "scheduler")
@@ -197,9 +190,8 @@ def worker_unit(spec: ClusterSpec, node: NodeSpec, *, insecure: bool = False) ->
     workdir = host_path(node.workdir, home)
     tls_dir = None if insecure else f"{workdir}/tls"
     address = _address(spec, insecure)
-    start = {"role": "worker", "name": node.name, "scheduler": address,
-             "nthreads": node.nthreads, "memory_limit": node.memory, "local_directory": workdir,
-             "resources": node.resources, "tls": _tls_paths(tls_dir)}
+    start = remote.start_spec("worker", node, local_directory=workdir,
+                              tls=remote.tls_paths(tls_dir), scheduler=address)
     memory_max = f"MemoryMax={node.memory + MEMORY_MARGIN}\n" if node.memory else ""
     text = _render(WORKER_UNIT + ".in", start, node, _interpreter(node.python, home),
                    inventory=spec.path, where=f"worker {node.host}", scheduler=address,
@@ -306,13 +298,11 @@ def write_units(inventory: str | os.PathLike | ClusterSpec, out_dir: str | os.Pa
     -------
     SystemdKit
     """
-    from rpicluster.deploy.cluster import _cluster_dir, cluster_id
-
     spec = inventory if isinstance(inventory, ClusterSpec) else load_inventory(inventory)
     units = render_units(spec, insecure=insecure)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ca = None if insecure else CertificateAuthority(_cluster_dir(cluster_id(spec.path)) / "tls")
+    ca = None if insecure else CertificateAuthority(cluster_dir(cluster_id(spec.path)) / "tls")
     lines = ["#!/bin/sh", f"# Install the rpicluster units of {spec.path}: review, then run "
              "`sh install.sh` (sudo asks for each host's password).", "set -eu", ""]
     for unit in units:

@@ -20,6 +20,23 @@ from rpicluster.models.ksgd import (KSGDClassifier, check_enough_rows, check_par
 # Rows per chunk when counting votes: bounds the (chunk, n_classes) count matrix.
 _VOTE_CHUNK = 4096
 
+# How a blocked dataset is fitted while a Dask client is current: ``fit(estimator, dataset,
+# client)``. rpicluster.train.job registers itself here when imported, so the estimator never
+# imports the layer above it.
+_distributed_fit = None
+
+
+def register_distributed_fit(fit) -> None:
+    """Set the function that fits a blocked dataset on a Dask client (``rpicluster.train``'s job).
+
+    Parameters
+    ----------
+    fit : callable
+        ``fit(estimator, dataset, client)``; fills the estimator's learned attributes.
+    """
+    global _distributed_fit
+    _distributed_fit = fit
+
 
 def is_dataset(X) -> bool:
     """Whether ``X`` is a blocked dataset (``n_blocks`` and ``block(i)``), e.g. a Zarr one."""
@@ -157,15 +174,21 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
         """Fit a blocked dataset: the one place where distributed training plugs in.
 
         Block ``i`` of the dataset becomes block model ``i``. With a current Dask client (as
-        joblib's dask backend and dask-ml use one) the blocks are fitted on the cluster by
-        :func:`rpicluster.train.job.train`; otherwise by this in-process loop, which is the
-        reference the distributed path reproduces exactly.
+        joblib's dask backend and dask-ml use one) the blocks are fitted on the cluster by the
+        registered job (:func:`register_distributed_fit`: :func:`rpicluster.train.job.train`,
+        registered when ``rpicluster.train.job`` is imported, as ``rpicluster`` does for its
+        estimators); otherwise by this in-process loop, which is the reference the distributed
+        path reproduces exactly.
         """
         client = _current_client()
-        if client is not None:
-            from rpicluster.train.job import train
+        if client is not None and _distributed_fit is None:
+            import warnings
 
-            train(self, dataset, client)
+            warnings.warn("a Dask client is current but no distributed fit is registered "
+                          "(import rpicluster.train.job): fitting the blocks in this process",
+                          UserWarning, stacklevel=3)
+        elif client is not None:
+            _distributed_fit(self, dataset, client)
             return self
         classes = np.asarray(dataset.classes)
         if dataset.n_blocks < 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +18,23 @@ from rpicluster.train.rundir import RunDir
 
 @dataclasses.dataclass
 class ClusterChoice:
-    """Which cluster a command uses (at most one field set; none = the recorded or embedded one)."""
+    """Which cluster a command uses: the arguments of :func:`rpicluster.deploy.resolve.client`.
+
+    At most one of ``scheduler``, ``inventory`` and ``local`` (``N`` workers, or ``True`` for any
+    size); none = the recorded cluster, else an embedded one for this command. ``announce(ref)``
+    hears which cluster was chosen.
+    """
 
     scheduler: str | None = None
     inventory: str | None = None
-    local: int | None = None
+    local: int | bool | None = None
+    announce: Callable | None = None
 
     def client(self):
-        from rpicluster.deploy.local import cluster_client
+        from rpicluster.deploy.resolve import client
 
-        return cluster_client(self.scheduler, self.inventory, self.local)
+        return client(self.scheduler, inventory=self.inventory, local=self.local,
+                      announce=self.announce)
 
 
 @dataclasses.dataclass

@@ -28,17 +28,20 @@ class DemoResult:
 
 
 def run_demo(workdir: str | Path = "rpicluster-demo", *, rows: int = 60_000, features: int = 256,
-             classes: int = 100, block_rows: int = 12_000, workers: int | None = None,
+             classes: int = 100, block_rows: int = 12_000, local: int | None = None,
              n_clusters: int = 16, max_iter: int = 10, seed: int = 0, on_cluster=None,
              show_progress: bool = True) -> DemoResult:
     """Run the demo; ``workdir`` receives the stores, the run directory and the model.
 
-    ``on_cluster(info)`` is called once the cluster is up (the CLI prints the dashboard URL).
+    ``local`` is the number of workers of the embedded cluster (default: the running one, else
+    one per core; a running one of another size is refused). ``on_cluster(ref)`` is called with
+    the :class:`~rpicluster.deploy.resolve.ClusterRef` once the cluster is up (the CLI prints
+    the dashboard URL).
     """
     from rpicluster.data.sources import ArraySource
     from rpicluster.data.store import ingest
     from rpicluster.data.synthetic import SyntheticSpec
-    from rpicluster.deploy.local import start_local, stop_local
+    from rpicluster.deploy.resolve import use_cluster
     from rpicluster.train.api import ClusterChoice, train_model
 
     if rows < block_rows or rows % block_rows:
@@ -64,18 +67,13 @@ def run_demo(workdir: str | Path = "rpicluster-demo", *, rows: int = 60_000, fea
                workdir / "test.zarr", block_rows=block_rows, overwrite=True, progress=progress)
     ingest_seconds = time.perf_counter() - t0
 
-    info = start_local(workers)
-    try:
-        if on_cluster is not None:
-            on_cluster(info)
+    # The embedded cluster, started for the demo unless `up --local` left one running.
+    with use_cluster(local=local or True, announce=on_cluster) as ref:
         params = {"n_clusters": n_clusters, "max_iter": max_iter, "random_state": seed}
         summary = train_model(str(workdir / "train.zarr"), workdir / "model.skops", params,
-                              cluster=ClusterChoice(scheduler=info["scheduler_address"]),
+                              cluster=ClusterChoice(scheduler=ref.address),
                               run_dir=workdir / "model.run", test=str(workdir / "test.zarr"),
                               show_progress=show_progress)
-    finally:
-        if not info["already_running"]:
-            stop_local()
     return DemoResult(workdir=workdir, rows=rows, features=features, classes=classes,
                       ingest_seconds=ingest_seconds, summary=summary,
-                      dashboard_link=info.get("dashboard_link"))
+                      dashboard_link=ref.dashboard)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rpicluster.dashboard import events as ev
+from rpicluster import events as ev
 from rpicluster.errors import RPiClusterError, TrainingError
 from rpicluster.progress import Progress
 from rpicluster.train import tasks
@@ -295,3 +295,14 @@ def score_dataset(model, dataset, client, *, progress: Progress | None = None) -
     correct = sum(c for c, _ in parts)
     total = sum(n for _, n in parts)
     return correct / total if total else float("nan")
+
+
+def _register() -> None:
+    # The estimator fits a blocked dataset on the current client through this job, without
+    # importing it (models sit below train).
+    from rpicluster.models.incremental import register_distributed_fit
+
+    register_distributed_fit(train)
+
+
+_register()

@@ -1,4 +1,10 @@
-"""The training event schema: one topic, a few kinds, a fixed set of field names.
+"""Names shared by the training job and the dashboard: the event schema and the page's hooks.
+
+This module sits below both :mod:`rpicluster.train` and :mod:`rpicluster.dashboard` (and
+:mod:`rpicluster.deploy`, which starts schedulers with the page preloaded), so neither reaches
+into the other for a name.
+
+The training event schema: one topic, a few kinds, a fixed set of field names.
 
 Training publishes with ``client.log_event(TOPIC, {KIND: ..., ...})`` (or ``distributed.get_worker()
 .log_event`` from inside a task); the dashboard reads them back from the scheduler with
@@ -13,6 +19,14 @@ from __future__ import annotations
 import time
 
 from rpicluster.errors import ConfigError
+
+#: Module a scheduler preloads to serve the ``/rpicluster`` page (``dask scheduler --preload``,
+#: ``LocalCluster(scheduler_kwargs={"preload": [PRELOAD]})``). A name, not an import: the
+#: scheduler process imports it.
+PRELOAD = "rpicluster.dashboard"
+
+#: Name of the worker heartbeat metric (and worker plugin) carrying hardware health.
+HEALTH_METRIC = "rpicluster"
 
 #: Scheduler event topic for training progress.
 TOPIC = "rpicluster.train"

@@ -1,0 +1,26 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+import pytest
+
+from rpicluster import testing
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An empty rpicluster state directory (``RPICLUSTER_HOME``) under tmp_path.
+
+    State files, certificates and the local cluster's record stay in the test, and none of the
+    developer's own recorded clusters leak in.
+    """
+    path = tmp_path / "home"
+    path.mkdir()
+    monkeypatch.setenv("RPICLUSTER_HOME", str(path))
+    return path
+
+
+@pytest.fixture
+def free_port():
+    """A function returning a TCP port on 127.0.0.1 that is free right now."""
+    return testing.free_port
