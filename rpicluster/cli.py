@@ -7,6 +7,7 @@ one clear line and exit with status 1; anything else is a bug and keeps its trac
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 import click
@@ -16,14 +17,31 @@ from rpicluster.errors import RPiClusterError
 
 
 class _Group(click.Group):
-    """A click group that turns rpicluster errors into one-line messages."""
+    """A click group that turns rpicluster errors, warnings and Ctrl-C into one-line messages."""
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except RPiClusterError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+        import warnings
+
+        from rpicluster.errors import RPiClusterWarning
+
+        def show(message, category, *args, **kwargs):
+            if issubclass(category, RPiClusterWarning):
+                click.echo(f"warning: {message}", err=True)
+            else:
+                default(message, category, *args, **kwargs)
+
+        with warnings.catch_warnings():
+            default = warnings.showwarning
+            warnings.showwarning = show
+            try:
+                return super().invoke(ctx)
+            except RPiClusterError as exc:
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(1)
+            except KeyboardInterrupt:
+                click.echo("interrupted (Ctrl-C); nothing half-written was left under a final "
+                           "name", err=True)
+                sys.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -70,15 +88,26 @@ def bench_algorithms(sizes, quick, algos, time_cap, epochs, seed, out_dir) -> No
 
 
 def echo_table(title: str, columns: list[str], rows: list[list[object]]) -> None:
-    """Print a table with rich (plain text when not a terminal)."""
+    """Print a table: rich on a terminal, plain aligned lines otherwise; never truncated.
+
+    Host names and key fingerprints are compared by eye, so a narrow terminal folds a long cell
+    onto more lines rather than cutting it, and piped output has no width limit at all.
+    """
+    cells = [["" if v is None else str(v) for v in r] for r in rows]
+    if not sys.stdout.isatty():
+        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+        click.echo(title)
+        for r in [columns, *cells]:
+            click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+        return
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
     for c in columns:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*("" if v is None else str(v) for v in r))
+        table.add_column(c, overflow="fold")
+    for r in cells:
+        table.add_row(*r)
     Console().print(table)
 
 
@@ -166,6 +195,8 @@ def dashboard(scheduler, inventory, local) -> None:
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
               help="Continue a killed run from its run directory.")
 @click.option("--test", metavar="DATA", help="A store to report accuracy on after training.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing model file (and start its run directory afresh).")
 @click.option("--model", "kind", type=click.Choice(["inc-ksgd", "mlp", "sgd"]),
               default="inc-ksgd", show_default=True,
               help="inc-ksgd: block ensembles; mlp (MLPClassifier) / sgd (SGDClassifier): one "
@@ -179,23 +210,48 @@ def dashboard(scheduler, inventory, local) -> None:
               show_default=True, help="mlp/sgd: average once per round, after every local "
               "epoch, or after every minibatch (parameter-server pattern).")
 @cluster_options
-def train_cmd(data, model_path, run_dir, resume_dir, test, scheduler, inventory, local, kind,
-              hidden, rounds, local_epochs, sync, **params):
+def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, scheduler, inventory, local,
+              kind, hidden, rounds, local_epochs, sync, **params):
     """Train a model on a Zarr store DATA (made by `rpicluster ingest`)."""
+    from rpicluster.errors import TrainingStopped
     from rpicluster.train.api import train_model
 
     params = {k: v for k, v in params.items() if v is not None}
     if resume_dir and run_dir and resume_dir != run_dir:
         raise click.UsageError("give --resume RUN_DIR or --run-dir, not both")
     if kind != "inc-ksgd":
+        if overwrite:
+            raise click.UsageError("--overwrite is for --model inc-ksgd (mlp/sgd: give a new "
+                                   "--run-dir or --resume the old one)")
         return _train_averaged(data, model_path, resume_dir or run_dir, resume_dir is not None,
                                test, _cluster(scheduler, inventory, local), kind, hidden, rounds,
                                local_epochs, sync, params)
     if hidden is not None:
         raise click.UsageError("--hidden is for --model mlp")
-    summary = train_model(data, model_path, params, cluster=_cluster(scheduler, inventory, local),
-                          run_dir=resume_dir or run_dir, resume=resume_dir is not None,
-                          test=test)
+    import logging
+
+    import distributed  # noqa: F401 - configures its loggers on import; ours must come after
+
+    # A run that stops (Ctrl-C, lost scheduler) makes Dask's client log its own reconnect
+    # attempts and callback tracebacks while it cleans up; the one line below says it all.
+    for name in ("distributed.client", "distributed.batched", "tornado.application", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        summary = train_model(data, model_path, params,
+                              cluster=_cluster(scheduler, inventory, local),
+                              run_dir=resume_dir or run_dir, resume=resume_dir is not None,
+                              overwrite=overwrite, test=test)
+    except TrainingStopped as exc:
+        again = ["rpicluster", "train", data, "-o", model_path, "--resume", str(exc.run_dir)]
+        for flag, value in (("--scheduler", scheduler), ("-c", inventory), ("--local", local),
+                            ("--test", test)):
+            if value is True:  # a bare flag (--local: any size)
+                again.append(flag)
+            elif value is not None and value is not False:
+                again += [flag, str(value)]
+        again += ["--overwrite"] if overwrite else []
+        click.echo(f"error: {exc}; continue with: {shlex.join(again)}", err=True)
+        sys.exit(130 if exc.interrupted else 1)
     r = summary.result
     click.echo(f"trained {len(r.trained_blocks)} blocks"
                + (f" (+{len(r.resumed_blocks)} resumed)" if r.resumed_blocks else "")
@@ -375,15 +431,18 @@ def ingest(source, out, block_rows, labels, label_column, resume, overwrite) -> 
 @main.command()
 @click.argument("store", metavar="DATA.zarr", type=click.Path(exists=True, file_okay=False))
 @click.option("--host", default=config.SERVE_HOST, show_default=True,
-              help="Address to bind (0.0.0.0: every interface).")
+              help="Address to bind (default: this machine only; 0.0.0.0: every interface, "
+                   "so the Pis can read).")
 @click.option("--port", type=click.IntRange(0, 65535), default=config.SERVE_PORT,
               show_default=True, help="Port (0 picks a free one).")
 def serve(store, host, port) -> None:
     """Serve DATA.zarr read-only over HTTP; workers open http://THIS-HOST:PORT."""
     from rpicluster.data.serve import serve as serve_store
 
+    local = host in ("127.0.0.1", "localhost", "::1")
     serve_store(store, host, port, on_ready=lambda url: click.echo(
-        f"serving {store} read-only at {url} (Ctrl-C stops)"))
+        f"serving {store} read-only at {url} (Ctrl-C stops)"
+        + ("; only this machine can read it: --host 0.0.0.0 serves the LAN" if local else "")))
 
 
 # --- cluster bring-up: init / doctor / up / status / logs / down (rpicluster.deploy) ---

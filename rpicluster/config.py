@@ -85,8 +85,10 @@ def __getattr__(name: str):
         return timeout(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-#: ``rpicluster serve``: bind every interface (the Pis on the LAN read from it) on this port.
-SERVE_HOST = "0.0.0.0"
+
+#: ``rpicluster serve``: bind loopback unless told otherwise (``--host 0.0.0.0`` lets the Pis on
+#: the LAN read; anyone who can reach the port can then read the store).
+SERVE_HOST = "127.0.0.1"
 SERVE_PORT = 8788
 
 #: ``rpicluster bench``: output folder (git-ignored) and the per-row time cap of ``bench

@@ -48,9 +48,30 @@ class TrainingError(RPiClusterError):
     """A distributed training run failed; the message names the block or cluster."""
 
 
+class TrainingStopped(TrainingError):
+    """A training run stopped before its end (Ctrl-C, lost scheduler, full disk, a failed block).
+
+    Its committed blocks are kept: ``run_dir`` resumes it (``rpicluster train ... --resume``).
+    ``interrupted`` is true for Ctrl-C.
+    """
+
+    def __init__(self, message: str, run_dir: object = None, interrupted: bool = False) -> None:
+        super().__init__(message)
+        self.run_dir = run_dir
+        self.interrupted = interrupted
+
+
+class WriteError(RPiClusterError, OSError):
+    """A file could not be written (disk full, no permission); the message names the path."""
+
+
 class HostsFailedError(BootstrapError):
     """Some hosts failed while the others went ahead; ``report`` holds every host's outcome."""
 
     def __init__(self, message: str, report: object = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class RPiClusterWarning(UserWarning):
+    """Something a user should know that does not stop the work (the CLI prints one line)."""

@@ -39,12 +39,16 @@ SCHEDULER_KEYS = ("host", "scheduler_port", "dashboard_port") + CONNECTION_KEYS
 WORKER_KEYS = ("host", "hosts", "nthreads", "memory", "tags", "data") + CONNECTION_KEYS
 TOP_KEYS = ("scheduler", "defaults", "workers")
 
+# Patterns end in \Z, not $ ($ also matches before a trailing newline).
 # Host names and IPv4/IPv6 literals only: anything a shell could interpret is refused.
-_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._:-]*[A-Za-z0-9])?$")
-# Paths are quoted before use anyway; refusing metacharacters catches injection attempts early.
-_PATH_RE = re.compile(r"^[A-Za-z0-9_./~+@%:,=-]+$")
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_HOST_RE = re.compile(r"\A[A-Za-z0-9]([A-Za-z0-9._:-]*[A-Za-z0-9])?\Z")
+# Paths are quoted before use anyway; refusing metacharacters catches injection attempts early,
+# and a leading "-" would read as an option to ssh, python or mkdir.
+_PATH_RE = re.compile(r"\A[A-Za-z0-9_./~+@%:,=][A-Za-z0-9_./~+@%:,=-]*\Z")
+_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
+# POSIX portable user names: no leading "-" (ssh would read it as an option).
+_USER_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_.-]*\Z")
+_TAG_RE = re.compile(r"\A[A-Za-z0-9_.-]+\Z")
 _RANGE_RE = re.compile(r"\[(\d+)-(\d+)\]")
 
 
@@ -250,7 +254,7 @@ class _Parser:
 
     def node(self, host: str, merged: dict, where: str) -> NodeSpec:
         user = merged.get("user", getpass.getuser())
-        if not isinstance(user, str) or not _NAME_RE.match(user.replace("-", "_")):
+        if not isinstance(user, str) or not _USER_RE.match(user):
             raise self.fail(f"{where}.user", f"{user!r} is not a user name")
         env = merged.get("env", {})
         if not isinstance(env, dict):

@@ -109,3 +109,27 @@ def test_cli_serve_in_a_subprocess(store):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("path", ["/.env", "/notes.txt", "/X/notes.txt", "/X/c/1/0.bak",
+                                  "/X/c/.hidden", "/link/zarr.json", "/X/c/2/link"])
+def test_only_the_stores_own_files_are_served(store, server, path):
+    """Finding 8: `serve` served any file placed in the store folder (/.env -> 200)."""
+    (store / ".env").write_text("AWS_SECRET_ACCESS_KEY=hunter2")
+    (store / "notes.txt").write_text("secret")
+    (store / "X" / "notes.txt").write_text("secret")
+    (store / "X" / "c" / "1" / "0.bak").write_text("secret")
+    (store / "X" / "c" / ".hidden").write_text("secret")
+    (store / "link").symlink_to(store / "X")
+    (store / "X" / "c" / "2" / "link").symlink_to(store / ".env")
+    status, body = request(server, "GET", path)
+    assert status == 404 and b"secret" not in body and b"hunter2" not in body
+    assert request(server, "GET", "/X/c/1/0")[0] == 200
+    assert request(server, "HEAD", "/y/zarr.json")[0] == 200
+
+
+def test_serve_binds_loopback_unless_told(store):
+    """Finding 8: `serve` bound 0.0.0.0 by default."""
+    with StoreServer(store, port=0) as s:
+        assert s.url.startswith("http://127.0.0.1:")
+        assert [a[0] for a in s._runner.addresses] == ["127.0.0.1"]

@@ -1,6 +1,8 @@
 """Every source kind ingested into a real Zarr store on disk and read back, and the validation
 errors for bad input (each naming the row, array or option at fault)."""
 
+import re
+
 import numpy as np
 import pytest
 from sklearn.datasets import dump_svmlight_file, load_svmlight_file
@@ -194,3 +196,14 @@ def test_non_finite_value_names_the_row_and_leaves_the_store_incomplete(tmp_path
         ingest(tmp_path / "d.npz", tmp_path / "d.zarr", block_rows=20)
     with pytest.raises(StoreIncompleteError, match=r"incomplete .*3 of 6 blocks"):
         open_dataset(tmp_path / "d.zarr")
+
+
+def test_a_csv_field_over_the_csv_modules_limit_is_one_line(tmp_path):
+    """Finding 6: a CSV field over csv.field_size_limit() raised `_csv.Error` with a traceback."""
+    import csv
+
+    path = tmp_path / "big.csv"
+    path.write_text(f"a,label\n1,0\n{'1' * (csv.field_size_limit() + 1)},1\n")
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}: line 3: field larger than "
+                                        r"field limit .*unbalanced quote"):
+        ingest(str(path), tmp_path / "big.zarr")

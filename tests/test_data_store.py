@@ -182,3 +182,71 @@ def test_dataset_pickles_as_its_url_and_reads_through_dask(store, raw):
     np.testing.assert_array_equal(remote.classes[y], raw[1])
     with pytest.raises(DataError, match=r"block 7 does not exist \(blocks 0..6\)"):
         ds.block(7)
+
+
+def test_ingest_records_a_checksum_per_chunk_position(store):
+    sums = open_dataset(store).attrs["chunk_crc32c"]
+    assert len(sums["X"]) == len(sums["y"]) == 7
+    assert len(set(sums["X"])) == 7  # every block's rows differ, so do their checksums
+
+
+@pytest.mark.parametrize("array, key, other", [("X", "X/c/{}/0", 3), ("y", "y/c/{}", 3)])
+def test_a_chunk_swapped_for_another_blocks_is_refused_by_name(store, array, key, other):
+    """Finding 7: a chunk replaced by another block's chunk (valid crc32c) was read as block 2."""
+    (store / key.format(2)).write_bytes((store / key.format(other)).read_bytes())
+    ds = open_dataset(store)
+    with pytest.raises(DataError, match=rf"array '{array}' chunk '{key.format(2)}' \(block 2\) "
+                                        rf"does not hold block 2's data \(it holds block "
+                                        rf"{other}'s data.*re-ingest"):
+        ds.block(2)
+    ds.block(other)
+
+
+def _set_codes(store, block, codes):
+    """Write class codes into ``block`` through zarr (valid crc32c), as a foreign writer would,
+    and record their checksum as if ingest had written them."""
+    import zarr
+
+    from rpicluster.data.store import _crc
+
+    group = zarr.open_group(store, mode="r+")
+    group["y"][block * 40:(block + 1) * 40] = codes
+    sums = dict(group.attrs["chunk_crc32c"])
+    sums["y"] = list(sums["y"])
+    sums["y"][block] = _crc(np.asarray(codes, dtype=np.int32))
+    group.attrs["chunk_crc32c"] = sums
+
+
+def test_impossible_class_codes_are_refused_by_name(store):
+    """Finding 7: out-of-range class codes were accepted (4 classes, code 9 read as data)."""
+    codes = np.zeros(40, dtype=np.int32)
+    codes[5:8] = 9
+    _set_codes(store, 2, codes)
+    ds = open_dataset(store)
+    with pytest.raises(DataError, match=r"array 'y' chunk 'y/c/2' \(block 2\) holds class code 9 "
+                                        r"\(3 rows with impossible codes\), but the store has 4 "
+                                        r"classes \(codes 0..3\)"):
+        ds.block(2)
+
+
+def test_a_format_1_store_is_still_read_with_its_class_codes_checked(store):
+    meta = json.loads((store / "zarr.json").read_text())
+    del meta["attributes"]["chunk_crc32c"]
+    meta["attributes"]["rpicluster_format"] = 1
+    (store / "zarr.json").write_text(json.dumps(meta))
+    ds = open_dataset(store)
+    X, y = ds.block(2)
+    assert X.shape == (40, 6) and y.max() < 4
+    import zarr
+
+    zarr.open_group(store, mode="r+")["y"][80:120] = 7
+    with pytest.raises(DataError, match=r"chunk 'y/c/2' \(block 2\) holds class code 7"):
+        open_dataset(store).block(2)
+
+
+def test_a_format_2_store_without_its_checksums_says_re_ingest(store):
+    meta = json.loads((store / "zarr.json").read_text())
+    del meta["attributes"]["chunk_crc32c"]
+    (store / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"'chunk_crc32c' is missing.*re-ingest"):
+        open_dataset(store)

@@ -79,6 +79,16 @@ env = { OMP_NUM_THREADS = "1" }
     ('[[workers]]\nhost = "pi1"\nlocal_directory = "/tmp/x`id`"', "workers[0].local_directory"),
     ('[[workers]]\nhost = "pi1"\nkey = "~/.ssh/id|nc"', "workers[0].key"),
     ('[[workers]]\nhost = "pi1"\nenv = { "A;B" = "1" }', "workers[0].env.A;B"),
+    # Finding 8: patterns ended in $, which also matches before a trailing newline ...
+    ('[[workers]]\nhost = "pi1\\n"', "workers[0].host"),
+    ('[[workers]]\nhost = "pi1"\npython = "/usr/bin/python3\\n"', "workers[0].python"),
+    ('[[workers]]\nhost = "pi1"\nenv = { "A\\n" = "1" }', "workers[0].env.A\n"),
+    ('[[workers]]\nhost = "pi1"\ntags = ["rpi4\\n"]', "workers[0].tags"),
+    # ... and a leading "-" passed in user and python (read as an option by ssh / python).
+    ('[[workers]]\nhost = "pi1"\nuser = "-lroot"', "workers[0].user"),
+    ('[[workers]]\nhost = "pi1"\nuser = "pi\\n"', "workers[0].user"),
+    ('[[workers]]\nhost = "pi1"\npython = "-c"', "workers[0].python"),
+    ('[[workers]]\nhost = "pi1"\nlocal_directory = "--help"', "workers[0].local_directory"),
 ])
 def test_injection_attempts_are_refused_before_any_connection(write, body, where):
     with pytest.raises(InventoryError, match=re.escape(f"cluster.toml: {where}: ")):

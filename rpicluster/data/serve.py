@@ -1,15 +1,18 @@
 """Serve a store read-only over HTTP, so workers read chunks from the desktop without NFS.
 
-aiohttp's static file handler does the work: GET and HEAD only (anything else is answered 405),
-byte ranges, no directory listings, no symlinks followed, and paths resolved inside the store
-(``..`` cannot escape it). Workers then open ``http://HOST:PORT`` with
-:func:`~rpicluster.data.store.open_dataset`.
+Only the store's own files are served: ``zarr.json`` metadata and the chunk files of its arrays
+(``NAME/c/<digits>/...``); anything else placed in the folder (``.env``, notes, keys) is 404.
+GET and HEAD only (anything else is answered 405), byte ranges, no directory listings, no
+symlinks followed, and paths resolved inside the store (``..`` cannot escape it). The default
+address is loopback; ``--host 0.0.0.0`` serves the Pis on the LAN. Workers then open
+``http://HOST:PORT`` with :func:`~rpicluster.data.store.open_dataset`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import threading
 from collections.abc import Callable
@@ -18,12 +21,28 @@ from rpicluster import config
 from rpicluster.errors import DataError
 
 
+# A store's files: metadata anywhere in it, chunk keys (digits) under an array's "c" folder.
+_STORE_FILE = re.compile(r"\A(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)*zarr\.json\Z"
+                         r"|\A(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)+c(?:/[0-9]+)+\Z")
+
+
 def make_app(root: str | os.PathLike):
-    """The aiohttp application serving the directory ``root`` read-only."""
+    """The aiohttp application serving the store files under ``root`` read-only."""
     from aiohttp import web
 
+    root = os.path.realpath(os.fspath(root))
+
+    async def handle(request):
+        rel = request.match_info["path"]
+        path = os.path.join(root, *rel.split("/"))
+        # The pattern admits no "..", no hidden names; realpath then refuses any symlink.
+        if (not _STORE_FILE.match(rel) or os.path.realpath(path) != path
+                or not os.path.isfile(path)):
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
+
     app = web.Application()
-    app.router.add_static("/", os.fspath(root), show_index=False, follow_symlinks=False)
+    app.router.add_get("/{path:.*}", handle)  # and HEAD; other methods get 405
     return app
 
 
@@ -118,8 +137,8 @@ def serve(root: str | os.PathLike, host: str = config.SERVE_HOST, port: int = co
     root : path
         A complete rpicluster store.
     host, port : str, int
-        Address to bind (``0.0.0.0``: every interface, so Pis on the LAN can read; port 0 picks
-        a free one).
+        Address to bind (default loopback, this machine only; ``0.0.0.0``: every interface, so
+        Pis on the LAN can read; port 0 picks a free one).
     on_ready : callable
         Called with the URL once the server listens.
     stop : threading.Event, optional

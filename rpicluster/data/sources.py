@@ -244,11 +244,19 @@ class CsvSource(Source):
             description = f"csv:{path}:{header[self._label]}"
             seen: dict[str, int] = {}
             first_ids = []
-            for fields in reader:
-                if len(fields) != len(header):
-                    raise DataError(f"{path}: line {reader.line_num} has {len(fields)} fields, "
-                                    f"the header has {len(header)}")
-                first_ids.append(seen.setdefault(fields[self._label], len(seen)))
+            try:
+                for fields in reader:
+                    if len(fields) != len(header):
+                        raise DataError(f"{path}: line {reader.line_num} has {len(fields)} "
+                                        f"fields, the header has {len(header)}")
+                    first_ids.append(seen.setdefault(fields[self._label], len(seen)))
+            except csv.Error as exc:
+                # Python's csv module refuses a field over csv.field_size_limit() characters;
+                # no number is that long, so the file is not a CSV of numbers there (often an
+                # unbalanced quote that swallows the lines after it).
+                raise DataError(f"{path}: line {reader.line_num}: {exc} characters; a "
+                                "feature value is never that long: check that line for an "
+                                "unbalanced quote or a field that is not a number") from None
             if reader.line_num != len(first_ids) + 1:
                 raise DataError(f"{path}: quoted line breaks inside fields are not supported")
         classes, order = _classes_from_strings(list(seen), first_ids, path)

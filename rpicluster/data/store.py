@@ -1,6 +1,6 @@
 """The Zarr dataset store: layout contract, ingest, open, validation.
 
-Layout (format version 1; docs/data-format.md is the user-facing copy)
+Layout (format version 2; docs/data-format.md is the user-facing copy)
 ----------------------------------------------------------------------
 A Zarr v3 group holding:
 
@@ -19,7 +19,7 @@ an all-zero one (``write_empty_chunks``).
 
 Group attributes:
 
-``rpicluster_format``   format version (int, 1)
+``rpicluster_format``   format version (int, 2)
 ``classes``             sorted original labels (JSON ints or strings); ``y`` holds their indices
 ``n_rows``, ``n_features``, ``block_rows``, ``n_blocks``
 ``source``              what was ingested (``npz:/path``, ``sklearn:digits``, ``synthetic:...``)
@@ -27,11 +27,21 @@ Group attributes:
 ``blocks_written``      blocks fully written so far (where ``--resume`` continues)
 ``complete``            the completion marker: ``true`` only after every chunk is written, set by
                         the last write of an ingest
+``chunk_crc32c``        ``{"X": [...], "y": [...]}``: per chunk position (block), the crc32c of the
+                        block's rows as written (little-endian float32 / int32 bytes); ingest
+                        appends one per block with ``blocks_written``
 
 Readers refuse a store with no or an unknown ``rpicluster_format`` and one whose ``complete`` is
 not true (:class:`~rpicluster.errors.StoreIncompleteError`). Zarr reads a missing chunk as the
 fill value; ingest never writes NaN or -1, so a read that finds them reports the chunk as
 missing. A checksum mismatch (a corrupted or truncated chunk) is reported with the chunk's key.
+
+The codec's crc32c proves a chunk is intact, not that it is the chunk of its position: a chunk
+copied over another block's is intact. Reads therefore also check every block against the
+``chunk_crc32c`` recorded for its position at ingest, and every class code against the class
+list (codes ``0 .. len(classes) - 1``); either failure names the array, chunk and block
+(:func:`verify_chunk`). Stores of format 1 (no ``chunk_crc32c``) are still read, with the class
+code check only; ``rpicluster ingest ... --overwrite`` rewrites them as format 2.
 """
 
 from __future__ import annotations
@@ -48,7 +58,10 @@ from rpicluster import config
 from rpicluster.errors import ConfigError, DataError, RPiClusterError, StoreIncompleteError
 from rpicluster.progress import Progress
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this rpicluster reads: 1 lacks the per-position checksums (class codes still checked).
+READABLE_VERSIONS = (1, 2)
+CHECKSUMS_KEY = "chunk_crc32c"
 FORMAT_KEY = "rpicluster_format"
 X_FILL = float("nan")
 Y_FILL = -1
@@ -140,6 +153,8 @@ def ingest(source, out: str | os.PathLike, *, block_rows: int = config.BLOCK_ROW
     else:
         root = _create(url, src, block_rows, layout, storage_options)
     X, y = root["X"], root["y"]
+    sums = {k: list(v)[:start] for k, v in root.attrs.get(CHECKSUMS_KEY, {}).items()}
+    sums = {"X": sums.get("X", []), "y": sums.get("y", [])}
     progress = Progress.null() if progress is None else progress
     progress.total, progress.completed = n_blocks, start
     written = start
@@ -147,11 +162,15 @@ def ingest(source, out: str | os.PathLike, *, block_rows: int = config.BLOCK_ROW
         try:
             for Xb, yb in src.blocks(block_rows, start):
                 lo = written * block_rows
+                Xb, yb = np.asarray(Xb, dtype=np.float32), np.asarray(yb, dtype=np.int32)
+                _check_codes(yb, len(src.classes), f"{src.description}: block {written}")
                 X[lo:lo + len(yb)] = Xb
                 y[lo:lo + len(yb)] = yb
+                sums["X"].append(_crc(Xb))
+                sums["y"].append(_crc(yb))
                 written += 1
                 # Recorded only after both chunks are stored: resume restarts from here.
-                root.attrs.update({"blocks_written": written})
+                root.attrs.update({"blocks_written": written, CHECKSUMS_KEY: sums})
                 progress.advance(note=f"{lo + len(yb)} rows")
         except RPiClusterError as exc:
             raise DataError(f"{exc} [ingest stopped: {url} holds {written} of {n_blocks} blocks "
@@ -161,6 +180,62 @@ def ingest(source, out: str | os.PathLike, *, block_rows: int = config.BLOCK_ROW
     return open_dataset(url, storage_options)
 
 
+def _crc(a: np.ndarray) -> int:
+    """crc32c of an array's rows as little-endian bytes (the layout's per-position checksum)."""
+    import google_crc32c
+
+    return int(google_crc32c.value(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+                                   .tobytes()))
+
+
+def _check_codes(codes: np.ndarray, n_classes: int, where: str) -> None:
+    """DataError naming ``where`` when a class code is outside ``0 .. n_classes - 1``."""
+    bad = (codes < 0) | (codes >= n_classes)
+    if bad.any():
+        raise DataError(f"{where} holds class code {int(codes[bad][0])} ({int(bad.sum())} rows "
+                        f"with impossible codes), but the store has {n_classes} classes (codes "
+                        f"0..{n_classes - 1})")
+
+
+def chunk_checksums(dataset: "Dataset", block: int) -> dict | None:
+    """``{"X": crc, "y": crc}`` recorded at ingest for ``block``; None in a format-1 store."""
+    sums = dataset.attrs.get(CHECKSUMS_KEY)
+    return None if sums is None else {k: int(sums[k][block]) for k in ("X", "y")}
+
+
+def verify_chunk(dataset: "Dataset", name: str, block: int, data: np.ndarray, key: str
+                 ) -> np.ndarray:
+    """Check that ``data``, read from chunk ``key``, is block ``block``'s data of array ``name``.
+
+    Its crc32c must be the one ingest recorded for the position (format 2), and class codes must
+    index the class list. Returns ``data``.
+
+    Raises
+    ------
+    DataError
+        Naming the array, chunk and block, and which block's data the chunk holds if any.
+    """
+    where = f"{dataset.url}: array {name!r} chunk {key!r} (block {block})"
+    sums = dataset.attrs.get(CHECKSUMS_KEY)
+    if sums is not None:
+        crc, recorded = _crc(data), sums[name]
+        if crc != recorded[block]:
+            other = [b for b, c in enumerate(recorded) if c == crc and b != block]
+            what = f"it holds block {other[0]}'s data" if other else "its data is not what ingest wrote"
+            raise DataError(f"{where} does not hold block {block}'s data ({what}: crc32c "
+                            f"{crc:#010x}, recorded at ingest {recorded[block]:#010x}): the store "
+                            "was altered after ingest; re-ingest it (rpicluster ingest SOURCE "
+                            "OUT.zarr --overwrite)")
+    if name == "y":
+        _check_codes(data, len(dataset.classes), where)
+    return data
+
+
+def block_label_counts(dataset: "Dataset", block: int) -> np.ndarray:
+    """Rows of each class (in ``dataset.classes`` order) in block ``block``; a small task."""
+    return np.bincount(dataset.read("y", block), minlength=len(dataset.classes))
+
+
 def _create(url, src, block_rows, layout, storage_options):
     import zarr
     from zarr.codecs import BytesCodec, Crc32cCodec
@@ -168,7 +243,7 @@ def _create(url, src, block_rows, layout, storage_options):
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     root = zarr.open_group(url, mode="w", zarr_format=3, storage_options=storage_options,
                            attributes={**layout, "created": created, "blocks_written": 0,
-                                       "complete": False})
+                                       "complete": False, CHECKSUMS_KEY: {"X": [], "y": []}})
     common = dict(serializer=BytesCodec(), compressors=[Crc32cCodec()], filters=None,
                   config={"write_empty_chunks": True})
     root.create_array("X", shape=(src.n_rows, src.n_features), dtype="float32",
@@ -308,9 +383,11 @@ class Dataset:
         version = attrs.get(FORMAT_KEY)
         if version is None:
             raise DataError(f"{self.url} is not an rpicluster store (no {FORMAT_KEY!r} attribute)")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise DataError(f"{self.url}: unknown format version {version!r} in attribute "
-                            f"{FORMAT_KEY!r} (this rpicluster reads version {FORMAT_VERSION})")
+                            f"{FORMAT_KEY!r} (this rpicluster reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}); re-ingest it with this "
+                            "rpicluster (rpicluster ingest SOURCE OUT.zarr --overwrite)")
         if attrs.get("complete") is not True:
             raise StoreIncompleteError(
                 f"{self.url} is incomplete (no completion marker; {attrs.get('blocks_written', 0)}"
@@ -320,6 +397,14 @@ class Dataset:
             if key not in attrs:
                 raise DataError(f"{self.url}: attribute {key!r} is missing")
         n, d, b = attrs["n_rows"], attrs["n_features"], attrs["block_rows"]
+        if version >= 2:
+            sums = attrs.get(CHECKSUMS_KEY)
+            n_blocks = math.ceil(n / b) if b else 0
+            if not (isinstance(sums, dict) and all(
+                    isinstance(sums.get(k), list) and len(sums[k]) == n_blocks for k in "Xy")):
+                raise DataError(f"{self.url}: attribute {CHECKSUMS_KEY!r} is missing or does not "
+                                f"list {n_blocks} checksums for X and y; re-ingest it "
+                                "(rpicluster ingest SOURCE OUT.zarr --overwrite)")
         arrays = {}
         for name, shape, chunks, kind in (("X", (n, d), (b, d), "f"), ("y", (n,), (b,), "i")):
             try:
@@ -388,7 +473,7 @@ class Dataset:
             raise DataError(f"{self.url}: array {name!r} chunk {key!r} (block {i}) is missing "
                             "(it reads as the fill value, which ingest never writes): the store "
                             "is damaged or was copied partially")
-        return data
+        return verify_chunk(self, name, i, data, key)
 
     def _dask(self, name: str):
         import dask

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from rpicluster.errors import ConfigError
+from rpicluster.errors import (ConfigError, DataError, RPiClusterWarning, TrainingError,
+                               TrainingStopped, WriteError)
 from rpicluster.progress import Progress
 from rpicluster.train.job import TrainResult, predict_dataset, score_dataset, train
 from rpicluster.train.modelfile import load_model, save_model
@@ -48,38 +50,157 @@ class TrainSummary:
 
 def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
                 cluster: ClusterChoice | None = None, run_dir: str | os.PathLike | None = None,
-                resume: bool = False, test: str | None = None,
+                resume: bool = False, overwrite: bool = False, test: str | None = None,
                 storage_options: dict | None = None, show_progress: bool = True) -> TrainSummary:
     """Train an IncrementalKSGDClassifier on the store ``data`` and save it to ``model_path``.
 
     ``run_dir`` (default ``<model_path>.run``) receives each block model as it is committed;
     with ``resume=True`` the parameters recorded there are used and committed blocks are kept.
     ``test`` is a store to report accuracy on. Unset ``params`` take the estimator's defaults.
+    An existing ``model_path`` is replaced only with ``overwrite``, which also starts the run
+    directory afresh (unless resuming). One run at a time owns the run directory.
+
+    Raises
+    ------
+    ConfigError
+        ``model_path`` exists (without ``overwrite``), another run owns the run directory, or
+        the parameters cannot work on this store (e.g. more clusters than a block has rows).
+    TrainingStopped
+        The run stopped after it began (Ctrl-C, lost scheduler, full disk, a failing block);
+        the message says how many blocks are kept in ``run_dir`` for ``resume``.
     """
     from rpicluster import open_dataset
     from rpicluster.models.incremental import IncrementalKSGDClassifier
 
     model_path = Path(model_path)
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{model_path}.run")
+    if model_path.exists() and not overwrite:
+        raise ConfigError(f"model file {model_path} already exists; pass overwrite (--overwrite) "
+                          "to replace it, or choose another output (-o)")
     if resume:
         # The run's parameters, with any given here on top: RunDir.check_resumable (in train)
         # refuses one that differs, naming it.
         params = {**RunDir(run_dir).meta()["params"], **params}
     dataset = open_dataset(data, storage_options=storage_options)
+    check_trainable(dataset, params)
     estimator = IncrementalKSGDClassifier(**{**params, "block_rows": dataset.block_rows})
     test_ds = open_dataset(test, storage_options=storage_options) if test else None
-    with (cluster or ClusterChoice()).client() as client:
-        n_workers = len(client.scheduler_info()["workers"])
-        with Progress("train", total=dataset.n_blocks, unit="blocks",
-                      enabled=show_progress) as progress:
-            result = train(estimator, dataset, client, run_dir=run_dir, resume=resume,
-                           validation=test_ds, progress=progress)
-        accuracy = None
-        if test_ds is not None:
-            accuracy = score_dataset(estimator, test_ds, client)
-    digest = save_model(estimator, model_path)
+    # Owned from before the first block until the model file is written: a second run into the
+    # same directory is refused instead of mixing its blocks into this one.
+    with RunDir(run_dir) as run:
+        if overwrite and not resume:
+            run.clear()
+        address = None  # set once connected: errors after that may leave blocks to resume
+        try:
+            with (cluster or ClusterChoice()).client() as client:
+                address = client.scheduler.address
+                n_workers = len(client.scheduler_info()["workers"])
+                with Progress("train", total=dataset.n_blocks, unit="blocks",
+                              enabled=show_progress) as progress:
+                    result = train(estimator, dataset, client, run_dir=run_dir, resume=resume,
+                                   validation=test_ds, progress=progress)
+                accuracy = None
+                if test_ds is not None:
+                    accuracy = score_dataset(estimator, test_ds, client)
+        except BaseException as exc:  # noqa: BLE001 - re-raised, as one line where we can
+            if address is None and _first(exc, _is_connection_error) is not None:
+                raise TrainingError(f"cannot reach the scheduler ({exc}); is the cluster up? "
+                                    "(rpicluster status)") from exc
+            stopped = _stopped(exc, run, dataset, address) if address else None
+            if stopped is None:
+                raise
+            raise stopped from exc
+        digest = save_model(estimator, model_path)
     return TrainSummary(result=result, model_path=model_path, sha256=digest,
                         test_accuracy=accuracy, n_workers=n_workers)
+
+
+def check_trainable(dataset, params: dict) -> None:
+    """Refuse parameters that cannot work on ``dataset``; warn on a single-class store.
+
+    Raises
+    ------
+    ConfigError
+        More k-means clusters than the smallest block has rows.
+    """
+    k = params.get("n_clusters")
+    if k is not None:
+        last = dataset.n_rows - (dataset.n_blocks - 1) * dataset.block_rows
+        smallest = min(dataset.block_rows, last)
+        if k > smallest:
+            where = (f"its blocks have {dataset.block_rows} rows" if smallest == dataset.block_rows
+                     else f"its last block has {smallest} rows")
+            raise ConfigError(f"--clusters {k} is more than {dataset.url} can split: {where} "
+                              f"and each block is split into k clusters; use --clusters "
+                              f"{smallest} or fewer, or re-ingest with more --block-rows")
+    if len(dataset.classes) < 2:
+        warnings.warn(f"{dataset.url} holds a single class ({dataset.classes.tolist()[0]!r}): the model "
+                      "will predict it for every row; ingest data with at least two classes",
+                      RPiClusterWarning, stacklevel=2)
+
+
+def _causes(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and its ``__cause__`` chain."""
+    out: list[BaseException] = []
+    while exc is not None and all(exc is not e for e in out):
+        out.append(exc)
+        exc = exc.__cause__
+    return out
+
+
+def _first(exc: BaseException, test) -> BaseException | None:
+    """The exception behind ``exc`` that passes ``test``, looking first at the one raised first
+    (the end of the ``__context__`` chain: the cause, not a later failure while cleaning up
+    after it), then along ``exc``'s own chain."""
+    return next((e for e in _causes(_origin(exc)) + _contexts(exc) + _causes(exc) if test(e)),
+                None)
+
+
+def _contexts(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised while handling, newest first."""
+    out = [exc]
+    while out[-1].__context__ is not None and all(out[-1].__context__ is not e for e in out):
+        out.append(out[-1].__context__)
+    return out
+
+
+def _origin(exc: BaseException) -> BaseException:
+    """The exception raised first in ``exc``'s chain."""
+    return _contexts(exc)[-1]
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    from distributed.comm import CommClosedError
+
+    return isinstance(exc, (CommClosedError, ConnectionError)) or (
+        isinstance(exc, OSError) and not isinstance(exc, WriteError) and "connect" in str(exc))
+
+
+def _stopped(exc: BaseException, run: RunDir, dataset, address: str | None
+             ) -> TrainingStopped | None:
+    """The one-line error for a run that stopped after it began; None to re-raise ``exc``.
+
+    Cleanup after a lost scheduler can fail in its turn (a timeout while cancelling), so the
+    first cause is found by following the exception chain.
+    """
+    if not run.exists():
+        return None  # the run never began: nothing to resume
+    kept = f"{len(run.verified())} of {dataset.n_blocks} blocks are committed in {run.path}"
+    if _first(exc, lambda e: isinstance(e, KeyboardInterrupt)) is not None:
+        return TrainingStopped(f"interrupted: {kept}", run.path, interrupted=True)
+    lost = _first(exc, _is_connection_error)
+    if lost is not None:
+        # Quote the connection error only when it is the cause; one raised while cleaning up
+        # (cancelling, logging the run's end) would only say that cleanup timed out.
+        why = (f"{type(lost).__name__}: {str(lost).splitlines()[0][:160]}"
+               if any(lost is e for e in _causes(_origin(exc))) else
+               "it stopped answering and the client gave up reconnecting")
+        return TrainingStopped(f"lost the scheduler {address} during training ({why}): "
+                               f"{kept}; bring the cluster back (rpicluster up)", run.path)
+    cause = _first(exc, lambda e: isinstance(e, (WriteError, TrainingError)))
+    if cause is not None and not isinstance(cause, TrainingStopped):
+        return TrainingStopped(f"{cause}; {kept}", run.path)
+    return None
 
 
 def score_model(model_path: str | os.PathLike, data: str, *, cluster: ClusterChoice | None = None,
@@ -90,8 +211,52 @@ def score_model(model_path: str | os.PathLike, data: str, *, cluster: ClusterCho
     model = load_model(model_path)
     dataset = open_dataset(data, storage_options=storage_options)
     with (cluster or ClusterChoice()).client() as client:
+        check_labels(model, dataset, client, name=str(model_path))
         progress = Progress("score", total=dataset.n_blocks, unit="blocks", enabled=show_progress)
         return score_dataset(model, dataset, client, progress=progress)
+
+
+def _label_kind(labels: np.ndarray) -> str:
+    return "string" if labels.dtype.kind in "USO" else "numeric"
+
+
+def check_labels(model, dataset, client, *, name: str = "the model") -> None:
+    """Refuse a store whose labels the model can never predict; warn, with counts, when some are.
+
+    Raises
+    ------
+    DataError
+        The store's labels are of another type than the model's (strings against numbers), or
+        none of them was seen in training.
+    """
+    from rpicluster.data.store import block_label_counts
+
+    known, labels = np.asarray(model.classes_), np.asarray(dataset.classes)
+    ours, theirs = _label_kind(known), _label_kind(labels)
+    if ours != theirs:
+        raise DataError(f"{name} was trained on {ours} labels (e.g. {_some(known)}), "
+                        f"{dataset.url} holds {theirs} labels (e.g. {_some(labels)}): no "
+                        "prediction can match; score a store ingested from the same kind of "
+                        "labels")
+    unseen = ~np.isin(labels, known)
+    if not unseen.any():
+        return
+    futures = client.map(block_label_counts, [dataset] * dataset.n_blocks,
+                         range(dataset.n_blocks), pure=False)
+    counts = np.sum(client.gather(futures), axis=0)
+    total, missed = int(counts.sum()), int(counts[unseen].sum())
+    what = (f"{missed} of {total} rows of {dataset.url} have labels {name} never saw in "
+            f"training ({int(unseen.sum())} labels: {_some(labels[unseen])})")
+    if missed == total:
+        raise DataError(f"{what}: accuracy would be 0; score a store of the classes it was "
+                        "trained on")
+    warnings.warn(f"{what}; they count as errors ({missed / total:.1%} of the rows)",
+                  RPiClusterWarning, stacklevel=2)
+
+
+def _some(values: np.ndarray, n: int = 5) -> str:
+    shown = ", ".join(repr(v) for v in values.tolist()[:n])
+    return shown + (", ..." if len(values) > n else "")
 
 
 def predict_to_file(model_path: str | os.PathLike, data: str, out: str | os.PathLike, *,

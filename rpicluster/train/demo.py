@@ -33,6 +33,8 @@ def run_demo(workdir: str | Path = "rpicluster-demo", *, rows: int = 60_000, fea
              show_progress: bool = True) -> DemoResult:
     """Run the demo; ``workdir`` receives the stores, the run directory and the model.
 
+    The demo owns ``workdir``: running it again replaces what the last run left there.
+
     ``local`` is the number of workers of the embedded cluster (default: the running one, else
     one per core; a running one of another size is refused). ``on_cluster(ref)`` is called with
     the :class:`~rpicluster.deploy.resolve.ClusterRef` once the cluster is up (the CLI prints
@@ -73,7 +75,7 @@ def run_demo(workdir: str | Path = "rpicluster-demo", *, rows: int = 60_000, fea
         summary = train_model(str(workdir / "train.zarr"), workdir / "model.skops", params,
                               cluster=ClusterChoice(scheduler=ref.address),
                               run_dir=workdir / "model.run", test=str(workdir / "test.zarr"),
-                              show_progress=show_progress)
+                              overwrite=True, show_progress=show_progress)
     return DemoResult(workdir=workdir, rows=rows, features=features, classes=classes,
                       ingest_seconds=ingest_seconds, summary=summary,
                       dashboard_link=ref.dashboard)

@@ -11,6 +11,7 @@ resumed run skips the committed blocks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -123,14 +124,7 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
     classes = np.asarray(dataset.classes)
     n_blocks = dataset.n_blocks
     rundir = RunDir(run_dir) if run_dir is not None else None
-    done: dict[int, object] = {}
-    if rundir is not None:
-        if resume:
-            rundir.check_resumable(params, dataset)
-            for b in rundir.verified():
-                done[b] = rundir.load_block(b)
-        else:
-            rundir.create(params, dataset)
+    done = rundir.begin(params, dataset, resume=resume) if rundir is not None else {}
     resumed = sorted(done)
     todo = [b for b in range(n_blocks) if b not in done]
     n_workers = len(workers) if workers else max(1, len(client.scheduler_info()["workers"]))
@@ -185,7 +179,7 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
             owner[f.key] = (b, VALIDATE)
             queue.add(f)
 
-    with progress:
+    with progress, rundir or contextlib.nullcontext():  # owns the run directory until done
         if resumed:
             progress.skip(len(resumed), note=f"{len(resumed)} resumed")
         for _ in range(window):

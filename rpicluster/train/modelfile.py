@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from rpicluster.errors import ModelError
+from rpicluster.errors import ModelError, WriteError
 
 
 def _trusted_types() -> list[str]:
@@ -35,16 +35,23 @@ def file_sha256(path: str | os.PathLike) -> str:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename (all or nothing)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            err = WriteError(f"cannot write {path}: {exc.strerror or exc} ({len(data):,} "
+                             "bytes); free space there, or write elsewhere")
+            err.errno = exc.errno
+            raise err from exc
         raise
 
 
@@ -105,7 +112,17 @@ def load_model(path: str | os.PathLike, *, sha256: str | None = None, expected=N
     if refused:
         raise ModelError(f"model file {path} holds types rpicluster does not trust: {refused}; "
                          "refusing to load it")
-    model = sio.load(path, trusted=trusted)
+    try:
+        model = sio.load(path, trusted=trusted)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise ModelError(f"model file {path} holds a pickled array (a .npy member with "
+                             "Python objects), which rpicluster never loads: refusing it; use "
+                             "a model file written by rpicluster") from None
+        raise ModelError(f"model file {path} could not be loaded: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - skops raises many kinds for a damaged archive
+        raise ModelError(f"model file {path} could not be loaded ({type(exc).__name__}: "
+                         f"{exc}); it is damaged or not written by rpicluster") from None
     if expected is not None and not isinstance(model, expected):
         names = " or ".join(c.__name__ for c in (expected if isinstance(expected, tuple)
                                                  else (expected,)))

@@ -3,27 +3,44 @@
 Layout::
 
     RUN_DIR/
+      lock                       the owner: pid, host, start time of the run writing here
       run.json                   parameters, dataset identity, classes (written once, at the start)
       blocks/block-000003.skops  one committed block model (KSGDClassifier, skops format)
-      manifest.json              committed blocks with their files' sha256, written last
+      manifest.json              committed blocks with their files' sha256, the parameters and
+                                 the data each was trained with; written last
+
+A run directory has one writer at a time: :meth:`RunDir.begin` takes an exclusive lock
+(``flock`` on ``RUN_DIR/lock``, which the kernel drops when its process dies, so the lock of a
+killed run is never in the way) and refuses a second writer, naming the pid, host and start time
+of the first. Without ``flock`` (some network filesystems) the recorded pid decides: a lock
+whose pid no longer runs on this host is stale and taken over.
 
 A block counts as committed only once the manifest names it, and the manifest is replaced
 atomically after the block file is complete, so a crash at any point leaves either the old or the
 new manifest, never a block that looks committed but is not. Resuming checks each listed file's
-sha256 and recomputes a block whose file is missing or damaged.
+sha256, and that the block was trained with the run's parameters on the run's data (the store's
+fingerprint and the block's chunk checksums); a block that fails either check is trained again.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import shutil
+import socket
+import threading
 import time
+import warnings
+import weakref
 from pathlib import Path
 
-from rpicluster.errors import ConfigError, ModelError
+from rpicluster.errors import ConfigError, ModelError, RPiClusterWarning
 from rpicluster.train.modelfile import atomic_write_bytes, file_sha256, load_model, save_model
 
-FORMAT = 1
+#: Format 2 added the lock and the per-block records (parameters, data) that resume verifies.
+FORMAT = 2
 
 
 def dataset_identity(dataset) -> dict:
@@ -38,11 +55,61 @@ def dataset_identity(dataset) -> dict:
     }
 
 
-class RunDir:
-    """A training run's directory (see the module docstring for the layout)."""
+def blocks_data(dataset) -> dict[int, dict]:
+    """The data each block is trained on: the store's fingerprint and the block's chunk
+    checksums (stores of format 2 and later record one per chunk position)."""
+    from rpicluster.data.store import chunk_checksums
 
-    def __init__(self, path: str | Path):
+    fingerprint = dataset_identity(dataset)["fingerprint"]
+    return {b: {"fingerprint": fingerprint, "chunks": chunk_checksums(dataset, b)}
+            for b in range(int(dataset.n_blocks))}
+
+
+# Locks this process holds, by resolved run directory: [file descriptor, holders]. A run
+# directory is owned by a process; nested holders in it (train_model around train) share it.
+_HELD: dict[str, list] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _release(key: str) -> None:
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] > 0:
+            return
+        del _HELD[key]
+    fd = held[0]
+    try:
+        os.ftruncate(fd, 0)  # an empty lock file: nobody holds it
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
+class RunDir:
+    """A training run's directory (see the module docstring for the layout).
+
+    Use :meth:`begin` to own it for a run, and the object as a context manager (or
+    :meth:`release`) to give it up; reading (``meta``, ``committed``, ``load_block``) needs no lock.
+    """
+
+    def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._key: str | None = None
+        self._finalizer = None
+        self._run: dict | None = None  # meta of the run this object owns (set by begin)
+        self._data: dict | None = None  # per-block data records (set by begin)
 
     @property
     def meta_path(self) -> Path:
@@ -51,6 +118,10 @@ class RunDir:
     @property
     def manifest_path(self) -> Path:
         return self.path / "manifest.json"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / "lock"
 
     def exists(self) -> bool:
         return self.meta_path.is_file()
@@ -61,23 +132,142 @@ class RunDir:
         except FileNotFoundError:
             raise ConfigError(f"{self.path} is not a run directory (no run.json)") from None
 
-    def create(self, params: dict, dataset) -> dict:
-        """Start a new run; refuses a directory that already holds committed blocks."""
-        if self.exists() and self.committed():
+    # --- ownership -------------------------------------------------------------------------
+
+    def holder(self) -> dict | None:
+        """Who the lock file names (pid, host, started), or None when it names nobody."""
+        try:
+            info = json.loads(self.lock_path.read_text() or "null")
+        except (FileNotFoundError, ValueError):
+            return None
+        return info if isinstance(info, dict) else None
+
+    def acquire(self) -> "RunDir":
+        """Own the run directory; ConfigError naming the owner when another run holds it."""
+        if self._key is not None:
+            return self
+        self.path.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(self.path)
+        with _HELD_GUARD:
+            if key in _HELD:
+                _HELD[key][1] += 1
+            else:
+                _HELD[key] = [self._lock_file(), 1]
+        self._key = key
+        self._finalizer = weakref.finalize(self, _release, key)
+        return self
+
+    def _lock_file(self) -> int:
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise self._busy(self.holder()) from None
+            except (ImportError, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP,
+                                                                  errno.ENOSYS):
+                    raise
+                # No flock here: trust the recorded pid where we can check it (this host).
+                held = self.holder()
+                if held and (held.get("host") != socket.gethostname()
+                             or _pid_alive(int(held.get("pid", 0)))):
+                    raise self._busy(held) from None
+            me = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            os.fsync(fd)
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _busy(self, held: dict | None) -> ConfigError:
+        who = (f"pid {held.get('pid')} on host {held.get('host')}, started {held.get('started')}"
+               if held else "a process that is still starting")
+        hint = ("; if that run is gone (its host is down), delete the lock file"
+                f" {self.lock_path}" if held and held.get("host") != socket.gethostname() else "")
+        return ConfigError(f"run directory {self.path} is in use by another training run ({who});"
+                           f" wait for it to finish or train into another directory (-o/--run-dir)"
+                           f"{hint}")
+
+    def release(self) -> None:
+        """Give up ownership (the last holder in this process unlocks the directory)."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._key = self._finalizer = None
+
+    def __enter__(self) -> "RunDir":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # --- a run -------------------------------------------------------------------------------
+
+    def begin(self, params: dict, dataset, *, resume: bool = False,
+              overwrite: bool = False) -> dict[int, object]:
+        """Own the directory and start (or, with ``resume``, continue) a run in it.
+
+        Returns the committed block models that belong to this run, ``{block: model}``: empty
+        for a new run. Ownership lasts until :meth:`release` (or the end of a ``with`` block).
+
+        Raises
+        ------
+        ConfigError
+            Another run owns the directory; a new run where blocks are committed (without
+            ``overwrite``); a resume whose parameters or data differ from the run's.
+        """
+        self.acquire()
+        try:
+            if resume:
+                self.check_resumable(params, dataset)
+                self._own(self.meta(), dataset)
+                return {b: self.load_block(b) for b in self.belonging()}
+            self._own(self.create(params, dataset, overwrite=overwrite), dataset)
+            return {}
+        except BaseException:
+            self.release()
+            raise
+
+    def _own(self, meta: dict, dataset) -> None:
+        self._run = meta
+        self._data = blocks_data(dataset)
+
+    def create(self, params: dict, dataset, *, overwrite: bool = False) -> dict:
+        """Start a new run; refuses a directory that already holds committed blocks unless
+        ``overwrite`` (they are then deleted)."""
+        if self.committed() and not overwrite:
             raise ConfigError(f"run directory {self.path} already holds committed blocks; "
-                              "resume it with --resume or choose another directory")
+                              "resume it with --resume, start afresh with --overwrite, or "
+                              "choose another directory")
         meta = {"format": FORMAT, "params": params, "dataset": dataset_identity(dataset),
                 "created": time.time()}
+        self.clear()
         atomic_write_bytes(self.meta_path, json.dumps(meta, indent=2).encode())
-        atomic_write_bytes(self.manifest_path, json.dumps({"blocks": {}}).encode())
         return meta
+
+    def clear(self) -> None:
+        """Forget every committed block (its owner starts the run afresh)."""
+        if self._key is None:
+            raise ConfigError(f"clearing {self.path} needs its lock (RunDir.acquire)")
+        # The empty manifest first: from then on no old block counts as committed.
+        atomic_write_bytes(self.manifest_path, json.dumps({"blocks": {}}).encode())
+        shutil.rmtree(self.path / "blocks", ignore_errors=True)
 
     def check_resumable(self, params: dict, dataset) -> None:
         """Raise ConfigError naming what differs when ``params``/``dataset`` do not match the run."""
         meta = self.meta()
         if meta.get("format") != FORMAT:
-            raise ConfigError(f"{self.meta_path}: unknown run format {meta.get('format')!r} "
-                              f"(this rpicluster reads format {FORMAT})")
+            older = isinstance(meta.get("format"), int) and meta["format"] < FORMAT
+            raise ConfigError(
+                f"{self.meta_path}: run format {meta.get('format')!r}, this rpicluster reads "
+                f"format {FORMAT}" + ("; the run was written by an older rpicluster whose blocks "
+                                      "do not record their parameters: train afresh with "
+                                      "--overwrite" if older else ""))
         for key, value in params.items():
             if key in meta["params"] and meta["params"][key] != value:
                 raise ConfigError(f"cannot resume {self.path}: parameter {key!r} was "
@@ -105,11 +295,42 @@ class RunDir:
                 good[b] = entry
         return good
 
+    def belonging(self) -> dict[int, dict]:
+        """Verified blocks trained with the run's parameters on the run's data (see begin).
+
+        A block that was not (another run wrote it here) is left out with a warning naming it,
+        so it is trained again.
+        """
+        run = self._run or self.meta()
+        good, foreign = {}, []
+        for b, entry in self.verified().items():
+            expected = self._data.get(b) if self._data is not None else entry.get("data")
+            if entry.get("params") == run["params"] and entry.get("data") == expected:
+                good[b] = entry
+            else:
+                foreign.append((b, entry))
+        if foreign:
+            b, entry = foreign[0]
+            diff = [f"{k}={v!r}" for k, v in (entry.get("params") or {}).items()
+                    if run["params"].get(k) != v] or ["other data"]
+            warnings.warn(f"run directory {self.path}: {len(foreign)} committed block(s) "
+                          f"({', '.join(str(b) for b, _ in foreign)}) were not trained with this "
+                          f"run's parameters and data (block {b}: {', '.join(diff)}); training "
+                          "them again", RPiClusterWarning, stacklevel=2)
+        return good
+
     def commit_block(self, block: int, model, info: dict | None = None) -> dict:
-        """Write block ``block``'s model, then record it in the manifest (in that order)."""
+        """Write block ``block``'s model, then record it in the manifest (in that order).
+
+        The record holds the parameters and the data (store fingerprint, chunk checksums) the
+        block was trained with, which resume checks.
+        """
         rel = f"blocks/block-{block:06d}.skops"
         digest = save_model(model, self.path / rel)
-        entry = {"file": rel, "sha256": digest, "committed": time.time(), **(info or {})}
+        run = self._run or self.meta()
+        entry = {"file": rel, "sha256": digest, "committed": time.time(), **(info or {}),
+                 "params": run["params"],
+                 "data": (self._data or {}).get(block)}
         blocks = {str(b): e for b, e in self.committed().items()}
         blocks[str(block)] = entry
         atomic_write_bytes(self.manifest_path,
