@@ -7,7 +7,12 @@ cd "$(dirname "$0")/.."
 python -m pytest -m bench -q                            # heavy tests (full provision + up)
 python benchmarks/kernel_gflops.py                      # kernel GFLOP/s vs numpy matmul, SGDClassifier
 python benchmarks/algorithms.py                         # the paper's Table 1 on one machine
+python benchmarks/algorithms.py --data digits           # real data: digits (about 3 min)
+python benchmarks/algorithms.py --data fashion-mnist    # real data: Fashion-MNIST (about 15 min)
 python benchmarks/train_dask.py                         # Dask vs in-process, 1 vs N workers, memory
+python benchmarks/train_profile.py                      # per-phase table, 192k x 512 x 200 classes
+python benchmarks/train_memory.py                       # store 4x the workers' limits, restarts
+rpicluster bench paper -o bench-out/paper               # the paper's shape (~8 GiB disk)
 python benchmarks/ingest_memory.py --gb 8               # streaming ingest stays under 1 GB RSS
 rpicluster bench scaling --local 2 --rows 48000 -o bench-out/scaling-local
 if [ "$(id -u)" = 0 ]; then python benchmarks/scaling_netns.py -o bench-out/scaling-netns; fi

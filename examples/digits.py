@@ -3,10 +3,13 @@
 The 1,797 images are split 75/25, each part ingested into a Zarr store in blocks of
 ``--block-rows``; Inc-kSGD is fitted on the cluster (one kSGD per block, majority vote),
 scored on the held-out store, and compared with one scikit-learn SGDClassifier trained on all
-training rows in memory. The same run from the command line:
+training rows in memory. The same run from the command line (rows shuffled, a stratified
+quarter held out):
 
-    rpicluster ingest sklearn:digits digits.zarr --block-rows 600
+    rpicluster ingest sklearn:digits digits.zarr --block-rows 600 \
+        --test-fraction 0.25 --test-out digits-test.zarr
     rpicluster train digits.zarr -o digits.skops --clusters 2
+    rpicluster score digits.skops digits-test.zarr
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
     from rpicluster.data.sources import ArraySource
-    from rpicluster.train.job import score_dataset
 
     X, y = load_digits(return_X_y=True)
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, stratify=y,
@@ -49,9 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = IncrementalKSGDClassifier(n_clusters=args.clusters, max_iter=args.epochs,
                                       random_state=args.seed)
-    with cluster(args) as client:
+    with cluster(args):
         model.fit(open_dataset(stores["train"].url))
-        accuracy = score_dataset(model, open_dataset(stores["test"].url), client)
+        accuracy = model.score(open_dataset(stores["test"].url))  # on the cluster
     sgd = SGDClassifier(max_iter=args.epochs, tol=None, random_state=args.seed).fit(X_train,
                                                                                     y_train)
     result = {"blocks": stores["train"].n_blocks, "accuracy": accuracy,

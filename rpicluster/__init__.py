@@ -16,6 +16,8 @@ _EXPORTS = {
     "IncrementalKSGDClassifier": "rpicluster.models.incremental",
     "open_dataset": "rpicluster.data.store",
     "ingest": "rpicluster.data.store",
+    "load_model": "rpicluster.train.modelfile",
+    "save_model": "rpicluster.train.modelfile",
     "load_inventory": "rpicluster.inventory",
     "up": "rpicluster.deploy.cluster",
     "down": "rpicluster.deploy.cluster",

@@ -60,9 +60,12 @@ def bench() -> None:
               help="Comma-separated presets: quick, 200k (200k x 512, 200 classes), "
                    "100k (100k x 2048, 1000 classes), 1m (1M x 2048, 1000 classes).")
 @click.option("--quick", is_flag=True, help="Smoke run: the tiny 'quick' preset only.")
+@click.option("--data", metavar="NAME,...",
+              help="Real data sets instead of --sizes: digits, fashion-mnist "
+                   "(apt-get install dataset-fashion-mnist).")
 @click.option("--algorithms", "algos", metavar="A,B,...",
-              help="Subset of rows: inc-ksgd, inc-ksgd-sklearn, minibatch-sgd, sgd, liblinear, "
-                   "dask-ml (default: all).")
+              help="Subset of rows: inc-ksgd, inc-ksgd-sklearn, ksgd, ksgd-sklearn, "
+                   "minibatch-sgd, sgd, liblinear, logreg, dask-ml (default: all).")
 @click.option("--time-cap", type=click.FloatRange(min=0, min_open=True),
               default=config.BENCH_TIME_CAP_S, show_default=True,
               help="Seconds after which a row is stopped and reported as not finished.")
@@ -72,12 +75,19 @@ def bench() -> None:
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
               default=str(config.BENCH_OUT / "algorithms"), show_default=True,
               help="Folder for algorithms.md and algorithms.json.")
-def bench_algorithms(sizes, quick, algos, time_cap, epochs, seed, out_dir) -> None:
-    """Inc-kSGD against SGDClassifier, LIBLINEAR and dask-ml on the same data (Table 1)."""
-    from rpicluster.bench.algorithms import ALGORITHMS, run_algorithms, to_markdown
+def bench_algorithms(sizes, quick, data, algos, time_cap, epochs, seed, out_dir) -> None:
+    """Inc-kSGD against SGDClassifier, LIBLINEAR, LogisticRegression and dask-ml (Table 1)."""
+    from rpicluster.bench.algorithms import ALGORITHMS, REAL_DATA, run_algorithms, to_markdown
+    from rpicluster.errors import ConfigError
     from rpicluster.progress import Progress
 
     names = ["quick"] if quick else [s.strip() for s in sizes.split(",") if s.strip()]
+    if data:
+        names = [d.strip() for d in data.split(",") if d.strip()]
+        bad = [d for d in names if d not in REAL_DATA]
+        if bad:
+            raise ConfigError(f"unknown data set {bad[0]!r} for --data (known: "
+                              f"{', '.join(REAL_DATA)})")
     chosen = [a.strip() for a in algos.split(",")] if algos else list(ALGORITHMS)
     with Progress("bench algorithms", total=len(names) * len(chosen), unit="rows",
                   interval=0) as progress:
@@ -190,11 +200,17 @@ def dashboard(scheduler, inventory, local) -> None:
 @click.option("--solver", type=click.Choice(["minibatch", "sklearn"]),
               help="minibatch: our vectorised kernel; sklearn: one SGDClassifier per cluster.")
 @click.option("--seed", "random_state", type=int, help="Random seed (same seed, same model).")
+@click.option("--vote", type=click.Choice(["majority", "soft"]),
+              help="How block models combine: majority vote (default; ties broken by summed "
+                   "decision scores) or soft (mean decision scores).")
 @click.option("--run-dir", type=click.Path(file_okay=False),
               help="Where block models are committed (default MODEL.run).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
               help="Continue a killed run from its run directory.")
 @click.option("--test", metavar="DATA", help="A store to report accuracy on after training.")
+@click.option("--allow-skewed", is_flag=True,
+              help="Train on a --no-shuffle store whose blocks hold few classes (refused "
+                   "otherwise: its block models would vote on classes they never saw).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing model file (and start its run directory afresh).")
 @click.option("--model", "kind", type=click.Choice(["inc-ksgd", "mlp", "sgd"]),
@@ -210,9 +226,11 @@ def dashboard(scheduler, inventory, local) -> None:
               show_default=True, help="mlp/sgd: average once per round, after every local "
               "epoch, or after every minibatch (parameter-server pattern).")
 @cluster_options
-def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, scheduler, inventory, local,
-              kind, hidden, rounds, local_epochs, sync, **params):
+def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, allow_skewed, scheduler,
+              inventory, local, kind, hidden, rounds, local_epochs, sync, **params):
     """Train a model on a Zarr store DATA (made by `rpicluster ingest`)."""
+    import warnings
+
     from rpicluster.errors import TrainingStopped
     from rpicluster.train.api import train_model
 
@@ -237,10 +255,18 @@ def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, scheduler,
     for name in ("distributed.client", "distributed.batched", "tornado.application", "asyncio"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        summary = train_model(data, model_path, params,
-                              cluster=_cluster(scheduler, inventory, local),
-                              run_dir=resume_dir or run_dir, resume=resume_dir is not None,
-                              overwrite=overwrite, test=test)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            try:
+                summary = train_model(data, model_path, params,
+                                      cluster=_cluster(scheduler, inventory, local),
+                                      run_dir=resume_dir or run_dir,
+                                      resume=resume_dir is not None, overwrite=overwrite,
+                                      test=test, allow_skewed=allow_skewed)
+            finally:
+                for w in caught:
+                    if issubclass(w.category, RPiClusterWarning):
+                        click.echo(f"warning: {w.message}", err=True)
     except TrainingStopped as exc:
         again = ["rpicluster", "train", data, "-o", model_path, "--resume", str(exc.run_dir)]
         for flag, value in (("--scheduler", scheduler), ("-c", inventory), ("--local", local),
@@ -378,8 +404,14 @@ def score_cmd(model_path, data, scheduler, inventory, local):
     """Print the accuracy of MODEL on the labelled store DATA."""
     from rpicluster.train.api import score_model
 
+    from rpicluster import open_dataset
+
     acc = score_model(model_path, data, cluster=_cluster(scheduler, inventory, local))
-    click.echo(f"accuracy: {acc:.4f}")
+    ds = open_dataset(data)
+    split = ds.attrs.get("split") or {}
+    what = {"test": "held-out rows", "train": "TRAINING rows (not a held-out estimate)"}.get(
+        split.get("part"), "rows")
+    click.echo(f"accuracy: {acc:.4f} on {ds.url} ({ds.n_rows} {what})")
 
 
 @main.command("predict")
@@ -405,27 +437,64 @@ def predict_cmd(model_path, data, out, scheduler, inventory, local):
               help="Labels .npy for a .npy features file.")
 @click.option("--label-column", metavar="NAME",
               help="CSV label column (default: label, y or target, else the last column).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the row shuffle and of the test split.")
+@click.option("--no-shuffle", is_flag=True,
+              help="Keep the source's row order (blocks of sorted data hold few classes).")
+@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              metavar="F", help="Hold out this fraction of each class (stratified) ...")
+@click.option("--test-out", metavar="TEST.zarr", type=click.Path(),
+              help="... into this store (same classes list as OUT.zarr).")
+@click.option("--image-size", type=click.IntRange(min=1), metavar="PX",
+              help="images:DIR: side of the square uint8 images stored (default 64).")
+@click.option("--image-mode", type=click.Choice(["RGB", "L"]),
+              help="images:DIR: colour (RGB, default) or grayscale (L).")
+@click.option("--bad-images", type=click.Choice(["skip", "error"]),
+              help="images:DIR: skip unreadable files with a warning (default) or refuse.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted ingest of the same source.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at OUT.zarr.")
-def ingest(source, out, block_rows, labels, label_column, resume, overwrite) -> None:
-    """Write SOURCE into the Zarr store OUT.zarr, block by block.
+def ingest(source, out, block_rows, labels, label_column, seed, no_shuffle, test_fraction,
+           test_out, image_size, image_mode, bad_images, resume, overwrite) -> None:
+    """Write SOURCE into the Zarr store OUT.zarr, block by block, rows shuffled.
 
     SOURCE is a file (data.npz with X and y; features.npy with --labels; data.csv; svmlight
-    .svm/.svmlight/.libsvm), sklearn:digits (iris, wine, breast_cancer), or
+    .svm/.svmlight/.libsvm), sklearn:digits (iris, wine, breast_cancer), idx:IMAGES,LABELS
+    (MNIST-format files), fashion-mnist[:train|:test] (apt-get install dataset-fashion-mnist),
+    images:DIR (one subfolder per class; stored as uint8), or
     synthetic:rows=..,features=..,classes=..,seed=..
     """
     import time
+    import warnings
 
-    from rpicluster.data.store import ingest as ingest_store
+    from rpicluster.data.store import class_spread_text, ingest as ingest_store, open_dataset
     from rpicluster.progress import Progress
 
+    if (test_fraction is None) != (test_out is None):
+        raise click.UsageError("--test-fraction and --test-out go together")
+    options = {k: v for k, v in (("image_size", image_size), ("image_mode", image_mode),
+                                 ("bad_images", bad_images)) if v is not None}
     t0 = time.perf_counter()
-    ds = ingest_store(source, out, block_rows=block_rows, labels=labels,
-                      label_column=label_column, resume=resume, overwrite=overwrite,
-                      progress=Progress("ingest", unit="blocks"))
-    click.echo(f"ingested {ds.url}: {ds.n_rows} rows, {ds.n_features} features, "
-               f"{len(ds.classes)} classes, {ds.n_blocks} blocks, {ds.nbytes} bytes, "
-               f"{time.perf_counter() - t0:.1f} s")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            ds = ingest_store(source, out, block_rows=block_rows, labels=labels,
+                              label_column=label_column, shuffle=not no_shuffle, seed=seed,
+                              test_fraction=test_fraction, test_out=test_out,
+                              source_options=options, resume=resume, overwrite=overwrite,
+                              progress=Progress("ingest", unit="blocks"))
+        finally:
+            for w in caught:
+                click.echo(f"warning: {w.message}", err=True)
+    seconds = f", {time.perf_counter() - t0:.1f} s"
+    for what, store in [("ingested", ds)] + ([("held out", open_dataset(test_out))]
+                                             if test_out else []):
+        click.echo(f"{what} {store.url}: {store.n_rows} rows, {store.n_features} features, "
+                   f"{len(store.classes)} classes, {store.n_blocks} blocks, {store.nbytes} bytes"
+                   f"{seconds}")
+        seconds = ""
+        spread = class_spread_text(store)
+        if spread:
+            click.echo(f"  {spread}")
 
 
 @main.command()
@@ -736,6 +805,37 @@ def bench_scaling(scheduler, inventory, local, job, syncs, local_epochs, hidden,
                         announce=_announce)
     click.echo(to_markdown(doc))
     click.echo(f"wrote {out_dir}/scaling.{{csv,json,md,png}} and step-1..{len(doc['steps'])}.html")
+
+
+@bench.command("paper")
+@click.option("--rows", type=click.IntRange(min=1), default=1_009_124, show_default=True,
+              help="Training rows (the paper's ImageNet: 1,009,124).")
+@click.option("--features", type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option("--classes", type=click.IntRange(min=2), default=1000, show_default=True)
+@click.option("--blocks", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--test-rows", type=click.IntRange(min=1), default=20_000, show_default=True,
+              help="Held-out rows (the generator continued past the training rows).")
+@click.option("--clusters", "n_clusters", type=click.IntRange(min=1), default=20,
+              show_default=True, help="k-means clusters per block.")
+@click.option("--epochs", "max_iter", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--sgd-rows", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Rows SGDClassifier's one epoch is timed on (then extrapolated).")
+@click.option("--local", "workers", type=click.IntRange(min=1),
+              help="Workers of the embedded cluster (default: one per core).")
+@click.option("--keep-data", is_flag=True, help="Keep the stores (a rerun reuses them).")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
+              default=str(config.BENCH_OUT / "paper"), show_default=True,
+              help="Folder for the stores, paper.json and paper.md.")
+def bench_paper(rows, features, classes, blocks, test_rows, n_clusters, max_iter, sgd_rows,
+                workers, keep_data, out_dir) -> None:
+    """The paper's ImageNet shape on this machine: ingest, train, accuracy, memory, vs SGD."""
+    from rpicluster.bench.paper import run_paper, to_markdown
+
+    doc = run_paper(out_dir, rows=rows, features=features, classes=classes, blocks=blocks,
+                    test_rows=test_rows, n_clusters=n_clusters, max_iter=max_iter,
+                    sgd_rows=sgd_rows, workers=workers, keep_data=keep_data)
+    click.echo(to_markdown(doc))
+    click.echo(f"wrote {out_dir}/paper.json and paper.md")
 
 
 @main.group(cls=_Group)

@@ -75,3 +75,7 @@ class HostsFailedError(BootstrapError):
 
 class RPiClusterWarning(UserWarning):
     """Something a user should know that does not stop the work (the CLI prints one line)."""
+
+
+class DataWarning(RPiClusterWarning):
+    """Data that works but probably not as intended (class-skewed blocks, skipped files)."""

@@ -4,11 +4,17 @@ stores are refused, resume equals a clean ingest, and a Dataset pickles as its U
 import json
 import pickle
 
+import functools
+
 import numpy as np
 import pytest
 
 from rpicluster.data.sources import ArraySource, Source
-from rpicluster.data.store import FORMAT_VERSION, ingest, open_dataset
+from rpicluster.data.store import FORMAT_VERSION, ingest as ingest_store, open_dataset
+
+# These tests check sources and the layout row for row, so they keep the source order;
+# tests/test_data_shuffle.py covers the (default) shuffled ingest.
+ingest = functools.partial(ingest_store, shuffle=False)
 from rpicluster.errors import DataError, StoreIncompleteError
 
 

@@ -19,6 +19,8 @@ def test_every_error_is_an_rpicluster_error():
     assert len(classes) > 5
     for cls in classes:
         assert issubclass(cls, errors.RPiClusterError)
+    # warnings are UserWarnings, so the CLI prints them as `warning: ...` lines
+    assert issubclass(errors.DataWarning, UserWarning)
 
 
 def test_data_and_config_errors_are_value_errors():

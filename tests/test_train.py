@@ -4,6 +4,7 @@ commits and resume, a killed worker, a block that keeps killing its worker, unev
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -191,7 +192,7 @@ def test_a_block_that_keeps_killing_its_worker_fails_the_job_naming_it(store, tm
     with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                           dashboard_address=None) as cluster, Client(cluster) as client:
-            client.register_plugin(_DieOn(key_part="-partition-2"), name="die")
+            client.register_plugin(_DieOn(key_re=r"^partition-\w+-2$"), name="die")
             est = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS)
             # One block in flight: a dying worker takes down every task queued on it, and Dask
             # counts the death against each of them, so with two blocks in flight either could
@@ -269,11 +270,11 @@ class _SlowTasks(WorkerPlugin):
 
 
 class _DieOn(WorkerPlugin):
-    """Kills the worker process as soon as it starts a task whose key contains ``key_part``."""
+    """Kills the worker process as soon as it starts a task whose key matches ``key_re``."""
 
-    def __init__(self, key_part: str):
-        self.key_part = key_part
+    def __init__(self, key_re: str):
+        self.key_re = key_re
 
     def transition(self, key, start, finish, **kwargs):
-        if finish == "executing" and self.key_part in str(key):
+        if finish == "executing" and re.match(self.key_re, str(key)):
             os._exit(13)

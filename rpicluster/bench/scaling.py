@@ -159,8 +159,9 @@ class IncKSGDJob:
         self.params = est._check_params()
 
     def window(self, n_workers: int) -> int:
-        """Blocks in flight, as the training job sets them."""
-        return n_workers + 1
+        """Blocks in flight, as the training job sets them without memory limits: one per
+        worker thread (:func:`rpicluster.train.job.worker_slots`; one thread per worker here)."""
+        return n_workers
 
     def sim_tasks(self, trace: list[dict], cal: dict[str, dict]) -> list[sim.SimTask]:
         """Partition and fit tasks of every block, work = seconds x the worker's thread rate."""
@@ -440,7 +441,7 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
                         "mode": "one worker at a time, all its threads busy"},
         "steps": rows_out,
         "simulation": {"reference_step": 1, "overhead_s": overhead,
-                       "window": "blocks in flight = workers + 1" if job == "inc-ksgd"
+                       "window": "blocks in flight = worker threads" if job == "inc-ksgd"
                        else "none"},
         "load": {"before": list(load_before), "after": list(os.getloadavg()),
                  "cpus": os.cpu_count()},

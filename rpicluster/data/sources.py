@@ -17,7 +17,18 @@ Source strings understood by :func:`open_source`:
 ``sklearn:digits`` (``iris``, ``wine``,     scikit-learn's bundled data sets
 ``breast_cancer``)
 ``synthetic:rows=..,features=..,...``       :mod:`rpicluster.data.synthetic`, classes ``0..C-1``
+``idx:IMAGES,LABELS``                       MNIST-format IDX files (gzip or not): pixels / 255
+                                            as float32 features, images streamed
+``fashion-mnist`` (``fashion-mnist:train``,  the Debian package ``dataset-fashion-mnist``
+``fashion-mnist:test``)                     (IDX files under :data:`FASHION_MNIST_DIR`):
+                                            60,000 train or 10,000 test 28x28 images, pixels / 255
+``images:DIR``                              one subfolder per class of JPEG/PNG/... images, read
+                                            with Pillow, stored as **uint8** (see
+                                            :class:`ImageFolderSource`)
 ==========================================  ====================================================
+
+Every source knows its labels before the first block is read (:meth:`Source.codes`), which is
+what lets :func:`~rpicluster.data.store.ingest` shuffle rows and split off a stratified test set.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import csv
 import itertools
 import os
 import re
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,13 +47,19 @@ from typing import IO
 
 import numpy as np
 
-from rpicluster.errors import ConfigError, DataError
+from rpicluster.errors import ConfigError, DataError, DataWarning
 
 #: Label column names picked (case-insensitively, in this order) when a CSV has no --label-column.
 CSV_LABEL_NAMES = ("label", "y", "target")
 SKLEARN_DATASETS = ("breast_cancer", "digits", "iris", "wine")
 SVMLIGHT_SUFFIXES = (".svm", ".svmlight", ".libsvm")
-SCHEMES = ("sklearn", "synthetic", "svmlight", "libsvm")
+SCHEMES = ("sklearn", "synthetic", "svmlight", "libsvm", "idx", "fashion-mnist", "images")
+#: Where the Debian package ``dataset-fashion-mnist`` installs its IDX files.
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+#: File suffixes ``images:DIR`` reads (case-insensitive); other files are ignored.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+#: Default side of the square images ``images:DIR`` stores.
+IMAGE_SIZE = 64
 FILE_SUFFIXES = (".npz", ".npy", ".csv") + SVMLIGHT_SUFFIXES
 
 
@@ -58,7 +76,14 @@ class Source(abc.ABC):
     n_rows, n_features : int
     classes : ndarray
         Sorted original labels (int64 or str); ``y`` codes index into it.
+    dtype : numpy dtype
+        What ``X`` is stored as: float32 (features), or uint8 (images, see
+        :class:`ImageFolderSource`).
+    attrs : dict
+        Extra store attributes (``image_shape`` of an image source).
     """
+
+    dtype = np.dtype(np.float32)
 
     def __init__(self, description: str, n_rows: int, n_features: int, classes: np.ndarray):
         if n_rows < 1:
@@ -69,6 +94,17 @@ class Source(abc.ABC):
         self.n_rows = int(n_rows)
         self.n_features = int(n_features)
         self.classes = classes
+        self.attrs: dict = {}
+
+    def codes(self) -> np.ndarray:
+        """Class codes (int32) of every row, in source order.
+
+        Sources that hold their labels return them; the default reads the source once.
+        """
+        held = getattr(self, "_codes", None)
+        if held is not None:
+            return np.asarray(held, dtype=np.int32)
+        return np.concatenate([y for _, y in self._raw_blocks(4096, 0)]).astype(np.int32)
 
     @abc.abstractmethod
     def _raw_blocks(self, block_rows: int, start_block: int
@@ -95,8 +131,9 @@ class Source(abc.ABC):
             if len(y) != expected:
                 raise DataError(f"{self.description}: block at row {row} has {len(y)} labels, "
                                 f"expected {expected}")
-            X = X.astype(np.float32, copy=False)
-            _check_finite(X, row, self.description)
+            X = X.astype(self.dtype, copy=False)
+            if self.dtype.kind == "f":
+                _check_finite(X, row, self.description)
             yield X, np.asarray(y, dtype=np.int32)
             row += expected
         if row < self.n_rows:
@@ -341,7 +378,8 @@ class SyntheticSource(Source):
 
 
 def open_source(source: str | os.PathLike, *, labels: str | os.PathLike | None = None,
-                label_column: str | None = None) -> Source:
+                label_column: str | None = None, image_size: int | None = None,
+                image_mode: str | None = None, bad_images: str | None = None) -> Source:
     """Open a source string or path (see the module docstring for the forms).
 
     Parameters
@@ -351,6 +389,8 @@ def open_source(source: str | os.PathLike, *, labels: str | os.PathLike | None =
         Labels ``.npy`` for a ``.npy`` features file (required there, refused elsewhere).
     label_column : str, optional
         Label column of a CSV file (refused for other sources).
+    image_size, image_mode, bad_images : optional
+        ``images:DIR`` only: see :class:`ImageFolderSource`.
 
     Raises
     ------
@@ -360,6 +400,8 @@ def open_source(source: str | os.PathLike, *, labels: str | os.PathLike | None =
         A missing file or invalid data.
     """
     text = os.fspath(source)
+    if text.lower() == "fashion-mnist" and not Path(text).exists():
+        text = "fashion-mnist:"  # the bare name: the training split
     m = re.match(r"^([A-Za-z][A-Za-z0-9_+.-]*):(?!//)(.*)$", text)
     is_scheme = m is not None and len(m.group(1)) > 1 and not Path(text).exists()
     kind = m.group(1).lower() if is_scheme else Path(text).suffix.lower()
@@ -371,6 +413,19 @@ def open_source(source: str | os.PathLike, *, labels: str | os.PathLike | None =
         raise ConfigError(f"labels= (--labels) only applies to a .npy features file, not {text}")
     if label_column is not None and kind != ".csv":
         raise ConfigError(f"label_column= (--label-column) only applies to .csv, not {text}")
+    image_opts = {k: v for k, v in (("image_size", image_size), ("image_mode", image_mode),
+                                    ("bad_images", bad_images)) if v is not None}
+    if image_opts and kind != "images":
+        raise ConfigError(f"{', '.join(image_opts)} only appl{'ies' if len(image_opts) == 1 else 'y'}"
+                          f" to an images:DIR source, not {text}")
+    if kind == "images":
+        return ImageFolderSource(Path(m.group(2)).expanduser(), **{
+            {"image_size": "size", "image_mode": "mode", "bad_images": "bad"}[k]: v
+            for k, v in image_opts.items()})
+    if kind == "idx":
+        return _idx_source(m.group(2))
+    if kind == "fashion-mnist":
+        return fashion_mnist_source(m.group(2) or "train")
     if kind == "sklearn":
         return _sklearn_source(m.group(2))
     if kind == "synthetic":
@@ -441,3 +496,235 @@ def _sklearn_source(name: str) -> Source:
 
     X, y = getattr(sklearn.datasets, f"load_{name}")(return_X_y=True)
     return ArraySource(f"sklearn:{name}", X, y)
+
+
+# --- IDX files (MNIST, Fashion-MNIST) -------------------------------------------------------
+
+#: IDX type byte -> numpy dtype (big-endian, as the format stores it).
+_IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
+              0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def _open_idx(path: Path) -> IO[bytes]:
+    """The file, decompressed when it starts with the gzip magic bytes."""
+    import gzip
+
+    with open(path, "rb") as probe:
+        gz = probe.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def _idx_header(f: IO[bytes], path: Path) -> tuple[np.dtype, tuple[int, ...]]:
+    head = f.read(4)
+    if len(head) != 4 or head[:2] != b"\0\0" or head[2] not in _IDX_TYPES or head[3] < 1:
+        raise DataError(f"{path}: not an IDX file (magic bytes {head.hex() or 'none'}; "
+                        "expected 00 00, a type byte and the number of dimensions)")
+    raw = f.read(4 * head[3])
+    if len(raw) != 4 * head[3]:
+        raise DataError(f"{path}: IDX header is truncated")
+    return _IDX_TYPES[head[2]], tuple(int(v) for v in np.frombuffer(raw, dtype=">u4"))
+
+
+class IdxSource(Source):
+    """MNIST-format IDX files: an image file (n, rows, cols[, ...]) and a label file (n,).
+
+    Features are the pixels flattened row-major; integer pixels (MNIST's uint8) are divided by
+    255, so features lie in [0, 1] (the usual "pixels/255" preprocessing). The image shape is
+    recorded as the store attribute ``image_shape``. Images are streamed block by block; gzip
+    files (``.gz``, recognised by their magic bytes) are decompressed on the fly.
+    """
+
+    def __init__(self, images: Path, labels: Path, description: str | None = None):
+        for p in (images, labels):
+            if not p.is_file():
+                raise DataError(f"IDX file {p} does not exist")
+        with _open_idx(labels) as f:
+            ldtype, lshape = _idx_header(f, labels)
+            if len(lshape) != 1:
+                raise DataError(f"{labels}: an IDX label file has 1 dimension, this one has "
+                                f"{len(lshape)} ({lshape}); are IMAGES and LABELS swapped?")
+            y = np.frombuffer(f.read(), dtype=ldtype)
+        if len(y) != lshape[0]:
+            raise DataError(f"{labels}: truncated: {len(y)} labels, the header says {lshape[0]}")
+        with _open_idx(images) as f:
+            self._dtype, shape = _idx_header(f, images)
+        if shape[0] != len(y):
+            raise DataError(f"{images} holds {shape[0]} images but {labels} {len(y)} labels")
+        classes, self._codes = encode_labels(y, str(labels))
+        super().__init__(description or f"idx:{images},{labels}", shape[0],
+                         int(np.prod(shape[1:])), classes)
+        self._images = images
+        self.attrs = {"image_shape": list(shape[1:])}
+
+    def _raw_blocks(self, block_rows, start_block):
+        row_bytes = self.n_features * self._dtype.itemsize
+        scale = 1 / 255 if self._dtype.kind in "iu" else None
+        with _open_idx(self._images) as f:
+            _idx_header(f, self._images)
+            f.seek(start_block * block_rows * row_bytes, os.SEEK_CUR)
+            for start in range(start_block * block_rows, self.n_rows, block_rows):
+                n = min(block_rows, self.n_rows - start)
+                raw = f.read(n * row_bytes)
+                if len(raw) != n * row_bytes:
+                    raise DataError(f"{self._images}: file is truncated at image {start}")
+                X = np.frombuffer(raw, dtype=self._dtype).reshape(n, self.n_features)
+                X = X.astype(np.float32)
+                if scale is not None:
+                    X *= np.float32(scale)
+                yield X, self._codes[start:start + n]
+
+
+def _idx_source(spec: str) -> Source:
+    parts = spec.split(",")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"idx:{spec}: expected idx:IMAGES,LABELS (two IDX files, e.g. "
+                          "idx:train-images-idx3-ubyte.gz,train-labels-idx1-ubyte.gz)")
+    images, labels = (Path(p).expanduser().resolve() for p in parts)
+    return IdxSource(images, labels)
+
+
+def fashion_mnist_source(split: str = "train", directory: Path | None = None) -> Source:
+    """Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (offline).
+
+    Parameters
+    ----------
+    split : {'train', 'test'}
+        The 60,000 training or the 10,000 test images (the official split).
+    directory : path, optional
+        Folder of the four IDX files (default :data:`FASHION_MNIST_DIR`).
+
+    Raises
+    ------
+    DataError
+        The files are not there (the message says which package installs them).
+    """
+    names = {"train": "train", "test": "t10k"}
+    if split not in names:
+        raise ConfigError(f"fashion-mnist:{split}: unknown split (known: fashion-mnist:train, "
+                          "fashion-mnist:test)")
+    folder = Path(directory) if directory is not None else FASHION_MNIST_DIR
+    images = folder / f"{names[split]}-images-idx3-ubyte.gz"
+    labels = folder / f"{names[split]}-labels-idx1-ubyte.gz"
+    if not images.is_file() or not labels.is_file():
+        raise DataError(f"Fashion-MNIST is not installed ({images} is missing): "
+                        "apt-get install dataset-fashion-mnist")
+    return IdxSource(images, labels, description=f"fashion-mnist:{split}")
+
+
+# --- image folders ----------------------------------------------------------------------------
+
+#: What ``bad_images`` accepts: skip unreadable files (with a warning naming them) or refuse.
+BAD_IMAGE_POLICIES = ("skip", "error")
+IMAGE_MODES = ("RGB", "L")
+
+
+class ImageFolderSource(Source):
+    """An image folder: one subfolder per class, stored as uint8 pixels.
+
+    ``DIR/<class>/<file>`` for every file ending in one of :data:`IMAGE_SUFFIXES`; the class
+    labels are the subfolder names (strings), rows come class by class in sorted file order
+    (ingest shuffles them). Every image is read with Pillow and
+
+    * converted to ``mode`` ('RGB' default, or 'L' grayscale): palette, RGBA (alpha dropped),
+      CMYK, 16-bit and grayscale images all become the same mode;
+    * scaled and centre-cropped to ``size x size`` (``PIL.ImageOps.fit``: the aspect ratio is
+      kept, the longer side is cropped), whatever its own size;
+    * stored as one row of ``size * size * channels`` uint8 values (height, width, channel
+      order); the store attribute ``image_shape`` is ``[size, size, channels]``.
+
+    Unreadable files are found when the source is opened (each is opened and checked by Pillow),
+    before anything is written: ``bad='skip'`` (default) leaves them out with one warning that
+    names them, ``bad='error'`` refuses the folder naming the first one. A file that passes the
+    check but fails to decode later stops the ingest naming it (the store stays incomplete).
+    """
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, folder: Path, *, size: int = IMAGE_SIZE, mode: str = "RGB",
+                 bad: str = "skip"):
+        try:
+            from PIL import Image
+        except ImportError:  # pragma: no cover - Pillow comes with matplotlib/scikit-image
+            raise ConfigError("images:DIR needs Pillow: pip install pillow") from None
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"image size must be an int >= 1, got {size!r}")
+        if mode not in IMAGE_MODES:
+            raise ConfigError(f"image mode {mode!r} is not supported (known: "
+                              f"{', '.join(IMAGE_MODES)})")
+        if bad not in BAD_IMAGE_POLICIES:
+            raise ConfigError(f"bad image policy {bad!r} is not known (known: "
+                              f"{', '.join(BAD_IMAGE_POLICIES)})")
+        folder = folder.resolve()
+        if not folder.is_dir():
+            raise DataError(f"image folder {folder} does not exist")
+        class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
+        if not class_dirs:
+            raise DataError(f"{folder}: no subfolders (expected one subfolder of images per "
+                            "class, e.g. DIR/cat/*.jpg, DIR/dog/*.jpg)")
+        files, labels, skipped = [], [], []
+        for d in class_dirs:
+            for p in sorted(d.iterdir()):
+                if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                problem = _image_problem(Image, p)
+                if problem is None:
+                    files.append(p)
+                    labels.append(d.name)
+                elif bad == "error":
+                    raise DataError(f"{p}: not a readable image ({problem}); remove it, or "
+                                    "skip unreadable files (--bad-images skip)")
+                else:
+                    skipped.append(f"{p.relative_to(folder)} ({problem})")
+        if skipped:
+            shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more"
+                                               if len(skipped) > 5 else "")
+            warnings.warn(f"{folder}: skipped {len(skipped)} unreadable image file"
+                          f"{'s' if len(skipped) > 1 else ''}: {shown}", DataWarning,
+                          stacklevel=2)
+        if not files:
+            raise DataError(f"{folder}: no readable images in its subfolders (looked for "
+                            f"{', '.join(IMAGE_SUFFIXES)})")
+        channels = 3 if mode == "RGB" else 1
+        classes, self._codes = encode_labels(np.asarray(labels, dtype=str), str(folder))
+        super().__init__(f"images:{folder}", len(files), size * size * channels, classes)
+        self.attrs = {"image_shape": [size, size, channels], "image_mode": mode}
+        self._files, self._size, self._mode = files, size, mode
+
+    def _raw_blocks(self, block_rows, start_block):
+        for start in range(start_block * block_rows, self.n_rows, block_rows):
+            paths = self._files[start:start + block_rows]
+            X = np.empty((len(paths), self.n_features), dtype=np.uint8)
+            for i, p in enumerate(paths):
+                X[i] = load_image(p, self._size, self._mode).reshape(-1)
+            yield X, self._codes[start:start + len(paths)]
+
+
+def _image_problem(Image, path: Path) -> str | None:
+    """Why Pillow cannot read ``path`` (None when it can): header and structure checked."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds for bad files
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return None
+
+
+def load_image(path: Path, size: int, mode: str = "RGB") -> np.ndarray:
+    """One image as uint8 ``(size, size, channels)``: converted to ``mode``, fitted, cropped.
+
+    Raises
+    ------
+    DataError
+        Pillow cannot decode the file (naming it).
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert(mode)
+            im = ImageOps.fit(im, (size, size), method=Image.Resampling.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"{path}: cannot decode the image ({type(exc).__name__}: {exc})"
+                        ) from None
+    return arr.reshape(size, size, -1)

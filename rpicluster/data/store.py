@@ -7,7 +7,10 @@ A Zarr v3 group holding:
 ``X``
     float32, shape ``(n_rows, n_features)``, chunks ``(block_rows, n_features)``: chunk row ``i``
     is training block ``i`` (rows ``i*block_rows`` up to ``min((i+1)*block_rows, n_rows)``).
-    Fill value NaN.
+    Fill value NaN. An **image store** (``images:DIR``) holds uint8 pixels instead: each row is
+    one image flattened in (height, width, channel) order, the attribute ``image_shape`` gives
+    ``[height, width, channels]``, the fill value is 0 and a missing chunk is found by its
+    absent key (0 is a valid pixel).
 ``y``
     int32 class codes (indices into ``classes``), shape ``(n_rows,)``, chunks ``(block_rows,)``.
     Fill value -1.
@@ -23,6 +26,13 @@ Group attributes:
 ``classes``             sorted original labels (JSON ints or strings); ``y`` holds their indices
 ``n_rows``, ``n_features``, ``block_rows``, ``n_blocks``
 ``source``              what was ingested (``npz:/path``, ``sklearn:digits``, ``synthetic:...``)
+``shuffle``             ``{"seed": s}`` when rows were shuffled at ingest (the default), ``false``
+                        when the source order was kept (``--no-shuffle``)
+``split``               with ``--test-fraction``: ``{"part": "train"|"test", "fraction": f,
+                        "seed": s}``; both stores share ``classes``
+``class_counts``        rows per class (indices as ``classes``) in this store
+``block_classes``       distinct classes in each block (how well each block samples the classes)
+``image_shape``         image stores only: ``[height, width, channels]`` of every uint8 row
 ``created``             ISO-8601 UTC time the ingest started
 ``blocks_written``      blocks fully written so far (where ``--resume`` continues)
 ``complete``            the completion marker: ``true`` only after every chunk is written, set by
@@ -55,7 +65,8 @@ from typing import Any
 import numpy as np
 
 from rpicluster import config
-from rpicluster.errors import ConfigError, DataError, RPiClusterError, StoreIncompleteError
+from rpicluster.errors import (ConfigError, DataError, DataWarning, RPiClusterError,
+                               StoreIncompleteError)
 from rpicluster.progress import Progress
 
 FORMAT_VERSION = 2
@@ -69,18 +80,29 @@ Y_FILL = -1
 
 def ingest(source, out: str | os.PathLike, *, block_rows: int = config.BLOCK_ROWS,
            label_column: str | None = None, labels: str | os.PathLike | None = None,
+           shuffle: bool = True, seed: int = 0, test_fraction: float | None = None,
+           test_out: str | os.PathLike | None = None, source_options: Mapping | None = None,
            resume: bool = False, overwrite: bool = False,
            storage_options: Mapping[str, Any] | None = None,
            progress: Progress | None = None) -> "Dataset":
     """Write a source into a Zarr store block by block (see the module docstring for the layout).
 
-    Memory stays at about two blocks whatever the source's size (svmlight files, held whole as a
-    sparse matrix, are the exception).
+    Rows are shuffled by default (seeded): Inc-kSGD trains one model per block and needs every
+    block to be a random sample of the data, and most sources (image folders, CSV exports,
+    scikit-learn's iris) come sorted by label. Sources larger than memory are shuffled in two
+    passes: rows are scattered into one bucket file per block in a temporary folder beside
+    ``out`` (as much disk as the data), then each block is read back, put in order and written.
+    Memory stays at about two blocks whatever the source's size, plus about 13 bytes per row for
+    the shuffle's row map and labels (svmlight files, held whole as a sparse matrix, are the
+    exception). After the last block, the class spread per block is
+    recorded (``block_classes``) and a :class:`~rpicluster.errors.DataWarning` names blocks that
+    hold far fewer classes than a random sample of their size would.
 
     Parameters
     ----------
     source : str, path or :class:`~rpicluster.data.sources.Source`
-        A file (``.npz``, ``.npy``, ``.csv``, svmlight), ``sklearn:NAME`` or
+        A file (``.npz``, ``.npy``, ``.csv``, svmlight), ``sklearn:NAME``, ``idx:IMAGES,LABELS``,
+        ``fashion-mnist[:train|:test]``, ``images:DIR`` or
         ``synthetic:rows=..,features=..,classes=..,seed=..``.
     out : str or path
         Store location: a local path or an fsspec URL.
@@ -90,94 +112,377 @@ def ingest(source, out: str | os.PathLike, *, block_rows: int = config.BLOCK_ROW
         CSV label column.
     labels : path, optional
         Labels ``.npy`` of a ``.npy`` features file.
+    shuffle : bool, default=True
+        Shuffle the rows (seeded by ``seed``); False keeps the source order.
+    seed : int, default=0
+        Seed of the shuffle and of the test split.
+    test_fraction : float, optional
+        Fraction in (0, 1) of each class's rows written to ``test_out`` instead (stratified,
+        seeded; a class with a single row stays in training).
+    test_out : str or path, optional
+        The held-out store (required with ``test_fraction``); same ``classes`` as ``out``.
+    source_options : mapping, optional
+        ``image_size``, ``image_mode``, ``bad_images`` of an ``images:DIR`` source.
     resume : bool
-        Continue an interrupted ingest of the same source from its last complete block.
+        Continue an interrupted ingest of the same source (same seed and split) from its last
+        complete block.
     overwrite : bool
-        Replace an existing rpicluster store at ``out``.
+        Replace an existing rpicluster store at ``out`` (and ``test_out``).
     storage_options : mapping, optional
-        fsspec options for a URL ``out``.
+        fsspec options for URL outputs.
     progress : Progress, optional
         Not yet entered; ingest sets its total (blocks) and advances it per block.
 
     Returns
     -------
     Dataset
-        The finished store, opened.
+        The finished store (``out``), opened.
 
     Raises
     ------
     DataError
-        Invalid data (naming the row), an existing store that would be overwritten, or a store to
-        resume that holds a different source. A failure mid-way leaves the store marked
-        incomplete, to be resumed.
+        Invalid data (naming the row), a single class, an existing store that would be
+        overwritten, or a store to resume that holds a different source. Bad rows found while
+        shuffling are reported before any store is created; a failure while writing leaves the
+        store marked incomplete, to be resumed.
     """
-    import zarr
-
     from rpicluster.data.sources import Source, classes_to_json, open_source
 
     if block_rows < 1:
         raise ConfigError(f"block_rows must be >= 1, got {block_rows}")
     if resume and overwrite:
         raise ConfigError("resume and overwrite exclude each other")
+    if (test_fraction is None) != (test_out is None):
+        raise ConfigError("test_fraction (--test-fraction) and test_out (--test-out) go together")
+    if test_fraction is not None and not 0 < test_fraction < 1:
+        raise ConfigError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
     src = source if isinstance(source, Source) else open_source(
-        source, labels=labels, label_column=label_column)
+        source, labels=labels, label_column=label_column, **dict(source_options or {}))
+    if len(src.classes) < 2:
+        raise DataError(f"{src.description}: every row has the label {src.classes[0]!r}; a "
+                        "classifier needs at least 2 classes (check the label column/file)")
     url = _normalize_url(out)
-    n_blocks = math.ceil(src.n_rows / block_rows)
-    layout = {
-        FORMAT_KEY: FORMAT_VERSION,
-        "classes": classes_to_json(src.classes),
-        "n_rows": src.n_rows,
-        "n_features": src.n_features,
-        "block_rows": block_rows,
-        "n_blocks": n_blocks,
-        "source": src.description,
-    }
+    test_url = _normalize_url(test_out) if test_out is not None else None
+    if test_url == url:
+        raise ConfigError(f"the test store must differ from the training store ({url})")
+    shuffle_attr = {"seed": int(seed)} if shuffle else False
+    plan = _plan(src, shuffle=shuffle, seed=seed, test_fraction=test_fraction)
+    parts = [("train", url, plan[0])] + ([("test", test_url, plan[1])] if test_url else [])
+    targets = []
+    for part, where, order in parts:
+        n_rows = src.n_rows if order is None else len(order)
+        layout = {
+            FORMAT_KEY: FORMAT_VERSION,
+            "classes": classes_to_json(src.classes),
+            "n_rows": n_rows,
+            "n_features": src.n_features,
+            "block_rows": block_rows,
+            "n_blocks": math.ceil(n_rows / block_rows),
+            "source": src.description,
+            "shuffle": shuffle_attr,
+            **src.attrs,
+        }
+        if test_fraction is not None:
+            layout["split"] = {"part": part, "fraction": float(test_fraction), "seed": int(seed)}
+        start = _check_target(where, layout, resume=resume, overwrite=overwrite,
+                              storage_options=storage_options)
+        targets.append((where, order, layout, start))
+    progress = Progress.null() if progress is None else progress
+    progress.total = sum(t[2]["n_blocks"] for t in targets)
+    progress.completed = sum(t[2]["n_blocks"] if t[3] is None else t[3] for t in targets)
+    with progress, _Reorder(src, [t[1] for t in targets], block_rows,
+                            [0 if t[3] is None else t[3] for t in targets], url) as reorder:
+        reorder.prepare(progress)  # the scatter pass: a bad row stops us before any store exists
+        for k, (where, _, layout, start) in enumerate(targets):
+            if start is None:
+                continue  # complete already (resume)
+            _write_blocks(where, layout, start, src, reorder.blocks(k), storage_options,
+                          progress)
+    for where, _, layout, _ in targets:
+        _warn_skewed(open_dataset(where, storage_options))
+    return open_dataset(url, storage_options)
+
+
+def _check_target(url: str, layout: dict, *, resume: bool, overwrite: bool,
+                  storage_options) -> int | None:
+    """Block to start writing at (0: a new store), or None when ``resume`` finds it complete."""
     existing = _existing_attrs(url, storage_options)
-    start = 0
-    if existing is not None and not overwrite:
-        state = "complete" if existing.get("complete") is True else "incomplete"
-        if not resume:
-            hint = ("pass overwrite (--overwrite) to replace it" if state == "complete" else
-                    "pass resume (--resume) to continue it, or overwrite (--overwrite)")
-            raise DataError(f"{url} already holds a {state} rpicluster store "
-                            f"({existing.get('source')}); {hint}")
-        diff = [k for k in layout if existing.get(k) != layout[k]]
-        if diff:
-            k = diff[0]
-            raise DataError(f"cannot resume {url}: its {k} is {_short(existing.get(k))}, this "
-                            f"ingest's is {_short(layout[k])} (use overwrite to start over)")
-        if state == "complete":
-            return open_dataset(url, storage_options)
-        start = int(existing.get("blocks_written", 0))
-        root = zarr.open_group(url, mode="r+", zarr_format=3, storage_options=storage_options)
-    else:
+    if existing is None or overwrite:
+        return 0
+    state = "complete" if existing.get("complete") is True else "incomplete"
+    if not resume:
+        hint = ("pass overwrite (--overwrite) to replace it" if state == "complete" else
+                "pass resume (--resume) to continue it, or overwrite (--overwrite)")
+        raise DataError(f"{url} already holds a {state} rpicluster store "
+                        f"({existing.get('source')}); {hint}")
+    diff = [k for k in layout if existing.get(k) != layout[k]]
+    if diff:
+        k = diff[0]
+        raise DataError(f"cannot resume {url}: its {k} is {_short(existing.get(k))}, this "
+                        f"ingest's is {_short(layout[k])} (use overwrite to start over)")
+    return None if state == "complete" else int(existing.get("blocks_written", 0))
+
+
+def _write_blocks(url, layout, start, src, blocks, storage_options, progress) -> None:
+    """Write ``blocks`` (from block ``start``) into the store at ``url``, then mark it complete."""
+    import zarr
+
+    n_blocks, block_rows = layout["n_blocks"], layout["block_rows"]
+    if start == 0:
         root = _create(url, src, block_rows, layout, storage_options)
+        counts = np.zeros(len(layout["classes"]), dtype=np.int64)
+        spread: list[int] = []
+    else:
+        root = zarr.open_group(url, mode="r+", zarr_format=3, storage_options=storage_options)
+        counts = np.asarray(root.attrs.get("class_counts"), dtype=np.int64)
+        spread = list(root.attrs.get("block_classes", []))[:start]
     X, y = root["X"], root["y"]
     sums = {k: list(v)[:start] for k, v in root.attrs.get(CHECKSUMS_KEY, {}).items()}
     sums = {"X": sums.get("X", []), "y": sums.get("y", [])}
-    progress = Progress.null() if progress is None else progress
-    progress.total, progress.completed = n_blocks, start
     written = start
-    with progress:
-        try:
-            for Xb, yb in src.blocks(block_rows, start):
-                lo = written * block_rows
-                Xb, yb = np.asarray(Xb, dtype=np.float32), np.asarray(yb, dtype=np.int32)
-                _check_codes(yb, len(src.classes), f"{src.description}: block {written}")
-                X[lo:lo + len(yb)] = Xb
-                y[lo:lo + len(yb)] = yb
-                sums["X"].append(_crc(Xb))
-                sums["y"].append(_crc(yb))
-                written += 1
-                # Recorded only after both chunks are stored: resume restarts from here.
-                root.attrs.update({"blocks_written": written, CHECKSUMS_KEY: sums})
-                progress.advance(note=f"{lo + len(yb)} rows")
-        except RPiClusterError as exc:
-            raise DataError(f"{exc} [ingest stopped: {url} holds {written} of {n_blocks} blocks "
-                            "and is marked incomplete; fix the source and resume, or overwrite]"
-                            ) from exc
-        root.attrs.update({"complete": True})
-    return open_dataset(url, storage_options)
+    try:
+        for Xb, yb in blocks:
+            lo = written * block_rows
+            Xb, yb = np.asarray(Xb, dtype=src.dtype), np.asarray(yb, dtype=np.int32)
+            _check_codes(yb, len(counts), f"{src.description}: block {written}")
+            X[lo:lo + len(yb)] = Xb
+            y[lo:lo + len(yb)] = yb
+            sums["X"].append(_crc(Xb))
+            sums["y"].append(_crc(yb))
+            written += 1
+            block_counts = np.bincount(yb, minlength=len(counts))
+            counts += block_counts
+            spread.append(int(np.count_nonzero(block_counts)))
+            # Recorded only after both chunks are stored: resume restarts from here.
+            root.attrs.update({"blocks_written": written, "class_counts": counts.tolist(),
+                               "block_classes": spread, CHECKSUMS_KEY: sums})
+            progress.advance(note=f"{url.rsplit('/', 1)[-1]}: {lo + len(yb)} rows")
+    except RPiClusterError as exc:
+        raise DataError(f"{exc} [ingest stopped: {url} holds {written} of {n_blocks} blocks "
+                        "and is marked incomplete; fix the source and resume, or overwrite]"
+                        ) from exc
+    root.attrs.update({"complete": True})
+
+
+def _plan(src, *, shuffle: bool, seed: int, test_fraction: float | None):
+    """Source row indices of the training store and of the test store, in store order.
+
+    ``(None, None)`` means the source order, all rows, no test store. The test split is
+    stratified: ``round(f * n_c)`` rows of each class ``c`` (at least one when the class has two
+    rows or more, never all of them), drawn with ``seed``.
+    """
+    if not shuffle and test_fraction is None:
+        return None, None
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 12]))
+    n = src.n_rows
+    if test_fraction is None:
+        return rng.permutation(n), None
+    codes = src.codes()
+    quota = split_quotas(np.bincount(codes, minlength=len(src.classes)), test_fraction)
+    test_mask = np.zeros(n, dtype=bool)
+    for c in np.flatnonzero(quota):
+        rows = np.flatnonzero(codes == c)
+        test_mask[rng.choice(rows, int(quota[c]), replace=False)] = True
+    train, test = np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
+    if shuffle:
+        train, test = rng.permutation(train), rng.permutation(test)
+    return train, test
+
+
+def split_quotas(counts, fraction: float) -> np.ndarray:
+    """Test rows per class: ``fraction`` of each class, summing to ``round(fraction * rows)``.
+
+    Largest-remainder rounding, so a split of ``rows + t`` rows with ``fraction = t / (rows +
+    t)`` leaves exactly ``rows`` training rows; a class of two rows or more gives at least one
+    and keeps at least one, a class of one row stays in training.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    eligible = counts >= 2
+    want = fraction * counts * eligible
+    quota = np.floor(want).astype(np.int64)
+    lo = np.where(eligible, 1, 0)
+    hi = np.where(eligible, counts - 1, 0)
+    quota = np.clip(quota, lo, hi)
+    left = int(round(fraction * counts[eligible].sum())) - int(quota.sum())
+    order = np.argsort(-(want - quota), kind="stable")  # largest remainders first
+    step = 1 if left > 0 else -1
+    for c in np.concatenate([order, order[::-1]]) if left < 0 else order:
+        if left == 0:
+            break
+        if lo[c] <= quota[c] + step <= hi[c]:
+            quota[c] += step
+            left -= step
+    return quota
+
+
+class _Reorder:
+    """Blocks of a source in the order of each target store (see :func:`ingest`).
+
+    Three ways, cheapest first: the source's own blocks (no reordering); everything in memory
+    when the source is no larger than two blocks or is held in memory anyway (an
+    :class:`~rpicluster.data.sources.ArraySource`); else a scatter pass writing each target
+    block's rows to its own bucket file, and a gather pass per block.
+    """
+
+    def __init__(self, src, orders, block_rows, starts, out_url):
+        from rpicluster.data.sources import ArraySource
+
+        self.src, self.orders, self.block_rows, self.starts = src, orders, block_rows, starts
+        self.codes = None
+        self.X = None
+        self.tmp = None
+        if all(o is None for o in orders):
+            self.mode = "stream"
+        elif isinstance(src, ArraySource) or src.n_rows <= 2 * block_rows:
+            self.mode = "memory"
+        else:
+            self.mode = "scatter"
+            parent = os.path.dirname(out_url) if "://" not in out_url else None
+            self._parent = parent
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.tmp is not None:
+            import shutil
+
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def prepare(self, progress) -> None:
+        if self.mode == "stream":
+            return
+        if self.mode == "memory":
+            parts = list(self.src.blocks(self.block_rows))
+            self.X = np.concatenate([Xb for Xb, _ in parts])
+            self.codes = np.concatenate([yb for _, yb in parts])
+            return
+        import tempfile
+
+        self.tmp = tempfile.mkdtemp(prefix=".rpicluster-ingest-", dir=self._parent)
+        n = self.src.n_rows
+        # where every source row goes: target store, and position in that store
+        store = np.full(n, -1, dtype=np.int8)
+        pos = np.zeros(n, dtype=np.int64)
+        for k, order in enumerate(self.orders):
+            store[order] = k
+            pos[order] = np.arange(len(order))
+        row = 0
+        codes = []  # labels as read (a synthetic source would regenerate everything for them)
+        for Xb, yb in self.src.blocks(self.block_rows):
+            codes.append(yb)
+            rows = slice(row, row + len(Xb))
+            s, p = store[rows], pos[rows]
+            keep = s >= 0
+            blk = np.where(keep, p // self.block_rows, -1)
+            for k in range(len(self.orders)):
+                mine = keep & (s == k) & (blk >= self.starts[k])
+                if not mine.any():
+                    continue
+                idx = np.flatnonzero(mine)
+                dest = blk[idx]
+                by = np.argsort(dest, kind="stable")
+                idx, dest = idx[by], dest[by]
+                cuts = np.flatnonzero(np.diff(dest)) + 1
+                for part in np.split(np.arange(len(idx)), cuts):
+                    b = int(dest[part[0]])
+                    base = os.path.join(self.tmp, f"{k}-{b}")
+                    with open(base + ".x", "ab") as fx, open(base + ".p", "ab") as fp:
+                        fx.write(np.ascontiguousarray(Xb[idx[part]]).tobytes())
+                        fp.write((p[idx[part]] % self.block_rows).astype(np.int64).tobytes())
+            row += len(Xb)
+            progress.advance(0, note=f"shuffling: {row} of {n} rows scattered to block buckets")
+        self.codes = np.concatenate(codes)
+
+    def blocks(self, k: int):
+        """``(X, y codes)`` of target ``k``'s blocks from its start block."""
+        order = self.orders[k]
+        if self.mode == "stream":
+            yield from self.src.blocks(self.block_rows, self.starts[k])
+            return
+        R, d = self.block_rows, self.src.n_features
+        for b in range(self.starts[k], math.ceil(len(order) / R)):
+            rows = order[b * R:(b + 1) * R]
+            if self.mode == "memory":
+                yield self.X[rows], self.codes[rows]
+                continue
+            base = os.path.join(self.tmp, f"{k}-{b}")
+            Xs = np.fromfile(base + ".x", dtype=self.src.dtype).reshape(-1, d)
+            where = np.fromfile(base + ".p", dtype=np.int64)
+            Xb = np.empty((len(rows), d), dtype=self.src.dtype)
+            Xb[where] = Xs
+            del Xs
+            os.unlink(base + ".x")
+            os.unlink(base + ".p")
+            yield Xb, self.codes[rows]
+
+
+def _fitting_block_rows(n_rows: int, block_rows: int, n_clusters: int) -> int:
+    """The block size nearest ``block_rows`` (not above) whose last block has ``n_clusters``
+    rows or more."""
+    for b in range(block_rows, n_clusters - 1, -1):
+        if n_rows - (n_rows - 1) // b * b >= n_clusters:
+            return b
+    return n_rows
+
+
+def expected_classes(class_counts, rows: int) -> float:
+    """Distinct classes expected in ``rows`` rows drawn at random from data with these counts."""
+    counts = np.asarray(class_counts, dtype=np.float64)
+    total = counts.sum()
+    if total <= 0 or rows <= 0:
+        return 0.0
+    p = counts / total
+    # sampling without replacement holds at least as many classes; this is a safe lower side
+    return float(np.sum(1.0 - (1.0 - p) ** rows))
+
+
+def skewed_blocks(dataset: "Dataset", ratio: float = 0.5) -> list[tuple[int, int, float]]:
+    """Blocks holding fewer than ``ratio`` times the classes a random sample would.
+
+    Returns
+    -------
+    list of (block, distinct classes, expected distinct classes)
+        Empty for stores written before class spreads were recorded.
+    """
+    spread = dataset.attrs.get("block_classes")
+    counts = dataset.attrs.get("class_counts")
+    if not spread or counts is None or len(spread) != dataset.n_blocks:
+        return []
+    out = []
+    for b, seen in enumerate(spread):
+        lo, hi = dataset.block_slice(b)
+        expected = expected_classes(counts, hi - lo)
+        if seen < ratio * expected:
+            out.append((b, int(seen), expected))
+    return out
+
+
+def class_spread_text(dataset: "Dataset") -> str | None:
+    """One line about the classes per block, e.g. ``classes per block: 3-3 of 3``."""
+    spread = dataset.attrs.get("block_classes")
+    if not spread:
+        return None
+    n = len(dataset.classes)
+    how = "shuffled" if dataset.attrs.get("shuffle") else "source order"
+    return (f"classes per block: min {min(spread)}, median {int(np.median(spread))}, max "
+            f"{max(spread)} of {n} ({how})")
+
+
+def _warn_skewed(dataset: "Dataset") -> None:
+    import warnings
+
+    bad = skewed_blocks(dataset)
+    if not bad:
+        return
+    shown = ", ".join(f"block {b} holds {seen} (a random sample: ~{exp:.0f})"
+                      for b, seen, exp in bad[:3])
+    more = f" and {len(bad) - 3} more blocks" if len(bad) > 3 else ""
+    hint = ("ingest without --no-shuffle" if dataset.attrs.get("shuffle") is False else
+            "use larger blocks (--block-rows)")
+    warnings.warn(f"{dataset.url}: class-skewed blocks: {shown}{more} of "
+                  f"{len(dataset.classes)} classes; Inc-kSGD's block models then vote on "
+                  f"classes they never saw: {hint}", DataWarning, stacklevel=3)
 
 
 def _crc(a: np.ndarray) -> int:
@@ -246,9 +551,12 @@ def _create(url, src, block_rows, layout, storage_options):
                                        "complete": False, CHECKSUMS_KEY: {"X": [], "y": []}})
     common = dict(serializer=BytesCodec(), compressors=[Crc32cCodec()], filters=None,
                   config={"write_empty_chunks": True})
-    root.create_array("X", shape=(src.n_rows, src.n_features), dtype="float32",
-                      chunks=(block_rows, src.n_features), fill_value=X_FILL, **common)
-    root.create_array("y", shape=(src.n_rows,), dtype="int32", chunks=(block_rows,),
+    n_rows = layout["n_rows"]
+    image = src.dtype == np.uint8
+    root.create_array("X", shape=(n_rows, src.n_features), dtype=src.dtype.name,
+                      chunks=(block_rows, src.n_features), fill_value=0 if image else X_FILL,
+                      **common)
+    root.create_array("y", shape=(n_rows,), dtype="int32", chunks=(block_rows,),
                       fill_value=Y_FILL, **common)
     return root
 
@@ -411,6 +719,8 @@ class Dataset:
                 arr = group[name]
             except KeyError:
                 raise DataError(f"{self.url}: array {name!r} is missing") from None
+            if name == "X" and arr.dtype == np.uint8 and "image_shape" in attrs:
+                kind = "u"  # an image store: uint8 pixels
             if arr.shape != shape or arr.chunks != chunks or arr.dtype.kind != kind:
                 raise DataError(f"{self.url}: array {name!r} has shape {arr.shape}, chunks "
                                 f"{arr.chunks}, dtype {arr.dtype}; the attributes say shape "
@@ -435,7 +745,51 @@ class Dataset:
     @property
     def nbytes(self) -> int:
         """Bytes of X and y (uncompressed, without the 4-byte checksum per chunk)."""
-        return self.n_rows * (self.n_features * 4 + 4)
+        return self.n_rows * (self.n_features * self.itemsize + 4)
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per value of ``X``: 4 (float32 features) or 1 (uint8 image store)."""
+        return self._open()["X"].dtype.itemsize
+
+    @property
+    def shuffled(self) -> bool | None:
+        """Whether ingest shuffled the rows (None for stores that do not record it)."""
+        value = self.attrs.get("shuffle")
+        return None if value is None else bool(value)
+
+    def check_trainable(self, n_clusters: int, *, allow_skewed: bool = False) -> None:
+        """Refuse a store Inc-kSGD cannot train well on, before any task runs.
+
+        Raises
+        ------
+        DataError
+            A block with fewer rows than ``n_clusters`` (naming it and a ``--block-rows`` that
+            works), or a store ingested with ``--no-shuffle`` whose blocks are class-skewed
+            (unless ``allow_skewed``; a shuffled store with skewed blocks only warns, a
+            :class:`~rpicluster.errors.DataWarning`).
+        """
+        import warnings
+
+        lo, hi = self.block_slice(self.n_blocks - 1)
+        if hi - lo < n_clusters:
+            raise DataError(
+                f"{self.url}: block {self.n_blocks - 1} holds {hi - lo} rows, fewer than "
+                f"n_clusters={n_clusters} (--clusters): re-ingest with a --block-rows whose last "
+                f"block keeps >= {n_clusters} rows (e.g. "
+                f"{_fitting_block_rows(self.n_rows, self.block_rows, n_clusters)}), or lower "
+                "--clusters")
+        skewed = skewed_blocks(self)
+        if not skewed:
+            return
+        b, seen, expected = skewed[0]
+        text = (f"{self.url}: {len(skewed)} of {self.n_blocks} blocks are class-skewed (block "
+                f"{b} holds {seen} of {len(self.classes)} classes, a random sample "
+                f"~{expected:.0f}); each block model votes on classes it never saw")
+        if self.attrs.get("shuffle") is False and not allow_skewed:
+            raise DataError(f"{text}. The store was ingested with --no-shuffle: ingest it again "
+                            "without it (or pass allow_skewed / --allow-skewed to train anyway)")
+        warnings.warn(text, DataWarning, stacklevel=3)
 
     def block_slice(self, i: int) -> tuple[int, int]:
         """Rows ``(start, stop)`` of block ``i``."""
@@ -461,19 +815,63 @@ class Dataset:
         coords = (i, 0) if name == "X" else (i,)
         key = f"{name}/{arr.metadata.encode_chunk_key(coords)}"
         try:
-            data = arr[start:stop]
+            data = self._read_local_chunk(arr, key, stop - start)
+            if data is None:
+                data = arr[start:stop]
         except ValueError as exc:
             raise DataError(f"{self.url}: array {name!r} chunk {key!r} (block {i}) is corrupted "
                             f"or truncated ({exc})") from None
         except OSError as exc:
             raise DataError(f"{self.url}: array {name!r} chunk {key!r} (block {i}) could not be "
                             f"read ({exc})") from None
-        missing = np.isnan(data.min()) if name == "X" else data.min() == Y_FILL
+        if name == "y":
+            missing = data.min() == Y_FILL
+        elif data.dtype.kind == "f":
+            missing = np.isnan(data.min())
+        else:  # uint8 pixels: 0 is a valid value, so ask the store whether the chunk is there
+            from zarr.core.sync import sync
+
+            missing = not sync(arr.store.exists(f"{arr.path}/{key.split('/', 1)[1]}"))
         if missing:
             raise DataError(f"{self.url}: array {name!r} chunk {key!r} (block {i}) is missing "
                             "(it reads as the fill value, which ingest never writes): the store "
                             "is damaged or was copied partially")
         return verify_chunk(self, name, i, data, key)
+
+    def _read_local_chunk(self, arr, key: str, rows: int) -> np.ndarray | None:
+        """Block ``rows`` of one chunk of a local store, read straight into the returned array.
+
+        zarr's own read holds the file's bytes, the checksum codec's output and the decoded
+        array at once (about three blocks for a moment); here the chunk file is read into one
+        buffer with ``readinto``, its crc32c checked in place, and the array is a writable view
+        of that buffer (the training task sorts it in place). Returns None where this fast path
+        does not apply (a URL store, another codec chain), and zarr reads the chunk instead.
+        """
+        import google_crc32c
+
+        if "://" in self.url or not _plain_checksummed(arr):
+            return None
+        path = os.path.join(self.url, *key.split("/"))
+        shape = arr.chunks
+        nbytes = math.prod(shape) * arr.dtype.itemsize
+        # uint8 buffer of whole 8-byte words: the view below is aligned for any dtype
+        buf = np.empty(nbytes + 8, dtype=np.uint8)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                got = f.readinto(memoryview(buf)[:nbytes + 4])
+                extra = f.read(1)
+        except FileNotFoundError:
+            return None  # zarr reads it as the fill value, reported below as missing
+        if got != nbytes + 4 or extra:
+            raise ValueError(f"chunk file has {got + len(extra)} bytes, expected {nbytes + 4}")
+        payload = buf[:nbytes].view()
+        payload.flags.writeable = False  # google_crc32c takes read-only buffers only
+        computed = np.uint32(google_crc32c.value(payload)).tobytes()
+        if computed != buf[nbytes:nbytes + 4].tobytes():
+            raise ValueError("stored and computed checksum do not match")
+        dtype = arr.dtype.newbyteorder("<")
+        data = buf[:nbytes].view(dtype).reshape(shape)[:rows]
+        return data if dtype.isnative else data.astype(arr.dtype.newbyteorder("="))
 
     def _dask(self, name: str):
         import dask
@@ -484,7 +882,7 @@ class Dataset:
         for i in range(self.n_blocks):
             start, stop = self.block_slice(i)
             shape = (stop - start, self.n_features) if name == "X" else (stop - start,)
-            dtype = np.float32 if name == "X" else np.int32
+            dtype = (np.uint8 if self.itemsize == 1 else np.float32) if name == "X" else np.int32
             parts.append(da.from_delayed(read(self, name, i), shape=shape, dtype=dtype))
         return da.concatenate(parts)
 
@@ -497,6 +895,17 @@ class Dataset:
     def y(self):
         """Class codes as a dask array, one chunk per block."""
         return self._dask("y")
+
+
+def _plain_checksummed(arr) -> bool:
+    """Whether ``arr``'s chunks are stored as the layout says: raw little-endian bytes, then a
+    crc32c (so that :meth:`Dataset._read_local_chunk` can decode them itself)."""
+    codecs = [c.to_dict() for c in (*arr.filters, arr.serializer, *arr.compressors)
+              if c is not None]
+    return (len(codecs) == 2 and codecs[0].get("name") == "bytes"
+            and codecs[0].get("configuration", {}).get("endian", "little") == "little"
+            and codecs[1].get("name") == "crc32c"
+            and arr.metadata.chunk_key_encoding.to_dict().get("name") == "default")
 
 
 def _read(dataset: Dataset, name: str, i: int) -> np.ndarray:

@@ -14,8 +14,9 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from rpicluster import config
-from rpicluster.models.ksgd import (KSGDClassifier, check_enough_rows, check_params, fit_block,
-                                    resolve_random_state, unchanged_on_error)
+from rpicluster.models.ksgd import (KSGDClassifier, check_enough_rows, check_params,
+                                    check_weights, fit_block, resolve_random_state,
+                                    unchanged_on_error)
 
 # Rows per chunk when counting votes: bounds the (chunk, n_classes) count matrix.
 _VOTE_CHUNK = 4096
@@ -24,6 +25,27 @@ _VOTE_CHUNK = 4096
 # client)``. rpicluster.train.job registers itself here when imported, so the estimator never
 # imports the layer above it.
 _distributed_fit = None
+
+
+# How a fitted estimator predicts and scores a blocked dataset on a Dask client:
+# ``predict(estimator, dataset, client)``, ``score(estimator, dataset, client)``; registered by
+# rpicluster.train.job like the fit.
+_distributed_predict = None
+_distributed_score = None
+
+
+def register_distributed_predict(predict, score) -> None:
+    """Set the functions that predict and score a blocked dataset on a Dask client.
+
+    Parameters
+    ----------
+    predict : callable
+        ``predict(estimator, dataset, client)`` -> labels of every row.
+    score : callable
+        ``score(estimator, dataset, client)`` -> accuracy.
+    """
+    global _distributed_predict, _distributed_score
+    _distributed_predict, _distributed_score = predict, score
 
 
 def register_distributed_fit(fit) -> None:
@@ -53,14 +75,22 @@ def _current_client():
         return None
 
 
-def majority_vote(block_codes, n_classes: int) -> np.ndarray:
-    """Most frequent code per row; ties go to the lowest class code.
+#: ``vote`` values: the paper's majority vote, or the mean of the block models' scores.
+VOTES = ("majority", "soft")
+
+
+def majority_vote(block_codes, n_classes: int, tie_scores=None) -> np.ndarray:
+    """Most frequent code per row.
 
     Parameters
     ----------
     block_codes : ndarray of shape (n_blocks, n), int
         Each block model's predicted codes.
     n_classes : int
+    tie_scores : ndarray of shape (n, n_classes), optional
+        Breaks ties: among the classes with the most votes, the one scoring highest wins (the
+        estimator passes the block models' summed decision scores). Without it, the lowest
+        class code wins.
 
     Returns
     -------
@@ -72,12 +102,22 @@ def majority_vote(block_codes, n_classes: int) -> np.ndarray:
         return block_codes[0]
     out = np.empty(n, dtype=np.int64)
     for start in range(0, n, _VOTE_CHUNK):
-        chunk = block_codes[:, start:start + _VOTE_CHUNK]
-        m = chunk.shape[1]
-        flat = (np.arange(m) * n_classes)[None, :] + chunk
-        counts = np.bincount(flat.ravel(), minlength=m * n_classes).reshape(m, n_classes)
-        out[start:start + m] = counts.argmax(axis=1)  # argmax: first (lowest) code on ties
+        counts = vote_counts(block_codes[:, start:start + _VOTE_CHUNK], n_classes)
+        if tie_scores is None:
+            out[start:start + counts.shape[0]] = counts.argmax(axis=1)  # first code on ties
+            continue
+        leaders = counts == counts.max(axis=1, keepdims=True)
+        scores = np.where(leaders, tie_scores[start:start + counts.shape[0]], -np.inf)
+        out[start:start + counts.shape[0]] = scores.argmax(axis=1)
     return out
+
+
+def vote_counts(block_codes, n_classes: int) -> np.ndarray:
+    """Votes per row and class, shape ``(n, n_classes)``, of ``(n_blocks, n)`` codes."""
+    block_codes = np.asarray(block_codes, dtype=np.int64)
+    m = block_codes.shape[1]
+    flat = (np.arange(m) * n_classes)[None, :] + block_codes
+    return np.bincount(flat.ravel(), minlength=m * n_classes).reshape(m, n_classes)
 
 
 class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
@@ -90,6 +130,11 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
         than ``n_clusters`` joins the previous block).
     n_clusters, max_iter, alpha, learning_rate, eta0, power_t, batch_size, average, solver, n_jobs
         As :class:`KSGDClassifier`, for every block.
+    vote : {'majority', 'soft'}, default='majority'
+        How block models combine at predict time. 'majority' (the paper's): each block model
+        votes for one class, the most votes win, and a tie goes to the tied class with the
+        highest decision score summed over the block models. 'soft': the class with the highest
+        mean decision score.
     random_state : int, RandomState or None, default=None
         Block ``b`` is seeded by ``(random_state, b)``.
 
@@ -104,13 +149,14 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
 
     Notes
     -----
-    ``predict`` returns, per row, the class most block models predict; a tie goes to the class
-    that comes first in ``classes_``.
+    There is no ``predict_proba``: hinge-loss block models give margins, not probabilities, and
+    vote shares of a few blocks are not calibrated. For probabilities wrap the estimator in
+    ``sklearn.calibration.CalibratedClassifierCV`` (it calibrates :meth:`decision_function`).
     """
 
     def __init__(self, block_rows=config.BLOCK_ROWS, *, n_clusters=10, max_iter=5, alpha=1e-4,
                  learning_rate="optimal", eta0=0.01, power_t=0.5, batch_size=256, average=True,
-                 solver="minibatch", n_jobs=None, random_state=None):
+                 solver="minibatch", vote="majority", n_jobs=None, random_state=None):
         self.block_rows = block_rows
         self.n_clusters = n_clusters
         self.max_iter = max_iter
@@ -121,6 +167,7 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
         self.batch_size = batch_size
         self.average = average
         self.solver = solver
+        self.vote = vote
         self.n_jobs = n_jobs
         self.random_state = random_state
 
@@ -131,9 +178,11 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
         if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < self.n_clusters:
             raise ValueError(f"block_rows must be an int >= n_clusters={self.n_clusters}, "
                              f"got {b!r}.")
+        if self.vote not in VOTES:
+            raise ValueError(f"vote must be one of {list(VOTES)}, got {self.vote!r}.")
         return params
 
-    def fit(self, X, y=None):
+    def fit(self, X, y=None, sample_weight=None):
         """Fit one kSGD per block of ``block_rows`` rows.
 
         Parameters
@@ -142,6 +191,9 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
             A dataset (``rpicluster.open_dataset``: ``n_blocks``, ``block(i)``, ``classes``)
             is fitted block by block, one kSGD per stored block; ``y`` must then be None.
         y : array-like of shape (n_samples,)
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative row weights scaling each row's SGD steps (arrays only; a store has
+            none).
 
         Returns
         -------
@@ -152,11 +204,15 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
         if is_dataset(X):
             if y is not None:
                 raise ValueError("y must be None when X is a dataset (labels are stored in it).")
+            if sample_weight is not None:
+                raise ValueError("sample_weight is not supported with a dataset X (a store "
+                                 "holds no weights); fit arrays to weight rows.")
             return self._fit_dataset(X, params, rs)
         with unchanged_on_error(self):
             X, y = validate_data(self, X, y, dtype=np.float32, order="C")
             check_classification_targets(y)
             check_enough_rows(X, self.n_clusters)
+            sample_weight = check_weights(sample_weight, X)
         n = X.shape[0]
         classes, codes = np.unique(y, return_inverse=True)
         starts = list(range(0, n, self.block_rows))
@@ -165,7 +221,8 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
         stops = starts[1:] + [n]
         self.n_iter_ = int(self.max_iter)
         self.estimators_ = [fit_block(X[a:z], codes[a:z], classes, params, random_state=rs,
-                                      block=b)
+                                      block=b, sample_weight=None if sample_weight is None
+                                      else sample_weight[a:z])
                             for b, (a, z) in enumerate(zip(starts, stops))]
         self.classes_ = classes
         return self
@@ -180,6 +237,9 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
         estimators); otherwise by this in-process loop, which is the reference the distributed
         path reproduces exactly.
         """
+        check = getattr(dataset, "check_trainable", None)  # a Zarr store refuses bad blocks
+        if check is not None:
+            check(self.n_clusters)
         client = _current_client()
         if client is not None and _distributed_fit is None:
             import warnings
@@ -217,7 +277,7 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"{where}: class codes must lie in [0, {n_classes}).")
         return X, y_codes
 
-    def partial_fit(self, X, y, classes=None):
+    def partial_fit(self, X, y, classes=None, sample_weight=None):
         """Fit one more block model on ``(X, y)`` and add it to the ensemble.
 
         Parameters
@@ -226,6 +286,8 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
         y : array-like of shape (n_samples,)
         classes : array-like of shape (n_classes,), default=None
             All classes; required on the first call, and if given later, the same.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative row weights scaling each row's SGD steps.
 
         Returns
         -------
@@ -249,9 +311,11 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
             if unknown.size:
                 raise ValueError(f"y contains labels {unknown!r} not in classes {known!r}.")
             codes = np.searchsorted(known, y)
+            sample_weight = check_weights(sample_weight, X)
             block = 0 if first else len(self.estimators_)
             est = fit_block(X, codes, known, params,
-                            random_state=resolve_random_state(self.random_state), block=block)
+                            random_state=resolve_random_state(self.random_state), block=block,
+                            sample_weight=sample_weight)
         if first:
             self.classes_ = known
             self.n_iter_ = int(self.max_iter)
@@ -289,8 +353,31 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
         self.estimators_ = [*self.estimators_, est]
         return self
 
-    def predict(self, X):
-        """Predict by majority vote of the block models (ties: first class in ``classes_``).
+    def _block_scores(self, X):
+        """Each block model's ``(n, n_classes)`` local scores, stacked: ``(n_blocks, n, C)``."""
+        return np.stack([est.local_scores(X) for est in self.estimators_])
+
+    def _decision(self, X) -> tuple[np.ndarray, np.ndarray]:
+        """(codes, scores) of validated rows under ``vote``; argmax of scores is the code.
+
+        'majority': votes plus a tie-break term in (0, 1) that grows with the summed decision
+        scores (so a vote count always outranks it); 'soft': mean decision scores.
+        """
+        scores = self._block_scores(X)
+        if self.vote == "soft":
+            mean = scores.mean(axis=0)
+            return mean.argmax(axis=1), mean
+        summed = scores.sum(axis=0, dtype=np.float64)
+        votes = vote_counts(scores.argmax(axis=2), len(self.classes_))
+        codes = majority_vote(scores.argmax(axis=2), len(self.classes_), tie_scores=summed)
+        return codes, votes + 0.5 + np.arctan(summed / len(self.estimators_)) / np.pi
+
+    def decision_function(self, X):
+        """Confidence scores of the ensemble, consistent with :meth:`predict`.
+
+        With ``vote='majority'``: per class, the number of block models voting for it plus a
+        term in (0, 1) that increases with the class's decision score summed over the block
+        models (the tie-break). With ``vote='soft'``: the block models' mean decision score.
 
         Parameters
         ----------
@@ -298,9 +385,79 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
 
         Returns
         -------
-        ndarray of shape (n_samples,)
+        ndarray of shape (n_samples, n_classes), or (n_samples,) with two classes
+            With two classes, positive means ``classes_[1]``.
         """
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
-        votes = np.stack([est.predict_codes(X) for est in self.estimators_])
-        return self.classes_[majority_vote(votes, len(self.classes_))]
+        _, scores = self._decision(X)
+        return scores[:, 1] - scores[:, 0] if len(self.classes_) == 2 else scores
+
+    def predict(self, X):
+        """Predict by the block models' vote (see ``vote``).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features), or a dataset
+            A dataset (``rpicluster.open_dataset``) is predicted block by block: on the cluster
+            of the current Dask client when there is one, else in this process.
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+        """
+        check_is_fitted(self)
+        if is_dataset(X):
+            return self._predict_dataset(X)
+        X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
+        if len(self.estimators_) == 1 and self.vote == "majority":
+            return self.classes_[self.estimators_[0].predict_codes(X)]
+        return self.classes_[self._decision(X)[0]]
+
+    def _predict_dataset(self, dataset) -> np.ndarray:
+        self._check_dataset_features(dataset)
+        client = _current_client()
+        if client is not None and _distributed_predict is not None:
+            return _distributed_predict(self, dataset, client)
+        parts = [self.predict(dataset.block(i)[0]) for i in range(dataset.n_blocks)]
+        return np.concatenate(parts) if parts else np.empty(0, dtype=self.classes_.dtype)
+
+    def _check_dataset_features(self, dataset) -> None:
+        if int(dataset.n_features) != self.n_features_in_:
+            raise ValueError(f"the dataset {getattr(dataset, 'url', '')} has "
+                             f"{dataset.n_features} features, but {type(self).__name__} is "
+                             f"expecting {self.n_features_in_} features as input.")
+
+    def score(self, X, y=None, sample_weight=None):
+        """Mean accuracy on ``(X, y)``, or on a labelled dataset.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features), or a dataset
+            A dataset is scored block by block (on the current Dask client's cluster when there
+            is one); ``y`` must then be None.
+        y : array-like of shape (n_samples,)
+        sample_weight : array-like of shape (n_samples,), default=None
+            Arrays only.
+
+        Returns
+        -------
+        float
+        """
+        if not is_dataset(X):
+            return super().score(X, y, sample_weight=sample_weight)
+        if y is not None or sample_weight is not None:
+            raise ValueError("y and sample_weight must be None when X is a dataset (labels are "
+                             "stored in it).")
+        check_is_fitted(self)
+        self._check_dataset_features(X)
+        client = _current_client()
+        if client is not None and _distributed_score is not None:
+            return _distributed_score(self, X, client)
+        correct = total = 0
+        classes = np.asarray(X.classes)
+        for i in range(X.n_blocks):
+            Xi, yi = X.block(i)
+            correct += int(np.count_nonzero(self.predict(Xi) == classes[yi]))
+            total += int(yi.shape[0])
+        return correct / total if total else float("nan")

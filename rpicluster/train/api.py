@@ -51,12 +51,16 @@ class TrainSummary:
 def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
                 cluster: ClusterChoice | None = None, run_dir: str | os.PathLike | None = None,
                 resume: bool = False, overwrite: bool = False, test: str | None = None,
-                storage_options: dict | None = None, show_progress: bool = True) -> TrainSummary:
+                storage_options: dict | None = None, show_progress: bool = True,
+                allow_skewed: bool = False) -> TrainSummary:
     """Train an IncrementalKSGDClassifier on the store ``data`` and save it to ``model_path``.
 
     ``run_dir`` (default ``<model_path>.run``) receives each block model as it is committed;
     with ``resume=True`` the parameters recorded there are used and committed blocks are kept.
     ``test`` is a store to report accuracy on. Unset ``params`` take the estimator's defaults.
+    A store whose blocks cannot hold ``n_clusters`` rows, or an unshuffled class-skewed one
+    (unless ``allow_skewed``), is refused before the cluster is contacted
+    (:meth:`~rpicluster.data.store.Dataset.check_trainable`).
     An existing ``model_path`` is replaced only with ``overwrite``, which also starts the run
     directory afresh (unless resuming). One run at a time owns the run directory.
 
@@ -84,6 +88,7 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
     dataset = open_dataset(data, storage_options=storage_options)
     check_trainable(dataset, params)
     estimator = IncrementalKSGDClassifier(**{**params, "block_rows": dataset.block_rows})
+    dataset.check_trainable(estimator.n_clusters, allow_skewed=allow_skewed)
     test_ds = open_dataset(test, storage_options=storage_options) if test else None
     # Owned from before the first block until the model file is written: a second run into the
     # same directory is refused instead of mixing its blocks into this one.

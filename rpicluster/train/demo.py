@@ -40,9 +40,7 @@ def run_demo(workdir: str | Path = "rpicluster-demo", *, rows: int = 60_000, fea
     the :class:`~rpicluster.deploy.resolve.ClusterRef` once the cluster is up (the CLI prints
     the dashboard URL).
     """
-    from rpicluster.data.sources import ArraySource
     from rpicluster.data.store import ingest
-    from rpicluster.data.synthetic import SyntheticSpec
     from rpicluster.deploy.resolve import use_cluster
     from rpicluster.train.api import ClusterChoice, train_model
 
@@ -53,20 +51,13 @@ def run_demo(workdir: str | Path = "rpicluster-demo", *, rows: int = 60_000, fea
     workdir.mkdir(parents=True, exist_ok=True)
     test_rows = block_rows
     t0 = time.perf_counter()
-    knobs = f"features={features},classes={classes},seed={seed}"
-    with Progress("ingest train", unit="blocks", enabled=show_progress) as progress:
-        ingest(f"synthetic:rows={rows},{knobs}", workdir / "train.zarr", block_rows=block_rows,
+    # One ingest writes both stores: rows shuffled, one block's worth held out (stratified), and
+    # the same classes list in both.
+    with Progress("ingest", unit="blocks", enabled=show_progress) as progress:
+        ingest(f"synthetic:rows={rows + test_rows},features={features},classes={classes},"
+               f"seed={seed}", workdir / "train.zarr", block_rows=block_rows, seed=seed,
+               test_fraction=test_rows / (rows + test_rows), test_out=workdir / "test.zarr",
                overwrite=True, progress=progress)
-    # Held-out rows: the same generator continued past the training rows (same classes, new
-    # draws); only one block of them is held in memory.
-    spec = SyntheticSpec.from_string(f"rows={rows + test_rows},{knobs}")
-    blocks = spec.iter_blocks(test_rows)
-    for _ in range(rows // test_rows):
-        next(blocks)
-    X_test, y_test = next(blocks)
-    with Progress("ingest test", unit="blocks", enabled=show_progress) as progress:
-        ingest(ArraySource(f"synthetic held-out rows {rows}..{rows + test_rows}", X_test, y_test),
-               workdir / "test.zarr", block_rows=block_rows, overwrite=True, progress=progress)
     ingest_seconds = time.perf_counter() - t0
 
     # The embedded cluster, started for the demo unless `up --local` left one running.

@@ -1,12 +1,14 @@
 """The Inc-kSGD training job on a Dask cluster, and distributed scoring and prediction.
 
-The client submits, per block, a partition task and one fit task per cluster (see
-:mod:`rpicluster.train.tasks`); every block's clusters are interleaved so all workers stay busy,
-and Dask weighs data locality against idle cores when it places a fit. At most
-``max_blocks_in_flight`` blocks are submitted at once (default: one more than there are workers),
-which bounds each worker's memory to about two or three blocks whatever the dataset size. As
-each block's fits return, the block model is assembled and committed to the run directory; a
-resumed run skips the committed blocks.
+The client submits, per block, a partition task and one fit task per group of clusters (see
+:mod:`rpicluster.train.tasks`; keys start with their phase: ``partition-``, ``fit-``,
+``score-``...); every block's clusters are interleaved so all workers stay busy, and Dask weighs
+data locality against idle cores when it places a fit. At most a window of blocks is in flight
+(default: one more than there are workers, fewer where the workers' memory limits say so), which
+bounds each worker's memory to about two blocks whatever the dataset size. As each block's fits
+return, the block model is assembled, the next block is submitted, and the model is committed to
+the run directory by a background thread; a resumed run skips the committed blocks.
+:class:`TrainingRun` is the run loop.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import dataclasses
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,13 @@ class TrainResult:
         Blocks fitted by this call, and blocks taken from the run directory.
     tasks_per_worker, rows_per_worker, busy_seconds_per_worker : Counter
         Partition and fit tasks, rows processed and task seconds, by worker name.
+    run_dir : Path or None
+    phases : dict
+        Seconds by phase: on the workers ``read``, ``kmeans``, ``sort``, ``fit`` (task time,
+        summed over workers) and ``partition-cpu``, ``fit-cpu`` (their CPU time), on the driver ``driver-assemble``, ``driver-validation`` and
+        ``driver-commit`` (waiting for the background writer at the end).
+    window : int
+        Blocks that were in flight at once.
     """
 
     model: object
@@ -51,6 +61,8 @@ class TrainResult:
     rows_per_worker: Counter
     busy_seconds_per_worker: Counter
     run_dir: Path | None = None
+    phases: dict = dataclasses.field(default_factory=dict)
+    window: int = 0
 
     def rows_per_second(self) -> dict:
         """Per-worker throughput over the time each worker spent in tasks."""
@@ -61,22 +73,350 @@ class TrainResult:
 class _Block:
     """Futures and results of one block in flight."""
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, planned: str | None):
         self.index = index
-        self.futures: list = []
+        self.planned = planned  # the worker chosen to partition it (None: Dask chooses)
+        self.address: str | None = None  # the worker that did, and holds its rows
+        self.futures: list = []  # the client's references: meta and the fits
         self.meta: dict | None = None
-        self.models: dict[int, object] = {}
+        self.models: dict[int, object] = {}  # cluster -> LocalModel
+        self.fits_left = 0
         self.n_clusters = 0
 
     def complete(self) -> bool:
-        return self.meta is not None and len(self.models) == self.n_clusters
+        return self.meta is not None and self.fits_left == 0
 
 
 VALIDATE = "validate"  # marks a validation-scoring future in the driver's bookkeeping
+# RSS of a worker once training's libraries are imported and their buffers allocated (measured
+# ~210 MiB on x86-64; a worker that has not run a task yet reports less).
+_WORKER_BASELINE = 256 * 2**20
 
 
 def _log(client, kind: str, **fields) -> None:
     client.log_event(ev.TOPIC, ev.make_event(kind, **fields))
+
+
+def worker_slots(worker_info: dict, block_bytes: int) -> dict[str, int]:
+    """Blocks each worker may hold at once, from its memory limit and threads.
+
+    A block held costs one block (its rows, sorted in place; the fits' pieces are views), and
+    partitioning one costs about a third of a block more for a moment (k-means' sample), plus
+    pieces of other blocks a worker fits: so a worker gets ``(room - block / 2) // (1.5 block)``
+    slots, at least one and at most its threads, where room is its limit above its
+    post-import baseline. A worker without a limit gets one slot per thread.
+
+    Parameters
+    ----------
+    worker_info : dict
+        ``client.scheduler_info()["workers"]`` (or the subset the run may use).
+    block_bytes : int
+        Bytes of one block (rows x features x 4 + labels).
+
+    Returns
+    -------
+    dict
+        Worker address -> slots.
+    """
+    out = {}
+    for addr, w in worker_info.items():
+        threads = max(1, int(w.get("nthreads", 1)))
+        limit = int(w.get("memory_limit") or 0)
+        if not limit:
+            out[addr] = threads
+            continue
+        used = max(int((w.get("metrics") or {}).get("memory") or 0), _WORKER_BASELINE)
+        room = limit - used
+        out[addr] = max(1, min(threads, int((room - block_bytes / 2) // (1.5 * block_bytes))))
+    return out
+
+
+class TrainingRun:
+    """The run loop of one training job: submit, on_result, commit.
+
+    :func:`train` builds one and calls :meth:`run`; the phases are methods so that each can be
+    read and tested alone.
+
+    * :meth:`submit_partition` sends the next block's whole graph at once (partition, meta, and
+      a piece and a fit task per possible fit group, so no worker waits for the driver between
+      a partition and its fits) to a worker with a free slot (:func:`worker_slots`: a worker
+      holds at most as many blocks as its memory allows), while fewer than ``window`` blocks
+      are in flight;
+    * :meth:`on_result` takes one finished task: a meta result records where the block's rows
+      are held, a fit result is stored, a validation result is counted;
+    * :meth:`commit` assembles a complete block model, submits the next partition first (so the
+      workers never wait on the driver), then hands the run-directory write to a background
+      thread (a skops dump and two fsyncs are the driver's slowest step).
+
+    ``driver_seconds`` records where the driver's own time goes (``assemble``, ``commit``
+    [waiting for the writer thread at the end], ``validation``), for the per-phase table of
+    ``benchmarks/train_profile.py``.
+    """
+
+    def __init__(self, estimator, dataset, client, *, run_dir=None, resume: bool = False,
+                 validation=None, workers: list[str] | None = None,
+                 max_blocks_in_flight: int | None = None, progress: Progress | None = None):
+        from distributed import as_completed
+
+        from rpicluster.models.ksgd import resolve_random_state
+
+        self.estimator, self.dataset, self.client = estimator, dataset, client
+        self.validation = validation
+        # A store's blocks are its chunks: block_rows is the store's, whatever the estimator says.
+        self.params = {**estimator._check_params(), "block_rows": int(dataset.block_rows)}
+        self.random_state = resolve_random_state(estimator.random_state)
+        self.classes = np.asarray(dataset.classes)
+        self.rundir = RunDir(run_dir) if run_dir is not None else None
+        self.resume = resume
+        self.done: dict[int, object] = {}
+        self.workers = workers
+        self.where = {"workers": workers, "allow_other_workers": False} if workers else {}
+        self.max_blocks_in_flight = max_blocks_in_flight
+        self.progress = progress or Progress.null()
+        self.run_id = uuid.uuid4().hex[:8]
+        self.counts, self.rows, self.busy = Counter(), Counter(), Counter()
+        self.worker_phases: Counter = Counter()  # task seconds by phase (read, kmeans, ...)
+        self.driver_seconds: Counter = Counter()
+        self.in_flight: dict[int, _Block] = {}
+        self.owner: dict[str, tuple[int, int | str | None]] = {}
+        self.queue = as_completed([], with_results=True, raise_errors=False)
+        self.scores: dict[int, list[int]] = {}  # block -> [validation blocks left, correct, rows]
+        self.n_partitioned = self.n_fitted = 0
+        self.window = 1
+        self.slots: dict[str, int] = {}  # worker address -> blocks it may hold
+        self.holding: Counter = Counter()  # worker address -> blocks held or planned there
+        self.todo: list[int] = []
+        self.resumed: list[int] = []
+        self._pending = iter(())
+        self._writer = None
+        self._writes: list = []  # (block, concurrent future) of run-directory commits
+
+    # --- set-up ---
+
+    def prepare(self) -> None:
+        """Create or resume the run directory, pick the blocks to train and the window."""
+        if self.rundir is not None:
+            self.done = self.rundir.begin(self.params, self.dataset, resume=self.resume)
+        self.resumed = sorted(self.done)
+        self.todo = [b for b in range(self.dataset.n_blocks) if b not in self.done]
+        self._pending = iter(self.todo)
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        if self.workers:
+            wanted = set(self.workers)
+            info = {a: w for a, w in info.items() if a in wanted or w.get("name") in wanted}
+        ds = self.dataset
+        self.slots = worker_slots(info, ds.block_rows * (ds.n_features * 4 + 4))
+        self.window = self.max_blocks_in_flight or max(1, sum(self.slots.values()))
+
+    def _free_worker(self) -> str | None:
+        """The worker with the most free slots (None when there are no workers)."""
+        free = {a: n - self.holding[a] for a, n in self.slots.items()}
+        return max(free, key=free.get) if free else None
+
+    def _key(self, phase: str, *parts) -> str:
+        return "-".join([phase, self.run_id, *(str(p) for p in parts)])
+
+    # --- submit ---
+
+    def submit_partition(self) -> bool:
+        """Submit the next block's tasks if the window and a worker's memory allow; False
+        when nothing was submitted.
+
+        Partition, meta, and one piece and one fit task for each of the ``n_clusters`` fit
+        groups a block can have (a group that turns out not to exist is an empty piece and a
+        fit that returns nothing). The client keeps only meta and the fits: a piece is released
+        once its fit has run, the partition result once every piece is cut from it.
+        """
+        if len(self.in_flight) >= self.window:
+            return False
+        # A window the caller fixed is taken as is, and Dask places the blocks.
+        planned = self._free_worker() if self.max_blocks_in_flight is None else None
+        if self.max_blocks_in_flight is None and (
+                planned is None or self.holding[planned] >= self.slots[planned]):
+            return False  # every worker holds all the blocks its memory allows
+        b = next(self._pending, None)
+        if b is None:
+            return False
+        blk = self.in_flight[b] = _Block(b, planned)
+        where = self.where
+        if planned is not None:
+            self.holding[planned] += 1
+            # The partition and its pieces on the planned worker: Dask would otherwise cut a
+            # piece on an idle worker and move the whole block there first. A preference, not
+            # a pin: if that worker dies, Dask runs them elsewhere.
+            where = {"workers": [planned], "allow_other_workers": True}
+        # Earlier blocks first, so they finish and free their workers' memory in order.
+        part = self.client.submit(tasks.partition_task, self.dataset, b, self.params,
+                                  self.random_state, key=self._key("partition", b),
+                                  priority=-b, **where)
+        meta = self.client.submit(tasks.block_meta, part, key=self._key("meta", b),
+                                  priority=-b, **where)
+        self.owner[meta.key] = (b, None)
+        self.queue.add(meta)
+        blk.futures = [meta]
+        for g in range(int(self.params["n_clusters"])):
+            piece = self.client.submit(tasks.cluster_piece, part, g,
+                                       key=self._key("piece", b, g), priority=-b, **where)
+            fit = self.client.submit(tasks.fit_task, piece, b, g, self.params,
+                                     self.random_state, key=self._key("fit", b, g),
+                                     priority=-b, **self.where)
+            self.owner[fit.key] = (b, g)
+            self.queue.add(fit)
+            blk.futures.append(fit)
+        blk.fits_left = int(self.params["n_clusters"])
+        return True
+
+    def submit_validation(self, b: int, model) -> None:
+        """Score block model ``b`` on every validation block (``score-…`` tasks)."""
+        t0 = time.perf_counter()
+        client, workers = self.client, self.workers
+        [remote] = client.scatter([model], hash=False, **({"workers": workers} if workers else {}))
+        self.scores[b] = [self.validation.n_blocks, 0, 0]
+        for vb in range(self.validation.n_blocks):
+            f = client.submit(tasks.score_task, remote, self.validation, vb, pure=False,
+                              key=self._key("score", b, vb), priority=-b, **self.where)
+            self.owner[f.key] = (b, VALIDATE)
+            self.queue.add(f)
+        self.driver_seconds["validation"] += time.perf_counter() - t0
+
+    # --- results ---
+
+    def on_result(self, future, result) -> None:
+        """Take one finished task's result (raises TrainingError for a failed task)."""
+        b, j = self.owner.pop(future.key)
+        if future.status == "error":
+            _raise_task_error(future, b, None if j == VALIDATE else j)
+        if j == VALIDATE:
+            left, correct, total = self.scores[b]
+            self.scores[b] = [left - 1, correct + result[0], total + result[1]]
+            if left == 1:
+                _log(self.client, ev.VALIDATION, run_id=self.run_id, block=b,
+                     accuracy=self.scores[b][1] / max(self.scores[b][2], 1))
+            return
+        blk = self.in_flight[b]
+        w = result["worker"]
+        if result["rows"]:
+            self.counts[w] += 1
+            self.rows[w] += result["rows"]
+            self.busy[w] += result["seconds"]
+        if j is None:
+            blk.meta = result
+            blk.n_clusters = len(result["sizes"])
+            blk.address = result["address"]
+            if blk.planned != blk.address:  # Dask chose, or the planned worker left
+                if blk.planned is not None:
+                    self.holding[blk.planned] -= 1
+                self.holding[blk.address] += 1
+            self.worker_phases.update(result["phases"])
+            self.n_partitioned += 1
+            _log(self.client, ev.PARTITIONED, run_id=self.run_id, block=b, rows=result["rows"],
+                 worker=w, seconds=result["seconds"])
+        else:
+            blk.fits_left -= 1
+            self.worker_phases["fit"] += result["seconds"]
+            self.worker_phases["fit-cpu"] += result.get("cpu", 0.0)
+            share = result["seconds"] / max(1, result["rows"])
+            first = result["first"]
+            for i, (model, n) in enumerate(zip(result["models"], result["sizes"])):
+                blk.models[first + i] = model
+                self.n_fitted += 1
+                # One event per cluster, the group's seconds shared by rows: the dashboard
+                # counts clusters, whatever the batching.
+                _log(self.client, ev.FITTED, run_id=self.run_id, block=b, cluster=first + i,
+                     rows=int(n), worker=w, seconds=share * n)
+        self.progress.advance(0, note=f"{self.n_partitioned}/{len(self.todo)} partitioned, "
+                                      f"{self.n_fitted} clusters fitted")
+        if blk.complete():
+            self.commit(blk)
+
+    def commit(self, blk: _Block) -> None:
+        """Assemble a complete block's model, keep the window full, write it in the background."""
+        from rpicluster.models.ksgd import KSGDClassifier
+
+        b = blk.index
+        del self.in_flight[b]  # drops the futures: the block's data leaves the workers
+        if blk.address is not None and self.holding[blk.address] > 0:
+            self.holding[blk.address] -= 1
+        while self.submit_partition():  # before anything slow: a worker may be waiting
+            pass
+        t0 = time.perf_counter()
+        model = KSGDClassifier.from_parts(self.classes, blk.meta["centers"],
+                                          [blk.models[c] for c in range(blk.n_clusters)],
+                                          self.params)
+        self.done[b] = model
+        self.driver_seconds["assemble"] += time.perf_counter() - t0
+        if self.validation is not None:
+            self.submit_validation(b, model)
+        if self.rundir is None:
+            self._committed(b)
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="rpicluster-commit")
+        self._writes.append(
+            (b, self._writer.submit(self.rundir.commit_block, b, model, {"rows": blk.meta["rows"]})))
+        self._drain_writes(wait=False)
+
+    def _committed(self, b: int) -> None:
+        _log(self.client, ev.COMMITTED, run_id=self.run_id, block=b)
+        self.progress.advance(note=f"block {b} committed, {self.n_fitted} clusters fitted")
+
+    def _drain_writes(self, wait: bool) -> None:
+        """Report the run-directory writes that finished (all of them with ``wait``); a failed
+        write raises here, in the driver."""
+        t0 = time.perf_counter()
+        still = []
+        for b, w in self._writes:
+            if wait or w.done():
+                w.result()
+                self._committed(b)
+            else:
+                still.append((b, w))
+        self._writes = still
+        if wait:
+            self.driver_seconds["commit"] += time.perf_counter() - t0
+
+    # --- the loop ---
+
+    def run(self) -> TrainResult:
+        """Prepare, then submit and take results until every block is committed."""
+        t0 = time.perf_counter()
+        self.prepare()
+        ds = self.dataset
+        _log(self.client, ev.RUN_START, run_id=self.run_id, n_blocks=ds.n_blocks,
+             resumed=len(self.resumed), n_clusters=int(self.params["n_clusters"]),
+             rows=int(ds.n_rows))
+        # The run directory is owned (locked) until the last block is committed.
+        with self.progress, self.rundir or contextlib.nullcontext():
+            if self.resumed:
+                self.progress.skip(len(self.resumed), note=f"{len(self.resumed)} resumed")
+            try:
+                while self.submit_partition():
+                    pass
+                for future, result in self.queue:
+                    self.on_result(future, result)
+                    self._drain_writes(wait=False)
+                self._drain_writes(wait=True)
+            except BaseException:
+                for blk in self.in_flight.values():
+                    self.client.cancel(blk.futures)
+                _log(self.client, ev.RUN_END, run_id=self.run_id)
+                raise
+            finally:
+                if self._writer is not None:
+                    self._writer.shutdown(wait=True)
+        est = self.estimator
+        est.estimators_ = [self.done[b] for b in range(ds.n_blocks)]
+        est.classes_ = self.classes
+        est.n_features_in_ = int(ds.n_features)
+        _log(self.client, ev.RUN_END, run_id=self.run_id)
+        return TrainResult(model=est, seconds=time.perf_counter() - t0,
+                           trained_blocks=self.todo, resumed_blocks=self.resumed,
+                           tasks_per_worker=self.counts, rows_per_worker=self.rows,
+                           busy_seconds_per_worker=self.busy,
+                           run_dir=self.rundir.path if self.rundir else None,
+                           phases={**self.worker_phases, **{f"driver-{k}": v for k, v in
+                                                            self.driver_seconds.items()}},
+                           window=self.window)
 
 
 def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
@@ -104,7 +444,8 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
         Run every task on these workers only (addresses or names), e.g. one step of a scaling
         benchmark; default: any worker.
     max_blocks_in_flight : int, optional
-        Blocks submitted at once; default one more than the number of workers.
+        Blocks submitted at once; default one more than the number of workers, fewer where the
+        workers' memory limits allow fewer (:func:`worker_slots`).
     progress : Progress, optional
         Where to report blocks committed (with partition/fit counts and ETA).
 
@@ -113,134 +454,9 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
     TrainingError
         A task failed or kept killing its worker; the message names the block (and cluster).
     """
-    from distributed import as_completed
-
-    from rpicluster.models.ksgd import KSGDClassifier, resolve_random_state
-
-    t0 = time.perf_counter()
-    # A store's blocks are its chunks: block_rows is the store's, whatever the estimator says.
-    params = {**estimator._check_params(), "block_rows": int(dataset.block_rows)}
-    random_state = resolve_random_state(estimator.random_state)
-    classes = np.asarray(dataset.classes)
-    n_blocks = dataset.n_blocks
-    rundir = RunDir(run_dir) if run_dir is not None else None
-    done = rundir.begin(params, dataset, resume=resume) if rundir is not None else {}
-    resumed = sorted(done)
-    todo = [b for b in range(n_blocks) if b not in done]
-    n_workers = len(workers) if workers else max(1, len(client.scheduler_info()["workers"]))
-    where = {"workers": workers, "allow_other_workers": False} if workers else {}
-    window = max_blocks_in_flight or n_workers + 1
-    run_id = uuid.uuid4().hex[:8]
-    progress = progress or Progress.null()
-    counts, rows, busy = Counter(), Counter(), Counter()
-    _log(client, ev.RUN_START, run_id=run_id, n_blocks=n_blocks, resumed=len(resumed),
-         n_clusters=int(params["n_clusters"]), rows=int(dataset.n_rows))
-
-    in_flight: dict[int, _Block] = {}
-    pending = iter(todo)
-    queue = as_completed([], with_results=True, raise_errors=False)
-    owner: dict[str, tuple[int, int | None]] = {}
-    prefix = f"rpicluster-{run_id}"
-
-    def submit_partition() -> None:
-        b = next(pending, None)
-        if b is None:
-            return
-        blk = in_flight[b] = _Block(b)
-        # Earlier blocks first, so they finish and free their workers' memory in order.
-        part = client.submit(tasks.partition_task, dataset, b, params, random_state,
-                             key=f"{prefix}-partition-{b}", priority=-b, **where)
-        meta = client.submit(tasks.block_meta, part, key=f"{prefix}-meta-{b}", priority=-b,
-                             **where)
-        owner[meta.key] = (b, None)
-        queue.add(meta)
-        blk.futures = [part, meta]
-
-    def submit_fits(blk: _Block) -> None:
-        b, part = blk.index, blk.futures[0]
-        for j in range(blk.n_clusters):
-            piece = client.submit(tasks.cluster_piece, part, j, key=f"{prefix}-piece-{b}-{j}",
-                                  priority=-b, **where)
-            fit = client.submit(tasks.fit_task, piece, b, j, params, random_state,
-                                key=f"{prefix}-fit-{b}-{j}", priority=-b, **where)
-            owner[fit.key] = (b, j)
-            queue.add(fit)
-            blk.futures += [piece, fit]
-
-    n_partitioned = n_fitted = 0
-    scores: dict[int, list[int]] = {}  # block -> [validation blocks left, correct, rows]
-
-    def submit_validation(b: int, model) -> None:
-        [remote] = client.scatter([model], hash=False, **({"workers": workers} if workers else {}))
-        scores[b] = [validation.n_blocks, 0, 0]
-        for vb in range(validation.n_blocks):
-            f = client.submit(tasks.score_task, remote, validation, vb, pure=False,
-                              key=f"{prefix}-validate-{b}-{vb}", priority=-b, **where)
-            owner[f.key] = (b, VALIDATE)
-            queue.add(f)
-
-    with progress, rundir or contextlib.nullcontext():  # owns the run directory until done
-        if resumed:
-            progress.skip(len(resumed), note=f"{len(resumed)} resumed")
-        for _ in range(window):
-            submit_partition()
-        try:
-            for future, result in queue:
-                b, j = owner.pop(future.key)
-                if future.status == "error":
-                    _raise_task_error(future, b, None if j == VALIDATE else j)
-                if j == VALIDATE:
-                    left, correct, total = scores[b]
-                    scores[b] = [left - 1, correct + result[0], total + result[1]]
-                    if left == 1:
-                        _log(client, ev.VALIDATION, run_id=run_id, block=b,
-                             accuracy=scores[b][1] / max(scores[b][2], 1))
-                    continue
-                blk = in_flight[b]
-                counts[result["worker"]] += 1
-                rows[result["worker"]] += result["rows"]
-                busy[result["worker"]] += result["seconds"]
-                if j is None:
-                    blk.meta = result
-                    blk.n_clusters = len(result["sizes"])
-                    submit_fits(blk)
-                    n_partitioned += 1
-                    _log(client, ev.PARTITIONED, run_id=run_id, block=b, rows=result["rows"],
-                         worker=result["worker"], seconds=result["seconds"])
-                else:
-                    blk.models[j] = result["model"]
-                    n_fitted += 1
-                    _log(client, ev.FITTED, run_id=run_id, block=b, cluster=j,
-                         rows=result["rows"], worker=result["worker"],
-                         seconds=result["seconds"])
-                progress.advance(0, note=f"{n_partitioned}/{len(todo)} partitioned, "
-                                         f"{n_fitted} clusters fitted")
-                if blk.complete():
-                    model = KSGDClassifier.from_parts(
-                        classes, blk.meta["centers"],
-                        [blk.models[c] for c in range(blk.n_clusters)], params)
-                    if rundir is not None:
-                        rundir.commit_block(b, model, {"rows": blk.meta["rows"]})
-                    done[b] = model
-                    del in_flight[b]  # drops the futures: the block's data leaves the workers
-                    _log(client, ev.COMMITTED, run_id=run_id, block=b)
-                    progress.advance(note=f"block {b} committed, {n_fitted} clusters fitted")
-                    if validation is not None:
-                        submit_validation(b, model)
-                    submit_partition()
-        except BaseException:
-            for blk in in_flight.values():
-                client.cancel(blk.futures)
-            _log(client, ev.RUN_END, run_id=run_id)
-            raise
-    estimator.estimators_ = [done[b] for b in range(n_blocks)]
-    estimator.classes_ = classes
-    estimator.n_features_in_ = int(dataset.n_features)
-    _log(client, ev.RUN_END, run_id=run_id)
-    return TrainResult(model=estimator, seconds=time.perf_counter() - t0,
-                       trained_blocks=todo, resumed_blocks=resumed, tasks_per_worker=counts,
-                       rows_per_worker=rows, busy_seconds_per_worker=busy,
-                       run_dir=rundir.path if rundir else None)
+    return TrainingRun(estimator, dataset, client, run_dir=run_dir, resume=resume,
+                       validation=validation, workers=workers,
+                       max_blocks_in_flight=max_blocks_in_flight, progress=progress).run()
 
 
 def _raise_task_error(future, block: int, cluster: int | None):
@@ -263,7 +479,9 @@ def _map_blocks(client, func, model, dataset, progress: Progress | None, what: s
     from distributed import as_completed
 
     [remote_model] = client.scatter([model], broadcast=True, hash=False)
-    futures = [client.submit(func, remote_model, dataset, b, pure=False, priority=-b)
+    run = uuid.uuid4().hex[:8]
+    futures = [client.submit(func, remote_model, dataset, b, pure=False, priority=-b,
+                             key=f"{func.__name__.removesuffix('_task')}-{run}-{b}")
                for b in range(dataset.n_blocks)]
     index = {f.key: b for b, f in enumerate(futures)}
     out: list = [None] * len(futures)
@@ -294,9 +512,11 @@ def score_dataset(model, dataset, client, *, progress: Progress | None = None) -
 def _register() -> None:
     # The estimator fits a blocked dataset on the current client through this job, without
     # importing it (models sit below train).
-    from rpicluster.models.incremental import register_distributed_fit
+    from rpicluster.models.incremental import (register_distributed_fit,
+                                               register_distributed_predict)
 
     register_distributed_fit(train)
+    register_distributed_predict(predict_dataset, score_dataset)
 
 
 _register()

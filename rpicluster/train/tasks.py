@@ -1,15 +1,30 @@
 """Task functions that run on the workers. Each is a pure function of its inputs.
 
-A training block b becomes this small graph (keys carry the run id, block and cluster)::
+A training block b becomes this small graph (each key starts with its phase, so Dask's own
+dashboard tells the phases apart; then the run id, block and group)::
 
-    partition-b  : read X[b], y[b] from the Zarr store (on the worker), k-means -> k row groups
-      ├─ meta-b        : centroids and group sizes (small; gathered by the client)
-      └─ piece-b-j     : rows of cluster j (stays on a worker; Dask moves it if an idle worker
-           └─ fit-b-j    takes the fit) -> one local linear model (gathered by the client)
+    partition-<run>-b : read X[b], y[b] from the Zarr store (on the worker), k-means, then sort
+      │                 the block's rows by cluster in place (clusters are contiguous slices)
+      ├─ meta-<run>-b        : centroids, cluster sizes, fit groups (small; to the client)
+      └─ piece-<run>-b-g     : group g's rows, a view into the sorted block (stays on a worker;
+           └─ fit-<run>-b-g    Dask moves it if an idle worker takes the fit) -> one local
+                               linear model per cluster of the group (to the client)
 
-Only centroids and fitted local models reach the client; training rows never do. Every random
-choice derives from (random_state, block, cluster), so a task that runs twice (its worker died)
-gives the same result, and the distributed model equals the in-process one.
+The client submits all of it at once, with ``n_clusters`` piece/fit pairs (a group the block
+turns out not to have is empty), so no worker waits for the client between a partition and
+its fits.
+
+A group is one cluster, or several consecutive small clusters batched into one task (see
+:func:`fit_groups`); each cluster is still fitted alone, with its own seed, so grouping never
+changes the model. Only centroids and fitted local models reach the client; training rows never
+do. Every random choice derives from (random_state, block, cluster), so a task that runs twice
+(its worker died, or a straggler's task was re-run elsewhere) gives the same result, and the
+distributed model equals the in-process one.
+
+Memory on the worker that partitions a block: the block is read straight into its array
+(:meth:`rpicluster.data.store.Dataset.block`), sorted in place
+(:func:`~rpicluster.models.ksgd.permute_rows`), and the pieces are views of it, so the block
+costs one block of memory until its last piece is released.
 """
 
 from __future__ import annotations
@@ -29,41 +44,148 @@ def worker_name() -> str:
         return "local"
 
 
-def partition_task(dataset, block: int, params: dict, random_state: int) -> dict:
-    """Read block ``block`` of ``dataset`` and split its rows by nearest k-means centroid."""
-    from rpicluster.models.ksgd import partition_block, task_seed
+_CONTROLLER = None
 
-    t0 = time.perf_counter()
+
+def one_blas_thread():
+    """BLAS limited to one thread, as in the in-process fit: a worker's threads are its
+    parallelism, and oversubscribed BLAS was measured a hundred times slower. The library scan
+    is done once per process (``threadpool_limits`` rescans on every call: ~20 ms a task)."""
+    global _CONTROLLER
+    from threadpoolctl import ThreadpoolController
+
+    if _CONTROLLER is None:
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=1, user_api="blas")
+
+
+def worker_address() -> str | None:
+    """Address of the Dask worker running the current task, or None outside a worker."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except ValueError:
+        return None
+
+
+def fit_groups(sizes, min_rows: int) -> list[tuple[int, int]]:
+    """Consecutive clusters batched into fit tasks: ``[(first, stop), ...]``.
+
+    Clusters are taken in order and a group closes once it holds ``min_rows`` rows, so a large
+    cluster is a task of its own and small ones share one (a task costs a scheduler round trip
+    and, if it moves, a transfer, whatever its size). The groups cover every cluster once.
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Rows per cluster.
+    min_rows : int
+        Rows a group collects before it closes.
+    """
+    groups, first, rows = [], 0, 0
+    for j, n in enumerate(sizes):
+        rows += int(n)
+        if rows >= min_rows:
+            groups.append((first, j + 1))
+            first, rows = j + 1, 0
+    if first < len(sizes):
+        if groups and rows < min_rows:
+            groups[-1] = (groups[-1][0], len(sizes))  # a small remainder joins the last group
+        else:
+            groups.append((first, len(sizes)))
+    return groups
+
+
+def min_group_rows(rows: int, n_clusters: int) -> int:
+    """Rows a fit group collects: half an average cluster of the block."""
+    return max(1, rows // (2 * max(1, n_clusters)))
+
+
+def partition_task(dataset, block: int, params: dict, random_state: int) -> dict:
+    """Read block ``block`` of ``dataset``, cluster its rows and sort them by cluster in place.
+
+    Returns
+    -------
+    dict
+        ``X``, ``y`` (the block, rows sorted by cluster), ``centers``, ``bounds`` (cluster ``j``
+        is rows ``bounds[j]:bounds[j + 1]``), ``groups`` (:func:`fit_groups`), ``rows``,
+        ``worker``, ``seconds`` and ``phases`` (seconds of read, k-means and sort, and the
+        task's CPU seconds: on a loaded machine wall time also counts waiting for a core).
+    """
+    from rpicluster.models.ksgd import group_rows, partition_block, permute_rows, task_seed
+
+    t0, c0 = time.perf_counter(), time.thread_time()
     X, y = dataset.block(block)
-    centers, labels = partition_block(X, params["n_clusters"], seed=task_seed(random_state, block))
-    # Rows of each cluster in their original order, as the in-process fit takes them.
-    order = np.argsort(labels, kind="stable")
-    bounds = np.searchsorted(labels[order], np.arange(centers.shape[0] + 1))
-    pieces = [(X[order[a:z]], y[order[a:z]]) for a, z in zip(bounds[:-1], bounds[1:])]
-    return {"centers": centers, "pieces": pieces, "rows": int(X.shape[0]),
-            "worker": worker_name(), "seconds": time.perf_counter() - t0}
+    if not X.flags.writeable:
+        X = X.copy()
+    t1 = time.perf_counter()
+    with one_blas_thread():
+        centers, labels = partition_block(X, params["n_clusters"],
+                                          seed=task_seed(random_state, block))
+    t2 = time.perf_counter()
+    order, bounds = group_rows(labels, centers.shape[0])
+    del labels
+    permute_rows(X, order)
+    y = y[order]
+    del order
+    sizes = np.diff(bounds)
+    t3 = time.perf_counter()
+    return {"X": X, "y": y, "centers": centers, "bounds": bounds,
+            "groups": fit_groups(sizes, min_group_rows(X.shape[0], params["n_clusters"])),
+            "rows": int(X.shape[0]), "worker": worker_name(), "address": worker_address(),
+            "seconds": t3 - t0,
+            "phases": {"read": t1 - t0, "kmeans": t2 - t1, "sort": t3 - t2,
+                       "partition-cpu": time.thread_time() - c0}}
 
 
 def block_meta(part: dict) -> dict:
-    """The small part of a partition result: centroids, group sizes, who ran it and how long."""
-    return {"centers": part["centers"], "sizes": [int(p[1].shape[0]) for p in part["pieces"]],
-            "rows": part["rows"], "worker": part["worker"], "seconds": part["seconds"]}
+    """The small part of a partition result: centroids, sizes, groups, who ran it, how long."""
+    return {"centers": part["centers"], "sizes": np.diff(part["bounds"]).tolist(),
+            "groups": part["groups"], "rows": part["rows"], "worker": part["worker"],
+            "address": part["address"],
+            "seconds": part["seconds"], "phases": part["phases"]}
 
 
-def cluster_piece(part: dict, cluster: int):
-    """Rows ``(X_j, y_j)`` of cluster ``cluster``."""
-    return part["pieces"][cluster]
+def cluster_piece(part: dict, group: int):
+    """Rows of fit group ``group``: ``(X_g, y_g, bounds_g, first)``, views into the sorted block.
+
+    ``bounds_g`` are the group's cluster bounds relative to its first row and ``first`` its
+    first cluster. A group the block does not have (the client submits ``n_clusters`` fits
+    before it knows how many groups there are) is empty.
+    """
+    bounds = part["bounds"]
+    if group >= len(part["groups"]):
+        k = len(bounds) - 1
+        return part["X"][:0], part["y"][:0], bounds[k:] - bounds[k], k
+    first, stop = part["groups"][group]
+    lo, hi = int(bounds[first]), int(bounds[stop])
+    return part["X"][lo:hi], part["y"][lo:hi], bounds[first:stop + 1] - lo, first
 
 
-def fit_task(piece, block: int, cluster: int, params: dict, random_state: int) -> dict:
-    """Fit cluster ``cluster``'s local model of block ``block`` on its rows."""
+def fit_task(piece, block: int, group: int, params: dict, random_state: int) -> dict:
+    """Fit the local model of every cluster of fit group ``group`` of block ``block``.
+
+    Returns
+    -------
+    dict
+        ``models`` (one LocalModel per cluster, from cluster ``first`` on), ``first``, ``sizes``,
+        ``rows``,
+        ``worker``, ``seconds``, ``cpu`` (the task's CPU seconds).
+    """
     from rpicluster.models.ksgd import fit_cluster, task_seed
 
-    t0 = time.perf_counter()
-    X, y = piece
-    model = fit_cluster(X, y, params=params, seed=task_seed(random_state, block, cluster))
-    return {"model": model, "rows": int(X.shape[0]), "worker": worker_name(),
-            "seconds": time.perf_counter() - t0}
+    t0, c0 = time.perf_counter(), time.thread_time()
+    X, y, bounds, first_cluster = piece
+    models = []
+    with one_blas_thread():
+        for i, (a, z) in enumerate(zip(bounds[:-1], bounds[1:])):
+            models.append(fit_cluster(X[a:z], y[a:z], params=params,
+                                      seed=task_seed(random_state, block, first_cluster + i)))
+    return {"models": models, "first": int(first_cluster), "sizes": np.diff(bounds).tolist(),
+            "rows": int(X.shape[0]),
+            "worker": worker_name(), "seconds": time.perf_counter() - t0,
+            "cpu": time.thread_time() - c0}
 
 
 def predict_task(model, dataset, block: int) -> np.ndarray:

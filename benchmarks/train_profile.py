@@ -1,0 +1,185 @@
+"""Where a training run's time goes: a per-phase table, 1 vs N workers, Dask vs in-process.
+
+    python benchmarks/train_profile.py [--rows 192000 --features 512 --classes 200 --blocks 8]
+        [--clusters 16 --epochs 10] [--workers 2] [--repeats 1] [--out DIR] [--store PATH]
+
+One run each (same store, parameters and seed): the in-process fit with ``n_jobs=N`` threads,
+then the Dask job on 1 worker x 1 thread and on N workers x 1 thread (fresh nanny LocalClusters,
+libraries imported on every worker before the clock starts). For the Dask runs the table splits
+the wall time x workers into:
+
+* worker phases, from the tasks' own timers: ``read`` (chunk into its array), ``k-means``,
+  ``sort`` (rows grouped by cluster in place), ``fit`` (SGD of every cluster);
+* other task time from Dask's task stream (``meta``, ``piece`` tasks, deserialisation) and
+  ``transfers`` (pieces moving to the worker that fits them);
+* the driver's own time: ``assemble`` (block model from its parts), ``validation`` (submitting
+  the scoring), ``commit`` (waiting at the end for the background run-directory writer),
+  and the driver process's CPU seconds;
+* ``idle``: worker-seconds in which a worker ran nothing (wall x workers - task time).
+
+It also prints CPU seconds per worker (``time.process_time`` on each worker, before and after):
+on a loaded machine the ratio of CPU to wall time shows how much of a core the run really got.
+Writes Markdown to ``--out``/train_profile.md (default benchmarks/results). Works on older
+checkouts too (phases it cannot see there stay empty), so a before/after pair is
+``PYTHONPATH=<old checkout> python benchmarks/train_profile.py --out before/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+PHASE_RE = re.compile(r"(?:^|-)(partition|meta|piece|fit|validate|score)(?:-|$)")
+
+
+def _phase(key) -> str:
+    m = PHASE_RE.search(str(key))
+    return m.group(1) if m else "other"
+
+
+def _warm():
+    """Import what the tasks import, so the first block does not pay for it."""
+    import sklearn.cluster  # noqa: F401
+
+    import rpicluster.models.ksgd  # noqa: F401
+    import rpicluster.train.tasks  # noqa: F401
+    return os.getpid()
+
+
+def _cpu():
+    return time.process_time()
+
+
+def fit_dask(store, params: dict, n_workers: int, *, run_dir=None) -> dict:
+    """One Dask training run on a fresh LocalCluster; the run's phase accounting."""
+    from distributed import Client, LocalCluster, get_task_stream
+
+    from rpicluster import IncrementalKSGDClassifier, open_dataset
+    from rpicluster.train.job import train
+
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        client.run(_warm)
+        ds = open_dataset(store)
+        cpu0 = client.run(_cpu)
+        d0 = time.process_time()
+        with get_task_stream(client) as ts:
+            t0 = time.perf_counter()
+            result = train(IncrementalKSGDClassifier(**params), ds, client, run_dir=run_dir)
+            wall = time.perf_counter() - t0
+        driver_cpu = time.process_time() - d0
+        cpu1 = client.run(_cpu)
+        records = ts.data
+    compute, transfer = Counter(), 0.0
+    for r in records:
+        for s in r.get("startstops", ()):
+            if s["action"] == "compute":
+                compute[_phase(r["key"])] += s["stop"] - s["start"]
+            elif s["action"] == "transfer":
+                transfer += s["stop"] - s["start"]
+    return {"wall": wall, "result": result, "compute": compute, "transfer": transfer,
+            "workers": n_workers, "driver_cpu": driver_cpu,
+            "worker_cpu": sum(cpu1[a] - cpu0.get(a, 0.0) for a in cpu1),
+            "phases": dict(getattr(result, "phases", {}) or {})}
+
+
+def phase_rows(run: dict) -> list[tuple[str, float]]:
+    """(phase, seconds) rows of one Dask run; worker-seconds add up to wall x workers."""
+    ph, comp = run["phases"], run["compute"]
+    rows = []
+    if "read" in ph:
+        rows += [("read (worker)", ph.get("read", 0.0)), ("k-means (worker)", ph.get("kmeans", 0)),
+                 ("sort by cluster (worker)", ph.get("sort", 0.0))]
+        rest = comp["partition"] - ph.get("read", 0) - ph.get("kmeans", 0) - ph.get("sort", 0)
+        rows.append(("partition task, other", max(0.0, rest)))
+    else:
+        rows.append(("partition task (read + k-means + pieces)", comp["partition"]))
+    if "fit-cpu" in ph:
+        rows += [("  partition tasks' CPU", ph.get("partition-cpu", 0.0)),
+                 ("  fit tasks' CPU", ph["fit-cpu"])]
+    rows += [("fit tasks", comp["fit"]), ("meta + piece tasks", comp["meta"] + comp["piece"]),
+             ("validation tasks", comp["validate"] + comp["score"] + comp["other"]),
+             ("transfers", run["transfer"])]
+    busy = sum(comp.values()) + run["transfer"]
+    rows.append(("idle (worker-seconds)", max(0.0, run["wall"] * run["workers"] - busy)))
+    rows += [(f"driver: {k.removeprefix('driver-')}", v) for k, v in sorted(ph.items())
+             if k.startswith("driver-")]
+    rows += [("driver CPU", run["driver_cpu"]), ("workers' CPU", run["worker_cpu"]),
+             ("wall", run["wall"])]
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=192_000)
+    ap.add_argument("--features", type=int, default=512)
+    ap.add_argument("--classes", type=int, default=200)
+    ap.add_argument("--blocks", type=int, default=8)
+    ap.add_argument("--clusters", type=int, default=16)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--store", type=Path, help="reuse (or create) the store here")
+    ap.add_argument("--skip-in-process", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    a = ap.parse_args()
+
+    from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
+
+    block_rows = -(-a.rows // a.blocks)
+    params = dict(n_clusters=a.clusters, max_iter=a.epochs, random_state=0,
+                  block_rows=block_rows)
+    load0 = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = a.store or Path(tmp) / "profile.zarr"
+        try:
+            ds = open_dataset(store)
+            assert (ds.n_rows, ds.n_features, len(ds.classes), ds.block_rows) == (
+                a.rows, a.features, a.classes, block_rows)
+        except Exception:  # noqa: BLE001 - absent or different: build it
+            ds = ingest(f"synthetic:rows={a.rows},features={a.features},classes={a.classes},"
+                        f"seed=0", store, block_rows=block_rows, overwrite=True)
+        t_in = cpu_in = None
+        if not a.skip_in_process:
+            c0, t0 = time.process_time(), time.perf_counter()
+            ref = IncrementalKSGDClassifier(**params, n_jobs=a.workers).fit(ds)
+            t_in, cpu_in = time.perf_counter() - t0, time.process_time() - c0
+            print(f"in-process n_jobs={a.workers}: {t_in:.1f} s (CPU {cpu_in:.1f} s)", flush=True)
+        runs = {}
+        for n in (1, a.workers):
+            runs[n] = fit_dask(store, params, n, run_dir=Path(tmp) / f"run-{n}")
+            print(f"Dask {n} worker(s): {runs[n]['wall']:.1f} s", flush=True)
+        X, _ = ds.block(0)
+        same = (None if a.skip_in_process else
+                bool(np.array_equal(runs[a.workers]["result"].model.predict(X), ref.predict(X))))
+    load1 = os.getloadavg()
+    t1, tn = runs[1]["wall"], runs[a.workers]["wall"]
+    lines = ["# Training profile (benchmarks/train_profile.py)\n",
+             f"{a.rows:,} x {a.features} x {a.classes} classes, {ds.n_blocks} blocks of "
+             f"{block_rows:,}, k={a.clusters}, {a.epochs} epochs; cores: {os.cpu_count()}; "
+             f"load average before {load0[0]:.2f}, after {load1[0]:.2f}\n",
+             f"| phase (seconds) | Dask 1 worker | Dask {a.workers} workers |", "|---|---|---|"]
+    r1, rn = phase_rows(runs[1]), dict(phase_rows(runs[a.workers]))
+    lines += [f"| {name} | {v:.1f} | {rn.get(name, float('nan')):.1f} |" for name, v in r1]
+    lines += ["", f"- speed-up, {a.workers} workers over 1: **{t1 / tn:.2f}x**"]
+    if t_in:
+        lines += [f"- in-process n_jobs={a.workers}: {t_in:.1f} s (CPU {cpu_in:.1f} s); "
+                  f"Dask {a.workers} workers / in-process: **{tn / t_in:.2f}**",
+                  f"- Dask model predicts the same labels as the in-process fit on block 0: "
+                  f"{same}"]
+    lines += [f"- blocks in flight: {getattr(runs[a.workers]['result'], 'window', '?')}; "
+              f"tasks per worker: {dict(runs[a.workers]['result'].tasks_per_worker)}"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "train_profile.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
