@@ -49,6 +49,7 @@ def stores(tmp_path):
                                ("pi3", 1200, 1500, 32), ("validation", 1500, 1797, 64)):
         np.savez(tmp_path / f"{name}.npz", X=X[lo:hi, :cols], y=y[lo:hi])
         paths[name] = tmp_path / name / "local.zarr"
+        paths[name].parent.mkdir()
         ingest(str(tmp_path / f"{name}.npz"), paths[name], block_rows=150)
     return paths
 
