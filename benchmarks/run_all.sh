@@ -16,3 +16,8 @@ rpicluster bench paper -o bench-out/paper               # the paper's shape (~8 
 python benchmarks/ingest_memory.py --gb 8               # streaming ingest stays under 1 GB RSS
 rpicluster bench scaling --local 2 --rows 48000 -o bench-out/scaling-local
 if [ "$(id -u)" = 0 ]; then python benchmarks/scaling_netns.py -o bench-out/scaling-netns; fi
+rpicluster ingest fashion-mnist:train bench-out/fmnist.zarr --block-rows 7500 --overwrite
+rpicluster ingest fashion-mnist:test bench-out/fmnist-test.zarr --block-rows 10000 --overwrite
+rpicluster bench scaling --local 2 --job mlp --data bench-out/fmnist.zarr \
+  --test bench-out/fmnist-test.zarr --hidden 128 --epochs 4 --local-epochs 2 -o bench-out/mlp-scaling
+python benchmarks/federated_noniid.py --train bench-out/fmnist.zarr --test bench-out/fmnist-test.zarr

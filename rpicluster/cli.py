@@ -213,10 +213,22 @@ def dashboard(scheduler, inventory, local) -> None:
                    "otherwise: its block models would vote on classes they never saw).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing model file (and start its run directory afresh).")
+@click.option("--model", "kind", type=click.Choice(["inc-ksgd", "mlp", "sgd"]),
+              default="inc-ksgd", show_default=True,
+              help="inc-ksgd: block ensembles; mlp (MLPClassifier) / sgd (SGDClassifier): one "
+                   "model trained by averaging the workers' partial_fit runs every round.")
+@click.option("--hidden", metavar="N,N,...", help="mlp: hidden layer sizes (default 100).")
+@click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True,
+              help="mlp/sgd: averaging rounds.")
+@click.option("--local-epochs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="mlp/sgd: passes over its blocks each worker makes per round.")
+@click.option("--sync", type=click.Choice(["round", "epoch", "batch"]), default="round",
+              show_default=True, help="mlp/sgd: average once per round, after every local "
+              "epoch, or after every minibatch (parameter-server pattern).")
 @cluster_options
 def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, allow_skewed, scheduler,
-              inventory, local, **params):
-    """Train an Inc-kSGD model on a Zarr store DATA (made by `rpicluster ingest`)."""
+              inventory, local, kind, hidden, rounds, local_epochs, sync, **params):
+    """Train a model on a Zarr store DATA (made by `rpicluster ingest`)."""
     import warnings
 
     from rpicluster.errors import TrainingStopped
@@ -225,6 +237,15 @@ def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, allow_skew
     params = {k: v for k, v in params.items() if v is not None}
     if resume_dir and run_dir and resume_dir != run_dir:
         raise click.UsageError("give --resume RUN_DIR or --run-dir, not both")
+    if kind != "inc-ksgd":
+        if overwrite:
+            raise click.UsageError("--overwrite is for --model inc-ksgd (mlp/sgd: give a new "
+                                   "--run-dir or --resume the old one)")
+        return _train_averaged(data, model_path, resume_dir or run_dir, resume_dir is not None,
+                               test, _cluster(scheduler, inventory, local), kind, hidden, rounds,
+                               local_epochs, sync, params)
+    if hidden is not None:
+        raise click.UsageError("--hidden is for --model mlp")
     import logging
 
     import distributed  # noqa: F401 - configures its loggers on import; ours must come after
@@ -268,6 +289,111 @@ def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, allow_skew
     if summary.test_accuracy is not None:
         click.echo(f"test accuracy: {summary.test_accuracy:.4f}")
     click.echo(f"model: {summary.model_path} (sha256 {summary.sha256[:16]}...)")
+
+
+def averaged_params(kind: str, hidden: str | None, params: dict) -> dict:
+    """Map the shared train flags onto MLPClassifier / SGDClassifier parameters."""
+    from rpicluster.train.averaging import parse_hidden
+
+    for flag, key in (("--clusters", "n_clusters"), ("--epochs", "max_iter"),
+                      ("--solver", "solver")):
+        if key in params:
+            raise click.UsageError(f"{flag} is for --model inc-ksgd (with {kind}: "
+                                   "--rounds and --local-epochs)")
+    if hidden is not None and kind != "mlp":
+        raise click.UsageError("--hidden is for --model mlp")
+    out = {"random_state": params.get("random_state"), "alpha": params.get("alpha")}
+    if kind == "mlp":
+        out["learning_rate_init"] = params.get("eta0")
+        out["batch_size"] = params.get("batch_size")
+        out["hidden_layer_sizes"] = parse_hidden(hidden) if hidden is not None else None
+    else:
+        if "batch_size" in params:
+            raise click.UsageError("--batch-size is for --model inc-ksgd or mlp")
+        if "eta0" in params:
+            out.update(eta0=params["eta0"], learning_rate="constant")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _train_averaged(data, model_path, run_dir, resume, test, cluster, kind, hidden, rounds,
+                    local_epochs, sync, params) -> None:
+    from rpicluster.train.averaging import train_averaged_model
+
+    summary = train_averaged_model(data, model_path, model=kind,
+                                   params=averaged_params(kind, hidden, params), rounds=rounds,
+                                   local_epochs=local_epochs, sync=sync, cluster=cluster,
+                                   run_dir=run_dir, resume=resume, test=test)
+    r = summary.result
+    click.echo(f"trained {len(r.rounds) - r.resumed_rounds} rounds"
+               + (f" (+{r.resumed_rounds} resumed)" if r.resumed_rounds else "")
+               + f" of {kind} (sync {sync}) on {summary.n_workers} workers in {r.seconds:.1f} s")
+    echo_table("rounds", ["round", "seconds", "syncs", "MB moved", "loss", "accuracy"],
+               [[x["round"], f"{x['seconds']:.1f}", x["steps"],
+                 f"{(x['bytes_down'] + x['bytes_up']) / 1e6:.1f}",
+                 "" if x["loss"] is None else f"{x['loss']:.4f}",
+                 "" if x["accuracy"] is None else f"{x['accuracy']:.4f}"]
+                for x in r.rounds[r.resumed_rounds:]])
+    if summary.test_accuracy is not None:
+        click.echo(f"test accuracy: {summary.test_accuracy:.4f}")
+    click.echo(f"model: {summary.model_path} (sha256 {summary.sha256[:16]}...)")
+
+
+@main.command("federate")
+@click.option("-c", "--inventory", required=True, type=click.Path(dir_okay=False, exists=True),
+              metavar="TOML", help="The cluster inventory (workers may give their own data).")
+@click.option("-o", "--output", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="Model file to write (skops format).")
+@click.option("--model", "kind", type=click.Choice(["mlp", "sgd"]), default="mlp",
+              show_default=True)
+@click.option("--data", metavar="PATH", help="The store's path on every host (default: each "
+              "worker's data = ... in the inventory).")
+@click.option("--hidden", metavar="N,N,...", help="mlp: hidden layer sizes (default 100).")
+@click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--local-epochs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Passes over its store each host makes per round.")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+              show_default=True, help="Fraction of the connected hosts sampled each round.")
+@click.option("--min-clients", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Hosts a round needs; it waits --round-timeout (or a minute) for them.")
+@click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="Seconds a host has to return its update (late hosts sit the round out).")
+@click.option("--validation", metavar="DATA", help="A store on this machine scored every round.")
+@click.option("--eta", "eta0", type=click.FloatRange(min=0, min_open=True),
+              help="Learning rate.")
+@click.option("--alpha", type=click.FloatRange(min=0), help="L2 regularisation strength.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="mlp: minibatch rows.")
+@click.option("--seed", "random_state", type=int, help="Random seed (same seed, same model).")
+@click.option("--run-dir", type=click.Path(file_okay=False),
+              help="Where rounds are checkpointed (default MODEL.run).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
+              help="Continue a killed run from its run directory.")
+def federate_cmd(inventory, model_path, kind, data, hidden, rounds, local_epochs, fraction,
+                 min_clients, round_timeout, validation, run_dir, resume_dir, **params):
+    """Federated averaging: each host trains on its own store, only weights travel."""
+    from rpicluster.train.federated import federate
+
+    params = {k: v for k, v in params.items() if v is not None}
+    if resume_dir and run_dir and resume_dir != run_dir:
+        raise click.UsageError("give --resume RUN_DIR or --run-dir, not both")
+
+    def show(report):
+        left = "; ".join(f"{h}: {why}" for h, why in report["left_out"].items())
+        acc = "" if report["accuracy"] is None else f" accuracy {report['accuracy']:.4f}"
+        click.echo(f"round {report['round']}: {len(report['participants'])} hosts, "
+                   f"{report['rows']} rows, {(report['bytes_down'] + report['bytes_up']) / 1e6:.2f}"
+                   f" MB moved, {report['seconds']:.1f} s{acc}" + (f" (left out: {left})"
+                                                                  if left else ""))
+
+    result, digest = federate(inventory, model_path, model=kind,
+                              params=averaged_params(kind, hidden, params), data=data,
+                              rounds=rounds, local_epochs=local_epochs, fraction=fraction,
+                              min_clients=min_clients, round_timeout=round_timeout,
+                              validation=validation, run_dir=resume_dir or run_dir,
+                              resume=resume_dir is not None, show_progress=False, on_round=show)
+    click.echo(f"federated {len(result.rounds) - result.resumed_rounds} rounds"
+               + (f" (+{result.resumed_rounds} resumed)" if result.resumed_rounds else "")
+               + f" in {result.seconds:.1f} s")
+    click.echo(f"model: {model_path} (sha256 {digest[:16]}...)")
 
 
 @main.command("score")
@@ -652,9 +778,17 @@ def demo_cmd(workdir, rows, features, classes, block_rows, local):
 
 @bench.command("scaling")
 @cluster_options
-@click.option("--job", type=click.Choice(["inc-ksgd", "random-forest"]), default="inc-ksgd",
-              show_default=True, help="inc-ksgd: the training job; random-forest: scikit-learn "
-              "RandomForestClassifier through joblib's dask backend.")
+@click.option("--job", type=click.Choice(["inc-ksgd", "random-forest", "mlp", "sgd"]),
+              default="inc-ksgd", show_default=True,
+              help="inc-ksgd: the training job; random-forest: scikit-learn "
+              "RandomForestClassifier through joblib's dask backend; mlp / sgd: model "
+              "averaging, --sync batch (parameter server) against --sync round (local SGD).")
+@click.option("--sync", "syncs", default="batch,round", show_default=True, metavar="S,S",
+              help="mlp/sgd: synchronisation modes to compare (round, epoch, batch).")
+@click.option("--local-epochs", type=click.IntRange(min=1), default=2, show_default=True,
+              help="mlp/sgd: local epochs per round of --sync round.")
+@click.option("--hidden", metavar="N,N,...", help="mlp: hidden layer sizes (default 100).")
+@click.option("--test", metavar="DATA", help="mlp/sgd: held-out store for the accuracy column.")
 @click.option("--data", metavar="DATA.zarr", help="Store (path or URL every worker can read).")
 @click.option("--rows", type=click.IntRange(min=1), metavar="R",
               help=f"Without --data: synthetic rows (default {config.BENCH_SCALING_ROWS:,}), "
@@ -673,19 +807,34 @@ def demo_cmd(workdir, rows, features, classes, block_rows, local):
                    "calibrated workers or their tags).")
 @click.option("--clusters", "n_clusters", type=click.IntRange(min=1),
               help="inc-ksgd: k-means clusters per block.")
-@click.option("--epochs", "max_iter", type=click.IntRange(min=1), help="inc-ksgd: SGD epochs.")
+@click.option("--epochs", "max_iter", type=click.IntRange(min=1),
+              help="inc-ksgd: SGD epochs; mlp/sgd: the epoch budget of every run (default 4).")
 @click.option("--trees", "n_estimators", type=click.IntRange(min=1),
               help="random-forest: trees (default 32).")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
               default=str(config.BENCH_OUT / "scaling"), show_default=True,
               help="Folder for scaling.{csv,json,md,png} and step-N.html.")
-def bench_scaling(scheduler, inventory, local, job, data, rows, features, classes, block_rows,
-                  steps, repeats, simulate, n_clusters, max_iter, n_estimators, out_dir) -> None:
+def bench_scaling(scheduler, inventory, local, job, syncs, local_epochs, hidden, test, data,
+                  rows, features, classes, block_rows, steps, repeats, simulate, n_clusters,
+                  max_iter, n_estimators, out_dir) -> None:
     """The same job on growing worker sets: ideal (cores, capacity) against measured time."""
     from rpicluster.bench.report import to_markdown
     from rpicluster.bench.scaling import scaling_bench
     from rpicluster.progress import Progress
 
+    if job in ("mlp", "sgd"):
+        from rpicluster.bench.averaging import to_markdown as averaging_markdown
+
+        doc = scaling_bench(
+            out_dir, scheduler=scheduler, inventory=inventory, local=local, job=job, data=data,
+            rows=rows, features=features, classes=classes, block_rows=block_rows, steps=steps,
+            params=averaged_params(job, hidden, {}),
+            averaging={"syncs": [x.strip() for x in syncs.split(",")], "test": test,
+                       "epochs": max_iter or 4, "local_epochs": local_epochs},
+            progress=Progress("bench scaling", unit="runs", interval=0), announce=_announce)
+        click.echo(averaging_markdown(doc))
+        click.echo(f"wrote {out_dir}/averaging.{{csv,json,md}}")
+        return
     params = {"n_clusters": n_clusters, "max_iter": max_iter} if job == "inc-ksgd" else \
         {"n_estimators": n_estimators}
     doc = scaling_bench(out_dir, scheduler=scheduler, inventory=inventory, local=local, job=job,

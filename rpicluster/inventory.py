@@ -36,7 +36,7 @@ from rpicluster.errors import InventoryError
 #: Keys allowed in ``[defaults]`` and repeatable in ``[scheduler]`` / ``[[workers]]``.
 CONNECTION_KEYS = ("user", "port", "key", "known_hosts", "python", "local_directory", "env")
 SCHEDULER_KEYS = ("host", "scheduler_port", "dashboard_port") + CONNECTION_KEYS
-WORKER_KEYS = ("host", "hosts", "nthreads", "memory", "tags") + CONNECTION_KEYS
+WORKER_KEYS = ("host", "hosts", "nthreads", "memory", "tags", "data") + CONNECTION_KEYS
 TOP_KEYS = ("scheduler", "defaults", "workers")
 
 # Patterns end in \Z, not $ ($ also matches before a trailing newline).
@@ -71,6 +71,8 @@ class NodeSpec:
     nthreads: int = 1
     memory: int | None = None
     tags: tuple[str, ...] = ()
+    #: A store on this host's own disk (path or URL as the host sees it), for ``federate``.
+    data: str | None = None
 
     @property
     def name(self) -> str:
@@ -281,6 +283,7 @@ class _Parser:
             nthreads=nthreads,
             memory=self.memory(merged.get("memory"), f"{where}.memory"),
             tags=tuple(tags),
+            data=(self.str_path(merged["data"], f"{where}.data") if "data" in merged else None),
         )
 
     def memory(self, value: Any, where: str) -> int | None:
@@ -320,6 +323,7 @@ hosts = "pi[01-04].lan"        # ranges expand anywhere, zero padding kept: "10.
 nthreads = 4
 memory = "3GiB"
 tags = ["rpi4"]                # Dask resources: tasks may ask for resources={"rpi4": 1}
+# data = "~/data/local.zarr"   # this host's own store, for rpicluster federate
 
 # [[workers]]
 # host = "laptop.lan"

@@ -206,17 +206,18 @@ class NamespaceHosts:
     def write_inventory(self, path: str | Path, *, local_directory: str | Path,
                         names=None, nthreads: int = 1, memory: str = "2GiB",
                         tags=lambda name, capped: ["slowpi"] if capped else [],
-                        known_hosts: str | Path | None = None, python: str = sys.executable
-                        ) -> Path:
+                        known_hosts: str | Path | None = None, python: str = sys.executable,
+                        data=None) -> Path:
         """Write an inventory of these hosts (all, or ``names``) for the scheduler on the bridge.
 
         ``tags(name, capped)`` gives each host's tags; the CPU-capped host is the slow "Pi".
         Workers run ``python`` (by default this interpreter: the filesystem is shared) with one
-        BLAS thread per task.
+        BLAS thread per task. ``data(name)``, when given, is each host's own store path.
         """
         groups = "".join(
             f'[[workers]]\nhost = "{self.hosts[n].address}"\nnthreads = {nthreads}\n'
             f'memory = "{memory}"\ntags = {list(tags(n, n == self.capped))!r}\n'.replace("'", '"')
+            + (f'data = "{data(n)}"\n' if data else "")
             for n in (names or self.hosts))
         path = Path(path)
         path.write_text(f"""[scheduler]

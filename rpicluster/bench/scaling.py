@@ -39,6 +39,8 @@ from rpicluster.errors import ConfigError, TrainingError
 from rpicluster.progress import Progress
 
 JOBS = ("inc-ksgd", "random-forest")
+#: Jobs measured by rpicluster.bench.averaging (model averaging, not block tasks).
+AVERAGING_JOBS = ("mlp", "sgd")
 
 
 # --- workers and steps ---
@@ -461,7 +463,8 @@ def scaling_bench(out_dir, *, scheduler: str | None = None, inventory=None,
                   rows: int | None = None, features: int = 256, classes: int = 100,
                   block_rows: int | None = None, steps: str | None = None, repeats: int = 3,
                   simulate: str | None = None, params: dict | None = None,
-                  progress: Progress | None = None, announce=None) -> dict:
+                  progress: Progress | None = None, announce=None,
+                  averaging: dict | None = None) -> dict:
     """``rpicluster bench scaling``: pick the dataset and the cluster, then :func:`run_scaling`.
 
     Without ``data``, a synthetic store of ``rows`` x ``features`` (``classes`` classes, blocks
@@ -469,12 +472,16 @@ def scaling_bench(out_dir, *, scheduler: str | None = None, inventory=None,
     on an SSH cluster the workers must be able to read it (a shared path), else pass ``data``
     as an ``http://`` or ``s3://`` URL. The cluster is chosen by
     :func:`rpicluster.deploy.resolve.client` (``announce(ref)`` hears which one).
+
+    ``job="mlp"`` (or ``"sgd"``) measures model averaging instead
+    (:func:`rpicluster.bench.averaging.run_averaging_scaling`; ``averaging`` holds its
+    ``syncs``, ``epochs``, ``local_epochs`` and ``test`` store).
     """
     from rpicluster.data.store import ingest, open_dataset
     from rpicluster.deploy.resolve import client as cluster_client
 
-    if job not in JOBS:
-        raise ConfigError(f"unknown job {job!r} (jobs: {', '.join(JOBS)})")
+    if job not in JOBS + AVERAGING_JOBS:
+        raise ConfigError(f"unknown job {job!r} (jobs: {', '.join(JOBS + AVERAGING_JOBS)})")
     if data is not None and rows is not None:
         raise ConfigError("give --data or --rows, not both")
     out = Path(out_dir)
@@ -496,6 +503,17 @@ def scaling_bench(out_dir, *, scheduler: str | None = None, inventory=None,
         dataset = open_dataset(data)
     # A running local cluster of another size than ``local`` is refused by the resolver.
     with cluster_client(scheduler, inventory=inventory, local=local, announce=announce) as client:
+        if job in AVERAGING_JOBS:
+            from rpicluster.bench.averaging import run_averaging_scaling
+
+            workers = worker_table(client)
+            opts = dict(averaging or {})
+            test = opts.pop("test", None)
+            return run_averaging_scaling(
+                client, dataset, out, model=job, params=params,
+                steps=parse_steps(steps, workers, worker_order(workers, inventory)),
+                addresses={n: w["address"] for n, w in workers.items()},
+                test=open_dataset(test) if test else None, progress=progress, **opts)
         return run_scaling(client, dataset, out, job=job, params=params, steps=steps,
                            repeats=repeats, inventory=inventory, simulate=simulate,
                            progress=progress)

@@ -69,7 +69,7 @@ def save_model(estimator, path: str | os.PathLike) -> str:
     return digest
 
 
-def load_model(path: str | os.PathLike, *, sha256: str | None = None):
+def load_model(path: str | os.PathLike, *, sha256: str | None = None, expected=None):
     """Load a model saved by :func:`save_model`.
 
     Parameters
@@ -78,12 +78,16 @@ def load_model(path: str | os.PathLike, *, sha256: str | None = None):
         The model file.
     sha256
         Expected digest; by default the one recorded in ``path.sha256`` when that file exists.
+    expected
+        A class or tuple of classes the model must be an instance of (a model file of another
+        kind is refused by name).
 
     Raises
     ------
     ModelError
         The file is missing, its digest does not match, it is not a skops archive, or it holds
-        types outside rpicluster's trusted list (named in the message).
+        types outside rpicluster's trusted list (named in the message), or its model is not
+        of the ``expected`` kind.
     """
     import skops.io as sio
 
@@ -109,7 +113,7 @@ def load_model(path: str | os.PathLike, *, sha256: str | None = None):
         raise ModelError(f"model file {path} holds types rpicluster does not trust: {refused}; "
                          "refusing to load it")
     try:
-        return sio.load(path, trusted=trusted)
+        model = sio.load(path, trusted=trusted)
     except ValueError as exc:
         if "allow_pickle" in str(exc):
             raise ModelError(f"model file {path} holds a pickled array (a .npy member with "
@@ -119,3 +123,9 @@ def load_model(path: str | os.PathLike, *, sha256: str | None = None):
     except Exception as exc:  # noqa: BLE001 - skops raises many kinds for a damaged archive
         raise ModelError(f"model file {path} could not be loaded ({type(exc).__name__}: "
                          f"{exc}); it is damaged or not written by rpicluster") from None
+    if expected is not None and not isinstance(model, expected):
+        names = " or ".join(c.__name__ for c in (expected if isinstance(expected, tuple)
+                                                 else (expected,)))
+        raise ModelError(f"model file {path} holds a {type(model).__name__}, not a {names}; "
+                         "give a model file made for this command")
+    return model

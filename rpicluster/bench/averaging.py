@@ -1,0 +1,127 @@
+"""Scaling of model-averaging training (``bench scaling --job mlp``): parameter server vs local SGD.
+
+For each synchronisation mode and each worker set, the same epoch budget is trained with
+:func:`rpicluster.train.averaging.train_averaged` restricted to the step's workers (one shard per
+worker) and measured: seconds per epoch, held-out accuracy after the budget, bytes moved per
+round and per epoch (global model out to each worker, updates back), and CPU use per worker
+(the worker process's CPU seconds over the wall time, as the boards paper reported it).
+``sync="batch"`` averages after every minibatch (the paper's parameter-server pattern);
+``sync="round"`` after ``local_epochs`` local passes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rpicluster.progress import Progress
+from rpicluster.train.averaging import SYNC, _labelled, train_averaged
+
+COLUMNS = ["sync", "workers", "epochs", "seconds", "s_per_epoch", "accuracy", "rounds",
+           "syncs_per_epoch", "mb_per_round", "mb_per_epoch", "cpu_mean", "cpu_per_worker"]
+
+
+def _cpu_seconds() -> float:
+    import psutil
+
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
+def _warm(dataset) -> None:
+    import sklearn.linear_model  # noqa: F401
+    import sklearn.neural_network  # noqa: F401
+
+    _labelled(dataset, 0)
+
+
+def run_averaging_scaling(client, dataset, out_dir, *, steps: list[list[str]],
+                          addresses: dict[str, str], model: str = "mlp",
+                          params: dict | None = None, syncs=("batch", "round"),
+                          epochs: int = 4, local_epochs: int = 2, test=None,
+                          progress: Progress | None = None) -> dict:
+    """Measure every (sync, worker set) pair; write ``averaging.{json,csv,md}`` to ``out_dir``.
+
+    ``epochs`` is the budget (passes over the data) of every run; with ``sync="round"`` it is
+    trained as ``epochs // local_epochs`` rounds, otherwise as ``epochs`` rounds of one epoch.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = {"random_state": 0, **(params or {})}
+    X_test = y_test = None
+    if test is not None:
+        parts = [_labelled(test, b) for b in range(test.n_blocks)]
+        X_test, y_test = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    # Imports and a first read on every worker before any clock starts.
+    client.run(_warm, dataset)
+    rows = []
+    progress = progress or Progress.null()
+    progress.total = len(syncs) * len(steps)
+    with progress:
+        for sync in syncs:
+            if sync not in SYNC:
+                raise ValueError(f"unknown sync {sync!r}")
+            for step in steps:
+                addrs = [addresses[n] for n in step]
+                local = local_epochs if sync == "round" else 1
+                n_rounds = max(1, epochs // local)
+                before = client.run(_cpu_seconds, workers=addrs)
+                t0 = time.perf_counter()
+                res = train_averaged(dataset, client, model=model, params=params,
+                                     rounds=n_rounds, local_epochs=local, sync=sync,
+                                     workers=addrs)
+                wall = time.perf_counter() - t0
+                after = client.run(_cpu_seconds, workers=addrs)
+                cpu = {n: (after[a] - before[a]) / wall for n, a in zip(step, addrs)}
+                moved = [r["bytes_down"] + r["bytes_up"] for r in res.rounds]
+                done_epochs = n_rounds * local
+                rows.append({
+                    "sync": sync, "workers": len(step), "epochs": done_epochs,
+                    "seconds": round(wall, 3), "s_per_epoch": round(wall / done_epochs, 3),
+                    "accuracy": (None if X_test is None
+                                 else round(float(res.model.score(X_test, y_test)), 4)),
+                    "rounds": n_rounds,
+                    "syncs_per_epoch": sum(r["steps"] for r in res.rounds) / done_epochs,
+                    "mb_per_round": round(float(np.mean(moved)) / 1e6, 3),
+                    "mb_per_epoch": round(sum(moved) / done_epochs / 1e6, 3),
+                    "cpu_mean": round(float(np.mean(list(cpu.values()))), 3),
+                    "cpu_per_worker": {n: round(c, 3) for n, c in cpu.items()},
+                })
+                progress.advance(note=f"sync {sync}, {len(step)} workers: "
+                                      f"{rows[-1]['s_per_epoch']} s/epoch")
+    doc = {"job": model, "params": {k: (list(v) if isinstance(v, tuple) else v)
+                                    for k, v in params.items()},
+           "dataset": {"url": dataset.url, "rows": int(dataset.n_rows),
+                       "features": int(dataset.n_features), "classes": len(dataset.classes)},
+           "test": None if test is None else test.url, "epochs": epochs,
+           "local_epochs": local_epochs, "steps": steps, "rows": rows,
+           "note": "loaded: measured on a shared machine unless stated otherwise"}
+    (out / "averaging.json").write_text(json.dumps(doc, indent=1))
+    with open(out / "averaging.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "cpu_per_worker": json.dumps(r["cpu_per_worker"])})
+    (out / "averaging.md").write_text(to_markdown(doc))
+    return doc
+
+
+def to_markdown(doc: dict) -> str:
+    """The report table: one row per (sync, workers)."""
+    d = doc["dataset"]
+    lines = [f"### {doc['job']} by model averaging: {d['rows']:,} rows x {d['features']} "
+             f"features, {d['classes']} classes, {doc['epochs']} epochs per run "
+             f"(round sync: {doc['local_epochs']} local epochs per round)", "",
+             "| sync | workers | s/epoch | accuracy | syncs/epoch | MB/round | MB/epoch | "
+             "CPU per worker |", "|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        acc = "" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+        lines.append(f"| {r['sync']} | {r['workers']} | {r['s_per_epoch']:.2f} | {acc} | "
+                     f"{r['syncs_per_epoch']:g} | {r['mb_per_round']:.2f} | "
+                     f"{r['mb_per_epoch']:.1f} | {r['cpu_mean'] * 100:.0f} % |")
+    lines += ["", doc["note"]]
+    return "\n".join(lines) + "\n"

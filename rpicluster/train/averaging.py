@@ -1,0 +1,532 @@
+"""Data-parallel training by model averaging over Zarr blocks (local SGD / parameter server).
+
+Any scikit-learn estimator with ``partial_fit`` and array weights trains this way; two are wired
+in: ``MLPClassifier`` (weights ``coefs_`` + ``intercepts_``, numpy only, so it runs on any Pi) and
+``SGDClassifier`` (``coef_`` + ``intercept_``).
+
+The store's blocks are dealt round-robin into *shards* (one per worker by default). One **round**:
+
+1. the driver scatters the global model to the workers once (``broadcast=True``);
+2. every shard's task starts from it, runs ``partial_fit`` over its blocks (read on the worker)
+   and returns its weights, optimizer state and row count;
+3. the driver averages them, weighted by rows, in shard order (the same model on every run).
+
+``sync`` says how often 1-3 happen inside a round of ``local_epochs`` passes: ``"round"`` once
+per round (local SGD, FedAvg's schedule), ``"epoch"`` after every local epoch, ``"batch"`` after
+every minibatch (the parameter-server pattern: each shard's rows stay in its worker's memory and
+one minibatch step per shard is averaged, which for plain SGD equals synchronous SGD on the union
+of the minibatches). Every random choice derives from ``(random_state, round, step, shard)``, and
+the global model is checkpointed after every round (:class:`~rpicluster.train.rounds.RoundDir`),
+so a killed run resumes at the last finished round and ends with the same model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import pickle
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from rpicluster.errors import ConfigError, RPiClusterError, TrainingError
+from rpicluster.progress import Progress
+
+#: Estimators this module trains, by the name the CLI uses.
+MODELS = ("mlp", "sgd")
+SYNC = ("round", "epoch", "batch")
+#: Minibatch rows of ``sync="batch"`` when the estimator has no integer ``batch_size``.
+DEFAULT_BATCH_ROWS = 200
+
+
+def estimator_class(model: str):
+    """The scikit-learn class of ``model`` (one of :data:`MODELS`)."""
+    if model == "mlp":
+        from sklearn.neural_network import MLPClassifier
+
+        return MLPClassifier
+    if model == "sgd":
+        from sklearn.linear_model import SGDClassifier
+
+        return SGDClassifier
+    raise ConfigError(f"unknown model {model!r} (models trained by averaging: {', '.join(MODELS)})")
+
+
+def make_estimator(model: str, params: dict | None = None):
+    """A new estimator ``model`` with ``params``; ConfigError naming an unknown parameter."""
+    cls = estimator_class(model)
+    params = dict(params or {})
+    known = cls().get_params()
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no parameter(s) {unknown} "
+                          f"(known: {', '.join(sorted(known))})")
+    if model == "mlp" and params.get("solver", "adam") == "lbfgs":
+        raise ConfigError("MLPClassifier solver 'lbfgs' has no partial_fit; use 'adam' or 'sgd'")
+    return cls(**params)
+
+
+def parse_hidden(text: str) -> tuple[int, ...]:
+    """``"256,128"`` -> ``(256, 128)``; ConfigError naming the text otherwise."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except ValueError:
+        sizes = ()
+    if not sizes or any(s < 1 for s in sizes):
+        raise ConfigError(f"--hidden {text!r}: expected comma-separated positive layer sizes, "
+                          "e.g. 256,128")
+    return sizes
+
+
+def task_seed(random_state: int, *path: int) -> int:
+    """A 32-bit seed derived from ``random_state`` and a position (round, step, shard)."""
+    return int(np.random.SeedSequence([int(random_state), *map(int, path)]).generate_state(1)[0])
+
+
+# --- weights: pure functions ---
+
+def get_weights(est) -> list[np.ndarray]:
+    """The estimator's trainable arrays, in a fixed order."""
+    if hasattr(est, "coefs_"):
+        return list(est.coefs_) + list(est.intercepts_)
+    return [est.coef_, est.intercept_]
+
+
+def set_weights(est, weights: list[np.ndarray]) -> None:
+    """Copy ``weights`` into the estimator's arrays in place.
+
+    In place because an MLP's optimizer keeps references to these very arrays.
+    """
+    for dst, src in zip(get_weights(est), weights, strict=True):
+        dst[...] = src
+
+
+def optimizer_state(est) -> list[np.ndarray]:
+    """Arrays of an MLP's optimizer (Adam moments or SGD velocities); [] for others."""
+    opt = getattr(est, "_optimizer", None)
+    if opt is None:
+        return []
+    if hasattr(opt, "ms"):
+        return list(opt.ms) + list(opt.vs)
+    return list(getattr(opt, "velocities", []))
+
+
+def weighted_average(arrays: list[list[np.ndarray]], rows: list[int]) -> list[np.ndarray]:
+    """Element-wise average of several lists of arrays, weighted by ``rows`` (in list order)."""
+    total = float(sum(rows))
+    if not arrays or total <= 0:
+        raise ValueError("nothing to average")
+    out = []
+    for parts in zip(*arrays, strict=True):
+        acc = np.zeros(parts[0].shape, dtype=np.float64)
+        for a, n in zip(parts, rows):
+            acc += (n / total) * a
+        out.append(acc.astype(parts[0].dtype, copy=False))
+    return out
+
+
+def merge_updates(template, updates: list[dict]):
+    """A copy of ``template`` holding the row-weighted average of ``updates``.
+
+    ``template`` is the global model before the step, or None in the very first step (then the
+    first update's own model supplies the fitted structure). Each update is a task result
+    (:func:`fit_update`), in shard order.
+    """
+    base = template if _fitted(template) else updates[0]["model"]
+    model = copy.deepcopy(base)
+    rows = [u["rows"] for u in updates]
+    set_weights(model, weighted_average([u["weights"] for u in updates], rows))
+    state = optimizer_state(model)
+    if state:
+        for dst, src in zip(state, weighted_average([u["opt"] for u in updates], rows)):
+            dst[...] = src
+        if hasattr(model._optimizer, "t"):  # Adam's step count (bias correction)
+            model._optimizer.t = max(u["opt_t"] for u in updates)
+    for attr in ("t_", "n_iter_"):
+        if hasattr(model, attr):
+            setattr(model, attr, max(u[attr] for u in updates))
+    return model
+
+
+def _fitted(est) -> bool:
+    return est is not None and (hasattr(est, "coefs_") or hasattr(est, "coef_"))
+
+
+# --- worker side ---
+
+def local_fit(model, batches, classes: np.ndarray, seed: int, *, want_model: bool = False
+              ) -> dict:
+    """Train a copy of ``model`` with ``partial_fit`` on each ``(X, labels)`` of ``batches``.
+
+    The global model is never changed (Dask hands one object to every task on a worker).
+    Returns the update :func:`merge_updates` takes: weights, optimizer state, rows, loss.
+    """
+    t0 = time.perf_counter()
+    est = copy.deepcopy(model)
+    if hasattr(est, "coefs_"):
+        # MLP shuffling draws from _random_state: reseed per (round, step, shard).
+        est._random_state = np.random.RandomState(seed)
+    rows = 0
+    for X, labels in batches:
+        est.partial_fit(X, labels, classes=classes)
+        rows += int(X.shape[0])
+    opt = getattr(est, "_optimizer", None)
+    out = {"weights": get_weights(est), "opt": optimizer_state(est),
+           "opt_t": getattr(opt, "t", None), "rows": rows,
+           "loss": float(getattr(est, "loss_", float("nan"))),
+           "t_": getattr(est, "t_", 0), "n_iter_": getattr(est, "n_iter_", 0),
+           "worker": _worker_name(), "seconds": time.perf_counter() - t0}
+    if want_model:
+        out["model"] = est
+    return out
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().name)
+    except ValueError:
+        return "local"
+
+
+def _labelled(dataset, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block ``block`` as (float features, original labels); image stores' uint8 pixels / 255."""
+    X, y = dataset.block(block)
+    if X.dtype == np.uint8:
+        X = X.astype(np.float32) / 255.0
+    return X, np.asarray(dataset.classes)[y]
+
+
+def blocks_task(model, dataset, blocks: list[int], epochs: int, seed: int,
+                want_model: bool) -> dict:
+    """``epochs`` passes over ``blocks`` of ``dataset``, each block read here, on the worker."""
+    classes = np.asarray(dataset.classes)
+    batches = (_labelled(dataset, b) for _ in range(epochs) for b in blocks)
+    return local_fit(model, batches, classes, seed, want_model=want_model)
+
+
+def load_shard_task(dataset, blocks: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of ``blocks``, held in the worker's memory for ``sync="batch"`` steps."""
+    parts = [_labelled(dataset, b) for b in blocks]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def minibatch_task(model, shard, classes, epoch_seed: int, batch: int, batch_rows: int,
+                   seed: int, want_model: bool) -> dict:
+    """One minibatch step: rows ``batch`` of this epoch's permutation of the shard."""
+    X, labels = shard
+    order = np.random.default_rng(epoch_seed).permutation(X.shape[0])
+    pick = np.sort(order[batch * batch_rows:(batch + 1) * batch_rows])
+    return local_fit(model, [(X[pick], labels[pick])], np.asarray(classes), seed,
+                     want_model=want_model)
+
+
+def score_task(model, dataset, block: int) -> tuple[int, int]:
+    """(correct, rows) of ``model`` on block ``block``."""
+    X, labels = _labelled(dataset, block)
+    return int(np.count_nonzero(model.predict(X) == labels)), int(X.shape[0])
+
+
+# --- driver ---
+
+@dataclasses.dataclass
+class AveragingResult:
+    """What a model-averaging run did.
+
+    Attributes
+    ----------
+    model : estimator
+        The global model after the last round.
+    rounds : list of dict
+        One report per round (resumed ones included): ``round``, ``seconds``, ``steps``,
+        ``rows``, ``bytes_down`` (global model sent to workers), ``bytes_up`` (updates sent
+        back), ``loss``, ``accuracy`` (validation, or None), ``busy`` (task seconds per worker).
+    resumed_rounds : int
+        Rounds taken from the run directory.
+    seconds : float
+        Wall time of this call.
+    """
+
+    model: object
+    rounds: list
+    resumed_rounds: int
+    seconds: float
+    run_dir: Path | None = None
+
+
+def shard_blocks(n_blocks: int, n_shards: int) -> list[list[int]]:
+    """Blocks dealt round-robin into ``min(n_shards, n_blocks)`` shards."""
+    n = max(1, min(int(n_shards), int(n_blocks)))
+    return [list(range(s, n_blocks, n)) for s in range(n)]
+
+
+def _nbytes(obj) -> int:
+    return len(pickle.dumps(obj, protocol=5))
+
+
+class _Stepper:
+    """Submits one synchronisation step and merges its updates (shared by every sync mode)."""
+
+    def __init__(self, client, workers, prefix: str):
+        self.client, self.workers, self.prefix = client, workers, prefix
+        self.where = {"workers": workers, "allow_other_workers": False} if workers else {}
+        self.bytes_down = self.bytes_up = 0
+        self.busy: dict[str, float] = {}
+        self.losses: list[tuple[float, int]] = []
+
+    def step(self, model, name: str, submit_one, n: int):
+        """Scatter ``model`` once, run ``submit_one(remote, i)`` for shards ``0..n-1``, merge."""
+        from distributed import wait
+
+        n_receivers = len(self.workers or self.client.scheduler_info()["workers"])
+        [remote] = self.client.scatter([model], broadcast=True, hash=False,
+                                       **({"workers": self.workers} if self.workers else {}))
+        self.bytes_down += _nbytes(model) * n_receivers
+        tag = name.replace(" ", "-")
+        futures = [submit_one(remote, i, key=f"{self.prefix}-{tag}-{i}", **self.where)
+                   for i in range(n)]
+        wait(futures)
+        updates = []
+        for i, f in enumerate(futures):
+            if f.status == "error":
+                exc = f.exception()
+                if isinstance(exc, RPiClusterError):
+                    raise type(exc)(f"{name}, shard {i}: {exc}") from exc
+                raise TrainingError(f"{name}, shard {i} failed on a worker: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+        for u in self.client.gather(futures):
+            self.bytes_up += _nbytes(u)
+            self.busy[u["worker"]] = self.busy.get(u["worker"], 0.0) + u["seconds"]
+            if not math.isnan(u["loss"]):
+                self.losses.append((u["loss"], u["rows"]))
+            updates.append(u)
+        del remote
+        return merge_updates(model, updates)
+
+
+def train_averaged(dataset, client, *, model: str = "mlp", params: dict | None = None,
+                   rounds: int = 10, local_epochs: int = 1, sync: str = "round",
+                   shards: int | None = None, run_dir=None, resume: bool = False,
+                   validation=None, workers: list[str] | None = None,
+                   progress: Progress | None = None, on_round=None) -> AveragingResult:
+    """Train ``model`` on a Zarr ``dataset`` by averaging local ``partial_fit`` runs.
+
+    Parameters
+    ----------
+    dataset : rpicluster.data.store.Dataset
+        Read by the workers (its URL must be readable from every worker).
+    client : distributed.Client
+    model : {"mlp", "sgd"}
+    params : dict, optional
+        Estimator parameters (``MLPClassifier`` / ``SGDClassifier``). ``random_state`` None
+        draws a seed, recorded in the run directory.
+    rounds : int
+        Rounds to reach (a resumed run continues up to this many).
+    local_epochs : int
+        Passes over its shard each worker makes per round.
+    sync : {"round", "epoch", "batch"}
+        Average once per round, after every local epoch, or after every minibatch.
+    shards : int, optional
+        Groups the blocks are dealt into (default: one per worker, capped at the blocks).
+        Part of the run: a resumed run keeps the recorded value.
+    run_dir : path, optional
+        Round checkpoints; without one nothing is written.
+    resume : bool
+        Continue the run in ``run_dir`` from its last finished round.
+    validation : Dataset, optional
+        Scored on the cluster after every round (``accuracy`` in the round report).
+    workers : list of str, optional
+        Run on these workers only (e.g. one step of a scaling benchmark).
+    progress : Progress, optional
+        Advanced once per round.
+    on_round : callable, optional
+        Called with each round's report after it is checkpointed.
+
+    Raises
+    ------
+    ConfigError
+        Bad parameters, or a run directory that does not match.
+    TrainingError
+        A task failed; the message names the round, step and shard.
+    """
+    from rpicluster.train.rounds import RoundDir
+    from rpicluster.train.rundir import dataset_identity
+
+    t0 = time.perf_counter()
+    if sync not in SYNC:
+        raise ConfigError(f"unknown sync {sync!r} (choices: {', '.join(SYNC)})")
+    for name, value in (("rounds", rounds), ("local_epochs", local_epochs)):
+        if int(value) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    cls = estimator_class(model)
+    params = dict(params or {})
+    rundir = RoundDir(run_dir) if run_dir is not None else None
+    recorded = rundir.meta() if (rundir is not None and resume) else {}
+    if recorded.get("model", model) != model:
+        raise ConfigError(f"cannot resume {rundir.path}: model was {recorded['model']!r} in the "
+                          f"run, now {model!r}")
+    params = {**recorded.get("params", {}), **params}
+    if params.get("random_state") is None:
+        params["random_state"] = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
+    make_estimator(model, params)  # validates the parameters before any work
+    n_workers = len(workers) if workers else max(1, len(client.scheduler_info()["workers"]))
+    if shards is None:
+        shards = recorded.get("shards", n_workers)
+    shard_list = shard_blocks(dataset.n_blocks, shards)
+    meta = {"kind": "averaging", "model": model, "params": params, "sync": sync,
+            "local_epochs": int(local_epochs), "shards": len(shard_list),
+            "dataset": dataset_identity(dataset)}
+    history: list[dict] = []
+    global_model = None
+    if rundir is not None:
+        if resume:
+            rundir.check_resumable(meta)
+            history = rundir.history()
+            global_model = rundir.latest_model(expected=cls)
+        else:
+            rundir.create(meta)
+    if global_model is None:
+        global_model = make_estimator(model, params)
+    seed = int(params["random_state"])
+    classes = np.asarray(dataset.classes)
+    prefix = f"rpicluster-avg-{uuid.uuid4().hex[:8]}"
+    where = {"workers": workers, "allow_other_workers": False} if workers else {}
+    resumed = len(history)
+    progress = progress or Progress.null()
+
+    shard_data = None
+    if sync == "batch":
+        # Each shard's rows stay in one worker's memory for the whole run (loaded there once).
+        addrs = list(workers or client.scheduler_info()["workers"])
+        shard_data = [client.submit(load_shard_task, dataset, blocks, pure=False,
+                                    key=f"{prefix}-shard-{s}", workers=[addrs[s % len(addrs)]],
+                                    allow_other_workers=not workers)
+                      for s, blocks in enumerate(shard_list)]
+        shard_rows = [sum(np.subtract(*dataset.block_slice(b)[::-1]) for b in blocks)
+                      for blocks in shard_list]
+        batch_rows = params.get("batch_size")
+        batch_rows = batch_rows if isinstance(batch_rows, int) else DEFAULT_BATCH_ROWS
+        n_batches = [math.ceil(n / batch_rows) for n in shard_rows]
+
+    with progress:
+        if resumed:
+            progress.skip(resumed, note=f"{resumed} rounds resumed")
+        for r in range(resumed, int(rounds)):
+            t_round = time.perf_counter()
+            stepper = _Stepper(client, workers, f"{prefix}-r{r + 1}")
+            steps = 0
+            if sync == "round":
+                global_model = stepper.step(
+                    global_model, f"round {r + 1}",
+                    lambda remote, s, **kw: client.submit(
+                        blocks_task, remote, dataset, shard_list[s], int(local_epochs),
+                        task_seed(seed, r, 0, s), not _fitted(global_model), pure=False, **kw),
+                    len(shard_list))
+                steps = 1
+            elif sync == "epoch":
+                for e in range(int(local_epochs)):
+                    global_model = stepper.step(
+                        global_model, f"round {r + 1} epoch {e + 1}",
+                        lambda remote, s, **kw: client.submit(
+                            blocks_task, remote, dataset, shard_list[s], 1,
+                            task_seed(seed, r, e, s), not _fitted(global_model), pure=False,
+                            **kw),
+                        len(shard_list))
+                    steps += 1
+            else:
+                for e in range(int(local_epochs)):
+                    epoch_seeds = [task_seed(seed, r, e, s, 1) for s in range(len(shard_list))]
+                    for b in range(max(n_batches)):
+                        live = [s for s in range(len(shard_list)) if b < n_batches[s]]
+                        global_model = stepper.step(
+                            global_model, f"round {r + 1} epoch {e + 1} batch {b + 1}",
+                            lambda remote, i, **kw: client.submit(
+                                minibatch_task, remote, shard_data[live[i]], classes,
+                                epoch_seeds[live[i]], b, batch_rows,
+                                task_seed(seed, r, e, live[i], b + 2),
+                                not _fitted(global_model), pure=False, **kw),
+                            len(live))
+                        steps += 1
+            losses = stepper.losses
+            report = {
+                "round": r + 1, "seconds": time.perf_counter() - t_round, "steps": steps,
+                "rows": int(dataset.n_rows) * int(local_epochs),
+                "bytes_down": stepper.bytes_down, "bytes_up": stepper.bytes_up,
+                "loss": (sum(l * n for l, n in losses) / sum(n for _, n in losses)
+                         if losses else None),
+                "accuracy": (score_on_cluster(global_model, validation, client, where)
+                             if validation is not None else None),
+                "busy": stepper.busy,
+            }
+            history.append(report)
+            if rundir is not None:
+                rundir.commit(global_model, report)
+            acc = "" if report["accuracy"] is None else f", accuracy {report['accuracy']:.4f}"
+            progress.advance(note=f"round {r + 1}: {report['seconds']:.1f} s{acc}")
+            if on_round is not None:
+                on_round(report)
+    if shard_data is not None:
+        client.cancel(shard_data)
+    if not _fitted(global_model):
+        raise TrainingError("no round ran: rounds must exceed the rounds already finished")
+    return AveragingResult(model=global_model, rounds=history, resumed_rounds=resumed,
+                           seconds=time.perf_counter() - t0,
+                           run_dir=rundir.path if rundir else None)
+
+
+def score_on_cluster(model, dataset, client, where: dict | None = None) -> float:
+    """Accuracy of ``model`` on ``dataset``, block by block on the workers."""
+    [remote] = client.scatter([model], broadcast=True, hash=False,
+                              **({"workers": where["workers"]} if where else {}))
+    futures = [client.submit(score_task, remote, dataset, b, pure=False, **(where or {}))
+               for b in range(dataset.n_blocks)]
+    parts = client.gather(futures)
+    total = sum(n for _, n in parts)
+    return sum(c for c, _ in parts) / total if total else float("nan")
+
+
+@dataclasses.dataclass
+class AveragedSummary:
+    result: AveragingResult
+    model_path: Path
+    sha256: str
+    test_accuracy: float | None
+    n_workers: int
+
+
+def train_averaged_model(data: str, model_path: str | os.PathLike, *, model: str = "mlp",
+                         params: dict | None = None, rounds: int = 10, local_epochs: int = 1,
+                         sync: str = "round", cluster=None, run_dir=None, resume: bool = False,
+                         test: str | None = None, storage_options: dict | None = None,
+                         show_progress: bool = True) -> AveragedSummary:
+    """``rpicluster train --model mlp|sgd``: train on the store ``data``, save to ``model_path``.
+
+    ``run_dir`` (default ``<model_path>.run``) receives a checkpoint after every round; with
+    ``resume=True`` the run continues from its last finished round. ``test`` is a store scored
+    after every round and at the end.
+    """
+    from rpicluster import open_dataset
+    from rpicluster.train.api import ClusterChoice
+    from rpicluster.train.modelfile import save_model
+
+    model_path = Path(model_path)
+    run_dir = Path(run_dir) if run_dir is not None else Path(f"{model_path}.run")
+    dataset = open_dataset(data, storage_options=storage_options)
+    test_ds = open_dataset(test, storage_options=storage_options) if test else None
+    with (cluster or ClusterChoice()).client() as client:
+        n_workers = len(client.scheduler_info()["workers"])
+        with Progress(f"train {model}", total=int(rounds), unit="rounds",
+                      enabled=show_progress) as progress:
+            result = train_averaged(dataset, client, model=model, params=params, rounds=rounds,
+                                    local_epochs=local_epochs, sync=sync, run_dir=run_dir,
+                                    resume=resume, validation=test_ds, progress=progress)
+    digest = save_model(result.model, model_path)
+    accuracy = result.rounds[-1]["accuracy"] if result.rounds else None
+    return AveragedSummary(result=result, model_path=model_path, sha256=digest,
+                           test_accuracy=accuracy, n_workers=n_workers)

@@ -1,0 +1,436 @@
+"""Federated averaging (FedAvg): every host trains on the store on its own disk; only weights move.
+
+Each round the driver picks the participating hosts (a seeded sample: ``fraction`` of the
+connected hosts, at least ``min_clients``), scatters the global model to them once, and submits
+one task per host, pinned to it (``workers=[its address]``, ``allow_other_workers=False``, so
+the scheduler never moves it). The task opens the host's own store *inside itself* and runs
+``partial_fit`` over its blocks for ``local_epochs``; what comes back is weights, optimizer state
+and a row count. Training rows never become Dask keys, task arguments or results, so they never
+pass through the scheduler or the desktop. The driver averages the updates weighted by rows
+(:func:`rpicluster.train.averaging.merge_updates`, the same code as data-parallel training).
+
+Partial participation: a host that misses the round deadline, dies, or fails is left out of that
+round (its future is cancelled) and named in the round report; it takes part again in a later
+round once it is connected. A host whose store is missing, or whose feature count or label type
+differs from the run's, is named and left out of the run. Hosts holding different subsets of the
+classes are the normal non-IID case: the global model covers the union of their classes.
+
+The global model is checkpointed after every round (:class:`~rpicluster.train.rounds.RoundDir`),
+so a run whose desktop client is killed resumes at its last finished round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from rpicluster.errors import ConfigError, DataError, RPiClusterError, TrainingError
+from rpicluster.progress import Progress
+from rpicluster.train.averaging import (_fitted, _labelled, _nbytes, estimator_class, local_fit,
+                                        make_estimator, merge_updates, task_seed)
+
+#: Seconds to wait for ``min_clients`` hosts to be connected before a round is refused, when
+#: no round timeout is given.
+WAIT_FOR_CLIENTS_S = 60.0
+POLL_S = 0.2
+
+
+# --- worker side ---
+
+def _label_kind(classes) -> str:
+    return "str" if any(isinstance(c, str) for c in classes) else "int"
+
+
+def probe_task(path: str) -> dict:
+    """What the store at ``path`` (on this host) holds: features, classes, label type, rows."""
+    from rpicluster import open_dataset
+
+    ds = open_dataset(path)
+    classes = [c.item() if hasattr(c, "item") else c for c in np.asarray(ds.classes)]
+    return {"n_features": int(ds.n_features), "classes": classes,
+            "label_kind": _label_kind(classes), "rows": int(ds.n_rows)}
+
+
+def federated_task(model, path: str, local_epochs: int, classes: list, n_features: int,
+                   seed: int, want_model: bool) -> dict:
+    """Train a copy of ``model`` on this host's store at ``path`` (read here); return the update."""
+    from rpicluster import open_dataset
+
+    ds = open_dataset(path)
+    if ds.n_features != n_features:
+        raise DataError(f"store {ds.url} has {ds.n_features} features, the run {n_features}")
+    unknown = sorted(set(map(str, np.asarray(ds.classes))) - set(map(str, classes)))
+    if unknown:
+        raise DataError(f"store {ds.url} holds labels {unknown[:5]} outside the run's classes")
+    batches = (_labelled(ds, b) for _ in range(int(local_epochs)) for b in range(ds.n_blocks))
+    return local_fit(model, batches, np.asarray(classes), seed, want_model=want_model)
+
+
+# --- driver ---
+
+@dataclasses.dataclass
+class FederatedResult:
+    """What a federated run did.
+
+    Attributes
+    ----------
+    model : estimator
+        The global model after the last round.
+    rounds : list of dict
+        One report per round (resumed ones included): ``round``, ``participants`` (hosts whose
+        update was averaged), ``left_out`` (host -> reason, this round), ``rows``,
+        ``bytes_down``, ``bytes_up``, ``seconds``, ``loss``, ``accuracy`` (validation on the
+        desktop, or None).
+    excluded : dict
+        Hosts left out of the whole run, with the reason (bad or missing store).
+    resumed_rounds : int
+    seconds : float
+    """
+
+    model: object
+    rounds: list
+    excluded: dict
+    resumed_rounds: int
+    seconds: float
+
+
+def _live_workers(client) -> dict[str, str]:
+    """Connected workers right now: name -> address (asked of the scheduler, not cached)."""
+    ident = client.sync(client.scheduler.identity)
+    return {str(w["name"]): addr for addr, w in ident["workers"].items()}
+
+
+def _sample(available: list[str], fraction: float, min_clients: int, seed: int) -> list[str]:
+    """Flower's rule: ``max(int(fraction * n), min_clients)`` hosts, drawn with a seeded RNG."""
+    n = min(len(available), max(int(fraction * len(available)), int(min_clients), 1))
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(available, size=n, replace=False).tolist())
+
+
+class _Hosts:
+    """Which hosts may train in this run: probed once each, bad stores left out by name."""
+
+    def __init__(self, client, paths: dict[str, str | None], timeout: float, prefix: str):
+        self.client, self.paths, self.timeout, self.prefix = client, paths, timeout, prefix
+        self.probes: dict[str, dict] = {}
+        self.excluded: dict[str, str] = {}
+        for name, path in paths.items():
+            if not path:
+                self.excluded[name] = ("no data path (give the worker data = \"...\" in the "
+                                       "inventory, or pass --data)")
+
+    def probe(self, names: list[str], live: dict[str, str]) -> None:
+        """Probe the not yet probed hosts among ``names`` (connected ones) in parallel."""
+        todo = [n for n in names if n not in self.probes and n not in self.excluded]
+        futures = {n: self.client.submit(probe_task, self.paths[n], pure=False,
+                                         key=f"{self.prefix}-probe-{n}", workers=[live[n]],
+                                         allow_other_workers=False) for n in todo}
+        deadline = time.monotonic() + self.timeout
+        for name, f in futures.items():
+            try:
+                self.probes[name] = f.result(timeout=max(0.1, deadline - time.monotonic()))
+            except RPiClusterError as exc:  # names the store already
+                self.excluded[name] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - a lost host or a timeout
+                f.cancel()
+                self.excluded[name] = f"could not read its store {self.paths[name]} " \
+                                      f"({type(exc).__name__}: {exc})"
+
+    def check(self, name: str, n_features: int, label_kind: str, classes: list) -> None:
+        """Leave out a probed host whose store does not fit the run, with the reason."""
+        p = self.probes.get(name)
+        if p is None or name in self.excluded:
+            return
+        path = self.paths[name]
+        if p["n_features"] != n_features:
+            self.excluded[name] = (f"store {path} has {p['n_features']} features, the run "
+                                   f"{n_features}")
+        elif p["label_kind"] != label_kind:
+            self.excluded[name] = (f"store {path} has {p['label_kind']} labels, the run "
+                                   f"{label_kind} labels")
+        elif classes is not None and not set(map(str, p["classes"])) <= set(map(str, classes)):
+            extra = sorted(set(map(str, p["classes"])) - set(map(str, classes)))
+            self.excluded[name] = (f"store {path} holds labels {extra[:5]} outside the run's "
+                                   "classes (fixed when the run started)")
+
+    def reasons(self, live: dict[str, str]) -> str:
+        """Every host that cannot train, in inventory order, with its reason."""
+        return "; ".join(f"{n}: {self.excluded.get(n, 'not connected')}" for n in self.paths
+                         if n in self.excluded or n not in live)
+
+    def usable(self) -> list[str]:
+        return [n for n in self.paths if n in self.probes and n not in self.excluded]
+
+
+def _reference(probes: dict[str, dict], validation) -> tuple[int, str]:
+    """The run's feature count and label type: the validation store's, else those of most rows
+    (a host with an odd store is outvoted by the others)."""
+    if validation is not None:
+        return int(validation.n_features), _label_kind(list(validation.classes))
+    shapes = Counter()
+    for p in probes.values():
+        shapes[(p["n_features"], p["label_kind"])] += p["rows"]
+    return shapes.most_common(1)[0][0]
+
+
+def _union(values) -> list:
+    """Sorted distinct labels (ints and strings never mix: a run has one label type)."""
+    return sorted(set(values), key=lambda c: (str(type(c)), c))
+
+
+def federate_on(client, hosts: dict[str, str | None], *, model: str = "mlp",
+                params: dict | None = None, rounds: int = 10, local_epochs: int = 1,
+                fraction: float = 1.0, min_clients: int = 1,
+                round_timeout: float | None = None, validation=None, run_dir=None,
+                resume: bool = False, progress: Progress | None = None, on_round=None,
+                on_round_start=None) -> FederatedResult:
+    """Federated averaging over ``hosts`` (Dask worker name -> path of its own store).
+
+    Parameters
+    ----------
+    client : distributed.Client
+    hosts : dict
+        Worker name -> store path on that worker's disk (None: the host has none; named).
+    model : {"mlp", "sgd"}
+    params : dict, optional
+        Estimator parameters; ``random_state`` None draws a seed, recorded in ``run_dir``.
+    rounds, local_epochs : int
+        Rounds to reach, and passes over its store each host makes per round.
+    fraction : float
+        Fraction of the connected hosts sampled each round (Flower's ``fraction_fit``).
+    min_clients : int
+        Hosts a round needs (Flower's ``min_fit_clients`` / ``min_available_clients``): a round
+        waits up to ``round_timeout`` (or a minute) for that many, then the run stops.
+    round_timeout : float, optional
+        Seconds a host has to return its update; late hosts are left out of the round.
+    validation : Dataset, optional
+        A labelled store on the desktop, scored after every round (read here, not on a host).
+    run_dir : path, optional
+        Round checkpoints. ``resume`` continues from its last finished round.
+    on_round, on_round_start : callable, optional
+        ``on_round(report)`` after each round is checkpointed; ``on_round_start(round,
+        participants)`` right after a round's tasks are submitted.
+
+    Raises
+    ------
+    DataError
+        No host holds a usable store (each host named with its reason).
+    TrainingError
+        Fewer than ``min_clients`` hosts connected.
+    """
+    from rpicluster.train.rounds import RoundDir
+
+    t0 = time.perf_counter()
+    if not 0 < float(fraction) <= 1:
+        raise ConfigError(f"fraction must be in (0, 1], got {fraction}")
+    if int(min_clients) < 1:
+        raise ConfigError(f"min_clients must be >= 1, got {min_clients}")
+    if round_timeout is not None and float(round_timeout) <= 0:
+        raise ConfigError(f"round_timeout must be > 0 seconds, got {round_timeout}")
+    if int(rounds) < 1 or int(local_epochs) < 1:
+        raise ConfigError(f"rounds and local_epochs must be >= 1, got {rounds}, {local_epochs}")
+    cls = estimator_class(model)
+    rundir = RoundDir(run_dir) if run_dir is not None else None
+    recorded = rundir.meta() if (rundir is not None and resume) else {}
+    if recorded and recorded.get("kind") != "federated":
+        raise ConfigError(f"cannot resume {rundir.path}: it is not a federated run")
+    if recorded.get("model", model) != model:
+        raise ConfigError(f"cannot resume {rundir.path}: model was {recorded['model']!r} in the "
+                          f"run, now {model!r}")
+    params = {**recorded.get("params", {}), **(params or {})}
+    if params.get("random_state") is None:
+        params["random_state"] = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
+    make_estimator(model, params)
+    seed = int(params["random_state"])
+    prefix = f"rpicluster-fed-{uuid.uuid4().hex[:8]}"
+    wait_s = float(round_timeout) if round_timeout is not None else WAIT_FOR_CLIENTS_S
+    registry = _Hosts(client, dict(hosts), wait_s, prefix)
+
+    live = _live_workers(client)
+    registry.probe([n for n in hosts if n in live], live)
+    if recorded:
+        n_features, label_kind = recorded["n_features"], recorded["label_kind"]
+        classes = recorded["classes"]
+    else:
+        if not registry.probes:
+            raise DataError(f"no host holds a usable store: {registry.reasons(live)}")
+        n_features, label_kind = _reference(registry.probes, validation)
+        for name in list(registry.probes):
+            registry.check(name, n_features, label_kind, None)
+        classes = _union(c for n in registry.usable() for c in registry.probes[n]["classes"])
+        if validation is not None:
+            classes = _union([*classes, *(c.item() if hasattr(c, "item") else c
+                                          for c in np.asarray(validation.classes))])
+    for name in list(registry.probes):
+        registry.check(name, n_features, label_kind, classes)
+    if not registry.usable():
+        raise DataError(f"no host holds a usable store: {registry.reasons(live)}")
+
+    meta = {"kind": "federated", "model": model, "params": params,
+            "local_epochs": int(local_epochs), "n_features": int(n_features),
+            "label_kind": label_kind, "classes": classes}
+    history: list[dict] = []
+    global_model = None
+    if rundir is not None:
+        if resume:
+            rundir.check_resumable(meta)
+            history = rundir.history()
+            global_model = rundir.latest_model(expected=cls)
+        else:
+            rundir.create(meta)
+    if global_model is None:
+        global_model = make_estimator(model, params)
+    X_val = y_val = None
+    if validation is not None:
+        parts = [_labelled(validation, b) for b in range(validation.n_blocks)]
+        X_val, y_val = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    resumed = len(history)
+    progress = progress or Progress.null()
+    with progress:
+        if resumed:
+            progress.skip(resumed, note=f"{resumed} rounds resumed")
+        for r in range(resumed, int(rounds)):
+            t_round = time.perf_counter()
+            live, available = _wait_for_clients(client, registry, int(min_clients), wait_s, r)
+            participants = _sample(available, fraction, min_clients, task_seed(seed, r, 0))
+            left_out = {n: why for n, why in registry.excluded.items()}
+            left_out.update({n: "not connected" for n in hosts
+                             if n not in live and n not in left_out})
+            addrs = [live[n] for n in participants]
+            [remote] = client.scatter([global_model], broadcast=True, hash=False, workers=addrs)
+            bytes_down = _nbytes(global_model) * len(participants)
+            want_model = not _fitted(global_model)
+            futures = {n: client.submit(federated_task, remote, hosts[n], int(local_epochs),
+                                        classes, int(n_features), task_seed(seed, r, i + 1),
+                                        want_model, pure=False, key=f"{prefix}-r{r + 1}-{n}",
+                                        workers=[live[n]], allow_other_workers=False)
+                       for i, n in enumerate(participants)}
+            if on_round_start is not None:
+                on_round_start(r + 1, participants)
+            updates, why = _collect(client, futures, live, round_timeout, registry)
+            left_out.update(why)
+            del remote
+            done = [n for n in participants if n in updates]
+            if done:
+                global_model = merge_updates(global_model, [updates[n] for n in done])
+            losses = [(updates[n]["loss"], updates[n]["rows"]) for n in done
+                      if not math.isnan(updates[n]["loss"])]
+            report = {
+                "round": r + 1, "participants": done, "left_out": left_out,
+                "rows": int(sum(updates[n]["rows"] for n in done)),
+                "bytes_down": bytes_down,
+                "bytes_up": int(sum(_nbytes(updates[n]) for n in done)),
+                "seconds": time.perf_counter() - t_round,
+                "loss": (sum(l * k for l, k in losses) / sum(k for _, k in losses)
+                         if losses else None),
+                "accuracy": (float(global_model.score(X_val, y_val))
+                             if X_val is not None and _fitted(global_model) else None),
+            }
+            history.append(report)
+            if rundir is not None and _fitted(global_model):
+                rundir.commit(global_model, report)
+            acc = "" if report["accuracy"] is None else f", accuracy {report['accuracy']:.4f}"
+            gone = f", left out: {', '.join(sorted(why))}" if why else ""
+            progress.advance(note=f"round {r + 1}: {len(done)} hosts{acc}{gone}")
+            if on_round is not None:
+                on_round(report)
+    if not _fitted(global_model):
+        raise TrainingError("no host returned an update in any round; nothing to save")
+    return FederatedResult(model=global_model, rounds=history, excluded=dict(registry.excluded),
+                           resumed_rounds=resumed, seconds=time.perf_counter() - t0)
+
+
+def _wait_for_clients(client, registry: _Hosts, min_clients: int, wait_s: float, r: int):
+    """Connected usable hosts (probing newly connected ones); waits for ``min_clients``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        live = _live_workers(client)
+        registry.probe([n for n in registry.paths if n in live], live)
+        available = [n for n in registry.usable() if n in live]
+        if len(available) >= min_clients:
+            return live, available
+        if time.monotonic() > deadline:
+            raise TrainingError(
+                f"round {r + 1}: {len(available)} usable hosts connected "
+                f"({', '.join(available) or 'none'}), --min-clients is {min_clients}; waited "
+                f"{wait_s:.0f} s (start the missing workers with rpicluster up)")
+        time.sleep(1.0)
+
+
+def _collect(client, futures: dict, live: dict[str, str], round_timeout: float | None,
+             registry: _Hosts) -> tuple[dict, dict]:
+    """Updates of the hosts that finished; reasons for the ones that did not."""
+    deadline = None if round_timeout is None else time.monotonic() + float(round_timeout)
+    updates, why = {}, {}
+    pending = dict(futures)
+    while pending:
+        for name, f in list(pending.items()):
+            if f.status == "finished":
+                updates[name] = f.result()
+            elif f.status in ("error", "cancelled"):
+                exc = f.exception() if f.status == "error" else None
+                if isinstance(exc, DataError):
+                    registry.excluded[name] = str(exc)
+                    why[name] = str(exc)
+                else:
+                    why[name] = f"failed ({type(exc).__name__}: {exc})"
+            else:
+                continue
+            del pending[name]
+        if not pending:
+            break
+        now_live = _live_workers(client)
+        for name, f in list(pending.items()):
+            if now_live.get(name) != live[name]:
+                why[name] = "lost during the round (its worker left the cluster)"
+                f.cancel()
+                del pending[name]
+        if deadline is not None and time.monotonic() > deadline:
+            for name, f in pending.items():
+                why[name] = f"missed the {round_timeout:g} s round deadline"
+                f.cancel()
+            break
+        time.sleep(POLL_S)
+    return updates, why
+
+
+def federate(inventory, model_path, *, model: str = "mlp", params: dict | None = None,
+             data: str | None = None, rounds: int = 10, local_epochs: int = 1,
+             fraction: float = 1.0, min_clients: int = 1, round_timeout: float | None = None,
+             validation: str | None = None, run_dir=None, resume: bool = False,
+             show_progress: bool = True, on_round=None, on_round_start=None
+             ) -> tuple[FederatedResult, str]:
+    """``rpicluster federate``: FedAvg over the workers of ``inventory``; save the model.
+
+    Each worker trains on ``data`` (the same path on every host) or, without it, on the
+    ``data`` path its inventory entry gives. ``run_dir`` defaults to ``<model_path>.run``.
+    Returns the result and the model file's sha256.
+    """
+    from rpicluster import open_dataset
+    from rpicluster.inventory import load_inventory
+    from rpicluster.train.api import ClusterChoice
+    from rpicluster.train.modelfile import save_model
+
+    spec = load_inventory(inventory)
+    hosts = {w.name: data or w.data for w in spec.workers}
+    model_path = Path(model_path)
+    run_dir = Path(run_dir) if run_dir is not None else Path(f"{model_path}.run")
+    val = open_dataset(validation) if validation else None
+    with ClusterChoice(inventory=os.fspath(inventory)).client() as client:
+        with Progress(f"federate {model}", total=int(rounds), unit="rounds",
+                      enabled=show_progress) as progress:
+            result = federate_on(client, hosts, model=model, params=params, rounds=rounds,
+                                 local_epochs=local_epochs, fraction=fraction,
+                                 min_clients=min_clients, round_timeout=round_timeout,
+                                 validation=val, run_dir=run_dir, resume=resume,
+                                 progress=progress, on_round=on_round,
+                                 on_round_start=on_round_start)
+    return result, save_model(result.model, model_path)

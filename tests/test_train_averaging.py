@@ -1,0 +1,247 @@
+"""Model averaging over Zarr blocks on a real Dask cluster: MLPClassifier and SGDClassifier,
+round / epoch / batch synchronisation, checkpoints and a resume after the client is killed."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from distributed import Client, LocalCluster
+from sklearn.linear_model import SGDClassifier
+from sklearn.neural_network import MLPClassifier
+
+from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
+from rpicluster.cli import main
+from rpicluster.errors import ConfigError, ModelError
+from rpicluster.train.averaging import (merge_updates, parse_hidden, shard_blocks,
+                                        train_averaged, weighted_average)
+from rpicluster.train.modelfile import load_model, save_model
+from rpicluster.train.rounds import RoundDir
+
+MLP = dict(hidden_layer_sizes=(32,), random_state=3, learning_rate_init=0.01)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """scikit-learn's digits (1,797 x 64, 10 classes) as a 4-block train store and a test store."""
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("avg-data")
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16.0).astype(np.float32)
+    np.savez(root / "train.npz", X=X[:1400], y=y[:1400])
+    np.savez(root / "test.npz", X=X[1400:], y=y[1400:])
+    ingest(str(root / "train.npz"), root / "train.zarr", block_rows=350)
+    ingest(str(root / "test.npz"), root / "test.zarr", block_rows=400)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A 2-worker LocalCluster of separate processes on TCP (a killed client's CLI joins it)."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as c:
+        yield c
+
+
+@pytest.fixture
+def client(cluster):
+    with Client(cluster) as c:
+        yield c
+
+
+def _all(ds):
+    X, y = zip(*(ds.block(b) for b in range(ds.n_blocks)))
+    return np.concatenate(X), np.asarray(ds.classes)[np.concatenate(y)]
+
+
+def _same_weights(a, b):
+    for wa, wb in zip(a.coefs_ + a.intercepts_, b.coefs_ + b.intercepts_, strict=True):
+        np.testing.assert_array_equal(wa, wb)
+
+
+def test_weighted_average_and_sharding():
+    a = [np.array([1.0, 2.0]), np.array([[0.0]])]
+    b = [np.array([3.0, 6.0]), np.array([[4.0]])]
+    avg = weighted_average([a, b], [1, 3])
+    np.testing.assert_allclose(avg[0], [2.5, 5.0])
+    np.testing.assert_allclose(avg[1], [[3.0]])
+    assert shard_blocks(5, 2) == [[0, 2, 4], [1, 3]]
+    assert shard_blocks(2, 8) == [[0], [1]]
+    with pytest.raises(ValueError):
+        weighted_average([], [])
+
+
+def test_parse_hidden():
+    assert parse_hidden("256,128") == (256, 128)
+    for bad in ("", "256,", "a,b", "0", "-3"):
+        with pytest.raises(ConfigError, match="--hidden"):
+            parse_hidden(bad)
+
+
+def test_one_shard_equals_plain_partial_fit(digits, client):
+    """One shard, round sync: averaging is the identity, so the model equals scikit-learn's
+    own partial_fit over the blocks in order (no shuffling, so no reseeding shows)."""
+    ds = open_dataset(digits / "train.zarr")
+    params = {**MLP, "shuffle": False}
+    result = train_averaged(ds, client, model="mlp", params=params, rounds=3, local_epochs=2,
+                            shards=1)
+    ref = MLPClassifier(**params)
+    for _ in range(3 * 2):
+        for b in range(ds.n_blocks):
+            X, y = ds.block(b)
+            ref.partial_fit(X, np.asarray(ds.classes)[y], classes=ds.classes)
+    _same_weights(result.model, ref)
+    assert result.model._optimizer.t == ref._optimizer.t
+
+
+@pytest.mark.parametrize("sync", ["round", "epoch", "batch"])
+def test_mlp_learns_digits_with_every_sync(digits, client, sync):
+    ds, test = open_dataset(digits / "train.zarr"), open_dataset(digits / "test.zarr")
+    result = train_averaged(ds, client, model="mlp", params=MLP, rounds=4, local_epochs=2,
+                            sync=sync, validation=test)
+    X, y = _all(test)
+    accuracy = result.model.score(X, y)
+    assert accuracy > 0.8, (sync, accuracy)
+    assert result.rounds[-1]["accuracy"] == pytest.approx(accuracy)
+    steps = [r["steps"] for r in result.rounds]
+    # 2 shards of 700 rows; MLP minibatches of 200 rows: 4 per epoch.
+    assert steps == {"round": [1] * 4, "epoch": [2] * 4, "batch": [8] * 4}[sync]
+    model_bytes = sum(w.nbytes for w in result.model.coefs_ + result.model.intercepts_)
+    for r in result.rounds[1:]:  # (the first sends the unfitted estimator)
+        # At least the weights go out to each worker and come back from each shard per sync.
+        assert r["bytes_down"] >= 2 * model_bytes * r["steps"]
+        assert r["bytes_up"] >= 2 * model_bytes * r["steps"]
+        assert sum(r["busy"].values()) > 0
+
+
+def test_sgd_classifier_by_the_same_mechanism(digits, client):
+    ds, test = open_dataset(digits / "train.zarr"), open_dataset(digits / "test.zarr")
+    result = train_averaged(ds, client, model="sgd", params={"random_state": 0}, rounds=5)
+    assert isinstance(result.model, SGDClassifier)
+    assert result.model.coef_.shape == (10, 64)
+    assert result.model.score(*_all(test)) > 0.85
+
+
+def test_bad_parameters_are_named(digits, client):
+    ds = open_dataset(digits / "train.zarr")
+    with pytest.raises(ConfigError, match="no parameter.*'hidden'"):
+        train_averaged(ds, client, model="mlp", params={"hidden": 3}, rounds=1)
+    with pytest.raises(ConfigError, match="unknown model 'cnn'"):
+        train_averaged(ds, client, model="cnn", rounds=1)
+    with pytest.raises(ConfigError, match="lbfgs"):
+        train_averaged(ds, client, model="mlp", params={"solver": "lbfgs"}, rounds=1)
+
+
+@pytest.mark.timeout(900)
+def test_resume_after_the_client_is_killed(digits, cluster, client, tmp_path):
+    """The CLI is killed after its second round; the resumed run ends with the same model as an
+    uninterrupted run."""
+    run_dir, model_path = tmp_path / "run", tmp_path / "mlp.skops"
+    cmd = [sys.executable, "-m", "rpicluster.cli", "train", str(digits / "train.zarr"), "-o",
+           str(model_path), "--model", "mlp", "--hidden", "32", "--rounds", "40", "--seed", "3",
+           "--eta", "0.01", "--run-dir", str(run_dir), "--scheduler", cluster.scheduler_address]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 400  # a loaded machine starts the CLI slowly
+    while len(RoundDir(run_dir).history()) < 2 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(RoundDir(run_dir).history())
+    assert 2 <= done < 40, "the kill should land mid-run"
+    assert not model_path.exists(), "a killed run must not leave a model file"
+
+    ds = open_dataset(digits / "train.zarr")
+    resumed = train_averaged(ds, client, model="mlp", params={}, rounds=6, run_dir=run_dir,
+                             resume=True)
+    assert resumed.resumed_rounds == done and len(resumed.rounds) == max(done, 6)
+    # The uninterrupted run, with the CLI's parameters.
+    whole = train_averaged(ds, client, model="mlp", rounds=max(done, 6),
+                           params={**MLP, "random_state": 3})
+    _same_weights(resumed.model, whole.model)
+
+    # Resuming as another kind, or with other parameters, is refused by name.
+    with pytest.raises(ConfigError, match="model was 'mlp'"):
+        train_averaged(ds, client, model="sgd", rounds=6, run_dir=run_dir, resume=True)
+    with pytest.raises(ConfigError, match="already holds"):
+        train_averaged(ds, client, model="mlp", rounds=6, run_dir=run_dir)
+
+
+def test_model_files_of_another_kind_are_refused(digits, client, tmp_path):
+    ds = open_dataset(digits / "train.zarr")
+    result = train_averaged(ds, client, model="mlp", params=MLP, rounds=1)
+    path = tmp_path / "mlp.skops"
+    save_model(result.model, path)
+    loaded = load_model(path, expected=MLPClassifier)
+    _same_weights(loaded, result.model)
+    with pytest.raises(ModelError, match=r"holds a MLPClassifier, not a IncrementalKSGDClassifier"):
+        load_model(path, expected=IncrementalKSGDClassifier)
+
+
+def test_merge_keeps_the_template_unchanged(digits):
+    ds = open_dataset(digits / "train.zarr")
+    X, y = _all(ds)
+    est = MLPClassifier(**MLP).partial_fit(X, y, classes=ds.classes)
+    before = [w.copy() for w in est.coefs_]
+    upd = {"weights": [w * 0 for w in est.coefs_ + est.intercepts_], "opt": [],
+           "opt_t": est._optimizer.t, "rows": 5, "t_": est.t_, "n_iter_": est.n_iter_}
+    upd["opt"] = [a * 0 for a in est._optimizer.ms + est._optimizer.vs]
+    merged = merge_updates(est, [upd])
+    assert all(np.all(w == 0) for w in merged.coefs_)
+    for a, b in zip(est.coefs_, before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cli_train_score_and_bad_flags(digits, cluster, tmp_path):
+    runner = CliRunner()
+    model_path = tmp_path / "m.skops"
+    base = ["train", str(digits / "train.zarr"), "-o", str(model_path), "--scheduler",
+            cluster.scheduler_address]
+    res = runner.invoke(main, base + ["--model", "mlp", "--hidden", "32", "--rounds", "3",
+                                      "--local-epochs", "2", "--eta", "0.01", "--seed", "1",
+                                      "--sync", "epoch", "--test", str(digits / "test.zarr")])
+    assert res.exit_code == 0, res.output
+    assert "trained 3 rounds of mlp (sync epoch)" in res.output
+    assert "test accuracy" in res.output
+    model = load_model(model_path)
+    assert isinstance(model, MLPClassifier) and model.hidden_layer_sizes == (32,)
+    res = runner.invoke(main, ["score", str(model_path), str(digits / "test.zarr"),
+                               "--scheduler", cluster.scheduler_address])
+    assert res.exit_code == 0, res.output
+    assert f"{model.score(*_all(open_dataset(digits / 'test.zarr'))):.4f}" in res.output
+
+    res = runner.invoke(main, base + ["--model", "mlp", "--hidden", "256,x"])
+    assert res.exit_code == 1 and res.output.strip().splitlines() == [
+        "error: --hidden '256,x': expected comma-separated positive layer sizes, e.g. 256,128"]
+    res = runner.invoke(main, base + ["--model", "mlp", "--clusters", "4"])
+    assert res.exit_code == 2 and "--clusters is for --model inc-ksgd" in res.output
+    res = runner.invoke(main, base + ["--hidden", "32"])
+    assert res.exit_code == 2 and "--hidden is for --model mlp" in res.output
+
+
+def test_bench_averaging_scaling_report(digits, client, tmp_path):
+    """bench scaling --job mlp as a library call: every (sync, worker set) row, files written."""
+    from rpicluster.bench.averaging import run_averaging_scaling
+
+    workers = {str(w["name"]): a for a, w in client.scheduler_info()["workers"].items()}
+    names = sorted(workers)
+    doc = run_averaging_scaling(client, open_dataset(digits / "train.zarr"), tmp_path,
+                                steps=[names[:1], names], addresses=workers,
+                                params={"hidden_layer_sizes": (8,)}, epochs=2, local_epochs=2,
+                                test=open_dataset(digits / "test.zarr"))
+    rows = {(r["sync"], r["workers"]): r for r in doc["rows"]}
+    assert sorted(rows) == [("batch", 1), ("batch", 2), ("round", 1), ("round", 2)]
+    # 1,400 rows in minibatches of 200: 7 syncs per epoch on one worker, 4 on two (700 each).
+    assert rows["batch", 1]["syncs_per_epoch"] == 7 and rows["batch", 2]["syncs_per_epoch"] == 4
+    assert rows["round", 2]["syncs_per_epoch"] == 0.5
+    assert rows["batch", 2]["mb_per_epoch"] > rows["round", 2]["mb_per_epoch"]
+    assert all(0 <= r["accuracy"] <= 1 and r["cpu_mean"] >= 0 for r in doc["rows"])
+    assert set(rows["round", 2]["cpu_per_worker"]) == set(names)
+    for ext in ("json", "csv", "md"):
+        assert (tmp_path / f"averaging.{ext}").stat().st_size > 0
