@@ -14,6 +14,7 @@ needs its own directory, and ``hostname`` is the same everywhere (give workers n
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ from pathlib import Path
 
 SSHD = "/usr/sbin/sshd"
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+_INSTANCES = itertools.count()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -121,7 +123,9 @@ class NamespaceHosts:
             raise RuntimeError(reason)
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.tag = f"rc{os.getpid() % 100000}"
+        # Unique per instance (two sets of hosts can live in one test session); short enough
+        # for Linux's 15-character interface names ("v" + tag + "p9i").
+        self.tag = f"rc{os.getpid() % 10000}{next(_INSTANCES) % 26 + 10:x}"[:8]
         self.bridge = f"br-{self.tag}"
         self.hosts: dict[str, TestHost] = {}
         self.cgroup: Path | None = None

@@ -133,8 +133,9 @@ def test_resume_after_the_client_is_killed(store, cluster, client, tmp_path):
     cmd = [sys.executable, "-m", "rpicluster.cli", "train", str(store / "train.zarr"),
            "-o", str(model_path), "--run-dir", str(run_dir), "--scheduler",
            cluster.scheduler_address, "--clusters", "4", "--epochs", "5", "--seed", "7"]
-    # Slow each fit a little so the kill lands between the first commit and the last.
-    client.register_plugin(_SlowTasks(prefix="fit", seconds=0.15), name="slow")
+    # Slow each fit task so the kill lands between the first commit and the last (a block's
+    # fits are few batched tasks now, so each must take a while).
+    client.register_plugin(_SlowTasks(prefix="fit", seconds=1.0), name="slow")
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120

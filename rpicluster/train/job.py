@@ -200,13 +200,21 @@ class TrainingRun:
         self.resumed = sorted(self.done)
         self.todo = [b for b in range(self.dataset.n_blocks) if b not in self.done]
         self._pending = iter(self.todo)
+        self._refresh_slots()
+        self.window = self.max_blocks_in_flight or max(1, sum(self.slots.values()))
+
+    def _refresh_slots(self) -> None:
+        """Follow the workers connected now: a worker that left loses its slots, and one that
+        joined (or came back under a new address after a restart) gets its own. The slots of a
+        worker already known are kept: its memory now counts the blocks it holds."""
         info = self.client.scheduler_info(n_workers=-1)["workers"]
         if self.workers:
             wanted = set(self.workers)
             info = {a: w for a, w in info.items() if a in wanted or w.get("name") in wanted}
         ds = self.dataset
-        self.slots = worker_slots(info, ds.block_rows * (ds.n_features * 4 + 4))
-        self.window = self.max_blocks_in_flight or max(1, sum(self.slots.values()))
+        self.slots = {a: n for a, n in self.slots.items() if a in info}
+        new = {a: w for a, w in info.items() if a not in self.slots}
+        self.slots.update(worker_slots(new, ds.block_rows * (ds.n_features * 4 + 4)))
 
     def _free_worker(self) -> str | None:
         """The worker with the most free slots (None when there are no workers)."""
@@ -337,6 +345,8 @@ class TrainingRun:
         del self.in_flight[b]  # drops the futures: the block's data leaves the workers
         if blk.address is not None and self.holding[blk.address] > 0:
             self.holding[blk.address] -= 1
+        if self.max_blocks_in_flight is None:
+            self._refresh_slots()
         while self.submit_partition():  # before anything slow: a worker may be waiting
             pass
         t0 = time.perf_counter()
