@@ -24,3 +24,23 @@ def home(tmp_path, monkeypatch):
 def free_port():
     """A function returning a TCP port on 127.0.0.1 that is free right now."""
     return testing.free_port
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A nanny-backed 2-worker LocalCluster (separate processes, like real workers; a killed
+    client's CLI can join it over TCP), one per test module."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as c:
+        yield c
+
+
+@pytest.fixture
+def client(cluster):
+    """A client of the module's ``cluster``."""
+    from distributed import Client
+
+    with Client(cluster) as c:
+        yield c

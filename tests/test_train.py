@@ -43,19 +43,6 @@ def store(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A nanny-backed 2-worker LocalCluster (separate processes, like real workers)."""
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as c:
-        yield c
-
-
-@pytest.fixture
-def client(cluster):
-    """A client of the shared cluster, with the cluster restored to 2 workers afterwards."""
-    with Client(cluster) as c:
-        yield c
         cluster.scale(2)
         c.wait_for_workers(2, timeout=60)
 

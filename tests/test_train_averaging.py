@@ -11,7 +11,6 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from distributed import Client, LocalCluster
 from sklearn.linear_model import SGDClassifier
 from sklearn.neural_network import MLPClassifier
 
@@ -41,18 +40,6 @@ def digits(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A 2-worker LocalCluster of separate processes on TCP (a killed client's CLI joins it)."""
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as c:
-        yield c
-
-
-@pytest.fixture
-def client(cluster):
-    with Client(cluster) as c:
-        yield c
 
 
 def _all(ds):

@@ -44,18 +44,6 @@ def store(tmp_path_factory):
     return root / "train.zarr"
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A nanny-backed 2-worker LocalCluster (separate processes, like real workers)."""
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as c:
-        yield c
-
-
-@pytest.fixture
-def client(cluster):
-    with Client(cluster) as c:
-        yield c
 
 
 def _reference(store, seed=7):

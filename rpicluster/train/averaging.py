@@ -382,15 +382,8 @@ def train_averaged(dataset, client, *, model: str = "mlp", params: dict | None =
     meta = {"kind": "averaging", "model": model, "params": params, "sync": sync,
             "local_epochs": int(local_epochs), "shards": len(shard_list),
             "dataset": dataset_identity(dataset)}
-    history: list[dict] = []
-    global_model = None
-    if rundir is not None:
-        if resume:
-            rundir.check_resumable(meta)
-            history = rundir.history()
-            global_model = rundir.latest_model(expected=cls)
-        else:
-            rundir.create(meta)
+    history, global_model = (rundir.begin(meta, resume=resume, expected=cls)
+                             if rundir is not None else ([], None))
     if global_model is None:
         global_model = make_estimator(model, params)
     seed = int(params["random_state"])

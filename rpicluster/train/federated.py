@@ -276,15 +276,8 @@ def federate_on(client, hosts: dict[str, str | None], *, model: str = "mlp",
     meta = {"kind": "federated", "model": model, "params": params,
             "local_epochs": int(local_epochs), "n_features": int(n_features),
             "label_kind": label_kind, "classes": classes}
-    history: list[dict] = []
-    global_model = None
-    if rundir is not None:
-        if resume:
-            rundir.check_resumable(meta)
-            history = rundir.history()
-            global_model = rundir.latest_model(expected=cls)
-        else:
-            rundir.create(meta)
+    history, global_model = (rundir.begin(meta, resume=resume, expected=cls)
+                             if rundir is not None else ([], None))
     if global_model is None:
         global_model = make_estimator(model, params)
     X_val = y_val = None

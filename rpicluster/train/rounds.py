@@ -79,6 +79,15 @@ class RoundDir:
                                   f"the run, now {value!r}")
         return recorded
 
+    def begin(self, meta: dict, *, resume: bool, expected=None) -> tuple[list[dict], object]:
+        """Start the run described by ``meta``, or resume it: ``(history, latest model)``, the
+        model None before the first finished round."""
+        if not resume:
+            self.create(meta)
+            return [], None
+        self.check_resumable(meta)
+        return self.history(), self.latest_model(expected=expected)
+
     def commit(self, model, report: dict) -> None:
         """Record a finished round: its model file first, then the round list naming it."""
         state = self._state()
