@@ -43,6 +43,11 @@ def store(tmp_path_factory):
     return root
 
 
+@pytest.fixture
+def client(cluster):
+    """A client of the module's cluster (conftest), restored to 2 workers afterwards."""
+    with Client(cluster) as c:
+        yield c
         cluster.scale(2)
         c.wait_for_workers(2, timeout=60)
 

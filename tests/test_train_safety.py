@@ -80,7 +80,7 @@ def test_a_second_run_into_the_same_model_is_refused_naming_the_first(store, clu
                                                                        tmp_path):
     """Finding 1: two `train -o mix.skops` at once both exited 0 and mixed their blocks."""
     model = tmp_path / "mix.skops"
-    client.register_plugin(_SlowTasks(prefix="fit", seconds=0.15), name="slow")
+    client.register_plugin(_SlowTasks(prefix="fit", seconds=1.0), name="slow")
     try:
         first = _cli("train", str(store), "-o", str(model), "--scheduler",
                      cluster.scheduler_address, *FLAGS, "--seed", "7")
@@ -233,7 +233,7 @@ def _resume_line(output: str) -> list[str]:
 def test_ctrl_c_says_what_was_kept_and_the_resume_command(store, cluster, client, tmp_path):
     """Finding 8: Ctrl-C printed only `Aborted!`."""
     model = tmp_path / "m.skops"
-    client.register_plugin(_SlowTasks(prefix="fit", seconds=0.15), name="slow")
+    client.register_plugin(_SlowTasks(prefix="fit", seconds=1.0), name="slow")
     try:
         proc = _cli("train", str(store), "-o", str(model), "--scheduler",
                     cluster.scheduler_address, *FLAGS, "--seed", "7")
