@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from distributed import WorkerPlugin
+
 SSHD = "/usr/sbin/sshd"
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 _INSTANCES = itertools.count()
@@ -277,3 +279,21 @@ env = {{ OMP_NUM_THREADS = "1" }}
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class SlowTasks(WorkerPlugin):
+    """A Dask worker plugin that delays tasks whose key contains ``prefix`` (on the worker named
+    ``only``, if given): tests use it to make a run last long enough for a kill to land mid-run,
+    or to make one worker slow. Register it with ``client.register_plugin(SlowTasks(...))``."""
+
+    def __init__(self, prefix: str, seconds: float, only: str | None = None):
+        self.prefix, self.seconds, self.only = prefix, seconds, only
+        self.worker = None
+
+    def setup(self, worker):
+        self.worker = worker
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish == "executing" and self.prefix in str(key) and (
+                self.only is None or self.worker.name == self.only):
+            time.sleep(self.seconds)

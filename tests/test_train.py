@@ -22,6 +22,7 @@ from rpicluster.data.synthetic import make_imagenet_like
 from rpicluster.errors import ConfigError, TrainingError
 from rpicluster.train.job import predict_dataset, score_dataset, train
 from rpicluster.train.modelfile import load_model
+from rpicluster.testing import SlowTasks
 from rpicluster.train.rundir import RunDir
 
 # Plugins defined here run inside worker processes that cannot import this test module.
@@ -127,7 +128,7 @@ def test_resume_after_the_client_is_killed(store, cluster, client, tmp_path):
            cluster.scheduler_address, "--clusters", "4", "--epochs", "5", "--seed", "7"]
     # Slow each fit task so the kill lands between the first commit and the last (a block's
     # fits are few batched tasks now, so each must take a while).
-    client.register_plugin(_SlowTasks(prefix="fit", seconds=1.0), name="slow")
+    client.register_plugin(SlowTasks(prefix="fit", seconds=1.0), name="slow")
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
@@ -161,7 +162,7 @@ def test_resume_refuses_changed_parameters(store, client, tmp_path):
 
 def test_a_killed_worker_does_not_lose_the_run(store, cluster, client, tmp_path):
     ds = open_dataset(store / "train.zarr")
-    client.register_plugin(_SlowTasks(prefix="fit", seconds=0.1), name="slow")
+    client.register_plugin(SlowTasks(prefix="fit", seconds=0.1), name="slow")
     pids = client.run(os.getpid)
     victim = sorted(pids)[0]
 
@@ -207,7 +208,7 @@ def test_faster_workers_take_more_tasks(store, tmp_path):
                      for name, n in (("desktop", 3), ("pi", 1))]
             try:
                 client.wait_for_workers(2, timeout=60)
-                client.register_plugin(_SlowTasks(prefix="", seconds=0.2, only="pi"),
+                client.register_plugin(SlowTasks(prefix="", seconds=0.2, only="pi"),
                                        name="slow-pi")
                 est = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS)
                 result = train(est, open_dataset(store / "train.zarr"), client)
@@ -246,20 +247,6 @@ def test_model_file_round_trip_and_cli(store, cluster, tmp_path):
     assert res.exit_code == 0, res.output
     np.testing.assert_array_equal(np.load(out), model.predict(X))
 
-
-class _SlowTasks(WorkerPlugin):
-    """Delays tasks whose key contains ``prefix`` (on the worker named ``only``, if given)."""
-
-    def __init__(self, prefix: str, seconds: float, only: str | None = None):
-        self.prefix, self.seconds, self.only = prefix, seconds, only
-
-    def setup(self, worker):
-        self.worker = worker
-
-    def transition(self, key, start, finish, **kwargs):
-        if finish == "executing" and self.prefix in str(key) and (
-                self.only is None or self.worker.name == self.only):
-            time.sleep(self.seconds)
 
 
 class _DieOn(WorkerPlugin):

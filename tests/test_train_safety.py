@@ -17,7 +17,7 @@ import cloudpickle
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from distributed import Client, LocalCluster, WorkerPlugin
+from distributed import Client, LocalCluster
 
 from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
 from rpicluster.cli import main
@@ -25,6 +25,7 @@ from rpicluster.data.synthetic import make_imagenet_like
 from rpicluster.errors import ConfigError, RPiClusterWarning
 from rpicluster.train.job import train
 from rpicluster.train.modelfile import load_model
+from rpicluster.testing import SlowTasks
 from rpicluster.train.rundir import RunDir
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -80,7 +81,7 @@ def test_a_second_run_into_the_same_model_is_refused_naming_the_first(store, clu
                                                                        tmp_path):
     """Finding 1: two `train -o mix.skops` at once both exited 0 and mixed their blocks."""
     model = tmp_path / "mix.skops"
-    client.register_plugin(_SlowTasks(prefix="fit", seconds=1.0), name="slow")
+    client.register_plugin(SlowTasks(prefix="fit", seconds=1.0), name="slow")
     try:
         first = _cli("train", str(store), "-o", str(model), "--scheduler",
                      cluster.scheduler_address, *FLAGS, "--seed", "7")
@@ -233,7 +234,7 @@ def _resume_line(output: str) -> list[str]:
 def test_ctrl_c_says_what_was_kept_and_the_resume_command(store, cluster, client, tmp_path):
     """Finding 8: Ctrl-C printed only `Aborted!`."""
     model = tmp_path / "m.skops"
-    client.register_plugin(_SlowTasks(prefix="fit", seconds=1.0), name="slow")
+    client.register_plugin(SlowTasks(prefix="fit", seconds=1.0), name="slow")
     try:
         proc = _cli("train", str(store), "-o", str(model), "--scheduler",
                     cluster.scheduler_address, *FLAGS, "--seed", "7")
@@ -277,7 +278,7 @@ def test_a_killed_scheduler_is_one_line_with_the_resume_command(store, tmp_path)
                                    stderr=subprocess.DEVNULL, env=env)
         with Client(address, timeout=60) as c:
             c.wait_for_workers(2, timeout=120)
-            c.register_plugin(_SlowTasks(prefix="fit", seconds=0.3), name="slow")
+            c.register_plugin(SlowTasks(prefix="fit", seconds=0.3), name="slow")
         model = tmp_path / "m.skops"
         proc = _cli("train", str(store), "-o", str(model), "--scheduler", address, *FLAGS,
                     "--seed", "7", env=env)
@@ -326,16 +327,6 @@ def test_a_full_disk_on_the_run_directory_is_one_line(store, cluster, tmp_path, 
     assert "continue with: rpicluster train" in line and f"--resume {full_disk}/run" in line
     assert not model.exists()
 
-
-class _SlowTasks(WorkerPlugin):
-    """Delays tasks whose key contains ``prefix``."""
-
-    def __init__(self, prefix: str, seconds: float):
-        self.prefix, self.seconds = prefix, seconds
-
-    def transition(self, key, start, finish, **kwargs):
-        if finish == "executing" and self.prefix in str(key):
-            time.sleep(self.seconds)
 
 
 def test_a_model_file_with_a_pickled_npy_member_is_refused_in_one_line(store, tmp_path):
