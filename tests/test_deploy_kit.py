@@ -191,7 +191,9 @@ def test_scheduler_unit_runs_the_start_spec_up_sends(home):
                               tls=remote.tls_paths(unit.tls_dir))
     argv = unit_argv(unit)
     assert argv[1:] == remote.command(start)[1:]
-    assert argv[argv.index("--preload") + 1] == "rpicluster.dashboard"
+    # The guard (no client-sent code on the scheduler) first, then the page.
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--preload"] == [
+        "rpicluster.deploy.guard", "rpicluster.dashboard"]
     assert argv[argv.index("--tls-cert") + 1] == f"{workdir}/tls/node.pem"
 
 

@@ -28,6 +28,11 @@ PAGE = "/rpicluster"
 #: Name of the scheduler plugin.
 PLUGIN = "rpicluster-dashboard"
 
+#: Scheduler operation answering where the dashboard and the page are (:func:`dashboard_facts`):
+#: ``rpicluster dashboard`` asks it instead of running code on the scheduler, which the
+#: schedulers rpicluster starts refuse.
+FACTS_OP = "rpicluster_dashboard"
+
 
 class TrainingMonitor(SchedulerPlugin):
     """Scheduler plugin folding every ``rpicluster.train`` event into :attr:`state` (and every
@@ -99,7 +104,23 @@ async def install(scheduler) -> str | None:
         scheduler.add_plugin(monitor)
         await monitor.start(scheduler)
     await scheduler.register_worker_plugin(None, dumps(HealthPlugin()), METRIC, idempotent=True)
-    return _serve_page(scheduler)
+    page = _serve_page(scheduler)
+
+    def facts() -> dict | None:
+        return dashboard_facts(scheduler, page)
+
+    scheduler.handlers[FACTS_OP] = facts
+    return page
+
+
+def dashboard_facts(scheduler, page: str | None = None) -> dict | None:
+    """Where ``scheduler``'s dashboard listens (``address``, ``port``, ``prefix``, ``tls``) and
+    the page's path (``page``); None when it serves no dashboard."""
+    http = scheduler.services.get("dashboard")
+    if http is None:
+        return None
+    return {"address": http.address, "port": http.port, "prefix": dashboard_prefix(scheduler) or "",
+            "tls": getattr(http, "ssl_options", None) is not None, "page": page}
 
 
 def _bokeh_apps(scheduler) -> list:
