@@ -12,7 +12,6 @@ import urllib.request
 
 import pytest
 from distributed import Client, LocalCluster
-from distributed.core import rpc
 from distributed.security import Security
 
 from rpicluster.deploy import local, tls
@@ -95,24 +94,26 @@ def test_scheduler_runs_no_client_code_but_serves_the_page(embedded):
         assert page.status == 200
 
 
-def test_a_worker_certificate_is_not_a_client(embedded):
-    address = embedded["scheduler_address"]
+def test_a_worker_certificate_does_not_control_the_cluster(embedded):
+    """Finding 3: a client built from a worker's certificate ran run_on_scheduler. It may open a
+    client (tasks on workers do, e.g. joblib's dask backend) but not run code on the scheduler
+    or on every worker, install plugins, or stop the cluster."""
+    from distributed import WorkerPlugin
+
     worker = local.local_security("worker")
-    # It passes TLS (workers must connect) but may not open a client session ...
-    with pytest.raises((OSError, TimeoutError)):
-        Client(address, security=worker, timeout=3)
-
-    # ... nor call the operations that control the cluster directly.
-    async def broadcast(security):
-        async with rpc(address, connection_args=security.get_connection_args("client")) as r:
-            return await r.broadcast(msg={"op": "versions"})
-
-    from tornado.ioloop import IOLoop
-
-    loop = IOLoop.current()
-    with pytest.raises(PermissionError, match="'broadcast' needs a client certificate"):
-        loop.run_sync(lambda: broadcast(worker))
-    assert len(loop.run_sync(lambda: broadcast(local.local_security("client")))) == 1
+    with Client(embedded["scheduler_address"], security=worker, timeout=20) as c:
+        with pytest.raises(ValueError, match="'run_function' handler has been explicitly"):
+            c.run_on_scheduler(os.getpid)
+        with pytest.raises(PermissionError, match="'broadcast' needs a client certificate"):
+            c.run(os.getpid)
+        with pytest.raises(PermissionError, match="'register_worker_plugin' needs a client"):
+            c.register_plugin(WorkerPlugin(), name="x")
+        with pytest.raises(PermissionError, match="'restart' needs a client certificate"):
+            c.restart()
+        assert c.submit(sum, [1, 2]).result(timeout=30) == 3
+    # The client's certificate (the desktop user) still may.
+    with find_cluster().client(timeout=20) as c:
+        assert len(c.run(os.getpid)) == 1
 
 
 def test_certificates_last_a_year_and_near_expiry_rotates(tmp_path):

@@ -130,7 +130,7 @@ def dashboard_links(address: str | None = None, *, client=None, inventory=None,
 def _facts(client, address: str) -> dict | None:
     """Ask the scheduler where its dashboard is; install the page first where it is missing."""
     from rpicluster.dashboard import install
-    from rpicluster.dashboard.server import FACTS_OP
+    from rpicluster.events import FACTS_OP
 
     try:
         # Served by the page's preload: no code sent to the scheduler.

@@ -28,11 +28,6 @@ PAGE = "/rpicluster"
 #: Name of the scheduler plugin.
 PLUGIN = "rpicluster-dashboard"
 
-#: Scheduler operation answering where the dashboard and the page are (:func:`dashboard_facts`):
-#: ``rpicluster dashboard`` asks it instead of running code on the scheduler, which the
-#: schedulers rpicluster starts refuse.
-FACTS_OP = "rpicluster_dashboard"
-
 
 class TrainingMonitor(SchedulerPlugin):
     """Scheduler plugin folding every ``rpicluster.train`` event into :attr:`state` (and every
@@ -109,18 +104,20 @@ async def install(scheduler) -> str | None:
     def facts() -> dict | None:
         return dashboard_facts(scheduler, page)
 
-    scheduler.handlers[FACTS_OP] = facts
+    scheduler.handlers[ev.FACTS_OP] = facts
     return page
 
 
 def dashboard_facts(scheduler, page: str | None = None) -> dict | None:
-    """Where ``scheduler``'s dashboard listens (``address``, ``port``, ``prefix``, ``tls``) and
-    the page's path (``page``); None when it serves no dashboard."""
+    """Where ``scheduler``'s dashboard listens (``address``, ``port``, ``prefix``, ``tls``), the
+    page's path (``page``) and the system monitor's sample count (``monitor_count``, what
+    ``performance_report`` starts from); None when it serves no dashboard."""
     http = scheduler.services.get("dashboard")
     if http is None:
         return None
     return {"address": http.address, "port": http.port, "prefix": dashboard_prefix(scheduler) or "",
-            "tls": getattr(http, "ssl_options", None) is not None, "page": page}
+            "tls": getattr(http, "ssl_options", None) is not None, "page": page,
+            "monitor_count": scheduler.monitor.count}
 
 
 def _bokeh_apps(scheduler) -> list:

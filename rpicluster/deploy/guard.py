@@ -3,20 +3,21 @@
 ``dask scheduler --preload rpicluster.deploy.guard`` (``up``, ``deploy systemd`` and the embedded
 cluster all pass it) does two things when the scheduler starts:
 
-* it removes the operations whose only purpose is to run code a client sends *on the scheduler*:
-  ``run_function`` (``client.run_on_scheduler``) and ``register_scheduler_plugin``
-  (``client.register_plugin(SchedulerPlugin)``). rpicluster's own scheduler side (the
-  ``/rpicluster`` page) is installed by its own preload, not sent by a client. Dask's
+* it blocks the operations whose purpose is to run a function a client sends *on the scheduler*:
+  ``run_function`` (``client.run_on_scheduler``), ``register_scheduler_plugin``
+  (``client.register_plugin(SchedulerPlugin)``) and ``feed`` (distributed's progress streams).
+  rpicluster's own scheduler side (the ``/rpicluster`` page) comes by its own preload. Dask's
   ``distributed.scheduler.pickle: false`` would be the stock switch, but distributed >= 2024
   refuses to start a scheduler with it (task graphs themselves travel pickled).
-* over TLS, it refuses the operations that control the cluster (opening a client session,
-  scatter/gather, broadcast, plugins, restart, retire, terminate, ...) to a peer whose certificate
-  says role ``worker`` (:mod:`rpicluster.deploy.tls`): a certificate copied off a Pi lets its
-  holder act as a worker, not as the user.
+* over TLS, it refuses the operations that control the cluster rather than compute on it
+  (:data:`CLIENT_ONLY`: ``client.run``/broadcast, worker and nanny plugins, restart, terminate,
+  rebalance, replicate, cluster dumps) to a peer whose certificate has role ``worker``
+  (:mod:`rpicluster.deploy.tls`). A worker's certificate may still open a client: tasks do
+  (``get_client``, joblib's dask backend), so it can submit tasks.
 
-What it cannot stop is written down in README's security section: distributed unpickles the
-pickled parts of any message it reads before a handler runs, so the holder of *any* certificate
-of the cluster can still craft a message that runs code on the scheduler.
+What it cannot stop is written down in README's security section: task graphs are unpickled on
+the scheduler, and distributed unpickles the pickled parts of any message before a handler runs,
+so the holder of *any* certificate of the cluster can still run code on the scheduler.
 
 Standard library only at import time (``rpicluster.deploy.remote`` names it).
 """
@@ -31,16 +32,16 @@ logger = logging.getLogger(__name__)
 #: scheduler).
 GUARD = "rpicluster.deploy.guard"
 
-#: Operations removed from the scheduler: they exist to run client-sent code on it.
-REMOVED = ("run_function", "register_scheduler_plugin")
+#: Operations blocked on the scheduler: they run a function a client sent on it.
+REMOVED = ("run_function", "register_scheduler_plugin", "feed")
 
-#: Operations a peer holding a worker's certificate may not call (a client's, not a worker's).
-CLIENT_ONLY = ("register-client", "scatter", "gather", "retry", "feed", "terminate", "broadcast",
-               "proxy", "rebalance", "replicate", "restart", "restart_workers", "update_data",
-               "set_restrictions", "register_worker_plugin", "unregister_worker_plugin",
+#: Operations a peer holding a worker's certificate may not call: they control the cluster
+#: (run code on every worker, install plugins, restart, stop, move data around), which neither a
+#: worker nor a task needs. Workers retire themselves through ``retire_workers``: not listed.
+CLIENT_ONLY = ("broadcast", "proxy", "terminate", "restart", "restart_workers", "rebalance",
+               "replicate", "register_worker_plugin", "unregister_worker_plugin",
                "register_nanny_plugin", "unregister_nanny_plugin", "unregister_scheduler_plugin",
-               "dump_cluster_state_to_url", "get_cluster_state", "benchmark_hardware",
-               "performance_report", "subscribe_worker_status")
+               "dump_cluster_state_to_url", "get_cluster_state", "benchmark_hardware")
 
 
 class RefusedOperation(PermissionError):
