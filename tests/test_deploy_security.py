@@ -37,14 +37,22 @@ def _refused_tls_handshake(address: str, ca: str, cert: tuple[str, str] | None) 
         return True
 
 
+def _listening() -> list[str]:
+    """Local addresses of the IPv4 TCP sockets listening here, as /proc/net/tcp writes them
+    (``0100007F:1F90`` is 127.0.0.1:8080, ``00000000:...`` every interface)."""
+    rows = [line.split() for line in open("/proc/net/tcp").read().splitlines()[1:]]
+    return [r[1] for r in rows if r[3] == "0A"]
+
+
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
-    """``up --local 1`` in its own state directory (module-wide); yields its record."""
+    """``up --local 1`` (defaults: dashboard address too) in its own state directory, module-wide;
+    yields its record."""
     home = tmp_path_factory.mktemp("home")
     old = os.environ.get("RPICLUSTER_HOME")
     os.environ["RPICLUSTER_HOME"] = str(home)
     try:
-        info = local.start_local(1, memory_limit="1GiB", dashboard_address="127.0.0.1:0")
+        info = local.start_local(1, memory_limit="1GiB")
         yield info
     finally:
         local.stop_local()
@@ -57,7 +65,10 @@ def embedded(tmp_path_factory):
 def test_embedded_cluster_is_tls_on_loopback_and_refuses_strangers(embedded):
     address = embedded["scheduler_address"]
     assert address.startswith("tls://127.0.0.1:")
+    # The dashboard listens on loopback only (it was every interface, :8787).
     assert embedded["dashboard_link"].startswith("http://127.0.0.1:")
+    port = int(embedded["dashboard_link"].split(":")[2].split("/")[0])
+    assert f"0100007F:{port:04X}" in _listening() and f"00000000:{port:04X}" not in _listening()
     d = local.tls_dir()
     assert (d / "ca-key.pem").stat().st_mode & 0o777 == 0o600
     # Plain TCP: the scheduler speaks TLS only.
@@ -176,3 +187,20 @@ def test_after_rotation_a_removed_hosts_certificate_connects_nowhere(tmp_path):
         assert _refused_tls_handshake(address, str(sched.ca), (str(stolen.cert), str(stolen.key)))
         assert not _refused_tls_handshake(address, str(sched.ca), (str(client.cert),
                                                                    str(client.key)))
+
+
+def test_up_local_opens_the_dashboard_only_when_asked(home, free_port):
+    from click.testing import CliRunner
+
+    from rpicluster.cli import main
+
+    port = free_port()
+    res = CliRunner().invoke(main, ["up", "--local", "1", "--memory-limit", "1GiB",
+                                    "--dashboard-address", f"0.0.0.0:{port}"])
+    try:
+        assert res.exit_code == 0, res.output
+        assert f"00000000:{port:04X}" in _listening()
+    finally:
+        local.stop_local()
+    res = CliRunner().invoke(main, ["up", "-c", "cluster.toml", "--dashboard-address", ":1"])
+    assert res.exit_code == 2 and "--dashboard-address is for --local" in res.output
