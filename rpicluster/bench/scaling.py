@@ -351,10 +351,7 @@ def performance_report(client, path: Path):
     from rpicluster import events as ev
 
     start = time.time()
-    try:
-        facts = client.sync(getattr(client.scheduler, ev.FACTS_OP)) or {}
-    except Exception:  # noqa: BLE001 - a scheduler without the page's preload
-        facts = {}
+    facts = client.sync(getattr(client.scheduler, ev.FACTS_OP)) or {}  # None: not preloaded
     client.get_task_stream(start=0, stop=0)  # the scheduler starts recording the task stream
     yield
     html = client.sync(client.scheduler.performance_report, start=start,

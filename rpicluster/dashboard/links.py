@@ -127,16 +127,16 @@ def dashboard_links(address: str | None = None, *, client=None, inventory=None,
         return _links(client, ref.address)
 
 
-def _facts(client, address: str) -> dict | None:
+def _facts(client, address: str) -> dict:
     """Ask the scheduler where its dashboard is; install the page first where it is missing."""
     from rpicluster.dashboard import install
     from rpicluster.events import FACTS_OP
 
-    try:
-        # Served by the page's preload: no code sent to the scheduler.
-        return client.sync(getattr(client.scheduler, FACTS_OP))
-    except Exception:  # noqa: BLE001 - an older or foreign scheduler: no such operation
-        pass
+    # Served by the page's preload: no code sent to the scheduler. A scheduler without the
+    # operation answers None.
+    facts = client.sync(getattr(client.scheduler, FACTS_OP))
+    if facts is not None:
+        return facts
     try:
         client.run_on_scheduler(install)
     except Exception as exc:  # noqa: BLE001 - e.g. a guarded scheduler refusing run_function
@@ -150,9 +150,10 @@ def _links(client, address: str) -> DashboardLinks:
     from distributed.comm import get_address_host
 
     facts = _facts(client, address)
-    if facts is None:
+    where = facts["dashboard"]
+    if where is None:
         raise ConfigError(f"the scheduler at {address} serves no dashboard (started with "
                           "--no-dashboard?)")
-    return build_links(facts["address"], facts["port"], get_address_host(address),
-                       prefix=facts["prefix"], page=facts["page"], tls=facts["tls"],
+    return build_links(where["address"], where["port"], get_address_host(address),
+                       prefix=where["prefix"], page=facts["page"], tls=where["tls"],
                        ssh_connection=os.environ.get("SSH_CONNECTION"))

@@ -101,23 +101,26 @@ async def install(scheduler) -> str | None:
     await scheduler.register_worker_plugin(None, dumps(HealthPlugin()), METRIC, idempotent=True)
     page = _serve_page(scheduler)
 
-    def facts() -> dict | None:
+    def facts() -> dict:
         return dashboard_facts(scheduler, page)
 
     scheduler.handlers[ev.FACTS_OP] = facts
     return page
 
 
-def dashboard_facts(scheduler, page: str | None = None) -> dict | None:
-    """Where ``scheduler``'s dashboard listens (``address``, ``port``, ``prefix``, ``tls``), the
-    page's path (``page``) and the system monitor's sample count (``monitor_count``, what
-    ``performance_report`` starts from); None when it serves no dashboard."""
+def dashboard_facts(scheduler, page: str | None = None) -> dict:
+    """What the :data:`~rpicluster.events.FACTS_OP` operation answers.
+
+    ``dashboard``: where ``scheduler``'s dashboard listens (``address``, ``port``, ``prefix``,
+    ``tls``), None when it serves none; ``page``: the page's path; ``monitor_count``: the system
+    monitor's sample count (what ``performance_report`` starts from). Always a dict: a scheduler
+    without the operation answers None.
+    """
     http = scheduler.services.get("dashboard")
-    if http is None:
-        return None
-    return {"address": http.address, "port": http.port, "prefix": dashboard_prefix(scheduler) or "",
-            "tls": getattr(http, "ssl_options", None) is not None, "page": page,
-            "monitor_count": scheduler.monitor.count}
+    where = None if http is None else {
+        "address": http.address, "port": http.port, "prefix": dashboard_prefix(scheduler) or "",
+        "tls": getattr(http, "ssl_options", None) is not None}
+    return {"dashboard": where, "page": page, "monitor_count": scheduler.monitor.count}
 
 
 def _bokeh_apps(scheduler) -> list:

@@ -4,7 +4,8 @@ Dask's TLS (``tls://``) requires both ends to present a certificate signed by th
 so a client without one is refused by the scheduler. Keys are EC P-256 (fast to make on a Pi)
 and written with mode 0600.
 
-Every certificate carries its role (:data:`ROLES`) as its organizational unit: the scheduler's
+Every certificate carries its role (``scheduler``, ``worker`` or ``client``: :func:`role_of`) as
+its organizational unit: the scheduler's
 guard (:mod:`rpicluster.deploy.guard`) refuses client operations to a worker's certificate.
 Certificates last :data:`VALIDITY`; :meth:`CertificateAuthority.needs_rotation` tells ``up`` when
 one is within :data:`RENEW_BEFORE` of expiry (or was issued to a host no longer in the inventory),
@@ -27,8 +28,6 @@ from cryptography.x509.oid import NameOID
 VALIDITY = datetime.timedelta(days=365)
 #: ``up`` rotates the CA when a certificate has less than this left.
 RENEW_BEFORE = datetime.timedelta(days=30)
-#: Certificate roles: what the scheduler lets a peer do (see :mod:`rpicluster.deploy.guard`).
-ROLES = ("scheduler", "worker", "client")
 
 
 @dataclass(frozen=True)
@@ -90,9 +89,9 @@ class CertificateAuthority:
             return
         self._create()
 
-    def _create(self, now: datetime.datetime | None = None) -> None:
+    def _create(self) -> None:
         self._key = ec.generate_private_key(ec.SECP256R1())
-        now = now or datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.timezone.utc)
         name = _name("rpicluster CA")
         self._cert = (
             x509.CertificateBuilder().subject_name(name).issuer_name(name)
