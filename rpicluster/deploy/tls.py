@@ -5,8 +5,8 @@ so a client without one is refused by the scheduler. Keys are EC P-256 (fast to 
 and written with mode 0600.
 
 Every certificate carries its role (``scheduler``, ``worker`` or ``client``: :func:`role_of`) as
-its organizational unit: the scheduler's
-guard (:mod:`rpicluster.deploy.guard`) refuses client operations to a worker's certificate.
+its organizational unit: the scheduler's guard (:mod:`rpicluster.deploy.guard`) refuses the
+operations that control the cluster to a worker's certificate.
 Certificates last :data:`VALIDITY`; :meth:`CertificateAuthority.needs_rotation` tells ``up`` when
 one is within :data:`RENEW_BEFORE` of expiry (or was issued to a host no longer in the inventory),
 and :meth:`CertificateAuthority.rotate` replaces the CA, so every old certificate stops working.
