@@ -272,6 +272,21 @@ def test_rendered_units_start_a_working_tls_cluster(inventory, tmp_path):
             p.wait(timeout=30)
 
 
+def test_a_second_kit_rotates_certificates_of_a_host_that_left(inventory, tmp_path):
+    """deploy systemd rotates like up: after the worker leaves the inventory, a new CA."""
+    first = systemd.write_units(inventory, tmp_path / "kit1")
+    ca_before = (first.out_dir / "127.0.0.1" / "worker-tls" / "ca.pem").read_bytes()
+    systemd.write_units(inventory, tmp_path / "kit2")       # nothing to rotate: the same CA
+    assert (tmp_path / "kit2" / "127.0.0.1" / "worker-tls" / "ca.pem").read_bytes() == ca_before
+    head, workers = inventory.read_text().split("[[workers]]")
+    inventory.write_text(head + "[[workers]]" + workers.replace('"127.0.0.1"', '"10.0.0.9"'))
+    with pytest.warns(UserWarning, match="'127.0.0.1' has a certificate but is no longer in the "
+                                         "inventory.*install every unit again"):
+        kit = systemd.write_units(inventory, tmp_path / "kit3")
+    ca_file = re.search(r"CA_FILE=(\S+)", kit.client_env.read_text()).group(1)
+    assert Path(shlex.split(ca_file)[0]).read_bytes() != ca_before
+
+
 def test_deploy_systemd_command(inventory, tmp_path):
     from click.testing import CliRunner
 

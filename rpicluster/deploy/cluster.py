@@ -266,9 +266,8 @@ def rotate_certificates(spec: ClusterSpec) -> str | None:
     certificate connects nowhere. A warning says so.
     """
     ca = CertificateAuthority(cluster_dir(cluster_id(spec.path)) / "tls")
-    why = ca.needs_rotation({"scheduler", "client", *(w.name for w in spec.workers)})
+    why = ca.rotate_if_needed({"scheduler", "client", *(w.name for w in spec.workers)})
     if why is not None:
-        ca.rotate()
         warnings.warn(f"{spec.path}: new certificates ({why}); the scheduler and every worker "
                       "restart with them", UserWarning, stacklevel=3)
     return why

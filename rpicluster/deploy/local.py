@@ -178,8 +178,7 @@ def local_certificates() -> Path:
     from rpicluster.deploy.tls import CertificateAuthority
 
     ca = CertificateAuthority(tls_dir())
-    if ca.needs_rotation(LOCAL_CERTS):
-        ca.rotate()
+    ca.rotate_if_needed(LOCAL_CERTS)
     for name in LOCAL_CERTS:
         ca.issue(name)
     return ca.directory

@@ -145,6 +145,13 @@ class CertificateAuthority:
             path.unlink()
         self._create()
 
+    def rotate_if_needed(self, names) -> str | None:
+        """:meth:`rotate` when :meth:`needs_rotation` says why; returns that reason (or None)."""
+        why = self.needs_rotation(names)
+        if why is not None:
+            self.rotate()
+        return why
+
     def issue(self, name: str, *, now: datetime.datetime | None = None) -> CertFiles:
         """The certificate files of node ``name`` (made on first request, then reused).
 
