@@ -292,3 +292,54 @@ def test_ctrl_c_says_what_was_kept_and_the_resume_command(digits, cluster, tmp_p
     res = CliRunner().invoke(main, again[1:])
     assert res.exit_code == 0, res.output
     assert f"trained 1 rounds (+{kept} resumed) of mlp" in res.output
+
+
+@pytest.mark.timeout(900)
+def test_a_killed_scheduler_is_one_line_with_the_resume_command(digits, tmp_path):
+    import json
+    import os
+    import re
+    import shlex
+
+    env = {**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "10s"}
+    sched = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--port",
+                              "0", "--no-dashboard", "--scheduler-file",
+                              str(tmp_path / "s.json")], stderr=subprocess.DEVNULL, env=env)
+    workers = None
+    model, run_dir = tmp_path / "m.skops", tmp_path / "m.skops.run"
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "s.json").is_file():
+            assert time.monotonic() < deadline and sched.poll() is None
+            time.sleep(0.1)
+        address = json.loads((tmp_path / "s.json").read_text())["address"]
+        workers = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
+                                    "--nworkers", "2", "--nthreads", "1", "--no-dashboard",
+                                    "--local-directory", str(tmp_path / "w")],
+                                   stderr=subprocess.DEVNULL, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rpicluster.cli", "train", str(digits / "train.zarr"), "-o",
+             str(model), "--model", "sgd", "--rounds", "500", "--seed", "1", "--scheduler",
+             address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        deadline = time.monotonic() + 400
+        while len(RoundDir(run_dir).history()) < 2:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "no round finished in time"
+            time.sleep(0.02)
+        sched.kill()
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        for p in (sched, workers):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out, out
+    [line] = [x for x in out.splitlines() if x.startswith("error: ")]
+    kept = len(RoundDir(run_dir).history())
+    assert f"error: lost the scheduler {address} during training (" in line
+    assert f"{kept} of 500 rounds are finished in {run_dir}" in line
+    again = shlex.split(re.search(r"continue with: (.*)$", line).group(1))
+    assert again == ["rpicluster", "train", str(digits / "train.zarr"), "-o", str(model),
+                     "--resume", str(run_dir), "--model", "sgd", "--rounds", "500",
+                     "--local-epochs", "1", "--sync", "round", "--scheduler", address]
