@@ -246,7 +246,8 @@ class AveragingResult:
     rounds : list of dict
         One report per round (resumed ones included): ``round``, ``seconds``, ``steps``,
         ``rows``, ``bytes_down`` (global model sent to workers), ``bytes_up`` (updates sent
-        back), ``loss``, ``accuracy`` (validation, or None), ``busy`` (task seconds per worker).
+        back), ``loss``, ``accuracy`` (validation, or None), ``busy`` (task seconds per worker),
+        ``participants`` (the workers whose tasks ran).
     resumed_rounds : int
         Rounds taken from the run directory.
     seconds : float

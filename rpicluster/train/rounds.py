@@ -11,6 +11,8 @@ Layout::
 A round counts as finished only once ``rounds.json`` lists it, and that file is replaced after
 the model file is complete, so a crash at any point leaves the previous round's state intact.
 Only the newest two model files are kept.
+
+:class:`RoundEvents` publishes the rounds to the ``/rpicluster`` page as they finish.
 """
 
 from __future__ import annotations
