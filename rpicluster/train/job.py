@@ -395,8 +395,8 @@ class TrainingRun:
     def on_result(self, future, result) -> None:
         """Take one finished task's result (raises TrainingError for a failed task).
 
-        Of a task and its speculative copy the first result is taken; the other's (or its
-        failure, or its cancellation) is only counted as work done, if it was done."""
+        Of a task and its speculative copy the first result is taken; the other's result,
+        failure or cancellation is dropped (a result still tells how fast its worker was)."""
         b, j = self.owner.pop(future.key)
         copy = future.key in self.copies
         self.copies.discard(future.key)
