@@ -105,6 +105,8 @@ class NamespaceHosts:
         Name of a host to cap at ``cpu_quota`` of one CPU (cgroup v1), or None.
     cpu_quota : float
         Fraction of one CPU the capped host may use.
+    without_sftp : iterable of str
+        Names of hosts whose sshd has no SFTP subsystem (like a minimal or hardened sshd).
 
     Attributes
     ----------
@@ -119,7 +121,7 @@ class NamespaceHosts:
     """
 
     def __init__(self, directory: str | Path, n: int = 3, *, cpu_capped: str | None = None,
-                 cpu_quota: float = 0.5) -> None:
+                 cpu_quota: float = 0.5, without_sftp=()) -> None:
         reason = unavailable()
         if reason:
             raise RuntimeError(reason)
@@ -133,12 +135,13 @@ class NamespaceHosts:
         self.cgroup: Path | None = None
         self.capped = cpu_capped
         try:
-            self._build(n, cpu_capped, cpu_quota)
+            self._build(n, cpu_capped, cpu_quota, set(without_sftp))
         except BaseException:
             self.close()
             raise
 
-    def _build(self, n: int, cpu_capped: str | None, cpu_quota: float) -> None:
+    def _build(self, n: int, cpu_capped: str | None, cpu_quota: float,
+               without_sftp: set[str]) -> None:
         x = _free_subnet()
         self.gateway = f"10.77.{x}.1"
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
@@ -172,7 +175,8 @@ class NamespaceHosts:
                 "PubkeyAuthentication yes", "PasswordAuthentication no",
                 "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password",
                 "StrictModes no", "UsePAM no", "AllowAgentForwarding no", "X11Forwarding no",
-                "Subsystem sftp internal-sftp", "LogLevel ERROR", "MaxStartups 50", ""]))
+                *([] if name in without_sftp else ["Subsystem sftp internal-sftp"]),
+                "LogLevel ERROR", "MaxStartups 50", ""]))
             host.sshd = subprocess.Popen(
                 ["ip", "netns", "exec", host.netns, SSHD, "-D", "-f", str(config),
                  "-E", str(hdir / "sshd.log")],
