@@ -217,13 +217,16 @@ class NamespaceHosts:
                         names=None, nthreads: int = 1, memory: str = "2GiB",
                         tags=lambda name, capped: ["slowpi"] if capped else [],
                         known_hosts: str | Path | None = None, python: str = sys.executable,
-                        data=None) -> Path:
+                        data=None, env: dict[str, str] | None = None) -> Path:
         """Write an inventory of these hosts (all, or ``names``) for the scheduler on the bridge.
 
         ``tags(name, capped)`` gives each host's tags; the CPU-capped host is the slow "Pi".
         Workers run ``python`` (by default this interpreter: the filesystem is shared) with one
-        BLAS thread per task. ``data(name)``, when given, is each host's own store path.
+        BLAS thread per task. ``data(name)``, when given, is each host's own store path; ``env``
+        adds environment variables for the scheduler and every worker (e.g. Dask timeouts).
         """
+        env_items = ", ".join(f'{k} = "{v}"' for k, v in {"OMP_NUM_THREADS": "1",
+                                                             **(env or {})}.items())
         groups = "".join(
             f'[[workers]]\nhost = "{self.hosts[n].address}"\nnthreads = {nthreads}\n'
             f'memory = "{memory}"\ntags = {list(tags(n, n == self.capped))!r}\n'.replace("'", '"')
@@ -240,7 +243,7 @@ key = "{self.client_key}"
 known_hosts = "{known_hosts or self.known_hosts}"
 python = "{python}"
 local_directory = "{local_directory}"
-env = {{ OMP_NUM_THREADS = "1" }}
+env = {{ {env_items} }}
 """ + groups)
         return path
 

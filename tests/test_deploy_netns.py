@@ -416,3 +416,30 @@ def test_up_that_starts_no_worker_leaves_no_scheduler(hosts, inventory, home):
     assert sched.role == "scheduler"
     assert not _alive(sched.pid)
     assert not (home / "clusters" / cluster_id(path) / "state.json").exists()
+
+
+def test_worker_rejoins_after_a_link_cut_longer_than_the_timeouts(hosts, tmp_path, home):
+    """pi1's cable out until Dask gives the worker up (TCP timeout 12 s here, the least Dask
+    takes; 30 s by default): its supervisor starts it again and it joins when the cable is back,
+    without `up`."""
+    from rpicluster.deploy.state import load_state
+
+    path = hosts.write_inventory(tmp_path / "cut.toml", names=("pi1",), memory="1GiB",
+                                 local_directory=tmp_path / "workers",
+                                 env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP": "12s"})
+    pi1 = hosts.hosts["pi1"].address
+    try:
+        cluster.up(path)
+        state = load_state(path)
+        hosts.set_link("pi1", up=False)
+        try:
+            _wait(lambda: _supervisor(state, pi1).get("restarts", 0) >= 1, 120,
+                  "the cut-off worker exiting and restarting")
+            _wait(lambda: pi1 not in _seen_names(state), 60, "the scheduler dropping pi1")
+        finally:
+            hosts.set_link("pi1", up=True)
+        _wait(lambda: pi1 in _seen_names(state), 60, "pi1 rejoining")
+        assert {r.host: r.state for r in cluster.status(path)}[pi1] == "running"
+    finally:
+        cluster.down(path)
+    assert _dask_processes(hosts) == []
