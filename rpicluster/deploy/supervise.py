@@ -83,7 +83,7 @@ class Supervisor:
             self._write(state="waiting", restarts=self.info["restarts"] + 1,
                         last_exit=time.time(), last_status=code, next_start=time.time() + delay)
             self._log(f"worker exited with status {code} after {ran:.0f} s; "
-                      f"restarting in {delay:.0f} s")
+                      f"restarting in {delay:g} s")
             until = time.monotonic() + delay
             while not self.stopping and time.monotonic() < until:
                 time.sleep(0.1)
