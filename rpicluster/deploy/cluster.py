@@ -224,9 +224,10 @@ def up(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
     ------
     HostsFailedError
         Some workers could not be started or did not join; the others are up and recorded.
-        ``exc.report`` has every row, and the message each failure with its log tail.
+        ``exc.report`` has every row, and the message each failure with its log tail. When
+        this call started the scheduler and no worker came up, the scheduler is stopped again.
     BootstrapError
-        The scheduler could not be started.
+        The scheduler could not be started (or did not answer: it is stopped again).
     """
     spec = inventory if isinstance(inventory, ClusterSpec) else load_inventory(inventory)
     join_timeout = config.JOIN_TIMEOUT if join_timeout is None else join_timeout
