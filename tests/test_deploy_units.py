@@ -124,7 +124,7 @@ def test_remote_stop_only_touches_its_own_marked_processes(tmp_path):
     _until(lambda: (remote.check(started["pid"], "t1", str(tmp_path / "t1"))["supervisor"]
                     or {}).get("state") == "running")
     assert remote.check(started["pid"], "t1", str(tmp_path / "t1"))["alive"]
-    res = remote.stop(started["pid"], "t1", timeout=10)
+    res = remote.stop(started["pid"], "t1", timeout=30)   # SIGTERM, not SIGKILL
     assert res["was_running"] and res["left"] == []
     assert not remote.is_ours(started["pid"], "t1")
     assert "rpicluster start" in open(started["log"]).read()
