@@ -4,7 +4,7 @@ Runs :func:`rpicluster.bench.scaling.scaling_bench` (the library behind
 ``rpicluster bench scaling``) on a small synthetic store and prints, per step, the median time,
 the speed-up over one worker and the scalability against the core ideal (every core equal) and
 the capacity ideal (each step weighted by the throughput its workers reached together in
-calibration). The
+calibration). Each step's timed runs follow an untimed warm-up run on its workers. The
 reports land in ``--out``: scaling.csv, scaling.json, scaling.md, scaling.png, step-N.html.
 
     python examples/scaling_report.py                          # embedded cluster, small
@@ -28,7 +28,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--features", type=int, default=64)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--block-rows", type=int, default=1_000)
-    p.add_argument("--repeats", type=int, default=1, help="runs per step (median reported)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed runs per step (median reported)")
+    p.add_argument("--warmup", choices=["reduced", "full", "none"], default="reduced",
+                   help="untimed run on each step's workers first (default: a reduced run)")
     p.add_argument("--steps", help="worker sets, e.g. 'pi01; pi01,pi02; pi01,pi02,desktop'")
     p.add_argument("--simulate", help="a hypothetical cluster to predict, e.g. '32x rpi4'")
     return p
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
                         local=args.local, job=args.job, rows=args.rows,
                         features=args.features, classes=args.classes,
                         block_rows=args.block_rows, steps=args.steps, repeats=args.repeats,
-                        simulate=args.simulate)
+                        warmup=args.warmup, simulate=args.simulate)
     print(f"{doc['job']} on {doc['dataset']['rows']:,} rows x {doc['dataset']['features']} "
           f"features, {doc['dataset']['blocks']} blocks")
     print(f"{'workers':>8} {'cores':>6} {'median s':>9} {'speed-up':>9} "
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     for s in doc["steps"]:
         print(f"{len(s['workers']):>8} {s['cores']:>6} {s['median']:>9.2f} {s['speedup']:>9.2f} "
               f"{s['scalability_cores']:>12.0%} {s['scalability_capacity']:>15.0%}")
+    print(doc["method"]["text"])
     hypothetical = doc["simulation"].get("hypothetical")
     if hypothetical:
         print(f"predicted for {hypothetical['spec']}: {hypothetical['predicted']:.1f} s")

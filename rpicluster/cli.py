@@ -846,7 +846,13 @@ def demo_cmd(workdir, rows, features, classes, block_rows, local):
 @click.option("--steps", metavar="'A; A,B; ...'",
               help="Worker sets, ';' between steps (default: one more worker per step, in "
                    "inventory order).")
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed runs per step (every job); the report gives their median, min, max.")
+@click.option("--warmup", type=click.Choice(["reduced", "full", "none"]), default="reduced",
+              show_default=True,
+              help="Untimed run on each step's workers before its timed runs: a reduced run of "
+                   "the job (inc-ksgd: one SGD epoch; random-forest: 2 trees per thread; "
+                   "mlp/sgd: one round), the full run, or none (cold workers).")
 @click.option("--simulate", metavar="WORKERS",
               help="Also predict a hypothetical cluster, e.g. '32x pi4, 2x desktop' (names are "
                    "calibrated workers or their tags).")
@@ -860,8 +866,8 @@ def demo_cmd(workdir, rows, features, classes, block_rows, local):
               default=str(config.BENCH_OUT / "scaling"), show_default=True,
               help="Folder for scaling.{csv,json,md,png} and step-N.html.")
 def bench_scaling(scheduler, inventory, local, job, syncs, local_epochs, hidden, test, data,
-                  rows, features, classes, block_rows, steps, repeats, simulate, n_clusters,
-                  max_iter, n_estimators, out_dir) -> None:
+                  rows, features, classes, block_rows, steps, repeats, warmup, simulate,
+                  n_clusters, max_iter, n_estimators, out_dir) -> None:
     """The same job on growing worker sets: ideal (cores, capacity) against measured time."""
     from rpicluster.bench.report import to_markdown
     from rpicluster.bench.scaling import scaling_bench
@@ -873,7 +879,7 @@ def bench_scaling(scheduler, inventory, local, job, syncs, local_epochs, hidden,
         doc = scaling_bench(
             out_dir, scheduler=scheduler, inventory=inventory, local=local, job=job, data=data,
             rows=rows, features=features, classes=classes, block_rows=block_rows, steps=steps,
-            params=averaged_params(job, hidden, {}),
+            repeats=repeats, warmup=warmup, params=averaged_params(job, hidden, {}),
             averaging={"syncs": [x.strip() for x in syncs.split(",")], "test": test,
                        "epochs": max_iter or 4, "local_epochs": local_epochs},
             progress=Progress("bench scaling", unit="runs", interval=0), announce=_announce)
@@ -884,7 +890,8 @@ def bench_scaling(scheduler, inventory, local, job, syncs, local_epochs, hidden,
         {"n_estimators": n_estimators}
     doc = scaling_bench(out_dir, scheduler=scheduler, inventory=inventory, local=local, job=job,
                         data=data, rows=rows, features=features, classes=classes,
-                        block_rows=block_rows, steps=steps, repeats=repeats, simulate=simulate,
+                        block_rows=block_rows, steps=steps, repeats=repeats, warmup=warmup,
+                        simulate=simulate,
                         params={k: v for k, v in params.items() if v is not None},
                         progress=Progress("bench scaling", unit="runs", interval=0),
                         announce=_announce)

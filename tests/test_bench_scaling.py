@@ -180,11 +180,36 @@ def _check_reports(out, doc, n_steps):
     assert md.count("\n| ") == n_steps + 1  # header and one row per step
 
 
+def _run_starts(client) -> list[str]:
+    """Run ids of the training runs announced on the scheduler so far."""
+    from rpicluster import events as ev
+
+    return [e[1]["run_id"] for e in client.get_events(ev.TOPIC)
+            if e[1].get(ev.KIND) == ev.RUN_START]
+
+
 def test_inc_ksgd_scaling_writes_every_report(cluster, dataset, tmp_path):
     out = tmp_path / "out"
-    doc = run_scaling(cluster, dataset, out, params={"n_clusters": 2, "max_iter": 1},
+    before = len(_run_starts(cluster))
+    doc = run_scaling(cluster, dataset, out, params={"n_clusters": 2, "max_iter": 3},
                       repeats=2, simulate="3x 0, 1")
     _check_reports(out, doc, 2)
+    # Each step: one untimed warm-up run on its workers, then the 2 timed repeats.
+    assert len(_run_starts(cluster)) - before == 2 * (1 + 2)
+    method = doc["method"]
+    assert (method["warmup"], method["warmup_runs"], method["repeats"], method["statistic"]) == \
+        ("reduced", 1, 2, "median")
+    assert "max_iter=1" in method["warmup_run"]
+    for s in doc["steps"]:
+        assert len(s["seconds"]) == 2 and s["warmup_seconds"] > 0
+        assert s["warmup_workers"] and set(s["warmup_workers"]) <= set(s["workers"])
+    assert doc["steps"][0]["warmup_workers"] == ["0"]
+    md = (out / "scaling.md").read_text()
+    assert "2 timed repeats per step after an untimed warm-up" in md
+    assert "Method: Every step: warm-up on the step's workers: one untimed reduced run" in md
+    assert "then 2 timed repeats; measured = median (min-max)" in md
+    with open(out / "scaling.csv") as f:
+        assert all(float(r["warmup_seconds"]) > 0 for r in csv.DictReader(f))
     assert [s["workers"] for s in doc["steps"]] == [["0"], ["0", "1"]]
     assert len(doc["steps"][0]["seconds"]) == 2
     assert list(doc["steps"][0]["busy_seconds"]) == ["0"]
@@ -199,13 +224,26 @@ def test_random_forest_through_cli_stays_on_step_workers(cluster, dataset, tmp_p
     res = CliRunner().invoke(main, [
         "bench", "scaling", "--scheduler", cluster.scheduler.address, "--job", "random-forest",
         "--data", str(dataset.url), "--steps", "1; 1,0", "--repeats", "1", "--trees", "4",
-        "-o", str(out)])
+        "--warmup", "full", "-o", str(out)])
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "scaling.json").read_text())
     _check_reports(out, doc, 2)
     assert list(doc["steps"][0]["busy_seconds"]) == ["1"]
+    assert doc["steps"][0]["warmup_workers"] == ["1"]  # the warm-up, too, kept to the step
     assert doc["params"]["n_estimators"] == 4
     assert "| 2 | + 0 (1 thr) | 2 |" in res.output
+    assert doc["method"]["warmup"] == "full" and doc["method"]["repeats"] == 1
+    assert "1 timed repeat per step after an untimed warm-up" in res.output
+    assert "one untimed run of the job as timed; then 1 timed repeat;" in res.output
+
+
+def test_without_warmup_the_report_says_so(cluster, dataset, tmp_path):
+    doc = run_scaling(cluster, dataset, tmp_path, job="random-forest", steps="0",
+                      params={"n_estimators": 2}, repeats=1, warmup="none")
+    assert doc["method"]["warmup_runs"] == 0
+    assert doc["steps"][0]["warmup_seconds"] is None
+    md = (tmp_path / "scaling.md").read_text()
+    assert "1 timed repeat per step, no warm-up" in md and "none (cold workers)" in md
 
 
 def test_cli_errors_name_the_problem(cluster, dataset, tmp_path):
@@ -216,6 +254,12 @@ def test_cli_errors_name_the_problem(cluster, dataset, tmp_path):
     assert "error: --steps: step 2 names unknown worker '7' (workers: 0, 1)" in res.output
     res = runner.invoke(main, base + ["--data", str(dataset.url), "--rows", "10"])
     assert res.exit_code == 1 and "give --data or --rows, not both" in res.output
+    res = runner.invoke(main, base + ["--data", str(dataset.url), "--warmup", "some"])
+    assert res.exit_code == 2 and "'some' is not one of 'reduced', 'full', 'none'" in res.output
+    with pytest.raises(ConfigError, match="--warmup 'some': expected one of reduced, full, none"):
+        run_scaling(cluster, dataset, tmp_path, warmup="some")
+    with pytest.raises(ConfigError, match="--repeats must be an integer >= 1, got 0"):
+        run_scaling(cluster, dataset, tmp_path, repeats=0)
 
 
 def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):

@@ -80,6 +80,7 @@ def test_scaling_report(cluster_env, tmp_path):
     assert [len(s["workers"]) for s in doc["steps"]] == [1, 2]
     assert all(s["median"] > 0 for s in doc["steps"])
     assert "scal. capacity" in out
+    assert "Every step: warm-up on the step's workers: one untimed reduced run" in out
 
 
 def test_transfer_learning(cluster_env, tmp_path):

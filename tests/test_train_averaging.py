@@ -212,16 +212,36 @@ def test_cli_train_score_and_bad_flags(digits, cluster, tmp_path):
     assert res.exit_code == 2 and "--hidden is for --model mlp" in res.output
 
 
+def _averaging_runs(client) -> list[int]:
+    """Rounds of every model-averaging run announced on the scheduler so far."""
+    from rpicluster import events as ev
+
+    return [e[1]["n_rounds"] for e in client.get_events(ev.ROUNDS_TOPIC)
+            if e[1].get(ev.KIND) == ev.RUN_START and e[1].get("mode") == "averaging"]
+
+
 def test_bench_averaging_scaling_report(digits, client, tmp_path):
     """bench scaling --job mlp as a library call: every (sync, worker set) row, files written."""
     from rpicluster.bench.averaging import run_averaging_scaling
 
     workers = {str(w["name"]): a for a, w in client.scheduler_info()["workers"].items()}
     names = sorted(workers)
+    runs_before = _averaging_runs(client)
     doc = run_averaging_scaling(client, open_dataset(digits / "train.zarr"), tmp_path,
                                 steps=[names[:1], names], addresses=workers,
                                 params={"hidden_layer_sizes": (8,)}, epochs=2, local_epochs=2,
-                                test=open_dataset(digits / "test.zarr"))
+                                test=open_dataset(digits / "test.zarr"), repeats=2)
+    # Per (sync, worker set): a one-round warm-up run, then 2 timed runs of the whole budget.
+    runs = _averaging_runs(client)[len(runs_before):]
+    assert runs == [1, 2, 2] * 2 + [1, 1, 1] * 2  # batch: 2 rounds of 1 epoch; round: 1 of 2
+    assert doc["method"]["warmup"] == "reduced"
+    assert doc["method"]["repeats"] == 2 and doc["method"]["statistic"] == "median"
+    for r in doc["rows"]:
+        assert len(r["runs"]) == 2 and r["warmup_seconds"] > 0
+        assert r["seconds_min"] <= r["seconds"] <= r["seconds_max"]
+    md = (tmp_path / "averaging.md").read_text()
+    assert "Method: Every step: warm-up on the step's workers: one untimed reduced run (one " \
+           "round of the same sync and local epochs); then 2 timed repeats" in md
     rows = {(r["sync"], r["workers"]): r for r in doc["rows"]}
     assert sorted(rows) == [("batch", 1), ("batch", 2), ("round", 1), ("round", 2)]
     # 1,400 rows in minibatches of 200: 7 syncs per epoch on one worker, 4 on two (700 each).

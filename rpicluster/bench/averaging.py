@@ -7,22 +7,35 @@ round and per epoch (global model out to each worker, updates back), and CPU use
 (the worker process's CPU seconds over the wall time, as the boards paper reported it).
 ``sync="batch"`` averages after every minibatch (the paper's parameter-server pattern);
 ``sync="round"`` after ``local_epochs`` local passes.
+
+Measured as :mod:`rpicluster.bench.scaling` measures the block jobs: a warm-up on every worker
+first (imports and a first read), then per (sync, worker set) an untimed warm-up run on those
+workers (reduced: one round of the same sync and local epochs; every round of the timed run is
+the same work, so one pays each worker's first round trip, first model transfer and first
+local fit) and ``repeats`` timed runs; the row reports their median (min and max beside it),
+and the median run's accuracy, traffic and CPU use.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
+from rpicluster.bench.method import check_method, method
 from rpicluster.progress import Progress
 from rpicluster.train.averaging import SYNC, _labelled, train_averaged
 
-COLUMNS = ["sync", "workers", "epochs", "seconds", "s_per_epoch", "accuracy", "rounds",
-           "syncs_per_epoch", "mb_per_round", "mb_per_epoch", "cpu_mean", "cpu_per_worker"]
+COLUMNS = ["sync", "workers", "epochs", "seconds", "seconds_min", "seconds_max", "s_per_epoch",
+           "accuracy", "rounds", "syncs_per_epoch", "mb_per_round", "mb_per_epoch", "cpu_mean",
+           "cpu_per_worker", "warmup_seconds"]
+#: What the reduced warm-up run is (the report's method line).
+REDUCED = "one round of the same sync and local epochs"
+
 
 
 def _cpu_seconds() -> float:
@@ -39,16 +52,31 @@ def _warm(dataset) -> None:
     _labelled(dataset, 0)
 
 
+def _timed(client, dataset, *, workers: list[str], **run):
+    """One run of :func:`train_averaged` on ``workers``: (result, wall seconds, CPU use by
+    worker address: its process's CPU seconds over the wall time)."""
+    before = client.run(_cpu_seconds, workers=workers)
+    t0 = time.perf_counter()
+    res = train_averaged(dataset, client, workers=workers, **run)
+    wall = time.perf_counter() - t0
+    after = client.run(_cpu_seconds, workers=workers)
+    return res, wall, {a: (after[a] - before[a]) / wall for a in workers}
+
+
 def run_averaging_scaling(client, dataset, out_dir, *, steps: list[list[str]],
                           addresses: dict[str, str], model: str = "mlp",
                           params: dict | None = None, syncs=("batch", "round"),
                           epochs: int = 4, local_epochs: int = 2, test=None,
+                          repeats: int = 3, warmup: str = "reduced",
                           progress: Progress | None = None) -> dict:
     """Measure every (sync, worker set) pair; write ``averaging.{json,csv,md}`` to ``out_dir``.
 
     ``epochs`` is the budget (passes over the data) of every run; with ``sync="round"`` it is
     trained as ``epochs // local_epochs`` rounds, otherwise as ``epochs`` rounds of one epoch.
+    Each pair gets an untimed warm-up (``warmup``: ``"reduced"``, one round; ``"full"``, the
+    timed run; ``"none"``) and ``repeats`` timed runs (median, min, max).
     """
+    check_method(repeats, warmup)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     params = {"random_state": 0, **(params or {})}
@@ -60,7 +88,7 @@ def run_averaging_scaling(client, dataset, out_dir, *, steps: list[list[str]],
     client.run(_warm, dataset)
     rows = []
     progress = progress or Progress.null()
-    progress.total = len(syncs) * len(steps)
+    progress.total = len(syncs) * len(steps) * (repeats + (warmup != "none"))
     with progress:
         for sync in syncs:
             if sync not in SYNC:
@@ -69,19 +97,29 @@ def run_averaging_scaling(client, dataset, out_dir, *, steps: list[list[str]],
                 addrs = [addresses[n] for n in step]
                 local = local_epochs if sync == "round" else 1
                 n_rounds = max(1, epochs // local)
-                before = client.run(_cpu_seconds, workers=addrs)
-                t0 = time.perf_counter()
-                res = train_averaged(dataset, client, model=model, params=params,
-                                     rounds=n_rounds, local_epochs=local, sync=sync,
-                                     workers=addrs)
-                wall = time.perf_counter() - t0
-                after = client.run(_cpu_seconds, workers=addrs)
-                cpu = {n: (after[a] - before[a]) / wall for n, a in zip(step, addrs)}
+                run = dict(model=model, params=params, local_epochs=local, sync=sync,
+                           workers=addrs)
+                label = f"sync {sync}, {len(step)} workers"
+                warm = None
+                if warmup != "none":
+                    warm = _timed(client, dataset, rounds=1 if warmup == "reduced" else n_rounds,
+                                  **run)[1]
+                    progress.advance(note=f"{label}: warm-up, untimed: {warm:.1f} s")
+                runs = []
+                for r in range(repeats):
+                    runs.append(_timed(client, dataset, rounds=n_rounds, **run))
+                    progress.advance(note=f"{label}: run {r + 1}: {runs[-1][1]:.1f} s")
+                walls = [w for _, w, _ in runs]
+                med = statistics.median(walls)
+                res, wall, cpu = min(runs, key=lambda x: abs(x[1] - med))
                 moved = [r["bytes_down"] + r["bytes_up"] for r in res.rounds]
                 done_epochs = n_rounds * local
                 rows.append({
                     "sync": sync, "workers": len(step), "epochs": done_epochs,
-                    "seconds": round(wall, 3), "s_per_epoch": round(wall / done_epochs, 3),
+                    "seconds": round(med, 3), "seconds_min": round(min(walls), 3),
+                    "seconds_max": round(max(walls), 3), "runs": [round(w, 3) for w in walls],
+                    "warmup_seconds": None if warm is None else round(warm, 3),
+                    "s_per_epoch": round(med / done_epochs, 3),
                     "accuracy": (None if X_test is None
                                  else round(float(res.model.score(X_test, y_test)), 4)),
                     "rounds": n_rounds,
@@ -89,20 +127,19 @@ def run_averaging_scaling(client, dataset, out_dir, *, steps: list[list[str]],
                     "mb_per_round": round(float(np.mean(moved)) / 1e6, 3),
                     "mb_per_epoch": round(sum(moved) / done_epochs / 1e6, 3),
                     "cpu_mean": round(float(np.mean(list(cpu.values()))), 3),
-                    "cpu_per_worker": {n: round(c, 3) for n, c in cpu.items()},
+                    "cpu_per_worker": {n: round(cpu[a], 3) for n, a in zip(step, addrs)},
                 })
-                progress.advance(note=f"sync {sync}, {len(step)} workers: "
-                                      f"{rows[-1]['s_per_epoch']} s/epoch")
     doc = {"job": model, "params": {k: (list(v) if isinstance(v, tuple) else v)
                                     for k, v in params.items()},
            "dataset": {"url": dataset.url, "rows": int(dataset.n_rows),
                        "features": int(dataset.n_features), "classes": len(dataset.classes)},
            "test": None if test is None else test.url, "epochs": epochs,
-           "local_epochs": local_epochs, "steps": steps, "rows": rows,
+           "local_epochs": local_epochs, "steps": steps, "rows": rows, "repeats": repeats,
+           "method": method(warmup, repeats, REDUCED),
            "note": "loaded: measured on a shared machine unless stated otherwise"}
     (out / "averaging.json").write_text(json.dumps(doc, indent=1))
     with open(out / "averaging.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({**r, "cpu_per_worker": json.dumps(r["cpu_per_worker"])})
@@ -116,12 +153,14 @@ def to_markdown(doc: dict) -> str:
     lines = [f"### {doc['job']} by model averaging: {d['rows']:,} rows x {d['features']} "
              f"features, {d['classes']} classes, {doc['epochs']} epochs per run "
              f"(round sync: {doc['local_epochs']} local epochs per round)", "",
-             "| sync | workers | s/epoch | accuracy | syncs/epoch | MB/round | MB/epoch | "
-             "CPU per worker |", "|---|---|---|---|---|---|---|---|"]
+             "| sync | workers | s/epoch (min-max) | accuracy | syncs/epoch | MB/round | "
+             "MB/epoch | CPU per worker |", "|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         acc = "" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
-        lines.append(f"| {r['sync']} | {r['workers']} | {r['s_per_epoch']:.2f} | {acc} | "
+        lo, hi = (r[k] / r["epochs"] for k in ("seconds_min", "seconds_max"))
+        lines.append(f"| {r['sync']} | {r['workers']} | {r['s_per_epoch']:.2f} "
+                     f"({lo:.2f}-{hi:.2f}) | {acc} | "
                      f"{r['syncs_per_epoch']:g} | {r['mb_per_round']:.2f} | "
                      f"{r['mb_per_epoch']:.1f} | {r['cpu_mean'] * 100:.0f} % |")
-    lines += ["", doc["note"]]
+    lines += ["", f"Method: {doc['method']['text']}", doc["note"]]
     return "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ from rpicluster.errors import ConfigError
 CSV_COLUMNS = ("step", "workers", "cores", "memory", "median", "min", "max", "ideal_cores",
                "scalability_cores", "capacity", "ideal_capacity", "scalability_capacity",
                "speedup", "rows_per_s_per_core", "predicted", "prediction_error",
-               "tasks_outside_step")
+               "tasks_outside_step", "warmup_seconds")
 
 
 def _gib(n: int) -> str:
@@ -46,12 +46,19 @@ def step_hardware(doc: dict) -> list[str]:
     return out
 
 
+def _per_step(method: dict) -> str:
+    """"3 timed repeats per step after an untimed warm-up" (the heading's words)."""
+    n = method["repeats"]
+    warm = " after an untimed warm-up" if method["warmup_runs"] else ", no warm-up"
+    return f"{n} timed repeat{'s' * (n != 1)} per step{warm}"
+
+
 def to_markdown(doc: dict) -> str:
     """The scaling table (paper's columns, then capacity and prediction columns) and notes."""
     d = doc["dataset"]
     lines = [
         f"## Scaling: {doc['job']} on {d['rows']:,} x {d['features']} rows, {d['classes']} "
-        f"classes ({d['blocks']} blocks), {doc['repeats']} repeats per step",
+        f"classes ({d['blocks']} blocks), {_per_step(doc['method'])}",
         "",
         "| step | hardware | cores | memory | ideal (cores) s | measured s (min-max) | "
         "scalability (cores) | ideal (capacity) s | scalability (capacity) | speedup | "
@@ -71,6 +78,7 @@ def to_markdown(doc: dict) -> str:
     load = doc["load"]
     lines += [
         "",
+        f"Method: {doc['method']['text']}",
         f"Calibrated throughput (rows/s, all threads, one worker at a time): {cal}. A step's "
         "capacity is its workers' rows/s measured together (workers sharing a machine share "
         "its cores); step capacities: "

@@ -16,6 +16,18 @@ Two ideals per step N, both anchored at the first step's measured median T1:
   at a time would promise more than the machine has (3 hosts capped at 1 + 1 + 0.25 cores on a
   2-core machine: 2.25 cores that are not there, an ideal no schedule can reach).
 
+Method, as hyperfine's ``--warmup`` and pytest-benchmark's warm-up rounds: every step starts
+with an untimed warm-up run on the step's own workers, then ``repeats`` timed runs; a step's
+time is their median (min and max are reported beside it). The workers are not restarted
+between steps, so what a worker does only once (imports, its first read of the store, joblib's
+per-worker client to the scheduler, its first TLS connections to the scheduler and to the other
+workers) would otherwise land in the first timed run of the first step that uses it. The default
+warm-up is a reduced run through the same code path (:attr:`IncKSGDJob.reduced` and
+:attr:`RandomForestJob.reduced` say what is reduced); ``warmup="full"`` repeats the timed run
+itself, ``"none"`` measures cold workers. The calibration before the steps is no substitute: its
+tasks import the job's libraries on every worker but do not go through the job's scheduling path
+(the forest's first run on a worker still opens joblib's worker client, for instance).
+
 Scalability is ideal / measured for both. The simulator (:mod:`rpicluster.bench.simulate`)
 replays the first step's task costs on each step's workers and predicts its time (one fitted
 constant, the per-task overhead, from the first step): the prediction error column validates it,
@@ -39,6 +51,7 @@ import numpy as np
 
 from rpicluster import config
 from rpicluster.bench import simulate as sim
+from rpicluster.bench.method import check_method, method
 from rpicluster.errors import ConfigError, TrainingError
 from rpicluster.progress import Progress
 
@@ -155,6 +168,10 @@ class IncKSGDJob:
 
     name = "inc-ksgd"
     calibrate = staticmethod(_calibrate_ksgd)
+    #: The warm-up run: the same graph (every block, partition and fits, the same window) on
+    #: the step's workers, so every worker reads, partitions, fits and exchanges pieces; only
+    #: the SGD epochs inside each fit task are cut to one.
+    reduced = "the same training job with max_iter=1 (every block and task, one SGD epoch)"
 
     def __init__(self, params: dict | None = None):
         from rpicluster.models.incremental import IncrementalKSGDClassifier
@@ -172,7 +189,9 @@ class IncKSGDJob:
         return [sim.SimTask(t["key"], t["seconds"] * _thread_rate(cal, t["worker"]), t["group"],
                             tuple(t["deps"])) for t in trace]
 
-    def run(self, client, dataset, workers: dict[str, dict], step: list[str]) -> RunRecord:
+    def run(self, client, dataset, workers: dict[str, dict], step: list[str], *,
+            reduced: bool = False) -> RunRecord:
+        """Train on the step's workers (``reduced``: the warm-up run, :attr:`reduced`)."""
         from rpicluster import events as ev
         from rpicluster.models.incremental import IncrementalKSGDClassifier
         from rpicluster.train.job import train
@@ -187,8 +206,10 @@ class IncKSGDJob:
                 if msg.get(ev.KIND) == ev.RUN_END:
                     ended.set()
 
-        est = IncrementalKSGDClassifier(**{k: v for k, v in self.params.items()
-                                           if k != "block_rows"})
+        params = {k: v for k, v in self.params.items() if k != "block_rows"}
+        if reduced:
+            params["max_iter"] = 1
+        est = IncrementalKSGDClassifier(**params)
         client.subscribe_topic(ev.TOPIC, on_event)
         try:
             result = train(est, dataset, client, workers=[workers[n]["address"] for n in step])
@@ -218,6 +239,11 @@ class RandomForestJob:
 
     name = "random-forest"
     calibrate = staticmethod(_calibrate_forest)
+    #: The warm-up run: the same fit through joblib's dask backend on the step's workers with
+    #: two trees per thread. joblib dispatches up to twice n_jobs one-tree batches at once, so
+    #: every thread gets a batch: each worker receives X, builds a tree and opens the client
+    #: joblib's batches make on a worker (``get_client``) to the scheduler.
+    reduced = "the same forest fit with 2 trees per thread of the step"
 
     def __init__(self, params: dict | None = None):
         self.params = {"n_estimators": 32, "max_depth": 12, "random_state": 0, **(params or {})}
@@ -226,7 +252,9 @@ class RandomForestJob:
     def window(self, n_workers: int) -> None:
         return None
 
-    def run(self, client, dataset, workers: dict[str, dict], step: list[str]) -> RunRecord:
+    def run(self, client, dataset, workers: dict[str, dict], step: list[str], *,
+            reduced: bool = False) -> RunRecord:
+        """Fit the forest on the step's workers (``reduced``: the warm-up run, :attr:`reduced`)."""
         import joblib
         from distributed import get_task_stream
         from sklearn.ensemble import RandomForestClassifier
@@ -238,7 +266,10 @@ class RandomForestJob:
         X, y = self._data
         addresses = [workers[n]["address"] for n in step]
         cores = sum(workers[n]["threads"] for n in step)
-        forest = RandomForestClassifier(**{**self.params, "n_jobs": cores})
+        n = self.params["n_estimators"]
+        trees = min(n, 2 * cores) if reduced else n
+        forest = RandomForestClassifier(**{**self.params, "n_estimators": trees,
+                                           "n_jobs": cores})
         with get_task_stream(client) as ts:
             t0 = time.perf_counter()
             with joblib.parallel_config(backend="dask", client=client, workers=addresses,
@@ -392,9 +423,9 @@ def performance_report(client, path: Path):
 
 
 def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict | None = None,
-                steps: str | None = None, repeats: int = 3, inventory=None,
-                simulate: str | None = None, calibration_rows: int | None = None,
-                progress: Progress | None = None) -> dict:
+                steps: str | None = None, repeats: int = 3, warmup: str = "reduced",
+                inventory=None, simulate: str | None = None,
+                calibration_rows: int | None = None, progress: Progress | None = None) -> dict:
     """Run the scaling benchmark on ``client``'s cluster and write the reports to ``out_dir``.
 
     Parameters
@@ -410,7 +441,10 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
     steps : str, optional
         ``"pi01; pi01,desktop"``; default one more worker per step in ``worker_order``.
     repeats : int
-        Runs per step (median, min and max are reported).
+        Timed runs per step (median, min and max are reported).
+    warmup : {"reduced", "full", "none"}
+        The untimed run on a step's workers before its timed runs: the job's reduced run
+        (the job's ``reduced`` says what it is), the timed run itself, or none.
     inventory : path, optional
         Orders the default steps as the inventory lists its workers.
     simulate : str, optional
@@ -425,8 +459,7 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
     """
     from rpicluster.bench import report
 
-    if repeats < 1:
-        raise ConfigError(f"--repeats must be >= 1, got {repeats}")
+    check_method(repeats, warmup)
     jobber = make_job(job, params)
     workers = worker_table(client)
     if not workers:
@@ -446,7 +479,14 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
         capacity = [step_capacity(client, jobber, dataset, workers, step, cal,
                                   rows=calibration_rows) for step in step_sets]
         runs: list[list[RunRecord]] = []
+        warm: list[RunRecord | None] = []
         for i, step in enumerate(step_sets, start=1):
+            warm.append(None if warmup == "none" else
+                        jobber.run(client, dataset, workers, step, reduced=warmup == "reduced"))
+            if warm[-1] is not None:
+                progress.advance(note=f"step {i} ({len(step)} workers) warm-up, untimed: "
+                                      f"{warm[-1].seconds:.1f} s")
+            # After the warm-up: the step's report shows its timed runs only.
             with performance_report(client, out / f"step-{i}.html"):
                 step_runs = []
                 for r in range(repeats):
@@ -462,7 +502,8 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
                                 window=jobber.window(len(step_sets[0])))
     cores1 = sum(workers[n]["threads"] for n in step_sets[0])
     cap1 = capacity[0]
-    for i, (step, step_runs, cap) in enumerate(zip(step_sets, runs, capacity), start=1):
+    for i, (step, step_runs, cap, w) in enumerate(zip(step_sets, runs, capacity, warm),
+                                                  start=1):
         secs = [r.seconds for r in step_runs]
         med = statistics.median(secs)
         cores = sum(workers[n]["threads"] for n in step)
@@ -480,9 +521,12 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
             "predicted": pred, "prediction_error": (pred - med) / med,
             "tasks_outside_step": sum(r.outside for r in step_runs),
             "busy_seconds": _busy(_median_run(step_runs).trace),
+            "warmup_seconds": None if w is None else w.seconds,
+            "warmup_workers": None if w is None else sorted(_busy(w.trace), key=_natural),
             "report_html": f"step-{i}.html"})
     doc = {
         "job": jobber.name, "params": jobber.params, "repeats": repeats,
+        "method": method(warmup, repeats, jobber.reduced),
         "dataset": {"url": str(dataset.url), "rows": int(dataset.n_rows),
                     "features": int(dataset.n_features), "classes": len(dataset.classes),
                     "blocks": int(dataset.n_blocks), "block_rows": int(dataset.block_rows)},
@@ -514,7 +558,8 @@ def scaling_bench(out_dir, *, scheduler: str | None = None, inventory=None,
                   data: str | None = None,
                   rows: int | None = None, features: int = 256, classes: int = 100,
                   block_rows: int | None = None, steps: str | None = None, repeats: int = 3,
-                  simulate: str | None = None, params: dict | None = None,
+                  warmup: str = "reduced", simulate: str | None = None,
+                  params: dict | None = None,
                   progress: Progress | None = None, announce=None,
                   averaging: dict | None = None) -> dict:
     """``rpicluster bench scaling``: pick the dataset and the cluster, then :func:`run_scaling`.
@@ -527,7 +572,8 @@ def scaling_bench(out_dir, *, scheduler: str | None = None, inventory=None,
 
     ``job="mlp"`` (or ``"sgd"``) measures model averaging instead
     (:func:`rpicluster.bench.averaging.run_averaging_scaling`; ``averaging`` holds its
-    ``syncs``, ``epochs``, ``local_epochs`` and ``test`` store).
+    ``syncs``, ``epochs``, ``local_epochs`` and ``test`` store) with the same ``repeats`` and
+    ``warmup``.
     """
     from rpicluster.data.store import ingest, open_dataset
     from rpicluster.deploy.resolve import client as cluster_client
@@ -536,6 +582,7 @@ def scaling_bench(out_dir, *, scheduler: str | None = None, inventory=None,
         raise ConfigError(f"unknown job {job!r} (jobs: {', '.join(JOBS + AVERAGING_JOBS)})")
     if data is not None and rows is not None:
         raise ConfigError("give --data or --rows, not both")
+    check_method(repeats, warmup)
     out = Path(out_dir)
     if data is None:
         rows = rows or config.BENCH_SCALING_ROWS
@@ -565,7 +612,8 @@ def scaling_bench(out_dir, *, scheduler: str | None = None, inventory=None,
                 client, dataset, out, model=job, params=params,
                 steps=parse_steps(steps, workers, worker_order(workers, inventory)),
                 addresses={n: w["address"] for n, w in workers.items()},
-                test=open_dataset(test) if test else None, progress=progress, **opts)
+                test=open_dataset(test) if test else None, repeats=repeats, warmup=warmup,
+                progress=progress, **opts)
         return run_scaling(client, dataset, out, job=job, params=params, steps=steps,
-                           repeats=repeats, inventory=inventory, simulate=simulate,
-                           progress=progress)
+                           repeats=repeats, warmup=warmup, inventory=inventory,
+                           simulate=simulate, progress=progress)
