@@ -202,7 +202,8 @@ class TrainingRun:
 
     def __init__(self, estimator, dataset, client, *, run_dir=None, resume: bool = False,
                  validation=None, workers: list[str] | None = None,
-                 max_blocks_in_flight: int | None = None, progress: Progress | None = None):
+                 max_blocks_in_flight: int | None = None, progress: Progress | None = None,
+                 speculate: bool = True):
         from distributed import as_completed
 
         from rpicluster.models.ksgd import resolve_random_state
@@ -246,6 +247,7 @@ class TrainingRun:
         self.slowness_obs: dict[str, list[float]] = {}
         self.copies: set[str] = set()
         self.speculation: Counter = Counter()
+        self.speculative = speculate
         self.first_result: float | None = None  # workers import their libraries before it
         self.started = self.warm_up = 0.0
         self._writer = None
@@ -525,9 +527,11 @@ class TrainingRun:
         oldest block's late task goes to an idle worker first; a worker measured slower than
         the late task's own is not given it. A late partition is copied with its whole block
         graph (meta and pieces on the idle worker, fits on any worker but the late one's), a
-        late fit with the same piece. Each task is copied once.
+        late fit with the same piece. Each task is copied once. Nothing, in a run started
+        with ``speculate=False``.
         """
-        if self.n_submitted < len(self.todo) or not self.in_flight or len(self.slots) < 2:
+        if not self.speculative or self.n_submitted < len(self.todo) or not self.in_flight \
+                or len(self.slots) < 2:
             return 0
         processing = self.client.processing(list(self.slots))
         idle = [a for a in self.slots if not processing.get(a)]
@@ -653,8 +657,8 @@ class TrainingRun:
 
 def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
           validation=None, workers: list[str] | None = None,
-          max_blocks_in_flight: int | None = None, progress: Progress | None = None
-          ) -> TrainResult:
+          max_blocks_in_flight: int | None = None, progress: Progress | None = None,
+          speculate: bool = True) -> TrainResult:
     """Fit ``estimator`` (an IncrementalKSGDClassifier) on a Zarr ``dataset`` through ``client``.
 
     Parameters
@@ -680,6 +684,11 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
         workers' memory limits allow fewer (:func:`worker_slots`).
     progress : Progress, optional
         Where to report blocks committed (with partition/fit counts and ETA).
+    speculate : bool
+        Run a task that runs late while a worker idles again on that worker, and take the first
+        result (:meth:`TrainingRun.speculate`; default). False: every task runs once, where
+        Dask placed it, so ``tasks_per_worker`` shows the placement alone (a test of placement,
+        or a cluster whose workers are known to be even). The model is the same either way.
 
     Raises
     ------
@@ -688,7 +697,8 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
     """
     return TrainingRun(estimator, dataset, client, run_dir=run_dir, resume=resume,
                        validation=validation, workers=workers,
-                       max_blocks_in_flight=max_blocks_in_flight, progress=progress).run()
+                       max_blocks_in_flight=max_blocks_in_flight, progress=progress,
+                       speculate=speculate).run()
 
 
 def _raise_task_error(future, block: int, cluster: int | None):
