@@ -304,3 +304,13 @@ class SlowTasks(WorkerPlugin):
         if finish == "executing" and self.prefix in str(key) and (
                 self.only is None or self.worker.name == self.only):
             time.sleep(self.seconds)
+
+
+def sum_in_a_task(values) -> int:
+    """A task that opens a client on its worker (``distributed.worker_client``, which calls
+    ``get_client``) and sums ``values`` in a task of its own: what joblib's dask backend does in
+    every batch. Tests submit it; it lives here because workers cannot import test modules."""
+    from distributed import worker_client
+
+    with worker_client() as client:
+        return client.submit(sum, values, pure=False).result()

@@ -246,6 +246,18 @@ def test_without_warmup_the_report_says_so(cluster, dataset, tmp_path):
     assert "1 timed repeat per step, no warm-up" in md and "none (cold workers)" in md
 
 
+def test_random_forest_refuses_a_one_thread_cluster(dataset, tmp_path):
+    """joblib runs a dask backend of one thread sequentially, on the client: refused up front
+    rather than measured as the cluster's time."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=":0") as lc, Client(lc) as client:
+        with pytest.raises(ConfigError, match="--job random-forest needs at least 2 worker "
+                                              "threads in the cluster.*--local 2"):
+            run_scaling(client, dataset, tmp_path, job="random-forest", repeats=1)
+
+
 def test_cli_errors_name_the_problem(cluster, dataset, tmp_path):
     runner = CliRunner()
     base = ["bench", "scaling", "--scheduler", cluster.scheduler.address, "-o", str(tmp_path)]

@@ -10,6 +10,7 @@ import socket
 import ssl
 import urllib.request
 
+import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 from distributed.security import Security
@@ -17,6 +18,7 @@ from distributed.security import Security
 from rpicluster.deploy import local, tls
 from rpicluster.deploy.guard import GUARD
 from rpicluster.deploy.resolve import find_cluster
+from rpicluster.testing import sum_in_a_task
 
 
 def _refused_tls_handshake(address: str, ca: str, cert: tuple[str, str] | None) -> bool:
@@ -46,13 +48,14 @@ def _listening() -> list[str]:
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
-    """``up --local 1`` (defaults: dashboard address too) in its own state directory, module-wide;
-    yields its record."""
+    """``up --local 2`` (defaults: dashboard address too) in its own state directory, module-wide;
+    yields its record. Two single-thread workers: joblib runs a one-thread dask backend on the
+    client, and a scattered array moves between workers."""
     home = tmp_path_factory.mktemp("home")
     old = os.environ.get("RPICLUSTER_HOME")
     os.environ["RPICLUSTER_HOME"] = str(home)
     try:
-        info = local.start_local(1, memory_limit="1GiB")
+        info = local.start_local(2, memory_limit="1GiB")
         yield info
     finally:
         local.stop_local()
@@ -124,7 +127,34 @@ def test_a_worker_certificate_does_not_control_the_cluster(embedded):
         assert c.submit(sum, [1, 2]).result(timeout=30) == 3
     # The client's certificate (the desktop user) still may.
     with find_cluster().client(timeout=20) as c:
-        assert len(c.run(os.getpid)) == 1
+        assert len(c.run(os.getpid)) == 2
+
+
+def test_tasks_open_clients_over_tls_so_joblib_fits_a_forest(embedded):
+    """``bench scaling --job random-forest`` end to end on the guarded TLS cluster: every joblib
+    batch opens a client on its worker (joblib's ``Batch`` enters the dask backend, which calls
+    ``get_client``, with the worker's certificate), and tasks that submit tasks work."""
+    import joblib
+    from distributed import get_task_stream
+    from sklearn.datasets import make_classification
+    from sklearn.ensemble import RandomForestClassifier
+
+    X, y = make_classification(400, 8, n_informative=4, random_state=0)
+    params = dict(n_estimators=6, max_depth=5, random_state=0)
+    with find_cluster().client(timeout=20) as client:
+        assert client.submit(sum_in_a_task, [1, 2, 3], pure=False).result(timeout=60) == 6
+        forest = RandomForestClassifier(**params, n_jobs=2)
+        with get_task_stream(client) as ts, joblib.parallel_config(backend="dask",
+                                                                   client=client):
+            forest.fit(X, y)
+    # The trees were built on both workers (not on this machine: joblib's sequential shortcut).
+    batches = [r for r in ts.data if "_parallel_build_trees" in str(r["key"])]
+    assert len({r["worker"] for r in batches}) == 2, ts.data
+    # Tree for tree the forest scikit-learn fits here.
+    local = RandomForestClassifier(**params, n_jobs=1).fit(X, y)
+    for a, b in zip(forest.estimators_, local.estimators_, strict=True):
+        np.testing.assert_array_equal(a.tree_.feature, b.tree_.feature)
+        np.testing.assert_array_equal(a.tree_.threshold, b.tree_.threshold)
 
 
 def test_certificates_last_a_year_and_near_expiry_rotates(tmp_path):

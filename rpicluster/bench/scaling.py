@@ -184,6 +184,9 @@ class IncKSGDJob:
         worker thread (:func:`rpicluster.train.job.worker_slots`; one thread per worker here)."""
         return n_workers
 
+    def check(self, workers: dict[str, dict]) -> None:
+        """Any cluster with a worker runs the training job."""
+
     def sim_tasks(self, trace: list[dict], cal: dict[str, dict]) -> list[sim.SimTask]:
         """Partition and fit tasks of every block, work = seconds x the worker's thread rate."""
         return [sim.SimTask(t["key"], t["seconds"] * _thread_rate(cal, t["worker"]), t["group"],
@@ -252,6 +255,15 @@ class RandomForestJob:
     def window(self, n_workers: int) -> None:
         return None
 
+    def check(self, workers: dict[str, dict]) -> None:
+        """Refuse a cluster of one thread in all (ConfigError): joblib sizes its dask backend
+        by the whole cluster's threads and runs a backend of one sequentially, on this machine."""
+        if sum(w["threads"] for w in workers.values()) < 2:
+            raise ConfigError(
+                "--job random-forest needs at least 2 worker threads in the cluster: with one, "
+                "joblib fits the forest on this machine instead of the cluster; start 2 workers "
+                "(--local 2) or give a worker 2 threads")
+
     def run(self, client, dataset, workers: dict[str, dict], step: list[str], *,
             reduced: bool = False) -> RunRecord:
         """Fit the forest on the step's workers (``reduced``: the warm-up run, :attr:`reduced`)."""
@@ -285,6 +297,9 @@ class RandomForestJob:
             outside += worker not in step
             trace.append({"key": f"b{i}", "group": 0, "deps": [], "worker": worker,
                           "seconds": busy})
+        if not trace:
+            raise TrainingError("random-forest: no tree was built on the cluster (joblib fitted "
+                                "the forest on this machine); nothing to measure")
         return RunRecord(seconds, trace, outside)
 
     def sim_tasks(self, trace: list[dict], cal: dict[str, dict]) -> list[sim.SimTask]:
@@ -464,6 +479,7 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
     workers = worker_table(client)
     if not workers:
         raise ConfigError("the cluster has no workers")
+    jobber.check(workers)
     order = worker_order(workers, inventory)
     step_sets = parse_steps(steps, workers, order)
     terms = sim.parse_cluster(simulate, {n: {"tags": w["tags"]} for n, w in workers.items()}) \
