@@ -381,3 +381,22 @@ def test_readme_commands_parse(tmp_path):
             parse_rpicluster(argv, tmp_path)
         except click.ClickException as exc:
             raise AssertionError(f"README: rpicluster {shlex.join(argv)}: {exc}") from None
+
+
+def test_readme_inline_commands_name_real_subcommands_and_options():
+    """Prose names commands by parts (`rpicluster train ... --resume model.skops.run`,
+    `rpicluster dashboard [--scheduler ADDR | -c TOML | --local]`): every subcommand and option
+    such a span names must exist on that command."""
+    text = re.sub(r"^ *```.*?^ *```", "", (ROOT / "README.md").read_text(), flags=re.M | re.S)
+    spans = re.findall(r"`(rpicluster [^`]+)`", text.replace("\n", " "))
+    assert len(spans) >= 10
+    for span in spans:
+        cmd, words = rpicluster_cli, span.split()[1:]
+        while isinstance(cmd, click.Group) and words and words[0] in cmd.commands:
+            cmd = cmd.commands[words.pop(0)]
+        assert not isinstance(cmd, click.Group) or not words, f"README: `{span}`: no such command"
+        names = {n for p in cmd.params for n in (*p.opts, *p.secondary_opts)}
+        for word in words:
+            flag = word.strip("[]|").split("=")[0]
+            if flag.startswith("-") and flag not in ("-", "--"):
+                assert flag in names, f"README: `{span}`: {cmd.name} has no option {flag}"
