@@ -679,20 +679,27 @@ def _echo_report(title, report) -> None:
                "a running one of another size is refused.")
 @click.option("--threads-per-worker", type=click.IntRange(min=1), help="With --local.")
 @click.option("--memory-limit", help="With --local: per-worker limit, e.g. 4GiB (default auto).")
+@click.option("--dashboard-address", metavar="HOST:PORT",
+              help="With --local: where the dashboard listens (default 127.0.0.1:8787, this "
+                   "machine only; :8787 opens it to the network).")
 @_accept_option
 @click.option("--insecure", is_flag=True, help="Plain TCP instead of TLS (not recommended).")
 @click.option("--provision", is_flag=True,
               help="First install this machine's exact packages on every host (no internet needed).")
-def up(inventory, local, threads_per_worker, memory_limit, accept_new_hosts, insecure,
-       provision) -> None:
+def up(inventory, local, threads_per_worker, memory_limit, dashboard_address, accept_new_hosts,
+       insecure, provision) -> None:
     """Start the cluster of an inventory (only what is missing), or the embedded local one."""
     if inventory is not None and local is not None:
         raise click.UsageError("give -c/--inventory or --local, not both")
+    if inventory is not None and dashboard_address is not None:
+        raise click.UsageError("--dashboard-address is for --local; an inventory's dashboard "
+                               "listens on its scheduler host, at dashboard_port")
     if inventory is None:
         from rpicluster.deploy.local import start_local
 
         info = start_local(None if local is True else local,
-                           threads_per_worker=threads_per_worker, memory_limit=memory_limit)
+                           threads_per_worker=threads_per_worker, memory_limit=memory_limit,
+                           dashboard_address=dashboard_address)
         click.echo(f"local cluster{' already running' if info['already_running'] else ''}: "
                    f"{info['scheduler_address']} ({info.get('n_workers', '?')} workers) "
                    f"dashboard {info['dashboard_link']}")

@@ -27,6 +27,11 @@ from rpicluster.errors import ConfigError
 #: scheduler process imports it.
 PRELOAD = "rpicluster.dashboard"
 
+#: Scheduler operation the page's preload adds, answering where the dashboard is and the system
+#: monitor's count (``rpicluster dashboard`` and the scaling bench's performance reports ask it
+#: instead of running code on the scheduler, which the schedulers rpicluster starts refuse).
+FACTS_OP = "rpicluster_dashboard"
+
 #: Name of the worker heartbeat metric (and worker plugin) carrying hardware health.
 HEALTH_METRIC = "rpicluster"
 

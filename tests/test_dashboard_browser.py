@@ -26,6 +26,7 @@ import requests
 from distributed import Client, LocalCluster
 
 from rpicluster.dashboard import PRELOAD
+from rpicluster.deploy.guard import GUARD
 from rpicluster.dashboard.page import PLOT_NAMES
 from rpicluster.data.sources import ArraySource
 from rpicluster.data.store import ingest
@@ -210,9 +211,10 @@ def stores(tmp_path_factory):
 
 @pytest.fixture
 def cluster():
-    """A two-process LocalCluster whose scheduler preloads the page, as the embedded one does."""
+    """A two-process LocalCluster whose scheduler preloads the guard and the page, as the
+    embedded one does (no client code runs on it: the page must not need any)."""
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0",
-                      scheduler_kwargs={"preload": [PRELOAD]}) as c:
+                      scheduler_kwargs={"preload": [GUARD, PRELOAD]}) as c:
         yield c
 
 

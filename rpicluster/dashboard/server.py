@@ -105,7 +105,28 @@ async def install(scheduler) -> str | None:
         scheduler.add_plugin(monitor)
         await monitor.start(scheduler)
     await scheduler.register_worker_plugin(None, dumps(HealthPlugin()), METRIC, idempotent=True)
-    return _serve_page(scheduler)
+    page = _serve_page(scheduler)
+
+    def facts() -> dict:
+        return dashboard_facts(scheduler, page)
+
+    scheduler.handlers[ev.FACTS_OP] = facts
+    return page
+
+
+def dashboard_facts(scheduler, page: str | None = None) -> dict:
+    """What the :data:`~rpicluster.events.FACTS_OP` operation answers.
+
+    ``dashboard``: where ``scheduler``'s dashboard listens (``address``, ``port``, ``prefix``,
+    ``tls``), None when it serves none; ``page``: the page's path; ``monitor_count``: the system
+    monitor's sample count (what ``performance_report`` starts from). Always a dict: a scheduler
+    without the operation answers None.
+    """
+    http = scheduler.services.get("dashboard")
+    where = None if http is None else {
+        "address": http.address, "port": http.port, "prefix": dashboard_prefix(scheduler) or "",
+        "tls": getattr(http, "ssl_options", None) is not None}
+    return {"dashboard": where, "page": page, "monitor_count": scheduler.monitor.count}
 
 
 def _bokeh_apps(scheduler) -> list:
