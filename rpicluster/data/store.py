@@ -329,12 +329,15 @@ class StoreWriter:
         return {"X": _crc(X), "y": _crc(y)}
 
     def record(self, **attrs) -> None:
-        """Update the store's attributes (progress: blocks written, their checksums, ...)."""
-        self.root.attrs.update(attrs)
+        """Update the store's attributes (progress: blocks written, their checksums, ...) in
+        one write of ``zarr.json``: ``root.attrs.update`` writes it once per key, so a Ctrl-C or
+        kill between two keys left ``blocks_written`` counting a block whose checksums were
+        not recorded, and the resumed store was refused."""
+        self.root.update_attributes(attrs)
 
     def finish(self) -> None:
         """Mark the store complete (readers refuse an incomplete one)."""
-        self.root.attrs.update({"complete": True})
+        self.root.update_attributes({"complete": True})
 
 
 def _write_blocks(url, layout, start, src, blocks, storage_options, progress) -> None:
