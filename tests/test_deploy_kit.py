@@ -417,3 +417,16 @@ def test_readme_inline_commands_name_real_subcommands_and_options():
             flag = word.strip("[]|").split("=")[0]
             if flag.startswith("-") and flag not in ("-", "--"):
                 assert flag in names, f"README: `{span}`: {cmd.name} has no option {flag}"
+
+
+def test_readme_paths_exist():
+    """Every repository path README.md links to or names (`benchmarks/...`, `python
+    examples/x.py`) is there."""
+    text = (ROOT / "README.md").read_text()
+    paths = set(re.findall(r"\]\(([^)#:]+)\)", text))
+    paths |= set(re.findall(r"`((?:benchmarks|docs|rpicluster|deploy|examples|tests|\.ci)/[^` ]*)`",
+                            text))
+    paths |= set(re.findall(r"python ((?:benchmarks|examples)/\S+\.py)", text))
+    assert len(paths) >= 20
+    missing = sorted(p for p in paths if not (ROOT / p).exists())
+    assert not missing, f"README names paths that do not exist: {missing}"
