@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from rpicluster.bench.method import check_method, method
+from rpicluster.errors import make_dirs
 from rpicluster.progress import Progress
 from rpicluster.train.averaging import SYNC, _labelled, train_averaged
 
@@ -78,7 +79,7 @@ def run_averaging_scaling(client, dataset, out_dir, *, steps: list[list[str]],
     """
     check_method(repeats, warmup)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     params = {"random_state": 0, **(params or {})}
     X_test = y_test = None
     if test is not None:
