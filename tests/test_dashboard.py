@@ -19,7 +19,8 @@ from rpicluster.dashboard import dask_setup, install
 from rpicluster.dashboard.health import METRIC, snapshot
 from rpicluster.dashboard.links import build_links, dashboard_links
 from rpicluster.dashboard.server import PLUGIN
-from rpicluster.dashboard.state import FeaturesState, TrainingState, format_duration
+from rpicluster.dashboard.state import (FeaturesState, RoundsState, TrainingState,
+                                        format_duration)
 from rpicluster.deploy.cluster import down, up
 from rpicluster.deploy.resolve import find_cluster
 from rpicluster.errors import ConfigError
@@ -166,6 +167,33 @@ def test_features_state_counts_blocks_once_and_images_per_worker():
     assert f.images_per_second() == {"a": 50.0, "b": 25.0}
     f.feed(ev.make_event(ev.RUN_END, run_id="r"))
     assert f.finished
+
+
+def test_rounds_state_keeps_each_round_once_with_who_was_left_out():
+    r = RoundsState()
+    assert r.status() == "waiting"
+    e = ev.make_event
+    r.feed(e(ev.RUN_START, run_id="old", mode="averaging", model="mlp", n_rounds=9))
+    r.feed(e(ev.ROUND, run_id="old", round=1, participants=["x"], rows=1, bytes_down=1,
+             bytes_up=1, seconds=1.0))
+    r.feed(e(ev.RUN_START, run_id="f", mode="federated", model="sgd", n_rounds=3, resumed=1))
+    round1 = dict(participants=["pi1", "pi2"], left_out={}, rows=1200, bytes_down=2000,
+                  bytes_up=3000, seconds=1.5, loss=0.5, accuracy=0.8)
+    for _ in range(2):  # a resumed round is published again at the start
+        r.feed(e(ev.ROUND, run_id="f", round=1, **round1))
+    r.feed(e(ev.ROUND, run_id="f", round=2, participants=["pi1"],
+             left_out={"pi2": "missed the 5 s round deadline", "pi3": "store has 32 features"},
+             rows=600, bytes_down=1000, bytes_up=1500, seconds=5.0, loss=None, accuracy=None))
+    r.feed(e(ev.ROUND, run_id="old", round=3, participants=["x"], rows=1, bytes_down=1,
+             bytes_up=1, seconds=1.0))
+    assert r.status() == "running" and r.mode == "federated" and r.resumed == 1
+    t = r.table()
+    assert t["round"] == [1, 2] and t["participants"] == ["pi1, pi2", "pi1"]
+    assert t["left_out"] == ["", "pi2: missed the 5 s round deadline; pi3: store has 32 features"]
+    assert t["moved"] == [5000, 2500] and t["rows"] == [1200, 600]
+    assert t["accuracy"][0] == 0.8 and t["accuracy"][1] != t["accuracy"][1]  # NaN: not scored
+    r.feed(e(ev.RUN_END, run_id="f"))
+    assert r.status() == "finished"
 
 
 def test_make_event_checks_the_schema():

@@ -219,6 +219,51 @@ def test_second_up_restarts_only_the_killed_worker(hosts, inventory):
         h: p for h, p in first.items() if h != victim}
 
 
+def test_up_rotates_certificates_when_a_host_leaves_or_one_nears_expiry(hosts, inventory, home):
+    """Finding 3: a removed host's certificate stops working; a certificate close to expiry is
+    renewed. Both by a CA rotation in `up` that restarts the scheduler and the workers."""
+    import datetime
+
+    from distributed import Client
+    from distributed.security import Security
+
+    path = inventory(names=("pi1", "pi2"))
+    first = {r.host: r.pid for r in cluster.up(path).rows}
+    tls_dir = home / "clusters" / cluster_id(path) / "tls"
+    gone = hosts.hosts["pi2"].address
+    kept = home.parent / "pi2-copy"      # what the removed Pi still holds
+    kept.mkdir()
+    for name in ("ca.pem", f"{gone}.pem", f"{gone}-key.pem"):
+        (kept / name).write_bytes((tls_dir / name).read_bytes())
+    stolen = Security(tls_ca_file=str(kept / "ca.pem"), tls_client_cert=str(kept / f"{gone}.pem"),
+                      tls_client_key=str(kept / f"{gone}-key.pem"), require_encryption=True)
+
+    path = inventory(names=("pi1",))
+    with pytest.warns(UserWarning, match=f"new certificates \\('{gone}' has a certificate but is "
+                                         "no longer in the inventory"):
+        report = cluster.up(path)
+    states = {r.host: (r.state, r.pid) for r in report.rows}
+    assert states[gone][0] == "stopped"
+    kept_pi = hosts.hosts["pi1"].address
+    assert states[kept_pi][0] == "started" and states[kept_pi][1] != first[kept_pi]
+    assert not (tls_dir / f"{gone}.pem").exists()
+    with pytest.raises((OSError, TimeoutError)):
+        Client(report.address, security=stolen, timeout=3)
+    with connect(timeout=10) as client:
+        assert [w["name"] for w in client.scheduler_info()["workers"].values()] == [kept_pi]
+
+    # The client certificate has 20 days left: the next `up` renews everything.
+    (tls_dir / "client.pem").unlink()
+    old = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=345)
+    CertificateAuthority(tls_dir).issue("client", now=old)
+    with pytest.warns(UserWarning, match="the certificate of 'client' expires on"):
+        report = cluster.up(path)
+    assert [r.state for r in report.rows] == ["started", "started"]
+    assert CertificateAuthority(tls_dir).needs_rotation({"scheduler", "client", kept_pi}) is None
+    with connect(timeout=10) as client:
+        assert client.submit(sum, [1, 2]).result(timeout=30) == 3
+
+
 def test_changed_host_key_refused_while_other_hosts_come_up(hosts, inventory, tmp_path):
     impostor = tmp_path / "impostor"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor)],

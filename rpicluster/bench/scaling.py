@@ -340,6 +340,25 @@ def _versions() -> dict:
                         "zarr"))}
 
 
+@contextlib.contextmanager
+def performance_report(client, path: Path):
+    """``distributed.performance_report`` for the block, written to ``path``.
+
+    Distributed's own asks the system monitor's count with ``run_on_scheduler``, which the
+    schedulers rpicluster starts refuse; this asks the page's preload instead (a scheduler
+    without it: the report's system plots start at the monitor's oldest sample).
+    """
+    from rpicluster import events as ev
+
+    start = time.time()
+    facts = client.sync(getattr(client.scheduler, ev.FACTS_OP)) or {}  # None: not preloaded
+    client.get_task_stream(start=0, stop=0)  # the scheduler starts recording the task stream
+    yield
+    html = client.sync(client.scheduler.performance_report, start=start,
+                       last_count=facts.get("monitor_count", 0), code="", mode=None)
+    Path(path).write_text(html)
+
+
 def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict | None = None,
                 steps: str | None = None, repeats: int = 3, inventory=None,
                 simulate: str | None = None, calibration_rows: int | None = None,
@@ -372,8 +391,6 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
     dict
         The report document (as written to scaling.json).
     """
-    from distributed import performance_report
-
     from rpicluster.bench import report
 
     if repeats < 1:
@@ -396,7 +413,7 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
             f"{n}: {c['rate']:,.0f} rows/s" for n, c in cal.items()))
         runs: list[list[RunRecord]] = []
         for i, step in enumerate(step_sets, start=1):
-            with performance_report(filename=str(out / f"step-{i}.html")):
+            with performance_report(client, out / f"step-{i}.html"):
                 step_runs = []
                 for r in range(repeats):
                     step_runs.append(jobber.run(client, dataset, workers, step))

@@ -254,6 +254,64 @@ class FeaturesState:
         return {w: self.images[w] / s for w, s in sorted(self.seconds.items()) if s > 0}
 
 
+@dataclass
+class RoundsState:
+    """The latest round-based run (``rpicluster.rounds`` events: ``train --model mlp|sgd`` or
+    ``federate``): one report per finished round, by round number (a round published twice,
+    e.g. a resumed one, counts once)."""
+
+    run_id: str | None = None
+    mode: str | None = None
+    model: str | None = None
+    n_rounds: int | None = None
+    resumed: int = 0
+    finished: bool = False
+    rounds: dict = field(default_factory=dict)
+
+    def feed(self, event: dict) -> None:
+        """Fold one ``rpicluster.rounds`` event (others, and other runs', are ignored)."""
+        if not isinstance(event, dict):
+            return
+        kind, run_id = event.get(ev.KIND), event.get(ev.RUN_ID)
+        if kind == ev.RUN_START:
+            vars(self).update(vars(RoundsState()))
+            self.run_id, self.mode, self.model = run_id, event.get(ev.MODE), event.get(ev.MODEL)
+            self.n_rounds = event.get(ev.N_ROUNDS)
+            self.resumed = int(event.get(ev.RESUMED) or 0)
+            return
+        if run_id != self.run_id or run_id is None:
+            return
+        if kind == ev.ROUND and event.get(ev.ROUND_NO) is not None:
+            self.rounds[int(event[ev.ROUND_NO])] = {k: v for k, v in event.items()
+                                                     if k not in (ev.KIND, ev.RUN_ID)}
+        elif kind == ev.RUN_END:
+            self.finished = True
+
+    def status(self) -> str:
+        """``"waiting"`` (no run yet), ``"running"`` or ``"finished"``."""
+        if self.run_id is None:
+            return "waiting"
+        return "finished" if self.finished else "running"
+
+    def table(self) -> dict:
+        """Columns of the rounds table, oldest round first: round, participants, left out (each
+        host with its reason), rows, bytes moved, seconds, accuracy (NaN when not scored)."""
+        cols = {"round": [], "participants": [], "left_out": [], "rows": [], "moved": [],
+                "seconds": [], "accuracy": []}
+        for n in sorted(self.rounds):
+            r = self.rounds[n]
+            cols["round"].append(n)
+            cols["participants"].append(", ".join(r.get(ev.PARTICIPANTS) or []) or "none")
+            cols["left_out"].append("; ".join(f"{h}: {why}" for h, why in
+                                              (r.get(ev.LEFT_OUT) or {}).items()))
+            cols["rows"].append(int(r.get(ev.ROWS) or 0))
+            cols["moved"].append(int(r.get(ev.BYTES_DOWN) or 0) + int(r.get(ev.BYTES_UP) or 0))
+            cols["seconds"].append(float(r.get(ev.SECONDS) or 0.0))
+            acc = r.get(ev.ACCURACY)
+            cols["accuracy"].append(float("nan") if acc is None else float(acc))
+        return cols
+
+
 def format_duration(seconds: float | None) -> str:
     """``"1 h 02 min"``, ``"3 min 05 s"``, ``"12 s"``, or ``"–"`` when unknown."""
     if seconds is None:

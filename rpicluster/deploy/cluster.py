@@ -8,7 +8,9 @@ with which pid, is kept in a state file under :func:`rpicluster.config.state_dir
 stops exactly that and verifies that no process of it is left.
 
 TLS is the default: a private CA (:mod:`rpicluster.deploy.tls`) signs a certificate for the
-scheduler, every worker and the client; ``insecure=True`` runs plain TCP, with a warning.
+scheduler, every worker and the client; ``insecure=True`` runs plain TCP, with a warning. ``up``
+rotates the CA (:func:`rotate_certificates`) when a certificate nears expiry or belongs to a host
+no longer in the inventory: the scheduler and every worker then restart with new certificates.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from rpicluster.deploy.hosts import is_local_host
 from rpicluster.deploy.ssh import Connection, LocalConnection, fan_out
 from rpicluster.deploy.state import (ClusterState, cluster_dir, cluster_id, load_state,
                                      node_from_json, node_to_json)
-from rpicluster.deploy.tls import CertFiles
+from rpicluster.deploy.tls import CertFiles, CertificateAuthority
 from rpicluster.errors import (BootstrapError, ConfigError, HostsFailedError, RPiClusterError,
                                SSHError)
 from rpicluster.inventory import ClusterSpec, NodeSpec, load_inventory
@@ -241,6 +243,8 @@ def up(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
         warnings.warn(f"{spec.path}: --insecure: scheduler and workers use plain TCP; anyone on "
                       "the network can connect and run code on the cluster", UserWarning,
                       stacklevel=2)
+    if state.tls:
+        rotate_certificates(spec)
     if provision:
         from rpicluster.deploy.provision import provision as _provision
 
@@ -251,6 +255,22 @@ def up(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
                           ssh_timeout)
     finally:
         client.close()
+
+
+def rotate_certificates(spec: ClusterSpec) -> str | None:
+    """Replace the cluster's CA when a certificate expires within ``tls.RENEW_BEFORE`` or was
+    issued to a host no longer in ``spec``; returns why (None: nothing to do).
+
+    The running scheduler then no longer accepts the client's new certificate, so ``up`` restarts
+    it, and the workers it no longer sees, with certificates of the new CA; the removed host's
+    certificate connects nowhere. A warning says so.
+    """
+    ca = CertificateAuthority(cluster_dir(cluster_id(spec.path)) / "tls")
+    why = ca.rotate_if_needed({"scheduler", "client", *(w.name for w in spec.workers)})
+    if why is not None:
+        warnings.warn(f"{spec.path}: new certificates ({why}); the scheduler and every worker "
+                      "restart with them", UserWarning, stacklevel=3)
+    return why
 
 
 def _reconcile(spec, state, client, sched_row, accept_new_hosts, join_timeout, ssh_timeout):

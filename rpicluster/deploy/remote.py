@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 
+from rpicluster.deploy.guard import GUARD
 from rpicluster.events import PRELOAD
 
 #: Environment variable marking the processes started by ``start`` (value: the name).
@@ -66,8 +67,9 @@ def start_spec(role: str, target, *, local_directory: str, tls: dict | None,
         return {"action": "start", "role": "scheduler", "name": "scheduler", "host": target.host,
                 "port": target.scheduler_port, "dashboard_port": target.dashboard_port,
                 "local_directory": local_directory, "tls": tls, "env": dict(target.node.env),
-                # The rpicluster dashboard page (training progress, worker health).
-                "preload": [PRELOAD]}
+                # The guard (no client-sent code on the scheduler, worker certificates are not
+                # clients), then the rpicluster dashboard page (training progress, worker health).
+                "preload": [GUARD, PRELOAD]}
     if role == "worker":
         return {"action": "start", "role": "worker", "name": target.name, "scheduler": scheduler,
                 "nthreads": target.nthreads, "memory_limit": target.memory,

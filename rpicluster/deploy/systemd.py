@@ -23,6 +23,7 @@ import getpass
 import os
 import re
 import shlex
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -303,6 +304,13 @@ def write_units(inventory: str | os.PathLike | ClusterSpec, out_dir: str | os.Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ca = None if insecure else CertificateAuthority(cluster_dir(cluster_id(spec.path)) / "tls")
+    if ca is not None:
+        # The same rotation as `up`: a certificate near expiry or of a host that left.
+        why = ca.rotate_if_needed({"scheduler", "client", *(u.cert_name for u in units)})
+        if why is not None:
+            warnings.warn(f"{spec.path}: new certificates ({why}); install every unit again "
+                          "(install.sh): units installed before are refused from now on",
+                          UserWarning, stacklevel=2)
     lines = ["#!/bin/sh", f"# Install the rpicluster units of {spec.path}: review, then run "
              "`sh install.sh` (sudo asks for each host's password).", "set -eu", ""]
     for unit in units:
