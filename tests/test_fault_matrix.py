@@ -6,8 +6,11 @@ module and tabulates each case's result and the recovery time the ``recovery`` s
 these guarantees. The case that cuts a namespace host's link waits out Dask's TCP timeout, so it
 is marked ``bench`` (the benchmark runs it; ``pytest -m bench`` does too).
 
-The store contract itself (every damaged, truncated, missing, swapped chunk and impossible class
-code, read by key) is tested in test_data_store.py; here a damaged store meets a training run.
+Not repeated here: the store contract itself (every damaged, truncated, missing, swapped chunk
+and impossible class code, read by key) is tested in test_data_store.py, where a damaged store
+meets a training run; another local user against the embedded cluster (plain TCP refused, no
+client code on the scheduler) is tested in test_deploy_security.py, and the benchmark lists
+those cases beside these.
 """
 
 from __future__ import annotations
@@ -522,31 +525,6 @@ def test_sigstopped_worker_is_named(store, uninterrupted, cluster, client, tmp_p
     assert named, out
     assert proc.returncode == 0, out
     same_model(load_model(tmp_path / "m.skops"), *uninterrupted)
-
-
-@pytest.mark.xfail(strict=True, reason="issue 16 item 2: lands with i17 (local cluster TLS, "
-                                       "scheduler pickle off)")
-def test_local_cluster_is_tls_on_loopback_and_runs_no_client_code(home):
-    """local cluster, another local user: plain TCP is refused, the scheduler and dashboard
-    listen on loopback, and the scheduler refuses to run client-sent code"""
-    from rpicluster import connect
-    from rpicluster.deploy.state import local_record
-
-    res = CliRunner().invoke(main, ["up", "--local", "1"])
-    try:
-        assert res.exit_code == 0, res.output
-        info = local_record()
-        assert re.fullmatch(r"tls://127\.0\.0\.1:\d+", info["scheduler_address"]), info
-        assert "//127.0.0.1:" in info["dashboard_link"], info
-        port = info["scheduler_address"].rsplit(":", 1)[1]
-        with pytest.raises((OSError, TimeoutError)):
-            Client(f"tcp://127.0.0.1:{port}", timeout=5).close()
-        with connect() as c:
-            assert c.submit(sum, [1, 2]).result() == 3  # the workers still run tasks
-            with pytest.raises(Exception, match=r"(?i)pickl"):
-                c.run_on_scheduler(os.getuid)
-    finally:
-        CliRunner().invoke(main, ["down", "--local"])
 
 
 @pytest.mark.netns
