@@ -691,7 +691,10 @@ def _target(inventory, local):
 @_inventory_option
 @_local_option(_ACT_LOCAL)
 def status(inventory, local) -> None:
-    """Show scheduler and workers: state, threads, memory, tasks, temperature.
+    """Show scheduler and every inventory worker: state, threads, memory, tasks, temperature.
+
+    A worker that is not running says why: never connected, up failed (the reason), rejoining
+    (restarting by itself after its scheduler went away) or lost (run `rpicluster up`).
 
     Without -c or --local: the SSH cluster `up` last recorded, else the local cluster.
     """
@@ -707,9 +710,10 @@ def status(inventory, local) -> None:
 
     rows = cluster_status(ref.inventory)
     echo_table("rpicluster status", ["host", "role", "state", "pid", "threads", "memory", "tasks",
-                                     "temp"],
+                                     "temp", "detail"],
                [[r.host, r.role, r.state, r.pid, r.threads, r.memory, r.tasks,
-                 "n/a" if r.temperature is None else f"{r.temperature:.1f} C"] for r in rows])
+                 "n/a" if r.temperature is None else f"{r.temperature:.1f} C", r.detail]
+                for r in rows])
 
 
 @main.command()

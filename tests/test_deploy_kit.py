@@ -175,7 +175,7 @@ def test_worker_unit_runs_what_up_runs(tmp_path):
     assert [params["tls_ca_file"], params["tls_cert"], params["tls_key"]] == \
         [pushed["ca"], pushed["cert"], pushed["key"]] == conn.files
     settings = unit_settings(unit)
-    assert settings["Restart"] == ["on-failure"] and settings["User"] == ["pi"]
+    assert settings["Restart"] == ["always"] and settings["User"] == ["pi"]
     assert int(settings["MemoryMax"][0]) > pi.memory
     assert 'Environment="OMP_NUM_THREADS=1"' in unit.text
 

@@ -6,6 +6,12 @@ the ETA, each worker's throughput, and each block's validation accuracy. Tasks m
 worker died), so progress counts distinct blocks and (block, cluster) pairs, never events. A
 resumed run trains only the blocks its run directory lacks: the ``resumed`` count of its
 ``run-start`` event counts as done in every stage, and the ETA is measured on this run's work only.
+
+The ETA counts what the terminal's counts (:class:`rpicluster.progress.Progress` in ``train``):
+blocks committed, from the same ``committed`` events, at the rate of
+:func:`rpicluster.progress.recent_eta`, so the page and the terminal tell the same time. Blocks
+are the unit because every block is the same work (its rows), where a partition task costs many
+times a small cluster's fit.
 """
 
 from __future__ import annotations
@@ -120,10 +126,11 @@ class TrainingState:
         self._mark(t)
 
     def _mark(self, t: float | None) -> None:
-        # (time, fraction done) whenever the fraction moves: the ETA's rate comes from these.
-        frac = self.fraction()
-        if t is not None and frac is not None and (not self.marks or frac > self.marks[-1][1]):
-            self.marks.append((t, frac))
+        # (time, blocks done) from the first event on and whenever a block is committed: the
+        # ETA's rate comes from these, as the terminal's comes from its commits.
+        done = self.resumed + len(self.committed)
+        if t is not None and (not self.marks or done > self.marks[-1][1]):
+            self.marks.append((t, done))
 
     def _start(self, event: dict) -> None:
         fresh = TrainingState()
@@ -174,22 +181,23 @@ class TrainingState:
         return min(1.0, frac)
 
     def eta(self, now: float) -> float | None:
-        """Seconds left at the recent rate (:func:`rpicluster.progress.recent_eta`), or None when
-        unknown (or the run ended early).
+        """Seconds left at the recent rate of blocks committed
+        (:func:`rpicluster.progress.recent_eta`, as the terminal's), or None when unknown (or
+        the run ended early).
 
         Parameters
         ----------
         now : float
             The current ``time.time()``.
         """
-        frac = self.fraction()
-        if frac is None:
+        if not self.n_blocks:
             return None
-        if frac >= 1.0:
+        done = self.resumed + len(self.committed)
+        if done >= self.n_blocks:
             return 0.0
         if self.finished is not None:
             return None
-        return recent_eta(self.marks, now, frac, 1.0)
+        return recent_eta(self.marks, now, done, self.n_blocks)
 
     def rows_per_second(self, now: float) -> float | None:
         """Training rows committed by this run per second of its wall time, or None when unknown.

@@ -1,8 +1,9 @@
 """systemd units for an inventory: ``rpicluster deploy systemd -c cluster.toml -o DIR``.
 
 ``up`` starts processes over SSH and ``down`` stops them; units instead let each host's systemd
-start its worker at boot and restart it when it fails (a worker whose scheduler went away exits
-non-zero once its nanny gives up, so ``Restart=on-failure`` brings it back). A unit runs exactly
+start its worker at boot and restart it whenever it exits (a worker whose scheduler went away
+closes for good, so ``Restart=always`` with backoff brings it back, as the supervisor of
+:mod:`rpicluster.deploy.supervise` does for ``up``). A unit runs exactly
 the command ``up`` runs on that host: the argv comes from :func:`rpicluster.deploy.remote.command`
 fed the same start spec, with the inventory's interpreter in place of ``sys.executable`` and the
 same work directory and TLS file layout (``<workdir>/tls/{ca,node,node-key}.pem``).
