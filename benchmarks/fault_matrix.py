@@ -29,6 +29,7 @@ MODULE = "tests/test_fault_matrix.py"
 #: Cases that live in other modules (the matrix does not repeat them): node id -> (case,
 #: guarantee).
 SECURITY = "tests/test_deploy_security.py::"
+NETNS = "tests/test_deploy_netns.py::"
 ELSEWHERE = {
     SECURITY + "test_embedded_cluster_is_tls_on_loopback_and_refuses_strangers":
         ("another local user against the local cluster",
@@ -37,6 +38,13 @@ ELSEWHERE = {
     SECURITY + "test_scheduler_runs_no_client_code_but_serves_the_page":
         ("client-sent code on the scheduler",
          "`run_on_scheduler` and scheduler plugins are refused; the dashboard page still works"),
+    NETNS + "test_workers_rejoin_a_restarted_scheduler_by_themselves_until_down":
+        ("scheduler killed and started again at its address (namespace SSH hosts)",
+         "the workers `up` started rejoin by themselves, `status` says `rejoining` meanwhile; "
+         "`down` ends them for good"),
+    NETNS + "test_worker_rejoins_after_a_link_cut_longer_than_the_timeouts":
+        ("a worker's link cut past Dask's timeouts (namespace SSH hosts)",
+         "its supervisor restarts it and it rejoins when the link is back, without `up`"),
 }
 
 

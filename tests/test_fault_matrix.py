@@ -9,8 +9,9 @@ is marked ``bench`` (the benchmark runs it; ``pytest -m bench`` does too).
 Not repeated here: the store contract itself (every damaged, truncated, missing, swapped chunk
 and impossible class code, read by key) is tested in test_data_store.py, where a damaged store
 meets a training run; another local user against the embedded cluster (plain TCP refused, no
-client code on the scheduler) is tested in test_deploy_security.py, and the benchmark lists
-those cases beside these.
+client code on the scheduler) is tested in test_deploy_security.py, and workers that `up`
+started rejoining a restarted scheduler or a cut link by themselves in test_deploy_netns.py. The
+benchmark lists those cases beside these.
 """
 
 from __future__ import annotations
@@ -526,39 +527,3 @@ def test_sigstopped_worker_is_named(store, uninterrupted, cluster, client, tmp_p
     assert named, out
     assert proc.returncode == 0, out
     same_model(load_model(tmp_path / "m.skops"), *uninterrupted)
-
-
-@pytest.mark.netns
-@pytest.mark.xfail(strict=True, reason="issue 16 item 4: lands with i19 (workers come back)")
-def test_workers_rejoin_after_a_scheduler_restart(tmp_path, home, recovery):
-    """scheduler restart under `up`-started workers (namespace SSH hosts): the same worker
-    processes rejoin by themselves; `status` shows every host running"""
-    from rpicluster.deploy import cluster as deploy
-    from rpicluster.deploy.state import pid_alive
-    from rpicluster.testing import NamespaceHosts, unavailable
-
-    if unavailable():
-        pytest.skip(unavailable())
-    with NamespaceHosts(tmp_path / "netns", 2) as hosts:
-        path = hosts.write_inventory(tmp_path / "cluster.toml", memory="1GiB",
-                                     local_directory=tmp_path / "workers")
-        try:
-            rows = deploy.up(path).rows
-            sched = next(r.pid for r in rows if r.role == "scheduler")
-            workers = {r.host: r.pid for r in rows if r.role == "worker"}
-            os.kill(sched, signal.SIGKILL)
-            recovery.fault()
-            time.sleep(5)  # long enough for a worker to notice its scheduler is gone
-            assert all(pid_alive(p) for p in workers.values()), "a worker gave up"
-            deploy.up(path)
-            deadline = time.monotonic() + 60
-            while True:
-                now = {r.host: (r.state, r.pid) for r in deploy.status(path)
-                       if r.role == "worker"}
-                if all(s == "running" for s, _ in now.values()) or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
-            recovery.recovered("kill -> scheduler back -> every worker running")
-        finally:
-            deploy.down(path)
-    assert now == {h: ("running", pid) for h, pid in workers.items()}
