@@ -177,9 +177,9 @@ def test_a_late_task_is_run_again_on_an_idle_worker_and_the_model_is_unchanged(s
     parts = [m for m in got if m.get(ev.KIND) == ev.PARTITIONED]
     assert sorted(m["block"] for m in parts) == [0, 1, 2, 3]
     assert {str(m["worker"]) for m in parts} == {fast}
-    X, _ = _all(ds)
-    _same_model(est, plain, X)
-    _same_model(est, _in_process(store), X)
+    X, _ = all_rows(ds)
+    same_model(est, plain, X)
+    same_model(est, _in_process(store), X)
 
 
 def test_a_slow_worker_gets_no_block_near_the_end():
