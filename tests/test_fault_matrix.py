@@ -253,7 +253,9 @@ def _scheduler(tmp_path, env, port=0):
         try:  # the file appears before its contents
             return proc, json.loads(sfile.read_text())["address"]
         except (OSError, ValueError):
-            assert time.monotonic() < deadline and proc.poll() is None
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise AssertionError(f"no scheduler answered in {sfile}") from None
             time.sleep(0.1)
 
 
