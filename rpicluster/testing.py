@@ -314,3 +314,31 @@ def sum_in_a_task(values) -> int:
 
     with worker_client() as client:
         return client.submit(sum, values, pure=False).result()
+
+
+def all_rows(dataset):
+    """Every row of an opened store and its labels (class values, not codes), in block order."""
+    import numpy as np
+
+    X, y = zip(*(dataset.block(b) for b in range(dataset.n_blocks)))
+    return np.concatenate(X), np.asarray(dataset.classes)[np.concatenate(y)]
+
+
+def same_model(a, b, X) -> None:
+    """Assert two block ensembles are the same model: as many blocks, the same predictions on
+    ``X`` and bit-identical centroids."""
+    import numpy as np
+
+    assert len(a.estimators_) == len(b.estimators_)
+    np.testing.assert_array_equal(a.predict(X), b.predict(X))
+    for ea, eb in zip(a.estimators_, b.estimators_):
+        np.testing.assert_array_equal(ea.cluster_centers_, eb.cluster_centers_)
+
+
+def reference_fit(store, block_rows: int, **params):
+    """The in-process fit of ``store`` (the uninterrupted run a recovered run must equal), and
+    the rows it was fitted on."""
+    from rpicluster import IncrementalKSGDClassifier, open_dataset
+
+    X, y = all_rows(open_dataset(store))
+    return IncrementalKSGDClassifier(block_rows=block_rows, **params).fit(X, y), X

@@ -1,14 +1,13 @@
 """Training on a real Dask cluster from a real Zarr store: equality with the in-process fit,
-commits and resume, a killed worker, a block that keeps killing its worker, uneven workers."""
+commits and resume, a block that keeps killing its worker, uneven workers. Killed workers and
+clients are in test_fault_matrix.py."""
 
 from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import cloudpickle
 import dask
@@ -22,7 +21,7 @@ from rpicluster.data.synthetic import make_imagenet_like
 from rpicluster.errors import ConfigError, TrainingError
 from rpicluster.train.job import predict_dataset, score_dataset, train, worth_a_block
 from rpicluster.train.modelfile import load_model
-from rpicluster.testing import SlowTasks
+from rpicluster.testing import SlowTasks, all_rows, reference_fit, same_model
 from rpicluster.train.rundir import RunDir
 
 # Plugins defined here run inside worker processes that cannot import this test module.
@@ -54,21 +53,7 @@ def client(cluster):
 
 
 def _in_process(store):
-    ds = open_dataset(store / "train.zarr")
-    return IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS).fit(*_all(ds))
-
-
-def _all(ds):
-    X, y = zip(*(ds.block(b) for b in range(ds.n_blocks)))
-    return np.concatenate(X), np.asarray(ds.classes)[np.concatenate(y)]
-
-
-def _same_model(a, b, X):
-    """Same predictions and bit-identical centroids."""
-    assert len(a.estimators_) == len(b.estimators_)
-    np.testing.assert_array_equal(a.predict(X), b.predict(X))
-    for ea, eb in zip(a.estimators_, b.estimators_):
-        np.testing.assert_array_equal(ea.cluster_centers_, eb.cluster_centers_)
+    return reference_fit(store / "train.zarr", BLOCK_ROWS, **PARAMS)[0]
 
 
 def test_distributed_fit_equals_in_process_fit(store, client, tmp_path):
@@ -79,8 +64,8 @@ def test_distributed_fit_equals_in_process_fit(store, client, tmp_path):
     # the other and the copy taken, and then one worker can hold every result taken. Copies
     # have their own test (test_a_late_task_is_run_again_on_an_idle_worker...).
     result = train(est, ds, client, run_dir=tmp_path / "run", speculate=False)
-    X, _ = _all(ds)
-    _same_model(est, reference, X)
+    X, _ = all_rows(ds)
+    same_model(est, reference, X)
     assert result.trained_blocks == [0, 1, 2, 3]
     assert sorted(RunDir(tmp_path / "run").verified()) == [0, 1, 2, 3]
     # 4 partition tasks and 4 x 4 fit tasks, spread over the two workers.
@@ -92,7 +77,7 @@ def test_distributed_fit_equals_in_process_fit(store, client, tmp_path):
 def test_estimator_fit_on_dataset_uses_the_current_client(store, client):
     ds = open_dataset(store / "train.zarr")
     est = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS).fit(ds)
-    _same_model(est, _in_process(store), _all(ds)[0])
+    same_model(est, _in_process(store), all_rows(ds)[0])
     # The run announced itself on the scheduler (what the dashboard page reads).
     kinds = [e[1][ev.KIND] for e in client.get_events(ev.TOPIC)]
     assert ev.RUN_START in kinds and kinds.count(ev.COMMITTED) >= 4
@@ -104,7 +89,7 @@ def test_validation_scores_and_worker_restriction(store, client):
     est = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS)
     result = train(est, ds, client, validation=test, workers=[one])
     assert len(result.tasks_per_worker) == 1, "every task ran on the one worker allowed"
-    X, y = _all(test)
+    X, y = all_rows(test)
     scores = {e[1][ev.BLOCK]: e[1][ev.ACCURACY] for e in client.get_events(ev.TOPIC)
               if e[1][ev.KIND] == ev.VALIDATION and e[1][ev.T] >= result_start(client)}
     for b, block_model in enumerate(est.estimators_):
@@ -119,40 +104,9 @@ def result_start(client):
 def test_score_and_predict_on_the_cluster_match_local(store, client):
     model = _in_process(store)
     test = open_dataset(store / "test.zarr")
-    X, y = _all(test)
+    X, y = all_rows(test)
     np.testing.assert_array_equal(predict_dataset(model, test, client), model.predict(X))
     assert score_dataset(model, test, client) == pytest.approx(model.score(X, y))
-
-
-def test_resume_after_the_client_is_killed(store, cluster, client, tmp_path):
-    run_dir = tmp_path / "run"
-    model_path = tmp_path / "model.skops"
-    cmd = [sys.executable, "-m", "rpicluster.cli", "train", str(store / "train.zarr"),
-           "-o", str(model_path), "--run-dir", str(run_dir), "--scheduler",
-           cluster.scheduler_address, "--clusters", "4", "--epochs", "5", "--seed", "7"]
-    # Slow each fit task so the kill lands between the first commit and the last (a block's
-    # fits are few batched tasks now, so each must take a while).
-    client.register_plugin(SlowTasks(prefix="fit", seconds=1.0), name="slow")
-    try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while not RunDir(run_dir).committed() and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        client.unregister_worker_plugin("slow")
-    committed = sorted(RunDir(run_dir).verified())
-    assert 1 <= len(committed) < 4, "the kill should land mid-run"
-    assert not model_path.exists(), "a killed run must not leave a model file"
-
-    est = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS)
-    result = train(est, open_dataset(store / "train.zarr"), client, run_dir=run_dir,
-                   resume=True)
-    assert result.resumed_blocks == committed
-    assert sorted(result.trained_blocks) == [b for b in range(4) if b not in committed]
-    _same_model(est, _in_process(store), _all(open_dataset(store / "train.zarr"))[0])
 
 
 def test_resume_refuses_changed_parameters(store, client, tmp_path):
@@ -162,28 +116,6 @@ def test_resume_refuses_changed_parameters(store, client, tmp_path):
     other = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **{**PARAMS, "n_clusters": 3})
     with pytest.raises(ConfigError, match="n_clusters"):
         train(other, ds, client, run_dir=tmp_path / "run", resume=True)
-
-
-def test_a_killed_worker_does_not_lose_the_run(store, cluster, client, tmp_path):
-    ds = open_dataset(store / "train.zarr")
-    client.register_plugin(SlowTasks(prefix="fit", seconds=0.1), name="slow")
-    pids = client.run(os.getpid)
-    victim = sorted(pids)[0]
-
-    def kill_after_first_partition(event):
-        topic, msg = event
-        if msg[ev.KIND] == ev.PARTITIONED and pids:
-            os.kill(pids.pop(victim), signal.SIGKILL)
-
-    client.subscribe_topic(ev.TOPIC, kill_after_first_partition)
-    try:
-        est = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS)
-        train(est, ds, client, run_dir=tmp_path / "run")
-    finally:
-        client.unsubscribe_topic(ev.TOPIC)
-        client.unregister_worker_plugin("slow")
-    assert victim not in pids, "the worker was killed during the run"
-    _same_model(est, _in_process(store), _all(ds)[0])
 
 
 def test_a_block_that_keeps_killing_its_worker_fails_the_job_naming_it(store, tmp_path):
@@ -253,12 +185,12 @@ def test_a_late_task_is_run_again_on_an_idle_worker_and_the_model_is_unchanged(s
     # The stalled partition's copy was taken: every block was partitioned by the fast worker.
     assert sorted(m["block"] for m in parts) == [0, 1, 2, 3]
     assert {str(m["worker"]) for m in parts} == {fast}
-    X, _ = _all(ds)
-    _same_model(est, plain, X)
-    _same_model(est, _in_process(store), X)
+    X, _ = all_rows(ds)
+    same_model(est, plain, X)
+    same_model(est, _in_process(store), X)
     assert unspeculated.speculation["copies"] == 0
     assert unspeculated.tasks_per_worker[slow] > 0, unspeculated.tasks_per_worker
-    _same_model(unspeculated.model, plain, X)
+    same_model(unspeculated.model, plain, X)
 
 
 def test_a_slow_worker_gets_no_block_near_the_end():
@@ -286,8 +218,8 @@ def test_model_file_round_trip_and_cli(store, cluster, tmp_path):
     assert res.exit_code == 0, res.output
     assert "test accuracy" in res.output and "tasks per worker" in res.output
     model = load_model(model_path)
-    X, y = _all(open_dataset(store / "test.zarr"))
-    _same_model(model, _in_process(store), X)
+    X, y = all_rows(open_dataset(store / "test.zarr"))
+    same_model(model, _in_process(store), X)
     res = runner.invoke(main, ["score", str(model_path), str(store / "test.zarr"),
                                "--scheduler", cluster.scheduler_address])
     assert res.exit_code == 0, res.output

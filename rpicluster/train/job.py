@@ -533,8 +533,10 @@ class TrainingRun:
         if not self.speculative or self.n_submitted < len(self.todo) or not self.in_flight \
                 or len(self.slots) < 2:
             return 0
-        processing = self.client.processing(list(self.slots))
-        idle = [a for a in self.slots if not processing.get(a)]
+        # All workers' tasks, then this run's: asking for a worker the scheduler has just
+        # removed (a host lost mid-run) raises KeyError on the scheduler.
+        processing = {a: keys for a, keys in self.client.processing().items() if a in self.slots}
+        idle = [a for a in self.slots if a in processing and not processing[a]]
         if not idle:
             return 0
         now = time.perf_counter()
