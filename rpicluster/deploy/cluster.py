@@ -457,11 +457,17 @@ def _absent(name: str, state: ClusterState, check) -> StatusRow:
         if failed:
             detail += f" (last up: {failed['reason']})"
         return StatusRow(name, "worker", "rejoining", entry["pid"], detail=detail)
-    lost = sup.get("last_exit") if sup.get("state") != "stopped" else None
+    ago = check.value.get("last_alive_ago")
+    if ago is None:     # no supervisor state file: the worker never got as far as starting
+        return StatusRow(name, "worker", "lost", entry["pid"],
+                         detail="no process left on the host; run rpicluster up")
+    # The supervisor's state file: written at each change, refreshed every few seconds while it
+    # lives; host clock differences do not matter as the host measured the age itself.
+    last = _when(time.time() - ago)
+    how = (f"stopped by a signal at {last}" if sup.get("state") == "stopped" else
+           f"killed outright (or the host restarted); last alive at {last}")
     return StatusRow(name, "worker", "lost", entry["pid"],
-                     detail=f"lost at {_when(lost)}: no process left on the host; "
-                            "run rpicluster up" if lost else
-                            "no process left on the host; run rpicluster up")
+                     detail=f"{how}: no process left on the host; run rpicluster up")
 
 
 def status(inventory: str | Path | None = None, *,
