@@ -457,6 +457,14 @@ def test_up_that_starts_no_worker_leaves_no_scheduler(hosts, inventory, home):
     with pytest.raises(HostsFailedError) as info:
         cluster.up(path)
     assert "scheduler was stopped again" in str(info.value)
+    # The host's reason in one line, where its whole output is, and no command line or JSON.
+    pi1 = hosts.hosts["pi1"].address
+    line = next(r.detail for r in info.value.report.rows if r.host == pi1)
+    assert line.startswith(f"{pi1}: rpicluster.deploy.remote start failed (exit status 127): ")
+    assert "/nonexistent/bin/python: " in line      # the shell's words for a missing file
+    assert line.endswith(f"; full output: rpicluster logs {pi1}")
+    assert "\n" not in line and "{" not in line and "--spec" not in line
+    assert "/nonexistent/bin/python: " in cluster.logs(pi1, path)
     sched = info.value.report.rows[0]
     assert sched.role == "scheduler"
     assert not _alive(sched.pid)

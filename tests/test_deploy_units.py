@@ -211,3 +211,36 @@ def test_cli_up_refuses_an_injection_before_connecting(tmp_path, monkeypatch):
     assert "workers[0].host: 'pi1 && reboot' is not a host name" in result.output
     assert not (tmp_path / "clusters").exists()
     assert os.listdir(tmp_path) == ["cluster.toml"]
+
+
+def test_status_says_when_a_worker_killed_outright_was_last_alive(tmp_path, home):
+    """The whole group of a supervised worker SIGKILLed (as the OOM killer or a power cut would):
+    nothing records an exit, but the supervisor's heartbeat says when it was last alive."""
+    from rpicluster.deploy import cluster
+    from rpicluster.deploy.ssh import HostResult
+    from rpicluster.deploy.state import ClusterState
+
+    code = ("import sys; from rpicluster.deploy.supervise import Supervisor; "
+            "sys.exit(Supervisor([sys.executable, '-c', 'import time; time.sleep(600)'], "
+            f"{str(tmp_path)!r}, heartbeat=0.2).run())")
+    env = {**os.environ, remote.MARKER: "pi1"}
+    with open(tmp_path / "worker.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+    try:
+        state_file = tmp_path / remote.SUPERVISOR_FILE
+        _until(state_file.exists)
+        first = state_file.stat().st_mtime_ns
+        _until(lambda: state_file.stat().st_mtime_ns > first)     # the heartbeat
+        assert json.loads(state_file.read_text())["state"] == "running"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    _until(lambda: not remote.check(proc.pid, "pi1", str(tmp_path))["alive"])
+    checked = remote.check(proc.pid, "pi1", str(tmp_path))
+    assert checked["supervisor"]["last_exit"] is None and checked["last_alive_ago"] >= 0
+    state = ClusterState(cid="c", inventory="-", workers={"pi1": {"pid": proc.pid}})
+    row = cluster._absent("pi1", state, HostResult("pi1", value=checked))
+    assert row.state == "lost"
+    assert row.detail.startswith("killed outright (or the host restarted); last alive at 20")
+    assert row.detail.endswith("no process left on the host; run rpicluster up")

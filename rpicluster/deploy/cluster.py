@@ -26,7 +26,7 @@ from rpicluster.deploy import remote
 from rpicluster.deploy.hosts import is_local_host
 from rpicluster.deploy.ssh import Connection, LocalConnection, fan_out
 from rpicluster.deploy.state import (ClusterState, cluster_dir, cluster_id, load_state,
-                                     node_from_json, node_to_json)
+                                     node_from_json, node_to_json, recorded_id)
 from rpicluster.deploy.tls import CertFiles, CertificateAuthority
 from rpicluster.errors import (BootstrapError, ConfigError, HostsFailedError, RPiClusterError,
                                SSHError)
@@ -44,14 +44,43 @@ def _connect(node: NodeSpec, local: bool, accept_new_hosts: bool, ssh_timeout: f
     return Connection(node, accept_new_hosts=accept_new_hosts, timeout=ssh_timeout)
 
 
-def _remote(conn, spec: dict) -> dict:
-    """Run the remote entry point with ``spec``; its last output line is JSON."""
-    res = conn.python([*_REMOTE, json.dumps(spec)])
+def _start_output(cid: str, name: str) -> Path:
+    """Where the output of a failed start of ``name`` is kept (``rpicluster logs`` shows it)."""
+    return cluster_dir(cid) / "start-errors" / f"{name}.log"
+
+
+def _remote(conn, spec: dict, keep: Path | None = None, timeout: float | None = None) -> dict:
+    """Run the remote entry point with ``spec``; its last output line is JSON.
+
+    A failure is one line: the host, the action and the remote error's last line. ``keep``, when
+    given, receives the full output of a failed run (and is removed before a new one).
+    ``timeout`` bounds the run (default ``config.COMMAND_TIMEOUT``).
+    """
+    what = f"rpicluster.deploy.remote {spec['action']}"
+    if keep is not None:
+        keep.unlink(missing_ok=True)
+    res = conn.python([*_REMOTE, json.dumps(spec)], check=False, what=what, timeout=timeout)
     try:
-        return json.loads(res.stdout.strip().splitlines()[-1])
+        if res.exit_status == 0:
+            return json.loads(res.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
-        raise SSHError(f"{conn.host}: unexpected output from rpicluster.deploy.remote: "
-                       f"{(res.stdout + res.stderr)[-500:]!r}") from None
+        pass
+    output = (res.stdout + res.stderr).strip()
+    last = _last_error(res.stderr if res.stderr.strip() else res.stdout)
+    where = ""
+    if keep is not None:
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        keep.write_text(output + "\n")
+        where = f"; full output: rpicluster logs {spec.get('name', conn.host)}"
+    raise SSHError(f"{conn.host}: {what} failed (exit status {res.exit_status}): {last}{where}")
+
+
+def _last_error(text: str) -> str:
+    """The line of a log or an error output that says what went wrong: the last line naming an
+    error or exception, else the last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "Exception" in line]
+    return (errors or lines or ["(no output)"])[-1][-300:]
 
 
 def _push_certs(conn, certs: CertFiles | None, workdir: str, local: bool) -> dict | None:
@@ -68,22 +97,101 @@ def _push_certs(conn, certs: CertFiles | None, workdir: str, local: bool) -> dic
 
 
 def _stop(conn, entry: dict, name: str) -> dict:
-    return _remote(conn, {"action": "stop", "pid": entry["pid"], "name": name,
-                          "timeout": config.STOP_TIMEOUT})
+    grace = config.STOP_TIMEOUT
+    # The remote stop waits the grace, then up to 5 s after SIGKILL: the command gets that long.
+    return _remote(conn, {"action": "stop", "pid": entry["pid"], "name": name, "timeout": grace},
+                   timeout=max(config.COMMAND_TIMEOUT, grace + 30))
+
+
+#: Dask's least TCP timeout in seconds: under it every connection a process accepts or makes
+#: fails ("Timeout too low" in ``distributed.comm.tcp``), and a scheduler then never answers.
+DASK_MIN_TCP_TIMEOUT = 11
+_TCP_TIMEOUT_KEY = "distributed.comm.timeouts.tcp"
+
+
+def _tcp_timeout_problem(value) -> str | None:
+    """Why ``value`` (Dask's ``distributed.comm.timeouts.tcp``) cannot work, or None."""
+    from dask.utils import parse_timedelta
+
+    if value is None:
+        return None
+    try:
+        seconds = parse_timedelta(value, default="seconds")
+    except (TypeError, ValueError, KeyError):
+        return f"{value!r} is not a duration (e.g. 30s)"
+    if int(seconds) < DASK_MIN_TCP_TIMEOUT:
+        return (f"{value!r} is under the {DASK_MIN_TCP_TIMEOUT} s Dask needs (every connection "
+                "would fail with 'Timeout too low')")
+    return None
+
+
+def check_dask_timeouts(spec: ClusterSpec | None = None) -> None:
+    """Refuse, in one line, a Dask TCP timeout under :data:`DASK_MIN_TCP_TIMEOUT` that this
+    machine's Dask config sets (the client's) or that ``spec``'s env passes to its scheduler or
+    workers (``DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP``)."""
+    import dask
+
+    places = [("this machine's Dask config", dask.config.get(_TCP_TIMEOUT_KEY, None))]
+    if spec is not None:
+        for where, env in [("the scheduler's env", spec.scheduler.node.env),
+                           *((f"worker {w.name}'s env", w.env) for w in spec.workers)]:
+            found = dask.config.collect_env(dict(env))
+            places.append((f"{spec.path}: {where}",
+                           dask.config.get(_TCP_TIMEOUT_KEY, None, config=found)))
+    for where, value in places:
+        problem = _tcp_timeout_problem(value)
+        if problem:
+            raise ConfigError(f"{where}: Dask TCP timeout ({_TCP_TIMEOUT_KEY}, "
+                              f"DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP) {problem}; raise it to "
+                              f"{DASK_MIN_TCP_TIMEOUT} s or more, or unset it")
+
+
+def _handshake(address: str, security, timeout: float) -> None:
+    """Raise OSError/TimeoutError unless the scheduler at ``address`` completes Dask's handshake
+    within ``timeout`` seconds.
+
+    distributed's ``connect`` waits for the handshake without a bound (``Client(timeout=...)``
+    bounds only the TCP connect): a scheduler whose connection handler crashes accepts and never
+    answers. So the handshake is tried first, in a thread with its own event loop.
+    """
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distributed.comm import connect
+
+    args = security.get_connection_args("client") if security is not None else {}
+
+    async def shake():
+        comm = await asyncio.wait_for(connect(address, timeout=timeout, **args), timeout)
+        await comm.close()
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, shake()).result()
 
 
 def _client(address: str, security, timeout: float | None = None):
-    """A client of a recorded scheduler, or OSError/TimeoutError when it does not answer."""
+    """A client of a recorded scheduler, or OSError/TimeoutError when it does not answer within
+    ``timeout`` (default ``config.PROBE_TIMEOUT``); ConfigError for a Dask TCP timeout that
+    cannot work."""
     from distributed import Client
 
-    return Client(address, security=security, set_as_default=False,
-                  timeout=config.PROBE_TIMEOUT if timeout is None else timeout)
+    timeout = config.PROBE_TIMEOUT if timeout is None else timeout
+    check_dask_timeouts()
+    _handshake(address, security, timeout)
+    return Client(address, security=security, set_as_default=False, timeout=timeout)
+
+
+def _ask(client, call, timeout: float | None = None):
+    """``await call()`` on the client's event loop, at most ``timeout`` seconds (default
+    ``config.PROBE_TIMEOUT``): TimeoutError when the scheduler does not reply in time."""
+    timeout = config.PROBE_TIMEOUT if timeout is None else timeout
+    return client.sync(call, callback_timeout=timeout)
 
 
 def _seen_workers(client) -> dict[str, dict]:
-    """name -> worker info for every worker the scheduler lists."""
-    return {str(w["name"]): {**w, "address": a}
-            for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+    """name -> worker info for every worker the scheduler lists (TimeoutError: no reply)."""
+    info = _ask(client, lambda: client.scheduler.identity(n_workers=-1))
+    return {str(w["name"]): {**w, "address": a} for a, w in info["workers"].items()}
 
 
 # --------------------------------------------------------------------------- reports
@@ -113,7 +221,8 @@ class Report:
         return not any(r.state == "failed" for r in self.rows)
 
     def failures(self) -> str:
-        return "\n".join(f"{r.host}: {r.detail}" for r in self.rows if r.state == "failed")
+        return "\n".join(f"{r.host}: {r.detail.removeprefix(f'{r.host}: ')}"
+                         for r in self.rows if r.state == "failed")
 
 
 # --------------------------------------------------------------------------- up
@@ -142,9 +251,11 @@ def _ensure_scheduler(spec: ClusterSpec, state: ClusterState, accept_new_hosts: 
                        else conn.resolve(f"{sched.node.local_directory}/scheduler"))
             tls = _push_certs(conn, state.certs("scheduler"), workdir, local)
             started = _remote(conn, remote.start_spec("scheduler", sched, local_directory=workdir,
-                                                      tls=tls))
+                                                      tls=tls),
+                              keep=_start_output(state.cid, "scheduler"))
     except RPiClusterError as exc:
-        raise BootstrapError(f"scheduler on {sched.host}: could not start: {exc}") from None
+        raise BootstrapError(f"scheduler on {sched.host}: could not start: "
+                             f"{str(exc).removeprefix(f'{sched.host}: ')}") from None
     state.scheduler = {"local": local, "pid": started["pid"], "log": started["log"],
                        "node": node_to_json(sched.node)}
     state.save()
@@ -157,14 +268,19 @@ def _ensure_scheduler(spec: ClusterSpec, state: ClusterState, accept_new_hosts: 
         except (OSError, TimeoutError):
             if time.monotonic() > deadline:
                 with _connect(sched.node, local, accept_new_hosts, ssh_timeout) as conn:
-                    tail = conn.tail(started["log"])
+                    tail = conn.tail(started["log"], 200)
                     # Never leave a half-started scheduler behind.
                     if not _stop(conn, state.scheduler, "scheduler")["left"]:
                         state.scheduler = None
                         state.save()
-                raise BootstrapError(f"scheduler on {sched.host}: not answering on "
-                                     f"{state.address} after {join_timeout:.0f} s; "
-                                     f"log {started['log']}:\n{tail}") from None
+                keep = _start_output(state.cid, "scheduler")
+                keep.parent.mkdir(parents=True, exist_ok=True)
+                keep.write_text(tail)
+                raise BootstrapError(
+                    f"scheduler on {sched.host}: not answering on {state.address} after "
+                    f"{join_timeout:.0f} s (RPICLUSTER_JOIN_TIMEOUT), so it was stopped again; "
+                    f"its log ends: {_last_error(tail)}; full log: rpicluster logs scheduler"
+                ) from None
             time.sleep(0.5)
     return client, HostRow(sched.host, "scheduler", "started", started["pid"], state.address)
 
@@ -180,7 +296,8 @@ def _start_worker(node: NodeSpec, state: ClusterState, accept_new_hosts: bool,
         conn.makedirs(workdir)
         tls = _push_certs(conn, state.certs(node.name), workdir, local=False)
         started = _remote(conn, remote.start_spec("worker", node, local_directory=workdir,
-                                                  tls=tls, scheduler=state.address))
+                                                  tls=tls, scheduler=state.address),
+                          keep=_start_output(state.cid, node.name))
     return {"pid": started["pid"], "log": started["log"], "node": node_to_json(node)}
 
 
@@ -232,6 +349,7 @@ def up(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
         The scheduler could not be started (or did not answer: it is stopped again).
     """
     spec = inventory if isinstance(inventory, ClusterSpec) else load_inventory(inventory)
+    check_dask_timeouts(spec)
     join_timeout = config.JOIN_TIMEOUT if join_timeout is None else join_timeout
     ssh_timeout = config.SSH_TIMEOUT if ssh_timeout is None else ssh_timeout
     cid = cluster_id(spec.path)
@@ -300,6 +418,19 @@ def rotate_certificates(spec: ClusterSpec) -> str | None:
 
 
 def _reconcile(spec, state, client, sched_row, accept_new_hosts, join_timeout, ssh_timeout):
+    try:
+        return _reconcile_with(spec, state, client, sched_row, accept_new_hosts, join_timeout,
+                               ssh_timeout)
+    except (OSError, TimeoutError):
+        raise BootstrapError(f"scheduler on {spec.scheduler.host}: stopped answering on "
+                             f"{state.address} (no reply within {config.PROBE_TIMEOUT:g} s, "
+                             "RPICLUSTER_PROBE_TIMEOUT); see rpicluster logs scheduler "
+                             f"({state.scheduler['log']} there), then run rpicluster up again"
+                             ) from None
+
+
+def _reconcile_with(spec, state, client, sched_row, accept_new_hosts, join_timeout,
+                    ssh_timeout):
     seen = _seen_workers(client)
     wanted = {w.name: w for w in spec.workers}
     rows: dict[str, HostRow] = {}
@@ -457,11 +588,17 @@ def _absent(name: str, state: ClusterState, check) -> StatusRow:
         if failed:
             detail += f" (last up: {failed['reason']})"
         return StatusRow(name, "worker", "rejoining", entry["pid"], detail=detail)
-    lost = sup.get("last_exit") if sup.get("state") != "stopped" else None
+    ago = check.value.get("last_alive_ago")
+    if ago is None:     # no supervisor state file: the worker never got as far as starting
+        return StatusRow(name, "worker", "lost", entry["pid"],
+                         detail="no process left on the host; run rpicluster up")
+    # The supervisor's state file: written at each change, refreshed every few seconds while it
+    # lives; host clock differences do not matter as the host measured the age itself.
+    last = _when(time.time() - ago)
+    how = (f"stopped by a signal at {last}" if sup.get("state") == "stopped" else
+           f"killed outright (or the host restarted); last alive at {last}")
     return StatusRow(name, "worker", "lost", entry["pid"],
-                     detail=f"lost at {_when(lost)}: no process left on the host; "
-                            "run rpicluster up" if lost else
-                            "no process left on the host; run rpicluster up")
+                     detail=f"{how}: no process left on the host; run rpicluster up")
 
 
 def status(inventory: str | Path | None = None, *,
@@ -488,18 +625,24 @@ def status(inventory: str | Path | None = None, *,
     sched_pid = state.scheduler["pid"] if state.scheduler else None
     try:
         client = _client(state.address, state.security())
+        try:
+            seen = _seen_workers(client)
+            processing = _ask(client, client.scheduler.processing)
+            try:
+                temps = _ask(client, lambda: client.run(read_temperature, asynchronous=True,
+                                                        on_error="ignore")) if seen else {}
+            except (OSError, TimeoutError):   # a worker too busy to answer: no temperatures
+                temps = {}
+        finally:
+            client.close()
     except (OSError, TimeoutError):
         return (StatusRow(sched_host, "scheduler", "not answering", sched_pid,
-                          detail=f"{state.address} does not answer (run rpicluster up)"),
+                          detail=f"{state.address} does not answer within "
+                                 f"{config.PROBE_TIMEOUT:g} s (RPICLUSTER_PROBE_TIMEOUT); see "
+                                 "rpicluster logs scheduler, then run rpicluster up"),
                 *(StatusRow(n, "worker", "unknown", state.workers.get(n, {}).get("pid"),
                             detail="scheduler not answering")
                   for n in dict.fromkeys([*names, *state.workers])))
-    try:
-        seen = _seen_workers(client)
-        processing = client.processing()
-        temps = client.run(read_temperature) if seen else {}
-    finally:
-        client.close()
     order = list(dict.fromkeys([*names, *state.workers, *seen]))
     absent = {n: state.workers[n] for n in order if n not in seen and n in state.workers}
     checks = fan_out([node_from_json(e["node"]) for e in absent.values()],
@@ -521,16 +664,37 @@ def status(inventory: str | Path | None = None, *,
     return tuple(rows)
 
 
+def _failed_start(name: str, path: Path, lines: int) -> str:
+    text = path.read_text(errors="replace").splitlines(keepends=True)[-lines:]
+    return (f"--- rpicluster up could not start {name} at {_when(path.stat().st_mtime)}; "
+            "what it printed:\n" + "".join(text))
+
+
 def logs(host: str, inventory: str | Path | None = None, *, lines: int = 100,
          ssh_timeout: float | None = None) -> str:
-    """The last ``lines`` lines of the log of the worker on ``host`` (or ``"scheduler"``)."""
-    state = load_state(inventory)
+    """The last ``lines`` lines of the log of the worker on ``host`` (or ``"scheduler"``).
+
+    When the last ``up`` could not start it, the output of that failed start instead (kept on
+    this machine: the host may have no log at all).
+    """
+    try:
+        state = load_state(inventory)
+    except ConfigError:
+        # A failed up that stopped everything again keeps only what its starts printed.
+        failed = _start_output(recorded_id(inventory), host)
+        if not failed.exists():
+            raise
+        return _failed_start(host, failed, lines)
     ssh_timeout = config.SSH_TIMEOUT if ssh_timeout is None else ssh_timeout
     if host == "scheduler" or (state.scheduler and host == state.scheduler["node"]["host"]
                                and host not in state.workers):
-        entry, local = state.scheduler, state.scheduler and state.scheduler["local"]
+        name, entry = "scheduler", state.scheduler
+        local = entry is not None and entry["local"]
     else:
-        entry, local = state.workers.get(host), False
+        name, entry, local = host, state.workers.get(host), False
+    failed = _start_output(state.cid, name)
+    if failed.exists():
+        return _failed_start(name, failed, lines)
     if entry is None:
         raise ConfigError(f"{state.inventory}: nothing recorded on host {host!r} (recorded: "
                           f"scheduler, {', '.join(state.workers) or 'no workers'})")

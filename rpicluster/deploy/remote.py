@@ -13,8 +13,9 @@ Actions (the ``action`` field of the spec):
     (checked through its environment, so a recycled pid is never killed), then verify that no
     member is left; print ``{"pid", "was_running", "left"}``.
 ``check``
-    Whether the process group of ``pid`` still runs for ``name``, and the supervisor's state
-    file in ``local_directory``: print ``{"alive", "supervisor"}`` (for ``status``).
+    Whether the process group of ``pid`` still runs for ``name``, the supervisor's state file in
+    ``local_directory`` and how many seconds ago it was last written or refreshed (the
+    supervisor's heartbeat): print ``{"alive", "supervisor", "last_alive_ago"}`` (for ``status``).
 
 Standard library only at import time: this starts in well under a second on a Pi.
 
@@ -201,13 +202,16 @@ def stop(pid: int, name: str, timeout: float | None = None) -> dict:
 
 
 def check(pid: int, name: str, local_directory: str) -> dict:
-    """Whether ``name``'s process group still runs, and its supervisor's last recorded state."""
+    """Whether ``name``'s process group still runs, its supervisor's last recorded state, and
+    the seconds since the supervisor last wrote or refreshed it (None: no state file)."""
+    path = os.path.join(os.path.expanduser(local_directory), SUPERVISOR_FILE)
     try:
-        with open(os.path.join(os.path.expanduser(local_directory), SUPERVISOR_FILE)) as f:
+        with open(path) as f:
+            ago = time.time() - os.fstat(f.fileno()).st_mtime
             supervisor = json.load(f)
     except (OSError, ValueError):
-        supervisor = None
-    return {"alive": bool(_ours(pid, name)), "supervisor": supervisor}
+        supervisor = ago = None
+    return {"alive": bool(_ours(pid, name)), "supervisor": supervisor, "last_alive_ago": ago}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -146,8 +146,11 @@ class Connection:
         self._client.close()
 
     def run(self, command: str, *, stdin: bytes | None = None,
-            timeout: float | None = None, check: bool = True) -> CommandResult:
+            timeout: float | None = None, check: bool = True,
+            what: str | None = None) -> CommandResult:
         """Run a shell command (already quoted) and wait for it.
+
+        ``what`` names the command in error messages (default: its first 200 characters).
 
         Raises
         ------
@@ -156,6 +159,7 @@ class Connection:
             ``config.COMMAND_TIMEOUT``).
         """
         timeout = config.COMMAND_TIMEOUT if timeout is None else timeout
+        what = command[:200] if what is None else what
         try:
             chan_in, chan_out, chan_err = self._client.exec_command(command, timeout=timeout)
             if stdin is not None:
@@ -165,13 +169,13 @@ class Connection:
             err = chan_err.read().decode(errors="replace")
             status = chan_out.channel.recv_exit_status()
         except (socket.timeout, TimeoutError):
-            raise SSHError(f"{self.host}: command timed out after {timeout:.0f} s: "
-                           f"{command[:200]}") from None
+            raise SSHError(f"{self.host}: command timed out after {timeout:.0f} s: {what}"
+                           ) from None
         except paramiko.SSHException as exc:
             raise SSHError(f"{self.host}: command failed: {exc}") from None
         if check and status != 0:
             tail = (err or out).strip()[-2000:]
-            raise SSHError(f"{self.host}: exit status {status} from {command[:200]}: {tail}")
+            raise SSHError(f"{self.host}: exit status {status} from {what}: {tail}")
         return CommandResult(out, err, status)
 
     def python(self, args: Iterable[str], *, interpreter: str | None = None,
@@ -282,14 +286,15 @@ class LocalConnection:
         pass
 
     def python(self, args: Iterable[str], *, timeout: float | None = None,
-               check: bool = True) -> CommandResult:
-        """Run this machine's interpreter with ``args``."""
+               check: bool = True, what: str | None = None) -> CommandResult:
+        """Run this machine's interpreter with ``args`` (``what`` names it in errors)."""
         timeout = config.COMMAND_TIMEOUT if timeout is None else timeout
         try:
             proc = subprocess.run([self._python, *args], capture_output=True, text=True,
                                   timeout=timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
-            raise SSHError(f"{self.host} (local): command timed out after {timeout:.0f} s") from None
+            raise SSHError(f"{self.host} (local): command timed out after {timeout:.0f} s"
+                           + (f": {what}" if what else "")) from None
         if check and proc.returncode != 0:
             raise SSHError(f"{self.host} (local): exit status {proc.returncode}: "
                            f"{(proc.stderr or proc.stdout).strip()[-2000:]}")

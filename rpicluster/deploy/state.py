@@ -89,6 +89,18 @@ class ClusterState:
         return certs.security() if certs else None
 
 
+def recorded_id(inventory: str | os.PathLike | None = None) -> str:
+    """The cluster id of ``inventory``, or of the cluster ``up`` last recorded (ConfigError:
+    none was ever recorded)."""
+    if inventory is not None:
+        return cluster_id(Path(inventory))
+    current = config.state_dir() / "current"
+    if not current.exists():
+        raise ConfigError(f"no cluster recorded in {config.state_dir()} "
+                          "(run rpicluster up -c cluster.toml first)")
+    return current.read_text().strip()
+
+
 def load_state(inventory: str | os.PathLike | None = None) -> ClusterState:
     """The recorded state of ``inventory``'s cluster, or of the last one ``up`` recorded.
 
@@ -97,14 +109,7 @@ def load_state(inventory: str | os.PathLike | None = None) -> ClusterState:
     ConfigError
         Nothing is recorded (the message says how to start a cluster).
     """
-    if inventory is None:
-        current = config.state_dir() / "current"
-        if not current.exists():
-            raise ConfigError(f"no cluster recorded in {config.state_dir()} "
-                              "(run rpicluster up -c cluster.toml first)")
-        cid = current.read_text().strip()
-    else:
-        cid = cluster_id(Path(inventory))
+    cid = recorded_id(inventory)
     path = cluster_dir(cid) / "state.json"
     if not path.exists():
         raise ConfigError(f"no running cluster recorded for {inventory or cid} ({path} missing; "
@@ -172,5 +177,6 @@ def local_record() -> dict | None:
     return info
 
 
-__all__ = ["ClusterState", "cluster_id", "cluster_dir", "load_state", "recorded_cluster",
-           "node_to_json", "node_from_json", "local_path", "local_record", "pid_alive"]
+__all__ = ["ClusterState", "cluster_id", "cluster_dir", "recorded_id", "load_state",
+           "recorded_cluster", "node_to_json", "node_from_json", "local_path", "local_record",
+           "pid_alive"]

@@ -13,7 +13,9 @@ SIGINT or SIGHUP the supervisor passes the signal on, waits for the worker and e
 restarting it. Each change is written to ``<local_directory>/supervisor.json``
 (:data:`rpicluster.deploy.remote.SUPERVISOR_FILE`) (pid, state
 ``running``/``waiting``/``stopped``, restarts, last exit time and status) for ``status``, and
-one line to the worker's log.
+one line to the worker's log. While the supervisor lives, that file's modification time is
+refreshed every ``HEARTBEAT`` seconds: when the whole group is killed outright (SIGKILL, the
+OOM killer, a power cut) nothing else is written, and the file's age says when it was last alive.
 
 Standard library only (a Pi starts it in well under a second), like :mod:`remote`.
 """
@@ -34,14 +36,17 @@ from rpicluster.deploy import remote
 FIRST_DELAY = 1.0
 #: Longest wait between restarts (and how long a worker must run to reset the backoff).
 MAX_DELAY = 60.0
+#: Seconds between refreshes of the state file's modification time (the supervisor's heartbeat).
+HEARTBEAT = 10.0
 
 class Supervisor:
     """Run ``argv`` again and again (with backoff) until a stop signal arrives."""
 
     def __init__(self, argv: list[str], directory: str, *, first_delay: float = FIRST_DELAY,
-                 max_delay: float = MAX_DELAY) -> None:
+                 max_delay: float = MAX_DELAY, heartbeat: float = HEARTBEAT) -> None:
         self.argv, self.directory = argv, directory
-        self.first_delay, self.max_delay = first_delay, max_delay
+        self.first_delay, self.max_delay, self.heartbeat = first_delay, max_delay, heartbeat
+        self.path = os.path.join(directory, remote.SUPERVISOR_FILE)
         self.stopping = False
         self.child: subprocess.Popen | None = None
         self.info = {"pid": os.getpid(), "state": "running", "restarts": 0, "last_exit": None,
@@ -57,10 +62,23 @@ class Supervisor:
 
     def _write(self, **changes) -> None:
         self.info.update(changes)
-        path = os.path.join(self.directory, remote.SUPERVISOR_FILE)
-        with open(path + ".tmp", "w") as f:
+        with open(self.path + ".tmp", "w") as f:
             json.dump(self.info, f)
-        os.replace(path + ".tmp", path)
+        os.replace(self.path + ".tmp", self.path)
+
+    def _beat(self) -> None:
+        try:
+            os.utime(self.path)
+        except OSError:     # the directory went away: nothing to tell status
+            pass
+
+    def _wait(self) -> int:
+        """Wait for the worker to exit, beating the heart meanwhile; its exit status."""
+        while True:
+            try:
+                return self.child.wait(timeout=self.heartbeat)
+            except subprocess.TimeoutExpired:
+                self._beat()
 
     def _log(self, message: str) -> None:
         print(f"--- rpicluster supervise {time.strftime('%Y-%m-%d %H:%M:%S')} {message}",
@@ -74,7 +92,7 @@ class Supervisor:
             started = time.monotonic()
             self._write(state="running", next_start=None)
             self.child = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL)
-            code = self.child.wait()
+            code = self._wait()
             if self.stopping:
                 break
             ran = time.monotonic() - started
@@ -84,9 +102,13 @@ class Supervisor:
                         last_exit=time.time(), last_status=code, next_start=time.time() + delay)
             self._log(f"worker exited with status {code} after {ran:.0f} s; "
                       f"restarting in {delay:g} s")
-            until = time.monotonic() + delay
+            beat = time.monotonic()
+            until = beat + delay
             while not self.stopping and time.monotonic() < until:
                 time.sleep(0.1)
+                if time.monotonic() - beat >= self.heartbeat:
+                    beat = time.monotonic()
+                    self._beat()
             delay = min(delay * 2, self.max_delay)
         self._write(state="stopped", next_start=None)
         self._log("stopped")
