@@ -44,8 +44,11 @@ COMMITTED = "committed"  #: block model written to the run directory: block
 RUN_END = "run-end"  #: run finished (or failed): run_id, t
 VALIDATION = "validation"  #: block model scored on the validation set: block, accuracy
 EXTRACTED = "extracted"  #: features of a block written: block, rows (images), worker, seconds
+#: what a run waits on changed: worker (the paused or silent workers, comma-separated, or None),
+#: note (the progress line's alert, or None once it clears)
+STALLED = "stalled"
 
-KINDS = (RUN_START, PARTITIONED, FITTED, COMMITTED, RUN_END, VALIDATION, EXTRACTED)
+KINDS = (RUN_START, PARTITIONED, FITTED, COMMITTED, RUN_END, VALIDATION, EXTRACTED, STALLED)
 
 # Field names.
 KIND = "kind"
@@ -60,9 +63,10 @@ SECONDS = "seconds"
 ACCURACY = "accuracy"
 RESUMED = "resumed"
 T = "t"
+NOTE = "note"
 
 FIELDS = (KIND, RUN_ID, N_BLOCKS, N_CLUSTERS, BLOCK, CLUSTER, ROWS, WORKER, SECONDS, ACCURACY,
-          RESUMED, T)
+          RESUMED, T, NOTE)
 
 
 def make_event(kind: str, **fields) -> dict:

@@ -297,3 +297,17 @@ class SlowTasks(WorkerPlugin):
         if finish == "executing" and self.prefix in str(key) and (
                 self.only is None or self.worker.name == self.only):
             time.sleep(self.seconds)
+
+
+class DieOn(WorkerPlugin):
+    """A Dask worker plugin that kills its worker process (``os._exit``) as soon as it starts a
+    task whose key matches ``key_re``: a poison block. The nanny restarts the worker."""
+
+    def __init__(self, key_re: str):
+        self.key_re = key_re
+
+    def transition(self, key, start, finish, **kwargs):
+        import re
+
+        if finish == "executing" and re.match(self.key_re, str(key)):
+            os._exit(13)
