@@ -237,3 +237,15 @@ def test_a_poison_block_on_a_lone_worker_ends_the_run_naming_it(store, tmp_path)
                                match=r"block 2(, cluster \d+)? failed: the task killed its worker"):
                 train(_estimator(), open_dataset(store), client, run_dir=tmp_path / "run")
     assert 2 not in RunDir(tmp_path / "run").committed()
+
+
+def test_averaging_with_no_worker_stops_within_the_bounded_time(store, monkeypatch):
+    """`train --model mlp|sgd` waits through the same watch: no worker, one bounded wait."""
+    from rpicluster.train.averaging import train_averaged
+
+    monkeypatch.setenv("RPICLUSTER_NO_WORKER_TIMEOUT", "1")
+    with _cluster(0) as cluster, Client(cluster) as client:
+        with pytest.raises(TrainingError, match=rf"^no worker is connected to the scheduler "
+                                                rf"{re.escape(cluster.scheduler_address)} \(3 "
+                                                rf"rounds to train\); waited 1 s"):
+            train_averaged(open_dataset(store), client, model="sgd", rounds=3)

@@ -226,6 +226,17 @@ class ClusterWatch:
                     queue.thread_condition.wait(timeout=0.1)
             yield next(queue)
 
+    def wait(self, futures: list, what: str) -> None:
+        """``distributed.wait(futures)``, looking at the workers every ``interval`` meanwhile."""
+        from distributed import wait
+
+        while True:
+            try:
+                wait(futures, timeout=self.interval)
+                return
+            except TimeoutError:
+                self.tick(what)
+
     def tick(self, what: str) -> None:
         """Look at the workers if ``interval`` has passed: update the alert, publish a change,
         raise after too long without any worker."""
