@@ -3,7 +3,8 @@
 Runs :func:`rpicluster.bench.scaling.scaling_bench` (the library behind
 ``rpicluster bench scaling``) on a small synthetic store and prints, per step, the median time,
 the speed-up over one worker and the scalability against the core ideal (every core equal) and
-the capacity ideal (each worker weighted by the throughput it reached in calibration). The
+the capacity ideal (each step weighted by the throughput its workers reached together in
+calibration). The
 reports land in ``--out``: scaling.csv, scaling.json, scaling.md, scaling.png, step-N.html.
 
     python examples/scaling_report.py                          # embedded cluster, small

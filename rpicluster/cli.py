@@ -238,22 +238,21 @@ def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, allow_skew
     if resume_dir and run_dir and resume_dir != run_dir:
         raise click.UsageError("give --resume RUN_DIR or --run-dir, not both")
     if kind != "inc-ksgd":
-        if overwrite:
-            raise click.UsageError("--overwrite is for --model inc-ksgd (mlp/sgd: give a new "
-                                   "--run-dir or --resume the old one)")
-        return _train_averaged(data, model_path, resume_dir or run_dir, resume_dir is not None,
-                               test, _cluster(scheduler, inventory, local), kind, hidden, rounds,
-                               local_epochs, sync, params)
+        _quiet_dask_logs()
+        try:
+            return _train_averaged(data, model_path, resume_dir or run_dir,
+                                   resume_dir is not None, overwrite, test,
+                                   _cluster(scheduler, inventory, local), kind, hidden, rounds,
+                                   local_epochs, sync, params)
+        except TrainingStopped as exc:
+            _exit_stopped(exc, ["train", data, "-o", model_path],
+                          (("--model", kind), ("--rounds", rounds),
+                           ("--local-epochs", local_epochs), ("--sync", sync),
+                           ("--scheduler", scheduler), ("-c", inventory), ("--local", local),
+                           ("--test", test), ("--overwrite", overwrite)))
     if hidden is not None:
         raise click.UsageError("--hidden is for --model mlp")
-    import logging
-
-    import distributed  # noqa: F401 - configures its loggers on import; ours must come after
-
-    # A run that stops (Ctrl-C, lost scheduler) makes Dask's client log its own reconnect
-    # attempts and callback tracebacks while it cleans up; the one line below says it all.
-    for name in ("distributed.client", "distributed.batched", "tornado.application", "asyncio"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    _quiet_dask_logs()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
@@ -268,16 +267,9 @@ def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, allow_skew
                     if issubclass(w.category, RPiClusterWarning):
                         click.echo(f"warning: {w.message}", err=True)
     except TrainingStopped as exc:
-        again = ["rpicluster", "train", data, "-o", model_path, "--resume", str(exc.run_dir)]
-        for flag, value in (("--scheduler", scheduler), ("-c", inventory), ("--local", local),
-                            ("--test", test)):
-            if value is True:  # a bare flag (--local: any size)
-                again.append(flag)
-            elif value is not None and value is not False:
-                again += [flag, str(value)]
-        again += ["--overwrite"] if overwrite else []
-        click.echo(f"error: {exc}; continue with: {shlex.join(again)}", err=True)
-        sys.exit(130 if exc.interrupted else 1)
+        _exit_stopped(exc, ["train", data, "-o", model_path],
+                      (("--scheduler", scheduler), ("-c", inventory), ("--local", local),
+                       ("--test", test), ("--overwrite", overwrite)))
     r = summary.result
     click.echo(f"trained {len(r.trained_blocks)} blocks"
                + (f" (+{len(r.resumed_blocks)} resumed)" if r.resumed_blocks else "")
@@ -289,6 +281,34 @@ def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, allow_skew
     if summary.test_accuracy is not None:
         click.echo(f"test accuracy: {summary.test_accuracy:.4f}")
     click.echo(f"model: {summary.model_path} (sha256 {summary.sha256[:16]}...)")
+
+
+def _exit_stopped(exc, command: list[str], options) -> None:
+    """Print a stopped run's one line with the exact command that resumes it, and exit.
+
+    ``command`` is the command's name and arguments; ``options`` the ``(flag, value)`` pairs
+    to repeat (a True value is a bare flag; None and False are left out).
+    """
+    again = ["rpicluster", *map(str, command), "--resume", str(exc.run_dir)]
+    for flag, value in options:
+        if value is True:
+            again.append(flag)
+        elif value is not None and value is not False:
+            again += [flag, str(value)]
+    click.echo(f"error: {exc}; continue with: {shlex.join(again)}", err=True)
+    sys.exit(130 if exc.interrupted else 1)
+
+
+def _quiet_dask_logs() -> None:
+    """A run that stops (Ctrl-C, lost scheduler) makes Dask's client log its own reconnect
+    attempts and callback tracebacks while it cleans up; the one line of
+    :func:`_exit_stopped` says it all."""
+    import logging
+
+    import distributed  # noqa: F401 - configures its loggers on import; ours must come after
+
+    for name in ("distributed.client", "distributed.batched", "tornado.application", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def averaged_params(kind: str, hidden: str | None, params: dict) -> dict:
@@ -315,14 +335,15 @@ def averaged_params(kind: str, hidden: str | None, params: dict) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _train_averaged(data, model_path, run_dir, resume, test, cluster, kind, hidden, rounds,
-                    local_epochs, sync, params) -> None:
+def _train_averaged(data, model_path, run_dir, resume, overwrite, test, cluster, kind, hidden,
+                    rounds, local_epochs, sync, params) -> None:
     from rpicluster.train.averaging import train_averaged_model
 
     summary = train_averaged_model(data, model_path, model=kind,
                                    params=averaged_params(kind, hidden, params), rounds=rounds,
                                    local_epochs=local_epochs, sync=sync, cluster=cluster,
-                                   run_dir=run_dir, resume=resume, test=test)
+                                   run_dir=run_dir, resume=resume, overwrite=overwrite,
+                                   test=test)
     r = summary.result
     click.echo(f"trained {len(r.rounds) - r.resumed_rounds} rounds"
                + (f" (+{r.resumed_rounds} resumed)" if r.resumed_rounds else "")
@@ -367,9 +388,13 @@ def _train_averaged(data, model_path, run_dir, resume, test, cluster, kind, hidd
               help="Where rounds are checkpointed (default MODEL.run).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
               help="Continue a killed run from its run directory.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing model file (and start its run directory afresh).")
 def federate_cmd(inventory, model_path, kind, data, hidden, rounds, local_epochs, fraction,
-                 min_clients, round_timeout, validation, run_dir, resume_dir, **params):
+                 min_clients, round_timeout, validation, run_dir, resume_dir, overwrite,
+                 **params):
     """Federated averaging: each host trains on its own store, only weights travel."""
+    from rpicluster.errors import TrainingStopped
     from rpicluster.train.federated import federate
 
     params = {k: v for k, v in params.items() if v is not None}
@@ -384,12 +409,21 @@ def federate_cmd(inventory, model_path, kind, data, hidden, rounds, local_epochs
                    f" MB moved, {report['seconds']:.1f} s{acc}" + (f" (left out: {left})"
                                                                   if left else ""))
 
-    result, digest = federate(inventory, model_path, model=kind,
-                              params=averaged_params(kind, hidden, params), data=data,
-                              rounds=rounds, local_epochs=local_epochs, fraction=fraction,
-                              min_clients=min_clients, round_timeout=round_timeout,
-                              validation=validation, run_dir=resume_dir or run_dir,
-                              resume=resume_dir is not None, show_progress=False, on_round=show)
+    _quiet_dask_logs()
+    try:
+        result, digest = federate(inventory, model_path, model=kind,
+                                  params=averaged_params(kind, hidden, params), data=data,
+                                  rounds=rounds, local_epochs=local_epochs, fraction=fraction,
+                                  min_clients=min_clients, round_timeout=round_timeout,
+                                  validation=validation, run_dir=resume_dir or run_dir,
+                                  resume=resume_dir is not None, overwrite=overwrite,
+                                  show_progress=False, on_round=show)
+    except TrainingStopped as exc:
+        _exit_stopped(exc, ["federate", "-c", inventory, "-o", model_path],
+                      (("--model", kind), ("--data", data), ("--rounds", rounds),
+                       ("--local-epochs", local_epochs), ("--fraction", fraction),
+                       ("--min-clients", min_clients), ("--round-timeout", round_timeout),
+                       ("--validation", validation), ("--overwrite", overwrite)))
     click.echo(f"federated {len(result.rounds) - result.resumed_rounds} rounds"
                + (f" (+{result.resumed_rounds} resumed)" if result.resumed_rounds else "")
                + f" in {result.seconds:.1f} s")
@@ -596,20 +630,27 @@ def _echo_report(title, report) -> None:
                "a running one of another size is refused.")
 @click.option("--threads-per-worker", type=click.IntRange(min=1), help="With --local.")
 @click.option("--memory-limit", help="With --local: per-worker limit, e.g. 4GiB (default auto).")
+@click.option("--dashboard-address", metavar="HOST:PORT",
+              help="With --local: where the dashboard listens (default 127.0.0.1:8787, this "
+                   "machine only; :8787 opens it to the network).")
 @_accept_option
 @click.option("--insecure", is_flag=True, help="Plain TCP instead of TLS (not recommended).")
 @click.option("--provision", is_flag=True,
               help="First install this machine's exact packages on every host (no internet needed).")
-def up(inventory, local, threads_per_worker, memory_limit, accept_new_hosts, insecure,
-       provision) -> None:
+def up(inventory, local, threads_per_worker, memory_limit, dashboard_address, accept_new_hosts,
+       insecure, provision) -> None:
     """Start the cluster of an inventory (only what is missing), or the embedded local one."""
     if inventory is not None and local is not None:
         raise click.UsageError("give -c/--inventory or --local, not both")
+    if inventory is not None and dashboard_address is not None:
+        raise click.UsageError("--dashboard-address is for --local; an inventory's dashboard "
+                               "listens on its scheduler host, at dashboard_port")
     if inventory is None:
         from rpicluster.deploy.local import start_local
 
         info = start_local(None if local is True else local,
-                           threads_per_worker=threads_per_worker, memory_limit=memory_limit)
+                           threads_per_worker=threads_per_worker, memory_limit=memory_limit,
+                           dashboard_address=dashboard_address)
         click.echo(f"local cluster{' already running' if info['already_running'] else ''}: "
                    f"{info['scheduler_address']} ({info.get('n_workers', '?')} workers) "
                    f"dashboard {info['dashboard_link']}")
@@ -650,7 +691,10 @@ def _target(inventory, local):
 @_inventory_option
 @_local_option(_ACT_LOCAL)
 def status(inventory, local) -> None:
-    """Show scheduler and workers: state, threads, memory, tasks, temperature.
+    """Show scheduler and every inventory worker: state, threads, memory, tasks, temperature.
+
+    A worker that is not running says why: never connected, up failed (the reason), rejoining
+    (restarting by itself after its scheduler went away) or lost (run `rpicluster up`).
 
     Without -c or --local: the SSH cluster `up` last recorded, else the local cluster.
     """
@@ -666,9 +710,10 @@ def status(inventory, local) -> None:
 
     rows = cluster_status(ref.inventory)
     echo_table("rpicluster status", ["host", "role", "state", "pid", "threads", "memory", "tasks",
-                                     "temp"],
+                                     "temp", "detail"],
                [[r.host, r.role, r.state, r.pid, r.threads, r.memory, r.tasks,
-                 "n/a" if r.temperature is None else f"{r.temperature:.1f} C"] for r in rows])
+                 "n/a" if r.temperature is None else f"{r.temperature:.1f} C", r.detail]
+                for r in rows])
 
 
 @main.command()

@@ -11,7 +11,9 @@ Training publishes with ``client.log_event(TOPIC, {KIND: ..., ...})`` (or ``dist
 ``scheduler.get_events(TOPIC)``. Both sides import the names from here so they cannot drift.
 
 Every event is a flat ``dict`` of plain Python values (str, int, float, None) so it stays cheap to
-send and safe to keep in the scheduler's bounded event log.
+send and safe to keep in the scheduler's bounded event log; the one exception is a ``round``
+event, whose ``participants`` is a list of host names and ``left_out`` a dict of host name to
+reason (a few short strings).
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ from rpicluster.errors import ConfigError
 #: scheduler process imports it.
 PRELOAD = "rpicluster.dashboard"
 
+#: Scheduler operation the page's preload adds, answering where the dashboard is and the system
+#: monitor's count (``rpicluster dashboard`` and the scaling bench's performance reports ask it
+#: instead of running code on the scheduler, which the schedulers rpicluster starts refuse).
+FACTS_OP = "rpicluster_dashboard"
+
 #: Name of the worker heartbeat metric (and worker plugin) carrying hardware health.
 HEALTH_METRIC = "rpicluster"
 
@@ -33,6 +40,10 @@ TOPIC = "rpicluster.train"
 #: Scheduler event topic for feature extraction (``rpicluster features``): run-start, extracted,
 #: run-end.
 FEATURES_TOPIC = "rpicluster.features"
+#: Scheduler event topic for round-based runs (``train --model mlp|sgd``, ``federate``):
+#: run-start (run_id, mode, model, n_rounds, resumed), one ``round`` per finished round (the
+#: resumed ones are published again at the start), run-end.
+ROUNDS_TOPIC = "rpicluster.rounds"
 
 # Event kinds ("kind" field).
 #: a run begins: run_id, n_blocks (every block, resumed ones included), n_clusters, rows (total),
@@ -47,8 +58,12 @@ EXTRACTED = "extracted"  #: features of a block written: block, rows (images), w
 #: what a run waits on changed: worker (the paused or silent workers, comma-separated, or None),
 #: note (the progress line's alert, or None once it clears)
 STALLED = "stalled"
+#: a round of a round-based run finished: round, participants, left_out, rows, bytes_down,
+#: bytes_up, seconds, loss, accuracy (validation, or None)
+ROUND = "round"
 
-KINDS = (RUN_START, PARTITIONED, FITTED, COMMITTED, RUN_END, VALIDATION, EXTRACTED, STALLED)
+KINDS = (RUN_START, PARTITIONED, FITTED, COMMITTED, RUN_END, VALIDATION, EXTRACTED, ROUND,
+         STALLED)
 
 # Field names.
 KIND = "kind"
@@ -63,10 +78,20 @@ SECONDS = "seconds"
 ACCURACY = "accuracy"
 RESUMED = "resumed"
 T = "t"
-NOTE = "note"
+MODE = "mode"  #: "averaging" (train --model mlp|sgd) or "federated"
+MODEL = "model"  #: "mlp" or "sgd"
+N_ROUNDS = "n_rounds"
+ROUND_NO = "round"
+PARTICIPANTS = "participants"
+LEFT_OUT = "left_out"
+BYTES_DOWN = "bytes_down"  #: global model sent to the workers in a round
+BYTES_UP = "bytes_up"  #: updates sent back in a round
+LOSS = "loss"
+NOTE = "note"  #: stalled: what the run waits on
 
 FIELDS = (KIND, RUN_ID, N_BLOCKS, N_CLUSTERS, BLOCK, CLUSTER, ROWS, WORKER, SECONDS, ACCURACY,
-          RESUMED, T, NOTE)
+          RESUMED, T, MODE, MODEL, N_ROUNDS, ROUND_NO, PARTICIPANTS, LEFT_OUT, BYTES_DOWN,
+          BYTES_UP, LOSS, NOTE)
 
 
 def make_event(kind: str, **fields) -> dict:

@@ -97,12 +97,23 @@ class Progress:
         if self.enabled and _is_terminal(self.stream):
             from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
-                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+                                       ProgressColumn, TextColumn, TimeElapsedColumn)
+            from rich.text import Text
+
+            progress = self
+
+            class EtaColumn(ProgressColumn):
+                # This object's ETA (recent_eta), not rich's own estimate: the same number as
+                # the plain lines and the dashboard page.
+                def render(self, task):
+                    eta = progress.eta()
+                    return Text("-:--:--" if eta is None else
+                                time.strftime("%H:%M:%S", time.gmtime(eta)))
 
             self._rich = RichProgress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn(self.unit), TimeElapsedColumn(), TextColumn("eta"),
-                TimeRemainingColumn(), console=Console(file=self.stream), transient=False)
+                EtaColumn(), console=Console(file=self.stream), transient=False)
             self._rich.start()
             self._task = self._rich.add_task(self.description, total=self.total)
         return self

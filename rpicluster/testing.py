@@ -105,6 +105,8 @@ class NamespaceHosts:
         Name of a host to cap at ``cpu_quota`` of one CPU (cgroup v1), or None.
     cpu_quota : float
         Fraction of one CPU the capped host may use.
+    without_sftp : iterable of str
+        Names of hosts whose sshd has no SFTP subsystem (like a minimal or hardened sshd).
 
     Attributes
     ----------
@@ -119,7 +121,7 @@ class NamespaceHosts:
     """
 
     def __init__(self, directory: str | Path, n: int = 3, *, cpu_capped: str | None = None,
-                 cpu_quota: float = 0.5) -> None:
+                 cpu_quota: float = 0.5, without_sftp=()) -> None:
         reason = unavailable()
         if reason:
             raise RuntimeError(reason)
@@ -133,12 +135,13 @@ class NamespaceHosts:
         self.cgroup: Path | None = None
         self.capped = cpu_capped
         try:
-            self._build(n, cpu_capped, cpu_quota)
+            self._build(n, cpu_capped, cpu_quota, set(without_sftp))
         except BaseException:
             self.close()
             raise
 
-    def _build(self, n: int, cpu_capped: str | None, cpu_quota: float) -> None:
+    def _build(self, n: int, cpu_capped: str | None, cpu_quota: float,
+               without_sftp: set[str]) -> None:
         x = _free_subnet()
         self.gateway = f"10.77.{x}.1"
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
@@ -172,7 +175,8 @@ class NamespaceHosts:
                 "PubkeyAuthentication yes", "PasswordAuthentication no",
                 "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password",
                 "StrictModes no", "UsePAM no", "AllowAgentForwarding no", "X11Forwarding no",
-                "Subsystem sftp internal-sftp", "LogLevel ERROR", "MaxStartups 50", ""]))
+                *([] if name in without_sftp else ["Subsystem sftp internal-sftp"]),
+                "LogLevel ERROR", "MaxStartups 50", ""]))
             host.sshd = subprocess.Popen(
                 ["ip", "netns", "exec", host.netns, SSHD, "-D", "-f", str(config),
                  "-E", str(hdir / "sshd.log")],
@@ -213,13 +217,16 @@ class NamespaceHosts:
                         names=None, nthreads: int = 1, memory: str = "2GiB",
                         tags=lambda name, capped: ["slowpi"] if capped else [],
                         known_hosts: str | Path | None = None, python: str = sys.executable,
-                        data=None) -> Path:
+                        data=None, env: dict[str, str] | None = None) -> Path:
         """Write an inventory of these hosts (all, or ``names``) for the scheduler on the bridge.
 
         ``tags(name, capped)`` gives each host's tags; the CPU-capped host is the slow "Pi".
         Workers run ``python`` (by default this interpreter: the filesystem is shared) with one
-        BLAS thread per task. ``data(name)``, when given, is each host's own store path.
+        BLAS thread per task. ``data(name)``, when given, is each host's own store path; ``env``
+        adds environment variables for the scheduler and every worker (e.g. Dask timeouts).
         """
+        env_items = ", ".join(f'{k} = "{v}"' for k, v in {"OMP_NUM_THREADS": "1",
+                                                             **(env or {})}.items())
         groups = "".join(
             f'[[workers]]\nhost = "{self.hosts[n].address}"\nnthreads = {nthreads}\n'
             f'memory = "{memory}"\ntags = {list(tags(n, n == self.capped))!r}\n'.replace("'", '"')
@@ -236,7 +243,7 @@ key = "{self.client_key}"
 known_hosts = "{known_hosts or self.known_hosts}"
 python = "{python}"
 local_directory = "{local_directory}"
-env = {{ OMP_NUM_THREADS = "1" }}
+env = {{ {env_items} }}
 """ + groups)
         return path
 

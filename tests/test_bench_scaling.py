@@ -161,6 +161,14 @@ def _check_reports(out, doc, n_steps):
     assert steps[0]["scalability_cores"] == pytest.approx(1.0)
     assert steps[-1]["ideal_cores"] == pytest.approx(
         steps[0]["median"] * steps[0]["cores"] / steps[-1]["cores"])
+    # Capacity: step 1's is its worker's own calibrated rate; a larger step's is measured with
+    # its workers together (not the sum of their one-at-a-time rates, kept alongside).
+    rates = {n: w["calibration"]["rate"] for n, w in doc["workers"].items()}
+    assert steps[0]["capacity"] == rates[steps[0]["workers"][0]]
+    for s in steps:
+        assert s["capacity_one_at_a_time"] == pytest.approx(sum(rates[n] for n in s["workers"]))
+        assert s["ideal_capacity"] == pytest.approx(
+            steps[0]["median"] * steps[0]["capacity"] / s["capacity"])
     with open(out / "scaling.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == n_steps and list(rows[0]) == list(report.CSV_COLUMNS)

@@ -19,7 +19,8 @@ from rpicluster.dashboard import dask_setup, install
 from rpicluster.dashboard.health import METRIC, snapshot
 from rpicluster.dashboard.links import build_links, dashboard_links
 from rpicluster.dashboard.server import PLUGIN
-from rpicluster.dashboard.state import FeaturesState, TrainingState, format_duration
+from rpicluster.dashboard.state import (FeaturesState, RoundsState, TrainingState,
+                                        format_duration)
 from rpicluster.deploy.cluster import down, up
 from rpicluster.deploy.resolve import find_cluster
 from rpicluster.errors import ConfigError
@@ -57,8 +58,8 @@ def test_state_counts_progress_throughput_and_accuracy():
     assert a.fit_rate == pytest.approx((60 + 50) / 1.0)
     # 2 partitions + 3 fits of 4 x (1 + 2) tasks.
     assert s.fraction() == pytest.approx(5 / 12)
-    # Rate over the last half of the 4 s elapsed: from 2/12 done at t0 + 2 to 5/12 at t0 + 4.
-    assert s.eta(now=1004.0) == pytest.approx(2.0 * (7 / 12) / (3 / 12))
+    # The ETA counts blocks committed, as the terminal does: 1 block in 4 s, 3 to go.
+    assert s.eta(now=1004.0) == pytest.approx(4.0 * 3 / 1)
     assert s.stages() == [(2, 4), (3, 8), (1, 4)]
     assert s.rows_per_second(now=1004.0) == pytest.approx(100 / 4.0)  # block 0 committed
     assert s.status() == "running"
@@ -86,10 +87,9 @@ def test_state_eta_is_not_misled_by_a_slow_start():
     events = _tasks(20, 4, range(20), t0=60.0)
     s.update(events[:84])  # 14 blocks: 70 of the 100 tasks
     now = s.last_t
-    tasks_left = 100 - 70
     assert s.fraction() == pytest.approx(0.7)
-    assert s.eta(now) == pytest.approx(tasks_left * 1.0)
-    assert s.eta(now) < now * 0.3 / 0.7  # what the average since run-start would say
+    assert s.eta(now) == pytest.approx(6 * 5.0)  # 6 blocks left, 5 s each
+    assert s.eta(now) < now * 6 / 14  # what the average since run-start would say
 
 
 def test_state_resumed_run_counts_resumed_blocks_and_times_only_new_work():
@@ -104,11 +104,37 @@ def test_state_resumed_run_counts_resumed_blocks_and_times_only_new_work():
     s.update(events[:4])  # block 6: partition and two fits, one a second, then its commit
     tasks_left = (n_blocks - resumed - 1) * (1 + k)
     assert s.fraction() == pytest.approx(1 - tasks_left / (n_blocks * (1 + k)))
-    assert s.eta(now=s.last_t) == pytest.approx(tasks_left * 1.0)
+    assert s.eta(now=s.last_t) == pytest.approx(3 * 3.0)  # 3 blocks left at 1 per 3 s
     s.update(events[4:])
     s.feed(ev.make_event(ev.RUN_END, run_id="r", t=s.last_t))
     assert s.stages() == [(10, 10), (20, 20), (10, 10)]
     assert (s.status(), s.fraction(), s.eta(now=1e9)) == ("finished", 1.0, 0.0)
+
+
+def test_page_eta_agrees_with_the_terminal(monkeypatch):
+    """The page folds the run's events; the terminal's Progress is driven as TrainingRun drives
+    it (resumed blocks skipped, one block per commit, a note per task): same ETA throughout."""
+    import rpicluster.progress as progress_mod
+
+    clock = [0.0]
+    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: clock[0])
+    events = [ev.make_event(ev.RUN_START, run_id="r", n_blocks=10, n_clusters=3, resumed=2,
+                            t=0.0)] + _tasks(10, 3, range(2, 10), t0=7.0)
+    s, terminal = TrainingState(), progress_mod.Progress("train", total=10, enabled=False)
+    etas = []
+    with terminal:
+        terminal.skip(2)
+        for e in events:
+            clock[0] = e[ev.T]
+            s.feed(e)
+            if e[ev.KIND] == ev.COMMITTED:
+                terminal.advance()
+            elif e[ev.KIND] != ev.RUN_START:
+                terminal.advance(0)
+            clock[0] += 0.5  # both asked half a second later
+            etas.append((s.eta(now=clock[0]), terminal.eta()))
+    page, term = zip(*etas)
+    assert page == pytest.approx(term) and sum(e is not None for e in page) > 10
 
 
 def test_state_run_that_ended_early_shows_what_it_did():
@@ -166,6 +192,33 @@ def test_features_state_counts_blocks_once_and_images_per_worker():
     assert f.images_per_second() == {"a": 50.0, "b": 25.0}
     f.feed(ev.make_event(ev.RUN_END, run_id="r"))
     assert f.finished
+
+
+def test_rounds_state_keeps_each_round_once_with_who_was_left_out():
+    r = RoundsState()
+    assert r.status() == "waiting"
+    e = ev.make_event
+    r.feed(e(ev.RUN_START, run_id="old", mode="averaging", model="mlp", n_rounds=9))
+    r.feed(e(ev.ROUND, run_id="old", round=1, participants=["x"], rows=1, bytes_down=1,
+             bytes_up=1, seconds=1.0))
+    r.feed(e(ev.RUN_START, run_id="f", mode="federated", model="sgd", n_rounds=3, resumed=1))
+    round1 = dict(participants=["pi1", "pi2"], left_out={}, rows=1200, bytes_down=2000,
+                  bytes_up=3000, seconds=1.5, loss=0.5, accuracy=0.8)
+    for _ in range(2):  # a resumed round is published again at the start
+        r.feed(e(ev.ROUND, run_id="f", round=1, **round1))
+    r.feed(e(ev.ROUND, run_id="f", round=2, participants=["pi1"],
+             left_out={"pi2": "missed the 5 s round deadline", "pi3": "store has 32 features"},
+             rows=600, bytes_down=1000, bytes_up=1500, seconds=5.0, loss=None, accuracy=None))
+    r.feed(e(ev.ROUND, run_id="old", round=3, participants=["x"], rows=1, bytes_down=1,
+             bytes_up=1, seconds=1.0))
+    assert r.status() == "running" and r.mode == "federated" and r.resumed == 1
+    t = r.table()
+    assert t["round"] == [1, 2] and t["participants"] == ["pi1, pi2", "pi1"]
+    assert t["left_out"] == ["", "pi2: missed the 5 s round deadline; pi3: store has 32 features"]
+    assert t["moved"] == [5000, 2500] and t["rows"] == [1200, 600]
+    assert t["accuracy"][0] == 0.8 and t["accuracy"][1] != t["accuracy"][1]  # NaN: not scored
+    r.feed(e(ev.RUN_END, run_id="f"))
+    assert r.status() == "finished"
 
 
 def test_make_event_checks_the_schema():

@@ -26,6 +26,7 @@ import requests
 from distributed import Client, LocalCluster
 
 from rpicluster.dashboard import PRELOAD
+from rpicluster.deploy.guard import GUARD
 from rpicluster.dashboard.page import PLOT_NAMES
 from rpicluster.data.sources import ArraySource
 from rpicluster.data.store import ingest
@@ -210,9 +211,10 @@ def stores(tmp_path_factory):
 
 @pytest.fixture
 def cluster():
-    """A two-process LocalCluster whose scheduler preloads the page, as the embedded one does."""
+    """A two-process LocalCluster whose scheduler preloads the guard and the page, as the
+    embedded one does (no client code runs on it: the page must not need any)."""
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0",
-                      scheduler_kwargs={"preload": [PRELOAD]}) as c:
+                      scheduler_kwargs={"preload": [GUARD, PRELOAD]}) as c:
         yield c
 
 
@@ -263,3 +265,112 @@ def test_page_in_headless_chromium_during_training(cluster, chromium, stores):
     assert "100% done" in final["summary"] and "– rows/s" not in final["summary"]
     for name in ("dashboard-rpicluster-live.png", "dashboard-rpicluster.png"):
         assert (ARTIFACTS / name).stat().st_size > 10_000
+
+
+# --- rounds of model-averaging and federated runs ------------------------------------------------
+
+_ROUNDS_STATE = """(() => {
+  const m = n => Bokeh.documents[0].get_model_by_name(n);
+  const table = m('rpicluster-rounds').source.data;
+  const acc = m('rpicluster-round-accuracy').renderers[0].data_source.data;
+  return {
+    summary: m('rpicluster-rounds-summary').text,
+    visible: m('rpicluster-rounds-summary').visible !== false,
+    rounds: Array.from(table.round), participants: Array.from(table.participants),
+    left_out: Array.from(table.left_out), moved: Array.from(table.moved),
+    accuracy_rounds: Array.from(acc.round), accuracy: Array.from(acc.accuracy),
+  };
+})()"""
+
+
+async def _watch_rounds(devtools_http: str, url: str, runs, shots: Path) -> dict:
+    """Open ``url``, then run each of ``runs`` (in a thread) and read the rounds part of the
+    page once its summary names that run's mode and says finished (no reload in between)."""
+    seen = []
+    async with aiohttp.ClientSession() as http:
+        async with http.put(f"{devtools_http}/json/new?about:blank") as r:
+            target = await r.json()
+        async with http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+            cdp = DevTools(ws)
+            for domain in ("Runtime", "Log", "Page"):
+                await cdp.call(f"{domain}.enable")
+            await cdp.call("Emulation.setDeviceMetricsOverride", width=1400, height=1050,
+                           deviceScaleFactor=1, mobile=False)
+            await cdp.call("Page.navigate", url=url)
+            await cdp.wait_for("window.Bokeh !== undefined && Bokeh.documents.length > 0 && "
+                               "Bokeh.documents[0].get_model_by_name('rpicluster-rounds') "
+                               "!== null")
+            for mode, run in runs:
+                result = await asyncio.to_thread(run)
+                await cdp.wait_for(f"(s => s.summary.includes({json.dumps(mode)}) && "
+                                   f"s.summary.includes('finished') && "
+                                   f"s.rounds.length === {len(result.rounds)})({_ROUNDS_STATE})",
+                                   timeout=30)
+                seen.append((result, await cdp.evaluate(_ROUNDS_STATE)))
+                await _screenshot(cdp, shots / f"dashboard-rpicluster-rounds-{mode.split()[0]}"
+                                               ".png")
+            cdp.reader.cancel()
+            return {"seen": seen, "errors": list(cdp.errors)}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """scikit-learn's digits as a 2-block training store and a held-out store."""
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16.0).astype("float32")
+    train_store = ingest(ArraySource("digits train", X[:1400], y[:1400]), root / "train.zarr",
+                         block_rows=700)
+    test_store = ingest(ArraySource("digits test", X[1400:], y[1400:]), root / "test.zarr",
+                        block_rows=400)
+    return train_store, test_store
+
+
+def test_rounds_in_headless_chromium(cluster, chromium, digits, tmp_path):
+    """A federated run with one host left out (its store is missing), then a model-averaging
+    run: the page shows each round's participants, who was left out and why, the bytes moved
+    and the validation accuracy, and follows the second run without a reload."""
+    from dask.utils import format_bytes
+
+    from rpicluster.train.averaging import train_averaged
+    from rpicluster.train.federated import federate_on
+
+    train_store, test_store = digits
+    base = cluster.dashboard_link.rsplit("/", 1)[0]
+    missing = tmp_path / "nothing-here.zarr"
+    with Client(cluster) as client:
+        client.wait_for_workers(2, timeout=60)
+        names = sorted(str(w["name"]) for w in client.scheduler_info()["workers"].values())
+        hosts = {names[0]: str(train_store.url), names[1]: str(missing)}
+        runs = [("federated averaging", lambda: federate_on(
+                    client, hosts, model="sgd", params={"random_state": 0}, rounds=3,
+                    validation=test_store)),
+                ("model averaging", lambda: train_averaged(
+                    train_store, client, model="mlp", rounds=3, validation=test_store,
+                    params={"hidden_layer_sizes": (16,), "random_state": 0,
+                            "learning_rate_init": 0.02}))]
+        ARTIFACTS.mkdir(exist_ok=True)
+        seen = asyncio.run(_watch_rounds(chromium, base + "/rpicluster", runs, ARTIFACTS))
+    assert seen["errors"] == []
+    (fed, fed_page), (avg, avg_page) = seen["seen"]
+
+    assert fed_page["visible"] and "sgd" in fed_page["summary"]
+    assert f"left out of round 3: <b>{names[1]}</b>: no Zarr store at {missing}" in \
+        fed_page["summary"]
+    assert fed_page["rounds"] == [3, 2, 1]  # newest first
+    assert fed_page["participants"] == [names[0]] * 3
+    assert all(lo.startswith(f"{names[1]}: ") and str(missing) in lo
+               for lo in fed_page["left_out"]), fed_page["left_out"]
+    assert fed_page["moved"] == [format_bytes(r["bytes_down"] + r["bytes_up"])
+                                 for r in reversed(fed.rounds)]
+    assert fed_page["accuracy_rounds"] == [1, 2, 3]
+    assert fed_page["accuracy"] == pytest.approx([r["accuracy"] for r in fed.rounds])
+
+    assert "mlp" in avg_page["summary"] and "3 / 3 rounds" in avg_page["summary"]
+    assert avg_page["rounds"] == [3, 2, 1]
+    assert avg_page["participants"] == [", ".join(sorted(r["busy"])) for r in reversed(avg.rounds)]
+    assert all(lo == "–" for lo in avg_page["left_out"])
+    assert avg_page["accuracy"] == pytest.approx([r["accuracy"] for r in avg.rounds])
+    assert (ARTIFACTS / "dashboard-rpicluster-rounds-model.png").stat().st_size > 10_000

@@ -256,3 +256,50 @@ def test_a_format_2_store_without_its_checksums_says_re_ingest(store):
     (store / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=r"'chunk_crc32c' is missing.*re-ingest"):
         open_dataset(store)
+
+
+def test_store_writer_and_check_output_make_a_readable_store_in_any_block_order(tmp_path):
+    """The public writer API (ingest's and rpicluster features'): one existing-output check,
+    create, blocks written out of order with their checksums recorded, finish."""
+    from rpicluster.data.store import CHECKSUMS_KEY, StoreWriter, check_output
+
+    rng = np.random.default_rng(0)
+    X, y = rng.random((100, 3)).astype(np.float32), rng.integers(0, 2, 100).astype(np.int32)
+    url = str(tmp_path / "w.zarr")
+    layout = {"rpicluster_format": FORMAT_VERSION, "classes": [0, 1], "n_rows": 100,
+              "n_features": 3, "block_rows": 40, "n_blocks": 3, "source": "test:writer"}
+    assert check_output(url, layout, resume=False, overwrite=False) is None  # nothing there
+    writer = StoreWriter.create(url, layout, dtype=np.float32)
+    with pytest.raises(StoreIncompleteError):
+        open_dataset(url)
+    sums = {"X": [None] * 3, "y": [None] * 3}
+    for b in (2, 0, 1):
+        rows = slice(b * 40, (b + 1) * 40)
+        crc = StoreWriter.reopen(url).write_block(b, X[rows], y[rows])
+        sums["X"][b], sums["y"][b] = crc["X"], crc["y"]
+        writer.record(blocks_written=sum(s is not None for s in sums["X"]),
+                      **{CHECKSUMS_KEY: sums})
+    with pytest.raises(DataError, match=r"already holds an incomplete rpicluster store "
+                                        r"\(test:writer\); pass resume"):
+        check_output(url, layout, resume=False, overwrite=False)
+    writer.finish()
+    ds = open_dataset(url)
+    for b in range(3):  # every chunk checked against the recorded checksum on read
+        Xb, yb = ds.block(b)
+        np.testing.assert_array_equal(Xb, X[b * 40:(b + 1) * 40])
+        np.testing.assert_array_equal(yb, y[b * 40:(b + 1) * 40])
+
+    with pytest.raises(DataError, match=r"already holds a complete rpicluster store "
+                                        r"\(test:writer\); pass overwrite"):
+        check_output(url, layout, resume=False, overwrite=False)
+    assert check_output(url, layout, resume=True, overwrite=False)["complete"] is True
+    # The specific key is named, not "source" (which may repeat it).
+    other = {**layout, "block_rows": 50, "source": "test:writer,50"}
+    with pytest.raises(DataError, match=r"cannot resume .*block_rows is 40, this run's is 50"):
+        check_output(url, other, resume=True, overwrite=False, writer="run")
+    assert check_output(url, other, resume=False, overwrite=True) is None
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"not a store")
+    with pytest.raises(DataError, match="not a Zarr store; refusing to write there"):
+        check_output(str(foreign), layout, resume=False, overwrite=True)

@@ -175,7 +175,7 @@ def test_worker_unit_runs_what_up_runs(tmp_path):
     assert [params["tls_ca_file"], params["tls_cert"], params["tls_key"]] == \
         [pushed["ca"], pushed["cert"], pushed["key"]] == conn.files
     settings = unit_settings(unit)
-    assert settings["Restart"] == ["on-failure"] and settings["User"] == ["pi"]
+    assert settings["Restart"] == ["always"] and settings["User"] == ["pi"]
     assert int(settings["MemoryMax"][0]) > pi.memory
     assert 'Environment="OMP_NUM_THREADS=1"' in unit.text
 
@@ -191,7 +191,9 @@ def test_scheduler_unit_runs_the_start_spec_up_sends(home):
                               tls=remote.tls_paths(unit.tls_dir))
     argv = unit_argv(unit)
     assert argv[1:] == remote.command(start)[1:]
-    assert argv[argv.index("--preload") + 1] == "rpicluster.dashboard"
+    # The guard (no client-sent code on the scheduler) first, then the page.
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--preload"] == [
+        "rpicluster.deploy.guard", "rpicluster.dashboard"]
     assert argv[argv.index("--tls-cert") + 1] == f"{workdir}/tls/node.pem"
 
 
@@ -268,6 +270,21 @@ def test_rendered_units_start_a_working_tls_cluster(inventory, tmp_path):
             p.terminate()
         for p in procs:
             p.wait(timeout=30)
+
+
+def test_a_second_kit_rotates_certificates_of_a_host_that_left(inventory, tmp_path):
+    """deploy systemd rotates like up: after the worker leaves the inventory, a new CA."""
+    first = systemd.write_units(inventory, tmp_path / "kit1")
+    ca_before = (first.out_dir / "127.0.0.1" / "worker-tls" / "ca.pem").read_bytes()
+    systemd.write_units(inventory, tmp_path / "kit2")       # nothing to rotate: the same CA
+    assert (tmp_path / "kit2" / "127.0.0.1" / "worker-tls" / "ca.pem").read_bytes() == ca_before
+    head, workers = inventory.read_text().split("[[workers]]")
+    inventory.write_text(head + "[[workers]]" + workers.replace('"127.0.0.1"', '"10.0.0.9"'))
+    with pytest.warns(UserWarning, match="'127.0.0.1' has a certificate but is no longer in the "
+                                         "inventory.*install every unit again"):
+        kit = systemd.write_units(inventory, tmp_path / "kit3")
+    ca_file = re.search(r"CA_FILE=(\S+)", kit.client_env.read_text()).group(1)
+    assert Path(shlex.split(ca_file)[0]).read_bytes() != ca_before
 
 
 def test_deploy_systemd_command(inventory, tmp_path):

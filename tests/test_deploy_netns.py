@@ -76,7 +76,7 @@ def _dask_processes(hosts) -> list[int]:
                 cmd = open(f"/proc/{pid}/cmdline", "rb").read()
             except OSError:
                 continue
-            if b"distributed" in cmd and _alive(pid):
+            if (b"distributed" in cmd or b"rpicluster.deploy" in cmd) and _alive(pid):
                 found.append(pid)
     return found
 
@@ -219,6 +219,51 @@ def test_second_up_restarts_only_the_killed_worker(hosts, inventory):
         h: p for h, p in first.items() if h != victim}
 
 
+def test_up_rotates_certificates_when_a_host_leaves_or_one_nears_expiry(hosts, inventory, home):
+    """Finding 3: a removed host's certificate stops working; a certificate close to expiry is
+    renewed. Both by a CA rotation in `up` that restarts the scheduler and the workers."""
+    import datetime
+
+    from distributed import Client
+    from distributed.security import Security
+
+    path = inventory(names=("pi1", "pi2"))
+    first = {r.host: r.pid for r in cluster.up(path).rows}
+    tls_dir = home / "clusters" / cluster_id(path) / "tls"
+    gone = hosts.hosts["pi2"].address
+    kept = home.parent / "pi2-copy"      # what the removed Pi still holds
+    kept.mkdir()
+    for name in ("ca.pem", f"{gone}.pem", f"{gone}-key.pem"):
+        (kept / name).write_bytes((tls_dir / name).read_bytes())
+    stolen = Security(tls_ca_file=str(kept / "ca.pem"), tls_client_cert=str(kept / f"{gone}.pem"),
+                      tls_client_key=str(kept / f"{gone}-key.pem"), require_encryption=True)
+
+    path = inventory(names=("pi1",))
+    with pytest.warns(UserWarning, match=f"new certificates \\('{gone}' has a certificate but is "
+                                         "no longer in the inventory"):
+        report = cluster.up(path)
+    states = {r.host: (r.state, r.pid) for r in report.rows}
+    assert states[gone][0] == "stopped"
+    kept_pi = hosts.hosts["pi1"].address
+    assert states[kept_pi][0] == "started" and states[kept_pi][1] != first[kept_pi]
+    assert not (tls_dir / f"{gone}.pem").exists()
+    with pytest.raises((OSError, TimeoutError)):
+        Client(report.address, security=stolen, timeout=3)
+    with connect(timeout=10) as client:
+        assert [w["name"] for w in client.scheduler_info()["workers"].values()] == [kept_pi]
+
+    # The client certificate has 20 days left: the next `up` renews everything.
+    (tls_dir / "client.pem").unlink()
+    old = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=345)
+    CertificateAuthority(tls_dir).issue("client", now=old)
+    with pytest.warns(UserWarning, match="the certificate of 'client' expires on"):
+        report = cluster.up(path)
+    assert [r.state for r in report.rows] == ["started", "started"]
+    assert CertificateAuthority(tls_dir).needs_rotation({"scheduler", "client", kept_pi}) is None
+    with connect(timeout=10) as client:
+        assert client.submit(sum, [1, 2]).result(timeout=30) == 3
+
+
 def test_changed_host_key_refused_while_other_hosts_come_up(hosts, inventory, tmp_path):
     impostor = tmp_path / "impostor"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor)],
@@ -251,6 +296,12 @@ def test_unreachable_host_reported_within_the_timeout(hosts, inventory):
     assert rows[pi3.address].state == "failed"
     assert "timed out" in rows[pi3.address].detail
     assert {rows[h.address].state for h in hosts.hosts.values() if h is not pi3} == {"started"}
+    # status lists the failed host with the reason, next to the running ones.
+    status = {r.host: r for r in cluster.status(path)}
+    assert status[pi3.address].state == "failed"
+    assert status[pi3.address].detail.startswith("up failed at ")
+    assert "timed out" in status[pi3.address].detail
+    assert {status[h.address].state for h in hosts.hosts.values() if h is not pi3} == {"running"}
     # Back on the network: the next up starts just that host.
     again = {r.host: r.state for r in cluster.up(path).rows}
     assert again[pi3.address] == "started"
@@ -282,7 +333,7 @@ def test_provision_creates_the_venv_offline_from_a_pushed_wheelhouse(hosts, inve
     pins = [f"rpicluster=={metadata.version('rpicluster')}", f"pip=={metadata.version('pip')}"]
     path, venv, versions = _provisioned(hosts, inventory, tmp_path, pins)
     assert versions["rpicluster"] == metadata.version("rpicluster")
-    assert (tmp_path / "workers" / "wheelhouse").is_dir()      # pushed over SFTP
+    assert (tmp_path / "workers" / "wheelhouse").is_dir()      # pushed over SSH
     out = subprocess.run([str(venv / "bin" / "python"), "-m", "rpicluster.deploy.remote",
                           "--spec", '{"action": "stop", "pid": 1, "name": "nobody"}'],
                          capture_output=True, text=True, check=True).stdout
@@ -297,3 +348,143 @@ def test_provision_full_closure_then_up(hosts, inventory, tmp_path):
     path, venv, versions = _provisioned(hosts, inventory, tmp_path, None)
     assert all(c.ok for c in run_doctor(path)), "versions differ after provisioning"
     assert [r.state for r in cluster.up(path).rows] == ["started", "started"]
+
+
+def _wait(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"{what} not within {timeout:.0f} s"
+        time.sleep(0.25)
+    return value
+
+
+def _seen_names(state) -> set[str]:
+    from distributed import Client
+
+    try:
+        with Client(state.address, security=state.security(), timeout=5,
+                    set_as_default=False) as client:
+            return {str(w["name"]) for w in client.scheduler_info()["workers"].values()}
+    except (OSError, TimeoutError):
+        return set()
+
+
+def _supervisor(state, name) -> dict:
+    path = os.path.join(os.path.dirname(state.workers[name]["log"]), "supervisor.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def test_workers_rejoin_a_restarted_scheduler_by_themselves_until_down(hosts, inventory, home):
+    """Scheduler killed and started again at the same address: the workers `up` started come
+    back without another `up` (one held stopped meanwhile shows as rejoining); `down` ends them
+    for good. `status` also lists an inventory host never started, with the reason."""
+    from rpicluster.deploy import remote
+    from rpicluster.deploy.state import cluster_dir, load_state
+    from rpicluster.inventory import load_inventory
+
+    path = inventory(names=("pi1", "pi2"))
+    cluster.up(path)
+    spec = load_inventory(path)
+    pi1, pi2, pi3 = (hosts.hosts[n].address for n in ("pi1", "pi2", "pi3"))
+    inventory(names=("pi1", "pi2", "pi3"))       # pi3 joins the inventory; no up since
+    rows = {r.host: r for r in cluster.status(path)}
+    assert (rows[pi3].state, rows[pi3].detail) == ("missing", "never connected (run rpicluster up)")
+
+    state = load_state(path)
+    os.killpg(state.scheduler["pid"], signal.SIGKILL)
+    _wait(lambda: not _alive(state.scheduler["pid"]), 10, "scheduler gone")
+    # Each worker's nanny closes for good; its supervisor starts a new one, which waits.
+    for name in (pi1, pi2):
+        _wait(lambda: _supervisor(state, name).get("restarts", 0) >= 1, 60, f"{name} restarted")
+    assert [r.state for r in cluster.status(path)] == ["not answering"] + ["unknown"] * 3
+    # Hold pi2's new nanny and worker stopped (not its supervisor): it cannot join yet.
+    group = state.workers[pi2]["pid"]
+    _wait(lambda: len(remote._group(group)) >= 2, 30, "pi2's new nanny")
+    held: set[int] = set()
+    while new := set(remote._group(group)) - held - {group}:   # until nothing new appears
+        for pid in new:
+            os.kill(pid, signal.SIGSTOP)
+        held |= new
+        time.sleep(0.5)
+    try:
+        workdir = str(cluster_dir(state.cid) / "scheduler")
+        tls = cluster._push_certs(None, state.certs("scheduler"), workdir, local=True)
+        started = remote.start(remote.start_spec("scheduler", spec.scheduler,
+                                                 local_directory=workdir, tls=tls))
+        state.scheduler["pid"] = started["pid"]
+        state.save()                          # so that down stops the new scheduler
+        _wait(lambda: pi1 in _seen_names(state), 60, "pi1 rejoining")
+        rows = {r.host: r for r in cluster.status(path)}
+        assert rows[pi1].state == "running"
+        assert rows[pi2].state == "rejoining", rows[pi2]
+        assert "restarted 1 times" in rows[pi2].detail
+        assert rows[pi3].state == "missing"
+    finally:
+        for pid in held:
+            os.kill(pid, signal.SIGCONT)
+    _wait(lambda: pi2 in _seen_names(state), 60, "pi2 rejoining")
+
+    pids = [state.workers[n]["pid"] for n in (pi1, pi2)]
+    assert [r.state for r in cluster.down(path).rows] == ["stopped"] * 3
+    assert not any(_alive(p) for p in pids)
+    assert _dask_processes(hosts) == []
+    time.sleep(2)                             # nothing restarts after down
+    assert _dask_processes(hosts) == []
+
+
+def test_up_needs_no_sftp_subsystem(tmp_path, home):
+    """A host whose sshd has no SFTP subsystem: up pushes the certificates through exec."""
+    with NamespaceHosts(tmp_path / "netns", 1, without_sftp=("pi1",)) as h:
+        assert "Subsystem" not in (tmp_path / "netns" / "pi1" / "sshd_config").read_text()
+        path = h.write_inventory(tmp_path / "cluster.toml", local_directory=tmp_path / "workers")
+        try:
+            report = cluster.up(path)
+            assert [r.state for r in report.rows] == ["started", "started"]
+            tls = tmp_path / "workers" / h.hosts["pi1"].address / "tls"
+            assert sorted(p.name for p in tls.iterdir()) == ["ca.pem", "node-key.pem", "node.pem"]
+            assert oct((tls / "node-key.pem").stat().st_mode & 0o777) == "0o600"
+        finally:
+            cluster.down(path)
+        assert _dask_processes(h) == []
+
+
+def test_up_that_starts_no_worker_leaves_no_scheduler(hosts, inventory, home):
+    path = inventory(names=("pi1",), python="/nonexistent/bin/python")
+    with pytest.raises(HostsFailedError) as info:
+        cluster.up(path)
+    assert "scheduler was stopped again" in str(info.value)
+    sched = info.value.report.rows[0]
+    assert sched.role == "scheduler"
+    assert not _alive(sched.pid)
+    assert not (home / "clusters" / cluster_id(path) / "state.json").exists()
+
+
+def test_worker_rejoins_after_a_link_cut_longer_than_the_timeouts(hosts, tmp_path, home):
+    """pi1's cable out until Dask gives the worker up (TCP timeout 12 s here, the least Dask
+    takes; 30 s by default): its supervisor starts it again and it joins when the cable is back,
+    without `up`."""
+    from rpicluster.deploy.state import load_state
+
+    path = hosts.write_inventory(tmp_path / "cut.toml", names=("pi1",), memory="1GiB",
+                                 local_directory=tmp_path / "workers",
+                                 env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP": "12s"})
+    pi1 = hosts.hosts["pi1"].address
+    try:
+        cluster.up(path)
+        state = load_state(path)
+        hosts.set_link("pi1", up=False)
+        try:
+            _wait(lambda: _supervisor(state, pi1).get("restarts", 0) >= 1, 120,
+                  "the cut-off worker exiting and restarting")
+            _wait(lambda: pi1 not in _seen_names(state), 60, "the scheduler dropping pi1")
+        finally:
+            hosts.set_link("pi1", up=True)
+        _wait(lambda: pi1 in _seen_names(state), 60, "pi1 rejoining")
+        assert {r.host: r.state for r in cluster.status(path)}[pi1] == "running"
+    finally:
+        cluster.down(path)
+    assert _dask_processes(hosts) == []

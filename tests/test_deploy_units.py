@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -119,10 +121,46 @@ def test_remote_stop_only_touches_its_own_marked_processes(tmp_path):
         capture_output=True, text=True, check=True).stdout
     started = json.loads(out)
     assert remote.is_ours(started["pid"], "t1")
-    res = remote.stop(started["pid"], "t1", timeout=10)
+    _until(lambda: (remote.check(started["pid"], "t1", str(tmp_path / "t1"))["supervisor"]
+                    or {}).get("state") == "running")
+    assert remote.check(started["pid"], "t1", str(tmp_path / "t1"))["alive"]
+    res = remote.stop(started["pid"], "t1", timeout=30)   # SIGTERM, not SIGKILL
     assert res["was_running"] and res["left"] == []
     assert not remote.is_ours(started["pid"], "t1")
     assert "rpicluster start" in open(started["log"]).read()
+    # The supervisor took the stop signal: stopped, the worker never restarted.
+    checked = remote.check(started["pid"], "t1", str(tmp_path / "t1"))
+    assert not checked["alive"]
+    assert checked["supervisor"]["state"] == "stopped" and checked["supervisor"]["restarts"] == 0
+
+
+def _until(condition, timeout=60.0):
+    """Poll ``condition`` (a guard against hanging, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def test_supervisor_restarts_an_exiting_worker_with_backoff_until_stopped(tmp_path):
+    code = ("import sys; from rpicluster.deploy.supervise import Supervisor; "
+            "sys.exit(Supervisor([sys.executable, '-c', 'raise SystemExit(3)'], "
+            f"{str(tmp_path)!r}, first_delay=0.1, max_delay=0.4).run())")
+    with open(tmp_path / "worker.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _until(lambda: (remote.check(proc.pid, "-", str(tmp_path))["supervisor"] or {}).get(
+            "restarts", 0) >= 5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    text = (tmp_path / "worker.log").read_text()
+    delays = [line.rsplit("restarting in ", 1)[1] for line in text.splitlines()
+              if "restarting in" in line]
+    assert delays[:5] == ["0.1 s", "0.2 s", "0.4 s", "0.4 s", "0.4 s"]
+    assert "worker exited with status 3" in text
+    info = json.loads((tmp_path / remote.SUPERVISOR_FILE).read_text())
+    assert info["state"] == "stopped" and info["last_status"] == 3 and info["restarts"] >= 5
 
 
 def test_remote_entry_point_imports_only_the_standard_library():

@@ -6,7 +6,12 @@ count is named and left out; only weights leave the hosts."""
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -18,6 +23,7 @@ from rpicluster.deploy import cluster
 from rpicluster.testing import NamespaceHosts, unavailable
 from rpicluster.train.federated import federate
 from rpicluster.train.modelfile import load_model
+from rpicluster.train.rounds import RoundDir
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")]
@@ -121,5 +127,37 @@ def test_cli_federate_names_bad_hosts(hosts, home, stores, tmp_path):
                                    "--validation", str(stores["validation"])])
         assert res.exit_code == 0, res.output
         assert "round 2: 2 hosts, 1200 rows" in res.output and "accuracy" in res.output
+
+        # Like train: the model is not replaced without --overwrite, and Ctrl-C prints one line
+        # with the rounds kept and the exact command that continues the run.
+        model, run_dir = tmp_path / "m.skops", tmp_path / "m.skops.run"
+        res = runner.invoke(main, ["federate", "-c", str(path), "-o", str(model), "--rounds",
+                                   "1"])
+        assert res.exit_code == 1 and "already exists" in res.output, res.output
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rpicluster.cli", "federate", "-c", str(path), "-o",
+             str(model), "--model", "sgd", "--rounds", "500", "--seed", "1", "--overwrite"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        before = RoundDir(run_dir).meta()["created"]  # the 2-round run above; --overwrite's
+        while RoundDir(run_dir).meta()["created"] == before or len(
+                RoundDir(run_dir).history()) < 2:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "no round finished in time"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and "Traceback" not in out, out
+        kept = len(RoundDir(run_dir).history())
+        assert f"error: interrupted: {kept} of 500 rounds are finished in {run_dir}; " in out
+        again = shlex.split(re.search(r"continue with: (.*)$", out, re.M).group(1))
+        assert again == ["rpicluster", "federate", "-c", str(path), "-o", str(model),
+                         "--resume", str(run_dir), "--model", "sgd", "--rounds", "500",
+                         "--local-epochs", "1", "--fraction", "1.0", "--min-clients", "1",
+                         "--overwrite"]
+        again[again.index("--rounds") + 1] = str(kept + 1)
+        res = runner.invoke(main, again[1:])
+        assert res.exit_code == 0, res.output
+        assert f"federated 1 rounds (+{kept} resumed)" in res.output
     finally:
         cluster.down(path)

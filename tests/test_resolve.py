@@ -107,7 +107,7 @@ def test_up_local_then_every_command_finds_it_without_flags(home):
         out = run("up", "--local", "3", check=False)
         assert "runs with workers = 2, not 3" in out and "rpicluster down --local" in out
         out = run("status")
-        assert "cluster: the local cluster at tcp://" in out and "2 workers" in out
+        assert "cluster: the local cluster at tls://127.0.0.1:" in out and "2 workers" in out
         assert "distributed" in run("logs", "-n", "500")
         out = run("dashboard")
         assert "training:  http://" in out and "cluster: the local cluster at" in out

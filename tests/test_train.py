@@ -19,7 +19,7 @@ from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
 from rpicluster import events as ev
 from rpicluster.data.synthetic import make_imagenet_like
 from rpicluster.errors import ConfigError, TrainingError
-from rpicluster.train.job import predict_dataset, score_dataset, train
+from rpicluster.train.job import predict_dataset, score_dataset, train, worth_a_block
 from rpicluster.train.modelfile import load_model
 from rpicluster.testing import DieOn, SlowTasks
 from rpicluster.train.rundir import RunDir
@@ -81,7 +81,7 @@ def test_distributed_fit_equals_in_process_fit(store, client, tmp_path):
     assert sorted(RunDir(tmp_path / "run").verified()) == [0, 1, 2, 3]
     # 4 partition tasks and 4 x 4 fit tasks, spread over the two workers.
     assert sum(result.tasks_per_worker.values()) == 4 + 16
-    assert len(result.tasks_per_worker) == 2
+    assert len(result.tasks_per_worker) == 2, (result.tasks_per_worker, result.speculation)
 
 
 def test_estimator_fit_on_dataset_uses_the_current_client(store, client):
@@ -218,6 +218,46 @@ def test_faster_workers_take_more_tasks(store, tmp_path):
                     p.wait(30)
     counts = result.tasks_per_worker
     assert counts["desktop"] > counts["pi"] > 0, counts
+
+
+def test_a_late_task_is_run_again_on_an_idle_worker_and_the_model_is_unchanged(store, client):
+    ds = open_dataset(store / "train.zarr")
+    plain = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS)
+    train(plain, ds, client)  # also warms both workers
+    names = sorted(str(w["name"]) for w in client.scheduler_info()["workers"].values())
+    slow, fast = names
+    # The slow worker's partitions stall: it gets one of the first two blocks, the fast worker
+    # trains the rest and then idles while that partition is still running.
+    client.register_plugin(SlowTasks(prefix="partition", seconds=4.0, only=int(slow)),
+                           name="slow")
+    got = []
+    client.subscribe_topic(ev.TOPIC, lambda e: got.append(e[1]))
+    try:
+        est = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS)
+        result = train(est, ds, client)
+    finally:
+        client.unsubscribe_topic(ev.TOPIC)
+        client.unregister_worker_plugin("slow")
+    assert result.speculation["copies"] >= 1 and result.speculation["won"] >= 1, \
+        result.speculation
+    # The stalled partition's copy was taken: every block was partitioned by the fast worker.
+    parts = [m for m in got if m.get(ev.KIND) == ev.PARTITIONED]
+    assert sorted(m["block"] for m in parts) == [0, 1, 2, 3]
+    assert {str(m["worker"]) for m in parts} == {fast}
+    X, _ = _all(ds)
+    _same_model(est, plain, X)
+    _same_model(est, _in_process(store), X)
+
+
+def test_a_slow_worker_gets_no_block_near_the_end():
+    # 4x slower than the two others: worth it while the others have more than 2 x 3 blocks
+    # left, not near the end; a worker of usual speed (or unmeasured) always is.
+    assert worth_a_block(4.0, remaining=7, faster=2)
+    assert not worth_a_block(4.0, remaining=6, faster=2)
+    assert not worth_a_block(4.0, remaining=1, faster=2)
+    assert worth_a_block(4.0, remaining=1, faster=0)  # no one else to take it
+    assert worth_a_block(1.2, remaining=1, faster=2)
+    assert worth_a_block(None, remaining=1, faster=2)
 
 
 def test_model_file_round_trip_and_cli(store, cluster, tmp_path):

@@ -232,3 +232,114 @@ def test_bench_averaging_scaling_report(digits, client, tmp_path):
     assert set(rows["round", 2]["cpu_per_worker"]) == set(names)
     for ext in ("json", "csv", "md"):
         assert (tmp_path / f"averaging.{ext}").stat().st_size > 0
+
+
+# --- the same safety as Inc-kSGD: no silent overwrite, a resume line when a run stops ---------
+
+def test_cli_refuses_to_overwrite_a_model_without_overwrite(digits, cluster, tmp_path):
+    model = tmp_path / "m.skops"
+    model.write_bytes(b"precious")
+    args = ["train", str(digits / "train.zarr"), "-o", str(model), "--model", "sgd",
+            "--rounds", "1", "--seed", "1", "--scheduler", cluster.scheduler_address]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1, res.output
+    assert res.output.strip().splitlines() == [
+        f"error: model file {model} already exists; pass overwrite (--overwrite) to replace it, "
+        "or choose another output (-o)"]
+    assert model.read_bytes() == b"precious" and not (tmp_path / "m.skops.run").exists()
+    res = CliRunner().invoke(main, args + ["--overwrite"])
+    assert res.exit_code == 0, res.output
+    first = load_model(model)
+    # Again with --overwrite and another seed: the run directory (1 round finished) starts afresh.
+    res = CliRunner().invoke(main, args + ["--overwrite", "--seed", "2"])
+    assert res.exit_code == 0, res.output
+    assert "trained 1 rounds of sgd" in res.output and "resumed" not in res.output
+    assert RoundDir(tmp_path / "m.skops.run").meta()["params"]["random_state"] == 2
+    assert not np.array_equal(load_model(model).coef_, first.coef_)
+
+
+@pytest.mark.timeout(900)
+def test_ctrl_c_says_what_was_kept_and_the_resume_command(digits, cluster, tmp_path):
+    """Ctrl-C on `train --model mlp` prints one line: the rounds kept and the exact command
+    that continues the run (which then finishes it)."""
+    import re
+    import shlex
+
+    model, run_dir = tmp_path / "m.skops", tmp_path / "m.skops.run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rpicluster.cli", "train", str(digits / "train.zarr"), "-o",
+         str(model), "--model", "mlp", "--hidden", "32", "--rounds", "500", "--seed", "3",
+         "--sync", "epoch", "--scheduler", cluster.scheduler_address],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 400  # a loaded machine starts the CLI slowly
+    while len(RoundDir(run_dir).history()) < 2 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "Aborted!" not in out, out
+    kept = len(RoundDir(run_dir).history())
+    assert 2 <= kept < 500
+    assert re.search(rf"error: interrupted: {kept} of 500 rounds are finished in "
+                     rf"{re.escape(str(run_dir))}; continue with: ", out), out
+    again = shlex.split(re.search(r"continue with: (.*)$", out, re.M).group(1))
+    assert again == ["rpicluster", "train", str(digits / "train.zarr"), "-o", str(model),
+                     "--resume", str(run_dir), "--model", "mlp", "--rounds", "500",
+                     "--local-epochs", "1", "--sync", "epoch", "--scheduler",
+                     cluster.scheduler_address]
+    again[again.index("--rounds") + 1] = str(kept + 1)  # the whole 500 would take minutes
+    res = CliRunner().invoke(main, again[1:])
+    assert res.exit_code == 0, res.output
+    assert f"trained 1 rounds (+{kept} resumed) of mlp" in res.output
+
+
+@pytest.mark.timeout(900)
+def test_a_killed_scheduler_is_one_line_with_the_resume_command(digits, tmp_path):
+    import json
+    import os
+    import re
+    import shlex
+
+    env = {**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "10s"}
+    sched = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--port",
+                              "0", "--no-dashboard", "--scheduler-file",
+                              str(tmp_path / "s.json")], stderr=subprocess.DEVNULL, env=env)
+    workers = None
+    model, run_dir = tmp_path / "m.skops", tmp_path / "m.skops.run"
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "s.json").is_file():
+            assert time.monotonic() < deadline and sched.poll() is None
+            time.sleep(0.1)
+        address = json.loads((tmp_path / "s.json").read_text())["address"]
+        workers = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
+                                    "--nworkers", "2", "--nthreads", "1", "--no-dashboard",
+                                    "--local-directory", str(tmp_path / "w")],
+                                   stderr=subprocess.DEVNULL, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rpicluster.cli", "train", str(digits / "train.zarr"), "-o",
+             str(model), "--model", "sgd", "--rounds", "500", "--seed", "1", "--scheduler",
+             address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        deadline = time.monotonic() + 400
+        while len(RoundDir(run_dir).history()) < 2:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "no round finished in time"
+            time.sleep(0.02)
+        sched.kill()
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        for p in (sched, workers):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out, out
+    [line] = [x for x in out.splitlines() if x.startswith("error: ")]
+    kept = len(RoundDir(run_dir).history())
+    assert f"error: lost the scheduler {address} during training (" in line
+    assert f"{kept} of 500 rounds are finished in {run_dir}" in line
+    again = shlex.split(re.search(r"continue with: (.*)$", line).group(1))
+    assert again == ["rpicluster", "train", str(digits / "train.zarr"), "-o", str(model),
+                     "--resume", str(run_dir), "--model", "sgd", "--rounds", "500",
+                     "--local-epochs", "1", "--sync", "round", "--scheduler", address]

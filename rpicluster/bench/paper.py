@@ -90,13 +90,12 @@ def run_paper(out_dir, *, rows: int = PAPER_ROWS, features: int = PAPER_FEATURES
     ConfigError
         A size that does not fit (rows per block below the clusters, too little disk space).
     """
-    from distributed import Client
-
     from rpicluster.bench.memory import by_name, peak_rss, reset_peak
     from rpicluster.data.sources import ArraySource
     from rpicluster.data.store import ingest, open_dataset
     from rpicluster.data.synthetic import SyntheticSpec, _generate
     from rpicluster.deploy.local import start_local, stop_local
+    from rpicluster.deploy.resolve import find_cluster
     from rpicluster.models.incremental import IncrementalKSGDClassifier
     from rpicluster.train.job import score_dataset, train
 
@@ -135,7 +134,8 @@ def run_paper(out_dir, *, rows: int = PAPER_ROWS, features: int = PAPER_FEATURES
         info = start_local(workers)
         scheduler = info["scheduler_address"]
     try:
-        with Client(scheduler, timeout="30s") as client:
+        # The resolver adds the recorded certificate (the local cluster is TLS-only).
+        with find_cluster(scheduler).client(timeout="30s") as client:
             baseline = by_name(client, reset_peak)
             est = IncrementalKSGDClassifier(n_clusters=n_clusters, max_iter=max_iter,
                                             random_state=seed)

@@ -71,7 +71,11 @@ def to_markdown(doc: dict) -> str:
     load = doc["load"]
     lines += [
         "",
-        f"Calibrated throughput (rows/s, all threads): {cal}. Ideals are anchored at step 1's "
+        f"Calibrated throughput (rows/s, all threads, one worker at a time): {cal}. A step's "
+        "capacity is its workers' rows/s measured together (workers sharing a machine share "
+        "its cores); step capacities: "
+        + ", ".join(f"{s['step']}: {s['capacity']:,.0f}" for s in doc["steps"]) + ". "
+        "Ideals are anchored at step 1's "
         "median; scalability = ideal / measured. Predictions replay step 1's task costs on each "
         f"step's workers (per-task overhead {doc['simulation']['overhead_s'] * 1000:.1f} ms, "
         "fitted on step 1).",

@@ -77,18 +77,6 @@ def build_links(bind_host: str, port: int, scheduler_host: str, *, prefix: str =
                           tunnel=tunnel)
 
 
-def _dashboard_facts(dask_scheduler) -> dict | None:
-    # Runs on the scheduler (client.run_on_scheduler).
-    from rpicluster.dashboard.server import dashboard_prefix
-
-    http = dask_scheduler.services.get("dashboard")
-    if http is None:
-        return None
-    return {"address": http.address, "port": http.port,
-            "prefix": dashboard_prefix(dask_scheduler) or "",
-            "tls": getattr(http, "ssl_options", None) is not None}
-
-
 def dashboard_links(address: str | None = None, *, client=None, inventory=None,
                     local: int | bool | None = None, timeout: float | str | None = None,
                     announce=None) -> DashboardLinks:
@@ -139,16 +127,33 @@ def dashboard_links(address: str | None = None, *, client=None, inventory=None,
         return _links(client, ref.address)
 
 
+def _facts(client, address: str) -> dict:
+    """Ask the scheduler where its dashboard is; install the page first where it is missing."""
+    from rpicluster.dashboard import install
+    from rpicluster.events import FACTS_OP
+
+    # Served by the page's preload: no code sent to the scheduler. A scheduler without the
+    # operation answers None.
+    facts = client.sync(getattr(client.scheduler, FACTS_OP))
+    if facts is not None:
+        return facts
+    try:
+        client.run_on_scheduler(install)
+    except Exception as exc:  # noqa: BLE001 - e.g. a guarded scheduler refusing run_function
+        raise ConfigError(f"the scheduler at {address} does not serve the rpicluster page and "
+                          f"refused to install it ({exc}); start it with --preload "
+                          f"rpicluster.dashboard") from None
+    return client.sync(getattr(client.scheduler, FACTS_OP))
+
+
 def _links(client, address: str) -> DashboardLinks:
     from distributed.comm import get_address_host
 
-    from rpicluster.dashboard import install
-
-    facts = client.run_on_scheduler(_dashboard_facts)
-    if facts is None:
+    facts = _facts(client, address)
+    where = facts["dashboard"]
+    if where is None:
         raise ConfigError(f"the scheduler at {address} serves no dashboard (started with "
                           "--no-dashboard?)")
-    page = client.run_on_scheduler(install)
-    return build_links(facts["address"], facts["port"], get_address_host(address),
-                       prefix=facts["prefix"], page=page, tls=facts["tls"],
+    return build_links(where["address"], where["port"], get_address_host(address),
+                       prefix=where["prefix"], page=facts["page"], tls=where["tls"],
                        ssh_connection=os.environ.get("SSH_CONNECTION"))

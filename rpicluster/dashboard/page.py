@@ -1,4 +1,5 @@
-"""The ``/rpicluster`` bokeh document: training progress, worker throughput and hardware, accuracy.
+"""The ``/rpicluster`` bokeh document: training progress, worker throughput and hardware, accuracy,
+and the rounds of model-averaging and federated runs.
 
 One :class:`TrainingPage` per browser session; every second it redraws from the
 :class:`~rpicluster.dashboard.state.TrainingState` the server passes in (the folded event stream)
@@ -22,7 +23,7 @@ from distributed.dashboard.components.scheduler import BOKEH_THEME, env
 from distributed.utils import log_errors
 
 from rpicluster.dashboard.health import METRIC
-from rpicluster.dashboard.state import FeaturesState, TrainingState, format_duration
+from rpicluster.dashboard.state import FeaturesState, RoundsState, TrainingState, format_duration
 
 #: Refresh period of the page, in milliseconds.
 REFRESH_MS = 1000
@@ -30,6 +31,10 @@ REFRESH_MS = 1000
 #: ``name`` of each plot or table on the page.
 PLOT_NAMES = ("rpicluster-summary", "rpicluster-progress", "rpicluster-throughput",
               "rpicluster-accuracy", "rpicluster-hardware")
+#: ``name`` of the parts shown once a round-based run (``--model mlp|sgd``, ``federate``)
+#: published: its summary line, the rounds table and the accuracy per round.
+ROUND_PLOT_NAMES = ("rpicluster-rounds-summary", "rpicluster-rounds",
+                    "rpicluster-round-accuracy")
 
 _STAGES = ("blocks partitioned", "clusters fitted", "blocks committed")
 _DONE, _TODO = "#2b8cbe", "#e5eef5"
@@ -37,6 +42,11 @@ _PARTITION, _FIT = "#7fb2d5", "#e6821e"
 _HARDWARE_COLUMNS = (("worker", "Worker"), ("host", "Host"), ("arch", "Arch"),
                      ("cores", "Cores"), ("threads", "Threads"), ("memory", "Memory"),
                      ("temperature", "Temp °C"), ("throttling", "Throttling"))
+# (field, title, relative width): the reasons hosts were left out need the room.
+_ROUND_COLUMNS = (("round", "Round", 50), ("participants", "Participants", 160),
+                  ("left_out", "Left out (reason)", 420), ("rows", "Rows", 70),
+                  ("moved", "Moved", 80), ("seconds", "Seconds", 60),
+                  ("accuracy", "Accuracy", 70))
 
 
 def _short(address: str) -> str:
@@ -54,11 +64,12 @@ class TrainingPage:
         The live training state folded by the scheduler plugin.
     """
 
-    def __init__(self, scheduler, state: TrainingState, features: FeaturesState | None = None
-                 ) -> None:
+    def __init__(self, scheduler, state: TrainingState, features: FeaturesState | None = None,
+                 rounds: RoundsState | None = None) -> None:
         self.scheduler = scheduler
         self.state = state
         self.features = features if features is not None else FeaturesState()
+        self.rounds = rounds if rounds is not None else RoundsState()
         self.summary = Div(name=PLOT_NAMES[0], sizing_mode="stretch_width")
 
         self.progress_source = ColumnDataSource(
@@ -124,10 +135,38 @@ class TrainingPage:
         hardware_title = Div(text="<h3 style='margin:4px 0'>Worker hardware</h3>",
                              sizing_mode="stretch_width")
 
+        # Rounds of model-averaging / federated runs: shown once such a run published.
+        self.rounds_summary = Div(name=ROUND_PLOT_NAMES[0], sizing_mode="stretch_width")
+        self.round_accuracy_source = ColumnDataSource({"round": [], "accuracy": [],
+                                                       "participants": []})
+        self.round_accuracy = figure(
+            name=ROUND_PLOT_NAMES[2], title="Validation accuracy per round", height=260,
+            x_range=Range1d(0.5, 1.5), y_range=Range1d(0, 1.02), sizing_mode="stretch_width",
+            tools="", toolbar_location=None, x_axis_label="round", y_axis_label="accuracy")
+        self.round_accuracy.line(x="round", y="accuracy", source=self.round_accuracy_source,
+                                 color=_FIT, line_width=2)
+        self.round_accuracy.scatter(x="round", y="accuracy", source=self.round_accuracy_source,
+                                    color=_FIT, size=7)
+        self.round_accuracy.add_tools(HoverTool(tooltips=[
+            ("round", "@round"), ("accuracy", "@accuracy{0.000}"),
+            ("participants", "@participants")]))
+        self.round_accuracy.yaxis.formatter = NumeralTickFormatter(format="0%")
+        self.round_accuracy.xaxis.ticker = AdaptiveTicker(min_interval=1, mantissas=[1, 2, 5])
+        self.rounds_source = ColumnDataSource({key: [] for key, _, _ in _ROUND_COLUMNS})
+        self.rounds_table = DataTable(
+            name=ROUND_PLOT_NAMES[1], source=self.rounds_source, index_position=None,
+            height=_table_height(0), sizing_mode="stretch_width",
+            columns=[TableColumn(field=key, title=title, width=width)
+                     for key, title, width in _ROUND_COLUMNS])
+        self.rounds_box = column(self.rounds_summary, self.round_accuracy, self.rounds_table,
+                                 sizing_mode="stretch_width", visible=False)
+
+        # The block-ensemble (Inc-kSGD) parts, hidden while only a round-based run published.
+        self.blocks_box = column(row(self.progress, self.accuracy, sizing_mode="stretch_width"),
+                                 self.throughput, sizing_mode="stretch_width")
+
         self.root = column(
-            self.summary,
-            row(self.progress, self.accuracy, sizing_mode="stretch_width"),
-            self.throughput, hardware_title, self.hardware,
+            self.summary, self.rounds_box, self.blocks_box, hardware_title, self.hardware,
             sizing_mode="stretch_width")
 
     @log_errors
@@ -135,7 +174,11 @@ class TrainingPage:
         """Redraw every part from the current state (called every :data:`REFRESH_MS`)."""
         now = time.time()
         s = self.state
-        self.summary.text = _summary_html(s, now) + _features_html(self.features)
+        only_rounds = s.status() == "waiting" and self.rounds.run_id is not None
+        self.summary.text = (_summary_html(s, now) if not only_rounds else
+                             _TITLE) + _features_html(self.features)
+        if self.blocks_box.visible == only_rounds:
+            self.blocks_box.visible = not only_rounds
 
         stages = s.stages()
         fractions = [min(1.0, d / t) if t else 0.0 for d, t in stages]
@@ -164,11 +207,67 @@ class TrainingPage:
         if self.accuracy.x_range.end != end:
             self.accuracy.x_range.end = end
 
+        self._update_rounds()
+
         hardware = _hardware_rows(self.scheduler)
         _set(self.hardware_source, hardware)
         height = _table_height(len(hardware["worker"]))
         if self.hardware.height != height:
             self.hardware.height = height
+
+
+    def _update_rounds(self) -> None:
+        r = self.rounds
+        if r.run_id is None:
+            return
+        self.rounds_box.visible = True
+        self.rounds_summary.text = _rounds_html(r)
+        cols = r.table()
+        scored = [i for i, a in enumerate(cols["accuracy"]) if a == a]  # not NaN
+        _set(self.round_accuracy_source, {
+            "round": [cols["round"][i] for i in scored],
+            "accuracy": [cols["accuracy"][i] for i in scored],
+            "participants": [cols["participants"][i] for i in scored]})
+        # Every round of the run on the axis from the start (points fill it in).
+        end = max(r.n_rounds or 1, max(cols["round"], default=1)) + 0.5
+        if self.round_accuracy.x_range.end != end:
+            self.round_accuracy.x_range.end = end
+        # Newest round first: the table shows the latest rounds without scrolling.
+        order = list(reversed(range(len(cols["round"]))))
+        _set(self.rounds_source, {
+            "round": [cols["round"][i] for i in order],
+            "participants": [cols["participants"][i] for i in order],
+            "left_out": [cols["left_out"][i] or "–" for i in order],
+            "rows": [f"{cols['rows'][i]:,}" for i in order],
+            "moved": [format_bytes(cols["moved"][i]) for i in order],
+            "seconds": [f"{cols['seconds'][i]:.1f}" for i in order],
+            "accuracy": [f"{cols['accuracy'][i]:.4f}" if cols["accuracy"][i] == cols[
+                "accuracy"][i] else "–" for i in order]})
+        height = _table_height(len(order))
+        if self.rounds_table.height != height:
+            self.rounds_table.height = height
+
+
+def _rounds_html(r: RoundsState) -> str:
+    """One line on the latest round-based run."""
+    what = {"averaging": "model averaging", "federated": "federated averaging"}.get(
+        str(r.mode), str(r.mode))
+    done = len(r.rounds)
+    moved = sum(r.table()["moved"])
+    last = r.rounds[max(r.rounds)] if r.rounds else {}
+    acc = last.get("accuracy")
+    parts = [f"{html.escape(what)} ({html.escape(str(r.model))}) run "
+             f"<b>{html.escape(str(r.run_id))}</b>", f"<b>{r.status()}</b>",
+             f"{done} / {r.n_rounds if r.n_rounds is not None else '?'} rounds"
+             + (f" ({r.resumed} resumed)" if r.resumed else ""),
+             f"{format_bytes(moved)} moved",
+             f"latest accuracy {acc:.4f}" if acc is not None else "no validation accuracy"]
+    left = "; ".join(f"<b>{html.escape(str(h))}</b>: {html.escape(str(why))}"
+                     for h, why in (last.get("left_out") or {}).items())
+    return (f"<h3 style='margin:8px 0 2px 0'>Rounds</h3>"
+            f"<div style='font-size:15px;color:#333'>{' · '.join(parts)}</div>"
+            + (f"<div style='font-size:14px;color:#8a4b08;margin-top:2px'>left out of round "
+               f"{max(r.rounds)}: {left}</div>" if left else ""))
 
 
 def _table_height(n_rows: int) -> int:
@@ -180,6 +279,9 @@ def _set(source: ColumnDataSource, data: dict) -> None:
     # Sending identical data every second would make every browser re-render for nothing.
     if dict(source.data) != data:
         source.data = data
+
+
+_TITLE = "<h2 style='margin:6px 0 2px 0'>rpicluster training</h2>"
 
 
 def _summary_html(s: TrainingState, now: float) -> str:
@@ -203,8 +305,7 @@ def _summary_html(s: TrainingState, now: float) -> str:
         body = " · ".join(parts)
         if s.alert and status == "running":
             body += f"<br><span style='color:#b00'>{html.escape(s.alert)}</span>"
-    return (f"<h2 style='margin:6px 0 2px 0'>rpicluster training</h2>"
-            f"<div style='font-size:15px;color:#333'>{body}</div>")
+    return f"{_TITLE}<div style='font-size:15px;color:#333'>{body}</div>"
 
 
 def _features_html(f: FeaturesState) -> str:
@@ -244,7 +345,8 @@ def _hardware_rows(scheduler) -> dict:
 
 @log_errors
 def training_doc(scheduler, extra: dict, doc, *, state: TrainingState,
-                 features: FeaturesState | None = None) -> None:
+                 features: FeaturesState | None = None, rounds: RoundsState | None = None
+                 ) -> None:
     """Bokeh application body for ``/rpicluster`` (the signature distributed's dashboard uses).
 
     The server binds ``state`` (``functools.partial``), so the page never looks up the scheduler
@@ -262,8 +364,10 @@ def training_doc(scheduler, extra: dict, doc, *, state: TrainingState,
         The live training state (the :class:`~rpicluster.dashboard.server.TrainingMonitor`'s).
     features : FeaturesState, optional
         The live feature-extraction state (the monitor's too).
+    rounds : RoundsState, optional
+        The live state of round-based runs (the monitor's too).
     """
-    page = TrainingPage(scheduler, state, features)
+    page = TrainingPage(scheduler, state, features, rounds)
     page.update()
     add_periodic_callback(doc, page, REFRESH_MS)
     doc.title = "Dask: rpicluster training"

@@ -17,7 +17,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from rpicluster import events as ev
 from rpicluster.dashboard.health import METRIC, HealthPlugin
-from rpicluster.dashboard.state import FeaturesState, TrainingState
+from rpicluster.dashboard.state import FeaturesState, RoundsState, TrainingState
 from rpicluster.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -30,8 +30,9 @@ PLUGIN = "rpicluster-dashboard"
 
 
 class TrainingMonitor(SchedulerPlugin):
-    """Scheduler plugin folding every ``rpicluster.train`` event into :attr:`state` (and every
-    ``rpicluster.features`` event into :attr:`features`).
+    """Scheduler plugin folding every ``rpicluster.train`` event into :attr:`state` (every
+    ``rpicluster.features`` event into :attr:`features`, every ``rpicluster.rounds`` event into
+    :attr:`rounds`).
 
     The scheduler keeps only the last ~1000 events of a topic; folding them as they arrive keeps a
     long run's counts right. Events published before the plugin came are read back on start.
@@ -42,6 +43,7 @@ class TrainingMonitor(SchedulerPlugin):
     def __init__(self) -> None:
         self.state = TrainingState()
         self.features = FeaturesState()
+        self.rounds = RoundsState()
         self._caught_up = False
 
     async def start(self, scheduler) -> None:
@@ -52,12 +54,16 @@ class TrainingMonitor(SchedulerPlugin):
             self.state.update(msg for _, msg in scheduler.get_events(ev.TOPIC))
             for _, msg in scheduler.get_events(ev.FEATURES_TOPIC):
                 self.features.feed(msg)
+            for _, msg in scheduler.get_events(ev.ROUNDS_TOPIC):
+                self.rounds.feed(msg)
 
     def log_event(self, topic: str, msg) -> None:
         if topic == ev.TOPIC:
             self.state.feed(msg)
         elif topic == ev.FEATURES_TOPIC:
             self.features.feed(msg)
+        elif topic == ev.ROUNDS_TOPIC:
+            self.rounds.feed(msg)
 
 
 def monitor_of(scheduler) -> TrainingMonitor:
@@ -99,7 +105,28 @@ async def install(scheduler) -> str | None:
         scheduler.add_plugin(monitor)
         await monitor.start(scheduler)
     await scheduler.register_worker_plugin(None, dumps(HealthPlugin()), METRIC, idempotent=True)
-    return _serve_page(scheduler)
+    page = _serve_page(scheduler)
+
+    def facts() -> dict:
+        return dashboard_facts(scheduler, page)
+
+    scheduler.handlers[ev.FACTS_OP] = facts
+    return page
+
+
+def dashboard_facts(scheduler, page: str | None = None) -> dict:
+    """What the :data:`~rpicluster.events.FACTS_OP` operation answers.
+
+    ``dashboard``: where ``scheduler``'s dashboard listens (``address``, ``port``, ``prefix``,
+    ``tls``), None when it serves none; ``page``: the page's path; ``monitor_count``: the system
+    monitor's sample count (what ``performance_report`` starts from). Always a dict: a scheduler
+    without the operation answers None.
+    """
+    http = scheduler.services.get("dashboard")
+    where = None if http is None else {
+        "address": http.address, "port": http.port, "prefix": dashboard_prefix(scheduler) or "",
+        "tls": getattr(http, "ssl_options", None) is not None}
+    return {"dashboard": where, "page": page, "monitor_count": scheduler.monitor.count}
 
 
 def _bokeh_apps(scheduler) -> list:
@@ -143,7 +170,8 @@ def _serve_page(scheduler) -> str | None:
     # A second bokeh server app beside distributed's own: distributed builds its app once at
     # scheduler start, and the routing application falls through to added apps for unknown paths.
     monitor = monitor_of(scheduler)
-    doc = functools.partial(training_doc, state=monitor.state, features=monitor.features)
+    doc = functools.partial(training_doc, state=monitor.state, features=monitor.features,
+                            rounds=monitor.rounds)
     app = BokehApplication({PAGE: doc}, scheduler, prefix=prefix, template_variables=nav)
     scheduler.http_application.add_application(app)
     app.initialize(IOLoop.current())

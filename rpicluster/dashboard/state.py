@@ -6,6 +6,12 @@ the ETA, each worker's throughput, and each block's validation accuracy. Tasks m
 worker died), so progress counts distinct blocks and (block, cluster) pairs, never events. A
 resumed run trains only the blocks its run directory lacks: the ``resumed`` count of its
 ``run-start`` event counts as done in every stage, and the ETA is measured on this run's work only.
+
+The ETA counts what the terminal's counts (:class:`rpicluster.progress.Progress` in ``train``):
+blocks committed, from the same ``committed`` events, at the rate of
+:func:`rpicluster.progress.recent_eta`, so the page and the terminal tell the same time. Blocks
+are the unit because every block is the same work (its rows), where a partition task costs many
+times a small cluster's fit.
 """
 
 from __future__ import annotations
@@ -124,10 +130,11 @@ class TrainingState:
         self._mark(t)
 
     def _mark(self, t: float | None) -> None:
-        # (time, fraction done) whenever the fraction moves: the ETA's rate comes from these.
-        frac = self.fraction()
-        if t is not None and frac is not None and (not self.marks or frac > self.marks[-1][1]):
-            self.marks.append((t, frac))
+        # (time, blocks done) from the first event on and whenever a block is committed: the
+        # ETA's rate comes from these, as the terminal's comes from its commits.
+        done = self.resumed + len(self.committed)
+        if t is not None and (not self.marks or done > self.marks[-1][1]):
+            self.marks.append((t, done))
 
     def _start(self, event: dict) -> None:
         fresh = TrainingState()
@@ -178,22 +185,23 @@ class TrainingState:
         return min(1.0, frac)
 
     def eta(self, now: float) -> float | None:
-        """Seconds left at the recent rate (:func:`rpicluster.progress.recent_eta`), or None when
-        unknown (or the run ended early).
+        """Seconds left at the recent rate of blocks committed
+        (:func:`rpicluster.progress.recent_eta`, as the terminal's), or None when unknown (or
+        the run ended early).
 
         Parameters
         ----------
         now : float
             The current ``time.time()``.
         """
-        frac = self.fraction()
-        if frac is None:
+        if not self.n_blocks:
             return None
-        if frac >= 1.0:
+        done = self.resumed + len(self.committed)
+        if done >= self.n_blocks:
             return 0.0
         if self.finished is not None:
             return None
-        return recent_eta(self.marks, now, frac, 1.0)
+        return recent_eta(self.marks, now, done, self.n_blocks)
 
     def rows_per_second(self, now: float) -> float | None:
         """Training rows committed by this run per second of its wall time, or None when unknown.
@@ -256,6 +264,64 @@ class FeaturesState:
     def images_per_second(self) -> dict:
         """Images per second of task time, by worker."""
         return {w: self.images[w] / s for w, s in sorted(self.seconds.items()) if s > 0}
+
+
+@dataclass
+class RoundsState:
+    """The latest round-based run (``rpicluster.rounds`` events: ``train --model mlp|sgd`` or
+    ``federate``): one report per finished round, by round number (a round published twice,
+    e.g. a resumed one, counts once)."""
+
+    run_id: str | None = None
+    mode: str | None = None
+    model: str | None = None
+    n_rounds: int | None = None
+    resumed: int = 0
+    finished: bool = False
+    rounds: dict = field(default_factory=dict)
+
+    def feed(self, event: dict) -> None:
+        """Fold one ``rpicluster.rounds`` event (others, and other runs', are ignored)."""
+        if not isinstance(event, dict):
+            return
+        kind, run_id = event.get(ev.KIND), event.get(ev.RUN_ID)
+        if kind == ev.RUN_START:
+            vars(self).update(vars(RoundsState()))
+            self.run_id, self.mode, self.model = run_id, event.get(ev.MODE), event.get(ev.MODEL)
+            self.n_rounds = event.get(ev.N_ROUNDS)
+            self.resumed = int(event.get(ev.RESUMED) or 0)
+            return
+        if run_id != self.run_id or run_id is None:
+            return
+        if kind == ev.ROUND and event.get(ev.ROUND_NO) is not None:
+            self.rounds[int(event[ev.ROUND_NO])] = {k: v for k, v in event.items()
+                                                     if k not in (ev.KIND, ev.RUN_ID)}
+        elif kind == ev.RUN_END:
+            self.finished = True
+
+    def status(self) -> str:
+        """``"waiting"`` (no run yet), ``"running"`` or ``"finished"``."""
+        if self.run_id is None:
+            return "waiting"
+        return "finished" if self.finished else "running"
+
+    def table(self) -> dict:
+        """Columns of the rounds table, oldest round first: round, participants, left out (each
+        host with its reason), rows, bytes moved, seconds, accuracy (NaN when not scored)."""
+        cols = {"round": [], "participants": [], "left_out": [], "rows": [], "moved": [],
+                "seconds": [], "accuracy": []}
+        for n in sorted(self.rounds):
+            r = self.rounds[n]
+            cols["round"].append(n)
+            cols["participants"].append(", ".join(r.get(ev.PARTICIPANTS) or []) or "none")
+            cols["left_out"].append("; ".join(f"{h}: {why}" for h, why in
+                                              (r.get(ev.LEFT_OUT) or {}).items()))
+            cols["rows"].append(int(r.get(ev.ROWS) or 0))
+            cols["moved"].append(int(r.get(ev.BYTES_DOWN) or 0) + int(r.get(ev.BYTES_UP) or 0))
+            cols["seconds"].append(float(r.get(ev.SECONDS) or 0.0))
+            acc = r.get(ev.ACCURACY)
+            cols["accuracy"].append(float("nan") if acc is None else float(acc))
+        return cols
 
 
 def format_duration(seconds: float | None) -> str:

@@ -185,8 +185,11 @@ def ingest(source, out: str | os.PathLike, *, block_rows: int = config.BLOCK_ROW
         }
         if test_fraction is not None:
             layout["split"] = {"part": part, "fraction": float(test_fraction), "seed": int(seed)}
-        start = _check_target(where, layout, resume=resume, overwrite=overwrite,
-                              storage_options=storage_options)
+        existing = check_output(where, layout, resume=resume, overwrite=overwrite,
+                                storage_options=storage_options)
+        # Block to start writing at (0: a new store), or None when it is complete (resume).
+        start = (0 if existing is None else None if existing.get("complete") is True
+                 else int(existing.get("blocks_written", 0)))
         targets.append((where, order, layout, start))
     progress = Progress.null() if progress is None else progress
     progress.total = sum(t[2]["n_blocks"] for t in targets)
@@ -204,65 +207,156 @@ def ingest(source, out: str | os.PathLike, *, block_rows: int = config.BLOCK_ROW
     return open_dataset(url, storage_options)
 
 
-def _check_target(url: str, layout: dict, *, resume: bool, overwrite: bool,
-                  storage_options) -> int | None:
-    """Block to start writing at (0: a new store), or None when ``resume`` finds it complete."""
+def check_output(url: str, layout: dict, *, resume: bool, overwrite: bool,
+                 storage_options: Mapping[str, Any] | None = None,
+                 writer: str = "ingest") -> dict | None:
+    """Whether a store may be written at ``url``: the one check of every writer of stores.
+
+    Parameters
+    ----------
+    url : str
+        Where the store goes (normalized, see :func:`open_dataset`).
+    layout : dict
+        The attributes the new store will have; a store to resume must have the same.
+    resume, overwrite : bool
+        Continue the store at ``url``, or replace it.
+    writer : str
+        What writes the store, for the messages (``"ingest"``, ``"run"``).
+
+    Returns
+    -------
+    dict or None
+        None when a new store is to be created (nothing there, or ``overwrite``); else the
+        attributes of the store to resume (complete or not).
+
+    Raises
+    ------
+    DataError
+        Something other than an rpicluster store is at ``url`` (never overwritten); a store is
+        there and neither ``resume`` nor ``overwrite`` is given; or ``resume`` finds a store of
+        another layout (naming the first key that differs).
+    """
     existing = _existing_attrs(url, storage_options)
     if existing is None or overwrite:
-        return 0
+        return None
     state = "complete" if existing.get("complete") is True else "incomplete"
     if not resume:
         hint = ("pass overwrite (--overwrite) to replace it" if state == "complete" else
                 "pass resume (--resume) to continue it, or overwrite (--overwrite)")
-        raise DataError(f"{url} already holds a {state} rpicluster store "
+        article = "an" if state == "incomplete" else "a"
+        raise DataError(f"{url} already holds {article} {state} rpicluster store "
                         f"({existing.get('source')}); {hint}")
-    diff = [k for k in layout if existing.get(k) != layout[k]]
-    if diff:
-        k = diff[0]
-        raise DataError(f"cannot resume {url}: its {k} is {_short(existing.get(k))}, this "
-                        f"ingest's is {_short(layout[k])} (use overwrite to start over)")
-    return None if state == "complete" else int(existing.get("blocks_written", 0))
+    # The specific keys first: "source" often repeats them all in one string.
+    for key in sorted(layout, key=lambda k: k == "source"):
+        if existing.get(key) != layout[key]:
+            raise DataError(f"cannot resume {url}: its {key} is {_short(existing.get(key))}, "
+                            f"this {writer}'s is {_short(layout[key])} (use overwrite to start over)")
+    return existing
+
+
+class StoreWriter:
+    """Writes an rpicluster store block by block (the layout of the module docstring).
+
+    :meth:`create` makes a new, incomplete store (after :func:`check_output`); :meth:`reopen`
+    opens one to continue, also on a worker that writes some of its blocks. Each
+    :meth:`write_block` returns the block's per-position checksums, which the writer records
+    (:meth:`record`, with ``blocks_written``) once the block counts as written; :meth:`finish`
+    marks the store complete.
+    """
+
+    def __init__(self, root) -> None:
+        self.root = root
+
+    @classmethod
+    def create(cls, url: str, layout: dict, *, dtype,
+               storage_options: Mapping[str, Any] | None = None) -> "StoreWriter":
+        """A new store at ``url`` (replacing one there) with ``layout``'s attributes and empty
+        ``X`` (``dtype``; ``n_rows x n_features`` in chunks of ``block_rows`` rows) and ``y``."""
+        import zarr
+        from zarr.codecs import BytesCodec, Crc32cCodec
+
+        dtype = np.dtype(dtype)
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        root = zarr.open_group(url, mode="w", zarr_format=3, storage_options=storage_options,
+                               attributes={**layout, "created": created, "blocks_written": 0,
+                                           "complete": False, CHECKSUMS_KEY: {"X": [], "y": []}})
+        common = dict(serializer=BytesCodec(), compressors=[Crc32cCodec()], filters=None,
+                      config={"write_empty_chunks": True})
+        n_rows, n_features, block_rows = (layout["n_rows"], layout["n_features"],
+                                          layout["block_rows"])
+        root.create_array("X", shape=(n_rows, n_features), dtype=dtype.name,
+                          chunks=(block_rows, n_features),
+                          fill_value=0 if dtype == np.uint8 else X_FILL, **common)
+        root.create_array("y", shape=(n_rows,), dtype="int32", chunks=(block_rows,),
+                          fill_value=Y_FILL, **common)
+        return cls(root)
+
+    @classmethod
+    def reopen(cls, url: str, storage_options: Mapping[str, Any] | None = None
+               ) -> "StoreWriter":
+        """The store at ``url``, to write more blocks into."""
+        import zarr
+
+        return cls(zarr.open_group(url, mode="r+", zarr_format=3,
+                                   storage_options=storage_options))
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.root.attrs)
+
+    def write_block(self, block: int, X: np.ndarray, y: np.ndarray) -> dict[str, int]:
+        """Write block ``block``'s rows (``X`` in the store's dtype, class codes ``y``);
+        returns its checksums ``{"X": crc, "y": crc}`` for :data:`CHECKSUMS_KEY`."""
+        lo = int(block) * int(self.root.attrs["block_rows"])
+        X, y = np.asarray(X, dtype=self.root["X"].dtype), np.asarray(y, dtype=np.int32)
+        self.root["X"][lo:lo + len(y)] = X
+        self.root["y"][lo:lo + len(y)] = y
+        return {"X": _crc(X), "y": _crc(y)}
+
+    def record(self, **attrs) -> None:
+        """Update the store's attributes (progress: blocks written, their checksums, ...)."""
+        self.root.attrs.update(attrs)
+
+    def finish(self) -> None:
+        """Mark the store complete (readers refuse an incomplete one)."""
+        self.root.attrs.update({"complete": True})
 
 
 def _write_blocks(url, layout, start, src, blocks, storage_options, progress) -> None:
     """Write ``blocks`` (from block ``start``) into the store at ``url``, then mark it complete."""
-    import zarr
-
     n_blocks, block_rows = layout["n_blocks"], layout["block_rows"]
     if start == 0:
-        root = _create(url, src, block_rows, layout, storage_options)
+        out = StoreWriter.create(url, layout, dtype=src.dtype, storage_options=storage_options)
         counts = np.zeros(len(layout["classes"]), dtype=np.int64)
         spread: list[int] = []
     else:
-        root = zarr.open_group(url, mode="r+", zarr_format=3, storage_options=storage_options)
-        counts = np.asarray(root.attrs.get("class_counts"), dtype=np.int64)
-        spread = list(root.attrs.get("block_classes", []))[:start]
-    X, y = root["X"], root["y"]
-    sums = {k: list(v)[:start] for k, v in root.attrs.get(CHECKSUMS_KEY, {}).items()}
+        out = StoreWriter.reopen(url, storage_options)
+        counts = np.asarray(out.attrs.get("class_counts"), dtype=np.int64)
+        spread = list(out.attrs.get("block_classes", []))[:start]
+    sums = {k: list(v)[:start] for k, v in out.attrs.get(CHECKSUMS_KEY, {}).items()}
     sums = {"X": sums.get("X", []), "y": sums.get("y", [])}
     written = start
     try:
         for Xb, yb in blocks:
-            lo = written * block_rows
-            Xb, yb = np.asarray(Xb, dtype=src.dtype), np.asarray(yb, dtype=np.int32)
+            yb = np.asarray(yb, dtype=np.int32)
             _check_codes(yb, len(counts), f"{src.description}: block {written}")
-            X[lo:lo + len(yb)] = Xb
-            y[lo:lo + len(yb)] = yb
-            sums["X"].append(_crc(Xb))
-            sums["y"].append(_crc(yb))
+            crc = out.write_block(written, np.asarray(Xb, dtype=src.dtype), yb)
+            sums["X"].append(crc["X"])
+            sums["y"].append(crc["y"])
             written += 1
             block_counts = np.bincount(yb, minlength=len(counts))
             counts += block_counts
             spread.append(int(np.count_nonzero(block_counts)))
             # Recorded only after both chunks are stored: resume restarts from here.
-            root.attrs.update({"blocks_written": written, "class_counts": counts.tolist(),
-                               "block_classes": spread, CHECKSUMS_KEY: sums})
-            progress.advance(note=f"{url.rsplit('/', 1)[-1]}: {lo + len(yb)} rows")
+            out.record(blocks_written=written, class_counts=counts.tolist(),
+                       block_classes=spread, **{CHECKSUMS_KEY: sums})
+            rows = min(written * block_rows, layout["n_rows"])
+            progress.advance(note=f"{url.rsplit('/', 1)[-1]}: {rows} rows")
     except RPiClusterError as exc:
         raise DataError(f"{exc} [ingest stopped: {url} holds {written} of {n_blocks} blocks "
                         "and is marked incomplete; fix the source and resume, or overwrite]"
                         ) from exc
-    root.attrs.update({"complete": True})
+    out.finish()
 
 
 def _plan(src, *, shuffle: bool, seed: int, test_fraction: float | None):
@@ -540,26 +634,6 @@ def verify_chunk(dataset: "Dataset", name: str, block: int, data: np.ndarray, ke
 def block_label_counts(dataset: "Dataset", block: int) -> np.ndarray:
     """Rows of each class (in ``dataset.classes`` order) in block ``block``; a small task."""
     return np.bincount(dataset.read("y", block), minlength=len(dataset.classes))
-
-
-def _create(url, src, block_rows, layout, storage_options):
-    import zarr
-    from zarr.codecs import BytesCodec, Crc32cCodec
-
-    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    root = zarr.open_group(url, mode="w", zarr_format=3, storage_options=storage_options,
-                           attributes={**layout, "created": created, "blocks_written": 0,
-                                       "complete": False, CHECKSUMS_KEY: {"X": [], "y": []}})
-    common = dict(serializer=BytesCodec(), compressors=[Crc32cCodec()], filters=None,
-                  config={"write_empty_chunks": True})
-    n_rows = layout["n_rows"]
-    image = src.dtype == np.uint8
-    root.create_array("X", shape=(n_rows, src.n_features), dtype=src.dtype.name,
-                      chunks=(block_rows, src.n_features), fill_value=0 if image else X_FILL,
-                      **common)
-    root.create_array("y", shape=(n_rows,), dtype="int32", chunks=(block_rows,),
-                      fill_value=Y_FILL, **common)
-    return root
 
 
 def _existing_attrs(url: str, storage_options) -> dict | None:

@@ -8,7 +8,9 @@ with which pid, is kept in a state file under :func:`rpicluster.config.state_dir
 stops exactly that and verifies that no process of it is left.
 
 TLS is the default: a private CA (:mod:`rpicluster.deploy.tls`) signs a certificate for the
-scheduler, every worker and the client; ``insecure=True`` runs plain TCP, with a warning.
+scheduler, every worker and the client; ``insecure=True`` runs plain TCP, with a warning. ``up``
+rotates the CA (:func:`rotate_certificates`) when a certificate nears expiry or belongs to a host
+no longer in the inventory: the scheduler and every worker then restart with new certificates.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from rpicluster.deploy.hosts import is_local_host
 from rpicluster.deploy.ssh import Connection, LocalConnection, fan_out
 from rpicluster.deploy.state import (ClusterState, cluster_dir, cluster_id, load_state,
                                      node_from_json, node_to_json)
-from rpicluster.deploy.tls import CertFiles
+from rpicluster.deploy.tls import CertFiles, CertificateAuthority
 from rpicluster.errors import (BootstrapError, ConfigError, HostsFailedError, RPiClusterError,
                                SSHError)
 from rpicluster.inventory import ClusterSpec, NodeSpec, load_inventory
@@ -156,6 +158,10 @@ def _ensure_scheduler(spec: ClusterSpec, state: ClusterState, accept_new_hosts: 
             if time.monotonic() > deadline:
                 with _connect(sched.node, local, accept_new_hosts, ssh_timeout) as conn:
                     tail = conn.tail(started["log"])
+                    # Never leave a half-started scheduler behind.
+                    if not _stop(conn, state.scheduler, "scheduler")["left"]:
+                        state.scheduler = None
+                        state.save()
                 raise BootstrapError(f"scheduler on {sched.host}: not answering on "
                                      f"{state.address} after {join_timeout:.0f} s; "
                                      f"log {started['log']}:\n{tail}") from None
@@ -220,9 +226,10 @@ def up(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
     ------
     HostsFailedError
         Some workers could not be started or did not join; the others are up and recorded.
-        ``exc.report`` has every row, and the message each failure with its log tail.
+        ``exc.report`` has every row, and the message each failure with its log tail. When
+        this call started the scheduler and no worker came up, the scheduler is stopped again.
     BootstrapError
-        The scheduler could not be started.
+        The scheduler could not be started (or did not answer: it is stopped again).
     """
     spec = inventory if isinstance(inventory, ClusterSpec) else load_inventory(inventory)
     join_timeout = config.JOIN_TIMEOUT if join_timeout is None else join_timeout
@@ -241,6 +248,8 @@ def up(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
         warnings.warn(f"{spec.path}: --insecure: scheduler and workers use plain TCP; anyone on "
                       "the network can connect and run code on the cluster", UserWarning,
                       stacklevel=2)
+    if state.tls:
+        rotate_certificates(spec)
     if provision:
         from rpicluster.deploy.provision import provision as _provision
 
@@ -249,8 +258,45 @@ def up(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
     try:
         return _reconcile(spec, state, client, sched_row, accept_new_hosts, join_timeout,
                           ssh_timeout)
+    except HostsFailedError as exc:
+        if sched_row.state != "started" or any(
+                r.role == "worker" and r.state in ("started", "running") for r in exc.report.rows):
+            raise
+        # This up started the scheduler and no worker came up: take it all down again.
+        client.close()
+        raise HostsFailedError(f"{exc} {_undo(spec, ssh_timeout)}", exc.report) from None
+    except BaseException:
+        if sched_row.state == "started":
+            client.close()
+            _undo(spec, ssh_timeout)
+        raise
     finally:
         client.close()
+
+
+def _undo(spec: ClusterSpec, ssh_timeout: float) -> str:
+    """Stop what a failed ``up`` started (it started the scheduler); say what happened."""
+    try:
+        down(spec.path, ssh_timeout=ssh_timeout)
+    except RPiClusterError as exc:
+        return f"No worker came up; stopping the scheduler again failed too: {exc}"
+    return "No worker came up, so the scheduler was stopped again (nothing is left running)."
+
+
+def rotate_certificates(spec: ClusterSpec) -> str | None:
+    """Replace the cluster's CA when a certificate expires within ``tls.RENEW_BEFORE`` or was
+    issued to a host no longer in ``spec``; returns why (None: nothing to do).
+
+    The running scheduler then no longer accepts the client's new certificate, so ``up`` restarts
+    it, and the workers it no longer sees, with certificates of the new CA; the removed host's
+    certificate connects nowhere. A warning says so.
+    """
+    ca = CertificateAuthority(cluster_dir(cluster_id(spec.path)) / "tls")
+    why = ca.rotate_if_needed({"scheduler", "client", *(w.name for w in spec.workers)})
+    if why is not None:
+        warnings.warn(f"{spec.path}: new certificates ({why}); the scheduler and every worker "
+                      "restart with them", UserWarning, stacklevel=3)
+    return why
 
 
 def _reconcile(spec, state, client, sched_row, accept_new_hosts, join_timeout, ssh_timeout):
@@ -290,6 +336,10 @@ def _reconcile(spec, state, client, sched_row, accept_new_hosts, join_timeout, s
         rows[name] = HostRow(name, "worker", "failed", state.workers[name]["pid"],
                              f"did not join within {join_timeout:.0f} s; last lines of "
                              f"{state.workers[name]['log']}:\n{tail}")
+    now = time.time()
+    state.failed = {n: {"reason": r.detail.splitlines()[0][:300] if r.detail else "", "at": now}
+                    for n, r in rows.items() if r.state == "failed" and n in wanted}
+    state.save()
     for w in spec.workers:
         if w.name not in rows:
             info = seen.get(w.name, {})
@@ -362,7 +412,7 @@ def down(inventory: str | Path | None = None, *, ssh_timeout: float | None = Non
 
 @dataclass(frozen=True)
 class StatusRow:
-    """One host's line in ``status``."""
+    """One host's line in ``status``; ``detail`` says why a worker is not running."""
 
     host: str
     role: str
@@ -372,45 +422,102 @@ class StatusRow:
     memory: str = ""
     tasks: int | None = None
     temperature: float | None = None
+    detail: str = ""
 
 
-def status(inventory: str | Path | None = None) -> tuple[StatusRow, ...]:
-    """Scheduler and workers of a recorded cluster as the scheduler sees them.
+def _when(t: float | None) -> str:
+    return "?" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
-    Workers recorded but not seen by the scheduler are ``missing``; when the scheduler does not
-    answer every row says so.
+
+def _check_worker(name: str, entry: dict, ssh_timeout: float) -> dict:
+    node = node_from_json(entry["node"])
+    with Connection(node, timeout=ssh_timeout) as conn:
+        return _remote(conn, {"action": "check", "pid": entry["pid"], "name": name,
+                              "local_directory": str(Path(entry["log"]).parent)})
+
+
+def _absent(name: str, state: ClusterState, check) -> StatusRow:
+    """The row of an inventory worker the scheduler does not list, with the reason."""
+    entry = state.workers.get(name)
+    failed = state.failed.get(name)
+    if entry is None:
+        if failed:
+            return StatusRow(name, "worker", "failed", None,
+                             detail=f"up failed at {_when(failed['at'])}: {failed['reason']}")
+        return StatusRow(name, "worker", "missing", None,
+                         detail="never connected (run rpicluster up)")
+    if not check.ok:
+        return StatusRow(name, "worker", "lost", entry["pid"],
+                         detail=f"host unreachable: {check.error}")
+    sup = check.value.get("supervisor") or {}
+    if check.value["alive"]:
+        detail = (f"worker restarted {sup['restarts']} times, last exit at "
+                  f"{_when(sup['last_exit'])}" if sup.get("restarts") else
+                  "started, not joined yet")
+        if failed:
+            detail += f" (last up: {failed['reason']})"
+        return StatusRow(name, "worker", "rejoining", entry["pid"], detail=detail)
+    lost = sup.get("last_exit") if sup.get("state") != "stopped" else None
+    return StatusRow(name, "worker", "lost", entry["pid"],
+                     detail=f"lost at {_when(lost)}: no process left on the host; "
+                            "run rpicluster up" if lost else
+                            "no process left on the host; run rpicluster up")
+
+
+def status(inventory: str | Path | None = None, *,
+           ssh_timeout: float | None = None) -> tuple[StatusRow, ...]:
+    """Scheduler and every inventory worker, as the scheduler sees them, with reasons.
+
+    A worker the scheduler does not list is ``missing`` (never connected), ``failed`` (the last
+    ``up`` could not start it; the reason), ``rejoining`` (its supervisor on the host is
+    restarting it) or ``lost`` (no process left on the host, or the host does not answer). The
+    hosts of such workers are asked over SSH (in parallel). When the scheduler does not answer,
+    every worker row is ``unknown``.
     """
     from dask.utils import format_bytes
 
     from rpicluster.deploy.health import read_temperature
 
     state = load_state(inventory)
+    ssh_timeout = config.SSH_TIMEOUT if ssh_timeout is None else ssh_timeout
+    try:
+        names = [w.name for w in load_inventory(state.inventory).workers]
+    except ConfigError:      # the inventory moved or broke since up: what was recorded
+        names = []
     sched_host = node_from_json(state.scheduler["node"]).host if state.scheduler else "?"
     sched_pid = state.scheduler["pid"] if state.scheduler else None
     try:
         client = _client(state.address, state.security())
     except (OSError, TimeoutError):
-        return (StatusRow(sched_host, "scheduler", "not answering", sched_pid),
-                *(StatusRow(n, "worker", "unknown", e["pid"]) for n, e in state.workers.items()))
+        return (StatusRow(sched_host, "scheduler", "not answering", sched_pid,
+                          detail=f"{state.address} does not answer (run rpicluster up)"),
+                *(StatusRow(n, "worker", "unknown", state.workers.get(n, {}).get("pid"),
+                            detail="scheduler not answering")
+                  for n in dict.fromkeys([*names, *state.workers])))
     try:
         seen = _seen_workers(client)
         processing = client.processing()
         temps = client.run(read_temperature) if seen else {}
     finally:
         client.close()
+    order = list(dict.fromkeys([*names, *state.workers, *seen]))
+    absent = {n: state.workers[n] for n in order if n not in seen and n in state.workers}
+    checks = fan_out([node_from_json(e["node"]) for e in absent.values()],
+                     lambda node: _check_worker(node.name, absent[node.name], ssh_timeout))
     rows = [StatusRow(sched_host, "scheduler", "running", sched_pid,
                       tasks=sum(len(v) for v in processing.values()))]
-    for name in dict.fromkeys([*state.workers, *seen]):
+    for name in order:
         pid = state.workers.get(name, {}).get("pid")
         w = seen.get(name)
         if w is None:
-            rows.append(StatusRow(name, "worker", "missing", pid))
+            rows.append(_absent(name, state, checks.get(name)))
             continue
         used = w.get("metrics", {}).get("memory", 0)
         rows.append(StatusRow(
             name, "worker", w.get("status", "running"), pid, w["nthreads"],
             f"{format_bytes(used)} / {format_bytes(w['memory_limit'] or 0)}",
-            len(processing.get(w["address"], ())), temps.get(w["address"])))
+            len(processing.get(w["address"], ())), temps.get(w["address"]),
+            "" if name in names or not names else "not in the inventory"))
     return tuple(rows)
 
 

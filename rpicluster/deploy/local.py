@@ -5,6 +5,11 @@
 :class:`distributed.LocalCluster` and records its address in ``<state dir>/local.json``
 (:func:`rpicluster.deploy.state.local_record`) once the workers are up. ``down --local`` stops that
 process and waits until it is gone. Commands find it through :mod:`rpicluster.deploy.resolve`.
+
+It is secured like an SSH cluster: TLS on loopback (``tls://127.0.0.1``) with its own CA under
+``<state dir>/local-tls`` (scheduler, worker and client certificates, rotated by ``up --local``
+when one nears expiry), the dashboard on 127.0.0.1 unless asked otherwise, and a scheduler
+guarded by :mod:`rpicluster.deploy.guard` (no client-sent code runs on it).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 from pathlib import Path
 
 from rpicluster import config
+from rpicluster.deploy.guard import GUARD
 from rpicluster.deploy.state import local_path, local_record, pid_alive
 from rpicluster.errors import BootstrapError, ConfigError
 from rpicluster.events import PRELOAD
@@ -76,7 +82,8 @@ def start_local(n_workers: int | None = None, threads_per_worker: int | None = N
     memory_limit
         Per-worker memory limit (default ``"auto"``: this machine's memory split between workers).
     dashboard_address
-        Where the Dask dashboard listens (default ``:<config.DASHBOARD_PORT>``).
+        Where the Dask dashboard listens (default ``127.0.0.1:<config.DASHBOARD_PORT>``: this
+        machine only; ``:8787`` would listen on every interface).
     timeout
         Seconds to wait for every worker to join (default ``config.LOCAL_START_TIMEOUT``).
 
@@ -102,8 +109,9 @@ def start_local(n_workers: int | None = None, threads_per_worker: int | None = N
         "n_workers": n_workers or os.cpu_count() or 1,
         "threads_per_worker": threads_per_worker or 1,
         "memory_limit": memory_limit or "auto",
-        "dashboard_address": dashboard_address or f":{config.DASHBOARD_PORT}",
+        "dashboard_address": dashboard_address or f"127.0.0.1:{config.DASHBOARD_PORT}",
         "state": str(local_path()),
+        "tls": str(local_certificates()),
         "timeout": timeout,
     }
     log_file = log_path()
@@ -153,6 +161,38 @@ def stop_local(timeout: float | None = None) -> dict | None:
     return info
 
 
+def tls_dir() -> Path:
+    """The embedded cluster's CA and certificates."""
+    return config.state_dir() / "local-tls"
+
+
+#: Certificates of the embedded cluster (names, and so roles: see :func:`tls.role_of`).
+LOCAL_CERTS = ("scheduler", "worker", "client")
+
+
+def local_certificates() -> Path:
+    """Make (or rotate, when one nears expiry) the embedded cluster's certificates; their folder.
+
+    Called only while no embedded cluster runs, so a rotation never cuts a running one off.
+    """
+    from rpicluster.deploy.tls import CertificateAuthority
+
+    ca = CertificateAuthority(tls_dir())
+    ca.rotate_if_needed(LOCAL_CERTS)
+    for name in LOCAL_CERTS:
+        ca.issue(name)
+    return ca.directory
+
+
+def local_security(role: str = "client"):
+    """The ``distributed.Security`` of the embedded cluster's ``role`` (client by default)."""
+    from distributed.security import Security
+
+    d = tls_dir()
+    return Security(tls_ca_file=str(d / "ca.pem"), tls_client_cert=str(d / f"{role}.pem"),
+                    tls_client_key=str(d / f"{role}-key.pem"), require_encryption=True)
+
+
 def log_path() -> Path:
     """The embedded cluster's log: scheduler, nannies and workers all write to it."""
     return config.state_dir() / "local.log"
@@ -173,18 +213,26 @@ def _tail(path: Path, lines: int = 20) -> str:
 def _serve(spec: dict) -> None:
     """Run the cluster in this (detached) process until SIGTERM."""
     from distributed import LocalCluster
+    from distributed.security import Security
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     state = Path(spec["state"])
+    tls = Path(spec["tls"])
+    # Each process presents its role's certificate: the guard tells workers from the client.
+    security = Security(
+        tls_ca_file=str(tls / "ca.pem"), require_encryption=True,
+        **{f"tls_{role}_{part}": str(tls / f"{role}{suffix}.pem")
+           for role in LOCAL_CERTS for part, suffix in (("cert", ""), ("key", "-key"))})
     with LocalCluster(n_workers=spec["n_workers"], threads_per_worker=spec["threads_per_worker"],
                       memory_limit=spec["memory_limit"], processes=True,
+                      host="127.0.0.1", protocol="tls", security=security,
                       dashboard_address=spec["dashboard_address"],
                       # Keep distributed's INFO lines: `rpicluster logs` shows this log.
                       silence_logs=False,
-                      # The rpicluster dashboard page (training progress, worker health).
-                      scheduler_kwargs={"preload": [PRELOAD]}) as cluster:
+                      # The guard first, then the rpicluster page (training progress, health).
+                      scheduler_kwargs={"preload": [GUARD, PRELOAD]}) as cluster:
         cluster.wait_for_workers(spec["n_workers"], timeout=spec["timeout"])
         info = {
             "pid": os.getpid(),
@@ -193,6 +241,7 @@ def _serve(spec: dict) -> None:
             "n_workers": spec["n_workers"],
             "threads_per_worker": spec["threads_per_worker"],
             "memory_limit": spec["memory_limit"],
+            "tls": spec["tls"],
             "started": time.time(),
         }
         tmp = state.with_suffix(".tmp")

@@ -3,9 +3,10 @@
 On the desktop, a wheelhouse is built per host platform (architecture, Python, glibc): the
 pinned dependency closure of rpicluster is fetched with ``pip download --only-binary=:all:
 --platform ...`` for that platform, and rpicluster itself is built as a wheel. It is pushed over
-SFTP, and the venv named by the node's ``python`` (``<venv>/bin/python``) is created with the
-host's ``python3`` and filled from the wheelhouse only (``--no-index``; every pinned wheel is
-installed with ``--no-deps``, so exactly these versions and nothing else).
+SSH (``cat`` on a command's stdin: no SFTP needed), and the venv named by the node's ``python``
+(``<venv>/bin/python``) is created with the host's ``python3`` and filled from the wheelhouse
+only (``--no-index``; every pinned wheel is installed with ``--no-deps``, so exactly these
+versions and nothing else).
 """
 
 from __future__ import annotations

@@ -6,11 +6,15 @@ Actions (the ``action`` field of the spec):
     Start a Dask scheduler (``role = "scheduler"``) or a nanny-backed worker (``role = "worker"``)
     detached from the SSH session (new session, all three streams on a log file) and print
     ``{"pid": ..., "log": ...}``. The pid leads the process group that holds the nanny and its
-    worker.
+    worker. A worker runs under :mod:`rpicluster.deploy.supervise`, which starts it again (with
+    backoff) whenever it exits, until ``stop``.
 ``stop``
     Stop the process group of ``pid`` if it is still the process ``start`` made for ``name``
     (checked through its environment, so a recycled pid is never killed), then verify that no
     member is left; print ``{"pid", "was_running", "left"}``.
+``check``
+    Whether the process group of ``pid`` still runs for ``name``, and the supervisor's state
+    file in ``local_directory``: print ``{"alive", "supervisor"}`` (for ``status``).
 
 Standard library only at import time: this starts in well under a second on a Pi.
 
@@ -28,12 +32,15 @@ import subprocess
 import sys
 import time
 
+from rpicluster.deploy.guard import GUARD
 from rpicluster.events import PRELOAD
 
 #: Environment variable marking the processes started by ``start`` (value: the name).
 MARKER = "RPICLUSTER_PROCESS"
 #: File names of a node's TLS material in ``<workdir>/tls`` (the layout ``up`` pushes).
 TLS_FILES = {"ca": "ca.pem", "cert": "node.pem", "key": "node-key.pem"}
+#: File in a worker's directory where its supervisor records its state.
+SUPERVISOR_FILE = "supervisor.json"
 
 
 def tls_paths(tls_dir: str | None) -> dict | None:
@@ -66,8 +73,9 @@ def start_spec(role: str, target, *, local_directory: str, tls: dict | None,
         return {"action": "start", "role": "scheduler", "name": "scheduler", "host": target.host,
                 "port": target.scheduler_port, "dashboard_port": target.dashboard_port,
                 "local_directory": local_directory, "tls": tls, "env": dict(target.node.env),
-                # The rpicluster dashboard page (training progress, worker health).
-                "preload": [PRELOAD]}
+                # The guard (no client-sent code on the scheduler, worker certificates are not
+                # clients), then the rpicluster dashboard page (training progress, worker health).
+                "preload": [GUARD, PRELOAD]}
     if role == "worker":
         return {"action": "start", "role": "worker", "name": target.name, "scheduler": scheduler,
                 "nthreads": target.nthreads, "memory_limit": target.memory,
@@ -104,7 +112,11 @@ def command(spec: dict) -> list[str]:
 
 
 def start(spec: dict) -> dict:
-    """Start the process described by ``spec`` detached; return its pid and log path."""
+    """Start the process described by ``spec`` detached; return its pid and log path.
+
+    A worker is started under its supervisor (:mod:`rpicluster.deploy.supervise`), which runs
+    :func:`command` in the same process group.
+    """
     directory = os.path.expanduser(spec["local_directory"])
     os.makedirs(directory, mode=0o700, exist_ok=True)
     log = os.path.join(directory, f"{spec['role']}.log")
@@ -114,7 +126,9 @@ def start(spec: dict) -> dict:
         out.write(f"--- rpicluster start {time.strftime('%Y-%m-%d %H:%M:%S')} "
                   f"{spec['role']} {spec['name']}\n".encode())
         out.flush()
-        proc = subprocess.Popen(command(spec), stdin=subprocess.DEVNULL, stdout=out,
+        argv = (command(spec) if spec["role"] != "worker" else
+                [sys.executable, "-m", "rpicluster.deploy.supervise", "--spec", json.dumps(spec)])
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, cwd=directory, env=env,
                                 start_new_session=True)
     return {"pid": proc.pid, "log": log}
@@ -186,6 +200,16 @@ def stop(pid: int, name: str, timeout: float | None = None) -> dict:
     return {"pid": pid, "was_running": was_running, "left": _ours(pid, name)}
 
 
+def check(pid: int, name: str, local_directory: str) -> dict:
+    """Whether ``name``'s process group still runs, and its supervisor's last recorded state."""
+    try:
+        with open(os.path.join(os.path.expanduser(local_directory), SUPERVISOR_FILE)) as f:
+            supervisor = json.load(f)
+    except (OSError, ValueError):
+        supervisor = None
+    return {"alive": bool(_ours(pid, name)), "supervisor": supervisor}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rpicluster.deploy.remote")
     parser.add_argument("--spec", required=True, help="JSON action spec")
@@ -196,8 +220,10 @@ def main(argv: list[str] | None = None) -> None:
     elif action == "stop":
         timeout = spec.get("timeout")
         result = stop(int(spec["pid"]), spec["name"], None if timeout is None else float(timeout))
+    elif action == "check":
+        result = check(int(spec["pid"]), spec["name"], spec["local_directory"])
     else:
-        parser.error(f"unknown action {action!r} (known actions: start, stop)")
+        parser.error(f"unknown action {action!r} (known actions: start, stop, check)")
     print(json.dumps(result), flush=True)
 
 

@@ -6,7 +6,7 @@ Every command that runs on a cluster (``train``, ``score``, ``predict``, ``bench
 order:
 
 1. ``scheduler``: an explicit address (``--scheduler tls://host:8786``). When it is the address
-   of a cluster ``up`` recorded, that cluster's TLS certificate is used; otherwise Dask's own
+   of a cluster ``up`` or ``up --local`` recorded, that cluster's TLS certificate is used; otherwise Dask's own
    configuration supplies any TLS settings (``rpicluster deploy systemd`` writes them).
 2. ``inventory``: the SSH cluster ``up -c cluster.toml`` started from that file.
 3. ``local``: the embedded cluster ``up --local`` started; ``local=N`` also asks that it has N
@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable, Iterator
 
 from rpicluster import config
-from rpicluster.deploy.local import check_local, start_local, stop_local
+from rpicluster.deploy.local import check_local, local_security, start_local, stop_local
 from rpicluster.deploy.state import load_state, local_record, recorded_cluster
 from rpicluster.errors import ConfigError
 
@@ -75,10 +75,13 @@ class ClusterRef:
         return f"the scheduler at {self.address}"
 
     def security(self):
-        """The ``distributed.Security`` to connect with (an SSH cluster's client certificate)."""
-        if self.kind != "ssh":
-            return None
-        return load_state(self.inventory).security()
+        """The ``distributed.Security`` to connect with: the client certificate ``up`` (or
+        ``up --local``) recorded; None for a scheduler rpicluster did not start."""
+        if self.kind == "ssh":
+            return load_state(self.inventory).security()
+        if self.kind == "local" and self.address.startswith("tls://"):
+            return local_security()
+        return None
 
     def client(self, timeout: float | str | None = None, **client_kwargs):
         """A new ``distributed.Client`` of this cluster (``timeout``: ``config.CONNECT_TIMEOUT``)."""

@@ -133,7 +133,7 @@ class Connection:
             raise SSHError(f"{node.host}:{node.port}: cannot connect: {what or type(exc).__name__}"
                            ) from None
         self._client = client
-        self._sftp: paramiko.SFTPClient | None = None
+        self._home: str | None = None
 
     def __enter__(self) -> "Connection":
         return self
@@ -142,9 +142,7 @@ class Connection:
         self.close()
 
     def close(self) -> None:
-        """Close the SFTP session and the connection."""
-        if self._sftp is not None:
-            self._sftp.close()
+        """Close the connection."""
         self._client.close()
 
     def run(self, command: str, *, stdin: bytes | None = None,
@@ -182,15 +180,11 @@ class Connection:
         cmd = " ".join([shell_path(interpreter or self.node.python), *map(shlex.quote, args)])
         return self.run(cmd, **kw)
 
-    @property
-    def sftp(self) -> paramiko.SFTPClient:
-        if self._sftp is None:
-            self._sftp = self._client.open_sftp()
-        return self._sftp
-
     def home(self) -> str:
-        """The remote user's home directory (SFTP paths do not expand ``~``)."""
-        return self.sftp.normalize(".")
+        """The remote user's home directory (asked once per connection)."""
+        if self._home is None:
+            self._home = self.run('printf %s "$HOME"').stdout
+        return self._home
 
     def resolve(self, path: str) -> str:
         """A remote path with a leading ``~`` replaced by the home directory."""
@@ -203,16 +197,19 @@ class Connection:
         self.run(f"mkdir -p -m {mode:o} {shell_path(path)}")
 
     def put_bytes(self, data: bytes, path: str, *, mode: int = 0o600) -> None:
-        """Write ``data`` to a remote file created with ``mode`` (no world-readable window)."""
+        """Write ``data`` to a remote file created with ``mode`` (no world-readable window).
+
+        Through ``cat`` on the command's stdin, not SFTP: hosts whose sshd has no SFTP subsystem
+        work too. The data goes to a private temporary file that is renamed into place.
+        """
         path = self.resolve(path)
-        with self.sftp.open(path, "wb") as f:
-            f.chmod(mode)
-            f.write(data)
+        tmp = shell_path(f"{path}.rpicluster-tmp")
+        self.run(f"umask 077 && cat > {tmp} && chmod {mode:o} {tmp} && "
+                 f"mv -f {tmp} {shell_path(path)}", stdin=data)
 
     def put_file(self, local: Path, path: str, *, mode: int = 0o644) -> None:
         """Copy a local file to the host."""
-        self.sftp.put(str(local), self.resolve(path))
-        self.sftp.chmod(self.resolve(path), mode)
+        self.put_bytes(Path(local).read_bytes(), path, mode=mode)
 
     def tail(self, path: str, lines: int = 40) -> str:
         """The last ``lines`` lines of a remote text file ('' if it does not exist)."""

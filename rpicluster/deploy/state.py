@@ -64,6 +64,7 @@ class ClusterState:
     tls: bool = True
     scheduler: dict | None = None        # {"local", "pid", "log", "node"}
     workers: dict[str, dict] = field(default_factory=dict)   # name -> {"pid", "log", "node"}
+    failed: dict[str, dict] = field(default_factory=dict)    # name -> {"reason", "at"} (last up)
 
     @property
     def path(self) -> Path:

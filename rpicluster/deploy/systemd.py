@@ -1,8 +1,9 @@
 """systemd units for an inventory: ``rpicluster deploy systemd -c cluster.toml -o DIR``.
 
 ``up`` starts processes over SSH and ``down`` stops them; units instead let each host's systemd
-start its worker at boot and restart it when it fails (a worker whose scheduler went away exits
-non-zero once its nanny gives up, so ``Restart=on-failure`` brings it back). A unit runs exactly
+start its worker at boot and restart it whenever it exits (a worker whose scheduler went away
+closes for good, so ``Restart=always`` with backoff brings it back, as the supervisor of
+:mod:`rpicluster.deploy.supervise` does for ``up``). A unit runs exactly
 the command ``up`` runs on that host: the argv comes from :func:`rpicluster.deploy.remote.command`
 fed the same start spec, with the inventory's interpreter in place of ``sys.executable`` and the
 same work directory and TLS file layout (``<workdir>/tls/{ca,node,node-key}.pem``).
@@ -23,6 +24,7 @@ import getpass
 import os
 import re
 import shlex
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -303,6 +305,13 @@ def write_units(inventory: str | os.PathLike | ClusterSpec, out_dir: str | os.Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ca = None if insecure else CertificateAuthority(cluster_dir(cluster_id(spec.path)) / "tls")
+    if ca is not None:
+        # The same rotation as `up`: a certificate near expiry or of a host that left.
+        why = ca.rotate_if_needed({"scheduler", "client", *(u.cert_name for u in units)})
+        if why is not None:
+            warnings.warn(f"{spec.path}: new certificates ({why}); install every unit again "
+                          "(install.sh): units installed before are refused from now on",
+                          UserWarning, stacklevel=2)
     lines = ["#!/bin/sh", f"# Install the rpicluster units of {spec.path}: review, then run "
              "`sh install.sh` (sudo asks for each host's password).", "set -eu", ""]
     for unit in units:

@@ -23,7 +23,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -79,9 +78,7 @@ def extract_task(model: FrozenModel, images, out_url: str, out_options, block: i
                  block_rows: int, input_size: int, batch_size: int, threads: int | None) -> dict:
     """Extract the features of feature block ``block`` (``block_rows`` rows, one or more image
     blocks read one at a time) and write it as one chunk of the feature store (on a worker)."""
-    import zarr
-
-    from rpicluster.data.store import _crc
+    from rpicluster.data.store import StoreWriter
     from rpicluster.train.tasks import worker_name
 
     with _WORKER_LOCK:
@@ -95,14 +92,11 @@ def extract_task(model: FrozenModel, images, out_url: str, out_options, block: i
             feats.append(extractor.transform(imgs))
             ys.append(y)
             del imgs
-        X, y = np.concatenate(feats).astype(np.float32), np.concatenate(ys).astype(np.int32)
-        root = zarr.open_group(out_url, mode="r+", zarr_format=3, storage_options=out_options)
-        lo = block * block_rows
-        root["X"][lo:lo + len(y)] = X
-        root["y"][lo:lo + len(y)] = y
+        X, y = np.concatenate(feats).astype(np.float32), np.concatenate(ys)
+        crc = StoreWriter.reopen(out_url, out_options).write_block(block, X, y)
         # The per-position checksums of the layout, recorded by the client with the block.
         return {"block": block, "rows": int(len(y)), "worker": worker_name(),
-                "seconds": time.perf_counter() - t0, "crc": {"X": _crc(X), "y": _crc(y)}}
+                "seconds": time.perf_counter() - t0, "crc": crc}
 
 
 def _worker_threads() -> int:
@@ -221,37 +215,23 @@ def _layout(source, frozen: FrozenModel, size: int, n_features: int, block_rows:
 
 def _prepare(url: str, layout: dict, *, resume: bool, overwrite: bool, storage_options):
     """Create the feature store, or reopen one to resume; the blocks already done."""
-    from rpicluster.data import store
+    from rpicluster.data.store import CHECKSUMS_KEY, StoreWriter, check_output
 
-    existing = store._existing_attrs(url, storage_options)
-    if existing is not None and not overwrite:
-        state = "complete" if existing.get("complete") is True else "incomplete"
-        if not resume:
-            hint = ("pass overwrite (--overwrite) to replace it" if state == "complete" else
-                    "pass resume (--resume) to continue it, or overwrite (--overwrite)")
-            article = "an" if state == "incomplete" else "a"
-            raise DataError(f"{url} already holds {article} {state} rpicluster store "
-                            f"({existing.get('source')}); {hint}")
-        # The specific keys first: "source" repeats them all in one string.
-        for key in sorted(layout, key=lambda k: k == "source"):
-            value = layout[key]
-            if existing.get(key) != value:
-                raise DataError(f"cannot resume {url}: its {key} is {existing.get(key)!r}, this "
-                                f"run's is {value!r} (use overwrite to start over)")
+    existing = check_output(url, layout, resume=resume, overwrite=overwrite,
+                            storage_options=storage_options, writer="run")
+    if existing is not None:
         return (set(existing.get("blocks_done", [])), existing.get("complete") is True,
-                existing.get(store.CHECKSUMS_KEY))
-    store._create(url, SimpleNamespace(n_rows=layout["n_rows"], n_features=layout["n_features"],
-                                       dtype=np.dtype(np.float32)),
-                  layout["block_rows"], {**layout, "blocks_done": []}, storage_options)
+                existing.get(CHECKSUMS_KEY))
+    StoreWriter.create(url, {**layout, "blocks_done": []}, dtype=np.float32,
+                       storage_options=storage_options)
     return set(), False, None
 
 
 def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_size, threads,
          resume, overwrite, storage_options, progress) -> FeaturesResult:
-    import zarr
     from distributed import as_completed
 
-    from rpicluster.data.store import CHECKSUMS_KEY, _normalize_url, open_dataset
+    from rpicluster.data.store import CHECKSUMS_KEY, StoreWriter, _normalize_url, open_dataset
 
     t0 = time.perf_counter()
     url = _normalize_url(out)
@@ -265,7 +245,7 @@ def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_siz
     sums = {k: list((sums or {}).get(k) or [None] * n_blocks) for k in ("X", "y")}
     resumed = sorted(done)
     todo = [] if complete else [b for b in range(n_blocks) if b not in done]
-    root = zarr.open_group(url, mode="r+", zarr_format=3, storage_options=storage_options)
+    writer = StoreWriter.reopen(url, storage_options)
     run_id = uuid.uuid4().hex[:8]
     log = _logger(client, run_id)
     log(ev.RUN_START, n_blocks=n_blocks, resumed=len(resumed), rows=source.n_rows)
@@ -291,8 +271,8 @@ def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_siz
                 done.add(b)
                 sums["X"][b], sums["y"][b] = r["crc"]["X"], r["crc"]["y"]
                 # Recorded only after the worker wrote both chunks: resume skips this block.
-                root.attrs.update({"blocks_done": sorted(done), "blocks_written": len(done),
-                                   CHECKSUMS_KEY: sums})
+                writer.record(blocks_done=sorted(done), blocks_written=len(done),
+                              **{CHECKSUMS_KEY: sums})
                 log(ev.EXTRACTED, block=b, rows=r["rows"], worker=r["worker"],
                     seconds=r["seconds"])
                 rate = r["rows"] / r["seconds"] if r["seconds"] > 0 else math.inf
@@ -302,7 +282,7 @@ def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_siz
             client.cancel(futures)
             log(ev.RUN_END)
             raise
-    root.attrs.update({"complete": True})
+    writer.finish()
     log(ev.RUN_END)
     return FeaturesResult(store=open_dataset(url, storage_options), model=frozen.name,
                           sha256=frozen.sha256, input_size=size,

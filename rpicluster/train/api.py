@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -38,6 +39,29 @@ class ClusterChoice:
         return client(self.scheduler, inventory=self.inventory, local=self.local,
                       announce=self.announce)
 
+    @contextlib.contextmanager
+    def run_client(self, kept: Callable[[], str | None], run_dir):
+        """:meth:`client` for a training run that checkpoints into ``run_dir``.
+
+        A run that stops once connected (Ctrl-C, lost scheduler, full disk, a failed task)
+        raises :class:`~rpicluster.errors.TrainingStopped` naming what ``kept()`` says is kept
+        (``"3 of 10 rounds are finished in RUN"``; None when the run never began: the error is
+        then re-raised as it is). Not reaching the scheduler at all is one TrainingError.
+        """
+        address = None  # set once connected: errors after that may leave work to resume
+        try:
+            with self.client() as client:
+                address = client.scheduler.address
+                yield client
+        except BaseException as exc:  # noqa: BLE001 - re-raised, as one line where we can
+            if address is None and _first(exc, _is_connection_error) is not None:
+                raise TrainingError(f"cannot reach the scheduler ({exc}); is the cluster up? "
+                                    "(rpicluster status)") from exc
+            stopped = _stopped(exc, kept(), run_dir, address) if address else None
+            if stopped is None:
+                raise
+            raise stopped from exc
+
 
 @dataclasses.dataclass
 class TrainSummary:
@@ -46,6 +70,14 @@ class TrainSummary:
     sha256: str
     test_accuracy: float | None
     n_workers: int
+
+
+def refuse_existing_model(model_path: str | os.PathLike, overwrite: bool) -> None:
+    """ConfigError when ``model_path`` exists and ``overwrite`` is false (every trainer checks
+    this before it contacts the cluster)."""
+    if Path(model_path).exists() and not overwrite:
+        raise ConfigError(f"model file {model_path} already exists; pass overwrite (--overwrite) "
+                          "to replace it, or choose another output (-o)")
 
 
 def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
@@ -78,9 +110,7 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
 
     model_path = Path(model_path)
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{model_path}.run")
-    if model_path.exists() and not overwrite:
-        raise ConfigError(f"model file {model_path} already exists; pass overwrite (--overwrite) "
-                          "to replace it, or choose another output (-o)")
+    refuse_existing_model(model_path, overwrite)
     if resume:
         # The run's parameters, with any given here on top: RunDir.check_resumable (in train)
         # refuses one that differs, naming it.
@@ -94,26 +124,21 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
     with RunDir(run_dir) as run:
         if overwrite and not resume:
             run.clear()
-        address = None  # set once connected: errors after that may leave blocks to resume
-        try:
-            with (cluster or ClusterChoice()).client() as client:
-                address = client.scheduler.address
-                n_workers = len(client.scheduler_info()["workers"])
-                with Progress("train", total=dataset.n_blocks, unit="blocks",
-                              enabled=show_progress) as progress:
-                    result = train(estimator, dataset, client, run_dir=run_dir, resume=resume,
-                                   validation=test_ds, progress=progress)
-                accuracy = None
-                if test_ds is not None:
-                    accuracy = score_dataset(estimator, test_ds, client)
-        except BaseException as exc:  # noqa: BLE001 - re-raised, as one line where we can
-            if address is None and _first(exc, _is_connection_error) is not None:
-                raise TrainingError(f"cannot reach the scheduler ({exc}); is the cluster up? "
-                                    "(rpicluster status)") from exc
-            stopped = _stopped(exc, run, dataset, address) if address else None
-            if stopped is None:
-                raise
-            raise stopped from exc
+        def kept() -> str | None:
+            if not run.exists():
+                return None  # the run never began: nothing to resume
+            return (f"{len(run.verified())} of {dataset.n_blocks} blocks are committed in "
+                    f"{run.path}")
+
+        with (cluster or ClusterChoice()).run_client(kept, run.path) as client:
+            n_workers = len(client.scheduler_info()["workers"])
+            with Progress("train", total=dataset.n_blocks, unit="blocks",
+                          enabled=show_progress) as progress:
+                result = train(estimator, dataset, client, run_dir=run_dir, resume=resume,
+                               validation=test_ds, progress=progress)
+            accuracy = None
+            if test_ds is not None:
+                accuracy = score_dataset(estimator, test_ds, client)
         digest = save_model(estimator, model_path)
     return TrainSummary(result=result, model_path=model_path, sha256=digest,
                         test_accuracy=accuracy, n_workers=n_workers)
@@ -156,18 +181,18 @@ def _is_connection_error(exc: BaseException) -> bool:
         isinstance(exc, OSError) and not isinstance(exc, WriteError) and "connect" in str(exc))
 
 
-def _stopped(exc: BaseException, run: RunDir, dataset, address: str | None
+def _stopped(exc: BaseException, kept: str | None, run_dir, address: str | None
              ) -> TrainingStopped | None:
-    """The one-line error for a run that stopped after it began; None to re-raise ``exc``.
+    """The one-line error for a run that stopped after it began (``kept`` says what is kept in
+    ``run_dir``); None to re-raise ``exc``.
 
     Cleanup after a lost scheduler can fail in its turn (a timeout while cancelling), so the
     first cause is found by following the exception chain.
     """
-    if not run.exists():
+    if kept is None:
         return None  # the run never began: nothing to resume
-    kept = f"{len(run.verified())} of {dataset.n_blocks} blocks are committed in {run.path}"
     if _first(exc, lambda e: isinstance(e, KeyboardInterrupt)) is not None:
-        return TrainingStopped(f"interrupted: {kept}", run.path, interrupted=True)
+        return TrainingStopped(f"interrupted: {kept}", run_dir, interrupted=True)
     lost = _first(exc, _is_connection_error)
     if lost is not None:
         # Quote the connection error only when it is the cause; one raised while cleaning up
@@ -176,10 +201,10 @@ def _stopped(exc: BaseException, run: RunDir, dataset, address: str | None
                if any(lost is e for e in _causes(_origin(exc))) else
                "it stopped answering and the client gave up reconnecting")
         return TrainingStopped(f"lost the scheduler {address} during training ({why}): "
-                               f"{kept}; bring the cluster back (rpicluster up)", run.path)
+                               f"{kept}; bring the cluster back (rpicluster up)", run_dir)
     cause = _first(exc, lambda e: isinstance(e, (WriteError, TrainingError)))
     if cause is not None and not isinstance(cause, TrainingStopped):
-        return TrainingStopped(f"{cause}; {kept}", run.path)
+        return TrainingStopped(f"{cause}; {kept}", run_dir)
     return None
 
 

@@ -247,7 +247,8 @@ class AveragingResult:
     rounds : list of dict
         One report per round (resumed ones included): ``round``, ``seconds``, ``steps``,
         ``rows``, ``bytes_down`` (global model sent to workers), ``bytes_up`` (updates sent
-        back), ``loss``, ``accuracy`` (validation, or None), ``busy`` (task seconds per worker).
+        back), ``loss``, ``accuracy`` (validation, or None), ``busy`` (task seconds per worker),
+        ``participants`` (the workers whose tasks ran).
     resumed_rounds : int
         Rounds taken from the run directory.
     seconds : float
@@ -313,7 +314,8 @@ def train_averaged(dataset, client, *, model: str = "mlp", params: dict | None =
                    rounds: int = 10, local_epochs: int = 1, sync: str = "round",
                    shards: int | None = None, run_dir=None, resume: bool = False,
                    validation=None, workers: list[str] | None = None,
-                   progress: Progress | None = None, on_round=None) -> AveragingResult:
+                   progress: Progress | None = None, on_round=None,
+                   overwrite: bool = False) -> AveragingResult:
     """Train ``model`` on a Zarr ``dataset`` by averaging local ``partial_fit`` runs.
 
     Parameters
@@ -338,6 +340,8 @@ def train_averaged(dataset, client, *, model: str = "mlp", params: dict | None =
         Round checkpoints; without one nothing is written.
     resume : bool
         Continue the run in ``run_dir`` from its last finished round.
+    overwrite : bool
+        Start afresh in a ``run_dir`` that holds finished rounds (refused otherwise).
     validation : Dataset, optional
         Scored on the cluster after every round (``accuracy`` in the round report).
     workers : list of str, optional
@@ -354,7 +358,7 @@ def train_averaged(dataset, client, *, model: str = "mlp", params: dict | None =
     TrainingError
         A task failed; the message names the round, step and shard.
     """
-    from rpicluster.train.rounds import RoundDir
+    from rpicluster.train.rounds import RoundDir, RoundEvents
     from rpicluster.train.rundir import dataset_identity
 
     t0 = time.perf_counter()
@@ -384,7 +388,8 @@ def train_averaged(dataset, client, *, model: str = "mlp", params: dict | None =
     meta = {"kind": "averaging", "model": model, "params": params, "sync": sync,
             "local_epochs": int(local_epochs), "shards": len(shard_list),
             "dataset": dataset_identity(dataset)}
-    history, global_model = (rundir.begin(meta, resume=resume, expected=cls)
+    history, global_model = (rundir.begin(meta, resume=resume, overwrite=overwrite,
+                                          expected=cls)
                              if rundir is not None else ([], None))
     if global_model is None:
         global_model = make_estimator(model, params)
@@ -408,7 +413,7 @@ def train_averaged(dataset, client, *, model: str = "mlp", params: dict | None =
         batch_rows = batch_rows if isinstance(batch_rows, int) else DEFAULT_BATCH_ROWS
         n_batches = [math.ceil(n / batch_rows) for n in shard_rows]
 
-    with progress:
+    with progress, RoundEvents(client, "averaging", model, int(rounds), history) as events:
         if resumed:
             progress.skip(resumed, note=f"{resumed} rounds resumed")
         for r in range(resumed, int(rounds)):
@@ -456,13 +461,14 @@ def train_averaged(dataset, client, *, model: str = "mlp", params: dict | None =
                          if losses else None),
                 "accuracy": (score_on_cluster(global_model, validation, client, where)
                              if validation is not None else None),
-                "busy": stepper.busy,
+                "busy": stepper.busy, "participants": sorted(stepper.busy),
             }
             history.append(report)
             if rundir is not None:
                 rundir.commit(global_model, report)
             acc = "" if report["accuracy"] is None else f", accuracy {report['accuracy']:.4f}"
             progress.advance(note=f"round {r + 1}: {report['seconds']:.1f} s{acc}")
+            events.round(report)
             if on_round is not None:
                 on_round(report)
     if shard_data is not None:
@@ -497,29 +503,43 @@ class AveragedSummary:
 def train_averaged_model(data: str, model_path: str | os.PathLike, *, model: str = "mlp",
                          params: dict | None = None, rounds: int = 10, local_epochs: int = 1,
                          sync: str = "round", cluster=None, run_dir=None, resume: bool = False,
-                         test: str | None = None, storage_options: dict | None = None,
+                         overwrite: bool = False, test: str | None = None,
+                         storage_options: dict | None = None,
                          show_progress: bool = True) -> AveragedSummary:
     """``rpicluster train --model mlp|sgd``: train on the store ``data``, save to ``model_path``.
 
     ``run_dir`` (default ``<model_path>.run``) receives a checkpoint after every round; with
     ``resume=True`` the run continues from its last finished round. ``test`` is a store scored
-    after every round and at the end.
+    after every round and at the end. An existing ``model_path`` is replaced only with
+    ``overwrite``, which also starts the run directory afresh (unless resuming).
+
+    Raises
+    ------
+    ConfigError
+        ``model_path`` exists (without ``overwrite``), or the run directory holds another run.
+    TrainingStopped
+        The run stopped after it began (Ctrl-C, lost scheduler, a failed task); the message
+        says how many rounds are kept in ``run_dir`` for ``resume``.
     """
     from rpicluster import open_dataset
-    from rpicluster.train.api import ClusterChoice
+    from rpicluster.train.api import ClusterChoice, refuse_existing_model
     from rpicluster.train.modelfile import save_model
+    from rpicluster.train.rounds import RoundDir
 
     model_path = Path(model_path)
+    refuse_existing_model(model_path, overwrite)
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{model_path}.run")
     dataset = open_dataset(data, storage_options=storage_options)
     test_ds = open_dataset(test, storage_options=storage_options) if test else None
-    with (cluster or ClusterChoice()).client() as client:
+    with (cluster or ClusterChoice()).run_client(RoundDir(run_dir).kept(rounds), run_dir
+                                                 ) as client:
         n_workers = len(client.scheduler_info()["workers"])
         with Progress(f"train {model}", total=int(rounds), unit="rounds",
                       enabled=show_progress) as progress:
             result = train_averaged(dataset, client, model=model, params=params, rounds=rounds,
                                     local_epochs=local_epochs, sync=sync, run_dir=run_dir,
-                                    resume=resume, validation=test_ds, progress=progress)
+                                    resume=resume, overwrite=overwrite and not resume,
+                                    validation=test_ds, progress=progress)
     digest = save_model(result.model, model_path)
     accuracy = result.rounds[-1]["accuracy"] if result.rounds else None
     return AveragedSummary(result=result, model_path=model_path, sha256=digest,

@@ -189,7 +189,8 @@ def federate_on(client, hosts: dict[str, str | None], *, model: str = "mlp",
                 params: dict | None = None, rounds: int = 10, local_epochs: int = 1,
                 fraction: float = 1.0, min_clients: int = 1,
                 round_timeout: float | None = None, validation=None, run_dir=None,
-                resume: bool = False, progress: Progress | None = None, on_round=None,
+                resume: bool = False, overwrite: bool = False,
+                progress: Progress | None = None, on_round=None,
                 on_round_start=None) -> FederatedResult:
     """Federated averaging over ``hosts`` (Dask worker name -> path of its own store).
 
@@ -213,7 +214,8 @@ def federate_on(client, hosts: dict[str, str | None], *, model: str = "mlp",
     validation : Dataset, optional
         A labelled store on the desktop, scored after every round (read here, not on a host).
     run_dir : path, optional
-        Round checkpoints. ``resume`` continues from its last finished round.
+        Round checkpoints. ``resume`` continues from its last finished round; ``overwrite``
+        starts afresh in one that holds finished rounds (refused otherwise).
     on_round, on_round_start : callable, optional
         ``on_round(report)`` after each round is checkpointed; ``on_round_start(round,
         participants)`` right after a round's tasks are submitted.
@@ -225,7 +227,7 @@ def federate_on(client, hosts: dict[str, str | None], *, model: str = "mlp",
     TrainingError
         Fewer than ``min_clients`` hosts connected.
     """
-    from rpicluster.train.rounds import RoundDir
+    from rpicluster.train.rounds import RoundDir, RoundEvents
 
     t0 = time.perf_counter()
     if not 0 < float(fraction) <= 1:
@@ -276,7 +278,8 @@ def federate_on(client, hosts: dict[str, str | None], *, model: str = "mlp",
     meta = {"kind": "federated", "model": model, "params": params,
             "local_epochs": int(local_epochs), "n_features": int(n_features),
             "label_kind": label_kind, "classes": classes}
-    history, global_model = (rundir.begin(meta, resume=resume, expected=cls)
+    history, global_model = (rundir.begin(meta, resume=resume, overwrite=overwrite,
+                                          expected=cls)
                              if rundir is not None else ([], None))
     if global_model is None:
         global_model = make_estimator(model, params)
@@ -287,7 +290,7 @@ def federate_on(client, hosts: dict[str, str | None], *, model: str = "mlp",
 
     resumed = len(history)
     progress = progress or Progress.null()
-    with progress:
+    with progress, RoundEvents(client, "federated", model, int(rounds), history) as events:
         if resumed:
             progress.skip(resumed, note=f"{resumed} rounds resumed")
         for r in range(resumed, int(rounds)):
@@ -333,6 +336,7 @@ def federate_on(client, hosts: dict[str, str | None], *, model: str = "mlp",
             acc = "" if report["accuracy"] is None else f", accuracy {report['accuracy']:.4f}"
             gone = f", left out: {', '.join(sorted(why))}" if why else ""
             progress.advance(note=f"round {r + 1}: {len(done)} hosts{acc}{gone}")
+            events.round(report)
             if on_round is not None:
                 on_round(report)
     if not _fitted(global_model):
@@ -399,31 +403,43 @@ def federate(inventory, model_path, *, model: str = "mlp", params: dict | None =
              data: str | None = None, rounds: int = 10, local_epochs: int = 1,
              fraction: float = 1.0, min_clients: int = 1, round_timeout: float | None = None,
              validation: str | None = None, run_dir=None, resume: bool = False,
-             show_progress: bool = True, on_round=None, on_round_start=None
-             ) -> tuple[FederatedResult, str]:
+             overwrite: bool = False, show_progress: bool = True, on_round=None,
+             on_round_start=None) -> tuple[FederatedResult, str]:
     """``rpicluster federate``: FedAvg over the workers of ``inventory``; save the model.
 
     Each worker trains on ``data`` (the same path on every host) or, without it, on the
     ``data`` path its inventory entry gives. ``run_dir`` defaults to ``<model_path>.run``.
-    Returns the result and the model file's sha256.
+    An existing ``model_path`` is replaced only with ``overwrite``, which also starts the run
+    directory afresh (unless resuming). Returns the result and the model file's sha256.
+
+    Raises
+    ------
+    ConfigError
+        ``model_path`` exists (without ``overwrite``), or the run directory holds another run.
+    TrainingStopped
+        The run stopped after it began (Ctrl-C, lost scheduler); the message says how many
+        rounds are kept in ``run_dir`` for ``resume``.
     """
     from rpicluster import open_dataset
     from rpicluster.inventory import load_inventory
-    from rpicluster.train.api import ClusterChoice
+    from rpicluster.train.api import ClusterChoice, refuse_existing_model
     from rpicluster.train.modelfile import save_model
+    from rpicluster.train.rounds import RoundDir
 
+    refuse_existing_model(model_path, overwrite)
     spec = load_inventory(inventory)
     hosts = {w.name: data or w.data for w in spec.workers}
     model_path = Path(model_path)
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{model_path}.run")
     val = open_dataset(validation) if validation else None
-    with ClusterChoice(inventory=os.fspath(inventory)).client() as client:
+    choice = ClusterChoice(inventory=os.fspath(inventory))
+    with choice.run_client(RoundDir(run_dir).kept(rounds), run_dir) as client:
         with Progress(f"federate {model}", total=int(rounds), unit="rounds",
                       enabled=show_progress) as progress:
             result = federate_on(client, hosts, model=model, params=params, rounds=rounds,
                                  local_epochs=local_epochs, fraction=fraction,
                                  min_clients=min_clients, round_timeout=round_timeout,
                                  validation=val, run_dir=run_dir, resume=resume,
-                                 progress=progress, on_round=on_round,
-                                 on_round_start=on_round_start)
+                                 overwrite=overwrite and not resume, progress=progress,
+                                 on_round=on_round, on_round_start=on_round_start)
     return result, save_model(result.model, model_path)

@@ -9,6 +9,14 @@ bounds each worker's memory to about two blocks whatever the dataset size. As ea
 return, the block model is assembled, the next block is submitted, and the model is committed to
 the run directory by a background thread; a resumed run skips the committed blocks.
 :class:`TrainingRun` is the run loop.
+
+Uneven workers (a Pi next to a desktop) must not hold the tail of a run. A worker measured much
+slower than the others gets no new block near the end when the faster ones would finish it
+sooner (:func:`worth_a_block`), and once every block is submitted, a task running late on one
+worker while another worker is idle is run again there under its own key (``…-copy``): a
+partition with its whole block graph, a fit with the same piece. Every task is a pure function
+of its seeded inputs, so both copies compute the same result; the first to finish is taken and
+the other cancelled (:meth:`TrainingRun.speculate`).
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ class TrainResult:
     trained_blocks, resumed_blocks : list of int
         Blocks fitted by this call, and blocks taken from the run directory.
     tasks_per_worker, rows_per_worker, busy_seconds_per_worker : Counter
-        Partition and fit tasks, rows processed and task seconds, by worker name.
+        Partition and fit tasks whose results were taken, their rows and task seconds, by
+        worker name (a speculative copy's loser is not counted).
     run_dir : Path or None
     phases : dict
         Seconds by phase: on the workers ``read``, ``kmeans``, ``sort``, ``fit`` (task time,
@@ -53,6 +62,9 @@ class TrainResult:
         ``driver-commit`` (waiting for the background writer at the end).
     window : int
         Blocks that were in flight at once.
+    speculation : Counter
+        ``copies`` (tasks run again on an idle worker because they ran late elsewhere) and
+        ``won`` (copies whose result was the one taken).
     """
 
     model: object
@@ -65,6 +77,7 @@ class TrainResult:
     run_dir: Path | None = None
     phases: dict = dataclasses.field(default_factory=dict)
     window: int = 0
+    speculation: Counter = dataclasses.field(default_factory=Counter)
 
     def rows_per_second(self) -> dict:
         """Per-worker throughput over the time each worker spent in tasks."""
@@ -79,17 +92,49 @@ class _Block:
         self.index = index
         self.planned = planned  # the worker chosen to partition it (None: Dask chooses)
         self.address: str | None = None  # the worker that did, and holds its rows
-        self.futures: list = []  # the client's references: meta and the fits
+        self.futures: list = []  # the client's references: meta and the fits (and copies)
+        self.pieces: dict = {}  # fit group -> piece future, until the group is fitted
         self.meta: dict | None = None
         self.models: dict[int, object] = {}  # cluster -> LocalModel
+        self.fitted: set[int] = set()  # fit groups whose result was taken
         self.fits_left = 0
         self.n_clusters = 0
 
     def complete(self) -> bool:
         return self.meta is not None and self.fits_left == 0
 
+    def group_rows(self, group: int) -> int:
+        """Rows of fit group ``group`` (0 for a group the block does not have)."""
+        groups = self.meta["groups"]
+        if group >= len(groups):
+            return 0
+        first, stop = groups[group]
+        return int(sum(self.meta["sizes"][first:stop]))
+
 
 VALIDATE = "validate"  # marks a validation-scoring future in the driver's bookkeeping
+
+
+# A task runs late when it has taken this many times the seconds its rows should take (at the
+# median seconds per row of its phase so far), plus a margin for scheduling noise.
+LATE_FACTOR = 2.0
+LATE_MARGIN_S = 0.5
+# How often the run loop looks for late tasks while no result arrives.
+TICK_S = 0.25
+
+
+def worth_a_block(slowness: float | None, remaining: int, faster: int) -> bool:
+    """Whether a worker ``slowness`` times slower than usual should take one of the
+    ``remaining`` unstarted blocks, when ``faster`` faster workers could take it instead.
+
+    The block would end ``slowness`` block-times from now on this worker; the faster workers
+    finish the other ``remaining - 1`` in about ``(remaining - 1) / faster`` block-times after
+    the one they hold. Near the end of a run that is sooner, and the slow worker would hold the
+    tail: it gets the block only while ``remaining > faster * (slowness - 1)``.
+    """
+    if slowness is None or slowness <= 1.5 or faster == 0:
+        return True
+    return remaining > faster * (slowness - 1)
 
 
 def _log(client, kind: str, **fields) -> None:
@@ -144,7 +189,9 @@ class TrainingRun:
       are held, a fit result is stored, a validation result is counted;
     * :meth:`commit` assembles a complete block model, submits the next partition first (so the
       workers never wait on the driver), then hands the run-directory write to a background
-      thread (a skops dump and two fsyncs are the driver's slowest step).
+      thread (a skops dump and two fsyncs are the driver's slowest step);
+    * :meth:`speculate`, once every block is submitted, runs a late task again on an idle
+      worker (the first copy to finish is taken, the other cancelled).
 
     ``driver_seconds`` records where the driver's own time goes (``assemble``, ``commit``
     [waiting for the writer thread at the end], ``validation``), for the per-phase table of
@@ -186,7 +233,20 @@ class TrainingRun:
         self.holding: Counter = Counter()  # worker address -> blocks held or planned there
         self.todo: list[int] = []
         self.resumed: list[int] = []
+        self.n_submitted = 0
         self._pending = iter(())
+        # Speculation: original partition/fit keys that may be copied -> (block, phase, group),
+        # when each became runnable, when each worker last returned a result, seconds per row
+        # by phase (all workers) and each worker's seconds per row over its phase's median.
+        self.speculable: dict[str, tuple[int, str, int | None]] = {}
+        self.ready_at: dict[str, float] = {}
+        self.last_seen: dict[str, float] = {}
+        self.per_row: dict[str, list[float]] = {"partition": [], "fit": []}
+        self.slowness_obs: dict[str, list[float]] = {}
+        self.copies: set[str] = set()
+        self.speculation: Counter = Counter()
+        self.first_result: float | None = None  # workers import their libraries before it
+        self.started = self.warm_up = 0.0
         self._writer = None
         self._writes: list = []  # (block, concurrent future) of run-directory commits
 
@@ -220,9 +280,38 @@ class TrainingRun:
         return self.dataset.block_rows * (self.dataset.n_features * 4 + 4)
 
     def _free_worker(self) -> str | None:
-        """The worker with the most free slots (None when there are no workers)."""
-        free = {a: n - self.holding[a] for a, n in self.slots.items()}
-        return max(free, key=free.get) if free else None
+        """The worker with the most free slots that is worth the next block
+        (:func:`worth_a_block`); None when there is none."""
+        free = {a: n - self.holding[a] for a, n in self.slots.items() if n > self.holding[a]}
+        remaining = len(self.todo) - self.n_submitted
+        for a in sorted(free, key=free.get, reverse=True):
+            slow = self._slowness(a)
+            faster = sum(1 for o in self.slots if o != a and (self._slowness(o) or 1.0) < slow) \
+                if slow is not None else 0
+            if worth_a_block(slow, remaining, faster):
+                return a
+        return None
+
+    def _slowness(self, address: str) -> float | None:
+        """A worker's seconds per row over its phase's median (1: usual), None before it has
+        returned anything."""
+        obs = self.slowness_obs.get(address)
+        return float(np.median(obs)) if obs else None
+
+    def _observe(self, address: str | None, phase: str, rows: int, seconds: float) -> None:
+        """Record a result's speed, for late-task detection and block planning."""
+        now = time.perf_counter()
+        if self.first_result is None:
+            self.first_result, self.warm_up = now, now - self.started
+        if address is not None:
+            self.last_seen[address] = now
+        if rows <= 0 or address is None:
+            return
+        per_row = seconds / rows
+        self.per_row[phase].append(per_row)
+        median = float(np.median(self.per_row[phase]))
+        if median > 0:
+            self.slowness_obs.setdefault(address, []).append(per_row / median)
 
     def _key(self, phase: str, *parts) -> str:
         return "-".join([phase, self.run_id, *(str(p) for p in parts)])
@@ -242,12 +331,12 @@ class TrainingRun:
             return False
         # A window the caller fixed is taken as is, and Dask places the blocks.
         planned = self._free_worker() if self.max_blocks_in_flight is None else None
-        if self.max_blocks_in_flight is None and (
-                planned is None or self.holding[planned] >= self.slots[planned]):
+        if self.max_blocks_in_flight is None and planned is None:
             return False  # every worker holds all the blocks its memory allows
         b = next(self._pending, None)
         if b is None:
             return False
+        self.n_submitted += 1
         blk = self.in_flight[b] = _Block(b, planned)
         where = self.where
         if planned is not None:
@@ -264,22 +353,36 @@ class TrainingRun:
         part = self.client.submit(tasks.partition_task, self.dataset, b, self.params,
                                   self.random_state, key=self._key("partition", b),
                                   priority=-b, **where)
-        meta = self.client.submit(tasks.block_meta, part, key=self._key("meta", b),
+        self.speculable[part.key] = (b, "partition", None)
+        self.ready_at[part.key] = time.perf_counter()
+        self._submit_rest(blk, part, where, self.where)
+        blk.fits_left = int(self.params["n_clusters"])
+        return True
+
+    def _submit_rest(self, blk: _Block, part, where: dict, fit_where: dict,
+                     suffix: tuple = ()) -> None:
+        """Meta, pieces (where the partition is) and fits of a block's partition ``part``."""
+        b = blk.index
+        meta = self.client.submit(tasks.block_meta, part, key=self._key("meta", b, *suffix),
                                   priority=-b, **where)
         self.owner[meta.key] = (b, None)
         self.queue.add(meta)
-        blk.futures = [meta]
+        blk.futures.append(meta)
         for g in range(int(self.params["n_clusters"])):
             piece = self.client.submit(tasks.cluster_piece, part, g,
-                                       key=self._key("piece", b, g), priority=-b, **where)
+                                       key=self._key("piece", b, g, *suffix), priority=-b,
+                                       **where)
             fit = self.client.submit(tasks.fit_task, piece, b, g, self.params,
-                                     self.random_state, key=self._key("fit", b, g),
-                                     priority=-b, **self.where)
+                                     self.random_state, key=self._key("fit", b, g, *suffix),
+                                     priority=-b, **fit_where)
             self.owner[fit.key] = (b, g)
             self.queue.add(fit)
             blk.futures.append(fit)
-        blk.fits_left = int(self.params["n_clusters"])
-        return True
+            if suffix:
+                self.copies.update((meta.key, fit.key))
+            else:
+                blk.pieces[g] = piece  # kept for a copy of its fit (speculate)
+                self.speculable[fit.key] = (b, "fit", g)
 
     def submit_validation(self, b: int, model) -> None:
         """Score block model ``b`` on every validation block (``score-…`` tasks)."""
@@ -297,9 +400,19 @@ class TrainingRun:
     # --- results ---
 
     def on_result(self, future, result) -> None:
-        """Take one finished task's result (raises TrainingError for a failed task)."""
+        """Take one finished task's result (raises TrainingError for a failed task).
+
+        Of a task and its speculative copy the first result is taken; the other's result,
+        failure or cancellation is dropped (a result still tells how fast its worker was)."""
         b, j = self.owner.pop(future.key)
-        if future.status == "error":
+        copy = future.key in self.copies
+        self.copies.discard(future.key)
+        self.speculable.pop(future.key, None)
+        blk = self.in_flight.get(b) if j != VALIDATE else None
+        needed = blk is not None and (blk.meta is None if j is None else j not in blk.fitted)
+        if future.status != "finished":
+            if copy or (j != VALIDATE and not needed):
+                return  # a cancelled or failed copy, or a loser: the other one counts
             _raise_task_error(future, b, None if j == VALIDATE else j)
         if j == VALIDATE:
             left, correct, total = self.scores[b]
@@ -308,7 +421,12 @@ class TrainingRun:
                 _log(self.client, ev.VALIDATION, run_id=self.run_id, block=b,
                      accuracy=self.scores[b][1] / max(self.scores[b][2], 1))
             return
-        blk = self.in_flight[b]
+        self._observe(result.get("address"), "fit" if j is not None else "partition",
+                      result["rows"], result["seconds"])
+        if not needed:
+            return  # the other copy's result was taken first
+        if copy:
+            self.speculation["won"] += 1
         w = result["worker"]
         if result["rows"]:
             self.counts[w] += 1
@@ -316,6 +434,9 @@ class TrainingRun:
             self.busy[w] += result["seconds"]
         if j is None:
             blk.meta = result
+            now = time.perf_counter()
+            for g in range(int(self.params["n_clusters"])):  # the fits can run from now
+                self.ready_at[self._key("fit", b, g)] = now
             blk.n_clusters = len(result["sizes"])
             blk.address = result["address"]
             if blk.planned != blk.address:  # Dask chose, or the planned worker left
@@ -327,6 +448,8 @@ class TrainingRun:
             _log(self.client, ev.PARTITIONED, run_id=self.run_id, block=b, rows=result["rows"],
                  worker=w, seconds=result["seconds"])
         else:
+            blk.fitted.add(j)
+            blk.pieces.pop(j, None)
             blk.fits_left -= 1
             self.worker_phases["fit"] += result["seconds"]
             self.worker_phases["fit-cpu"] += result.get("cpu", 0.0)
@@ -350,6 +473,9 @@ class TrainingRun:
 
         b = blk.index
         del self.in_flight[b]  # drops the futures: the block's data leaves the workers
+        losers = [f for f in blk.futures if not f.done()]  # a task's slower copy
+        if losers:
+            self.client.cancel(losers)
         if blk.address is not None and self.holding[blk.address] > 0:
             self.holding[blk.address] -= 1
         if self.max_blocks_in_flight is None:
@@ -392,18 +518,113 @@ class TrainingRun:
         if wait:
             self.driver_seconds["commit"] += time.perf_counter() - t0
 
+    # --- the tail ---
+
+    def speculate(self) -> int:
+        """Once every block is submitted, run late tasks again on idle workers; the copies
+        submitted.
+
+        A partition or fit task is late when it has run ``LATE_FACTOR`` times the seconds its
+        rows take at its phase's median seconds per row (plus ``LATE_MARGIN_S``); its start is
+        taken as the latest of when it could run, when its worker last returned a result and
+        the run's first result (before it, every worker imports its libraries; a worker yet to
+        return anything is allowed that warm-up again). The
+        oldest block's late task goes to an idle worker first; a worker measured slower than
+        the late task's own is not given it. A late partition is copied with its whole block
+        graph (meta and pieces on the idle worker, fits on any worker but the late one's), a
+        late fit with the same piece. Each task is copied once.
+        """
+        if self.n_submitted < len(self.todo) or not self.in_flight or len(self.slots) < 2:
+            return 0
+        processing = self.client.processing(list(self.slots))
+        idle = [a for a in self.slots if not processing.get(a)]
+        if not idle:
+            return 0
+        now = time.perf_counter()
+        late = []
+        for addr, keys in processing.items():
+            for key in keys:
+                spec = self.speculable.get(str(key))
+                if spec is None or not self.per_row[spec[1]]:
+                    continue
+                b, phase, g = spec
+                blk = self.in_flight.get(b)
+                if blk is None or (blk.meta is not None if g is None else
+                                   blk.meta is None or g in blk.fitted):
+                    continue
+                rows = blk.group_rows(g) if g is not None else self.dataset.block_rows
+                expected = float(np.median(self.per_row[phase])) * rows
+                started = max(self.ready_at.get(str(key), now), self.last_seen.get(addr, 0.0),
+                              self.first_result or now)
+                # A worker yet to return anything may still be importing: it gets the time
+                # the first result took.
+                cold = 0.0 if addr in self.last_seen else self.warm_up
+                if rows and now - started > LATE_FACTOR * expected + LATE_MARGIN_S + cold:
+                    late.append((b, -1 if g is None else g, str(key), addr))
+        n = 0
+        for b, g, key, addr in sorted(late):
+            mine = self._slowness(addr)
+            target = next((a for a in idle if a != addr and (
+                mine is None or (self._slowness(a) or 1.0) < mine)), None)
+            if target is None:
+                continue
+            idle.remove(target)
+            del self.speculable[key]
+            self._copy(self.in_flight[b], None if g < 0 else g, target, addr)
+            n += 1
+        self.speculation["copies"] += n
+        return n
+
+    def _copy(self, blk: _Block, group: int | None, target: str, late: str) -> None:
+        """Run a late partition (``group`` None) or fit again on ``target``."""
+        b, pin = blk.index, {"workers": [target], "allow_other_workers": False}
+        if group is not None:
+            fit = self.client.submit(tasks.fit_task, blk.pieces[group], b, group, self.params,
+                                     self.random_state, key=self._key("fit", b, group, "copy"),
+                                     priority=-b, **pin)
+            self.owner[fit.key] = (b, group)
+            self.copies.add(fit.key)
+            self.queue.add(fit)
+            blk.futures.append(fit)
+            return
+        part = self.client.submit(tasks.partition_task, self.dataset, b, self.params,
+                                  self.random_state, key=self._key("partition", b, "copy"),
+                                  priority=-b, **pin)
+        others = [a for a in self.slots if a != late]
+        self._submit_rest(blk, part, pin, {"workers": others, "allow_other_workers": False},
+                          suffix=("copy",))
+
     # --- the loop ---
 
+    def _results(self):
+        """The queue's (future, result) pairs as they finish, and None every ``TICK_S`` while
+        none does (so the loop can look at the tail); ends when the queue is empty."""
+        queue = self.queue
+        while True:
+            deadline = time.monotonic() + TICK_S
+            while not queue.has_ready():
+                if queue.is_empty():
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                with queue.thread_condition:
+                    queue.thread_condition.wait(timeout=min(left, 0.1))
+            yield next(queue) if queue.has_ready() else None
+
     def _loop(self) -> None:
-        """Submit and take results until every block is committed (the watch says what it
-        waits on, and stops the run after too long without a worker)."""
+        """Submit and take results until every block is committed; the watch says what the
+        run waits on, and stops it after too long without a worker."""
         n = self.dataset.n_blocks
         while True:
             while self.submit_partition():
                 pass
-            for future, result in self.watch.results(self.queue):
-                self.on_result(future, result)
+            for item in self._results():
+                if item is not None:
+                    self.on_result(*item)
                 self._drain_writes(wait=False)
+                self.speculate()
+                self.watch.tick(f"{n - len(self.done)} of {n} blocks left to train")
             left = n - len(self.done) - len(self.in_flight)
             if not left:
                 return
@@ -416,6 +637,7 @@ class TrainingRun:
         """Prepare, then submit and take results until every block is committed."""
         t0 = time.perf_counter()
         self.prepare()
+        self.started = time.perf_counter()
         ds = self.dataset
         _log(self.client, ev.RUN_START, run_id=self.run_id, n_blocks=ds.n_blocks,
              resumed=len(self.resumed), n_clusters=int(self.params["n_clusters"]),
@@ -447,7 +669,7 @@ class TrainingRun:
                            run_dir=self.rundir.path if self.rundir else None,
                            phases={**self.worker_phases, **{f"driver-{k}": v for k, v in
                                                             self.driver_seconds.items()}},
-                           window=self.window)
+                           window=self.window, speculation=self.speculation)
 
 
 def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,

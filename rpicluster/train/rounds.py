@@ -11,14 +11,18 @@ Layout::
 A round counts as finished only once ``rounds.json`` lists it, and that file is replaced after
 the model file is complete, so a crash at any point leaves the previous round's state intact.
 Only the newest two model files are kept.
+
+:class:`RoundEvents` publishes the rounds to the ``/rpicluster`` page as they finish.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 
+from rpicluster import events as ev
 from rpicluster.errors import ConfigError, ModelError
 from rpicluster.train.modelfile import atomic_write_bytes, load_model, save_model
 
@@ -57,15 +61,22 @@ class RoundDir:
         """The report of every finished round, oldest first."""
         return self._state()["rounds"]
 
-    def create(self, meta: dict) -> None:
-        """Start a new run; refuses a directory that already holds finished rounds."""
-        if self.meta_path.is_file() and self.history():
+    def exists(self) -> bool:
+        return self.meta_path.is_file()
+
+    def create(self, meta: dict, *, overwrite: bool = False) -> None:
+        """Start a new run; refuses a directory that already holds finished rounds unless
+        ``overwrite`` (they are then forgotten and their model files deleted)."""
+        if self.exists() and self.history() and not overwrite:
             raise ConfigError(f"run directory {self.path} already holds "
-                              f"{len(self.history())} finished rounds; resume it with --resume "
-                              "or choose another directory")
+                              f"{len(self.history())} finished rounds; resume it with --resume, "
+                              "start afresh with --overwrite, or choose another directory")
+        # The empty round list first: from then on no old round counts as finished.
+        atomic_write_bytes(self.rounds_path, json.dumps({"rounds": [], "model": None}).encode())
+        for old in (self.path / "models").glob("round-*.skops*"):
+            old.unlink(missing_ok=True)
         atomic_write_bytes(self.meta_path, json.dumps(
             {"format": FORMAT, **meta, "created": time.time()}, indent=2).encode())
-        atomic_write_bytes(self.rounds_path, json.dumps({"rounds": [], "model": None}).encode())
 
     def check_resumable(self, meta: dict) -> dict:
         """The recorded run description; ConfigError naming the first key that differs."""
@@ -79,11 +90,12 @@ class RoundDir:
                                   f"the run, now {value!r}")
         return recorded
 
-    def begin(self, meta: dict, *, resume: bool, expected=None) -> tuple[list[dict], object]:
-        """Start the run described by ``meta``, or resume it: ``(history, latest model)``, the
-        model None before the first finished round."""
+    def begin(self, meta: dict, *, resume: bool, overwrite: bool = False, expected=None
+              ) -> tuple[list[dict], object]:
+        """Start the run described by ``meta`` (over an old one with ``overwrite``), or resume
+        it: ``(history, latest model)``, the model None before the first finished round."""
         if not resume:
-            self.create(meta)
+            self.create(meta, overwrite=overwrite)
             return [], None
         self.check_resumable(meta)
         return self.history(), self.latest_model(expected=expected)
@@ -101,6 +113,16 @@ class RoundDir:
             old.unlink(missing_ok=True)
             Path(f"{old}.sha256").unlink(missing_ok=True)
 
+    def kept(self, rounds: int):
+        """For :meth:`~rpicluster.train.api.ClusterChoice.run_client`: a function saying how many
+        of ``rounds`` are finished here (None while no run has begun: nothing to resume)."""
+        def describe() -> str | None:
+            if not self.exists():
+                return None
+            return f"{len(self.history())} of {int(rounds)} rounds are finished in {self.path}"
+
+        return describe
+
     def latest_model(self, expected=None):
         """The global model after the last finished round, or None before the first."""
         entry = self._state()["model"]
@@ -111,3 +133,42 @@ class RoundDir:
                               expected=expected)
         except ModelError as exc:
             raise ModelError(f"cannot resume {self.path}: {exc}") from None
+
+
+class RoundEvents:
+    """Publishes a round-based run to the ``/rpicluster`` page (``ROUNDS_TOPIC`` events).
+
+    A context manager around the run's rounds: entering publishes ``run-start`` and the resumed
+    rounds of ``history`` (so a resumed run shows its whole history), :meth:`round` each new
+    round, leaving ``run-end`` (also when the run fails). Events go through
+    ``client.log_event`` to the scheduler, where the page's plugin folds them; nothing is
+    installed from the client.
+    """
+
+    def __init__(self, client, mode: str, model: str, n_rounds: int, history: list[dict]):
+        self.client, self.mode, self.model, self.n_rounds = client, mode, model, int(n_rounds)
+        self.history = list(history)
+        self.run_id = f"{mode}-{uuid.uuid4().hex[:8]}"
+
+    def _log(self, kind: str, **fields) -> None:
+        self.client.log_event(ev.ROUNDS_TOPIC, ev.make_event(kind, run_id=self.run_id, **fields))
+
+    def __enter__(self) -> "RoundEvents":
+        self._log(ev.RUN_START, mode=self.mode, model=self.model, n_rounds=self.n_rounds,
+                  resumed=len(self.history))
+        for report in self.history:
+            self.round(report)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # May fail in turn (a lost scheduler); the run's own error stays in the chain.
+        self._log(ev.RUN_END)
+
+    def round(self, report: dict) -> None:
+        """Publish one finished round's report (the fields the page shows)."""
+        self._log(ev.ROUND, round=int(report["round"]),
+                  participants=[str(p) for p in report.get("participants", [])],
+                  left_out={str(h): str(why) for h, why in report.get("left_out", {}).items()},
+                  rows=int(report["rows"]), bytes_down=int(report["bytes_down"]),
+                  bytes_up=int(report["bytes_up"]), seconds=float(report["seconds"]),
+                  loss=report.get("loss"), accuracy=report.get("accuracy"))

@@ -190,8 +190,7 @@ def fit_task(piece, block: int, group: int, params: dict, random_state: int) -> 
     -------
     dict
         ``models`` (one LocalModel per cluster, from cluster ``first`` on), ``first``, ``sizes``,
-        ``rows``,
-        ``worker``, ``seconds``, ``cpu`` (the task's CPU seconds).
+        ``rows``, ``worker``, ``address``, ``seconds``, ``cpu`` (the task's CPU seconds).
     """
     from rpicluster.models.ksgd import fit_cluster, task_seed
 
@@ -204,8 +203,8 @@ def fit_task(piece, block: int, group: int, params: dict, random_state: int) -> 
                                       seed=task_seed(random_state, block, first_cluster + i)))
     return {"models": models, "first": int(first_cluster), "sizes": np.diff(bounds).tolist(),
             "rows": int(X.shape[0]),
-            "worker": worker_name(), "seconds": time.perf_counter() - t0,
-            "cpu": time.thread_time() - c0}
+            "worker": worker_name(), "address": worker_address(),
+            "seconds": time.perf_counter() - t0, "cpu": time.thread_time() - c0}
 
 
 def predict_task(model, dataset, block: int) -> np.ndarray:

@@ -214,18 +214,6 @@ class ClusterWatch:
             f"waited {waited:.0f} s (RPICLUSTER_NO_WORKER_TIMEOUT); see which are missing with "
             f"rpicluster status, start them with rpicluster up")
 
-    def results(self, queue, what: str = "blocks left to train"):
-        """Yield ``queue``'s (future, result) pairs as they come, looking at the workers while
-        none is ready (``queue``: a ``distributed.as_completed`` with results)."""
-        while True:
-            while not queue.has_ready():
-                if queue.is_empty():
-                    return
-                self.tick(what)
-                with queue.thread_condition:  # notified as each future finishes
-                    queue.thread_condition.wait(timeout=0.1)
-            yield next(queue)
-
     def wait(self, futures: list, what: str) -> None:
         """``distributed.wait(futures)``, looking at the workers every ``interval`` meanwhile."""
         from distributed import wait

@@ -1,0 +1,99 @@
+"""The scheduler preload that narrows what a connection may ask of the schedulers rpicluster starts.
+
+``dask scheduler --preload rpicluster.deploy.guard`` (``up``, ``deploy systemd`` and the embedded
+cluster all pass it) does two things when the scheduler starts:
+
+* it blocks the operations whose purpose is to run a function a client sends *on the scheduler*:
+  ``run_function`` (``client.run_on_scheduler``), ``register_scheduler_plugin``
+  (``client.register_plugin(SchedulerPlugin)``) and ``feed`` (distributed's progress streams).
+  rpicluster's own scheduler side (the ``/rpicluster`` page) comes by its own preload. Dask's
+  ``distributed.scheduler.pickle: false`` would be the stock switch, but distributed >= 2024
+  refuses to start a scheduler with it (task graphs themselves travel pickled).
+* over TLS, it refuses the operations that control the cluster rather than compute on it
+  (:data:`CLIENT_ONLY`: ``client.run``/broadcast, worker and nanny plugins, restart, terminate,
+  rebalance, replicate, cluster dumps) to a peer whose certificate has role ``worker``
+  (:mod:`rpicluster.deploy.tls`). A worker's certificate may still open a client: tasks do
+  (``get_client``, joblib's dask backend), so it can submit tasks.
+
+What it cannot stop is written down in README's security section: task graphs are unpickled on
+the scheduler, and distributed unpickles the pickled parts of any message before a handler runs,
+so the holder of *any* certificate of the cluster can still run code on the scheduler.
+
+Standard library only at import time (``rpicluster.deploy.remote`` names it).
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+#: Module name for ``--preload`` (before the dashboard's, so the page is installed on a guarded
+#: scheduler).
+GUARD = "rpicluster.deploy.guard"
+
+#: Operations blocked on the scheduler: they run a function a client sent on it.
+REMOVED = ("run_function", "register_scheduler_plugin", "feed")
+
+#: Operations a peer holding a worker's certificate may not call: they control the cluster
+#: (run code on every worker, install plugins, restart, stop, move data around), which neither a
+#: worker nor a task needs. Workers retire themselves through ``retire_workers``: not listed.
+CLIENT_ONLY = ("broadcast", "proxy", "terminate", "restart", "restart_workers", "rebalance",
+               "replicate", "register_worker_plugin", "unregister_worker_plugin",
+               "register_nanny_plugin", "unregister_nanny_plugin", "unregister_scheduler_plugin",
+               "dump_cluster_state_to_url", "get_cluster_state", "benchmark_hardware")
+
+
+class RefusedOperation(PermissionError):
+    """A guarded scheduler's answer to an operation it does not allow this peer."""
+
+
+def peer_role(comm) -> str | None:
+    """The role (organizational unit) of the TLS certificate ``comm``'s peer presented, or None."""
+    cert = (getattr(comm, "extra_info", None) or {}).get("peercert") or {}
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "organizationalUnitName":
+                return value
+    return None
+
+
+def _client_only(op: str, handler):
+    from distributed.core import _expects_comm
+
+    pass_comm = _expects_comm(handler)
+
+    # distributed passes the comm to a handler whose first parameter is named "comm".
+    def guarded(comm, *args, **kwargs):
+        if peer_role(comm) == "worker":
+            logger.warning("refused %r from %s: a worker certificate", op, comm.peer_address)
+            raise RefusedOperation(f"{op!r} needs a client certificate, not a worker's")
+        return handler(comm, *args, **kwargs) if pass_comm else handler(*args, **kwargs)
+
+    guarded.__name__ = getattr(handler, "__name__", op)
+    guarded._rpicluster_guarded = True
+    return guarded
+
+
+def guard(scheduler) -> None:
+    """Remove :data:`REMOVED` and restrict :data:`CLIENT_ONLY` on ``scheduler`` (idempotent)."""
+    # distributed's own switch (config distributed.scheduler.blocked-handlers): the caller gets
+    # "The 'run_function' handler has been explicitly disallowed in Scheduler".
+    scheduler.blocked_handlers = [*scheduler.blocked_handlers,
+                                  *(op for op in REMOVED if op not in scheduler.blocked_handlers)]
+    for op in CLIENT_ONLY:
+        handler = scheduler.handlers.get(op)
+        if handler is not None and not getattr(handler, "_rpicluster_guarded", False):
+            scheduler.handlers[op] = _client_only(op, handler)
+
+
+async def dask_setup(scheduler) -> None:
+    """Preload hook: guard the scheduler (refused on a worker or nanny)."""
+    from distributed import Scheduler
+
+    from rpicluster.errors import ConfigError
+
+    if not isinstance(scheduler, Scheduler):
+        raise ConfigError(f"--preload {GUARD} belongs on the scheduler, not on a "
+                          f"{type(scheduler).__name__}")
+    guard(scheduler)

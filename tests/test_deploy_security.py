@@ -1,0 +1,206 @@
+"""The clusters rpicluster starts are closed: TLS with certificate roles on the embedded cluster,
+no client-sent code on the scheduler, worker certificates that are not clients, and certificates
+that expire and rotate. Real schedulers, real TLS handshakes."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import ssl
+import urllib.request
+
+import pytest
+from distributed import Client, LocalCluster
+from distributed.security import Security
+
+from rpicluster.deploy import local, tls
+from rpicluster.deploy.guard import GUARD
+from rpicluster.deploy.resolve import find_cluster
+
+
+def _refused_tls_handshake(address: str, ca: str, cert: tuple[str, str] | None) -> bool:
+    """Whether a raw TLS connection (trusting ``ca``, presenting ``cert``) is refused."""
+    host, port = address.split("://")[1].rsplit(":", 1)
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.check_hostname = False
+    if cert:
+        ctx.load_cert_chain(*cert)
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as raw, \
+                ctx.wrap_socket(raw) as s:
+            # TLS 1.3: a refused client certificate surfaces on the first read.
+            s.settimeout(5)
+            s.sendall(b"\0" * 8)
+            return s.recv(1) == b""
+    except (ssl.SSLError, ConnectionError):
+        return True
+
+
+def _listening() -> list[str]:
+    """Local addresses of the IPv4 TCP sockets listening here, as /proc/net/tcp writes them
+    (``0100007F:1F90`` is 127.0.0.1:8080, ``00000000:...`` every interface)."""
+    rows = [line.split() for line in open("/proc/net/tcp").read().splitlines()[1:]]
+    return [r[1] for r in rows if r[3] == "0A"]
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """``up --local 1`` (defaults: dashboard address too) in its own state directory, module-wide;
+    yields its record."""
+    home = tmp_path_factory.mktemp("home")
+    old = os.environ.get("RPICLUSTER_HOME")
+    os.environ["RPICLUSTER_HOME"] = str(home)
+    try:
+        info = local.start_local(1, memory_limit="1GiB")
+        yield info
+    finally:
+        local.stop_local()
+        if old is None:
+            del os.environ["RPICLUSTER_HOME"]
+        else:
+            os.environ["RPICLUSTER_HOME"] = old
+
+
+def test_embedded_cluster_is_tls_on_loopback_and_refuses_strangers(embedded):
+    address = embedded["scheduler_address"]
+    assert address.startswith("tls://127.0.0.1:")
+    # The dashboard listens on loopback only (it was every interface, :8787).
+    assert embedded["dashboard_link"].startswith("http://127.0.0.1:")
+    port = int(embedded["dashboard_link"].split(":")[2].split("/")[0])
+    assert f"0100007F:{port:04X}" in _listening() and f"00000000:{port:04X}" not in _listening()
+    d = local.tls_dir()
+    assert (d / "ca-key.pem").stat().st_mode & 0o777 == 0o600
+    # Plain TCP: the scheduler speaks TLS only.
+    with pytest.raises(OSError):
+        Client(address.replace("tls://", "tcp://"), timeout=3)
+    # TLS trusting the CA but without a certificate, or with one of another CA: refused.
+    assert _refused_tls_handshake(address, str(d / "ca.pem"), None)
+    other = tls.CertificateAuthority(d.parent / "other-ca").issue("client")
+    assert _refused_tls_handshake(address, str(d / "ca.pem"), (str(other.cert), str(other.key)))
+    assert not _refused_tls_handshake(address, str(d / "ca.pem"),
+                                      (str(d / "client.pem"), str(d / "client-key.pem")))
+    # The recorded certificate: the resolver connects, and work runs.
+    ref = find_cluster()
+    assert (ref.kind, ref.address) == ("local", address)
+    with ref.client(timeout=20) as client:
+        assert client.submit(sum, [1, 2]).result(timeout=30) == 3
+
+
+def test_scheduler_runs_no_client_code_but_serves_the_page(embedded):
+    from rpicluster.dashboard.links import dashboard_links
+
+    with find_cluster().client(timeout=20) as client:
+        with pytest.raises(ValueError, match="'run_function' handler has been explicitly "
+                                             "disallowed"):
+            client.run_on_scheduler(os.getpid)
+        from distributed import SchedulerPlugin
+
+        with pytest.raises(ValueError, match="register_scheduler_plugin"):
+            client.register_plugin(SchedulerPlugin(), name="x")
+        # The page is installed by preload; `rpicluster dashboard` finds it without sending code.
+        links = dashboard_links(client=client)
+    assert links.page.startswith("http://127.0.0.1:") and links.page.endswith("/rpicluster")
+    with urllib.request.urlopen(links.page, timeout=30) as page:
+        assert page.status == 200
+
+
+def test_a_worker_certificate_does_not_control_the_cluster(embedded):
+    """Finding 3: a client built from a worker's certificate ran run_on_scheduler. It may open a
+    client (tasks on workers do, e.g. joblib's dask backend) but not run code on the scheduler
+    or on every worker, install plugins, or stop the cluster."""
+    from distributed import WorkerPlugin
+
+    worker = local.local_security("worker")
+    with Client(embedded["scheduler_address"], security=worker, timeout=20) as c:
+        with pytest.raises(ValueError, match="'run_function' handler has been explicitly"):
+            c.run_on_scheduler(os.getpid)
+        with pytest.raises(PermissionError, match="'broadcast' needs a client certificate"):
+            c.run(os.getpid)
+        with pytest.raises(PermissionError, match="'register_worker_plugin' needs a client"):
+            c.register_plugin(WorkerPlugin(), name="x")
+        with pytest.raises(PermissionError, match="'restart' needs a client certificate"):
+            c.restart()
+        assert c.submit(sum, [1, 2]).result(timeout=30) == 3
+    # The client's certificate (the desktop user) still may.
+    with find_cluster().client(timeout=20) as c:
+        assert len(c.run(os.getpid)) == 1
+
+
+def test_certificates_last_a_year_and_near_expiry_rotates(tmp_path):
+    ca = tls.CertificateAuthority(tmp_path / "tls")
+    ca.issue("scheduler")
+    fresh = ca.issue("pi01")
+    cert = tls.x509.load_pem_x509_certificate(fresh.cert.read_bytes())
+    life = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert datetime.timedelta(days=364) < life < datetime.timedelta(days=366)
+    assert ca.needs_rotation({"scheduler", "pi01"}) is None
+    # A certificate issued 340 days ago has 25 days left: rotate.
+    old = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=340)
+    ca.issue("pi02", now=old)
+    assert "pi02" in ca.needs_rotation({"scheduler", "pi01", "pi02"})
+    # A host that is no longer in the inventory: rotate.
+    assert "'pi01' has a certificate but is no longer in the inventory" in ca.needs_rotation(
+        {"scheduler", "pi02"})
+    before = ca.cert_path.read_bytes()
+    ca.rotate()
+    assert ca.cert_path.read_bytes() != before and ca.issued() == {}
+    assert ca.needs_rotation({"scheduler"}) is None
+
+
+def test_local_certificates_are_renewed_when_close_to_expiry(home):
+    ca = tls.CertificateAuthority(local.tls_dir())
+    old = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=350)
+    for name in local.LOCAL_CERTS:
+        ca.issue(name, now=old)
+    before = (local.tls_dir() / "client.pem").read_bytes()
+    local.local_certificates()
+    after = tls.CertificateAuthority(local.tls_dir())
+    assert (local.tls_dir() / "client.pem").read_bytes() != before
+    assert after.needs_rotation(local.LOCAL_CERTS) is None
+
+
+def _security(files: tls.CertFiles, *roles: str) -> Security:
+    return Security(tls_ca_file=str(files.ca), require_encryption=True,
+                    **{f"tls_{role}_{part}": str(getattr(files, part))
+                       for role in roles for part in ("cert", "key")})
+
+
+def test_after_rotation_a_removed_hosts_certificate_connects_nowhere(tmp_path):
+    ca = tls.CertificateAuthority(tmp_path / "tls")
+    removed = ca.issue("pi03")
+    kept = tmp_path / "pi03"      # what the removed host still holds
+    kept.mkdir()
+    for f in (removed.ca, removed.cert, removed.key):
+        (kept / f.name).write_bytes(f.read_bytes())
+    stolen = tls.CertFiles(kept / "ca.pem", kept / "pi03.pem", kept / "pi03-key.pem")
+    assert ca.needs_rotation({"scheduler", "client"})
+    ca.rotate()
+    sched, client = ca.issue("scheduler"), ca.issue("client")
+    with LocalCluster(n_workers=0, processes=False, protocol="tls", host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0",
+                      security=_security(sched, "scheduler", "client"),
+                      scheduler_kwargs={"preload": [GUARD]}) as cluster:
+        address = cluster.scheduler_address
+        with Client(address, security=_security(client, "client"), timeout=10) as c:
+            assert c.scheduler_info()["type"] == "Scheduler"
+        assert _refused_tls_handshake(address, str(sched.ca), (str(stolen.cert), str(stolen.key)))
+        assert not _refused_tls_handshake(address, str(sched.ca), (str(client.cert),
+                                                                   str(client.key)))
+
+
+def test_up_local_opens_the_dashboard_only_when_asked(home, free_port):
+    from click.testing import CliRunner
+
+    from rpicluster.cli import main
+
+    port = free_port()
+    res = CliRunner().invoke(main, ["up", "--local", "1", "--memory-limit", "1GiB",
+                                    "--dashboard-address", f"0.0.0.0:{port}"])
+    try:
+        assert res.exit_code == 0, res.output
+        assert f"00000000:{port:04X}" in _listening()
+    finally:
+        local.stop_local()
+    res = CliRunner().invoke(main, ["up", "-c", "cluster.toml", "--dashboard-address", ":1"])
+    assert res.exit_code == 2 and "--dashboard-address is for --local" in res.output
