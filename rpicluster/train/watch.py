@@ -194,7 +194,9 @@ class ClusterWatch:
         while True:
             info = self.workers()
             if info:
-                self._none_since = None
+                if self._none_since is not None:
+                    self._none_since = None
+                    self._show(None, now=False)
                 return info
             self._no_worker(time.monotonic(), what)
             time.sleep(min(0.5, self.interval))
