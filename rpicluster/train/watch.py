@@ -126,8 +126,8 @@ def check_memory(info: dict, block_bytes: int, slots: dict[str, int]) -> None:
         if limit and need > usable_memory(w):
             bad.append(f"worker {worker_label(addr, w)} has a memory limit of {_mib(limit)} and "
                        f"pauses at {frac:.0%} ({_mib(usable_memory(w))}), but needs {_mib(need)}: "
-                       f"{_mib(floor)} after imports + {1.5 * blocks + 0.5:g} x {_mib(block_bytes)} "
-                       f"for {blocks} block(s) of {_mib(block_bytes)}")
+                       f"{_mib(floor)} after imports + {1.5 * blocks + 0.5:g} x "
+                       f"{_mib(block_bytes)} for {blocks} block(s) of {_mib(block_bytes)}")
     if not bad:
         return
     # One block per worker is the least a run needs. A worker's floor creeps up as it works
