@@ -231,7 +231,7 @@ def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, allow_skew
     """Train a model on a Zarr store DATA (made by `rpicluster ingest`)."""
     import warnings
 
-    from rpicluster.errors import TrainingStopped
+    from rpicluster.errors import RPiClusterWarning, TrainingStopped
     from rpicluster.train.api import train_model
 
     params = {k: v for k, v in params.items() if v is not None}
@@ -289,14 +289,46 @@ def _exit_stopped(exc, command: list[str], options) -> None:
     ``command`` is the command's name and arguments; ``options`` the ``(flag, value)`` pairs
     to repeat (a True value is a bare flag; None and False are left out).
     """
-    again = ["rpicluster", *map(str, command), "--resume", str(exc.run_dir)]
+    again = _command_line([*command, "--resume", exc.run_dir], options)
+    click.echo(f"error: {exc}; continue with: {again}", err=True)
+    sys.exit(130 if exc.interrupted else 1)
+
+
+def _command_line(command: list, options) -> str:
+    """``rpicluster COMMAND...`` with the ``(flag, value)`` options that are set, quoted for a
+    shell (a True value is a bare flag; None and False are left out)."""
+    words = ["rpicluster", *map(str, command)]
     for flag, value in options:
         if value is True:
-            again.append(flag)
+            words.append(flag)
         elif value is not None and value is not False:
-            again += [flag, str(value)]
-    click.echo(f"error: {exc}; continue with: {shlex.join(again)}", err=True)
-    sys.exit(130 if exc.interrupted else 1)
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
+def _exit_interrupted(command: list[str], options, stores: list[str]) -> None:
+    """Ctrl-C during a store writer (ingest, features): one line saying what each store holds
+    (an incomplete one is refused by readers) and the exact command that resumes, then exit."""
+    from rpicluster.data.store import written_blocks
+
+    said, resumable = [], False
+    for url in stores:
+        state = written_blocks(url)
+        if state is None:
+            continue
+        done, total, complete = state
+        if complete:
+            said.append(f"{url} is complete")
+        else:
+            said.append(f"{url} holds {done} of {total} blocks and is marked incomplete")
+            resumable = True
+    if not resumable:
+        click.echo("interrupted (Ctrl-C) before any store was started; nothing was written",
+                   err=True)
+        sys.exit(130)
+    click.echo(f"interrupted (Ctrl-C): {'; '.join(said)}; continue with: "
+               f"{_command_line(command, [*options, ('--resume', True)])}", err=True)
+    sys.exit(130)
 
 
 def _quiet_dask_logs() -> None:
@@ -485,11 +517,20 @@ def features_cmd(images, out, model, input_size, batch_size, threads, block_rows
     from rpicluster.features.job import extract_features
     from rpicluster.progress import Progress
 
-    with Progress("features", unit="blocks") as progress:
-        r = extract_features(images, out, model=model, input_size=input_size,
-                             batch_size=batch_size, threads=threads, block_rows=block_rows,
-                             resume=resume, overwrite=overwrite,
-                             cluster=_cluster(scheduler, inventory, local), progress=progress)
+    _quiet_dask_logs()
+    try:
+        with Progress("features", unit="blocks") as progress:
+            r = extract_features(images, out, model=model, input_size=input_size,
+                                 batch_size=batch_size, threads=threads, block_rows=block_rows,
+                                 resume=resume, overwrite=overwrite,
+                                 cluster=_cluster(scheduler, inventory, local),
+                                 progress=progress)
+    except KeyboardInterrupt:
+        _exit_interrupted(["features", images, "-o", out],
+                          (("--model", model), ("--input-size", input_size),
+                           ("--batch-size", batch_size), ("--threads", threads),
+                           ("--block-rows", block_rows), ("--scheduler", scheduler),
+                           ("-c", inventory), ("--local", local)), [out])
     ds = r.store
     click.echo(f"extracted {len(r.extracted_blocks)} blocks"
                + (f" (+{len(r.resumed_blocks)} resumed)" if r.resumed_blocks else "")
@@ -556,6 +597,14 @@ def ingest(source, out, block_rows, labels, label_column, seed, no_shuffle, test
                               test_fraction=test_fraction, test_out=test_out,
                               source_options=options, resume=resume, overwrite=overwrite,
                               progress=Progress("ingest", unit="blocks"))
+        except KeyboardInterrupt:
+            _exit_interrupted(["ingest", source, out],
+                              (("--block-rows", block_rows), ("--labels", labels),
+                               ("--label-column", label_column), ("--seed", seed),
+                               ("--no-shuffle", no_shuffle), ("--test-fraction", test_fraction),
+                               ("--test-out", test_out), ("--image-size", image_size),
+                               ("--image-mode", image_mode), ("--bad-images", bad_images)),
+                              [out] + ([test_out] if test_out else []))
         finally:
             for w in caught:
                 click.echo(f"warning: {w.message}", err=True)

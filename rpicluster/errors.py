@@ -65,6 +65,28 @@ class WriteError(RPiClusterError, OSError):
     """A file could not be written (disk full, no permission); the message names the path."""
 
 
+def make_dirs(path) -> None:
+    """Create the folder ``path`` with its parents, as ``mkdir -p`` (nothing when it exists).
+
+    Every writer of a local output (store, model, labels, report folder) makes its folder this
+    way, so ``-o new/dir/out`` works; what cannot be made is a :class:`WriteError` naming the
+    folder, or the file that stands where a folder should be.
+    """
+    import os
+
+    path = os.path.abspath(os.fspath(path))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        up = path
+        while up != os.path.dirname(up) and not os.path.exists(up):
+            up = os.path.dirname(up)
+        why = (f"{up} is a file, not a folder" if os.path.exists(up) and not os.path.isdir(up)
+               else exc.strerror or str(exc))
+        raise WriteError(f"cannot create the folder {path}: {why}; choose another path"
+                         ) from None
+
+
 class HostsFailedError(BootstrapError):
     """Some hosts failed while the others went ahead; ``report`` holds every host's outcome."""
 

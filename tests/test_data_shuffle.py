@@ -224,6 +224,29 @@ def test_cli_ingest_reports_spread_split_and_warnings_and_train_refuses(tmp_path
     assert res.exit_code != 0 and "go together" in res.output
 
 
+def test_cli_train_allow_skewed_trains_and_prints_the_warning(tmp_path, cluster):
+    """train --allow-skewed on a skewed --no-shuffle store died with NameError
+    (RPiClusterWarning not imported) as soon as the skew warning was caught."""
+    from click.testing import CliRunner
+
+    from rpicluster.cli import main
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(10), 100)  # sorted by label: 2 classes in each block of 200
+    X = (rng.normal(size=(1000, 8)) + y[:, None]).astype(np.float32)
+    np.savez(tmp_path / "sorted.npz", X=X, y=y)
+    run = CliRunner()
+    res = run.invoke(main, ["ingest", str(tmp_path / "sorted.npz"), str(tmp_path / "s.zarr"),
+                            "--block-rows", "200", "--no-shuffle"])
+    assert res.exit_code == 0, res.output
+    res = run.invoke(main, ["train", str(tmp_path / "s.zarr"), "-o", str(tmp_path / "m.skops"),
+                            "--clusters", "2", "--allow-skewed", "--scheduler",
+                            cluster.scheduler_address])
+    assert res.exit_code == 0, res.output
+    assert "warning: " in res.output and "5 of 5 blocks are class-skewed" in res.output
+    assert (tmp_path / "m.skops").is_file()
+
+
 def test_test_quotas_hit_the_exact_total():
     from rpicluster.data.store import split_quotas
 

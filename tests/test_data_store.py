@@ -303,3 +303,101 @@ def test_store_writer_and_check_output_make_a_readable_store_in_any_block_order(
     (foreign / "cat.jpg").write_bytes(b"not a store")
     with pytest.raises(DataError, match="not a Zarr store; refusing to write there"):
         check_output(str(foreign), layout, resume=False, overwrite=True)
+
+
+# --- outputs in folders that do not exist yet; Ctrl-C ------------------------------------------
+
+SHUFFLED = "synthetic:rows=5000,features=8,classes=3,seed=0"  # > 2 blocks: the scatter pass
+
+
+def test_ingest_creates_missing_parent_folders(tmp_path):
+    """A shuffled ingest of a big source into new/dir/ failed with FileNotFoundError: its bucket
+    folder goes beside the store before the store (and its folder) exists."""
+    from click.testing import CliRunner
+
+    from rpicluster.cli import main
+
+    out, test_out = tmp_path / "new" / "dir" / "data.zarr", tmp_path / "other" / "t.zarr"
+    res = CliRunner().invoke(main, ["ingest", SHUFFLED, str(out), "--block-rows", "1000",
+                                    "--test-fraction", "0.2", "--test-out", str(test_out)])
+    assert res.exit_code == 0, res.output
+    assert open_dataset(out).n_rows == 4000 and open_dataset(test_out).n_rows == 1000
+    assert [p.name for p in out.parent.iterdir()] == ["data.zarr"], "bucket folder left behind"
+
+
+@pytest.mark.parametrize("args", [
+    ["ingest", SHUFFLED, "{f}/x.zarr", "--block-rows", "1000"],
+    ["ingest", "sklearn:iris", "{f}/sub/x.zarr"],
+    ["ingest", "sklearn:iris", "{tmp}/ok.zarr", "--test-fraction", "0.2", "--test-out",
+     "{f}/t.zarr"],
+    ["bench", "algorithms", "--quick", "-o", "{f}/out"],
+])
+def test_a_file_where_an_output_folder_should_be_is_one_line(tmp_path, args):
+    from click.testing import CliRunner
+
+    from rpicluster.cli import main
+
+    f = tmp_path / "afile"
+    f.write_text("not a folder")
+    argv = [a.format(f=f, tmp=tmp_path) for a in args]
+    res = CliRunner().invoke(main, argv)
+    assert res.exit_code == 1, res.output
+    assert res.output.strip().splitlines()[-1].startswith("error: cannot "), res.output
+    assert f"{f} is a file, not a folder" in res.output or "Not a directory" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"], "nothing else written"
+
+
+def test_ctrl_c_during_ingest_leaves_an_incomplete_store_and_prints_the_resume_command(
+        tmp_path):
+    import os
+    import re
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from click.testing import CliRunner
+
+    from rpicluster.cli import main
+
+    out = tmp_path / "a" / "x.zarr"
+    src = "synthetic:rows=200000,features=16,classes=4,seed=1"
+    proc = subprocess.Popen([sys.executable, "-m", "rpicluster.cli", "ingest", src, str(out),
+                             "--block-rows", "1000", "--no-shuffle"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    meta = out / "zarr.json"
+    deadline = time.monotonic() + 120
+    while True:  # stop it once a block or more is written, then Ctrl-C
+        assert time.monotonic() < deadline and proc.poll() is None
+        try:
+            if json.loads(meta.read_text())["attributes"]["blocks_written"] >= 1:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGSTOP)
+    written = json.loads(meta.read_text())["attributes"]["blocks_written"]
+    assert written < 200
+    proc.send_signal(signal.SIGINT)
+    os.kill(proc.pid, signal.SIGCONT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output and "Aborted!" not in output, output
+    m = re.search(rf"^interrupted \(Ctrl-C\): {re.escape(str(out))} holds (\d+) of 200 blocks "
+                  r"and is marked incomplete; continue with: (.*)$", output, re.M)
+    assert m, output
+    with pytest.raises(StoreIncompleteError):
+        open_dataset(out)
+    again = shlex.split(m.group(2))
+    assert again == ["rpicluster", "ingest", src, str(out), "--block-rows", "1000", "--seed",
+                     "0", "--no-shuffle", "--resume"]
+    res = CliRunner().invoke(main, again[1:])
+    assert res.exit_code == 0, res.output
+    whole = tmp_path / "whole.zarr"
+    assert CliRunner().invoke(main, ["ingest", src, str(whole), "--block-rows", "1000",
+                                     "--no-shuffle"]).exit_code == 0
+    a, b = open_dataset(out), open_dataset(whole)
+    for i in (0, int(m.group(1)), 199):
+        np.testing.assert_array_equal(a.block(i)[0], b.block(i)[0])
+        np.testing.assert_array_equal(a.block(i)[1], b.block(i)[1])

@@ -398,3 +398,35 @@ def test_readme_commands_parse(tmp_path):
             parse_rpicluster(argv, tmp_path)
         except click.ClickException as exc:
             raise AssertionError(f"README: rpicluster {shlex.join(argv)}: {exc}") from None
+
+
+def test_readme_inline_commands_name_real_subcommands_and_options():
+    """Prose names commands by parts (`rpicluster train ... --resume model.skops.run`,
+    `rpicluster dashboard [--scheduler ADDR | -c TOML | --local]`): every subcommand and option
+    such a span names must exist on that command."""
+    text = re.sub(r"^ *```.*?^ *```", "", (ROOT / "README.md").read_text(), flags=re.M | re.S)
+    spans = re.findall(r"`(rpicluster [^`]+)`", text.replace("\n", " "))
+    assert len(spans) >= 10
+    for span in spans:
+        cmd, words = rpicluster_cli, span.split()[1:]
+        while isinstance(cmd, click.Group) and words and words[0] in cmd.commands:
+            cmd = cmd.commands[words.pop(0)]
+        assert not isinstance(cmd, click.Group) or not words, f"README: `{span}`: no such command"
+        names = {n for p in cmd.params for n in (*p.opts, *p.secondary_opts)}
+        for word in words:
+            flag = word.strip("[]|").split("=")[0]
+            if flag.startswith("-") and flag not in ("-", "--"):
+                assert flag in names, f"README: `{span}`: {cmd.name} has no option {flag}"
+
+
+def test_readme_paths_exist():
+    """Every repository path README.md links to or names (`benchmarks/...`, `python
+    examples/x.py`) is there."""
+    text = (ROOT / "README.md").read_text()
+    paths = set(re.findall(r"\]\(([^)#:]+)\)", text))
+    paths |= set(re.findall(r"`((?:benchmarks|docs|rpicluster|deploy|examples|tests|\.ci)/[^` ]*)`",
+                            text))
+    paths |= set(re.findall(r"python ((?:benchmarks|examples)/\S+\.py)", text))
+    assert len(paths) >= 20
+    missing = sorted(p for p in paths if not (ROOT / p).exists())
+    assert not missing, f"README names paths that do not exist: {missing}"

@@ -172,6 +172,58 @@ def test_cli_features(images, client, tiny, tmp_path):
     assert res.output.startswith("error: cannot read model file") and "Traceback" not in res.output
 
 
+def test_ctrl_c_keeps_finished_blocks_and_prints_the_resume_command(images, client, tiny,
+                                                                    tmp_path):
+    """Ctrl-C said "nothing half-written was left under a final name" while the feature store
+    was there, incomplete, with no --resume command."""
+    import json
+    import re
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from rpicluster.errors import StoreIncompleteError
+    from rpicluster.testing import SlowTasks
+
+    out = tmp_path / "f.zarr"
+    addr = client.scheduler.address
+    client.register_plugin(SlowTasks(prefix="rpicluster-features-", seconds=0.5), name="slow")
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "rpicluster.cli", "features", images.url,
+                                 "-o", str(out), "--model", str(tiny), "--input-size", "16",
+                                 "--scheduler", addr], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while True:  # Ctrl-C once a block is recorded
+            assert time.monotonic() < deadline and proc.poll() is None
+            try:
+                if json.loads((out / "zarr.json").read_text())["attributes"]["blocks_done"]:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        client.unregister_worker_plugin("slow")
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output, output
+    m = re.search(rf"^interrupted \(Ctrl-C\): {re.escape(str(out))} holds (\d+) of 13 blocks "
+                  r"and is marked incomplete; continue with: (.*)$", output, re.M)
+    assert m and int(m.group(1)) < 13, output
+    with pytest.raises(StoreIncompleteError):
+        open_dataset(out)
+    again = shlex.split(m.group(2))
+    assert again[:5] == ["rpicluster", "features", images.url, "-o", str(out)]
+    assert again[-1] == "--resume" and ["--scheduler", addr] == again[-3:-1]
+    res = CliRunner().invoke(main, again[1:])
+    assert res.exit_code == 0, res.output
+    assert f"(+{m.group(1)} resumed)" in res.output
+    assert open_dataset(out).n_rows == 200
+
+
 def test_readme_photos_pipeline(client, tmp_path):
     """README's path on a user's photos: ingest images:DIR -> features -> train -> score."""
     from PIL import Image

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from rpicluster import config
-from rpicluster.errors import ConfigError
+from rpicluster.errors import ConfigError, make_dirs
 from rpicluster.progress import Progress
 
 
@@ -337,7 +337,7 @@ def run_algorithms(sizes=DEFAULT_SIZES, *, algorithms=tuple(ALGORITHMS), out_dir
         raise ConfigError(f"time cap must be > 0 seconds, got {time_cap}")
     algorithms = [a for a in ALGORITHMS if a in algorithms]
     out_dir = Path(out_dir if out_dir is not None else config.BENCH_OUT / "algorithms")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     progress = progress if progress is not None else Progress.null()
     doc = {"machine": _machine(), "epochs": epochs, "seed": seed, "time_cap_s": time_cap,
            "sizes": []}

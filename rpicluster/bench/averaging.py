@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rpicluster.errors import make_dirs
 from rpicluster.progress import Progress
 from rpicluster.train.averaging import SYNC, _labelled, train_averaged
 
@@ -50,7 +51,7 @@ def run_averaging_scaling(client, dataset, out_dir, *, steps: list[list[str]],
     trained as ``epochs // local_epochs`` rounds, otherwise as ``epochs`` rounds of one epoch.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     params = {"random_state": 0, **(params or {})}
     X_test = y_test = None
     if test is not None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rpicluster.errors import ConfigError
+from rpicluster.errors import ConfigError, make_dirs
 from rpicluster.progress import Progress
 
 #: The paper's data set: ImageNet deep features.
@@ -106,7 +106,7 @@ def run_paper(out_dir, *, rows: int = PAPER_ROWS, features: int = PAPER_FEATURES
                           "more rows" if block_rows < n_clusters else
                           "bench paper: --sgd-rows and --test-rows must be >= 1")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     need = (rows + test_rows) * (features * 4 + 4)
     train_path, test_path = out / "train.zarr", out / "test.zarr"
     knobs = f"features={features},classes={classes},seed={seed}"

@@ -39,7 +39,7 @@ import numpy as np
 
 from rpicluster import config
 from rpicluster.bench import simulate as sim
-from rpicluster.errors import ConfigError, TrainingError
+from rpicluster.errors import ConfigError, TrainingError, make_dirs
 from rpicluster.progress import Progress
 
 JOBS = ("inc-ksgd", "random-forest")
@@ -436,7 +436,7 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
     terms = sim.parse_cluster(simulate, {n: {"tags": w["tags"]} for n, w in workers.items()}) \
         if simulate else None
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     progress = progress or Progress.null()
     load_before = os.getloadavg()
     with progress:
@@ -549,7 +549,7 @@ def scaling_bench(out_dir, *, scheduler: str | None = None, inventory=None,
                     rows, features, classes, block_rows):
                 dataset = ds
         if dataset is None:
-            out.mkdir(parents=True, exist_ok=True)
+            make_dirs(out)
             dataset = ingest(spec, target, block_rows=block_rows, overwrite=True)
     else:
         dataset = open_dataset(data)

@@ -66,7 +66,7 @@ import numpy as np
 
 from rpicluster import config
 from rpicluster.errors import (ConfigError, DataError, DataWarning, RPiClusterError,
-                               StoreIncompleteError)
+                               StoreIncompleteError, WriteError, make_dirs)
 from rpicluster.progress import Progress
 
 FORMAT_VERSION = 2
@@ -191,6 +191,9 @@ def ingest(source, out: str | os.PathLike, *, block_rows: int = config.BLOCK_ROW
         start = (0 if existing is None else None if existing.get("complete") is True
                  else int(existing.get("blocks_written", 0)))
         targets.append((where, order, layout, start))
+    for where, _, _, start in targets:
+        if start == 0:
+            make_parent(where)  # before the shuffle's bucket folder goes there
     progress = Progress.null() if progress is None else progress
     progress.total = sum(t[2]["n_blocks"] for t in targets)
     progress.completed = sum(t[2]["n_blocks"] if t[3] is None else t[3] for t in targets)
@@ -254,6 +257,13 @@ def check_output(url: str, layout: dict, *, resume: bool, overwrite: bool,
     return existing
 
 
+def make_parent(url: str) -> None:
+    """Create the local folder a new store at ``url`` goes in, with its parents (as zarr and
+    ``mkdir -p`` do; a URL's backend makes its own); WriteError naming what is in the way."""
+    if "://" not in url:
+        make_dirs(os.path.dirname(url))
+
+
 class StoreWriter:
     """Writes an rpicluster store block by block (the layout of the module docstring).
 
@@ -277,9 +287,14 @@ class StoreWriter:
 
         dtype = np.dtype(dtype)
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        root = zarr.open_group(url, mode="w", zarr_format=3, storage_options=storage_options,
-                               attributes={**layout, "created": created, "blocks_written": 0,
-                                           "complete": False, CHECKSUMS_KEY: {"X": [], "y": []}})
+        make_parent(url)
+        try:
+            root = zarr.open_group(url, mode="w", zarr_format=3, storage_options=storage_options,
+                                   attributes={**layout, "created": created,
+                                               "blocks_written": 0, "complete": False,
+                                               CHECKSUMS_KEY: {"X": [], "y": []}})
+        except OSError as exc:
+            raise WriteError(f"cannot write the store {url}: {exc.strerror or exc}") from None
         common = dict(serializer=BytesCodec(), compressors=[Crc32cCodec()], filters=None,
                       config={"write_empty_chunks": True})
         n_rows, n_features, block_rows = (layout["n_rows"], layout["n_features"],
@@ -314,12 +329,15 @@ class StoreWriter:
         return {"X": _crc(X), "y": _crc(y)}
 
     def record(self, **attrs) -> None:
-        """Update the store's attributes (progress: blocks written, their checksums, ...)."""
-        self.root.attrs.update(attrs)
+        """Update the store's attributes (progress: blocks written, their checksums, ...) in
+        one write of ``zarr.json``: ``root.attrs.update`` writes it once per key, so a Ctrl-C or
+        kill between two keys left ``blocks_written`` counting a block whose checksums were
+        not recorded, and the resumed store was refused."""
+        self.root.update_attributes(attrs)
 
     def finish(self) -> None:
         """Mark the store complete (readers refuse an incomplete one)."""
-        self.root.attrs.update({"complete": True})
+        self.root.update_attributes({"complete": True})
 
 
 def _write_blocks(url, layout, start, src, blocks, storage_options, progress) -> None:
@@ -663,6 +681,20 @@ def _existing_attrs(url: str, storage_options) -> dict | None:
         raise DataError(f"{url} is a Zarr store but not an rpicluster one (no {FORMAT_KEY!r} "
                         "attribute); refusing to write there")
     return attrs
+
+
+def written_blocks(url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None
+                   ) -> tuple[int, int, bool] | None:
+    """``(blocks written, blocks, complete)`` of the rpicluster store at ``url``, complete or
+    not (what an interrupted writer leaves); None when there is none."""
+    try:
+        attrs = _existing_attrs(_normalize_url(url), storage_options)
+    except DataError:
+        return None
+    if attrs is None:
+        return None
+    return (int(attrs.get("blocks_written", 0)), int(attrs.get("n_blocks", 0)),
+            attrs.get("complete") is True)
 
 
 def _short(value) -> str:

@@ -12,7 +12,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from rpicluster.errors import ConfigError
+from rpicluster.errors import ConfigError, make_dirs
 from rpicluster.progress import Progress
 
 
@@ -48,7 +48,7 @@ def run_demo(workdir: str | Path = "rpicluster-demo", *, rows: int = 60_000, fea
         raise ConfigError(f"demo rows ({rows}) must be a positive multiple of block rows "
                           f"({block_rows})")
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    make_dirs(workdir)
     test_rows = block_rows
     t0 = time.perf_counter()
     # One ingest writes both stores: rows shuffled, one block's worth held out (stratified), and

@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from rpicluster.errors import ModelError, WriteError
+from rpicluster.errors import ModelError, WriteError, make_dirs
 
 
 def _trusted_types() -> list[str]:
@@ -37,7 +37,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -36,7 +36,7 @@ import warnings
 import weakref
 from pathlib import Path
 
-from rpicluster.errors import ConfigError, ModelError, RPiClusterWarning
+from rpicluster.errors import ConfigError, ModelError, RPiClusterWarning, make_dirs
 from rpicluster.train.modelfile import atomic_write_bytes, file_sha256, load_model, save_model
 
 #: Format 2 added the lock and the per-block records (parameters, data) that resume verifies.
@@ -146,7 +146,7 @@ class RunDir:
         """Own the run directory; ConfigError naming the owner when another run holds it."""
         if self._key is not None:
             return self
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path)
         key = os.path.realpath(self.path)
         with _HELD_GUARD:
             if key in _HELD:
