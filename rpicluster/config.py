@@ -52,6 +52,9 @@ TIMEOUTS = {
     "CONNECT_TIMEOUT": (30.0, "a command's client connecting to its cluster's scheduler"),
     "LOCAL_START_TIMEOUT": (120.0, "up --local: every worker of the embedded cluster joining"),
     "LOCAL_STOP_TIMEOUT": (60.0, "down --local: the embedded cluster exiting"),
+    "NO_WORKER_TIMEOUT": (60.0, "train: waiting with no worker connected before the run stops"),
+    "SILENT_WORKER_TIMEOUT": (15.0, "train: a worker's missing heartbeats before the progress "
+                                    "line names it (the run goes on)"),
 }
 
 

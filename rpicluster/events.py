@@ -55,11 +55,15 @@ COMMITTED = "committed"  #: block model written to the run directory: block
 RUN_END = "run-end"  #: run finished (or failed): run_id, t
 VALIDATION = "validation"  #: block model scored on the validation set: block, accuracy
 EXTRACTED = "extracted"  #: features of a block written: block, rows (images), worker, seconds
+#: what a run waits on changed: worker (the paused or silent workers, comma-separated, or None),
+#: note (the progress line's alert, or None once it clears)
+STALLED = "stalled"
 #: a round of a round-based run finished: round, participants, left_out, rows, bytes_down,
 #: bytes_up, seconds, loss, accuracy (validation, or None)
 ROUND = "round"
 
-KINDS = (RUN_START, PARTITIONED, FITTED, COMMITTED, RUN_END, VALIDATION, EXTRACTED, ROUND)
+KINDS = (RUN_START, PARTITIONED, FITTED, COMMITTED, RUN_END, VALIDATION, EXTRACTED, ROUND,
+         STALLED)
 
 # Field names.
 KIND = "kind"
@@ -83,10 +87,11 @@ LEFT_OUT = "left_out"
 BYTES_DOWN = "bytes_down"  #: global model sent to the workers in a round
 BYTES_UP = "bytes_up"  #: updates sent back in a round
 LOSS = "loss"
+NOTE = "note"  #: stalled: what the run waits on
 
 FIELDS = (KIND, RUN_ID, N_BLOCKS, N_CLUSTERS, BLOCK, CLUSTER, ROWS, WORKER, SECONDS, ACCURACY,
           RESUMED, T, MODE, MODEL, N_ROUNDS, ROUND_NO, PARTICIPANTS, LEFT_OUT, BYTES_DOWN,
-          BYTES_UP, LOSS)
+          BYTES_UP, LOSS, NOTE)
 
 
 def make_event(kind: str, **fields) -> dict:

@@ -81,6 +81,8 @@ class Progress:
         self._depth = 0  # re-entrant: a library call may enter the Progress its caller entered
         self._marks: list[tuple[float, int]] = []  # (time, completed) at each advance
         self._base = 0
+        self._note: str | None = None
+        self._alert: str | None = None
 
     @classmethod
     def null(cls) -> "Progress":
@@ -150,15 +152,30 @@ class Progress:
         self.completed += n
         if n:
             self._marks.append((time.perf_counter(), self.completed))
+        self._note = note
+        self._show(self.completed == self.total)
+
+    def alert(self, text: str | None, *, show: bool = False) -> None:
+        """Say what the work is waiting on (a paused or silent worker), on every line until
+        cleared with None; ``show`` prints a line now (else at the usual rate, even while
+        nothing advances, so a stalled run keeps saying why)."""
+        if text is None and self._alert is None:
+            return
+        self._alert = text
+        self._show(show)
+
+    def _show(self, now: bool) -> None:
         if not self.enabled:
             return
         if self._rich is not None:
-            desc = self.description if note is None else f"{self.description} ({note})"
+            from rich.markup import escape
+
+            desc = self.description if self._note is None else f"{self.description} ({self._note})"
+            desc = escape(desc) + (f" [red]{escape(self._alert)}[/red]" if self._alert else "")
             self._rich.update(self._task, completed=self.completed, description=desc)
             return
-        now = time.perf_counter()
-        if now - self._last_line >= self.interval or self.completed == self.total:
-            self._line(note=note)
+        if now or time.perf_counter() - self._last_line >= self.interval:
+            self._line(note=self._note)
 
     def _line(self, *, final: bool = False, note: str | None = None) -> None:
         self._last_line = time.perf_counter()
@@ -166,8 +183,9 @@ class Progress:
         eta = self.eta()
         tail = "done" if final else (f"eta {eta:.0f} s" if eta is not None else "")
         extra = f" ({note})" if note else ""
+        alert = f" -- {self._alert}" if self._alert and not final else ""
         print(f"{self.description}: {self.completed}{of} {self.unit} "
-              f"[{self.elapsed:.1f} s{', ' + tail if tail else ''}]{extra}",
+              f"[{self.elapsed:.1f} s{', ' + tail if tail else ''}]{extra}{alert}",
               file=self.stream, flush=True)
 
 

@@ -342,3 +342,17 @@ def reference_fit(store, block_rows: int, **params):
 
     X, y = all_rows(open_dataset(store))
     return IncrementalKSGDClassifier(block_rows=block_rows, **params).fit(X, y), X
+
+
+class DieOn(WorkerPlugin):
+    """A Dask worker plugin that kills its worker process (``os._exit``) as soon as it starts a
+    task whose key matches ``key_re``: a poison block. The nanny restarts the worker."""
+
+    def __init__(self, key_re: str):
+        self.key_re = key_re
+
+    def transition(self, key, start, finish, **kwargs):
+        import re
+
+        if finish == "executing" and re.match(self.key_re, str(key)):
+            os._exit(13)

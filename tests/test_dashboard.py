@@ -179,6 +179,22 @@ def test_state_joined_mid_run_adopts_it_and_waits_without_events():
     assert s.status() == "running"
 
 
+def test_state_shows_what_a_run_waits_on_until_it_clears_or_ends():
+    s = TrainingState()
+    s.update(_run()[:3])
+    s.feed(ev.make_event(ev.STALLED, run_id="r1", worker="pi2 (tcp://10.0.0.2:1)",
+                         note="worker pi2 (tcp://10.0.0.2:1) has not reported for 20 s"))
+    assert s.alert == "worker pi2 (tcp://10.0.0.2:1) has not reported for 20 s"
+    from rpicluster.dashboard.page import _summary_html
+
+    assert "has not reported for 20 s" in _summary_html(s, now=time.time())
+    s.feed(ev.make_event(ev.STALLED, run_id="r1", worker=None, note=None))
+    assert s.alert is None
+    s.feed(ev.make_event(ev.STALLED, run_id="r1", worker="pi2", note="1 worker(s) paused"))
+    s.feed(ev.make_event(ev.RUN_END, run_id="r1"))
+    assert s.alert is None
+
+
 def test_features_state_counts_blocks_once_and_images_per_worker():
     f = FeaturesState()
     f.feed(ev.make_event(ev.RUN_START, run_id="old", n_blocks=9))

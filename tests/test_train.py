@@ -4,8 +4,6 @@ clients are in test_fault_matrix.py."""
 
 from __future__ import annotations
 
-import os
-import re
 import subprocess
 import sys
 
@@ -13,7 +11,7 @@ import cloudpickle
 import dask
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster, WorkerPlugin
+from distributed import Client, LocalCluster
 
 from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
 from rpicluster import events as ev
@@ -21,7 +19,7 @@ from rpicluster.data.synthetic import make_imagenet_like
 from rpicluster.errors import ConfigError, TrainingError
 from rpicluster.train.job import predict_dataset, score_dataset, train, worth_a_block
 from rpicluster.train.modelfile import load_model
-from rpicluster.testing import SlowTasks, all_rows, reference_fit, same_model
+from rpicluster.testing import DieOn, SlowTasks, all_rows, reference_fit, same_model
 from rpicluster.train.rundir import RunDir
 
 # Plugins defined here run inside worker processes that cannot import this test module.
@@ -122,7 +120,7 @@ def test_a_block_that_keeps_killing_its_worker_fails_the_job_naming_it(store, tm
     with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                           dashboard_address=None) as cluster, Client(cluster) as client:
-            client.register_plugin(_DieOn(key_re=r"^partition-\w+-2$"), name="die")
+            client.register_plugin(DieOn(key_re=r"^partition-\w+-2$"), name="die")
             est = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS)
             # One block in flight: a dying worker takes down every task queued on it, and Dask
             # counts the death against each of them, so with two blocks in flight either could
@@ -229,15 +227,3 @@ def test_model_file_round_trip_and_cli(store, cluster, tmp_path):
                                str(out), "--scheduler", cluster.scheduler_address])
     assert res.exit_code == 0, res.output
     np.testing.assert_array_equal(np.load(out), model.predict(X))
-
-
-
-class _DieOn(WorkerPlugin):
-    """Kills the worker process as soon as it starts a task whose key matches ``key_re``."""
-
-    def __init__(self, key_re: str):
-        self.key_re = key_re
-
-    def transition(self, key, start, finish, **kwargs):
-        if finish == "executing" and re.match(self.key_re, str(key)):
-            os._exit(13)

@@ -57,13 +57,20 @@ def test_partition_pieces_are_views_of_the_sorted_block(tmp_path):
 def test_worker_slots_follow_memory_limits_and_threads():
     mib = 2**20
     block = 100 * mib
-    info = {"pi": {"memory_limit": 256 * mib + 3 * block, "metrics": {"memory": 80 * mib},
-                   "nthreads": 1},
-            "big": {"memory_limit": 256 * mib + 5 * block, "nthreads": 4},
-            "nolimit": {"memory_limit": 0, "nthreads": 2}}
-    # baseline + 3 blocks: one block at a time; + 5 blocks: (5 - 0.5) // 1.5 = 3; no limit:
-    # one per thread
-    assert worker_slots(info, block) == {"pi": 1, "big": 3, "nolimit": 2}
+    pause = 0.8  # Dask's default: a worker above 80 % of its limit takes no new task
+    info = {"pi": {"memory_limit": (256 * mib + 3 * block) / pause,
+                   "metrics": {"memory": 80 * mib}, "nthreads": 1},
+            "big": {"memory_limit": (256 * mib + 5 * block) / pause, "nthreads": 4},
+            "nolimit": {"memory_limit": 0, "nthreads": 2},
+            # room for 3 blocks only above the pause threshold: one
+            "paused-above": {"memory_limit": 256 * mib + 5 * block, "nthreads": 4},
+            # a measured floor counts instead of the reported memory and the baseline
+            "measured": {"memory_limit": (200 * mib + 5 * block) / pause, "floor": 200 * mib,
+                         "nthreads": 4}}
+    # baseline + 3 blocks below the pause threshold: one block at a time; + 5 blocks:
+    # (5 - 0.5) // 1.5 = 3; no limit: one per thread
+    assert worker_slots(info, block) == {"pi": 1, "big": 3, "nolimit": 2, "paused-above": 1,
+                                         "measured": 3}
     assert worker_slots({"tiny": {"memory_limit": mib, "nthreads": 1}}, block) == {"tiny": 1}
 
 

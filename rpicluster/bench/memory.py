@@ -16,25 +16,11 @@ import time
 
 
 def reset_peak() -> int:
-    """On a worker: warm up what training uses, reset the peak-RSS counter; the RSS now.
+    """On a worker: warm up what training uses (:func:`rpicluster.train.tasks.warm_up`), reset
+    the peak-RSS counter; the RSS now."""
+    from rpicluster.train.tasks import warm_up
 
-    The warm-up imports the libraries and runs a tiny k-means and SGD fit, so the one-time
-    buffers of BLAS and OpenMP (tens of MiB, whatever the data size) are in the baseline.
-    """
-    import numpy as np
-
-    from rpicluster.models.ksgd import fit_cluster, partition_block
-    from rpicluster.train import tasks
-
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((2000, 16)).astype(np.float32)
-    y = rng.integers(0, 3, 2000)
-    with tasks.one_blas_thread():
-        partition_block(X, 4, seed=0)
-        fit_cluster(X, y, seed=0, params={"max_iter": 1, "alpha": 1e-4, "learning_rate":
-                                          "optimal", "eta0": 0.01, "power_t": 0.5,
-                                          "batch_size": 256, "average": True,
-                                          "solver": "minibatch"})
+    warm_up()
     with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
     return _status("VmRSS")

@@ -303,6 +303,8 @@ def _summary_html(s: TrainingState, now: float) -> str:
         if status == "running":
             parts.append(f"ETA <b>{format_duration(s.eta(now))}</b>")
         body = " · ".join(parts)
+        if s.alert and status == "running":
+            body += f"<br><span style='color:#b00'>{html.escape(s.alert)}</span>"
     return f"{_TITLE}<div style='font-size:15px;color:#333'>{body}</div>"
 
 

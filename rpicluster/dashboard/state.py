@@ -71,6 +71,7 @@ class TrainingState:
     workers: dict = field(default_factory=dict)
     marks: list = field(default_factory=list)
     n_events: int = 0
+    alert: str | None = None  # what the run waits on (a paused or silent worker), if anything
 
     def update(self, events: Iterable[dict]) -> None:
         """Fold several events, oldest first (see :meth:`feed`)."""
@@ -123,6 +124,9 @@ class TrainingState:
             self.accuracy[block] = float(event[ev.ACCURACY])
         elif kind == ev.RUN_END:
             self.finished = t if t is not None else self.last_t
+            self.alert = None
+        elif kind == ev.STALLED:
+            self.alert = event.get(ev.NOTE)
         self._mark(t)
 
     def _mark(self, t: float | None) -> None:

@@ -35,6 +35,7 @@ import numpy as np
 
 from rpicluster.errors import ConfigError, RPiClusterError, TrainingError
 from rpicluster.progress import Progress
+from rpicluster.train.watch import ClusterWatch
 
 #: Estimators this module trains, by the name the CLI uses.
 MODELS = ("mlp", "sgd")
@@ -274,8 +275,8 @@ def _nbytes(obj) -> int:
 class _Stepper:
     """Submits one synchronisation step and merges its updates (shared by every sync mode)."""
 
-    def __init__(self, client, workers, prefix: str):
-        self.client, self.workers, self.prefix = client, workers, prefix
+    def __init__(self, client, workers, prefix: str, watch: ClusterWatch):
+        self.client, self.workers, self.prefix, self.watch = client, workers, prefix, watch
         self.where = {"workers": workers, "allow_other_workers": False} if workers else {}
         self.bytes_down = self.bytes_up = 0
         self.busy: dict[str, float] = {}
@@ -283,8 +284,6 @@ class _Stepper:
 
     def step(self, model, name: str, submit_one, n: int):
         """Scatter ``model`` once, run ``submit_one(remote, i)`` for shards ``0..n-1``, merge."""
-        from distributed import wait
-
         n_receivers = len(self.workers or self.client.scheduler_info()["workers"])
         [remote] = self.client.scatter([model], broadcast=True, hash=False,
                                        **({"workers": self.workers} if self.workers else {}))
@@ -292,7 +291,7 @@ class _Stepper:
         tag = name.replace(" ", "-")
         futures = [submit_one(remote, i, key=f"{self.prefix}-{tag}-{i}", **self.where)
                    for i in range(n)]
-        wait(futures)
+        self.watch.wait(futures, f"{name} of the run")
         updates = []
         for i, f in enumerate(futures):
             if f.status == "error":
@@ -379,6 +378,9 @@ def train_averaged(dataset, client, *, model: str = "mlp", params: dict | None =
     if params.get("random_state") is None:
         params["random_state"] = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
     make_estimator(model, params)  # validates the parameters before any work
+    progress = progress or Progress.null()
+    watch = ClusterWatch(client, progress, workers=workers)
+    watch.wait_for_workers(f"{rounds} rounds to train")
     n_workers = len(workers) if workers else max(1, len(client.scheduler_info()["workers"]))
     if shards is None:
         shards = recorded.get("shards", n_workers)
@@ -396,7 +398,6 @@ def train_averaged(dataset, client, *, model: str = "mlp", params: dict | None =
     prefix = f"rpicluster-avg-{uuid.uuid4().hex[:8]}"
     where = {"workers": workers, "allow_other_workers": False} if workers else {}
     resumed = len(history)
-    progress = progress or Progress.null()
 
     shard_data = None
     if sync == "batch":
@@ -417,7 +418,7 @@ def train_averaged(dataset, client, *, model: str = "mlp", params: dict | None =
             progress.skip(resumed, note=f"{resumed} rounds resumed")
         for r in range(resumed, int(rounds)):
             t_round = time.perf_counter()
-            stepper = _Stepper(client, workers, f"{prefix}-r{r + 1}")
+            stepper = _Stepper(client, workers, f"{prefix}-r{r + 1}", watch)
             steps = 0
             if sync == "round":
                 global_model = stepper.step(

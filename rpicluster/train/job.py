@@ -36,6 +36,8 @@ from rpicluster.errors import RPiClusterError, TrainingError
 from rpicluster.progress import Progress
 from rpicluster.train import tasks
 from rpicluster.train.rundir import RunDir
+from rpicluster.train.watch import (ClusterWatch, check_memory, measure_floors, usable_memory,
+                                    worker_floor)
 
 
 @dataclasses.dataclass
@@ -111,9 +113,6 @@ class _Block:
 
 
 VALIDATE = "validate"  # marks a validation-scoring future in the driver's bookkeeping
-# RSS of a worker once training's libraries are imported and their buffers allocated (measured
-# ~210 MiB on x86-64; a worker that has not run a task yet reports less).
-_WORKER_BASELINE = 256 * 2**20
 
 
 # A task runs late when it has taken this many times the seconds its rows should take (at the
@@ -148,8 +147,9 @@ def worker_slots(worker_info: dict, block_bytes: int) -> dict[str, int]:
     A block held costs one block (its rows, sorted in place; the fits' pieces are views), and
     partitioning one costs about a third of a block more for a moment (k-means' sample), plus
     pieces of other blocks a worker fits: so a worker gets ``(room - block / 2) // (1.5 block)``
-    slots, at least one and at most its threads, where room is its limit above its
-    post-import baseline. A worker without a limit gets one slot per thread.
+    slots, at least one and at most its threads, where room is what its limit allows below
+    Dask's pause threshold above its post-import floor (:func:`~rpicluster.train.watch.
+    worker_floor`). A worker without a limit gets one slot per thread.
 
     Parameters
     ----------
@@ -166,12 +166,10 @@ def worker_slots(worker_info: dict, block_bytes: int) -> dict[str, int]:
     out = {}
     for addr, w in worker_info.items():
         threads = max(1, int(w.get("nthreads", 1)))
-        limit = int(w.get("memory_limit") or 0)
-        if not limit:
+        if not w.get("memory_limit"):
             out[addr] = threads
             continue
-        used = max(int((w.get("metrics") or {}).get("memory") or 0), _WORKER_BASELINE)
-        room = limit - used
+        room = usable_memory(w) - worker_floor(w)
         out[addr] = max(1, min(threads, int((room - block_bytes / 2) // (1.5 * block_bytes))))
     return out
 
@@ -222,6 +220,7 @@ class TrainingRun:
         self.max_blocks_in_flight = max_blocks_in_flight
         self.progress = progress or Progress.null()
         self.run_id = uuid.uuid4().hex[:8]
+        self.watch = ClusterWatch(client, self.progress, workers=workers, run_id=self.run_id)
         self.counts, self.rows, self.busy = Counter(), Counter(), Counter()
         self.worker_phases: Counter = Counter()  # task seconds by phase (read, kmeans, ...)
         self.driver_seconds: Counter = Counter()
@@ -256,7 +255,12 @@ class TrainingRun:
     # --- set-up ---
 
     def prepare(self) -> None:
-        """Create or resume the run directory, pick the blocks to train and the window."""
+        """Wait (bounded) for a worker, refuse workers whose memory cannot hold a block, create
+        or resume the run directory, pick the blocks to train and the window."""
+        info = self.watch.wait_for_workers(f"{self.dataset.n_blocks} blocks to train")
+        info = measure_floors(self.client, info, key=self._key("warm-up"),
+                              timeout=self.watch.silent_after)
+        check_memory(info, self._block_bytes(), worker_slots(info, self._block_bytes()))
         if self.rundir is not None:
             self.done = self.rundir.begin(self.params, self.dataset, resume=self.resume)
         self.resumed = sorted(self.done)
@@ -269,14 +273,13 @@ class TrainingRun:
         """Follow the workers connected now: a worker that left loses its slots, and one that
         joined (or came back under a new address after a restart) gets its own. The slots of a
         worker already known are kept: its memory now counts the blocks it holds."""
-        info = self.client.scheduler_info(n_workers=-1)["workers"]
-        if self.workers:
-            wanted = set(self.workers)
-            info = {a: w for a, w in info.items() if a in wanted or w.get("name") in wanted}
-        ds = self.dataset
+        info = self.watch.workers()
         self.slots = {a: n for a, n in self.slots.items() if a in info}
         new = {a: w for a, w in info.items() if a not in self.slots}
-        self.slots.update(worker_slots(new, ds.block_rows * (ds.n_features * 4 + 4)))
+        self.slots.update(worker_slots(new, self._block_bytes()))
+
+    def _block_bytes(self) -> int:
+        return self.dataset.block_rows * (self.dataset.n_features * 4 + 4)
 
     def _free_worker(self) -> str | None:
         """The worker with the most free slots that is worth the next block
@@ -340,9 +343,13 @@ class TrainingRun:
         where = self.where
         if planned is not None:
             self.holding[planned] += 1
+        if planned is not None and len(self.slots) > 1:
             # The partition and its pieces on the planned worker: Dask would otherwise cut a
             # piece on an idle worker and move the whole block there first. A preference, not
-            # a pin: if that worker dies, Dask runs them elsewhere.
+            # a pin: if that worker dies, Dask runs them elsewhere. Not for a lone worker: if
+            # it dies, nothing else is running, the tasks wait as no-worker, and Dask does not
+            # hand them to the worker the nanny restarts (a new address) despite
+            # allow_other_workers: the run would wait forever.
             where = {"workers": [planned], "allow_other_workers": True}
         # Earlier blocks first, so they finish and free their workers' memory in order.
         part = self.client.submit(tasks.partition_task, self.dataset, b, self.params,
@@ -611,6 +618,26 @@ class TrainingRun:
                     queue.thread_condition.wait(timeout=min(left, 0.1))
             yield next(queue) if queue.has_ready() else None
 
+    def _loop(self) -> None:
+        """Submit and take results until every block is committed; the watch says what the
+        run waits on, and stops it after too long without a worker."""
+        n = self.dataset.n_blocks
+        while True:
+            while self.submit_partition():
+                pass
+            for item in self._results():
+                if item is not None:
+                    self.on_result(*item)
+                self._drain_writes(wait=False)
+                self.speculate()
+                self.watch.tick(f"{n - len(self.done)} of {n} blocks left to train")
+            left = n - len(self.done) - len(self.in_flight)
+            if not left:
+                return
+            # Nothing in flight and blocks left: every worker left. Wait (bounded) for one.
+            self.watch.wait_for_workers(f"{left} of {n} blocks left to train")
+            self.holding.clear()
+            self._refresh_slots()
 
     def run(self) -> TrainResult:
         """Prepare, then submit and take results until every block is committed."""
@@ -626,13 +653,7 @@ class TrainingRun:
             if self.resumed:
                 self.progress.skip(len(self.resumed), note=f"{len(self.resumed)} resumed")
             try:
-                while self.submit_partition():
-                    pass
-                for item in self._results():
-                    if item is not None:
-                        self.on_result(*item)
-                    self._drain_writes(wait=False)
-                    self.speculate()
+                self._loop()
                 self._drain_writes(wait=True)
             except BaseException:
                 for blk in self.in_flight.values():

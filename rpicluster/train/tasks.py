@@ -59,6 +59,26 @@ def one_blas_thread():
     return _CONTROLLER.limit(limits=1, user_api="blas")
 
 
+def warm_up() -> int:
+    """Load what training uses and run a tiny k-means and SGD fit, so the one-time buffers of
+    BLAS and OpenMP (tens of MiB, whatever the data size) are allocated; the process's RSS
+    now (bytes): a worker's memory floor before it holds any block."""
+    import psutil
+
+    from rpicluster.models.ksgd import fit_cluster, partition_block
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((2000, 16)).astype(np.float32)
+    y = rng.integers(0, 3, 2000)
+    with one_blas_thread():
+        partition_block(X, 4, seed=0)
+        fit_cluster(X, y, seed=0, params={"max_iter": 1, "alpha": 1e-4, "learning_rate":
+                                          "optimal", "eta0": 0.01, "power_t": 0.5,
+                                          "batch_size": 256, "average": True,
+                                          "solver": "minibatch"})
+    return int(psutil.Process().memory_info().rss)
+
+
 def worker_address() -> str | None:
     """Address of the Dask worker running the current task, or None outside a worker."""
     try:
