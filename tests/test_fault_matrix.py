@@ -444,9 +444,7 @@ def test_tampered_model_file_is_refused(store, uninterrupted, cluster, tmp_path,
                         res.output.strip()), res.output
 
 
-# --- lands with other work of issue 16 ----------------------------------------------------------
-# The names of the knobs below are this module's guesses at the interfaces in flight; whoever
-# merges the feature flips its xfail and fixes the guess where it differs.
+# --- no silent waiting (issue 16 item 3) --------------------------------------------------------
 
 #: Seconds `train` waits for a first worker before failing (issue 16 item 3).
 NO_WORKERS_ENV = {"RPICLUSTER_NO_WORKER_TIMEOUT": "5"}
@@ -482,7 +480,6 @@ class _Output:
         return self.text
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 3: lands with i18 (no silent waiting)")
 def test_no_workers_fails_within_a_bounded_time(store, tmp_path, recovery):
     """no workers: `train` fails within a bounded, configurable time, in one line naming the
     scheduler"""
@@ -504,7 +501,6 @@ def test_no_workers_fails_within_a_bounded_time(store, tmp_path, recovery):
     assert re.search(r"no worker", line, re.I) and empty.scheduler_address in line, line
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 3: lands with i18 (no silent waiting)")
 def test_sigstopped_worker_is_named(store, uninterrupted, cluster, client, tmp_path, recovery):
     """SIGSTOP worker: the progress line names a silent worker within seconds; once it is
     continued, the run finishes with a model equal to an uninterrupted run"""

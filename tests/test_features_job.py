@@ -15,7 +15,7 @@ from rpicluster import IncrementalKSGDClassifier, extract_features, open_dataset
 from rpicluster.cli import main
 from rpicluster import events as ev
 from rpicluster.errors import DataError, ModelError
-from rpicluster.features.images import open_images, write_image_store
+from rpicluster.features.images import write_image_store
 from rpicluster.features.model import Extractor, load_network
 
 from test_features_model import _tiny_onnx

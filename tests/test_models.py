@@ -385,7 +385,7 @@ def test_decision_function_agrees_with_predict(digits, vote):
 
 def test_binary_decision_function_sign_is_the_second_class(digits):
     X, Xt, y, _ = digits
-    keep, keep_t = y < 2, None
+    keep = y < 2
     est = KSGDClassifier(3, random_state=0).fit(X[keep], np.where(y[keep] == 1, "b", "a"))
     dec = est.decision_function(Xt)
     assert dec.shape == (len(Xt),)

@@ -216,7 +216,7 @@ def to_markdown(doc: dict) -> str:
         f"{' (train store reused)' if doc['ingest_reused'] else ''} |",
         f"| train (Inc-kSGD, Dask) | **{doc['train_seconds']:.0f} s** |",
         f"| held-out accuracy | **{doc['test_accuracy']:.4f}** |",
-        f"| peak RSS per worker above its post-import baseline | "
+        "| peak RSS per worker above its post-import baseline | "
         + ", ".join(f"{w}: {r['above_baseline_blocks']:.2f} blocks ({r['peak_mib']:.0f} MiB)"
                     for w, r in rss.items()) + f" (worst {worst:.2f}) |",
         f"| SGDClassifier, one epoch on {sgd['subsample_rows']:,} rows | "

@@ -27,7 +27,7 @@ from collections import Counter
 import numpy as np
 
 from rpicluster import events as ev
-from rpicluster.errors import ConfigError, DataError
+from rpicluster.errors import ConfigError
 from rpicluster.features.images import open_images
 from rpicluster.features.model import Extractor, FrozenModel, load_network
 from rpicluster.progress import Progress
