@@ -289,19 +289,25 @@ env = {{ {env_items} }}
 
 
 class SlowTasks(WorkerPlugin):
-    """A Dask worker plugin that delays tasks whose key contains ``prefix`` (on the worker named
-    ``only``, if given): tests use it to make a run last long enough for a kill to land mid-run,
-    or to make one worker slow. Register it with ``client.register_plugin(SlowTasks(...))``."""
+    """A Dask worker plugin that delays tasks whose key contains ``prefix``, or matches the
+    regular expression ``pattern`` (on the worker named ``only``, if given): tests use it to make
+    a run last long enough for a kill to land mid-run, or to make one worker slow. Register it
+    with ``client.register_plugin(SlowTasks(...))``."""
 
-    def __init__(self, prefix: str, seconds: float, only: str | None = None):
-        self.prefix, self.seconds, self.only = prefix, seconds, only
+    def __init__(self, prefix: str = "", seconds: float = 1.0, only: str | None = None,
+                 pattern: str | None = None):
+        self.prefix, self.seconds, self.only, self.pattern = prefix, seconds, only, pattern
         self.worker = None
 
     def setup(self, worker):
         self.worker = worker
 
     def transition(self, key, start, finish, **kwargs):
-        if finish == "executing" and self.prefix in str(key) and (
+        import re
+
+        key = str(key)
+        if finish == "executing" and self.prefix in key and (
+                self.pattern is None or re.search(self.pattern, key)) and (
                 self.only is None or self.worker.name == self.only):
             time.sleep(self.seconds)
 

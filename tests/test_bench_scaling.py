@@ -158,6 +158,15 @@ def _check_reports(out, doc, n_steps):
             assert math.isfinite(s[k]), k
         assert s["tasks_outside_step"] == 0
         assert set(s["busy_seconds"]) <= set(s["workers"])
+        # the tail: one of the step's workers ended each run; in the median run it is the one
+        # that was done 0 s before the end, the others no later than it
+        assert len(s["last_worker"]) == len(s["seconds"])
+        assert set(s["last_worker"]) <= set(s["workers"])
+        tail = s["finished_before_end"]
+        assert set(tail) <= set(s["workers"]) and min(tail.values()) == 0
+        assert all(t >= 0 for t in tail.values())
+    if any(len(s["workers"]) > 1 for s in steps):
+        assert "The tail: the worker whose last task ended last" in (out / "scaling.md").read_text()
     assert steps[0]["scalability_cores"] == pytest.approx(1.0)
     assert steps[-1]["ideal_cores"] == pytest.approx(
         steps[0]["median"] * steps[0]["cores"] / steps[-1]["cores"])

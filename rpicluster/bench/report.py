@@ -53,6 +53,13 @@ def _per_step(method: dict) -> str:
     return f"{n} timed repeat{'s' * (n != 1)} per step{warm}"
 
 
+def _tail_text(step: dict) -> str:
+    before = ", ".join(f"{w} {t:.2f} s" for w, t in sorted(step.get("finished_before_end", {})
+                                                          .items()) if t > 0)
+    return (f"step {step['step']}: last {', '.join(map(str, step.get('last_worker', [])))}"
+            + (f" (others done {before} earlier)" if before else ""))
+
+
 def to_markdown(doc: dict) -> str:
     """The scaling table (paper's columns, then capacity and prediction columns) and notes."""
     d = doc["dataset"]
@@ -90,6 +97,11 @@ def to_markdown(doc: dict) -> str:
         f"Load average before/after: {load['before'][0]:.2f} / {load['after'][0]:.2f} "
         f"on {load['cpus']} CPUs.",
     ]
+    tails = [_tail_text(s) for s in doc["steps"] if len(s["workers"]) > 1]
+    if tails:
+        lines.append("The tail: the worker whose last task ended last, per timed run (in the "
+                     "median run, how long before it the others were done): "
+                     + "; ".join(tails) + ".")
     hyp = doc["simulation"].get("hypothetical")
     if hyp:
         lines.append(f"Simulated cluster '{hyp['spec']}' ({hyp['workers']} workers, "

@@ -159,7 +159,7 @@ class RunRecord:
     """One repeat of a step: wall seconds, the task trace, tasks run outside the step."""
 
     seconds: float
-    trace: list[dict]     # {"key", "group", "deps", "worker", "seconds"}
+    trace: list[dict]     # {"key", "group", "deps", "worker", "seconds", "end"}
     outside: int          # tasks that ran on a worker not in the step (must be 0)
 
 
@@ -205,7 +205,7 @@ class IncKSGDJob:
         def on_event(event) -> None:
             msg = event[1]
             if isinstance(msg, dict):
-                got.append(msg)
+                got.append({**msg, "_end": event[0]})  # when the scheduler got the result
                 if msg.get(ev.KIND) == ev.RUN_END:
                     ended.set()
 
@@ -224,11 +224,12 @@ class IncKSGDJob:
         for e in got:
             if e.get(ev.KIND) == ev.PARTITIONED:
                 trace.append({"key": f"p{e['block']}", "group": e["block"], "deps": [],
-                              "worker": str(e["worker"]), "seconds": e["seconds"]})
+                              "worker": str(e["worker"]), "seconds": e["seconds"],
+                              "end": e["_end"]})
             elif e.get(ev.KIND) == ev.FITTED:
                 trace.append({"key": f"f{e['block']}-{e['cluster']}", "group": e["block"],
                               "deps": [f"p{e['block']}"], "worker": str(e["worker"]),
-                              "seconds": e["seconds"]})
+                              "seconds": e["seconds"], "end": e["_end"]})
         outside = sum(n for w, n in result.tasks_per_worker.items() if w not in step)
         return RunRecord(result.seconds, trace, outside)
 
@@ -296,7 +297,7 @@ class RandomForestJob:
             worker = names.get(rec["worker"], rec["worker"])
             outside += worker not in step
             trace.append({"key": f"b{i}", "group": 0, "deps": [], "worker": worker,
-                          "seconds": busy})
+                          "seconds": busy, "end": max(s["stop"] for s in rec["startstops"])})
         if not trace:
             raise TrainingError("random-forest: no tree was built on the cluster (joblib fitted "
                                 "the forest on this machine); nothing to measure")
@@ -403,6 +404,17 @@ def _busy(trace: list[dict]) -> dict[str, float]:
     for t in trace:
         out[t["worker"]] = out.get(t["worker"], 0.0) + t["seconds"]
     return out
+
+
+def _tail(trace: list[dict]) -> dict[str, float]:
+    """Seconds each worker had finished its last task before the run's last task ended (0 for
+    the worker holding the tail): a slow worker must not be the one everybody waits for."""
+    ends: dict[str, float] = {}
+    for t in trace:
+        if t.get("end") is not None:
+            ends[t["worker"]] = max(ends.get(t["worker"], t["end"]), t["end"])
+    last = max(ends.values(), default=0.0)
+    return {w: last - e for w, e in ends.items()}
 
 
 def _median_run(runs: list[RunRecord]) -> RunRecord:
@@ -537,6 +549,11 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
             "predicted": pred, "prediction_error": (pred - med) / med,
             "tasks_outside_step": sum(r.outside for r in step_runs),
             "busy_seconds": _busy(_median_run(step_runs).trace),
+            # per timed run, the worker whose task ended last (the run's tail), and in the
+            # median run how long before the end each worker had finished
+            "last_worker": [min(t, key=t.get) if t else None
+                            for t in (_tail(r.trace) for r in step_runs)],
+            "finished_before_end": _tail(_median_run(step_runs).trace),
             "warmup_seconds": None if w is None else w.seconds,
             "warmup_workers": None if w is None else sorted(_busy(w.trace), key=_natural),
             "report_html": f"step-{i}.html"})
