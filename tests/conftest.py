@@ -44,3 +44,20 @@ def client(cluster):
 
     with Client(cluster) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A 4-block synthetic store (2,400 rows x 32 features, 12 classes, blocks of 600 rows),
+    one per test module: the store the training safety, watch and fault-matrix modules share
+    (a module that needs another defines its own ``store``)."""
+    import numpy as np
+
+    from rpicluster import ingest
+    from rpicluster.data.synthetic import make_imagenet_like
+
+    root = tmp_path_factory.mktemp("four-blocks")
+    X, y = make_imagenet_like(2400, n_features=32, n_classes=12, seed=3)
+    np.savez(root / "train.npz", X=X, y=y)
+    ingest(str(root / "train.npz"), root / "train.zarr", block_rows=600)
+    return root / "train.zarr"

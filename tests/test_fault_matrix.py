@@ -34,9 +34,8 @@ import pytest
 from click.testing import CliRunner
 from distributed import Client
 
-from rpicluster import IncrementalKSGDClassifier, events as ev, ingest, open_dataset
+from rpicluster import IncrementalKSGDClassifier, events as ev, open_dataset
 from rpicluster.cli import main
-from rpicluster.data.synthetic import make_imagenet_like
 from rpicluster.testing import SlowTasks, reference_fit, same_model
 from rpicluster.train.job import train
 from rpicluster.train.modelfile import load_model, save_model
@@ -46,15 +45,6 @@ PARAMS = dict(n_clusters=4, max_iter=5, random_state=7)
 BLOCK_ROWS = 600
 FLAGS = ["--clusters", "4", "--epochs", "5"]
 
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A 4-block synthetic store (2,400 rows x 32 features, 12 classes)."""
-    root = tmp_path_factory.mktemp("fault-data")
-    X, y = make_imagenet_like(2400, n_features=32, n_classes=12, seed=3)
-    np.savez(root / "train.npz", X=X, y=y)
-    ingest(str(root / "train.npz"), root / "train.zarr", block_rows=BLOCK_ROWS)
-    return root / "train.zarr"
 
 
 @pytest.fixture(scope="module")

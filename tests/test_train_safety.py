@@ -30,15 +30,6 @@ BLOCK_ROWS = 600
 FLAGS = ["--clusters", "4", "--epochs", "5"]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A 4-block synthetic store (2,400 rows x 32 features, 12 classes)."""
-    root = tmp_path_factory.mktemp("safety-data")
-    X, y = make_imagenet_like(2400, n_features=32, n_classes=12, seed=3)
-    np.savez(root / "train.npz", X=X, y=y)
-    ingest(str(root / "train.npz"), root / "train.zarr", block_rows=BLOCK_ROWS)
-    return root / "train.zarr"
-
 
 def _reference(store, seed=7):
     return reference_fit(store, BLOCK_ROWS, **{**PARAMS, "random_state": seed})

@@ -21,10 +21,9 @@ import pytest
 from click.testing import CliRunner
 from distributed import Client, LocalCluster
 
-from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
+from rpicluster import IncrementalKSGDClassifier, open_dataset
 from rpicluster import events as ev
 from rpicluster.cli import main
-from rpicluster.data.synthetic import make_imagenet_like
 from rpicluster.errors import ConfigError, TrainingError
 from rpicluster.progress import Progress
 from rpicluster.testing import DieOn, SlowTasks
@@ -37,15 +36,6 @@ PARAMS = dict(n_clusters=4, max_iter=5, random_state=7)
 BLOCK_ROWS = 600
 FLAGS = ["--clusters", "4", "--epochs", "5", "--seed", "7"]
 
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A 4-block synthetic store (2,400 rows x 32 features, 12 classes)."""
-    root = tmp_path_factory.mktemp("watch-data")
-    X, y = make_imagenet_like(2400, n_features=32, n_classes=12, seed=3)
-    np.savez(root / "train.npz", X=X, y=y)
-    ingest(str(root / "train.npz"), root / "train.zarr", block_rows=BLOCK_ROWS)
-    return root / "train.zarr"
 
 
 def _estimator():
