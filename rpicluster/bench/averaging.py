@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -78,6 +79,7 @@ def run_averaging_scaling(client, dataset, out_dir, *, steps: list[list[str]],
     timed run; ``"none"``) and ``repeats`` timed runs (median, min, max).
     """
     check_method(repeats, warmup)
+    load_before = os.getloadavg()
     out = Path(out_dir)
     make_dirs(out)
     params = {"random_state": 0, **(params or {})}
@@ -137,7 +139,8 @@ def run_averaging_scaling(client, dataset, out_dir, *, steps: list[list[str]],
            "test": None if test is None else test.url, "epochs": epochs,
            "local_epochs": local_epochs, "steps": steps, "rows": rows, "repeats": repeats,
            "method": method(warmup, repeats, REDUCED),
-           "note": "loaded: measured on a shared machine unless stated otherwise"}
+           "load": {"before": list(load_before), "after": list(os.getloadavg()),
+                    "cpus": os.cpu_count()}}
     (out / "averaging.json").write_text(json.dumps(doc, indent=1))
     with open(out / "averaging.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
@@ -163,5 +166,8 @@ def to_markdown(doc: dict) -> str:
                      f"({lo:.2f}-{hi:.2f}) | {acc} | "
                      f"{r['syncs_per_epoch']:g} | {r['mb_per_round']:.2f} | "
                      f"{r['mb_per_epoch']:.1f} | {r['cpu_mean'] * 100:.0f} % |")
-    lines += ["", f"Method: {doc['method']['text']}", doc["note"]]
+    load = doc["load"]
+    lines += ["", f"Method: {doc['method']['text']}",
+              f"Load average before/after: {load['before'][0]:.2f} / {load['after'][0]:.2f} "
+              f"on {load['cpus']} CPUs."]
     return "\n".join(lines) + "\n"
