@@ -1,11 +1,14 @@
 """Where a training run's time goes: a per-phase table, 1 vs N workers, Dask vs in-process.
 
     python benchmarks/train_profile.py [--rows 192000 --features 512 --classes 200 --blocks 8]
-        [--clusters 16 --epochs 10] [--workers 2] [--repeats 1] [--out DIR] [--store PATH]
+        [--clusters 16 --epochs 10] [--workers 2] [--repeats 3] [--out DIR] [--store PATH]
 
-One run each (same store, parameters and seed): the in-process fit with ``n_jobs=N`` threads,
-then the Dask job on 1 worker x 1 thread and on N workers x 1 thread (fresh nanny LocalClusters,
-libraries imported on every worker before the clock starts). For the Dask runs the table splits
+The same store, parameters and seed for: the in-process fit with ``n_jobs=N`` threads, then the
+Dask job on 1 worker x 1 thread and on N workers x 1 thread (a fresh nanny LocalCluster each,
+libraries imported on every worker before the clock starts). Each of the three gets an untimed
+warm-up fit (one SGD epoch: every block and task; on a fresh cluster the first run also pays
+its workers' first reads and allocations), then ``--repeats`` timed fits; the median is
+reported, with every run's time. For the Dask runs the table splits
 the wall time x workers into:
 
 * worker phases, from the tasks' own timers: ``read`` (chunk into its array), ``k-means``,
@@ -57,26 +60,40 @@ def _cpu():
     return time.process_time()
 
 
-def fit_dask(store, params: dict, n_workers: int, *, run_dir=None) -> dict:
-    """One Dask training run on a fresh LocalCluster; the run's phase accounting."""
+def fit_dask(store, params: dict, n_workers: int, *, run_dir: Path, repeats: int) -> dict:
+    """Training runs on one fresh LocalCluster: an untimed warm-up (one SGD epoch, every block
+    and task), then ``repeats`` timed runs; the phase accounting of the median run, and every
+    timed run's wall seconds (``walls``)."""
     from distributed import Client, LocalCluster, get_task_stream
 
     from rpicluster import IncrementalKSGDClassifier, open_dataset
     from rpicluster.train.job import train
 
+    runs = []
     with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                       dashboard_address=":0") as cluster, Client(cluster) as client:
         client.run(_warm)
         ds = open_dataset(store)
-        cpu0 = client.run(_cpu)
-        d0 = time.process_time()
-        with get_task_stream(client) as ts:
-            t0 = time.perf_counter()
-            result = train(IncrementalKSGDClassifier(**params), ds, client, run_dir=run_dir)
-            wall = time.perf_counter() - t0
-        driver_cpu = time.process_time() - d0
-        cpu1 = client.run(_cpu)
-        records = ts.data
+        train(IncrementalKSGDClassifier(**{**params, "max_iter": 1}), ds, client,
+              run_dir=run_dir / "warm-up")
+        for i in range(repeats):
+            cpu0 = client.run(_cpu)
+            d0 = time.process_time()
+            with get_task_stream(client) as ts:
+                t0 = time.perf_counter()
+                result = train(IncrementalKSGDClassifier(**params), ds, client,
+                               run_dir=run_dir / f"run-{i}")
+                wall = time.perf_counter() - t0
+            driver_cpu = time.process_time() - d0
+            cpu1 = client.run(_cpu)
+            runs.append(_account(ts.data, wall, result, n_workers, driver_cpu,
+                                 sum(cpu1[a] - cpu0.get(a, 0.0) for a in cpu1)))
+    walls = [r["wall"] for r in runs]
+    median = sorted(runs, key=lambda r: r["wall"])[len(runs) // 2]
+    return {**median, "walls": walls}
+
+
+def _account(records, wall, result, n_workers, driver_cpu, worker_cpu) -> dict:
     compute, transfer = Counter(), 0.0
     for r in records:
         for s in r.get("startstops", ()):
@@ -85,8 +102,7 @@ def fit_dask(store, params: dict, n_workers: int, *, run_dir=None) -> dict:
             elif s["action"] == "transfer":
                 transfer += s["stop"] - s["start"]
     return {"wall": wall, "result": result, "compute": compute, "transfer": transfer,
-            "workers": n_workers, "driver_cpu": driver_cpu,
-            "worker_cpu": sum(cpu1[a] - cpu0.get(a, 0.0) for a in cpu1),
+            "workers": n_workers, "driver_cpu": driver_cpu, "worker_cpu": worker_cpu,
             "phases": dict(getattr(result, "phases", {}) or {})}
 
 
@@ -116,6 +132,10 @@ def phase_rows(run: dict) -> list[tuple[str, float]]:
     return rows
 
 
+def _runs(run: dict) -> str:
+    return ", ".join(f"{w:.1f}" for w in run["walls"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=192_000)
@@ -126,6 +146,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--store", type=Path, help="reuse (or create) the store here")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs of each fit after an untimed warm-up (median reported)")
     ap.add_argument("--skip-in-process", action="store_true")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     a = ap.parse_args()
@@ -147,14 +169,21 @@ def main() -> None:
                         f"seed=0", store, block_rows=block_rows, overwrite=True)
         t_in = cpu_in = None
         if not a.skip_in_process:
-            c0, t0 = time.process_time(), time.perf_counter()
-            ref = IncrementalKSGDClassifier(**params, n_jobs=a.workers).fit(ds)
-            t_in, cpu_in = time.perf_counter() - t0, time.process_time() - c0
-            print(f"in-process n_jobs={a.workers}: {t_in:.1f} s (CPU {cpu_in:.1f} s)", flush=True)
+            IncrementalKSGDClassifier(**{**params, "max_iter": 1}, n_jobs=a.workers).fit(ds)
+            timed = []
+            for _ in range(a.repeats):
+                c0, t0 = time.process_time(), time.perf_counter()
+                ref = IncrementalKSGDClassifier(**params, n_jobs=a.workers).fit(ds)
+                timed.append((time.perf_counter() - t0, time.process_time() - c0))
+            t_in, cpu_in = sorted(timed)[len(timed) // 2]
+            print(f"in-process n_jobs={a.workers}: {t_in:.1f} s (CPU {cpu_in:.1f} s), runs "
+                  + ", ".join(f"{t:.1f}" for t, _ in timed), flush=True)
         runs = {}
         for n in (1, a.workers):
-            runs[n] = fit_dask(store, params, n, run_dir=Path(tmp) / f"run-{n}")
-            print(f"Dask {n} worker(s): {runs[n]['wall']:.1f} s", flush=True)
+            runs[n] = fit_dask(store, params, n, run_dir=Path(tmp) / f"run-{n}",
+                               repeats=a.repeats)
+            print(f"Dask {n} worker(s): {runs[n]['wall']:.1f} s, runs "
+                  + ", ".join(f"{w:.1f}" for w in runs[n]["walls"]), flush=True)
         X, _ = ds.block(0)
         same = (None if a.skip_in_process else
                 bool(np.array_equal(runs[a.workers]["result"].model.predict(X), ref.predict(X))))
@@ -164,6 +193,9 @@ def main() -> None:
              f"{a.rows:,} x {a.features} x {a.classes} classes, {ds.n_blocks} blocks of "
              f"{block_rows:,}, k={a.clusters}, {a.epochs} epochs; cores: {os.cpu_count()}; "
              f"load average before {load0[0]:.2f}, after {load1[0]:.2f}\n",
+             f"Every fit: an untimed warm-up (one SGD epoch; the Dask ones on their fresh "
+             f"cluster), then {a.repeats} timed runs; the median run is shown. Timed runs (s): "
+             f"1 worker {_runs(runs[1])}; {a.workers} workers {_runs(runs[a.workers])}.\n",
              f"| phase (seconds) | Dask 1 worker | Dask {a.workers} workers |", "|---|---|---|"]
     r1, rn = phase_rows(runs[1]), dict(phase_rows(runs[a.workers]))
     lines += [f"| {name} | {v:.1f} | {rn.get(name, float('nan')):.1f} |" for name, v in r1]
