@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import shutil
@@ -149,12 +150,10 @@ _LIVE = ("(s => s.fractions[1] > 0 && s.accuracy.length > 0 && s.fit_rates.some(
          f"({_PAGE_STATE})")
 
 
-async def _watch_training(devtools_http: str, url: str, run_done, shots: Path) -> dict:
-    """Open ``url`` while training runs; screenshot it live and once ``run_done()`` returns.
-
-    Returns the page's state as seen live (``live``) and after the run (``final``), and every
-    JavaScript error.
-    """
+@contextlib.asynccontextmanager
+async def _open_page(devtools_http: str, url: str):
+    """A new Chromium tab (1400 x 1050) on ``url``, with the Runtime, Log and Page domains on:
+    yields its :class:`DevTools`."""
     async with aiohttp.ClientSession() as http:
         async with http.put(f"{devtools_http}/json/new?about:blank") as r:
             target = await r.json()
@@ -165,23 +164,33 @@ async def _watch_training(devtools_http: str, url: str, run_done, shots: Path) -
             await cdp.call("Emulation.setDeviceMetricsOverride", width=1400, height=1050,
                            deviceScaleFactor=1, mobile=False)
             await cdp.call("Page.navigate", url=url)
-            names = json.dumps(PLOT_NAMES)
-            # Every named plot is in the document and has a rendered view.
-            await cdp.wait_for(
-                f"window.Bokeh !== undefined && Bokeh.documents.length > 0 && "
-                f"{names}.every(n => Bokeh.documents[0].get_model_by_name(n) !== null) && "
-                f"{names}.every(n => Bokeh.index.find_one_by_id("
-                f"Bokeh.documents[0].get_model_by_name(n).id) != null)")
-            await cdp.wait_for(_LIVE, timeout=90)
-            live = await cdp.evaluate(_PAGE_STATE)
-            await _screenshot(cdp, shots / "dashboard-rpicluster-live.png")
-            await asyncio.to_thread(run_done)
-            # The page follows the run to its end without a reload.
-            await cdp.wait_for(f"{_PAGE_STATE}.summary.includes('finished')", timeout=30)
-            final = await cdp.evaluate(_PAGE_STATE)
-            await _screenshot(cdp, shots / "dashboard-rpicluster.png")
-            cdp.reader.cancel()
-            return {"live": live, "final": final, "errors": list(cdp.errors)}
+            yield cdp
+
+
+async def _watch_training(devtools_http: str, url: str, run_done, shots: Path) -> dict:
+    """Open ``url`` while training runs; screenshot it live and once ``run_done()`` returns.
+
+    Returns the page's state as seen live (``live``) and after the run (``final``), and every
+    JavaScript error.
+    """
+    async with _open_page(devtools_http, url) as cdp:
+        names = json.dumps(PLOT_NAMES)
+        # Every named plot is in the document and has a rendered view.
+        await cdp.wait_for(
+            f"window.Bokeh !== undefined && Bokeh.documents.length > 0 && "
+            f"{names}.every(n => Bokeh.documents[0].get_model_by_name(n) !== null) && "
+            f"{names}.every(n => Bokeh.index.find_one_by_id("
+            f"Bokeh.documents[0].get_model_by_name(n).id) != null)")
+        await cdp.wait_for(_LIVE, timeout=90)
+        live = await cdp.evaluate(_PAGE_STATE)
+        await _screenshot(cdp, shots / "dashboard-rpicluster-live.png")
+        await asyncio.to_thread(run_done)
+        # The page follows the run to its end without a reload.
+        await cdp.wait_for(f"{_PAGE_STATE}.summary.includes('finished')", timeout=30)
+        final = await cdp.evaluate(_PAGE_STATE)
+        await _screenshot(cdp, shots / "dashboard-rpicluster.png")
+        cdp.reader.cancel()
+        return {"live": live, "final": final, "errors": list(cdp.errors)}
 
 
 async def _screenshot(cdp: DevTools, path: Path) -> None:
@@ -287,30 +296,21 @@ async def _watch_rounds(devtools_http: str, url: str, runs, shots: Path) -> dict
     """Open ``url``, then run each of ``runs`` (in a thread) and read the rounds part of the
     page once its summary names that run's mode and says finished (no reload in between)."""
     seen = []
-    async with aiohttp.ClientSession() as http:
-        async with http.put(f"{devtools_http}/json/new?about:blank") as r:
-            target = await r.json()
-        async with http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-            cdp = DevTools(ws)
-            for domain in ("Runtime", "Log", "Page"):
-                await cdp.call(f"{domain}.enable")
-            await cdp.call("Emulation.setDeviceMetricsOverride", width=1400, height=1050,
-                           deviceScaleFactor=1, mobile=False)
-            await cdp.call("Page.navigate", url=url)
-            await cdp.wait_for("window.Bokeh !== undefined && Bokeh.documents.length > 0 && "
-                               "Bokeh.documents[0].get_model_by_name('rpicluster-rounds') "
-                               "!== null")
-            for mode, run in runs:
-                result = await asyncio.to_thread(run)
-                await cdp.wait_for(f"(s => s.summary.includes({json.dumps(mode)}) && "
-                                   f"s.summary.includes('finished') && "
-                                   f"s.rounds.length === {len(result.rounds)})({_ROUNDS_STATE})",
-                                   timeout=30)
-                seen.append((result, await cdp.evaluate(_ROUNDS_STATE)))
-                await _screenshot(cdp, shots / f"dashboard-rpicluster-rounds-{mode.split()[0]}"
-                                               ".png")
-            cdp.reader.cancel()
-            return {"seen": seen, "errors": list(cdp.errors)}
+    async with _open_page(devtools_http, url) as cdp:
+        await cdp.wait_for("window.Bokeh !== undefined && Bokeh.documents.length > 0 && "
+                           "Bokeh.documents[0].get_model_by_name('rpicluster-rounds') "
+                           "!== null")
+        for mode, run in runs:
+            result = await asyncio.to_thread(run)
+            await cdp.wait_for(f"(s => s.summary.includes({json.dumps(mode)}) && "
+                               f"s.summary.includes('finished') && "
+                               f"s.rounds.length === {len(result.rounds)})({_ROUNDS_STATE})",
+                               timeout=30)
+            seen.append((result, await cdp.evaluate(_ROUNDS_STATE)))
+            await _screenshot(cdp, shots / f"dashboard-rpicluster-rounds-{mode.split()[0]}"
+                                           ".png")
+        cdp.reader.cancel()
+        return {"seen": seen, "errors": list(cdp.errors)}
 
 
 @pytest.fixture(scope="module")
