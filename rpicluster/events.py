@@ -50,7 +50,9 @@ ROUNDS_TOPIC = "rpicluster.rounds"
 #: resumed (how many blocks were loaded from the run directory instead of trained), t
 RUN_START = "run-start"
 PARTITIONED = "partitioned"  #: block clustered: block, rows, worker, seconds
-FITTED = "fitted"  #: one local model fitted: block, cluster, rows, worker, seconds
+#: one fit task's local models fitted: block, cluster (its first), clusters (how many: the
+#: clusters are cluster .. cluster + clusters - 1; 1 when absent), rows, worker, seconds
+FITTED = "fitted"
 COMMITTED = "committed"  #: block model written to the run directory: block
 RUN_END = "run-end"  #: run finished (or failed): run_id, t
 VALIDATION = "validation"  #: block model scored on the validation set: block, accuracy
@@ -72,6 +74,7 @@ N_BLOCKS = "n_blocks"
 N_CLUSTERS = "n_clusters"
 BLOCK = "block"
 CLUSTER = "cluster"
+CLUSTERS = "clusters"
 ROWS = "rows"
 WORKER = "worker"
 SECONDS = "seconds"
@@ -89,8 +92,8 @@ BYTES_UP = "bytes_up"  #: updates sent back in a round
 LOSS = "loss"
 NOTE = "note"  #: stalled: what the run waits on
 
-FIELDS = (KIND, RUN_ID, N_BLOCKS, N_CLUSTERS, BLOCK, CLUSTER, ROWS, WORKER, SECONDS, ACCURACY,
-          RESUMED, T, MODE, MODEL, N_ROUNDS, ROUND_NO, PARTICIPANTS, LEFT_OUT, BYTES_DOWN,
+FIELDS = (KIND, RUN_ID, N_BLOCKS, N_CLUSTERS, BLOCK, CLUSTER, CLUSTERS, ROWS, WORKER, SECONDS,
+          ACCURACY, RESUMED, T, MODE, MODEL, N_ROUNDS, ROUND_NO, PARTICIPANTS, LEFT_OUT, BYTES_DOWN,
           BYTES_UP, LOSS, NOTE)
 
 

@@ -47,6 +47,18 @@ def _run(run_id="r1", n_blocks=4, k=2, t0=1000.0):
     ]
 
 
+def test_state_counts_every_cluster_of_a_fit_task():
+    # One event per fit task: clusters 1-3 of block 0 in one task, then cluster 0 alone.
+    s = TrainingState()
+    s.update([ev.make_event(ev.RUN_START, run_id="r", n_blocks=2, n_clusters=4, t=1.0),
+              ev.make_event(ev.FITTED, run_id="r", block=0, cluster=1, clusters=3, rows=30,
+                            worker="tcp://a:1", seconds=1.5, t=2.0),
+              ev.make_event(ev.FITTED, run_id="r", block=0, cluster=0, rows=10,
+                            worker="tcp://a:1", seconds=0.5, t=3.0)])
+    assert sorted(s.fitted) == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    assert s.workers["tcp://a:1"].fit_rate == pytest.approx(40 / 2.0)
+
+
 def test_state_counts_progress_throughput_and_accuracy():
     s = TrainingState()
     s.update(_run())

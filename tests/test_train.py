@@ -17,7 +17,8 @@ from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
 from rpicluster import events as ev
 from rpicluster.data.synthetic import make_imagenet_like
 from rpicluster.errors import ConfigError, TrainingError
-from rpicluster.train.job import predict_dataset, score_dataset, train, worth_a_block
+from rpicluster.train.job import (fit_groups_per_block, predict_dataset, score_dataset, train,
+                                  worth_a_block)
 from rpicluster.train.modelfile import load_model
 from rpicluster.testing import DieOn, SlowTasks, all_rows, reference_fit, same_model
 from rpicluster.train.rundir import RunDir
@@ -66,8 +67,8 @@ def test_distributed_fit_equals_in_process_fit(store, client, tmp_path):
     same_model(est, reference, X)
     assert result.trained_blocks == [0, 1, 2, 3]
     assert sorted(RunDir(tmp_path / "run").verified()) == [0, 1, 2, 3]
-    # 4 partition tasks and 4 x 4 fit tasks, spread over the two workers.
-    assert sum(result.tasks_per_worker.values()) == 4 + 16
+    # 4 partition tasks and 4 x 2 fit tasks (one per worker thread), spread over the workers.
+    assert sum(result.tasks_per_worker.values()) == 4 + 8
     assert len(result.tasks_per_worker) == 2, result.tasks_per_worker
     assert result.speculation["copies"] == 0
 
@@ -189,6 +190,14 @@ def test_a_late_task_is_run_again_on_an_idle_worker_and_the_model_is_unchanged(s
     assert unspeculated.speculation["copies"] == 0
     assert unspeculated.tasks_per_worker[slow] > 0, unspeculated.tasks_per_worker
     same_model(unspeculated.model, plain, X)
+
+
+def test_a_block_has_one_fit_task_per_worker_thread_at_most_one_per_cluster():
+    two = {"a": {"nthreads": 1}, "b": {"nthreads": 1}}
+    assert fit_groups_per_block(10, two) == 2
+    assert fit_groups_per_block(10, {**two, "c": {"nthreads": 4}}) == 6
+    assert fit_groups_per_block(3, {"a": {"nthreads": 8}}) == 3
+    assert fit_groups_per_block(10, {}) == 1
 
 
 def test_a_slow_worker_gets_no_block_near_the_end():

@@ -30,11 +30,15 @@ def test_permute_rows_equals_fancy_indexing_without_a_copy():
     assert (labels[order][bounds[3]:bounds[4]] == 3).all()
 
 
-def test_fit_groups_batch_small_clusters_and_cover_all():
-    # 500 closes a group alone; 10+10+10+400 close the next; the last 5 join it
-    assert fit_groups([500, 10, 10, 10, 400, 5], 100) == [(0, 1), (1, 6)]
-    assert fit_groups([50] * 4, 100) == [(0, 2), (2, 4)]
-    assert fit_groups([], 10) == []
+def test_fit_groups_split_rows_evenly_and_cover_all():
+    # 935 rows in 3 groups: the cuts nearest 312 and 623 rows are after 500 and after 530
+    assert fit_groups([500, 10, 10, 10, 400, 5], 3) == [(0, 1), (1, 4), (4, 6)]
+    assert fit_groups([30, 30, 30, 10], 2) == [(0, 2), (2, 4)]
+    assert fit_groups([100] * 10, 3) == [(0, 3), (3, 7), (7, 10)]
+    assert fit_groups([50] * 4, 9) == [(0, 1), (1, 2), (2, 3), (3, 4)]  # at most one per cluster
+    assert fit_groups([1000, 1, 1, 1], 3) == [(0, 1), (1, 4)]  # a big cluster: fewer groups
+    assert fit_groups([7], 3) == [(0, 1)]
+    assert fit_groups([], 2) == []
 
 
 def test_partition_pieces_are_views_of_the_sorted_block(tmp_path):

@@ -116,7 +116,12 @@ class TrainingState:
                 self.block_rows[block] = int(event[ev.ROWS])
             self._work(event, "partition")
         elif kind == ev.FITTED:
-            self.fitted.add((block, event.get(ev.CLUSTER)))
+            first = event.get(ev.CLUSTER)
+            if first is None:
+                self.fitted.add((block, None))
+            else:
+                self.fitted.update((block, first + i)
+                                   for i in range(int(event.get(ev.CLUSTERS) or 1)))
             self._work(event, "fit")
         elif kind == ev.COMMITTED:
             self.committed.add(block)

@@ -174,6 +174,17 @@ def worker_slots(worker_info: dict, block_bytes: int) -> dict[str, int]:
     return out
 
 
+def fit_groups_per_block(n_clusters: int, worker_info: dict) -> int:
+    """Fit tasks per block: one per thread of the run's workers, at most one per cluster.
+
+    Enough for every thread to take a share of the last block's fits; more would only add
+    tasks, each costing the scheduler, its worker and the client about a millisecond
+    (:func:`rpicluster.train.tasks.fit_groups` splits a block's clusters into this many runs of
+    about equal rows)."""
+    threads = sum(max(1, int(w.get("nthreads", 1))) for w in worker_info.values())
+    return max(1, min(int(n_clusters), threads))
+
+
 class TrainingRun:
     """The run loop of one training job: submit, on_result, commit.
 
@@ -229,6 +240,7 @@ class TrainingRun:
         self.queue = as_completed([], with_results=True, raise_errors=False)
         self.scores: dict[int, list[int]] = {}  # block -> [validation blocks left, correct, rows]
         self.n_partitioned = self.n_fitted = 0
+        self.n_groups = 1  # fit tasks per block (prepare: fit_groups_per_block)
         self.window = 1
         self.slots: dict[str, int] = {}  # worker address -> blocks it may hold
         self.holding: Counter = Counter()  # worker address -> blocks held or planned there
@@ -268,6 +280,7 @@ class TrainingRun:
         self._pending = iter(self.todo)
         self._refresh_slots()
         self.window = self.max_blocks_in_flight or max(1, sum(self.slots.values()))
+        self.n_groups = fit_groups_per_block(self.params["n_clusters"], info)
 
     def _refresh_slots(self) -> None:
         """Follow the workers connected now: a worker that left loses its slots, and one that
@@ -324,7 +337,7 @@ class TrainingRun:
         """Submit the next block's tasks if the window and a worker's memory allow; False
         when nothing was submitted.
 
-        Partition, meta, and one piece and one fit task for each of the ``n_clusters`` fit
+        Partition, meta, and one piece and one fit task for each of the ``n_groups`` fit
         groups a block can have (a group that turns out not to exist is an empty piece and a
         fit that returns nothing). The client keeps only meta and the fits: a piece is released
         once its fit has run, the partition result once every piece is cut from it.
@@ -353,12 +366,12 @@ class TrainingRun:
             where = {"workers": [planned], "allow_other_workers": True}
         # Earlier blocks first, so they finish and free their workers' memory in order.
         part = self.client.submit(tasks.partition_task, self.dataset, b, self.params,
-                                  self.random_state, key=self._key("partition", b),
+                                  self.random_state, self.n_groups, key=self._key("partition", b),
                                   priority=-b, **where)
         self.speculable[part.key] = (b, "partition", None)
         self.ready_at[part.key] = time.perf_counter()
         self._submit_rest(blk, part, where, self.where)
-        blk.fits_left = int(self.params["n_clusters"])
+        blk.fits_left = self.n_groups
         return True
 
     def _submit_rest(self, blk: _Block, part, where: dict, fit_where: dict,
@@ -370,7 +383,7 @@ class TrainingRun:
         self.owner[meta.key] = (b, None)
         self.queue.add(meta)
         blk.futures.append(meta)
-        for g in range(int(self.params["n_clusters"])):
+        for g in range(self.n_groups):
             piece = self.client.submit(tasks.cluster_piece, part, g,
                                        key=self._key("piece", b, g, *suffix), priority=-b,
                                        **where)
@@ -437,7 +450,7 @@ class TrainingRun:
         if j is None:
             blk.meta = result
             now = time.perf_counter()
-            for g in range(int(self.params["n_clusters"])):  # the fits can run from now
+            for g in range(self.n_groups):  # the fits can run from now
                 self.ready_at[self._key("fit", b, g)] = now
             blk.n_clusters = len(result["sizes"])
             blk.address = result["address"]
@@ -455,15 +468,14 @@ class TrainingRun:
             blk.fits_left -= 1
             self.worker_phases["fit"] += result["seconds"]
             self.worker_phases["fit-cpu"] += result.get("cpu", 0.0)
-            share = result["seconds"] / max(1, result["rows"])
-            first = result["first"]
-            for i, (model, n) in enumerate(zip(result["models"], result["sizes"])):
+            first, sizes = result["first"], result["sizes"]
+            for i, model in enumerate(result["models"]):
                 blk.models[first + i] = model
-                self.n_fitted += 1
-                # One event per cluster, the group's seconds shared by rows: the dashboard
-                # counts clusters, whatever the batching.
-                _log(self.client, ev.FITTED, run_id=self.run_id, block=b, cluster=first + i,
-                     rows=int(n), worker=w, seconds=share * n)
+            self.n_fitted += len(sizes)
+            if sizes:  # one event per fit task: its clusters are first .. first + clusters - 1
+                _log(self.client, ev.FITTED, run_id=self.run_id, block=b, cluster=first,
+                     clusters=len(sizes), rows=result["rows"], worker=w,
+                     seconds=result["seconds"])
         self.progress.advance(0, note=f"{self.n_partitioned}/{len(self.todo)} partitioned, "
                                       f"{self.n_fitted} clusters fitted")
         if blk.complete():
@@ -594,7 +606,8 @@ class TrainingRun:
             blk.futures.append(fit)
             return
         part = self.client.submit(tasks.partition_task, self.dataset, b, self.params,
-                                  self.random_state, key=self._key("partition", b, "copy"),
+                                  self.random_state, self.n_groups,
+                                  key=self._key("partition", b, "copy"),
                                   priority=-b, **pin)
         others = [a for a in self.slots if a != late]
         self._submit_rest(blk, part, pin, {"workers": others, "allow_other_workers": False},

@@ -10,15 +10,18 @@ dashboard tells the phases apart; then the run id, block and group)::
            └─ fit-<run>-b-g    Dask moves it if an idle worker takes the fit) -> one local
                                linear model per cluster of the group (to the client)
 
-The client submits all of it at once, with ``n_clusters`` piece/fit pairs (a group the block
-turns out not to have is empty), so no worker waits for the client between a partition and
-its fits.
+The client submits all of it at once, with one piece/fit pair per fit group the block may have
+(a group the block turns out not to have is empty), so no worker waits for the client between
+a partition and its fits.
 
-A group is one cluster, or several consecutive small clusters batched into one task (see
-:func:`fit_groups`); each cluster is still fitted alone, with its own seed, so grouping never
-changes the model. Only centroids and fitted local models reach the client; training rows never
-do. Every random choice derives from (random_state, block, cluster), so a task that runs twice
-(its worker died, or a straggler's task was re-run elsewhere) gives the same result, and the
+A fit group is a run of consecutive clusters holding about an equal share of the block's rows
+(:func:`fit_groups`). The client asks for as many groups as the run's workers have threads
+(at most ``n_clusters``): enough for every worker to take a share of the last block, and few
+tasks, since each costs the scheduler, the worker and the client about a millisecond whatever
+its size. Each cluster is still fitted alone, with its own seed, so grouping never changes the
+model. Only centroids and fitted local models reach the client; training rows never do. Every
+random choice derives from (random_state, block, cluster), so a task that runs twice (its
+worker died, or a straggler's task was re-run elsewhere) gives the same result, and the
 distributed model equals the in-process one.
 
 Memory on the worker that partitions a block: the block is read straight into its array
@@ -89,41 +92,35 @@ def worker_address() -> str | None:
         return None
 
 
-def fit_groups(sizes, min_rows: int) -> list[tuple[int, int]]:
-    """Consecutive clusters batched into fit tasks: ``[(first, stop), ...]``.
+def fit_groups(sizes, n_groups: int) -> list[tuple[int, int]]:
+    """Consecutive clusters batched into at most ``n_groups`` fit tasks: ``[(first, stop), ...]``.
 
-    Clusters are taken in order and a group closes once it holds ``min_rows`` rows, so a large
-    cluster is a task of its own and small ones share one (a task costs a scheduler round trip
-    and, if it moves, a transfer, whatever its size). The groups cover every cluster once.
+    Group ``i`` ends at the cluster boundary nearest to ``i / n_groups`` of the block's rows, so
+    the groups hold about equal rows (a cluster larger than a share makes its group larger, and
+    there may then be fewer groups). The groups cover every cluster once, none is empty.
 
     Parameters
     ----------
     sizes : sequence of int
         Rows per cluster.
-    min_rows : int
-        Rows a group collects before it closes.
+    n_groups : int
+        Groups wanted (at least 1; at most one per cluster).
     """
-    groups, first, rows = [], 0, 0
-    for j, n in enumerate(sizes):
-        rows += int(n)
-        if rows >= min_rows:
-            groups.append((first, j + 1))
-            first, rows = j + 1, 0
-    if first < len(sizes):
-        if groups and rows < min_rows:
-            groups[-1] = (groups[-1][0], len(sizes))  # a small remainder joins the last group
-        else:
-            groups.append((first, len(sizes)))
-    return groups
+    k = len(sizes)
+    if k == 0:
+        return []
+    cum = np.cumsum(np.asarray(sizes, dtype=np.int64))
+    n = min(max(1, int(n_groups)), k)
+    # cum[j] is the rows of clusters 0..j: cutting there starts a group at cluster j + 1.
+    cuts = sorted({int(np.argmin(np.abs(cum[:-1] - cum[-1] * i / n))) + 1 for i in range(1, n)})
+    bounds = [0, *cuts, k]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
-def min_group_rows(rows: int, n_clusters: int) -> int:
-    """Rows a fit group collects: half an average cluster of the block."""
-    return max(1, rows // (2 * max(1, n_clusters)))
-
-
-def partition_task(dataset, block: int, params: dict, random_state: int) -> dict:
-    """Read block ``block`` of ``dataset``, cluster its rows and sort them by cluster in place.
+def partition_task(dataset, block: int, params: dict, random_state: int,
+                   n_groups: int | None = None) -> dict:
+    """Read block ``block`` of ``dataset``, cluster its rows and sort them by cluster in place,
+    and split the clusters into ``n_groups`` fit groups (default: one per cluster).
 
     Returns
     -------
@@ -152,7 +149,7 @@ def partition_task(dataset, block: int, params: dict, random_state: int) -> dict
     sizes = np.diff(bounds)
     t3 = time.perf_counter()
     return {"X": X, "y": y, "centers": centers, "bounds": bounds,
-            "groups": fit_groups(sizes, min_group_rows(X.shape[0], params["n_clusters"])),
+            "groups": fit_groups(sizes, n_groups or params["n_clusters"]),
             "rows": int(X.shape[0]), "worker": worker_name(), "address": worker_address(),
             "seconds": t3 - t0,
             "phases": {"read": t1 - t0, "kmeans": t2 - t1, "sort": t3 - t2,
@@ -171,8 +168,8 @@ def cluster_piece(part: dict, group: int):
     """Rows of fit group ``group``: ``(X_g, y_g, bounds_g, first)``, views into the sorted block.
 
     ``bounds_g`` are the group's cluster bounds relative to its first row and ``first`` its
-    first cluster. A group the block does not have (the client submits ``n_clusters`` fits
-    before it knows how many groups there are) is empty.
+    first cluster. A group the block does not have (the client submits its fits before it knows
+    how many groups there are) is empty.
     """
     bounds = part["bounds"]
     if group >= len(part["groups"]):
