@@ -72,8 +72,8 @@ def test_worker_slots_follow_memory_limits_and_threads():
             "measured": {"memory_limit": (200 * mib + 5 * block) / pause, "floor": 200 * mib,
                          "nthreads": 4}}
     # baseline + 3 blocks below the pause threshold: one block at a time; + 5 blocks:
-    # (5 - 0.5) // 1.5 = 3; no limit: one per thread
-    assert worker_slots(info, block) == {"pi": 1, "big": 3, "nolimit": 2, "paused-above": 1,
+    # (5 - 0.5) // 1.5 = 3; no limit: one per thread and one queued ahead
+    assert worker_slots(info, block) == {"pi": 1, "big": 3, "nolimit": 3, "paused-above": 1,
                                          "measured": 3}
     assert worker_slots({"tiny": {"memory_limit": mib, "nthreads": 1}}, block) == {"tiny": 1}
 

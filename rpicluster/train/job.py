@@ -121,6 +121,13 @@ LATE_FACTOR = 2.0
 LATE_MARGIN_S = 0.5
 # How often the run loop looks for late tasks while no result arrives.
 TICK_S = 0.25
+# A worker this many times slower than usual counts as slow: no block near the end of a run
+# (worth_a_block), no block queued ahead.
+SLOW = 1.5
+# Blocks a worker may hold beyond one per thread, memory allowing: the next block waits on the
+# worker behind the current one's fits, so the worker does not idle between blocks while the
+# last fit's result goes to the client and the next block's tasks come back.
+AHEAD = 1
 
 
 def worth_a_block(slowness: float | None, remaining: int, faster: int) -> bool:
@@ -132,7 +139,7 @@ def worth_a_block(slowness: float | None, remaining: int, faster: int) -> bool:
     the one they hold. Near the end of a run that is sooner, and the slow worker would hold the
     tail: it gets the block only while ``remaining > faster * (slowness - 1)``.
     """
-    if slowness is None or slowness <= 1.5 or faster == 0:
+    if slowness is None or slowness <= SLOW or faster == 0:
         return True
     return remaining > faster * (slowness - 1)
 
@@ -147,9 +154,10 @@ def worker_slots(worker_info: dict, block_bytes: int) -> dict[str, int]:
     A block held costs one block (its rows, sorted in place; the fits' pieces are views), and
     partitioning one costs about a third of a block more for a moment (k-means' sample), plus
     pieces of other blocks a worker fits: so a worker gets ``(room - block / 2) // (1.5 block)``
-    slots, at least one and at most its threads, where room is what its limit allows below
-    Dask's pause threshold above its post-import floor (:func:`~rpicluster.train.watch.
-    worker_floor`). A worker without a limit gets one slot per thread.
+    slots, at least one and at most its threads plus :data:`AHEAD`, where room is what its
+    limit allows below Dask's pause threshold above its post-import floor
+    (:func:`~rpicluster.train.watch.worker_floor`). A worker without a limit gets its threads
+    plus :data:`AHEAD`.
 
     Parameters
     ----------
@@ -165,12 +173,12 @@ def worker_slots(worker_info: dict, block_bytes: int) -> dict[str, int]:
     """
     out = {}
     for addr, w in worker_info.items():
-        threads = max(1, int(w.get("nthreads", 1)))
+        most = max(1, int(w.get("nthreads", 1))) + AHEAD
         if not w.get("memory_limit"):
-            out[addr] = threads
+            out[addr] = most
             continue
         room = usable_memory(w) - worker_floor(w)
-        out[addr] = max(1, min(threads, int((room - block_bytes / 2) // (1.5 * block_bytes))))
+        out[addr] = max(1, min(most, int((room - block_bytes / 2) // (1.5 * block_bytes))))
     return out
 
 
@@ -296,8 +304,15 @@ class TrainingRun:
 
     def _free_worker(self) -> str | None:
         """The worker with the most free slots that is worth the next block
-        (:func:`worth_a_block`); None when there is none."""
-        free = {a: n - self.holding[a] for a, n in self.slots.items() if n > self.holding[a]}
+        (:func:`worth_a_block`); None when there is none. A slow worker gets no block queued
+        ahead (:data:`AHEAD`): it would hold it long after the others could have trained it."""
+        free = {}
+        for a, n in self.slots.items():
+            slow = self._slowness(a)
+            if slow is not None and slow > SLOW:
+                n = max(1, n - AHEAD)
+            if n > self.holding[a]:
+                free[a] = n - self.holding[a]
         remaining = len(self.todo) - self.n_submitted
         for a in sorted(free, key=free.get, reverse=True):
             slow = self._slowness(a)
