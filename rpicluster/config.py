@@ -100,6 +100,7 @@ BENCH_OUT = Path("bench-out")
 BENCH_TIME_CAP_S = 1200.0
 
 #: ``rpicluster bench scaling``: synthetic rows when neither --data nor --rows is given, and rows
-#: of the per-worker calibration task (capped at the store's block rows).
+#: of the random forest's per-worker calibration tree (None: one block; Inc-kSGD's calibration
+#: is always one block).
 BENCH_SCALING_ROWS = 48_000
-BENCH_CALIBRATION_ROWS = 2_000
+BENCH_CALIBRATION_ROWS = None
