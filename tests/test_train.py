@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import cloudpickle
 import dask
@@ -93,6 +94,42 @@ def test_validation_scores_and_worker_restriction(store, client):
               if e[1][ev.KIND] == ev.VALIDATION and e[1][ev.T] >= result_start(client)}
     for b, block_model in enumerate(est.estimators_):
         assert scores[b] == pytest.approx(block_model.score(X, y))
+
+
+class _SlowBlocksOn:
+    """A dataset whose blocks take ``seconds`` longer to read on the workers named (in the
+    task's thread, so the worker still answers the scheduler meanwhile)."""
+
+    def __init__(self, dataset, names, seconds):
+        self._ds, self._names, self._seconds = dataset, list(names), seconds
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._ds, name)
+
+    def block(self, b):
+        from distributed import get_worker
+
+        if get_worker().name in self._names:
+            time.sleep(self._seconds)
+        return self._ds.block(b)
+
+
+def test_a_run_restricted_to_some_workers_never_uses_another(client, cluster, tmp_path):
+    cluster.scale(3)
+    client.wait_for_workers(3, timeout=60)
+    by_name = {w["name"]: a for a, w in client.scheduler_info()["workers"].items()}
+    allowed = sorted(by_name, key=str)[:2]
+    # Blocks read slowly on one allowed worker, which then holds its block queued ahead while
+    # the third worker idles: under a loose pin, Dask's work stealing hands such a block to it.
+    many = ingest("synthetic:rows=3600,features=16,classes=6,seed=2", tmp_path / "many.zarr",
+                  block_rows=300)
+    ds = _SlowBlocksOn(many, allowed[:1], 0.5)
+    est = IncrementalKSGDClassifier(block_rows=300, **PARAMS)
+    result = train(est, ds, client, workers=[by_name[n] for n in allowed])
+    assert set(result.tasks_per_worker) <= {str(n) for n in allowed}, result.tasks_per_worker
+    same_model(est, reference_fit(tmp_path / "many.zarr", 300, **PARAMS)[0], all_rows(many)[0])
 
 
 def result_start(client):

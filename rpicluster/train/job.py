@@ -91,6 +91,7 @@ class _Block:
     def __init__(self, index: int, planned: str | None):
         self.index = index
         self.planned = planned  # the worker chosen to partition it (None: Dask chooses)
+        self.pinned = False  # its partition may run on the planned worker only
         self.address: str | None = None  # the worker that did, and holds its rows
         self.futures: list = []  # the client's references: meta and the fits (and copies)
         self.pieces: dict = {}  # fit group -> piece future, until the group is fitted
@@ -378,7 +379,12 @@ class TrainingRun:
             # it dies, nothing else is running, the tasks wait as no-worker, and Dask does not
             # hand them to the worker the nanny restarts (a new address) despite
             # allow_other_workers: the run would wait forever.
-            where = {"workers": [planned], "allow_other_workers": True}
+            # In a run restricted to some workers the pin is strict: a loose one lets Dask's
+            # work stealing hand the partition to any idle worker of the cluster, outside the
+            # run's workers (and a block whose worker leaves first stops the run:
+            # _check_planned).
+            where = {"workers": [planned], "allow_other_workers": not self.workers}
+            blk.pinned = bool(self.workers)
         # Earlier blocks first, so they finish and free their workers' memory in order.
         part = self.client.submit(tasks.partition_task, self.dataset, b, self.params,
                                   self.random_state, self.n_groups, key=self._key("partition", b),
@@ -646,6 +652,21 @@ class TrainingRun:
                     queue.thread_condition.wait(timeout=min(left, 0.1))
             yield next(queue) if queue.has_ready() else None
 
+    def _check_planned(self) -> None:
+        """In a run restricted to some workers, stop when a block's worker left before
+        partitioning it: its tasks are pinned there (:meth:`submit_partition`) and would wait
+        for it forever."""
+        live = self.watch.live
+        if not self.workers or live is None:
+            return
+        for b, blk in self.in_flight.items():
+            if blk.pinned and blk.meta is None and blk.planned not in live:
+                raise TrainingError(
+                    f"worker {blk.planned} left before partitioning block {b}, and this run "
+                    f"is restricted to workers {sorted(self.workers)}: train again on the "
+                    f"workers still connected (with a run directory, --resume keeps the "
+                    f"{len(self.done)} blocks committed)")
+
     def _loop(self) -> None:
         """Submit and take results until every block is committed; the watch says what the
         run waits on, and stops it after too long without a worker."""
@@ -659,6 +680,7 @@ class TrainingRun:
                 self._drain_writes(wait=False)
                 self.speculate()
                 self.watch.tick(f"{n - len(self.done)} of {n} blocks left to train")
+                self._check_planned()
             left = n - len(self.done) - len(self.in_flight)
             if not left:
                 return

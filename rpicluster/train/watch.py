@@ -173,6 +173,7 @@ class ClusterWatch:
         self._next = 0.0
         self._none_since: float | None = None
         self._seen: dict[str, tuple[float, float]] = {}  # address -> (last_seen, when it moved)
+        self.live: set[str] | None = None  # the run's workers at the last look (None: no look)
         self._state: tuple = ((), ())  # (paused, silent) labels last published
         self.alert: str | None = None
 
@@ -235,6 +236,7 @@ class ClusterWatch:
             return
         self._next = now + self.interval
         info = self.workers()
+        self.live = set(info)
         if not info:
             self._no_worker(now, what)
             return
