@@ -385,40 +385,44 @@ class TrainingRun:
             # _check_planned).
             where = {"workers": [planned], "allow_other_workers": not self.workers}
             blk.pinned = bool(self.workers)
-        # Earlier blocks first, so they finish and free their workers' memory in order.
-        part = self.client.submit(tasks.partition_task, self.dataset, b, self.params,
-                                  self.random_state, self.n_groups, key=self._key("partition", b),
-                                  priority=-b, **where)
-        self.speculable[part.key] = (b, "partition", None)
-        self.ready_at[part.key] = time.perf_counter()
-        self._submit_rest(blk, part, where, self.where)
-        blk.fits_left = self.n_groups
+        self._submit_graph(blk, where, self.where)
         return True
 
-    def _submit_rest(self, blk: _Block, part, where: dict, fit_where: dict,
-                     suffix: tuple = ()) -> None:
-        """Meta, pieces (where the partition is) and fits of a block's partition ``part``."""
+    def _submit_graph(self, blk: _Block, where: dict, fit_where: dict,
+                      suffix: tuple = ()) -> None:
+        """A block's graph in two messages to the scheduler (each ``client.submit`` is one, and
+        the scheduler's cost is mostly per message): its partition, meta and pieces
+        (``where``), then its fits (``fit_where``). Earlier blocks first (``priority``), so they
+        finish and free their workers' memory in order."""
         b = blk.index
-        meta = self.client.submit(tasks.block_meta, part, key=self._key("meta", b, *suffix),
-                                  priority=-b, **where)
-        self.owner[meta.key] = (b, None)
-        self.queue.add(meta)
-        blk.futures.append(meta)
-        for g in range(self.n_groups):
-            piece = self.client.submit(tasks.cluster_piece, part, g,
-                                       key=self._key("piece", b, g, *suffix), priority=-b,
-                                       **where)
-            fit = self.client.submit(tasks.fit_task, piece, b, g, self.params,
-                                     self.random_state, key=self._key("fit", b, g, *suffix),
-                                     priority=-b, **fit_where)
+        part = self._key("partition", b, *suffix)
+        meta = self._key("meta", b, *suffix)
+        cut = [self._key("piece", b, g, *suffix) for g in range(self.n_groups)]
+        graph = {part: (tasks.partition_task, self.dataset, b, self.params, self.random_state,
+                        self.n_groups),
+                 meta: (tasks.block_meta, part),
+                 **{key: (tasks.cluster_piece, part, g) for g, key in enumerate(cut)}}
+        meta_f, *pieces = self.client.get(graph, [meta, *cut], sync=False, priority=-b, **where)
+        graph = {self._key("fit", b, g, *suffix): (tasks.fit_task, piece, b, g, self.params,
+                                                   self.random_state)
+                 for g, piece in enumerate(pieces)}
+        fits = self.client.get(graph, list(graph), sync=False, priority=-b, **fit_where)
+        self.owner[meta_f.key] = (b, None)
+        self.queue.add(meta_f)
+        blk.futures.append(meta_f)
+        for g, fit in enumerate(fits):
             self.owner[fit.key] = (b, g)
             self.queue.add(fit)
             blk.futures.append(fit)
-            if suffix:
-                self.copies.update((meta.key, fit.key))
-            else:
-                blk.pieces[g] = piece  # kept for a copy of its fit (speculate)
-                self.speculable[fit.key] = (b, "fit", g)
+        if suffix:
+            self.copies.update(f.key for f in (meta_f, *fits))
+            return
+        self.speculable[part] = (b, "partition", None)
+        self.ready_at[part] = time.perf_counter()
+        blk.fits_left = self.n_groups
+        for g, (piece, fit) in enumerate(zip(pieces, fits)):
+            blk.pieces[g] = piece  # kept for a copy of its fit (speculate)
+            self.speculable[fit.key] = (b, "fit", g)
 
     def submit_validation(self, b: int, model) -> None:
         """Score block model ``b`` on every validation block (``score-…`` tasks)."""
@@ -626,13 +630,9 @@ class TrainingRun:
             self.queue.add(fit)
             blk.futures.append(fit)
             return
-        part = self.client.submit(tasks.partition_task, self.dataset, b, self.params,
-                                  self.random_state, self.n_groups,
-                                  key=self._key("partition", b, "copy"),
-                                  priority=-b, **pin)
         others = [a for a in self.slots if a != late]
-        self._submit_rest(blk, part, pin, {"workers": others, "allow_other_workers": False},
-                          suffix=("copy",))
+        self._submit_graph(blk, pin, {"workers": others, "allow_other_workers": False},
+                           suffix=("copy",))
 
     # --- the loop ---
 
