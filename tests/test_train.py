@@ -132,6 +132,20 @@ def test_a_run_restricted_to_some_workers_never_uses_another(client, cluster, tm
     same_model(est, reference_fit(tmp_path / "many.zarr", 300, **PARAMS)[0], all_rows(many)[0])
 
 
+def test_a_restricted_run_whose_worker_leaves_before_partitioning_stops_naming_it(store,
+                                                                                client):
+    # The worker given block 1 dies as it starts partitioning it; the block is pinned there.
+    client.register_plugin(DieOn(r"partition-\w+-1$"), name="die-on-block-1")
+    try:
+        with pytest.raises(TrainingError, match=r"worker tcp://\S+ left before partitioning "
+                                                r"block 1, and this run is restricted"):
+            train(IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS),
+                  open_dataset(store / "train.zarr"), client,
+                  workers=list(client.scheduler_info()["workers"]))
+    finally:
+        client.unregister_worker_plugin("die-on-block-1")
+
+
 def result_start(client):
     """Time of the latest run-start event."""
     return max(e[1][ev.T] for e in client.get_events(ev.TOPIC) if e[1][ev.KIND] == ev.RUN_START)
