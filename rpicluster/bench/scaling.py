@@ -323,6 +323,9 @@ def make_job(name: str, params: dict | None = None):
 
 # --- calibration ---
 
+#: Seconds each worker of a step keeps busy in :func:`step_capacity`, at its own rate.
+CAPACITY_WINDOW_S = 2.0
+
 
 def calibrate(client, job, dataset, workers: dict[str, dict], *, rows: int | None = None,
               rounds: int = 3) -> dict[str, dict]:
@@ -361,9 +364,14 @@ def calibrate(client, job, dataset, workers: dict[str, dict], *, rows: int | Non
 
 def step_capacity(client, job, dataset, workers: dict[str, dict], step: list[str],
                   cal: dict[str, dict], *, rows: int | None = None, rounds: int = 3) -> float:
-    """Rows/s of the step's workers together: each runs ``rounds`` calibration tasks per thread,
-    all of them at once, and contributes threads x its median rows/s. A one-worker step is its
+    """Rows/s of the step's workers together: each runs calibration tasks on every thread, all
+    of them at once, and contributes threads x its median rows/s. A one-worker step is its
     worker's own rate from ``cal`` (:func:`calibrate`).
+
+    Each worker runs at least ``rounds`` tasks per thread, and as many as fill
+    :data:`CAPACITY_WINDOW_S` at its own rate: with a fixed count, a fast worker's short tasks
+    ended before a slow one's first did, so they barely overlapped, and 3 hosts sharing 2 cores
+    read as 82,500 rows/s, their one-at-a-time sum (80,600).
 
     Raises
     ------
@@ -373,9 +381,13 @@ def step_capacity(client, job, dataset, workers: dict[str, dict], step: list[str
     if len(step) == 1:
         return cal[step[0]]["rate"]
     rows = _calibration_size(dataset, rows)
+    def count(n: str) -> int:
+        per_task = rows / _thread_rate(cal, n)
+        return workers[n]["threads"] * max(rounds, math.ceil(CAPACITY_WINDOW_S / per_task))
+
     futures = {n: [client.submit(job.calibrate, dataset, job.params, rows, pure=False,
                                  workers=[workers[n]["address"]], allow_other_workers=False)
-                   for _ in range(workers[n]["threads"] * rounds)] for n in step}
+                   for _ in range(count(n))] for n in step}
     total = 0.0
     for name, fs in futures.items():
         try:
