@@ -18,8 +18,8 @@ from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
 from rpicluster import events as ev
 from rpicluster.data.synthetic import make_imagenet_like
 from rpicluster.errors import ConfigError, TrainingError
-from rpicluster.train.job import (fit_groups_per_block, predict_dataset, score_dataset, train,
-                                  worth_a_block)
+from rpicluster.train.job import (behind, fit_groups_per_block, predict_dataset, score_dataset,
+                                  train, worth_a_block)
 from rpicluster.train.modelfile import load_model
 from rpicluster.testing import DieOn, SlowTasks, all_rows, reference_fit, same_model
 from rpicluster.train.rundir import RunDir
@@ -249,6 +249,15 @@ def test_a_block_has_one_fit_task_per_worker_thread_at_most_one_per_cluster():
     assert fit_groups_per_block(10, {**two, "c": {"nthreads": 4}}) == 6
     assert fit_groups_per_block(3, {"a": {"nthreads": 8}}) == 3
     assert fit_groups_per_block(10, {}) == 1
+
+
+def test_a_slow_workers_task_is_copied_while_an_idle_one_would_finish_it_in_half_the_time():
+    # 5x slow, a 0.1 s task (0.5 s there): 0.25 s in, 0.25 s are left against 0.1 s elsewhere
+    assert behind(5.0, 1.0, expected=0.1, elapsed=0.25)
+    assert not behind(5.0, 1.0, expected=0.1, elapsed=0.35)  # 0.15 s left: not twice 0.1
+    assert not behind(5.0, 3.0, expected=0.1, elapsed=0.0)  # the idle worker is slow too
+    assert not behind(1.2, 1.0, expected=10.0, elapsed=0.0)  # usual speed: only when late
+    assert not behind(None, 1.0, expected=10.0, elapsed=0.0)  # not measured yet
 
 
 def test_a_slow_worker_gets_no_block_near_the_end():

@@ -145,6 +145,19 @@ def worth_a_block(slowness: float | None, remaining: int, faster: int) -> bool:
     return remaining > faster * (slowness - 1)
 
 
+def behind(slowness: float | None, faster: float, expected: float, elapsed: float) -> bool:
+    """Whether a task on a worker ``slowness`` times slower than usual, running for ``elapsed``
+    seconds, is worth a copy on an idle worker ``faster`` times slower than usual (1: usual),
+    for a task of ``expected`` seconds at the usual speed: when the copy would take under half
+    the time the task has left (the "longest approximate time to end" of Zaharia et al.'s LATE
+    scheduler). Never on a worker of usual speed: there a copy only helps once the task runs
+    late (:data:`LATE_FACTOR`), and would otherwise double the work of a homogeneous cluster's
+    tail."""
+    if slowness is None or slowness <= SLOW:
+        return False
+    return slowness * expected - elapsed > 2 * faster * expected
+
+
 def _log(client, kind: str, **fields) -> None:
     client.log_event(ev.TOPIC, ev.make_event(kind, **fields))
 
@@ -564,7 +577,10 @@ class TrainingRun:
         submitted.
 
         A partition or fit task is late when it has run ``LATE_FACTOR`` times the seconds its
-        rows take at its phase's median seconds per row (plus ``LATE_MARGIN_S``); its start is
+        rows take at its phase's median seconds per row (plus ``LATE_MARGIN_S``), or when its
+        worker is measured slow and an idle one would finish a copy in under half the time the
+        task has left (:func:`behind`: so a slow worker's last task does not end the run); its
+        start is
         taken as the latest of when it could run, when its worker last returned a result and
         the run's first result (before it, every worker imports its libraries; a worker yet to
         return anything is allowed that warm-up again). The
@@ -602,7 +618,11 @@ class TrainingRun:
                 # A worker yet to return anything may still be importing: it gets the time
                 # the first result took.
                 cold = 0.0 if addr in self.last_seen else self.warm_up
-                if rows and now - started > LATE_FACTOR * expected + LATE_MARGIN_S + cold:
+                fastest = min((self._slowness(a) or 1.0) for a in idle if a != addr) \
+                    if any(a != addr for a in idle) else None
+                if rows and fastest is not None and (
+                        now - started > LATE_FACTOR * expected + LATE_MARGIN_S + cold
+                        or behind(self._slowness(addr), fastest, expected, now - started)):
                     late.append((b, -1 if g is None else g, str(key), addr))
         n = 0
         for b, g, key, addr in sorted(late):
