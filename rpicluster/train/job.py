@@ -650,6 +650,10 @@ class TrainingRun:
             self.queue.add(fit)
             blk.futures.append(fit)
             return
+        # The copy brings a fit of every group, under the keys a copy of a single fit would
+        # take: the original fits are not copied again.
+        for g in range(self.n_groups):
+            self.speculable.pop(self._key("fit", b, g), None)
         others = [a for a in self.slots if a != late]
         self._submit_graph(blk, pin, {"workers": others, "allow_other_workers": False},
                            suffix=("copy",))
