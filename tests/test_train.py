@@ -18,8 +18,8 @@ from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
 from rpicluster import events as ev
 from rpicluster.data.synthetic import make_imagenet_like
 from rpicluster.errors import ConfigError, TrainingError
-from rpicluster.train.job import (behind, fit_groups_per_block, predict_dataset, score_dataset,
-                                  train, worth_a_block)
+from rpicluster.train.job import (ahead_pays, behind, fit_groups_per_block, predict_dataset,
+                                  score_dataset, train, worth_a_block)
 from rpicluster.train.modelfile import load_model
 from rpicluster.testing import DieOn, SlowTasks, all_rows, reference_fit, same_model
 from rpicluster.train.rundir import RunDir
@@ -258,6 +258,13 @@ def test_a_slow_workers_task_is_copied_while_an_idle_one_would_finish_it_in_half
     assert not behind(5.0, 3.0, expected=0.1, elapsed=0.0)  # the idle worker is slow too
     assert not behind(1.2, 1.0, expected=10.0, elapsed=0.0)  # usual speed: only when late
     assert not behind(None, 1.0, expected=10.0, elapsed=0.0)  # not measured yet
+
+
+def test_a_block_is_queued_ahead_only_while_blocks_are_short():
+    measured = {"partition": [1e-5, 2e-5, 3e-5], "fit": [4e-5, 5e-5]}  # medians 2e-5 + 4.5e-5
+    assert ahead_pays(measured, block_rows=4_000)  # 0.26 s a block
+    assert not ahead_pays(measured, block_rows=126_141)  # 8.2 s a block
+    assert not ahead_pays({"partition": [1e-5], "fit": []}, block_rows=10)  # not measured yet
 
 
 def test_a_slow_worker_gets_no_block_near_the_end():

@@ -127,8 +127,13 @@ TICK_S = 0.25
 SLOW = 1.5
 # Blocks a worker may hold beyond one per thread, memory allowing: the next block waits on the
 # worker behind the current one's fits, so the worker does not idle between blocks while the
-# last fit's result goes to the client and the next block's tasks come back.
+# last fit's result goes to the client and the next block's tasks come back (tens of ms) ...
 AHEAD = 1
+# ... while a block takes under this many seconds (partition and fits) at the run's median
+# speed: beyond it that wait is a few percent, not worth a block of memory (paper-scale 1 GB
+# blocks of ~20 s trained no faster with one queued ahead, and peaked at 3.0 blocks per worker
+# instead of 2.0).
+AHEAD_BELOW_S = 2.0
 
 
 def worth_a_block(slowness: float | None, remaining: int, faster: int) -> bool:
@@ -156,6 +161,17 @@ def behind(slowness: float | None, faster: float, expected: float, elapsed: floa
     if slowness is None or slowness <= SLOW:
         return False
     return slowness * expected - elapsed > 2 * faster * expected
+
+
+def ahead_pays(per_row: dict[str, list[float]], block_rows: int) -> bool:
+    """Whether a block is short enough for one queued ahead to pay for its memory
+    (:data:`AHEAD_BELOW_S`), from the seconds per row measured so far by phase (``partition``,
+    ``fit``); not before both have been measured."""
+    if not per_row.get("partition") or not per_row.get("fit"):
+        return False
+    seconds = (float(np.median(per_row["partition"])) + float(np.median(per_row["fit"]))) \
+        * block_rows
+    return seconds < AHEAD_BELOW_S
 
 
 def _log(client, kind: str, **fields) -> None:
@@ -265,6 +281,7 @@ class TrainingRun:
         self.n_groups = 1  # fit tasks per block (prepare: fit_groups_per_block)
         self.window = 1
         self.slots: dict[str, int] = {}  # worker address -> blocks it may hold
+        self.threads: dict[str, int] = {}  # worker address -> its threads
         self.holding: Counter = Counter()  # worker address -> blocks held or planned there
         self.todo: list[int] = []
         self.resumed: list[int] = []
@@ -309,6 +326,7 @@ class TrainingRun:
         joined (or came back under a new address after a restart) gets its own. The slots of a
         worker already known are kept: its memory now counts the blocks it holds."""
         info = self.watch.workers()
+        self.threads = {a: max(1, int(w.get("nthreads", 1))) for a, w in info.items()}
         self.slots = {a: n for a, n in self.slots.items() if a in info}
         new = {a: w for a, w in info.items() if a not in self.slots}
         self.slots.update(worker_slots(new, self._block_bytes()))
@@ -318,13 +336,15 @@ class TrainingRun:
 
     def _free_worker(self) -> str | None:
         """The worker with the most free slots that is worth the next block
-        (:func:`worth_a_block`); None when there is none. A slow worker gets no block queued
-        ahead (:data:`AHEAD`): it would hold it long after the others could have trained it."""
+        (:func:`worth_a_block`); None when there is none. A block is queued ahead of a
+        worker's threads (:data:`AHEAD`) only while blocks are short (:func:`ahead_pays`), and
+        never on a slow worker: it would hold it long after the others could have trained it."""
         free = {}
+        ahead = ahead_pays(self.per_row, self.dataset.block_rows)
         for a, n in self.slots.items():
             slow = self._slowness(a)
-            if slow is not None and slow > SLOW:
-                n = max(1, n - AHEAD)
+            if not ahead or (slow is not None and slow > SLOW):
+                n = min(n, self.threads.get(a, 1))
             if n > self.holding[a]:
                 free[a] = n - self.holding[a]
         remaining = len(self.todo) - self.n_submitted
