@@ -251,11 +251,11 @@ def test_a_block_has_one_fit_task_per_worker_thread_at_most_one_per_cluster():
     assert fit_groups_per_block(10, {}) == 1
 
 
-def test_a_slow_workers_task_is_copied_while_an_idle_one_would_finish_it_in_half_the_time():
-    # 5x slow, a 0.1 s task (0.5 s there): 0.25 s in, 0.25 s are left against 0.1 s elsewhere
-    assert behind(5.0, 1.0, expected=0.1, elapsed=0.25)
-    assert not behind(5.0, 1.0, expected=0.1, elapsed=0.35)  # 0.15 s left: not twice 0.1
-    assert not behind(5.0, 3.0, expected=0.1, elapsed=0.0)  # the idle worker is slow too
+def test_a_slow_workers_task_is_copied_while_an_idle_one_would_end_it_first():
+    # 5x slow, a 0.1 s task (0.5 s there): 0.3 s in, 0.2 s are left against 0.1 s elsewhere
+    assert behind(5.0, 1.0, expected=0.1, elapsed=0.3)
+    assert not behind(5.0, 1.0, expected=0.1, elapsed=0.45)  # 0.05 s left
+    assert not behind(5.0, 3.0, expected=0.1, elapsed=0.25)  # the idle one takes 0.3 s
     assert not behind(1.2, 1.0, expected=10.0, elapsed=0.0)  # usual speed: only when late
     assert not behind(None, 1.0, expected=10.0, elapsed=0.0)  # not measured yet
 

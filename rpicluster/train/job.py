@@ -153,14 +153,14 @@ def worth_a_block(slowness: float | None, remaining: int, faster: int) -> bool:
 def behind(slowness: float | None, faster: float, expected: float, elapsed: float) -> bool:
     """Whether a task on a worker ``slowness`` times slower than usual, running for ``elapsed``
     seconds, is worth a copy on an idle worker ``faster`` times slower than usual (1: usual),
-    for a task of ``expected`` seconds at the usual speed: when the copy would take under half
-    the time the task has left (the "longest approximate time to end" of Zaharia et al.'s LATE
-    scheduler). Never on a worker of usual speed: there a copy only helps once the task runs
-    late (:data:`LATE_FACTOR`), and would otherwise double the work of a homogeneous cluster's
-    tail."""
+    for a task of ``expected`` seconds at the usual speed: when the copy would end first (the
+    "longest approximate time to end" of Zaharia et al.'s LATE scheduler; the idle worker has
+    nothing else to do). Never on a worker of usual speed: there a copy only helps once the
+    task runs late (:data:`LATE_FACTOR`), and would otherwise double the work of a homogeneous
+    cluster's tail."""
     if slowness is None or slowness <= SLOW:
         return False
-    return slowness * expected - elapsed > 2 * faster * expected
+    return slowness * expected - elapsed > faster * expected
 
 
 def ahead_pays(per_row: dict[str, list[float]], block_rows: int) -> bool:
@@ -598,8 +598,8 @@ class TrainingRun:
 
         A partition or fit task is late when it has run ``LATE_FACTOR`` times the seconds its
         rows take at its phase's median seconds per row (plus ``LATE_MARGIN_S``), or when its
-        worker is measured slow and an idle one would finish a copy in under half the time the
-        task has left (:func:`behind`: so a slow worker's last task does not end the run); its
+        worker is measured slow and a copy on an idle one would end first (:func:`behind`: so a
+        slow worker's last task does not end the run); its
         start is
         taken as the latest of when it could run, when its worker last returned a result and
         the run's first result (before it, every worker imports its libraries; a worker yet to
