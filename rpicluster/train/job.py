@@ -622,6 +622,14 @@ class TrainingRun:
         now = time.perf_counter()
         late = []
         for addr, keys in processing.items():
+            others = [a for a in idle if a != addr]
+            if not others:
+                continue  # no idle worker could take a copy
+            fastest = min(self._slowness(a) or 1.0 for a in others)
+            mine = self._slowness(addr)
+            # A worker yet to return anything may still be importing: it gets the time the
+            # first result took.
+            cold = 0.0 if addr in self.last_seen else self.warm_up
             for key in keys:
                 spec = self.speculable.get(str(key))
                 if spec is None or not self.per_row[spec[1]]:
@@ -635,14 +643,8 @@ class TrainingRun:
                 expected = float(np.median(self.per_row[phase])) * rows
                 started = max(self.ready_at.get(str(key), now), self.last_seen.get(addr, 0.0),
                               self.first_result or now)
-                # A worker yet to return anything may still be importing: it gets the time
-                # the first result took.
-                cold = 0.0 if addr in self.last_seen else self.warm_up
-                fastest = min((self._slowness(a) or 1.0) for a in idle if a != addr) \
-                    if any(a != addr for a in idle) else None
-                if rows and fastest is not None and (
-                        now - started > LATE_FACTOR * expected + LATE_MARGIN_S + cold
-                        or behind(self._slowness(addr), fastest, expected, now - started)):
+                if rows and (now - started > LATE_FACTOR * expected + LATE_MARGIN_S + cold
+                             or behind(mine, fastest, expected, now - started)):
                     late.append((b, -1 if g is None else g, str(key), addr))
         n = 0
         for b, g, key, addr in sorted(late):
