@@ -351,8 +351,13 @@ def reference_fit(store, block_rows: int, **params):
 
 
 class DieOn(WorkerPlugin):
-    """A Dask worker plugin that kills its worker process (``os._exit``) as soon as it starts a
-    task whose key matches ``key_re``: a poison block. The nanny restarts the worker."""
+    """A Dask worker plugin that kills its worker process (``os._exit``) as a task whose key
+    matches ``key_re`` ends, before its result is reported: a poison block. The nanny restarts
+    the worker.
+
+    Not as the task starts: the worker may not have reported the task it has just finished
+    (its messages go out every few milliseconds), and Dask then blames that task for the death
+    too, so the run could rightly name another block."""
 
     def __init__(self, key_re: str):
         self.key_re = key_re
@@ -360,5 +365,5 @@ class DieOn(WorkerPlugin):
     def transition(self, key, start, finish, **kwargs):
         import re
 
-        if finish == "executing" and re.match(self.key_re, str(key)):
+        if start == "executing" and re.match(self.key_re, str(key)):
             os._exit(13)

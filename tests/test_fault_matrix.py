@@ -102,7 +102,7 @@ def _error_line(output: str) -> str:
 @contextlib.contextmanager
 def _slow_fits(client, seconds=1.0, pattern=None):
     """Fit tasks slowed so a fault lands between the first commit and the last."""
-    client.register_plugin(SlowTasks(prefix="fit", seconds=seconds, pattern=pattern),
+    client.register_plugin(SlowTasks(seconds=seconds, pattern=pattern or FITS),
                            name="slow")
     try:
         yield
@@ -110,10 +110,12 @@ def _slow_fits(client, seconds=1.0, pattern=None):
         client.unregister_worker_plugin("slow")
 
 
-#: Fit keys (``fit-RUN-BLOCK-GROUP``, a copy ``...-copy``) of every block but block 0: slowed,
-#: block 0 commits at once and the others are still running when a test's fault lands, however
-#: fast the machine.
-LATER_BLOCKS = r"-[1-9][0-9]*-[0-9]+(-copy)?$"
+#: Keys of the tasks that fit a block's clusters: a fit group (``fit-RUN-BLOCK-GROUP``) or a
+#: whole block (``block-RUN-BLOCK``), and their copies (``...-copy``).
+FITS = r"^(block|fit)-"
+#: The same, of every block but block 0: slowed, block 0 commits at once and the others are
+#: still running when a test's fault lands, however fast the machine.
+LATER_BLOCKS = r"^(block|fit)-\w+-[1-9][0-9]*(-[0-9]+)?(-copy)?$"
 
 
 # --- workers ------------------------------------------------------------------------------------
@@ -165,7 +167,7 @@ def test_worker_host_lost_mid_train(store, uninterrupted, tmp_path, home, recove
         try:
             deploy.up(path)
             with connect(inventory=path, timeout=30) as c:
-                c.register_plugin(SlowTasks(prefix="fit", seconds=0.5), name="slow")
+                c.register_plugin(SlowTasks(pattern=FITS, seconds=0.5), name="slow")
             proc = _cli("train", str(store), "-o", str(model), "-c", str(path), *FLAGS,
                         "--seed", "7")
             _wait_for_commit(tmp_path / "m.skops.run", proc)
@@ -278,7 +280,7 @@ def test_scheduler_sigkill_mid_run(store, uninterrupted, tmp_path, recovery):
         procs += [sched, _workers(address, tmp_path, env)]
         with Client(address, timeout=60) as c:
             c.wait_for_workers(2, timeout=120)
-            c.register_plugin(SlowTasks(prefix="fit", seconds=1.0), name="slow")
+            c.register_plugin(SlowTasks(pattern=FITS, seconds=1.0), name="slow")
         model = tmp_path / "m.skops"
         proc = _cli("train", str(store), "-o", str(model), "--scheduler", address, *FLAGS,
                     "--seed", "7", env=env)

@@ -12,7 +12,7 @@ import cloudpickle
 import dask
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_task_stream
 
 from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
 from rpicluster import events as ev
@@ -63,13 +63,21 @@ def test_distributed_fit_equals_in_process_fit(store, client, tmp_path):
     # Without speculation: on a loaded machine a worker's late task may rightly be copied to
     # the other and the copy taken, and then one worker can hold every result taken. Copies
     # have their own test (test_a_late_task_is_run_again_on_an_idle_worker...).
-    result = train(est, ds, client, run_dir=tmp_path / "run", speculate=False)
+    with get_task_stream(client) as stream:
+        result = train(est, ds, client, run_dir=tmp_path / "run", speculate=False)
     X, _ = all_rows(ds)
     same_model(est, reference, X)
     assert result.trained_blocks == [0, 1, 2, 3]
     assert sorted(RunDir(tmp_path / "run").verified()) == [0, 1, 2, 3]
-    # 4 partition tasks and 4 x 2 fit tasks (one per worker thread), spread over the workers.
-    assert sum(result.tasks_per_worker.values()) == 4 + 8
+    # Blocks 0 and 1 are one task each (more blocks were left than the 2 worker threads); the
+    # last two, one per thread, a partition and 2 fit groups each, shared by the workers.
+    tasks = {(key.split("-")[0], int(key.split("-")[2]))
+             for key in (str(t["key"]) for t in stream.data)
+             if key.split("-")[0] in ("block", "partition", "fit")}
+    assert sorted(tasks) == [("block", 0), ("block", 1), ("fit", 2), ("fit", 3),
+                             ("partition", 2), ("partition", 3)]
+    # Counted as the partition and the fit they are, 2 x 2, then 2 partitions and 2 x 2 fits.
+    assert sum(result.tasks_per_worker.values()) == 4 + 2 + 4
     assert len(result.tasks_per_worker) == 2, result.tasks_per_worker
     assert result.speculation["copies"] == 0
 
@@ -135,7 +143,7 @@ def test_a_run_restricted_to_some_workers_never_uses_another(client, cluster, tm
 def test_a_restricted_run_whose_worker_leaves_before_partitioning_stops_naming_it(store,
                                                                                 client):
     # The worker given block 1 dies as it starts partitioning it; the block is pinned there.
-    client.register_plugin(DieOn(r"partition-\w+-1$"), name="die-on-block-1")
+    client.register_plugin(DieOn(r"^(block|partition)-\w+-1$"), name="die-on-block-1")
     try:
         with pytest.raises(TrainingError, match=r"worker tcp://\S+ left before partitioning "
                                                 r"block 1, and this run is restricted"):
@@ -172,7 +180,7 @@ def test_a_block_that_keeps_killing_its_worker_fails_the_job_naming_it(store, tm
     with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                           dashboard_address=None) as cluster, Client(cluster) as client:
-            client.register_plugin(DieOn(key_re=r"^partition-\w+-2$"), name="die")
+            client.register_plugin(DieOn(key_re=r"^(block|partition)-\w+-2$"), name="die")
             est = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS)
             # One block in flight: a dying worker takes down every task queued on it, and Dask
             # counts the death against each of them, so with two blocks in flight either could
@@ -213,10 +221,10 @@ def test_a_late_task_is_run_again_on_an_idle_worker_and_the_model_is_unchanged(s
     train(plain, ds, client)  # also warms both workers
     names = sorted(str(w["name"]) for w in client.scheduler_info()["workers"].values())
     slow, fast = names
-    # The slow worker's partitions stall: it gets one of the first two blocks, the fast worker
-    # trains the rest and then idles while that partition is still running.
-    client.register_plugin(SlowTasks(prefix="partition", seconds=4.0, only=int(slow)),
-                           name="slow")
+    # The slow worker's partitions (and whole-block tasks) stall: it gets one of the first two
+    # blocks, the fast worker trains the rest and then idles while that one is still running.
+    client.register_plugin(SlowTasks(pattern=r"^(block|partition)-", seconds=4.0,
+                                     only=int(slow)), name="slow")
     got = []
     client.subscribe_topic(ev.TOPIC, lambda e: got.append(e[1]))
     try:

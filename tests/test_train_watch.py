@@ -95,7 +95,7 @@ def test_workers_lost_mid_run_stop_it_with_the_resume_command(store, tmp_path, m
     monkeypatch.setenv("RPICLUSTER_NO_WORKER_TIMEOUT", "2")
     model = tmp_path / "m.skops"
     with _cluster(1) as cluster, Client(cluster) as client:
-        client.register_plugin(SlowTasks(prefix="fit", seconds=0.5), name="slow")
+        client.register_plugin(SlowTasks(pattern=r"^(block|fit)-", seconds=0.5), name="slow")
 
         def retire_after_first_commit():
             deadline = time.monotonic() + 120
@@ -161,7 +161,7 @@ def test_a_stopped_worker_is_named_on_the_progress_line(store, tmp_path, monkeyp
     its late tasks may be copied to the other worker)."""
     monkeypatch.setenv("RPICLUSTER_SILENT_WORKER_TIMEOUT", "2")
     with _cluster(2) as cluster, Client(cluster) as client:
-        client.register_plugin(SlowTasks(prefix="fit", seconds=0.3), name="slow")
+        client.register_plugin(SlowTasks(pattern=r"^(block|fit)-", seconds=1.0), name="slow")
         pids = client.run(os.getpid)
         victim = sorted(pids)[0]
         name = client.scheduler_info()["workers"][victim]["name"]
@@ -186,7 +186,7 @@ def test_a_worker_paused_for_memory_is_named_on_the_progress_line(store, tmp_pat
     """Finding 4: workers paused at Dask's 80 % threshold left `train` silent. One worker is
     pushed over it by a real allocation (ballast held in the worker process), then freed."""
     with _cluster(2, memory_limit="700MiB") as cluster, Client(cluster) as client:
-        client.register_plugin(SlowTasks(prefix="fit", seconds=0.3), name="slow")
+        client.register_plugin(SlowTasks(pattern=r"^(block|fit)-", seconds=0.3), name="slow")
         victim = sorted(client.scheduler_info()["workers"])[0]
         name = client.scheduler_info()["workers"][victim]["name"]
 
@@ -241,7 +241,7 @@ def test_a_poison_block_on_a_lone_worker_ends_the_run_naming_it(store, tmp_path)
     Dask leaves such no-worker tasks waiting when the nanny's restarted worker joins."""
     with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
         with _cluster(1) as cluster, Client(cluster) as client:
-            client.register_plugin(DieOn(key_re=r"^partition-\w+-2$"), name="die")
+            client.register_plugin(DieOn(key_re=r"^(block|partition)-\w+-2$"), name="die")
             with pytest.raises(TrainingError,
                                match=r"block 2(, cluster \d+)? failed: the task killed its worker"):
                 train(_estimator(), open_dataset(store), client, run_dir=tmp_path / "run")

@@ -1,20 +1,23 @@
 """The Inc-kSGD training job on a Dask cluster, and distributed scoring and prediction.
 
-The client submits, per block, a partition task and one fit task per group of clusters (see
-:mod:`rpicluster.train.tasks`; keys start with their phase: ``partition-``, ``fit-``,
-``score-``...); every block's clusters are interleaved so all workers stay busy, and Dask weighs
-data locality against idle cores when it places a fit. At most a window of blocks is in flight
-(default: one more than there are workers, fewer where the workers' memory limits say so), which
-bounds each worker's memory to about two blocks whatever the dataset size. As each block's fits
-return, the block model is assembled, the next block is submitted, and the model is committed to
-the run directory by a background thread; a resumed run skips the committed blocks.
+The client submits each block as one ``block-`` task (read, k-means and the fits of all its
+clusters, on one worker) while there are more blocks left than threads to train them; the last
+blocks, one per thread, as a graph that the workers share: a partition task and one fit task per
+group of clusters (see :mod:`rpicluster.train.tasks`; keys start with their phase:
+``partition-``, ``fit-``, ``score-``...), where Dask weighs data locality against idle cores
+when it places a fit, so no worker idles at the end while another fits a whole block. At most a
+window of blocks is in flight (default: one more than there are workers, fewer where the
+workers' memory limits say so), which bounds each worker's memory to about two blocks whatever
+the dataset size. As each block's results return, the block model is assembled, the next block
+is submitted, and the model is committed to the run directory by a background thread; a resumed
+run skips the committed blocks.
 :class:`TrainingRun` is the run loop.
 
 Uneven workers (a Pi next to a desktop) must not hold the tail of a run. A worker measured much
 slower than the others gets no new block near the end when the faster ones would finish it
 sooner (:func:`worth_a_block`), and once every block is submitted, a task running late on one
 worker while another worker is idle is run again there under its own key (``…-copy``): a
-partition with its whole block graph, a fit with the same piece. Every task is a pure function
+whole block or a partition with its block graph, a fit with the same piece. Every task is a pure function
 of its seeded inputs, so both copies compute the same result; the first to finish is taken and
 the other cancelled (:meth:`TrainingRun.speculate`).
 """
@@ -92,6 +95,8 @@ class _Block:
         self.index = index
         self.planned = planned  # the worker chosen to partition it (None: Dask chooses)
         self.pinned = False  # its partition may run on the planned worker only
+        self.whole = False  # one block task (partition and fits) instead of the graph
+        self.n_groups = 1  # its fit groups (a piece and a fit task each, in the graph)
         self.address: str | None = None  # the worker that did, and holds its rows
         self.futures: list = []  # the client's references: meta and the fits (and copies)
         self.pieces: dict = {}  # fit group -> piece future, until the group is fitted
@@ -114,6 +119,7 @@ class _Block:
 
 
 VALIDATE = "validate"  # marks a validation-scoring future in the driver's bookkeeping
+BLOCK = "block"  # marks a whole-block task's future (tasks.block_task)
 
 
 # A task runs late when it has taken this many times the seconds its rows should take (at the
@@ -278,7 +284,8 @@ class TrainingRun:
         self.queue = as_completed([], with_results=True, raise_errors=False)
         self.scores: dict[int, list[int]] = {}  # block -> [validation blocks left, correct, rows]
         self.n_partitioned = self.n_fitted = 0
-        self.n_groups = 1  # fit tasks per block (prepare: fit_groups_per_block)
+        self.n_groups = 1  # fit tasks of a block shared between workers (fit_groups_per_block)
+        self.tail = 1  # the last blocks of a run are shared: one per thread of its workers
         self.window = 1
         self.slots: dict[str, int] = {}  # worker address -> blocks it may hold
         self.threads: dict[str, int] = {}  # worker address -> its threads
@@ -320,6 +327,7 @@ class TrainingRun:
         self._refresh_slots()
         self.window = self.max_blocks_in_flight or max(1, sum(self.slots.values()))
         self.n_groups = fit_groups_per_block(self.params["n_clusters"], info)
+        self.tail = sum(max(1, int(w.get("nthreads", 1))) for w in info.values())
 
     def _refresh_slots(self) -> None:
         """Follow the workers connected now: a worker that left loses its slots, and one that
@@ -400,8 +408,13 @@ class TrainingRun:
         b = next(self._pending, None)
         if b is None:
             return False
-        self.n_submitted += 1
         blk = self.in_flight[b] = _Block(b, planned)
+        # Only the last blocks are shared between workers: before them, every thread has a
+        # block of its own to train.
+        left = len(self.todo) - self.n_submitted
+        blk.whole = self.n_groups == 1 or left > self.tail
+        blk.n_groups = 1 if blk.whole else self.n_groups
+        self.n_submitted += 1
         where = self.where
         if planned is not None:
             self.holding[planned] += 1
@@ -425,14 +438,29 @@ class TrainingRun:
                       suffix: tuple = ()) -> None:
         """A block's graph in two messages to the scheduler (each ``client.submit`` is one, and
         the scheduler's cost is mostly per message): its partition, meta and pieces
-        (``where``), then its fits (``fit_where``). Earlier blocks first (``priority``), so they
-        finish and free their workers' memory in order."""
+        (``where``), then its fits (``fit_where``); or, for a whole block, its one task
+        (``where``). Earlier blocks first (``priority``), so they finish and free their
+        workers' memory in order."""
         b = blk.index
+        if blk.whole:
+            whole = self.client.submit(tasks.block_task, self.dataset, b, self.params,
+                                       self.random_state, key=self._key("block", b, *suffix),
+                                       priority=-b, **where)
+            self.owner[whole.key] = (b, BLOCK)
+            self.queue.add(whole)
+            blk.futures.append(whole)
+            if suffix:
+                self.copies.add(whole.key)
+                return
+            self.speculable[whole.key] = (b, BLOCK, None)
+            self.ready_at[whole.key] = time.perf_counter()
+            blk.fits_left = 1
+            return
         part = self._key("partition", b, *suffix)
         meta = self._key("meta", b, *suffix)
-        cut = [self._key("piece", b, g, *suffix) for g in range(self.n_groups)]
+        cut = [self._key("piece", b, g, *suffix) for g in range(blk.n_groups)]
         graph = {part: (tasks.partition_task, self.dataset, b, self.params, self.random_state,
-                        self.n_groups),
+                        blk.n_groups),
                  meta: (tasks.block_meta, part),
                  **{key: (tasks.cluster_piece, part, g) for g, key in enumerate(cut)}}
         meta_f, *pieces = self.client.get(graph, [meta, *cut], sync=False, priority=-b, **where)
@@ -452,7 +480,7 @@ class TrainingRun:
             return
         self.speculable[part] = (b, "partition", None)
         self.ready_at[part] = time.perf_counter()
-        blk.fits_left = self.n_groups
+        blk.fits_left = blk.n_groups
         for g, (piece, fit) in enumerate(zip(pieces, fits)):
             blk.pieces[g] = piece  # kept for a copy of its fit (speculate)
             self.speculable[fit.key] = (b, "fit", g)
@@ -482,11 +510,13 @@ class TrainingRun:
         self.copies.discard(future.key)
         self.speculable.pop(future.key, None)
         blk = self.in_flight.get(b) if j != VALIDATE else None
-        needed = blk is not None and (blk.meta is None if j is None else j not in blk.fitted)
+        needed = blk is not None and (blk.meta is None if j in (None, BLOCK) else
+                                      j not in blk.fitted)
         if future.status != "finished":
             if copy or (j != VALIDATE and not needed):
                 return  # a cancelled or failed copy, or a loser: the other one counts
-            _raise_task_error(future, b, None if j == VALIDATE else j)
+            _raise_task_error(future, b, j if isinstance(j, int) else None,
+                              killed_with=self._killed_blocks())
         if j == VALIDATE:
             left, correct, total = self.scores[b]
             self.scores[b] = [left - 1, correct + result[0], total + result[1]]
@@ -494,50 +524,76 @@ class TrainingRun:
                 _log(self.client, ev.VALIDATION, run_id=self.run_id, block=b,
                      accuracy=self.scores[b][1] / max(self.scores[b][2], 1))
             return
-        self._observe(result.get("address"), "fit" if j is not None else "partition",
-                      result["rows"], result["seconds"])
+        # A whole block's result is its partition's and its one fit's.
+        parts = [(None, result["meta"]), (0, result["fit"])] if j == BLOCK else [(j, result)]
+        for g, part in parts:
+            self._observe(part.get("address"), "fit" if g is not None else "partition",
+                          part["rows"], part["seconds"])
         if not needed:
             return  # the other copy's result was taken first
         if copy:
             self.speculation["won"] += 1
+        for g, part in parts:
+            if g is None:
+                self._take_partition(blk, part)
+            else:
+                self._take_fit(blk, g, part)
+        self.progress.advance(0, note=f"{self.n_partitioned}/{len(self.todo)} partitioned, "
+                                      f"{self.n_fitted} clusters fitted")
+        if blk.complete():
+            self.commit(blk)
+
+    def _killed_blocks(self) -> list[int]:
+        """Blocks in flight with a task Dask gave up on because its worker kept dying
+        (KilledWorker)."""
+        from distributed import KilledWorker
+
+        return sorted(b for b, blk in self.in_flight.items()
+                      if any(f.status == "error" and isinstance(f.exception(), KilledWorker)
+                             for f in blk.futures))
+
+    def _count(self, result: dict) -> None:
         w = result["worker"]
         if result["rows"]:
             self.counts[w] += 1
             self.rows[w] += result["rows"]
             self.busy[w] += result["seconds"]
-        if j is None:
-            blk.meta = result
-            now = time.perf_counter()
-            for g in range(self.n_groups):  # the fits can run from now
-                self.ready_at[self._key("fit", b, g)] = now
-            blk.n_clusters = len(result["sizes"])
-            blk.address = result["address"]
-            if blk.planned != blk.address:  # Dask chose, or the planned worker left
-                if blk.planned is not None:
-                    self.holding[blk.planned] -= 1
-                self.holding[blk.address] += 1
-            self.worker_phases.update(result["phases"])
-            self.n_partitioned += 1
-            _log(self.client, ev.PARTITIONED, run_id=self.run_id, block=b, rows=result["rows"],
-                 worker=w, seconds=result["seconds"])
-        else:
-            blk.fitted.add(j)
-            blk.pieces.pop(j, None)
-            blk.fits_left -= 1
-            self.worker_phases["fit"] += result["seconds"]
-            self.worker_phases["fit-cpu"] += result.get("cpu", 0.0)
-            first, sizes = result["first"], result["sizes"]
-            for i, model in enumerate(result["models"]):
-                blk.models[first + i] = model
-            self.n_fitted += len(sizes)
-            if sizes:  # one event per fit task: its clusters are first .. first + clusters - 1
-                _log(self.client, ev.FITTED, run_id=self.run_id, block=b, cluster=first,
-                     clusters=len(sizes), rows=result["rows"], worker=w,
-                     seconds=result["seconds"])
-        self.progress.advance(0, note=f"{self.n_partitioned}/{len(self.todo)} partitioned, "
-                                      f"{self.n_fitted} clusters fitted")
-        if blk.complete():
-            self.commit(blk)
+
+    def _take_partition(self, blk: _Block, result: dict) -> None:
+        """A block's partition result (its meta): where its rows are held, its clusters."""
+        b = blk.index
+        self._count(result)
+        blk.meta = result
+        now = time.perf_counter()
+        for g in range(blk.n_groups):  # the fits can run from now
+            self.ready_at[self._key("fit", b, g)] = now
+        blk.n_clusters = len(result["sizes"])
+        blk.address = result["address"]
+        if blk.planned != blk.address:  # Dask chose, or the planned worker left
+            if blk.planned is not None:
+                self.holding[blk.planned] -= 1
+            self.holding[blk.address] += 1
+        self.worker_phases.update(result["phases"])
+        self.n_partitioned += 1
+        _log(self.client, ev.PARTITIONED, run_id=self.run_id, block=b, rows=result["rows"],
+             worker=result["worker"], seconds=result["seconds"])
+
+    def _take_fit(self, blk: _Block, group: int, result: dict) -> None:
+        """A fit task's result: the local models of its group's clusters."""
+        self._count(result)
+        blk.fitted.add(group)
+        blk.pieces.pop(group, None)
+        blk.fits_left -= 1
+        self.worker_phases["fit"] += result["seconds"]
+        self.worker_phases["fit-cpu"] += result.get("cpu", 0.0)
+        first, sizes = result["first"], result["sizes"]
+        for i, model in enumerate(result["models"]):
+            blk.models[first + i] = model
+        self.n_fitted += len(sizes)
+        if sizes:  # one event per fit task: its clusters are first .. first + clusters - 1
+            _log(self.client, ev.FITTED, run_id=self.run_id, block=blk.index, cluster=first,
+                 clusters=len(sizes), rows=result["rows"], worker=result["worker"],
+                 seconds=result["seconds"])
 
     def commit(self, blk: _Block) -> None:
         """Assemble a complete block's model, keep the window full, write it in the background."""
@@ -596,18 +652,18 @@ class TrainingRun:
         """Once every block is submitted, run late tasks again on idle workers; the copies
         submitted.
 
-        A partition or fit task is late when it has run ``LATE_FACTOR`` times the seconds its
-        rows take at its phase's median seconds per row (plus ``LATE_MARGIN_S``), or when its
-        worker is measured slow and a copy on an idle one would end first (:func:`behind`: so a
-        slow worker's last task does not end the run); its
-        start is
-        taken as the latest of when it could run, when its worker last returned a result and
-        the run's first result (before it, every worker imports its libraries; a worker yet to
-        return anything is allowed that warm-up again). The
-        oldest block's late task goes to an idle worker first; a worker measured slower than
-        the late task's own is not given it. A late partition is copied with its whole block
-        graph (meta and pieces on the idle worker, fits on any worker but the late one's), a
-        late fit with the same piece. Each task is copied once. Nothing, in a run started
+        A partition, fit or whole-block task is late when it has run ``LATE_FACTOR`` times
+        the seconds its rows take at its phase's median seconds per row (plus
+        ``LATE_MARGIN_S``), or when its worker is measured slow and a copy on an idle one would
+        end first (:func:`behind`: so a slow worker's last task does not end the run); its
+        start is taken as the latest of when it could run, when its worker last returned a
+        result and the run's first result (before it, every worker imports its libraries; a
+        worker yet to return anything is allowed that warm-up again). The oldest block's late
+        task goes to an idle worker first; a worker measured slower than the late task's own
+        is not given it. A late partition is copied with its whole block graph (meta and
+        pieces on the idle worker, fits on any worker but the late one's), a late whole block
+        as one task on the idle worker, a late fit with the same piece. Each task is copied
+        once. Nothing, in a run started
         with ``speculate=False``.
         """
         if not self.speculative or self.n_submitted < len(self.todo) or not self.in_flight \
@@ -632,7 +688,7 @@ class TrainingRun:
             cold = 0.0 if addr in self.last_seen else self.warm_up
             for key in keys:
                 spec = self.speculable.get(str(key))
-                if spec is None or not self.per_row[spec[1]]:
+                if spec is None:
                     continue
                 b, phase, g = spec
                 blk = self.in_flight.get(b)
@@ -640,7 +696,9 @@ class TrainingRun:
                                    blk.meta is None or g in blk.fitted):
                     continue
                 rows = blk.group_rows(g) if g is not None else self.dataset.block_rows
-                expected = float(np.median(self.per_row[phase])) * rows
+                expected = self._expected(phase, rows)
+                if expected is None:
+                    continue
                 started = max(self.ready_at.get(str(key), now), self.last_seen.get(addr, 0.0),
                               self.first_result or now)
                 if rows and (now - started > LATE_FACTOR * expected + LATE_MARGIN_S + cold
@@ -660,6 +718,14 @@ class TrainingRun:
         self.speculation["copies"] += n
         return n
 
+    def _expected(self, phase: str, rows: int) -> float | None:
+        """Seconds a task of ``phase`` (``partition``, ``fit``, or a whole block: both) on
+        ``rows`` rows takes at the run's median speed; None until that is measured."""
+        phases = ("partition", "fit") if phase == BLOCK else (phase,)
+        if not all(self.per_row[p] for p in phases):
+            return None
+        return sum(float(np.median(self.per_row[p])) for p in phases) * rows
+
     def _copy(self, blk: _Block, group: int | None, target: str, late: str) -> None:
         """Run a late partition (``group`` None) or fit again on ``target``."""
         b, pin = blk.index, {"workers": [target], "allow_other_workers": False}
@@ -674,7 +740,7 @@ class TrainingRun:
             return
         # The copy brings a fit of every group, under the keys a copy of a single fit would
         # take: the original fits are not copied again.
-        for g in range(self.n_groups):
+        for g in range(blk.n_groups):
             self.speculable.pop(self._key("fit", b, g), None)
         others = [a for a in self.slots if a != late]
         self._submit_graph(blk, pin, {"workers": others, "allow_other_workers": False},
@@ -820,16 +886,27 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
                        speculate=speculate).run()
 
 
-def _raise_task_error(future, block: int, cluster: int | None):
+def _raise_task_error(future, block: int, cluster: int | None, killed_with=()):
+    """Raise the TrainingError (or the task's own RPiClusterError) naming ``block``.
+
+    ``killed_with``: the blocks whose tasks Dask gave up on with this one because their worker
+    kept dying. Every task waiting on a worker is blamed for its death, so any of them may be
+    the cause; the worker runs the earliest block first, which is named (the others too)."""
     from distributed import KilledWorker
 
     exc = future.exception()
-    where = f"block {block}" + (f", cluster {cluster}" if cluster is not None else "")
     if isinstance(exc, KilledWorker):
+        blocks = sorted({block, *killed_with})
+        where = f"block {blocks[0]}" if len(blocks) > 1 else \
+            f"block {block}" + (f", cluster {cluster}" if cluster is not None else "")
+        also = (f" (so did the tasks of block(s) {', '.join(map(str, blocks[1:]))}, waiting on "
+                f"the same worker: one of these blocks is the cause, most likely the first)"
+                if len(blocks) > 1 else "")
         raise TrainingError(
             f"{where} failed: the task killed its worker each time it ran "
-            f"(distributed.scheduler.allowed-failures reached); the block may be too large for "
-            f"the workers' memory or its data crashes the worker ({exc})") from exc
+            f"(distributed.scheduler.allowed-failures reached){also}; the block may be too "
+            f"large for the workers' memory or its data crashes the worker ({exc})") from exc
+    where = f"block {block}" + (f", cluster {cluster}" if cluster is not None else "")
     if isinstance(exc, RPiClusterError):
         raise type(exc)(f"{where}: {exc}") from exc
     raise TrainingError(f"{where} failed on a worker: {type(exc).__name__}: {exc}") from exc

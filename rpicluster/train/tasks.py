@@ -12,7 +12,10 @@ dashboard tells the phases apart; then the run id, block and group)::
 
 The client submits all of it at once, with one piece/fit pair per fit group the block may have
 (a group the block turns out not to have is empty), so no worker waits for the client between
-a partition and its fits.
+a partition and its fits. A block that need not be shared between workers (every block but the
+last few of a run) is one task instead, ``block-<run>-b`` (:func:`block_task`: the partition
+and one fit of all its clusters, on the same worker), since every task costs the scheduler, the
+worker and the client the same whatever its size.
 
 A fit group is a run of consecutive clusters holding about an equal share of the block's rows
 (:func:`fit_groups`). The client asks for as many groups as the run's workers have threads
@@ -202,6 +205,23 @@ def fit_task(piece, block: int, group: int, params: dict, random_state: int) -> 
             "rows": int(X.shape[0]),
             "worker": worker_name(), "address": worker_address(),
             "seconds": time.perf_counter() - t0, "cpu": time.thread_time() - c0}
+
+
+def block_task(dataset, block: int, params: dict, random_state: int) -> dict:
+    """A whole block in one task: :func:`partition_task`, then :func:`fit_task` of all its
+    clusters on the same rows (one fit group), for a block the client does not need to share
+    between workers. The block costs one block of memory, as in the graph.
+
+    Returns
+    -------
+    dict
+        ``meta`` (:func:`block_meta`) and ``fit`` (:func:`fit_task`'s result).
+    """
+    part = partition_task(dataset, block, params, random_state, n_groups=1)
+    meta = block_meta(part)
+    piece = cluster_piece(part, 0)
+    del part
+    return {"meta": meta, "fit": fit_task(piece, block, 0, params, random_state)}
 
 
 def predict_task(model, dataset, block: int) -> np.ndarray:
