@@ -162,6 +162,10 @@ def _check_reports(out, doc, n_steps):
         # that was done 0 s before the end, the others no later than it
         assert len(s["last_worker"]) == len(s["seconds"])
         assert set(s["last_worker"]) <= set(s["workers"])
+        assert len(s["tail_waited"]) == len(s["seconds"])
+        assert all(t >= 0 for t in s["tail_waited"])
+        if len(s["workers"]) == 1:
+            assert s["tail_waited"] == [0.0] * len(s["seconds"])
         tail = s["finished_before_end"]
         assert set(tail) <= set(s["workers"]) and min(tail.values()) == 0
         assert all(t >= 0 for t in tail.values())

@@ -18,8 +18,8 @@ from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
 from rpicluster import events as ev
 from rpicluster.data.synthetic import make_imagenet_like
 from rpicluster.errors import ConfigError, TrainingError
-from rpicluster.train.job import (ahead_pays, behind, fit_groups_per_block, predict_dataset,
-                                  score_dataset, train, worth_a_block)
+from rpicluster.train.job import (TrainingRun, _Block, ahead_pays, behind, fit_groups_per_block,
+                                  predict_dataset, score_dataset, train, worth_a_block)
 from rpicluster.train.modelfile import load_model
 from rpicluster.testing import DieOn, SlowTasks, all_rows, reference_fit, same_model
 from rpicluster.train.rundir import RunDir
@@ -122,6 +122,46 @@ class _SlowBlocksOn:
         if get_worker().name in self._names:
             time.sleep(self._seconds)
         return self._ds.block(b)
+
+
+def test_a_shared_blocks_fits_are_kept_off_the_workers_measured_slow(store, client):
+    ds = open_dataset(store / "train.zarr")
+    est = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS)
+    for workers in (None, ["a", "b", "c"]):
+        run = TrainingRun(est, ds, client, workers=workers)
+        run.slots = {"a": 2, "b": 2, "c": 2}
+        run.slowness_obs = {"a": [4.0, 3.5], "b": [1.0]}  # c: not measured yet
+        shared, whole = _Block(5, "b"), _Block(4, "b")
+        whole.whole = True
+        assert run._fit_where(whole) == run.where
+        assert run._fit_where(shared) == {"workers": ["b", "c"],
+                                          "allow_other_workers": workers is None}
+        # pinned in a restricted run only: _check_planned watches the pinned workers
+        assert shared.fit_pinned == (set() if workers is None else {"b", "c"})
+        run.slowness_obs = {"a": [1.4], "b": [1.0]}  # nobody slow: anywhere, as Dask likes
+        assert run._fit_where(_Block(6, "b")) == run.where
+
+
+def test_the_last_blocks_fits_stay_off_a_worker_measured_slow(client, tmp_path):
+    info = client.scheduler_info()["workers"]
+    address = {w["name"]: a for a, w in info.items()}
+    slow, fast = sorted(address, key=str)
+    many = ingest("synthetic:rows=3600,features=16,classes=6,seed=2", tmp_path / "many.zarr",
+                  block_rows=150)
+    # Blocks read 0.3 s slower on one worker: its first block measures it slow long before
+    # the last two blocks (one per thread) are shared out. A restricted run pins their fits to
+    # the other worker (strictly: _check_planned stops the run if it leaves).
+    ds = _SlowBlocksOn(many, [slow], 0.3)
+    with get_task_stream(client) as stream:
+        result = train(IncrementalKSGDClassifier(block_rows=150, **PARAMS), ds, client,
+                       workers=list(info))
+    ran = {str(t["key"]): t["worker"] for t in stream.data}
+    fits = {k: w for k, w in ran.items() if k.startswith("fit-")}
+    assert fits and set(fits.values()) == {address[fast]}, fits
+    assert any(k.startswith("block-") and w == address[slow] for k, w in ran.items()), \
+        "the slow worker trained blocks of its own"
+    same_model(result.model, reference_fit(tmp_path / "many.zarr", 150, **PARAMS)[0],
+               all_rows(many)[0])
 
 
 def test_a_run_restricted_to_some_workers_never_uses_another(client, cluster, tmp_path):

@@ -56,8 +56,11 @@ def _per_step(method: dict) -> str:
 def _tail_text(step: dict) -> str:
     before = ", ".join(f"{w} {t:.2f} s" for w, t in sorted(step.get("finished_before_end", {})
                                                           .items()) if t > 0)
-    return (f"step {step['step']}: last {', '.join(map(str, step.get('last_worker', [])))}"
-            + (f" (others done {before} earlier)" if before else ""))
+    waited = step.get("tail_waited") or [None] * len(step.get("last_worker", []))
+    last = ", ".join(str(w) if t is None else f"{w} ({t:.2f} s)"
+                     for w, t in zip(step.get("last_worker", []), waited))
+    return (f"step {step['step']}: last {last}"
+            + (f"; in the median run the others were done {before} earlier" if before else ""))
 
 
 def to_markdown(doc: dict) -> str:
@@ -99,8 +102,8 @@ def to_markdown(doc: dict) -> str:
     ]
     tails = [_tail_text(s) for s in doc["steps"] if len(s["workers"]) > 1]
     if tails:
-        lines.append("The tail: the worker whose last task ended last, per timed run (in the "
-                     "median run, how long before it the others were done): "
+        lines.append("The tail: the worker whose last task ended last, per timed run, and how "
+                     "long the next worker had been done by then: "
                      + "; ".join(tails) + ".")
     hyp = doc["simulation"].get("hypothetical")
     if hyp:

@@ -432,6 +432,13 @@ def _tail(trace: list[dict]) -> dict[str, float]:
     return {w: last - e for w, e in ends.items()}
 
 
+def _waited(tail: dict[str, float]) -> float:
+    """How long the other workers waited for the one that ended a run: seconds between the
+    next-to-last worker's last task and the run's (0 with one worker)."""
+    ends = sorted(tail.values())
+    return ends[1] if len(ends) > 1 else 0.0
+
+
 def _median_run(runs: list[RunRecord]) -> RunRecord:
     med = statistics.median(r.seconds for r in runs)
     return min(runs, key=lambda r: abs(r.seconds - med))
@@ -565,10 +572,12 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
             "predicted": pred, "prediction_error": (pred - med) / med,
             "tasks_outside_step": sum(r.outside for r in step_runs),
             "busy_seconds": _busy(_median_run(step_runs).trace),
-            # per timed run, the worker whose task ended last (the run's tail), and in the
-            # median run how long before the end each worker had finished
+            # per timed run, the worker whose task ended last (the run's tail) and how long
+            # the others waited for it, and in the median run how long before the end each
+            # worker had finished
             "last_worker": [min(t, key=t.get) if t else None
                             for t in (_tail(r.trace) for r in step_runs)],
+            "tail_waited": [_waited(_tail(r.trace)) for r in step_runs],
             "finished_before_end": _tail(_median_run(step_runs).trace),
             "warmup_seconds": None if w is None else w.seconds,
             "warmup_workers": None if w is None else sorted(_busy(w.trace), key=_natural),

@@ -97,6 +97,7 @@ class _Block:
         self.pinned = False  # its partition may run on the planned worker only
         self.whole = False  # one block task (partition and fits) instead of the graph
         self.n_groups = 1  # its fit groups (a piece and a fit task each, in the graph)
+        self.fit_pinned: set[str] = set()  # the only workers its fits may run on (if any)
         self.address: str | None = None  # the worker that did, and holds its rows
         self.futures: list = []  # the client's references: meta and the fits (and copies)
         self.pieces: dict = {}  # fit group -> piece future, until the group is fitted
@@ -431,8 +432,21 @@ class TrainingRun:
             # _check_planned).
             where = {"workers": [planned], "allow_other_workers": not self.workers}
             blk.pinned = bool(self.workers)
-        self._submit_graph(blk, where, self.where)
+        self._submit_graph(blk, where, self._fit_where(blk))
         return True
+
+    def _fit_where(self, blk: _Block) -> dict:
+        """Where a shared block's fits may run: not on a worker measured slow (:data:`SLOW`),
+        when there are others. Dask would hand a fit to the slow worker as soon as it idles,
+        since it is not given the last blocks (:func:`worth_a_block`), and the run would wait
+        for it. A preference, as for a partition, unless the run is restricted to some workers
+        (then a pin: :meth:`_check_planned` stops the run if they all leave)."""
+        fast = [a for a in self.slots if (self._slowness(a) or 1.0) <= SLOW]
+        if blk.whole or not fast or len(fast) == len(self.slots):
+            return self.where
+        if self.workers:
+            blk.fit_pinned = set(fast)
+        return {"workers": fast, "allow_other_workers": not self.workers}
 
     def _submit_graph(self, blk: _Block, where: dict, fit_where: dict,
                       suffix: tuple = ()) -> None:
@@ -766,18 +780,23 @@ class TrainingRun:
 
     def _check_planned(self) -> None:
         """In a run restricted to some workers, stop when a block's worker left before
-        partitioning it: its tasks are pinned there (:meth:`submit_partition`) and would wait
-        for it forever."""
+        partitioning it, or every worker its fits are pinned to left before fitting it: its
+        tasks are pinned there (:meth:`submit_partition`, :meth:`_fit_where`) and would wait
+        for them forever."""
         live = self.watch.live
         if not self.workers or live is None:
             return
         for b, blk in self.in_flight.items():
             if blk.pinned and blk.meta is None and blk.planned not in live:
-                raise TrainingError(
-                    f"worker {blk.planned} left before partitioning block {b}, and this run "
-                    f"is restricted to workers {sorted(self.workers)}: train again on the "
-                    f"workers still connected (with a run directory, --resume keeps the "
-                    f"{len(self.done)} blocks committed)")
+                left = f"worker {blk.planned} left before partitioning block {b}"
+            elif blk.fit_pinned and blk.fits_left and not blk.fit_pinned & live:
+                left = f"workers {', '.join(sorted(blk.fit_pinned))} left before fitting block {b}"
+            else:
+                continue
+            raise TrainingError(
+                f"{left}, and this run is restricted to workers {sorted(self.workers)}: train "
+                f"again on the workers still connected (with a run directory, --resume keeps "
+                f"the {len(self.done)} blocks committed)")
 
     def _loop(self) -> None:
         """Submit and take results until every block is committed; the watch says what the
