@@ -19,7 +19,7 @@ import dask
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_task_stream
 
 from rpicluster import IncrementalKSGDClassifier, open_dataset
 from rpicluster import events as ev
@@ -29,6 +29,7 @@ from rpicluster.progress import Progress
 from rpicluster.testing import DieOn, SlowTasks
 from rpicluster.train.job import train
 from rpicluster.train.rundir import RunDir
+from rpicluster.train.watch import measure_floors
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -231,6 +232,30 @@ def test_a_memory_limit_below_floor_and_block_is_refused_with_one_that_works(sto
     with _cluster(1, memory_limit=f"{fix}MiB") as cluster, Client(cluster) as client:
         result = train(_estimator(), open_dataset(store), client, run_dir=tmp_path / "run")
     assert sorted(result.trained_blocks) == [0, 1, 2, 3]
+
+
+def test_a_workers_floor_is_measured_once_and_kept():
+    with _cluster(1, memory_limit="2GiB") as cluster, Client(cluster) as client:
+        info = client.scheduler_info()["workers"]
+        [address] = info
+        with get_task_stream(client) as first:
+            a = measure_floors(client, info, key="warm-up-a", timeout=60)
+        with get_task_stream(client) as again:
+            b = measure_floors(client, info, key="warm-up-b", timeout=60)
+        cluster.scale(0)
+        while client.scheduler_info()["workers"]:
+            time.sleep(0.05)
+        cluster.scale(1)
+        client.wait_for_workers(1, timeout=60)
+        info = client.scheduler_info()["workers"]
+        [restarted] = info
+        with get_task_stream(client) as new:
+            c = measure_floors(client, info, key="warm-up-c", timeout=60)
+    assert a[address]["floor"] == b[address]["floor"] > 100 * 2**20
+    assert [t["key"] for t in first.data] == ["warm-up-a-0"]
+    assert not again.data, "measured once per worker"
+    assert restarted != address and c[restarted]["floor"] > 100 * 2**20
+    assert [t["key"] for t in new.data] == ["warm-up-c-0"], "a new worker is measured"
 
 
 # --- a lone worker that keeps dying --------------------------------------------------------------

@@ -42,28 +42,37 @@ def worker_floor(w: dict) -> int:
     return max(int((w.get("metrics") or {}).get("memory") or 0), WORKER_BASELINE)
 
 
+#: Floors measured in this process, by (scheduler, worker address). A worker's floor is its
+#: RSS right after warming up, so it is measured once per worker, not before every run (a round
+#: trip to every worker, about 0.1 s of a 2 s run): a worker restarted under a new address is
+#: measured again.
+_FLOORS: dict[tuple[str, str], int] = {}
+
+
 def measure_floors(client, info: dict, *, key: str, timeout: float) -> dict:
     """``info`` with a measured ``floor`` for each worker that has a memory limit: its RSS
-    after :func:`rpicluster.train.tasks.warm_up` (a small task on that worker). A worker that
-    does not answer within ``timeout`` seconds (stopped, or paused) keeps its reported memory."""
+    after :func:`rpicluster.train.tasks.warm_up` (a small task on that worker; once per
+    worker, see :data:`_FLOORS`). A worker that does not answer within ``timeout`` seconds
+    (stopped, or paused) keeps its reported memory."""
     from distributed import wait
 
     from rpicluster.train import tasks
 
+    scheduler = str(client.scheduler.address)
     limited = [a for a, w in info.items() if w.get("memory_limit")]
     futures = {a: client.submit(tasks.warm_up, key=f"{key}-{i}", workers=[a],
                                 allow_other_workers=False, pure=False)
-               for i, a in enumerate(limited)}
+               for i, a in enumerate(limited) if (scheduler, a) not in _FLOORS}
     try:
         wait(list(futures.values()), timeout=timeout)
     except TimeoutError:
         pass
-    out = dict(info)
     for a, f in futures.items():
         if f.status == "finished":
-            out[a] = {**info[a], "floor": int(f.result())}
+            _FLOORS[scheduler, a] = int(f.result())
     client.cancel(list(futures.values()))
-    return out
+    return {a: {**w, "floor": _FLOORS[scheduler, a]} if (scheduler, a) in _FLOORS else w
+            for a, w in info.items()}
 
 
 def pause_fraction() -> float:
