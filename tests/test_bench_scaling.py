@@ -14,7 +14,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from rpicluster.bench import report
+from rpicluster.bench import report, scaling
 from rpicluster.bench.scaling import parse_steps, run_scaling, worker_order, worker_table
 from rpicluster.bench.simulate import (SimTask, Slot, fit_overhead, list_schedule, parse_cluster,
                                        slots_for)
@@ -201,12 +201,25 @@ def _run_starts(client) -> list[str]:
             if e[1].get(ev.KIND) == ev.RUN_START]
 
 
+@pytest.fixture(autouse=True)
+def short_calibration(monkeypatch):
+    """A calibration window of 0.3 s: the tiny test blocks' tasks still run more than the
+    3 rounds to fill it, in a fraction of the 6 s a worker gets by default."""
+    monkeypatch.setattr(scaling, "CALIBRATION_WINDOW_S", 0.3)
+
+
 def test_inc_ksgd_scaling_writes_every_report(cluster, dataset, tmp_path):
     out = tmp_path / "out"
     before = len(_run_starts(cluster))
     doc = run_scaling(cluster, dataset, out, params={"n_clusters": 2, "max_iter": 3},
                       repeats=2, simulate="3x 0, 1")
     _check_reports(out, doc, 2)
+    # Each worker's warm calibration tasks (all but its first) fill the window.
+    for w in doc["workers"].values():
+        samples = w["calibration"]["samples"]
+        rows = doc["calibration"]["rows"]
+        assert sum(rows / r for r in samples[1:]) >= 0.3, samples
+        assert len(samples) > 3, samples
     # Each step: one untimed warm-up run on its workers, then the 2 timed repeats.
     assert len(_run_starts(cluster)) - before == 2 * (1 + 2)
     method = doc["method"]

@@ -325,21 +325,29 @@ def make_job(name: str, params: dict | None = None):
 
 #: Seconds each worker of a step keeps busy in :func:`step_capacity`, at its own rate.
 CAPACITY_WINDOW_S = 2.0
+#: Seconds of warm calibration tasks each worker runs alone in :func:`calibrate`, at least. A
+#: CPU-capped host's tasks vary by +-15 % (its quota comes in 100 ms slices), and its rate
+#: anchors every capacity ideal: the median of two warm tasks moved the 3-host scalability
+#: between 0.59 and 0.96 over runs of the same code whose 3-host times agreed within 3 %.
+CALIBRATION_WINDOW_S = 6.0
 
 
 def calibrate(client, job, dataset, workers: dict[str, dict], *, rows: int | None = None,
               rounds: int = 3) -> dict[str, dict]:
     """Measure every worker's throughput on the job's calibration task, one worker at a time.
 
-    A worker runs ``rounds`` tasks per thread, pinned to it; its rate is threads x the median
-    per-task rows/s (rows/s with every thread busy; the median drops the first, cold task).
-    Workers take turns so that workers sharing a machine (a test bed, or a desktop running
-    several) are each measured at what they can do, not at their share of a contended machine.
+    A worker runs ``rounds`` tasks per thread, pinned to it, and then more until its warm
+    tasks (every one but its first, cold, one) have taken :data:`CALIBRATION_WINDOW_S` per
+    thread; its rate is threads x the median rows/s of its warm tasks (rows/s with every thread
+    busy). Workers take turns so that workers sharing a machine (a test bed, or a desktop
+    running several) are each measured at what they can do, not at their share of a contended
+    machine.
 
     Returns
     -------
     dict
-        By worker name: ``{"rate": rows/s, "threads", "tags", "samples": [rows/s per task]}``.
+        By worker name: ``{"rate": rows/s, "threads", "tags", "samples": [rows/s per task]}``
+        (the cold task first).
 
     Raises
     ------
@@ -349,16 +357,26 @@ def calibrate(client, job, dataset, workers: dict[str, dict], *, rows: int | Non
     rows = _calibration_size(dataset, rows)
     out = {}
     for name, w in workers.items():
-        futures = [client.submit(job.calibrate, dataset, job.params, rows, pure=False,
-                                 workers=[w["address"]], allow_other_workers=False)
-                   for _ in range(w["threads"] * rounds)]
-        try:
-            samples = [r / s for r, s in client.gather(futures)]
-        except Exception as exc:
-            raise TrainingError(f"calibration task failed on worker {name!r}: "
-                                f"{type(exc).__name__}: {exc}") from exc
-        out[name] = {"rate": w["threads"] * statistics.median(samples), "threads": w["threads"],
-                     "tags": w["tags"], "samples": samples}
+        def tasks(n: int) -> list[tuple[int, float]]:
+            futures = [client.submit(job.calibrate, dataset, job.params, rows, pure=False,
+                                     workers=[w["address"]], allow_other_workers=False)
+                       for _ in range(n)]
+            try:
+                return client.gather(futures)
+            except Exception as exc:
+                raise TrainingError(f"calibration task failed on worker {name!r}: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+
+        done = tasks(w["threads"] * rounds)
+        while True:
+            warm = sum(s for _, s in done[1:]) / w["threads"]  # seconds per thread
+            if not 0 < warm < CALIBRATION_WINDOW_S:
+                break
+            per_task = warm * w["threads"] / (len(done) - 1)
+            done += tasks(w["threads"] * math.ceil((CALIBRATION_WINDOW_S - warm) / per_task))
+        samples = [r / s for r, s in done]
+        out[name] = {"rate": w["threads"] * statistics.median(samples[1:] or samples),
+                     "threads": w["threads"], "tags": w["tags"], "samples": samples}
     return out
 
 
