@@ -12,7 +12,9 @@ reported, with every run's time. For the Dask runs the table splits
 the wall time x workers into:
 
 * worker phases, from the tasks' own timers: ``read`` (chunk into its array), ``k-means``,
-  ``sort`` (rows grouped by cluster in place), ``fit`` (SGD of every cluster);
+  ``sort`` (rows grouped by cluster in place), ``fit`` (SGD of every cluster), whether in a
+  whole-block task (``block-``: all but the last blocks, one per thread) or in the partition
+  and fit tasks of the shared last blocks;
 * other task time from Dask's task stream (``meta``, ``piece`` tasks, deserialisation) and
   ``transfers`` (pieces moving to the worker that fits them);
 * the driver's own time: ``assemble`` (block model from its parts), ``validation`` (submitting
@@ -39,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-PHASE_RE = re.compile(r"(?:^|-)(partition|meta|piece|fit|validate|score)(?:-|$)")
+PHASE_RE = re.compile(r"(?:^|-)(block|partition|meta|piece|fit|validate|score)(?:-|$)")
 
 
 def _phase(key) -> str:
@@ -109,19 +111,25 @@ def _account(records, wall, result, n_workers, driver_cpu, worker_cpu) -> dict:
 def phase_rows(run: dict) -> list[tuple[str, float]]:
     """(phase, seconds) rows of one Dask run; worker-seconds add up to wall x workers."""
     ph, comp = run["phases"], run["compute"]
-    rows = []
+    # A whole-block task (block-...) is a partition then a fit: its fit part is the fits'
+    # seconds measured in the tasks beyond the fit tasks' own.
+    fit_in_blocks = max(0.0, ph.get("fit", 0.0) - comp["fit"]) if comp["block"] else 0.0
+    partition = comp["partition"] + comp["block"] - fit_in_blocks
+    rows = [("whole-block tasks (partition + fit)", comp["block"])]
     if "read" in ph:
         rows += [("read (worker)", ph.get("read", 0.0)), ("k-means (worker)", ph.get("kmeans", 0)),
                  ("sort by cluster (worker)", ph.get("sort", 0.0))]
-        rest = comp["partition"] - ph.get("read", 0) - ph.get("kmeans", 0) - ph.get("sort", 0)
-        rows.append(("partition task, other", max(0.0, rest)))
+        rest = partition - ph.get("read", 0) - ph.get("kmeans", 0) - ph.get("sort", 0)
+        rows.append(("partition, other", max(0.0, rest)))
     else:
         rows.append(("partition task (read + k-means + pieces)", comp["partition"]))
     if "fit-cpu" in ph:
         rows += [("  partition tasks' CPU", ph.get("partition-cpu", 0.0)),
                  ("  fit tasks' CPU", ph["fit-cpu"])]
-    rows += [("fit tasks", comp["fit"]), ("meta + piece tasks", comp["meta"] + comp["piece"]),
-             ("validation tasks", comp["validate"] + comp["score"] + comp["other"]),
+    rows += [("fits (in fit and whole-block tasks)", comp["fit"] + fit_in_blocks),
+             ("meta + piece tasks", comp["meta"] + comp["piece"]),
+             ("validation tasks", comp["validate"] + comp["score"]),
+             ("other tasks", comp["other"]),
              ("transfers", run["transfer"])]
     busy = sum(comp.values()) + run["transfer"]
     rows.append(("idle (worker-seconds)", max(0.0, run["wall"] * run["workers"] - busy)))
