@@ -42,10 +42,11 @@ def worker_floor(w: dict) -> int:
     return max(int((w.get("metrics") or {}).get("memory") or 0), WORKER_BASELINE)
 
 
-#: Floors measured in this process, by (scheduler, worker address). A worker's floor is its
-#: RSS right after warming up, so it is measured once per worker, not before every run (a round
-#: trip to every worker, about 0.1 s of a 2 s run): a worker restarted under a new address is
-#: measured again.
+#: Floors measured in this process, by worker (its address and its own scratch directory,
+#: which Dask names at random for each worker process: an address alone is reused by a later
+#: worker on the same port, which may run other code). A worker's floor is its RSS right after
+#: warming up, so it is measured once per worker, not before every run (a round trip to every
+#: worker, about 0.1 s of a 2 s run); a restarted worker is measured again.
 _FLOORS: dict[tuple[str, str], int] = {}
 
 
@@ -58,21 +59,24 @@ def measure_floors(client, info: dict, *, key: str, timeout: float) -> dict:
 
     from rpicluster.train import tasks
 
-    scheduler = str(client.scheduler.address)
     limited = [a for a, w in info.items() if w.get("memory_limit")]
+    ids = {a: (a, info[a]["local_directory"]) if info[a].get("local_directory") else None
+           for a in limited}
     futures = {a: client.submit(tasks.warm_up, key=f"{key}-{i}", workers=[a],
                                 allow_other_workers=False, pure=False)
-               for i, a in enumerate(limited) if (scheduler, a) not in _FLOORS}
+               for i, a in enumerate(limited) if ids[a] not in _FLOORS}
     try:
         wait(list(futures.values()), timeout=timeout)
     except TimeoutError:
         pass
+    floors = {a: _FLOORS[ids[a]] for a in limited if ids[a] in _FLOORS}
     for a, f in futures.items():
         if f.status == "finished":
-            _FLOORS[scheduler, a] = int(f.result())
+            floors[a] = int(f.result())
+            if ids[a]:
+                _FLOORS[ids[a]] = floors[a]
     client.cancel(list(futures.values()))
-    return {a: {**w, "floor": _FLOORS[scheduler, a]} if (scheduler, a) in _FLOORS else w
-            for a, w in info.items()}
+    return {a: {**w, "floor": floors[a]} if a in floors else w for a, w in info.items()}
 
 
 def pause_fraction() -> float:
