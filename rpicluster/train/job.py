@@ -17,9 +17,9 @@ Uneven workers (a Pi next to a desktop) must not hold the tail of a run. A worke
 slower than the others gets no new block near the end when the faster ones would finish it
 sooner (:func:`worth_a_block`), and once every block is submitted, a task running late on one
 worker while another worker is idle is run again there under its own key (``…-copy``): a
-whole block or a partition with its block graph, a fit with the same piece. Every task is a pure function
-of its seeded inputs, so both copies compute the same result; the first to finish is taken and
-the other cancelled (:meth:`TrainingRun.speculate`).
+whole block or a partition with its block graph, a fit with the same piece. Every task is a pure
+function of its seeded inputs, so both copies compute the same result; the first to finish is
+taken and the other cancelled (:meth:`TrainingRun.speculate`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ class TrainResult:
         Blocks fitted by this call, and blocks taken from the run directory.
     tasks_per_worker, rows_per_worker, busy_seconds_per_worker : Counter
         Partition and fit tasks whose results were taken, their rows and task seconds, by
-        worker name (a speculative copy's loser is not counted).
+        worker name (a whole-block task counts as the partition and the fit it ran; a
+        speculative copy's loser is not counted).
     run_dir : Path or None
     phases : dict
         Seconds by phase: on the workers ``read``, ``kmeans``, ``sort``, ``fit`` (task time,
@@ -328,7 +329,7 @@ class TrainingRun:
         self._refresh_slots()
         self.window = self.max_blocks_in_flight or max(1, sum(self.slots.values()))
         self.n_groups = fit_groups_per_block(self.params["n_clusters"], info)
-        self.tail = sum(max(1, int(w.get("nthreads", 1))) for w in info.values())
+        self.tail = sum(self.threads.values())
 
     def _refresh_slots(self) -> None:
         """Follow the workers connected now: a worker that left loses its slots, and one that
@@ -437,9 +438,9 @@ class TrainingRun:
 
     def _fit_where(self, blk: _Block) -> dict:
         """Where a shared block's fits may run: not on a worker measured slow (:data:`SLOW`),
-        when there are others. Dask would hand a fit to the slow worker as soon as it idles,
-        since it is not given the last blocks (:func:`worth_a_block`), and the run would wait
-        for it. A preference, as for a partition, unless the run is restricted to some workers
+        when there are others. The slow worker is not given the last blocks
+        (:func:`worth_a_block`) and idles, and Dask may then hand it a fit the run would wait
+        for. A preference, as for a partition, unless the run is restricted to some workers
         (then a pin: :meth:`_check_planned` stops the run if they all leave)."""
         fast = [a for a in self.slots if (self._slowness(a) or 1.0) <= SLOW]
         if blk.whole or not fast or len(fast) == len(self.slots):
