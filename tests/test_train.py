@@ -4,6 +4,8 @@ clients are in test_fault_matrix.py."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,8 +20,9 @@ from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
 from rpicluster import events as ev
 from rpicluster.data.synthetic import make_imagenet_like
 from rpicluster.errors import ConfigError, TrainingError
-from rpicluster.train.job import (TrainingRun, _Block, ahead_pays, behind, fit_groups_per_block,
-                                  predict_dataset, score_dataset, train, worth_a_block)
+from rpicluster.train.job import (TrainingRun, _Block, _raise_task_error, ahead_pays, behind,
+                                  fit_groups_per_block, predict_dataset, score_dataset,
+                                  task_failure, train, worth_a_block)
 from rpicluster.train.modelfile import load_model
 from rpicluster.testing import DieOn, SlowTasks, all_rows, reference_fit, same_model
 from rpicluster.train.rundir import RunDir
@@ -229,6 +232,44 @@ def test_a_block_that_keeps_killing_its_worker_fails_the_job_naming_it(store, tm
                 train(est, open_dataset(store / "train.zarr"), client, run_dir=tmp_path / "run",
                       max_blocks_in_flight=1)
     assert 2 not in RunDir(tmp_path / "run").committed()
+
+
+def test_a_result_in_hand_stays_a_result_when_its_worker_dies_before_it_is_read(client):
+    """A run reads the entries of ``as_completed(with_results=True)``: a result gathered is in
+    hand even when its worker dies before the run reads it (the future then reads ``lost``: the
+    fault matrix's SIGKILL case once failed a finished block so); a failed task's entry carries
+    its exception, a cancelled task's its CancelledError, and neither is taken for a result."""
+    from distributed import CancelledError, as_completed
+
+    pids = client.run(os.getpid)
+    holder = min(pids)
+    # Pinned: once its worker is gone the task cannot be recomputed, and stays lost.
+    done = client.submit(dict, rows=600, key="held-result", workers=[holder],
+                         allow_other_workers=False)
+    [(future, result)] = list(as_completed([done], with_results=True, raise_errors=False))
+    os.kill(pids[holder], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while future.status == "finished":
+        assert time.monotonic() < deadline, "the scheduler never saw the worker die"
+        time.sleep(0.05)
+    assert future.status != "finished" and result == {"rows": 600}
+    assert task_failure(result) is None
+    client.cancel([done])
+
+    failed = client.submit(int, "not a number", key="failed-task")
+    # Waiting for a worker that does not exist (no thread of the module's workers is held).
+    waiting = client.submit(dict, key="cancelled-task", workers=["tcp://127.0.0.1:9"],
+                            allow_other_workers=False)
+    client.cancel([waiting])
+    entries = {f.key: r for f, r in as_completed([failed, waiting], with_results=True,
+                                                 raise_errors=False)}
+    assert isinstance(task_failure(entries["failed-task"]), ValueError)
+    cancelled = task_failure(entries["cancelled-task"])
+    assert isinstance(cancelled, CancelledError)
+    with pytest.raises(TrainingError, match=r"^block 3: its task was cancelled on the scheduler"):
+        _raise_task_error(cancelled, 3, None)
+    with pytest.raises(TrainingError, match="^block 3, cluster 1 failed on a worker: ValueError"):
+        _raise_task_error(task_failure(entries["failed-task"]), 3, 1)
 
 
 def test_faster_workers_take_more_tasks(store, tmp_path):

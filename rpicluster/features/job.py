@@ -264,7 +264,7 @@ def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_siz
             for future in as_completed(futures):
                 b = index[future.key]
                 if future.status == "error":
-                    _raise_task_error(future, b, None)
+                    _raise_task_error(future.exception(), b, None)
                 r = future.result()
                 images_done[r["worker"]] += r["rows"]
                 busy[r["worker"]] += r["seconds"]

@@ -527,10 +527,11 @@ class TrainingRun:
         blk = self.in_flight.get(b) if j != VALIDATE else None
         needed = blk is not None and (blk.meta is None if j in (None, BLOCK) else
                                       j not in blk.fitted)
-        if future.status != "finished":
+        failure = task_failure(result)
+        if failure is not None:
             if copy or (j != VALIDATE and not needed):
                 return  # a cancelled or failed copy, or a loser: the other one counts
-            _raise_task_error(future, b, j if isinstance(j, int) else None,
+            _raise_task_error(failure, b, j if isinstance(j, int) else None,
                               killed_with=self._killed_blocks())
         if j == VALIDATE:
             left, correct, total = self.scores[b]
@@ -906,15 +907,32 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
                        speculate=speculate).run()
 
 
-def _raise_task_error(future, block: int, cluster: int | None, killed_with=()):
-    """Raise the TrainingError (or the task's own RPiClusterError) naming ``block``.
+def task_failure(result) -> BaseException | None:
+    """What a failed task's entry in ``as_completed(..., with_results=True,
+    raise_errors=False)`` carries instead of a result (its exception, or the CancelledError of a
+    cancelled task); None for a result.
+
+    Read from the entry, not from ``future.status`` when the entry is taken: a result gathered
+    is in hand even if its worker dies a moment later, and the future then reads ``lost`` while
+    Dask recomputes it (a worker killed mid-run made a finished block look failed)."""
+    from distributed import CancelledError
+
+    if isinstance(result, CancelledError):
+        return result
+    if isinstance(result, tuple) and len(result) == 3 and isinstance(result[1], BaseException):
+        return result[1]  # distributed's clean_exception: (type, exception, traceback)
+    return None
+
+
+def _raise_task_error(exc: BaseException, block: int, cluster: int | None, killed_with=()):
+    """Raise the TrainingError (or the task's own RPiClusterError) for a task of ``block`` that
+    failed with ``exc``.
 
     ``killed_with``: the blocks whose tasks Dask gave up on with this one because their worker
     kept dying. Every task waiting on a worker is blamed for its death, so any of them may be
     the cause; the worker runs the earliest block first, which is named (the others too)."""
-    from distributed import KilledWorker
+    from distributed import CancelledError, KilledWorker
 
-    exc = future.exception()
     if isinstance(exc, KilledWorker):
         blocks = sorted({block, *killed_with})
         where = f"block {blocks[0]}" if len(blocks) > 1 else \
@@ -927,6 +945,11 @@ def _raise_task_error(future, block: int, cluster: int | None, killed_with=()):
             f"(distributed.scheduler.allowed-failures reached){also}; the block may be too "
             f"large for the workers' memory or its data crashes the worker ({exc})") from exc
     where = f"block {block}" + (f", cluster {cluster}" if cluster is not None else "")
+    if isinstance(exc, CancelledError):  # not by this run: by the scheduler, or another client
+        raise TrainingError(
+            f"{where}: its task was cancelled on the scheduler while the run still needed it "
+            f"({exc}); train again (with a run directory, --resume keeps the blocks "
+            f"committed)") from exc
     if isinstance(exc, RPiClusterError):
         raise type(exc)(f"{where}: {exc}") from exc
     raise TrainingError(f"{where} failed on a worker: {type(exc).__name__}: {exc}") from exc
@@ -947,7 +970,7 @@ def _map_blocks(client, func, model, dataset, progress: Progress | None, what: s
         for future in as_completed(futures):
             b = index[future.key]
             if future.status == "error":
-                _raise_task_error(future, b, None)
+                _raise_task_error(future.exception(), b, None)
             out[b] = future.result()
             p.advance(note=f"{what} block {b}")
     return out
