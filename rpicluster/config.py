@@ -55,6 +55,8 @@ TIMEOUTS = {
     "NO_WORKER_TIMEOUT": (60.0, "train: waiting with no worker connected before the run stops"),
     "SILENT_WORKER_TIMEOUT": (15.0, "train: a worker's missing heartbeats before the progress "
                                     "line names it (the run goes on)"),
+    "PAUSED_TIMEOUT": (300.0, "train: every worker of the run paused for memory before the "
+                              "run stops (Dask would wait for them forever)"),
 }
 
 

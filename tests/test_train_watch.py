@@ -123,6 +123,56 @@ def test_workers_lost_mid_run_stop_it_with_the_resume_command(store, tmp_path, m
                          f"{model}.run --scheduler {cluster.scheduler_address}"), line
 
 
+def _hold_memory(dask_worker, fraction):
+    """Run on a worker (``client.run``): unmanaged memory (nothing Dask can spill) up to
+    ``fraction`` of its limit, above the pause threshold (80 %) and below the nanny's
+    termination (95 %) for a fraction between; 0 frees it."""
+    import psutil
+
+    dask_worker._rpicluster_ballast = None
+    if fraction:
+        n = int(dask_worker.memory_manager.memory_limit * fraction
+                - psutil.Process().memory_info().rss)
+        dask_worker._rpicluster_ballast = np.ones(max(n, 0), dtype=np.uint8)
+
+
+def test_workers_paused_for_memory_too_long_stop_the_run_with_the_resume_command(store, tmp_path,
+                                                                                  monkeypatch):
+    """Every worker paused for memory the run cannot free (held by the worker process itself):
+    Dask waits for a paused worker forever; the run stops after RPICLUSTER_PAUSED_TIMEOUT in one
+    line naming the worker, with what it kept and how to continue."""
+    monkeypatch.setenv("RPICLUSTER_PAUSED_TIMEOUT", "3")
+    model = tmp_path / "m.skops"
+    with _cluster(1, memory_limit="700MiB") as cluster, Client(cluster) as client:
+        client.register_plugin(SlowTasks(pattern=r"^(block|fit)-", seconds=0.5), name="slow")
+        [(address, w)] = client.scheduler_info()["workers"].items()
+
+        def pause_after_first_commit():
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if (tmp_path / "m.skops.run" / "manifest.json").is_file() and \
+                        RunDir(tmp_path / "m.skops.run").committed():
+                    client.run(_hold_memory, fraction=0.87)
+                    return
+                time.sleep(0.05)
+
+        pauser = threading.Thread(target=pause_after_first_commit, daemon=True)
+        pauser.start()
+        res = CliRunner().invoke(main, ["train", str(store), "-o", str(model), "--scheduler",
+                                        cluster.scheduler_address, *FLAGS])
+        pauser.join()
+    assert res.exit_code == 1, res.output
+    line = _error_line(res.output)
+    kept = len(RunDir(tmp_path / "m.skops.run").verified())
+    assert 0 < kept < 4
+    assert re.match(rf"error: every worker of this run has been paused for memory for \d+ s "
+                    rf"\(above 80% of its limit; RPICLUSTER_PAUSED_TIMEOUT\): "
+                    rf"{w['name']} \({re.escape(address)}\) \(", line), line
+    assert f"{kept} of 4 blocks are committed in {model}.run" in line
+    assert line.endswith(f"continue with: rpicluster train {store} -o {model} --resume "
+                         f"{model}.run --scheduler {cluster.scheduler_address}"), line
+
+
 # --- the progress line says what the run waits on -------------------------------------------------
 
 def _train_while(client, store, tmp_path, during, *, watch_for: str):
@@ -191,20 +241,9 @@ def test_a_worker_paused_for_memory_is_named_on_the_progress_line(store, tmp_pat
         victim = sorted(client.scheduler_info()["workers"])[0]
         name = client.scheduler_info()["workers"][victim]["name"]
 
-        def hold(dask_worker, fraction):
-            # Unmanaged memory (nothing Dask can spill) up to ``fraction`` of the limit: above
-            # the pause threshold (80 %), below the nanny's termination (95 %).
-            import psutil
-
-            dask_worker._rpicluster_ballast = None
-            if fraction:
-                n = int(dask_worker.memory_manager.memory_limit * fraction
-                        - psutil.Process().memory_info().rss)
-                dask_worker._rpicluster_ballast = np.ones(max(n, 0), dtype=np.uint8)
-
         def ballast():
-            client.run(hold, fraction=0.87, workers=[victim])
-            return lambda: client.run(hold, fraction=0, workers=[victim])
+            client.run(_hold_memory, fraction=0.87, workers=[victim])
+            return lambda: client.run(_hold_memory, fraction=0, workers=[victim])
 
         result, lines = _train_while(client, store, tmp_path, ballast,
                                      watch_for="paused for memory")

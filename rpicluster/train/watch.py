@@ -9,7 +9,8 @@ runs on the scheduler) about once a second, and
   limit they take no new task) and the workers whose heartbeats stopped for
   ``config.SILENT_WORKER_TIMEOUT`` seconds (a stopped or frozen process);
 * stops the run with one line after ``config.NO_WORKER_TIMEOUT`` seconds without any worker it
-  may use.
+  may use, and after ``config.PAUSED_TIMEOUT`` seconds with every one of them paused for memory
+  (Dask itself waits for a paused worker forever).
 
 :func:`check_memory` refuses, before anything is submitted, a worker whose memory limit cannot
 hold its post-import floor and one block below Dask's pause threshold: such a worker would pause
@@ -183,6 +184,8 @@ class ClusterWatch:
         self.interval = interval
         self.no_worker_timeout = config.NO_WORKER_TIMEOUT
         self.silent_after = config.SILENT_WORKER_TIMEOUT
+        self.paused_timeout = config.PAUSED_TIMEOUT
+        self._all_paused_since: float | None = None
         self._next = 0.0
         self._none_since: float | None = None
         self._seen: dict[str, tuple[float, float]] = {}  # address -> (last_seen, when it moved)
@@ -275,10 +278,32 @@ class ClusterWatch:
         changed = state != self._state
         self._state = state
         self._show("; ".join(parts) or None, now=changed)
+        self._check_paused(now, paused, len(info), what)
         if changed and self.run_id is not None:
             self.client.log_event(ev.TOPIC, ev.make_event(
                 ev.STALLED, run_id=self.run_id, worker=", ".join(state[0] + state[1]) or None,
                 note=self.alert))
+
+    def _check_paused(self, now: float, paused: list[str], n_workers: int, what: str) -> None:
+        """Stop the run once every worker it may use has been paused for memory for
+        ``paused_timeout`` seconds: none starts a task, so none frees a block, and the run
+        would wait as long as Dask does (forever). The run keeps no more blocks on a worker
+        than its limit allows (:func:`check_memory`), so what holds the memory is not the
+        run's plan: another client's data, or memory the worker process did not give back."""
+        if len(paused) < n_workers:
+            self._all_paused_since = None
+            return
+        if self._all_paused_since is None:
+            self._all_paused_since = now
+        waited = now - self._all_paused_since
+        if waited < self.paused_timeout:
+            return
+        raise TrainingError(
+            f"every worker of this run has been paused for memory for {waited:.0f} s (above "
+            f"{pause_fraction():.0%} of its limit; RPICLUSTER_PAUSED_TIMEOUT): "
+            f"{', '.join(paused)} ({what}); restart the workers (rpicluster down, then up), "
+            f"with a larger memory limit if it recurs (rpicluster up --local N --memory-limit, "
+            f"or memory = in the inventory)")
 
     def _show(self, alert: str | None, *, now: bool) -> None:
         self.alert = alert
