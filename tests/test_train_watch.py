@@ -97,30 +97,39 @@ def test_workers_lost_mid_run_stop_it_with_the_resume_command(store, tmp_path, m
     model = tmp_path / "m.skops"
     with _cluster(1) as cluster, Client(cluster) as client:
         client.register_plugin(SlowTasks(pattern=r"^(block|fit)-", seconds=0.5), name="slow")
-
-        def retire_after_first_commit():
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                if (tmp_path / "m.skops.run" / "manifest.json").is_file() and \
-                        RunDir(tmp_path / "m.skops.run").committed():
-                    cluster.scale(0)
-                    return
-                time.sleep(0.05)
-
-        killer = threading.Thread(target=retire_after_first_commit, daemon=True)
-        killer.start()
-        res = CliRunner().invoke(main, ["train", str(store), "-o", str(model), "--scheduler",
-                                        cluster.scheduler_address, *FLAGS])
-        killer.join()
-    assert res.exit_code == 1, res.output
-    line = _error_line(res.output)
-    kept = len(RunDir(tmp_path / "m.skops.run").verified())
-    assert 0 < kept < 4
+        line = _train_cli_stopped_after_first_commit(cluster, store, model,
+                                                     lambda: cluster.scale(0))
     assert line.startswith(f"error: no worker is connected to the scheduler "
                            f"{cluster.scheduler_address} ("), line
+
+
+def _train_cli_stopped_after_first_commit(cluster, store, model, fault) -> str:
+    """``rpicluster train STORE -o MODEL`` on ``cluster``, calling ``fault()`` once a block is
+    committed; the run must stop (exit 1) keeping some blocks, and its one error line must end
+    with the command that continues it. Returns that line."""
+    run_dir = model.parent / f"{model.name}.run"
+
+    def after_first_commit():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if (run_dir / "manifest.json").is_file() and RunDir(run_dir).committed():
+                fault()
+                return
+            time.sleep(0.05)
+
+    helper = threading.Thread(target=after_first_commit, daemon=True)
+    helper.start()
+    res = CliRunner().invoke(main, ["train", str(store), "-o", str(model), "--scheduler",
+                                    cluster.scheduler_address, *FLAGS])
+    helper.join()
+    assert res.exit_code == 1, res.output
+    line = _error_line(res.output)
+    kept = len(RunDir(run_dir).verified())
+    assert 0 < kept < 4
     assert f"{kept} of 4 blocks are committed in {model}.run" in line
     assert line.endswith(f"continue with: rpicluster train {store} -o {model} --resume "
                          f"{model}.run --scheduler {cluster.scheduler_address}"), line
+    return line
 
 
 def _hold_memory(dask_worker, fraction):
@@ -146,31 +155,11 @@ def test_workers_paused_for_memory_too_long_stop_the_run_with_the_resume_command
     with _cluster(1, memory_limit="700MiB") as cluster, Client(cluster) as client:
         client.register_plugin(SlowTasks(pattern=r"^(block|fit)-", seconds=0.5), name="slow")
         [(address, w)] = client.scheduler_info()["workers"].items()
-
-        def pause_after_first_commit():
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                if (tmp_path / "m.skops.run" / "manifest.json").is_file() and \
-                        RunDir(tmp_path / "m.skops.run").committed():
-                    client.run(_hold_memory, fraction=0.87)
-                    return
-                time.sleep(0.05)
-
-        pauser = threading.Thread(target=pause_after_first_commit, daemon=True)
-        pauser.start()
-        res = CliRunner().invoke(main, ["train", str(store), "-o", str(model), "--scheduler",
-                                        cluster.scheduler_address, *FLAGS])
-        pauser.join()
-    assert res.exit_code == 1, res.output
-    line = _error_line(res.output)
-    kept = len(RunDir(tmp_path / "m.skops.run").verified())
-    assert 0 < kept < 4
+        line = _train_cli_stopped_after_first_commit(
+            cluster, store, model, lambda: client.run(_hold_memory, fraction=0.87))
     assert re.match(rf"error: every worker of this run has been paused for memory for \d+ s "
                     rf"\(above 80% of its limit; RPICLUSTER_PAUSED_TIMEOUT\): "
                     rf"{w['name']} \({re.escape(address)}\) \(", line), line
-    assert f"{kept} of 4 blocks are committed in {model}.run" in line
-    assert line.endswith(f"continue with: rpicluster train {store} -o {model} --resume "
-                         f"{model}.run --scheduler {cluster.scheduler_address}"), line
 
 
 # --- the progress line says what the run waits on -------------------------------------------------
