@@ -278,11 +278,11 @@ class ClusterWatch:
         changed = state != self._state
         self._state = state
         self._show("; ".join(parts) or None, now=changed)
-        self._check_paused(now, paused, len(info), what)
         if changed and self.run_id is not None:
             self.client.log_event(ev.TOPIC, ev.make_event(
                 ev.STALLED, run_id=self.run_id, worker=", ".join(state[0] + state[1]) or None,
                 note=self.alert))
+        self._check_paused(now, paused, len(info), what)
 
     def _check_paused(self, now: float, paused: list[str], n_workers: int, what: str) -> None:
         """Stop the run once every worker it may use has been paused for memory for
