@@ -286,6 +286,33 @@ def test_a_workers_floor_is_measured_once_and_kept():
     assert [t["key"] for t in new.data] == ["warm-up-c-0"], "a new worker is measured"
 
 
+def test_a_worker_that_stops_after_its_warm_up_keeps_its_reported_memory():
+    """The floor's result is fetched within the bound too: a worker that ran the warm-up and
+    then stopped (SIGSTOP, a hung Pi) cannot send it, and the task, pinned there, is never run
+    elsewhere. The warm-up is run first under the key measure_floors will use, so its result is
+    ready on the scheduler when the worker stops."""
+    from rpicluster.train import tasks
+
+    with _cluster(1, memory_limit="2GiB") as cluster, Client(cluster) as client:
+        info = client.scheduler_info()["workers"]
+        [(address, w)] = info.items()
+        pid = client.run(os.getpid)[address]
+        done = client.submit(tasks.warm_up, key="warm-up-stopped-0", workers=[address],
+                             allow_other_workers=False, pure=False)
+        done.result(timeout=60)
+        os.kill(pid, signal.SIGSTOP)
+        got = {}
+        try:
+            measuring = threading.Thread(target=lambda: got.update(measure_floors(
+                client, info, key="warm-up-stopped", timeout=2)), daemon=True)
+            measuring.start()
+            measuring.join(120)
+            assert not measuring.is_alive(), "measure_floors waited past its timeout"
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert "floor" not in got[address] and got[address]["memory_limit"] == w["memory_limit"]
+
+
 # --- a lone worker that keeps dying --------------------------------------------------------------
 
 def test_a_poison_block_on_a_lone_worker_ends_the_run_naming_it(store, tmp_path):

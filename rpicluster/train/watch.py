@@ -55,7 +55,7 @@ def measure_floors(client, info: dict, *, key: str, timeout: float) -> dict:
     """``info`` with a measured ``floor`` for each worker that has a memory limit: its RSS
     after :func:`rpicluster.train.tasks.warm_up` (a small task on that worker; once per
     worker, see :data:`_FLOORS`). A worker that does not answer within ``timeout`` seconds
-    (stopped, or paused) keeps its reported memory."""
+    (stopped, paused, or lost after finishing the task) keeps its reported memory."""
     from distributed import wait
 
     from rpicluster.train import tasks
@@ -66,16 +66,23 @@ def measure_floors(client, info: dict, *, key: str, timeout: float) -> dict:
     futures = {a: client.submit(tasks.warm_up, key=f"{key}-{i}", workers=[a],
                                 allow_other_workers=False, pure=False)
                for i, a in enumerate(limited) if ids[a] not in _FLOORS}
+    deadline = time.monotonic() + timeout
     try:
         wait(list(futures.values()), timeout=timeout)
     except TimeoutError:
         pass
     floors = {a: _FLOORS[ids[a]] for a in limited if ids[a] in _FLOORS}
     for a, f in futures.items():
-        if f.status == "finished":
-            floors[a] = int(f.result())
-            if ids[a]:
-                _FLOORS[ids[a]] = floors[a]
+        if f.status != "finished":
+            continue
+        try:
+            # Bounded too: a worker that finished the task and then stopped or died cannot
+            # send its result, and the task, pinned to it, is not run elsewhere.
+            floors[a] = int(f.result(timeout=max(0.1, deadline - time.monotonic())))
+        except Exception:  # noqa: BLE001 - any failure: the worker keeps its reported memory
+            continue
+        if ids[a]:
+            _FLOORS[ids[a]] = floors[a]
     client.cancel(list(futures.values()))
     return {a: {**w, "floor": floors[a]} if a in floors else w for a, w in info.items()}
 
