@@ -132,10 +132,11 @@ def parse_steps(text: str | None, workers: dict[str, dict], order: list[str]) ->
 
 def _calibrate_ksgd(dataset, params: dict, rows: int) -> tuple[int, float]:
     """On a worker: block 0 through the job's own whole-block task (read, k-means and sort,
-    then every cluster's fit; :func:`rpicluster.train.tasks.block_task`); (rows, seconds). Always a whole block, whatever ``rows``: a
-    part of one costs more per row (k-means and each cluster's fit have a fixed cost), and
-    more so on a CPU-capped host (a 2,000-row part of a 4,000-row block rated the 25 % host
-    2.5x and the free hosts 1.9x below their rate on whole blocks)."""
+    then every cluster's fit; :func:`rpicluster.train.tasks.block_task`); (rows, seconds).
+    Always a whole block, whatever ``rows``: a part of one costs more per row (k-means and each
+    cluster's fit have a fixed cost), and more so on a CPU-capped host (a 2,000-row part of a
+    4,000-row block rated the 25 % host 2.5x and the free hosts 1.9x below their rate on whole
+    blocks)."""
     from rpicluster.train.tasks import block_task
 
     t0 = time.perf_counter()
