@@ -5,7 +5,9 @@ that expire and rotate. Real schedulers, real TLS handshakes."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import shutil
 import socket
 import ssl
 import urllib.request
@@ -18,6 +20,7 @@ from distributed.security import Security
 from rpicluster.deploy import local, tls
 from rpicluster.deploy.guard import GUARD
 from rpicluster.deploy.resolve import find_cluster
+from rpicluster.errors import ConfigError
 from rpicluster.testing import sum_in_a_task
 
 
@@ -234,3 +237,106 @@ def test_up_local_opens_the_dashboard_only_when_asked(home, free_port):
         local.stop_local()
     res = CliRunner().invoke(main, ["up", "-c", "cluster.toml", "--dashboard-address", ":1"])
     assert res.exit_code == 2 and "--dashboard-address is for --local" in res.output
+
+
+@pytest.fixture
+def other_user():
+    """A second local user, made for this test with useradd and removed after; yields
+    ``run(argv)``, which runs a command as that user (the other user of a shared machine)."""
+    import pwd
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("creating a second local user needs root and useradd")
+    name = f"rpiother{os.getpid() % 100000}"
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                   check=True, capture_output=True)
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+
+        def run(argv):
+            return subprocess.run(argv, user=uid, group=pwd.getpwnam(name).pw_gid,
+                                  check=True, capture_output=True, text=True)
+
+        run.uid = uid
+        yield run
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+
+
+@pytest.fixture
+def shared_tmp(monkeypatch):
+    """A fresh sticky world-writable folder (like /tmp) as ``$TMPDIR`` for this test only, so the
+    machine's own /tmp/dask-scratch-space (other tests') is left alone."""
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="rpi-shared-tmp-", dir="/tmp")
+    os.chmod(path, 0o1777)
+    monkeypatch.setenv("TMPDIR", path)
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_another_user_s_scratch_dir_is_never_used(home, other_user, shared_tmp):
+    """Finding 1: another local user who made ``$TMPDIR/dask-scratch-space`` first (mode 777)
+    owned what `up --local`'s workers spilled there, and a swapped spill file ran as the owner.
+    The workers now work and spill in ``<home>/local-work`` (0700, ours); the planted folder
+    stays empty."""
+    planted = os.path.join(shared_tmp, "dask-scratch-space")
+    other_user(["mkdir", "-m", "777", planted])
+    os.chmod(planted, 0o777)   # whatever the umask
+    info = local.start_local(1, memory_limit="1GiB")
+    try:
+        with find_cluster().client(timeout=20) as client:
+            where = [w["local_directory"] for w in client.scheduler_info()["workers"].values()]
+            assert client.submit(sum, [1, 2]).result(timeout=30) == 3
+    finally:
+        local.stop_local()
+    assert info["already_running"] is False
+    work = home / "local-work"
+    assert all(w.startswith(str(work) + "/") for w in where), where
+    st = work.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (os.geteuid(), 0o700)
+    assert os.listdir(planted) == []
+
+
+def test_a_work_directory_another_user_owns_is_refused(other_user, shared_tmp, tmp_path):
+    """Finding 1, SSH and systemd workers: the directory `up` (rpicluster.deploy.remote start)
+    and a systemd unit's ExecStartPre use must be this user's and private; one another user made
+    first is refused in one line, and nothing is started."""
+    import subprocess
+    import sys
+
+    from rpicluster.deploy.workdir import private_directory
+
+    theirs = os.path.join(shared_tmp, "workers")
+    other_user(["mkdir", "-m", "755", theirs])
+    spec = {"action": "start", "role": "worker", "name": "pi01", "scheduler": "tls://x:1",
+            "nthreads": 1, "memory_limit": None, "local_directory": f"{theirs}/pi01",
+            "resources": {}, "env": {}, "tls": None}
+    other_user(["mkdir", "-m", "777", f"{theirs}/pi01"])
+    res = subprocess.run([sys.executable, "-m", "rpicluster.deploy.remote", "--spec",
+                          json.dumps(spec)], capture_output=True, text=True)
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert f"work directory {theirs}/pi01 belongs to rpiother" in res.stderr
+    assert os.listdir(f"{theirs}/pi01") == []        # no log, no scratch: nothing started
+    res = subprocess.run([sys.executable, "-m", "rpicluster.deploy.workdir", f"{theirs}/pi01"],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "belongs to rpiother" in res.stderr
+    # Our own folder that others can write to is refused too; a fresh one is made 0700.
+    ours = tmp_path / "ours"
+    ours.mkdir(mode=0o777)
+    os.chmod(ours, 0o777)
+    with pytest.raises(ConfigError, match="writable by other users"):
+        private_directory(ours)
+    made = private_directory(tmp_path / "fresh" / "pi01")
+    assert os.stat(made).st_mode & 0o777 == 0o700
+    # A planted dask-scratch-space inside our own private directory is refused as well.
+    os.chmod(ours, 0o700)
+    other_user_dir = ours / "dask-scratch-space"
+    other_user_dir.mkdir()
+    os.chown(other_user_dir, other_user.uid, -1)
+    with pytest.raises(ConfigError, match="spill directory .* belongs to rpiother"):
+        private_directory(ours)

@@ -9,7 +9,8 @@ process and waits until it is gone. Commands find it through :mod:`rpicluster.de
 It is secured like an SSH cluster: TLS on loopback (``tls://127.0.0.1``) with its own CA under
 ``<state dir>/local-tls`` (scheduler, worker and client certificates, rotated by ``up --local``
 when one nears expiry), the dashboard on 127.0.0.1 unless asked otherwise, and a scheduler
-guarded by :mod:`rpicluster.deploy.guard` (no client-sent code runs on it).
+guarded by :mod:`rpicluster.deploy.guard` (no client-sent code runs on it). Its workers work and
+spill in ``<state dir>/local-work`` (mode 0700; :mod:`rpicluster.deploy.workdir`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from rpicluster import config
 from rpicluster.deploy.guard import GUARD
 from rpicluster.deploy.state import local_path, local_record, pid_alive
+from rpicluster.deploy.workdir import private_directory
 from rpicluster.errors import BootstrapError, ConfigError
 from rpicluster.events import PRELOAD
 
@@ -112,6 +114,8 @@ def start_local(n_workers: int | None = None, threads_per_worker: int | None = N
         "dashboard_address": dashboard_address or f"127.0.0.1:{config.DASHBOARD_PORT}",
         "state": str(local_path()),
         "tls": str(local_certificates()),
+        # Workers spill here, not in a $TMPDIR/dask-scratch-space another user can make first.
+        "local_directory": private_directory(work_dir()),
         "timeout": timeout,
     }
     log_file = log_path()
@@ -159,6 +163,11 @@ def stop_local(timeout: float | None = None) -> dict | None:
         time.sleep(0.1)
     local_path().unlink(missing_ok=True)
     return info
+
+
+def work_dir() -> Path:
+    """The embedded cluster's work and spill directory (made private by :func:`start_local`)."""
+    return config.state_dir() / "local-work"
 
 
 def tls_dir() -> Path:
@@ -212,6 +221,7 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 def _serve(spec: dict) -> None:
     """Run the cluster in this (detached) process until SIGTERM."""
+    import dask
     from distributed import LocalCluster
     from distributed.security import Security
 
@@ -220,6 +230,9 @@ def _serve(spec: dict) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     state = Path(spec["state"])
     tls = Path(spec["tls"])
+    workdir = private_directory(spec["local_directory"])
+    # The scheduler's scratch too; nannies pass this configuration on to their workers.
+    dask.config.set({"temporary-directory": workdir})
     # Each process presents its role's certificate: the guard tells workers from the client.
     security = Security(
         tls_ca_file=str(tls / "ca.pem"), require_encryption=True,
@@ -228,6 +241,7 @@ def _serve(spec: dict) -> None:
     with LocalCluster(n_workers=spec["n_workers"], threads_per_worker=spec["threads_per_worker"],
                       memory_limit=spec["memory_limit"], processes=True,
                       host="127.0.0.1", protocol="tls", security=security,
+                      local_directory=workdir,
                       dashboard_address=spec["dashboard_address"],
                       # Keep distributed's INFO lines: `rpicluster logs` shows this log.
                       silence_logs=False,

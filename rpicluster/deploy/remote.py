@@ -34,6 +34,8 @@ import sys
 import time
 
 from rpicluster.deploy.guard import GUARD
+from rpicluster.deploy.workdir import private_directory
+from rpicluster.errors import ConfigError
 from rpicluster.events import PRELOAD
 
 #: Environment variable marking the processes started by ``start`` (value: the name).
@@ -116,13 +118,15 @@ def start(spec: dict) -> dict:
     """Start the process described by ``spec`` detached; return its pid and log path.
 
     A worker is started under its supervisor (:mod:`rpicluster.deploy.supervise`), which runs
-    :func:`command` in the same process group.
+    :func:`command` in the same process group. The directory is made private first
+    (:func:`rpicluster.deploy.workdir.private_directory`): one another user owns is refused.
     """
-    directory = os.path.expanduser(spec["local_directory"])
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    directory = private_directory(spec["local_directory"])
     log = os.path.join(directory, f"{spec['role']}.log")
     env = dict(os.environ, **spec.get("env", {}))
     env[MARKER] = spec["name"]
+    # Whatever Dask writes outside --local-directory (the scheduler's scratch) stays private too.
+    env["DASK_TEMPORARY_DIRECTORY"] = directory
     with open(log, "ab") as out:
         out.write(f"--- rpicluster start {time.strftime('%Y-%m-%d %H:%M:%S')} "
                   f"{spec['role']} {spec['name']}\n".encode())
@@ -220,7 +224,12 @@ def main(argv: list[str] | None = None) -> None:
     spec = json.loads(parser.parse_args(argv).spec)
     action = spec.get("action")
     if action == "start":
-        result = start(spec)
+        try:
+            result = start(spec)
+        except ConfigError as exc:
+            # One line for `up` to relay (it shows the last line naming an error).
+            print(f"ConfigError: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
     elif action == "stop":
         timeout = spec.get("timeout")
         result = stop(int(spec["pid"]), spec["name"], None if timeout is None else float(timeout))

@@ -143,13 +143,18 @@ def _template(name: str) -> Template:
 
 def _render(template: str, spec: dict, node: NodeSpec, python: str, *,
             inventory: Path, where: str, **extra: str) -> str:
-    argv = [python, *remote.command(spec)[1:]]
-    exec_start = " ".join(quote_arg(a, f"{where}: argument {a!r}") for a in argv)
+    def line(argv: list[str]) -> str:
+        return " ".join(quote_arg(a, f"{where}: argument {a!r}") for a in argv)
+
+    workdir = _setting(spec["local_directory"], f"{where}.local_directory")
+    # Dask's scratch space goes in the private work directory, never a shared $TMPDIR.
+    env = {**dict(node.env), "DASK_TEMPORARY_DIRECTORY": workdir}
     return _template(template).substitute(
         host=node.host, inventory=_check(str(inventory), "inventory path"),
-        user=_setting(node.user, f"{where}.user"),
-        workdir=_setting(spec["local_directory"], f"{where}.local_directory"),
-        environment=_environment(dict(node.env), where), exec_start=exec_start, **extra)
+        user=_setting(node.user, f"{where}.user"), workdir=workdir,
+        check_workdir=line([python, "-m", "rpicluster.deploy.workdir", workdir]),
+        environment=_environment(env, where), exec_start=line([python, *remote.command(spec)[1:]]),
+        **extra)
 
 
 def scheduler_unit(spec: ClusterSpec, *, insecure: bool = False) -> Unit:
