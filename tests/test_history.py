@@ -1,0 +1,114 @@
+"""The run history (rpicluster.history): one SQLite row per run, safe under concurrent writers,
+and a broken database never stops a run."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+
+import pytest
+
+from rpicluster import history
+from rpicluster.errors import ConfigError, RPiClusterWarning, TrainingStopped
+
+
+def test_a_run_is_recorded_with_its_outcome(home):
+    with history.recording("train", params={"n_clusters": 4}, data="d.zarr",
+                           fingerprint=history.fingerprint({"n_rows": 10})) as run:
+        run.update(cluster="tls://127.0.0.1:1", workers=["w2", "w1"], run_id="abc")
+        run.result(phases={"train": 1.5}, accuracy=0.9)
+        run.result(phases={"score": 0.5}, model_path="m.skops")
+    with pytest.raises(TrainingStopped):
+        with history.recording("train") as run:
+            raise TrainingStopped("interrupted: 1 of 4 blocks are committed in m.run\nmore")
+    with pytest.raises(ValueError):
+        with history.recording("bench"):
+            raise ValueError("bad value")
+    runs = history.list_runs()
+    assert [r["outcome"] for r in runs] == ["failed", "stopped", "done"]
+    assert runs[0]["reason"] == "bad value"
+    assert runs[1]["reason"] == "interrupted: 1 of 4 blocks are committed in m.run"
+    done = history.get_run(runs[2]["id"])
+    assert done["params"] == {"n_clusters": 4} and done["workers"] == ["w1", "w2"]
+    assert done["phases"] == {"train": 1.5, "score": 0.5}
+    assert done["results"] == {"accuracy": 0.9} and done["model_path"] == "m.skops"
+    assert done["ended"] >= done["started"] and done["run_id"] == "abc"
+    assert done["fingerprint"] == history.fingerprint({"n_rows": 10})
+    assert (home / "history.sqlite").exists()
+
+
+def test_reading_names_the_problem(home):
+    with pytest.raises(ConfigError, match="no run history at .* yet"):
+        history.list_runs()
+    with history.recording("features"):
+        pass
+    with pytest.raises(ConfigError, match=r"no run 7 in .* \(runs are numbered 1 to 1\)"):
+        history.get_run(7)
+
+
+def _writer(home: str, n: int, barrier) -> None:
+    import os
+
+    os.environ["RPICLUSTER_HOME"] = home
+    barrier.wait()
+    for i in range(n):
+        with history.recording("bench", params={"i": i}) as run:
+            run.result(figure=i)
+
+
+def test_concurrent_processes_all_recorded(home):
+    """Four processes record 15 runs each at the same moment: all 60 rows, all complete."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    procs = [ctx.Process(target=_writer, args=(str(home), 15, barrier)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 4
+    runs = history.list_runs(None)
+    assert len(runs) == 60
+    assert {r["outcome"] for r in runs} == {"done"}
+    assert sorted(r["results"]["figure"] for r in runs) == sorted(list(range(15)) * 4)
+    assert len({r["pid"] for r in runs}) == 4
+
+
+def test_corrupt_newer_and_locked_databases_warn_and_the_run_goes_on(home):
+    db = home / "history.sqlite"
+    db.write_bytes(b"this is not a database" * 100)
+    with pytest.warns(RPiClusterWarning, match="is not a readable rpicluster history .* move "
+                                               "it aside"):
+        with history.recording("train") as run:
+            run.result(accuracy=1.0)
+            ran = True
+    assert ran
+    with pytest.raises(ConfigError, match="not a readable rpicluster history"):
+        history.list_runs()
+
+    db.unlink()
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version = {history.SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.warns(RPiClusterWarning, match="schema version 2, newer than this "
+                                               "rpicluster's 1"):
+        with history.recording("train"):
+            pass
+    with pytest.raises(ConfigError, match="written by a newer rpicluster"):
+        history.list_runs()
+
+    db.unlink()
+    with history.recording("train"):
+        pass
+    locker = sqlite3.connect(db, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        old = history.BUSY_TIMEOUT_S
+        history.BUSY_TIMEOUT_S = 0.2
+        with pytest.warns(RPiClusterWarning, match="not recorded"):
+            with history.recording("train"):
+                pass
+    finally:
+        history.BUSY_TIMEOUT_S = old
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert [r["outcome"] for r in history.list_runs()] == ["done"]
