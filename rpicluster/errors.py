@@ -16,6 +16,10 @@ class ConfigError(RPiClusterError, ValueError):
     """A configuration value (inventory file, flag, parameter) is wrong."""
 
 
+class OptionsError(ConfigError):
+    """Options that do not go together; the CLI shows it as a usage error (exit status 2)."""
+
+
 class InventoryError(ConfigError):
     """The TOML inventory is invalid; the message names the file and the key."""
 

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from rpicluster.cli import echo_table
+from rpicluster.cli._common import echo_table
 
 FINGERPRINT = "SHA256:" + "x" * 43
 
@@ -24,7 +24,7 @@ def test_tables_are_plain_untruncated_lines_when_not_a_terminal(capsys):
 
 
 def test_tables_on_a_narrow_terminal_fold_instead_of_cutting():
-    code = ("import sys; sys.stdout.isatty = lambda: True; from rpicluster.cli import "
+    code = ("import sys; sys.stdout.isatty = lambda: True; from rpicluster.cli._common import "
             f"echo_table; echo_table('t', ['host', 'fingerprint'], [['q' * 30, {FINGERPRINT!r}]])")
     env = {**os.environ, "COLUMNS": "40", "TERM": "xterm", "FORCE_COLOR": "0"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rpicluster.errors import ConfigError, RPiClusterError, TrainingError
+from rpicluster.errors import ConfigError, OptionsError, RPiClusterError, TrainingError
 from rpicluster.progress import Progress
 from rpicluster.train.watch import ClusterWatch
 
@@ -82,6 +82,33 @@ def parse_hidden(text: str) -> tuple[int, ...]:
         raise ConfigError(f"--hidden {text!r}: expected comma-separated positive layer sizes, "
                           "e.g. 256,128")
     return sizes
+
+
+def averaged_params(kind: str, hidden: str | None, params: dict) -> dict:
+    """Map the shared train options onto MLPClassifier (``kind="mlp"``) or SGDClassifier
+    parameters; :class:`~rpicluster.errors.OptionsError` names a flag that is not for ``kind``.
+
+    ``params`` holds the inc-ksgd names the flags set (``eta0``, ``alpha``, ``batch_size``,
+    ``random_state``, ...); ``hidden`` is ``--hidden``'s text.
+    """
+    for flag, key in (("--clusters", "n_clusters"), ("--epochs", "max_iter"),
+                      ("--solver", "solver")):
+        if key in params:
+            raise OptionsError(f"{flag} is for --model inc-ksgd (with {kind}: "
+                               "--rounds and --local-epochs)")
+    if hidden is not None and kind != "mlp":
+        raise OptionsError("--hidden is for --model mlp")
+    out = {"random_state": params.get("random_state"), "alpha": params.get("alpha")}
+    if kind == "mlp":
+        out["learning_rate_init"] = params.get("eta0")
+        out["batch_size"] = params.get("batch_size")
+        out["hidden_layer_sizes"] = parse_hidden(hidden) if hidden is not None else None
+    else:
+        if "batch_size" in params:
+            raise OptionsError("--batch-size is for --model inc-ksgd or mlp")
+        if "eta0" in params:
+            out.update(eta0=params["eta0"], learning_rate="constant")
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def task_seed(random_state: int, *path: int) -> int:

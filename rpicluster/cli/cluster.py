@@ -1,0 +1,225 @@
+"""Cluster commands: ``init``, ``doctor``, ``up``, ``status``, ``logs``, ``down``, ``dashboard``
+and ``deploy systemd``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from rpicluster.cli._common import (Group, announce, echo_report, echo_table, inventory_option,
+                                    local_option)
+
+_accept_option = click.option("--accept-new-hosts", is_flag=True,
+                              help="Trust and record unknown host keys (changed keys are refused).")
+
+
+@click.command()
+@click.argument("path", default="cluster.toml", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(path, force) -> None:
+    """Write a commented example inventory to PATH (default cluster.toml)."""
+    from rpicluster.inventory import write_example
+
+    click.echo(f"wrote {write_example(path, overwrite=force)}: edit hosts, user and key, "
+               "then run rpicluster doctor -c " + path)
+
+
+@click.command()
+@click.option("-c", "--inventory", required=True, type=click.Path(dir_okay=False),
+              metavar="TOML", help="The cluster inventory (rpicluster init).")
+@_accept_option
+def doctor(inventory, accept_new_hosts) -> None:
+    """Check every host: SSH, platform, versions against this machine, memory, disk, health."""
+    from rpicluster.deploy.doctor import doctor as run_doctor, table_rows
+
+    checks = run_doctor(inventory, accept_new_hosts=accept_new_hosts)
+    echo_table("rpicluster doctor", *table_rows(checks))
+    if not all(c.ok for c in checks):
+        sys.exit(1)
+
+
+@click.command()
+@inventory_option
+@local_option("Start the embedded local cluster (N workers; default one per core) instead; "
+              "a running one of another size is refused.")
+@click.option("--threads-per-worker", type=click.IntRange(min=1), help="With --local.")
+@click.option("--memory-limit", help="With --local: per-worker limit, e.g. 4GiB (default auto).")
+@click.option("--dashboard-address", metavar="HOST:PORT",
+              help="With --local: where the dashboard listens (default 127.0.0.1:8787, this "
+                   "machine only; :8787 opens it to the network).")
+@_accept_option
+@click.option("--insecure", is_flag=True, help="Plain TCP instead of TLS (not recommended).")
+@click.option("--provision", is_flag=True,
+              help="First install this machine's exact packages on every host (no internet needed).")
+def up(inventory, local, threads_per_worker, memory_limit, dashboard_address, accept_new_hosts,
+       insecure, provision) -> None:
+    """Start the cluster of an inventory (only what is missing), or the embedded local one."""
+    if inventory is not None and local is not None:
+        raise click.UsageError("give -c/--inventory or --local, not both")
+    if inventory is not None and dashboard_address is not None:
+        raise click.UsageError("--dashboard-address is for --local; an inventory's dashboard "
+                               "listens on its scheduler host, at dashboard_port")
+    if inventory is None:
+        from rpicluster.deploy.local import start_local
+
+        info = start_local(None if local is True else local,
+                           threads_per_worker=threads_per_worker, memory_limit=memory_limit,
+                           dashboard_address=dashboard_address)
+        click.echo(f"local cluster{' already running' if info['already_running'] else ''}: "
+                   f"{info['scheduler_address']} ({info.get('n_workers', '?')} workers) "
+                   f"dashboard {info['dashboard_link']}")
+        return
+    import warnings
+
+    from rpicluster.deploy.cluster import up as cluster_up
+    from rpicluster.errors import HostsFailedError
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            report = cluster_up(inventory, accept_new_hosts=accept_new_hosts, insecure=insecure,
+                                provision=provision)
+        except HostsFailedError as exc:
+            echo_report("rpicluster up", exc.report)
+            raise
+        finally:
+            for w in caught:
+                click.echo(f"warning: {w.message}", err=True)
+    echo_report("rpicluster up", report)
+    click.echo(f"scheduler {report.address}, dashboard {report.dashboard}")
+
+
+_ACT_LOCAL = "The embedded local cluster (`up --local`)."
+
+
+def _target(inventory, local):
+    """The recorded cluster ``status``/``down``/``logs`` act on, announced on stderr."""
+    from rpicluster.deploy.resolve import find_cluster
+
+    ref = find_cluster(inventory=inventory, local=local)
+    announce(ref)
+    return ref
+
+
+@click.command()
+@inventory_option
+@local_option(_ACT_LOCAL)
+def status(inventory, local) -> None:
+    """Show scheduler and every inventory worker: state, threads, memory, tasks, temperature.
+
+    A worker that is not running says why: never connected, up failed (the reason), rejoining
+    (restarting by itself after its scheduler went away) or lost (run `rpicluster up`).
+
+    Without -c or --local: the SSH cluster `up` last recorded, else the local cluster.
+    """
+    ref = _target(inventory, local)
+    if ref.kind == "local":
+        from rpicluster.deploy.state import local_record
+
+        info = local_record() or {}
+        click.echo(f"local cluster: {ref.address}, {info.get('n_workers', '?')} workers, "
+                   f"dashboard {info.get('dashboard_link')}")
+        return
+    from rpicluster.deploy.cluster import status as cluster_status
+
+    rows = cluster_status(ref.inventory)
+    echo_table("rpicluster status", ["host", "role", "state", "pid", "threads", "memory", "tasks",
+                                     "temp", "detail"],
+               [[r.host, r.role, r.state, r.pid, r.threads, r.memory, r.tasks,
+                 "n/a" if r.temperature is None else f"{r.temperature:.1f} C", r.detail]
+                for r in rows])
+
+
+@click.command()
+@click.argument("host", required=False)
+@inventory_option
+@local_option(_ACT_LOCAL)
+@click.option("-n", "--lines", type=click.IntRange(min=1), default=100, show_default=True)
+def logs(host, inventory, local, lines) -> None:
+    """Print the end of the log of the worker on HOST (or of the scheduler: HOST = scheduler).
+
+    The local cluster keeps one log for its scheduler and workers: HOST is not needed there.
+    """
+    ref = _target(inventory, local)
+    if ref.kind == "local":
+        from rpicluster.deploy.local import log_tail
+
+        click.echo(log_tail(lines), nl=False)
+        return
+    if host is None:
+        raise click.UsageError(f"name the HOST whose log to show ({ref.describe()} has several)")
+    from rpicluster.deploy.cluster import logs as cluster_logs
+
+    click.echo(cluster_logs(host, ref.inventory, lines=lines), nl=False)
+
+
+@click.command()
+@inventory_option
+@local_option(_ACT_LOCAL)
+def down(inventory, local) -> None:
+    """Stop exactly what up started (workers, then scheduler), verified by pid.
+
+    Without -c or --local: the SSH cluster `up` last recorded, else the local cluster.
+    """
+    from rpicluster.deploy.state import local_record
+
+    if local is not None and local_record() is None:
+        click.echo("no local cluster running")
+        return
+    ref = _target(inventory, local)
+    if ref.kind == "local":
+        from rpicluster.deploy.local import stop_local
+
+        info = stop_local()
+        click.echo("no local cluster running" if info is None else
+                   f"stopped the local cluster (pid {info['pid']})")
+        return
+    from rpicluster.deploy.cluster import down as cluster_down
+    from rpicluster.errors import HostsFailedError
+
+    try:
+        report = cluster_down(ref.inventory)
+    except HostsFailedError as exc:
+        echo_report("rpicluster down", exc.report)
+        raise
+    echo_report("rpicluster down", report)
+
+
+@click.command()
+@click.option("--scheduler", metavar="ADDR",
+              help="Scheduler address (tcp://host:8786); default: the cluster `up` recorded.")
+@inventory_option
+@local_option("The embedded local cluster (`up --local`).")
+def dashboard(scheduler, inventory, local) -> None:
+    """Print the URLs of the Dask dashboard and its rpicluster training page."""
+    from rpicluster.dashboard.links import dashboard_links
+
+    for line in dashboard_links(scheduler, inventory=inventory, local=local,
+                                announce=announce).lines():
+        click.echo(line)
+
+
+@click.group(cls=Group)
+def deploy() -> None:
+    """Run the cluster under each host's service manager instead of `up`."""
+
+
+@deploy.command("systemd")
+@click.option("-c", "--inventory", required=True, type=click.Path(dir_okay=False),
+              metavar="TOML", help="The cluster inventory (rpicluster init).")
+@click.option("-o", "--out", "out_dir", default="rpicluster-units", show_default=True,
+              type=click.Path(file_okay=False), help="Folder for the units, certificates and "
+              "install.sh.")
+@click.option("--insecure", is_flag=True, help="Plain TCP units, no certificates (as up --insecure).")
+def deploy_systemd(inventory, out_dir, insecure) -> None:
+    """Render a systemd unit per host (scheduler, workers) and an install script."""
+    from rpicluster.deploy.systemd import write_units
+
+    kit = write_units(inventory, out_dir, insecure=insecure)
+    for unit in kit.units:
+        click.echo(f"{unit.host}: {kit.out_dir / unit.host / unit.filename} ({unit.role}, "
+                   f"User={unit.node.user})")
+    click.echo(f"install: review {kit.install_script}, then run: sh {kit.install_script}")
+    if kit.client_env is not None:
+        click.echo(f"then, before rpicluster train ... --scheduler ADDR: . {kit.client_env}")

@@ -1,0 +1,284 @@
+"""Training commands: ``train``, ``federate``, ``score``, ``predict`` and the ``demo``."""
+
+from __future__ import annotations
+
+import click
+
+from rpicluster.cli._common import (announce, cluster_choice, cluster_options, echo_table,
+                                    exit_stopped, quiet_dask_logs, usage_errors)
+
+
+@click.command("train")
+@click.argument("data")
+@click.option("-o", "--output", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="Model file to write (skops format).")
+@click.option("--clusters", "n_clusters", type=click.IntRange(min=1), help="k-means clusters per block (k).")
+@click.option("--epochs", "max_iter", type=click.IntRange(min=1), help="SGD epochs per local model.")
+@click.option("--eta", "eta0", type=click.FloatRange(min=0, min_open=True), help="Initial learning rate.")
+@click.option("--alpha", type=click.FloatRange(min=0), help="L2 regularisation strength.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Minibatch rows (our kernel).")
+@click.option("--solver", type=click.Choice(["minibatch", "sklearn"]),
+              help="minibatch: our vectorised kernel; sklearn: one SGDClassifier per cluster.")
+@click.option("--seed", "random_state", type=int, help="Random seed (same seed, same model).")
+@click.option("--vote", type=click.Choice(["majority", "soft"]),
+              help="How block models combine: majority vote (default; ties broken by summed "
+                   "decision scores) or soft (mean decision scores).")
+@click.option("--run-dir", type=click.Path(file_okay=False),
+              help="Where block models are committed (default MODEL.run).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
+              help="Continue a killed run from its run directory.")
+@click.option("--test", metavar="DATA", help="A store to report accuracy on after training.")
+@click.option("--allow-skewed", is_flag=True,
+              help="Train on a --no-shuffle store whose blocks hold few classes (refused "
+                   "otherwise: its block models would vote on classes they never saw).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing model file (and start its run directory afresh).")
+@click.option("--model", "kind", type=click.Choice(["inc-ksgd", "mlp", "sgd"]),
+              default="inc-ksgd", show_default=True,
+              help="inc-ksgd: block ensembles; mlp (MLPClassifier) / sgd (SGDClassifier): one "
+                   "model trained by averaging the workers' partial_fit runs every round.")
+@click.option("--hidden", metavar="N,N,...", help="mlp: hidden layer sizes (default 100).")
+@click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True,
+              help="mlp/sgd: averaging rounds.")
+@click.option("--local-epochs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="mlp/sgd: passes over its blocks each worker makes per round.")
+@click.option("--sync", type=click.Choice(["round", "epoch", "batch"]), default="round",
+              show_default=True, help="mlp/sgd: average once per round, after every local "
+              "epoch, or after every minibatch (parameter-server pattern).")
+@cluster_options
+def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, allow_skewed, scheduler,
+              inventory, local, kind, hidden, rounds, local_epochs, sync, **params):
+    """Train a model on a Zarr store DATA (made by `rpicluster ingest`)."""
+    import warnings
+
+    from rpicluster.errors import RPiClusterWarning, TrainingStopped
+    from rpicluster.train.api import train_model
+
+    params = {k: v for k, v in params.items() if v is not None}
+    if resume_dir and run_dir and resume_dir != run_dir:
+        raise click.UsageError("give --resume RUN_DIR or --run-dir, not both")
+    if kind != "inc-ksgd":
+        quiet_dask_logs()
+        try:
+            return _train_averaged(data, model_path, resume_dir or run_dir,
+                                   resume_dir is not None, overwrite, test,
+                                   cluster_choice(scheduler, inventory, local), kind, hidden,
+                                   rounds, local_epochs, sync, params)
+        except TrainingStopped as exc:
+            exit_stopped(exc, ["train", data, "-o", model_path],
+                         (("--model", kind), ("--rounds", rounds),
+                          ("--local-epochs", local_epochs), ("--sync", sync),
+                          ("--scheduler", scheduler), ("-c", inventory), ("--local", local),
+                          ("--test", test), ("--overwrite", overwrite)))
+    if hidden is not None:
+        raise click.UsageError("--hidden is for --model mlp")
+    quiet_dask_logs()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            try:
+                summary = train_model(data, model_path, params,
+                                      cluster=cluster_choice(scheduler, inventory, local),
+                                      run_dir=resume_dir or run_dir,
+                                      resume=resume_dir is not None, overwrite=overwrite,
+                                      test=test, allow_skewed=allow_skewed)
+            finally:
+                for w in caught:
+                    if issubclass(w.category, RPiClusterWarning):
+                        click.echo(f"warning: {w.message}", err=True)
+    except TrainingStopped as exc:
+        exit_stopped(exc, ["train", data, "-o", model_path],
+                     (("--scheduler", scheduler), ("-c", inventory), ("--local", local),
+                      ("--test", test), ("--overwrite", overwrite)))
+    r = summary.result
+    click.echo(f"trained {len(r.trained_blocks)} blocks"
+               + (f" (+{len(r.resumed_blocks)} resumed)" if r.resumed_blocks else "")
+               + f" on {summary.n_workers} workers in {r.seconds:.1f} s")
+    rates = r.rows_per_second()
+    echo_table("tasks per worker", ["worker", "tasks", "rows", "busy s", "rows/s"],
+               [[w, n, r.rows_per_worker[w], f"{r.busy_seconds_per_worker[w]:.1f}",
+                 f"{rates.get(w, 0):,.0f}"] for w, n in sorted(r.tasks_per_worker.items())])
+    if summary.test_accuracy is not None:
+        click.echo(f"test accuracy: {summary.test_accuracy:.4f}")
+    click.echo(f"model: {summary.model_path} (sha256 {summary.sha256[:16]}...)")
+
+
+def _train_averaged(data, model_path, run_dir, resume, overwrite, test, cluster, kind, hidden,
+                    rounds, local_epochs, sync, params) -> None:
+    from rpicluster.train.averaging import averaged_params, train_averaged_model
+
+    with usage_errors():
+        params = averaged_params(kind, hidden, params)
+    summary = train_averaged_model(data, model_path, model=kind, params=params, rounds=rounds,
+                                   local_epochs=local_epochs, sync=sync, cluster=cluster,
+                                   run_dir=run_dir, resume=resume, overwrite=overwrite,
+                                   test=test)
+    r = summary.result
+    click.echo(f"trained {len(r.rounds) - r.resumed_rounds} rounds"
+               + (f" (+{r.resumed_rounds} resumed)" if r.resumed_rounds else "")
+               + f" of {kind} (sync {sync}) on {summary.n_workers} workers in {r.seconds:.1f} s")
+    echo_table("rounds", ["round", "seconds", "syncs", "MB moved", "loss", "accuracy"],
+               [[x["round"], f"{x['seconds']:.1f}", x["steps"],
+                 f"{(x['bytes_down'] + x['bytes_up']) / 1e6:.1f}",
+                 "" if x["loss"] is None else f"{x['loss']:.4f}",
+                 "" if x["accuracy"] is None else f"{x['accuracy']:.4f}"]
+                for x in r.rounds[r.resumed_rounds:]])
+    if summary.test_accuracy is not None:
+        click.echo(f"test accuracy: {summary.test_accuracy:.4f}")
+    click.echo(f"model: {summary.model_path} (sha256 {summary.sha256[:16]}...)")
+
+
+@click.command("federate")
+@click.option("-c", "--inventory", required=True, type=click.Path(dir_okay=False, exists=True),
+              metavar="TOML", help="The cluster inventory (workers may give their own data).")
+@click.option("-o", "--output", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="Model file to write (skops format).")
+@click.option("--model", "kind", type=click.Choice(["mlp", "sgd"]), default="mlp",
+              show_default=True)
+@click.option("--data", metavar="PATH", help="The store's path on every host (default: each "
+              "worker's data = ... in the inventory).")
+@click.option("--hidden", metavar="N,N,...", help="mlp: hidden layer sizes (default 100).")
+@click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--local-epochs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Passes over its store each host makes per round.")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+              show_default=True, help="Fraction of the connected hosts sampled each round.")
+@click.option("--min-clients", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Hosts a round needs; it waits --round-timeout (or a minute) for them.")
+@click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="Seconds a host has to return its update (late hosts sit the round out).")
+@click.option("--validation", metavar="DATA", help="A store on this machine scored every round.")
+@click.option("--eta", "eta0", type=click.FloatRange(min=0, min_open=True),
+              help="Learning rate.")
+@click.option("--alpha", type=click.FloatRange(min=0), help="L2 regularisation strength.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="mlp: minibatch rows.")
+@click.option("--seed", "random_state", type=int, help="Random seed (same seed, same model).")
+@click.option("--run-dir", type=click.Path(file_okay=False),
+              help="Where rounds are checkpointed (default MODEL.run).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
+              help="Continue a killed run from its run directory.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing model file (and start its run directory afresh).")
+def federate_cmd(inventory, model_path, kind, data, hidden, rounds, local_epochs, fraction,
+                 min_clients, round_timeout, validation, run_dir, resume_dir, overwrite,
+                 **params):
+    """Federated averaging: each host trains on its own store, only weights travel."""
+    from rpicluster.errors import TrainingStopped
+    from rpicluster.train.averaging import averaged_params
+    from rpicluster.train.federated import federate
+
+    params = {k: v for k, v in params.items() if v is not None}
+    if resume_dir and run_dir and resume_dir != run_dir:
+        raise click.UsageError("give --resume RUN_DIR or --run-dir, not both")
+
+    def show(report):
+        left = "; ".join(f"{h}: {why}" for h, why in report["left_out"].items())
+        acc = "" if report["accuracy"] is None else f" accuracy {report['accuracy']:.4f}"
+        click.echo(f"round {report['round']}: {len(report['participants'])} hosts, "
+                   f"{report['rows']} rows, {(report['bytes_down'] + report['bytes_up']) / 1e6:.2f}"
+                   f" MB moved, {report['seconds']:.1f} s{acc}" + (f" (left out: {left})"
+                                                                  if left else ""))
+
+    quiet_dask_logs()
+    try:
+        with usage_errors():
+            params = averaged_params(kind, hidden, params)
+        result, digest = federate(inventory, model_path, model=kind, params=params, data=data,
+                                  rounds=rounds, local_epochs=local_epochs, fraction=fraction,
+                                  min_clients=min_clients, round_timeout=round_timeout,
+                                  validation=validation, run_dir=resume_dir or run_dir,
+                                  resume=resume_dir is not None, overwrite=overwrite,
+                                  show_progress=False, on_round=show)
+    except TrainingStopped as exc:
+        exit_stopped(exc, ["federate", "-c", inventory, "-o", model_path],
+                     (("--model", kind), ("--data", data), ("--rounds", rounds),
+                      ("--local-epochs", local_epochs), ("--fraction", fraction),
+                      ("--min-clients", min_clients), ("--round-timeout", round_timeout),
+                      ("--validation", validation), ("--overwrite", overwrite)))
+    click.echo(f"federated {len(result.rounds) - result.resumed_rounds} rounds"
+               + (f" (+{result.resumed_rounds} resumed)" if result.resumed_rounds else "")
+               + f" in {result.seconds:.1f} s")
+    click.echo(f"model: {model_path} (sha256 {digest[:16]}...)")
+
+
+@click.command("score")
+@click.argument("model_path", type=click.Path(dir_okay=False, exists=True))
+@click.argument("data")
+@cluster_options
+def score_cmd(model_path, data, scheduler, inventory, local):
+    """Print the accuracy of MODEL on the labelled store DATA."""
+    from rpicluster.train.api import score_model
+
+    from rpicluster import open_dataset
+
+    acc = score_model(model_path, data, cluster=cluster_choice(scheduler, inventory, local))
+    ds = open_dataset(data)
+    split = ds.attrs.get("split") or {}
+    what = {"test": "held-out rows", "train": "TRAINING rows (not a held-out estimate)"}.get(
+        split.get("part"), "rows")
+    click.echo(f"accuracy: {acc:.4f} on {ds.url} ({ds.n_rows} {what})")
+
+
+@click.command("predict")
+@click.argument("model_path", type=click.Path(dir_okay=False, exists=True))
+@click.argument("data")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the labels (.npy, .csv or .txt).")
+@cluster_options
+def predict_cmd(model_path, data, out, scheduler, inventory, local):
+    """Predict a label for every row of the store DATA with MODEL."""
+    from rpicluster.train.api import predict_to_file
+
+    n = predict_to_file(model_path, data, out,
+                        cluster=cluster_choice(scheduler, inventory, local))
+    click.echo(f"wrote {n} labels to {out}")
+
+
+def _default(func, name: str):
+    """The default of ``func``'s parameter ``name``: the library's, shown by --help, not repeated."""
+    import inspect
+
+    return inspect.signature(func).parameters[name].default
+
+
+def _demo_default(name: str):
+    from rpicluster.train.demo import run_demo  # light: the heavy imports are inside it
+
+    return _default(run_demo, name)
+
+
+@click.command("demo")
+@click.option("--workdir", default=str(_demo_default("workdir")), show_default=True,
+              type=click.Path(file_okay=False), help="Where the stores and the model go.")
+@click.option("--rows", default=_demo_default("rows"), show_default=True,
+              type=click.IntRange(min=1), help="Training rows (a multiple of --block-rows).")
+@click.option("--features", default=_demo_default("features"), show_default=True,
+              type=click.IntRange(min=1))
+@click.option("--classes", default=_demo_default("classes"), show_default=True,
+              type=click.IntRange(min=2))
+@click.option("--block-rows", default=_demo_default("block_rows"), show_default=True,
+              type=click.IntRange(min=1))
+@click.option("--local", type=click.IntRange(min=1), metavar="N",
+              help="Workers of the embedded local cluster (default: the running one, else one "
+                   "per core).")
+def demo_cmd(workdir, rows, features, classes, block_rows, local):
+    """The main job on the embedded default: ingest, a local cluster, train, score."""
+    from rpicluster.train.demo import run_demo
+
+    def on_cluster(ref):
+        announce(ref)
+        if ref.dashboard:
+            click.echo(f"watch the run at {ref.dashboard.rsplit('/', 1)[0]}/rpicluster")
+
+    res = run_demo(workdir, rows=rows, features=features, classes=classes,
+                   block_rows=block_rows, local=local, on_cluster=on_cluster)
+    s, r = res.summary, res.summary.result
+    echo_table(f"Inc-kSGD on {res.rows:,} x {res.features} synthetic ImageNet-like rows, "
+               f"{res.classes} classes", ["step", "result"],
+               [["ingest (train + test)", f"{res.ingest_seconds:.1f} s"],
+                ["train", f"{r.seconds:.1f} s on {s.n_workers} workers"],
+                ["test accuracy", f"{s.test_accuracy:.4f}"],
+                ["tasks per worker", ", ".join(f"{w}: {n}" for w, n in
+                                               sorted(r.tasks_per_worker.items()))],
+                ["model", f"{s.model_path} (sha256 {s.sha256[:12]}...)"]])
+    click.echo(f"next: rpicluster score {s.model_path} {res.workdir / 'test.zarr'}")
