@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rpicluster.data.store import ingest
+from rpicluster.data.writer import ingest
 from rpicluster.progress import Progress
 
 

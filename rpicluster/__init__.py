@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "KSGDClassifier": "rpicluster.models.ksgd",
     "IncrementalKSGDClassifier": "rpicluster.models.incremental",
-    "open_dataset": "rpicluster.data.store",
-    "ingest": "rpicluster.data.store",
+    "open_dataset": "rpicluster.data.reader",
+    "ingest": "rpicluster.data.writer",
     "load_model": "rpicluster.train.modelfile",
     "save_model": "rpicluster.train.modelfile",
     "load_inventory": "rpicluster.inventory",

@@ -134,7 +134,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """A 1,200-row synthetic store of 16 features, 4 classes, in 6 blocks of 200 rows."""
-    from rpicluster.data.store import ingest
+    from rpicluster.data.writer import ingest
 
     return ingest("synthetic:rows=1200,features=16,classes=4,seed=0",
                   tmp_path_factory.mktemp("scaling") / "data.zarr", block_rows=200)

@@ -30,7 +30,7 @@ from rpicluster.dashboard import PRELOAD
 from rpicluster.deploy.guard import GUARD
 from rpicluster.dashboard.page import PLOT_NAMES
 from rpicluster.data.sources import ArraySource
-from rpicluster.data.store import ingest
+from rpicluster.data.writer import ingest
 from rpicluster.data.synthetic import make_imagenet_like
 from rpicluster.models.incremental import IncrementalKSGDClassifier
 from rpicluster.train.job import train

@@ -5,7 +5,8 @@ import pickle
 import numpy as np
 import pytest
 
-from rpicluster.data.store import ingest, open_dataset
+from rpicluster.data.reader import open_dataset
+from rpicluster.data.writer import ingest
 from rpicluster.errors import DataError
 
 

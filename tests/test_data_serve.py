@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from rpicluster.cli import main
 from rpicluster.data.serve import StoreServer
-from rpicluster.data.store import ingest, open_dataset
+from rpicluster.data.reader import open_dataset
+from rpicluster.data.writer import ingest
 from rpicluster.errors import DataError, StoreIncompleteError
 
 

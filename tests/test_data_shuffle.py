@@ -11,7 +11,8 @@ import pytest
 from sklearn.datasets import load_iris
 
 from rpicluster.data.sources import FASHION_MNIST_DIR, ArraySource, open_source
-from rpicluster.data.store import ingest, open_dataset, skewed_blocks
+from rpicluster.data.reader import open_dataset, skewed_blocks
+from rpicluster.data.writer import ingest
 from rpicluster.errors import DataError, DataWarning
 
 
@@ -248,7 +249,7 @@ def test_cli_train_allow_skewed_trains_and_prints_the_warning(tmp_path, cluster)
 
 
 def test_test_quotas_hit_the_exact_total():
-    from rpicluster.data.store import split_quotas
+    from rpicluster.data.writer import split_quotas
 
     rng = np.random.default_rng(0)
     for _ in range(50):

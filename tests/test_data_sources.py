@@ -9,7 +9,8 @@ import pytest
 from sklearn.datasets import dump_svmlight_file, load_svmlight_file
 
 from rpicluster.data.sources import SKLEARN_DATASETS
-from rpicluster.data.store import ingest as ingest_store, open_dataset
+from rpicluster.data.reader import open_dataset
+from rpicluster.data.writer import ingest as ingest_store
 
 # These tests check sources and the layout row for row, so they keep the source order;
 # tests/test_data_shuffle.py covers the (default) shuffled ingest.

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from rpicluster.data.sources import ArraySource, Source
-from rpicluster.data.store import FORMAT_VERSION, ingest as ingest_store, open_dataset
+from rpicluster.data.layout import FORMAT_VERSION
+from rpicluster.data.reader import open_dataset
+from rpicluster.data.writer import ingest as ingest_store
 
 # These tests check sources and the layout row for row, so they keep the source order;
 # tests/test_data_shuffle.py covers the (default) shuffled ingest.
@@ -213,7 +215,7 @@ def _set_codes(store, block, codes):
     and record their checksum as if ingest had written them."""
     import zarr
 
-    from rpicluster.data.store import _crc
+    from rpicluster.data.layout import crc as _crc
 
     group = zarr.open_group(store, mode="r+")
     group["y"][block * 40:(block + 1) * 40] = codes
@@ -261,7 +263,8 @@ def test_a_format_2_store_without_its_checksums_says_re_ingest(store):
 def test_store_writer_and_check_output_make_a_readable_store_in_any_block_order(tmp_path):
     """The public writer API (ingest's and rpicluster features'): one existing-output check,
     create, blocks written out of order with their checksums recorded, finish."""
-    from rpicluster.data.store import CHECKSUMS_KEY, StoreWriter, check_output
+    from rpicluster.data.layout import CHECKSUMS_KEY
+    from rpicluster.data.writer import StoreWriter, check_output
 
     rng = np.random.default_rng(0)
     X, y = rng.random((100, 3)).astype(np.float32), rng.integers(0, 2, 100).astype(np.int32)

@@ -421,7 +421,7 @@ def test_sample_weight_zero_ignores_rows_and_ones_change_nothing(digits):
 
 def test_predict_and_score_accept_a_store_in_process(digits, tmp_path):
     from rpicluster.data.sources import ArraySource
-    from rpicluster.data.store import ingest
+    from rpicluster.data.writer import ingest
 
     X, Xt, y, yt = digits
     inc = IncrementalKSGDClassifier(block_rows=450, n_clusters=3, random_state=0).fit(X, y)

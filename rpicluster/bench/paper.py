@@ -92,7 +92,8 @@ def run_paper(out_dir, *, rows: int = PAPER_ROWS, features: int = PAPER_FEATURES
     """
     from rpicluster.bench.memory import by_name, peak_rss, reset_peak
     from rpicluster.data.sources import ArraySource
-    from rpicluster.data.store import ingest, open_dataset
+    from rpicluster.data.reader import open_dataset
+    from rpicluster.data.writer import ingest
     from rpicluster.data.synthetic import SyntheticSpec, _generate
     from rpicluster.deploy.local import start_local, stop_local
     from rpicluster.deploy.resolve import find_cluster
@@ -189,7 +190,7 @@ def run_paper(out_dir, *, rows: int = PAPER_ROWS, features: int = PAPER_FEATURES
 
 
 def _matching_store(path: Path, rows: int, features: int, classes: int, block_rows: int):
-    from rpicluster.data.store import open_dataset
+    from rpicluster.data.reader import open_dataset
 
     try:
         ds = open_dataset(path)

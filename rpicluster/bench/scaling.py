@@ -498,7 +498,7 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
     Parameters
     ----------
     client : distributed.Client
-    dataset : rpicluster.data.store.Dataset
+    dataset : rpicluster.data.reader.Dataset
         Readable by every worker.
     out_dir : path
         Receives scaling.csv, scaling.json, scaling.md, scaling.png and step-N.html.
@@ -651,7 +651,8 @@ def scaling_bench(out_dir, *, scheduler: str | None = None, inventory=None,
     ``syncs``, ``epochs``, ``local_epochs`` and ``test`` store) with the same ``repeats`` and
     ``warmup``.
     """
-    from rpicluster.data.store import ingest, open_dataset
+    from rpicluster.data.reader import open_dataset
+    from rpicluster.data.writer import ingest
     from rpicluster.deploy.resolve import client as cluster_client
 
     if job not in JOBS + AVERAGING_JOBS:

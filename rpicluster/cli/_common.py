@@ -163,7 +163,7 @@ def command_line(command: list, options) -> str:
 def exit_interrupted(command: list[str], options, stores: list[str]) -> None:
     """Ctrl-C during a store writer (ingest, features): one line saying what each store holds
     (an incomplete one is refused by readers) and the exact command that resumes, then exit."""
-    from rpicluster.data.store import written_blocks
+    from rpicluster.data.writer import written_blocks
 
     said, resumable = [], False
     for url in stores:

@@ -48,7 +48,8 @@ def ingest(source, out, block_rows, labels, label_column, seed, no_shuffle, test
     import time
     import warnings
 
-    from rpicluster.data.store import class_spread_text, ingest as ingest_store, open_dataset
+    from rpicluster.data.reader import class_spread_text, open_dataset
+    from rpicluster.data.writer import ingest as ingest_store
     from rpicluster.progress import Progress
 
     if (test_fraction is None) != (test_out is None):

@@ -5,7 +5,7 @@ Only the store's own files are served: ``zarr.json`` metadata and the chunk file
 GET and HEAD only (anything else is answered 405), byte ranges, no directory listings, no
 symlinks followed, and paths resolved inside the store (``..`` cannot escape it). The default
 address is loopback; ``--host 0.0.0.0`` serves the Pis on the LAN. Workers then open
-``http://HOST:PORT`` with :func:`~rpicluster.data.store.open_dataset`.
+``http://HOST:PORT`` with :func:`~rpicluster.data.reader.open_dataset`.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class StoreServer:
 
     def start(self) -> str:
         """Start serving; returns the URL (with the port actually bound)."""
-        from rpicluster.data.store import open_dataset
+        from rpicluster.data.reader import open_dataset
 
         # Serving a store workers would refuse only moves the error to every worker.
         open_dataset(self.root)

@@ -28,7 +28,7 @@ Source strings understood by :func:`open_source`:
 ==========================================  ====================================================
 
 Every source knows its labels before the first block is read (:meth:`Source.codes`), which is
-what lets :func:`~rpicluster.data.store.ingest` shuffle rows and split off a stratified test set.
+what lets :func:`~rpicluster.data.writer.ingest` shuffle rows and split off a stratified test set.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Image stores as the feature job reads them: the dataset layout contract with uint8 images.
 
-An image store is a store of :mod:`rpicluster.data.store`'s layout whose rows are images: one
+An image store is a store of :mod:`rpicluster.data.layout`'s layout whose rows are images: one
 image per row, flattened in (height, width, channel) order, with the attribute ``image_shape`` =
 ``[height, width, channels]``. ``rpicluster ingest images:DIR`` writes uint8 pixels; ``idx:`` and
 ``fashion-mnist`` write float32 pixels / 255. :func:`write_image_store` writes uint8 images from
@@ -19,7 +19,7 @@ from rpicluster.errors import DataError
 
 
 class ImageStore:
-    """A complete image store opened for reading: a :class:`~rpicluster.data.store.Dataset`
+    """A complete image store opened for reading: a :class:`~rpicluster.data.reader.Dataset`
     whose rows are images. Pickles as the dataset (its URL), so workers reopen it.
 
     Attributes
@@ -34,7 +34,7 @@ class ImageStore:
     """
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
-        from rpicluster.data.store import open_dataset
+        from rpicluster.data.reader import open_dataset
 
         self.dataset = ds = open_dataset(url, storage_options)
         shape = ds.attrs.get("image_shape")
@@ -75,7 +75,7 @@ def write_image_store(out: str | os.PathLike, images: np.ndarray, labels: np.nda
     Rows keep their order (shuffle the arrays first if they are sorted by label).
     """
     from rpicluster.data.sources import ArraySource
-    from rpicluster.data.store import ingest
+    from rpicluster.data.writer import ingest
 
     images = np.asarray(images, np.uint8)
     shape = (list(images.shape[1:]) + [1])[:3]

@@ -2,7 +2,7 @@
 
 The client resolves the model (:func:`rpicluster.features.model.load_network`), runs it once on a
 blank image (a wrong input shape fails here, before any work is sent), creates the feature store
-(the layout contract of :mod:`rpicluster.data.store`, marked incomplete) and ships the model's
+(the layout contract of :mod:`rpicluster.data.layout`, marked incomplete) and ships the model's
 bytes to every worker once. Each task then reads one block of images from the image store,
 extracts its features and writes them and the block's labels as chunk ``i`` of the feature
 store: images and features never pass through the client. The client records each finished
@@ -78,7 +78,7 @@ def extract_task(model: FrozenModel, images, out_url: str, out_options, block: i
                  block_rows: int, input_size: int, batch_size: int, threads: int | None) -> dict:
     """Extract the features of feature block ``block`` (``block_rows`` rows, one or more image
     blocks read one at a time) and write it as one chunk of the feature store (on a worker)."""
-    from rpicluster.data.store import StoreWriter
+    from rpicluster.data.writer import StoreWriter
     from rpicluster.train.tasks import worker_name
 
     with _WORKER_LOCK:
@@ -196,10 +196,10 @@ def extract_features(images: str, out: str, *, model: str = "efficientnet-lite0"
 
 
 def _layout(source, frozen: FrozenModel, size: int, n_features: int, block_rows: int) -> dict:
-    from rpicluster.data import store
+    from rpicluster.data.layout import FORMAT_KEY, FORMAT_VERSION
 
     return {
-        store.FORMAT_KEY: store.FORMAT_VERSION,
+        FORMAT_KEY: FORMAT_VERSION,
         "classes": source.attrs["classes"],
         "n_rows": source.n_rows,
         "n_features": int(n_features),
@@ -215,7 +215,8 @@ def _layout(source, frozen: FrozenModel, size: int, n_features: int, block_rows:
 
 def _prepare(url: str, layout: dict, *, resume: bool, overwrite: bool, storage_options):
     """Create the feature store, or reopen one to resume; the blocks already done."""
-    from rpicluster.data.store import CHECKSUMS_KEY, StoreWriter, check_output
+    from rpicluster.data.layout import CHECKSUMS_KEY
+    from rpicluster.data.writer import StoreWriter, check_output
 
     existing = check_output(url, layout, resume=resume, overwrite=overwrite,
                             storage_options=storage_options, writer="run")
@@ -231,10 +232,12 @@ def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_siz
          resume, overwrite, storage_options, progress) -> FeaturesResult:
     from distributed import as_completed
 
-    from rpicluster.data.store import CHECKSUMS_KEY, StoreWriter, _normalize_url, open_dataset
+    from rpicluster.data.layout import CHECKSUMS_KEY, normalize_url
+    from rpicluster.data.reader import open_dataset
+    from rpicluster.data.writer import StoreWriter
 
     t0 = time.perf_counter()
-    url = _normalize_url(out)
+    url = normalize_url(out)
     if url == source.url:
         raise ConfigError(f"the feature store {url} would overwrite its own image store")
     layout = _layout(source, frozen, size, n_features, block_rows)

@@ -92,7 +92,7 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
     ``test`` is a store to report accuracy on. Unset ``params`` take the estimator's defaults.
     A store whose blocks cannot hold ``n_clusters`` rows, or an unshuffled class-skewed one
     (unless ``allow_skewed``), is refused before the cluster is contacted
-    (:meth:`~rpicluster.data.store.Dataset.check_trainable`).
+    (:meth:`~rpicluster.data.reader.Dataset.check_trainable`).
     An existing ``model_path`` is replaced only with ``overwrite``, which also starts the run
     directory afresh (unless resuming). One run at a time owns the run directory.
 
@@ -234,7 +234,7 @@ def check_labels(model, dataset, client, *, name: str = "the model") -> None:
         The store's labels are of another type than the model's (strings against numbers), or
         none of them was seen in training.
     """
-    from rpicluster.data.store import block_label_counts
+    from rpicluster.data.reader import block_label_counts
 
     known, labels = np.asarray(model.classes_), np.asarray(dataset.classes)
     ours, theirs = _label_kind(known), _label_kind(labels)

@@ -347,7 +347,7 @@ def train_averaged(dataset, client, *, model: str = "mlp", params: dict | None =
 
     Parameters
     ----------
-    dataset : rpicluster.data.store.Dataset
+    dataset : rpicluster.data.reader.Dataset
         Read by the workers (its URL must be readable from every worker).
     client : distributed.Client
     model : {"mlp", "sgd"}

@@ -40,7 +40,7 @@ def run_demo(workdir: str | Path = "rpicluster-demo", *, rows: int = 60_000, fea
     the :class:`~rpicluster.deploy.resolve.ClusterRef` once the cluster is up (the CLI prints
     the dashboard URL).
     """
-    from rpicluster.data.store import ingest
+    from rpicluster.data.writer import ingest
     from rpicluster.deploy.resolve import use_cluster
     from rpicluster.train.api import ClusterChoice, train_model
 

@@ -871,7 +871,7 @@ def train(estimator, dataset, client, *, run_dir=None, resume: bool = False,
     ----------
     estimator : IncrementalKSGDClassifier
         Supplies the parameters; it is fitted in place and returned as ``result.model``.
-    dataset : rpicluster.data.store.Dataset
+    dataset : rpicluster.data.reader.Dataset
         Opened with :func:`rpicluster.open_dataset`; workers read its blocks themselves, so its
         URL must be readable from every worker (a shared path, ``http://`` or ``s3://``).
     client : distributed.Client

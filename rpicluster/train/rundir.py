@@ -58,7 +58,7 @@ def dataset_identity(dataset) -> dict:
 def blocks_data(dataset) -> dict[int, dict]:
     """The data each block is trained on: the store's fingerprint and the block's chunk
     checksums (stores of format 2 and later record one per chunk position)."""
-    from rpicluster.data.store import chunk_checksums
+    from rpicluster.data.reader import chunk_checksums
 
     fingerprint = dataset_identity(dataset)["fingerprint"]
     return {b: {"fingerprint": fingerprint, "chunks": chunk_checksums(dataset, b)}

@@ -28,7 +28,7 @@ worker died, or a straggler's task was re-run elsewhere) gives the same result, 
 distributed model equals the in-process one.
 
 Memory on the worker that partitions a block: the block is read straight into its array
-(:meth:`rpicluster.data.store.Dataset.block`), sorted in place
+(:meth:`rpicluster.data.reader.Dataset.block`), sorted in place
 (:func:`~rpicluster.models.ksgd.permute_rows`), and the pieces are views of it, so the block
 costs one block of memory until its last piece is released.
 """
