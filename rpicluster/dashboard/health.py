@@ -30,8 +30,11 @@ def static_info() -> dict:
             "memory": int(psutil.virtual_memory().total)}
 
 
-def snapshot(thermal_root: str = "/sys/class/thermal") -> dict:
+def snapshot(thermal_root: str | None = None) -> dict:
     """One reading of this host's health as plain values (msgpack-friendly).
+
+    ``thermal_root`` defaults to ``RPICLUSTER_THERMAL_ROOT``, else ``/sys/class/thermal`` (a
+    worker in a container may see the host's zones mounted elsewhere).
 
     Returns
     -------
@@ -40,6 +43,8 @@ def snapshot(thermal_root: str = "/sys/class/thermal") -> dict:
         (decoded ``vcgencmd get_throttled`` flags, ``[]`` for a healthy Pi, None where there is
         no vcgencmd), ``t`` (time.time() of the reading).
     """
+    if thermal_root is None:
+        thermal_root = os.environ.get("RPICLUSTER_THERMAL_ROOT") or "/sys/class/thermal"
     return {**static_info(), "temperature": read_temperature(thermal_root),
             "throttled": read_throttled(), "t": time.time()}
 

@@ -23,7 +23,8 @@ from distributed.dashboard.components.scheduler import BOKEH_THEME, env
 from distributed.utils import log_errors
 
 from rpicluster.dashboard.health import METRIC
-from rpicluster.dashboard.state import FeaturesState, RoundsState, TrainingState, format_duration
+from rpicluster.dashboard.state import (FeaturesState, RoundsState, RunLog, Timeline,
+                                        TrainingState, format_duration)
 
 #: Refresh period of the page, in milliseconds.
 REFRESH_MS = 1000
@@ -31,6 +32,12 @@ REFRESH_MS = 1000
 #: ``name`` of each plot or table on the page.
 PLOT_NAMES = ("rpicluster-summary", "rpicluster-progress", "rpicluster-throughput",
               "rpicluster-accuracy", "rpicluster-hardware")
+#: ``name`` of the sections of a block-ensemble (Inc-kSGD) run and of a round-based run: the
+#: latest run's section comes first.
+SECTION_NAMES = ("rpicluster-blocks-section", "rpicluster-rounds-section")
+#: ``name`` of the run list and of the cluster's time series (rows/s, temperature, memory).
+STORY_NAMES = ("rpicluster-runs", "rpicluster-rows-timeline", "rpicluster-temperature-timeline",
+               "rpicluster-memory-timeline")
 #: ``name`` of the parts shown once a round-based run (``--model mlp|sgd``, ``federate``)
 #: published: its summary line, the rounds table and the accuracy per round.
 ROUND_PLOT_NAMES = ("rpicluster-rounds-summary", "rpicluster-rounds",
@@ -40,8 +47,17 @@ _STAGES = ("blocks partitioned", "clusters fitted", "blocks committed")
 _DONE, _TODO = "#2b8cbe", "#e5eef5"
 _PARTITION, _FIT = "#7fb2d5", "#e6821e"
 _HARDWARE_COLUMNS = (("worker", "Worker"), ("host", "Host"), ("arch", "Arch"),
-                     ("cores", "Cores"), ("threads", "Threads"), ("memory", "Memory"),
+                     ("cores", "Cores"), ("threads", "Threads"),
+                     ("memory", "Memory used / limit"), ("host_memory", "Host RAM"),
                      ("temperature", "Temp °C"), ("throttling", "Throttling"))
+_RUN_COLUMNS = (("run", "Run", 90), ("kind", "Kind", 70), ("what", "What", 130),
+                ("started", "Started", 80), ("status", "Status", 150), ("progress", "Progress", 90),
+                ("accuracy", "Accuracy", 70), ("duration", "Duration", 80))
+#: Colours of the workers' lines, in worker order (Category10).
+_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+            "#7f7f7f", "#bcbd22", "#17becf")
+#: Seconds between two reads of the desktop's run history (a page refreshes every second).
+HISTORY_EVERY_S = 5.0
 # (field, title, relative width): the reasons hosts were left out need the room.
 _ROUND_COLUMNS = (("round", "Round", 50), ("participants", "Participants", 160),
                   ("left_out", "Left out (reason)", 420), ("rows", "Rows", 70),
@@ -65,12 +81,62 @@ class TrainingPage:
     """
 
     def __init__(self, scheduler, state: TrainingState, features: FeaturesState | None = None,
-                 rounds: RoundsState | None = None) -> None:
+                 rounds: RoundsState | None = None, runs: RunLog | None = None,
+                 timeline: Timeline | None = None) -> None:
         self.scheduler = scheduler
         self.state = state
         self.features = features if features is not None else FeaturesState()
         self.rounds = rounds if rounds is not None else RoundsState()
+        self.runs = runs if runs is not None else RunLog()
+        self.timeline = timeline if timeline is not None else Timeline()
+        self._history_cache: tuple[float, list] = (0.0, [])
         self.summary = Div(name=PLOT_NAMES[0], sizing_mode="stretch_width")
+
+        self.runs_source = ColumnDataSource({key: [] for key, _, _ in _RUN_COLUMNS})
+        self.runs_table = DataTable(
+            name=STORY_NAMES[0], source=self.runs_source, index_position=None,
+            height=_table_height(0), sizing_mode="stretch_width",
+            columns=[TableColumn(field=key, title=title, width=width)
+                     for key, title, width in _RUN_COLUMNS])
+        runs_title = Div(text="<h3 style='margin:4px 0'>Runs (newest first)</h3>",
+                         sizing_mode="stretch_width")
+        self.rows_line_source = ColumnDataSource({"t": [], "rate": []})
+        self.rows_line = figure(
+            name=STORY_NAMES[1], title="Cluster rows per second (tasks' rows, 10 s window)",
+            height=220, sizing_mode="stretch_width", tools="", toolbar_location=None,
+            x_axis_type="datetime")
+        self.rows_line.line(x="t", y="rate", source=self.rows_line_source, color=_DONE,
+                            line_width=2)
+        self.rows_line.yaxis.formatter = NumeralTickFormatter(format="0.[0]a")
+        self.rows_line.y_range.start = 0
+        self.temperature_source = ColumnDataSource({"xs": [], "ys": [], "worker": [],
+                                                    "color": []})
+        self.temperature = figure(
+            name=STORY_NAMES[2], title="Temperature per worker (°C)", height=220,
+            sizing_mode="stretch_width", tools="", toolbar_location=None,
+            x_axis_type="datetime")
+        self.temperature.multi_line(xs="xs", ys="ys", color="color", line_width=2,
+                                    source=self.temperature_source)
+        self.no_temperature = Label(x=10, y=80, x_units="screen", y_units="screen",
+                                    text="no worker reports a temperature (no thermal zone)",
+                                    text_color="#777777", text_font_size="13px")
+        self.temperature.add_layout(self.no_temperature)
+        self.memory_source = ColumnDataSource({"xs": [], "ys": [], "worker": [], "color": [],
+                                               "dash": []})
+        self.memory = figure(
+            name=STORY_NAMES[3], title="Memory per worker (solid) against its limit (dashed)",
+            height=220, sizing_mode="stretch_width", tools="", toolbar_location=None,
+            x_axis_type="datetime")
+        self.memory.multi_line(xs="xs", ys="ys", color="color", line_width=2,
+                               line_dash="dash", source=self.memory_source)
+        self.memory.yaxis.formatter = NumeralTickFormatter(format="0.0 b")
+        self.memory.y_range.start = 0
+        for fig in (self.temperature, self.memory):
+            fig.add_tools(HoverTool(tooltips=[("worker", "@worker")]))
+        self.story_box = column(runs_title, self.runs_table,
+                                row(self.rows_line, self.temperature, self.memory,
+                                    sizing_mode="stretch_width"),
+                                sizing_mode="stretch_width")
 
         self.progress_source = ColumnDataSource(
             {"stage": list(_STAGES), "fraction": [0.0] * 3, "label": [""] * 3, "full": [1.0] * 3})
@@ -122,7 +188,7 @@ class TrainingPage:
         self.accuracy.yaxis.formatter = NumeralTickFormatter(format="0%")
         self.accuracy.xaxis.ticker = AdaptiveTicker(min_interval=1, mantissas=[1, 2, 5])
         self.no_accuracy = Label(x=10, y=120, x_units="screen", y_units="screen",
-                                 text="no validation set in this run (yet)",
+                                 text=_NO_ACCURACY_YET,
                                  text_color="#777777", text_font_size="13px")
         self.accuracy.add_layout(self.no_accuracy)
 
@@ -159,15 +225,17 @@ class TrainingPage:
             columns=[TableColumn(field=key, title=title, width=width)
                      for key, title, width in _ROUND_COLUMNS])
         self.rounds_box = column(self.rounds_summary, self.round_accuracy, self.rounds_table,
-                                 sizing_mode="stretch_width", visible=False)
+                                 name=SECTION_NAMES[1], sizing_mode="stretch_width",
+                                 visible=False)
 
         # The block-ensemble (Inc-kSGD) parts, hidden while only a round-based run published.
         self.blocks_box = column(row(self.progress, self.accuracy, sizing_mode="stretch_width"),
-                                 self.throughput, sizing_mode="stretch_width")
+                                 self.throughput, name=SECTION_NAMES[0],
+                                 sizing_mode="stretch_width")
 
         self.root = column(
-            self.summary, self.rounds_box, self.blocks_box, hardware_title, self.hardware,
-            sizing_mode="stretch_width")
+            self.summary, self.story_box, self.blocks_box, self.rounds_box, hardware_title,
+            self.hardware, sizing_mode="stretch_width")
 
     @log_errors
     def update(self) -> None:
@@ -201,6 +269,9 @@ class TrainingPage:
         blocks = sorted(s.accuracy)
         _set(self.accuracy_source, {"block": blocks, "accuracy": [s.accuracy[b] for b in blocks]})
         self.no_accuracy.visible = not blocks
+        text = _NO_ACCURACY if s.status() == "finished" else _NO_ACCURACY_YET
+        if self.no_accuracy.text != text:
+            self.no_accuracy.text = text
         # Every block of the run on the axis from the start, so points fill it in as blocks are
         # scored instead of the axis rescaling under them.
         end = (s.n_blocks if s.n_blocks else max(blocks, default=0) + 1) - 0.5
@@ -208,6 +279,8 @@ class TrainingPage:
             self.accuracy.x_range.end = end
 
         self._update_rounds()
+        self._order_sections()
+        self._update_story(now)
 
         hardware = _hardware_rows(self.scheduler)
         _set(self.hardware_source, hardware)
@@ -215,6 +288,54 @@ class TrainingPage:
         if self.hardware.height != height:
             self.hardware.height = height
 
+
+    def _order_sections(self) -> None:
+        # Each run's section stays with its run: the latest run's comes first, under the run
+        # list, so an older MLP run's rounds never sit above a newer Inc-kSGD run.
+        train_started = self.runs.runs.get(self.state.run_id, {}).get("started") or 0.0
+        rounds_started = self.runs.runs.get(self.rounds.run_id, {}).get("started") or 0.0
+        boxes = [self.blocks_box, self.rounds_box]
+        if rounds_started > train_started:
+            boxes.reverse()
+        children = list(self.root.children)
+        at = children.index(self.story_box) + 1
+        if children[at:at + 2] != boxes:
+            children[at:at + 2] = boxes
+            self.root.children = children
+
+    def _history(self, now: float) -> list[dict]:
+        """The desktop's run history when this scheduler can read it (a local cluster shares
+        its home), re-read every :data:`HISTORY_EVERY_S`; [] otherwise."""
+        read_at, runs = self._history_cache
+        if now - read_at >= HISTORY_EVERY_S:
+            from rpicluster import history
+
+            runs = []
+            if history.path().exists():
+                try:
+                    runs = history.list_runs(20)
+                except Exception:  # noqa: BLE001 - the page shows what the events tell
+                    runs = []
+            self._history_cache = (now, runs)
+        return runs
+
+    def _update_story(self, now: float) -> None:
+        rows = run_rows(self.runs, self._history(now), now)
+        _set(self.runs_source, rows)
+        height = _table_height(len(rows["run"]))
+        if self.runs_table.height != height:
+            self.runs_table.height = height
+        ts, rates = self.timeline.rows_per_second()
+        _set(self.rows_line_source, {"t": [t * 1000 for t in ts], "rate": rates})
+        temps = self.timeline.per_worker("temperature")
+        _set(self.temperature_source, _lines(temps))
+        self.no_temperature.visible = not temps
+        used, limits = self.timeline.per_worker("memory"), self.timeline.per_worker("limit")
+        lines = _lines(used)
+        dashed = _lines({w: v for w, v in limits.items() if any(v[1])}, order=sorted(used))
+        _set(self.memory_source, {**{k: lines[k] + dashed[k] for k in lines},
+                                  "dash": ["solid"] * len(lines["xs"])
+                                  + ["dashed"] * len(dashed["xs"])})
 
     def _update_rounds(self) -> None:
         r = self.rounds
@@ -268,6 +389,68 @@ def _rounds_html(r: RoundsState) -> str:
             f"<div style='font-size:15px;color:#333'>{' · '.join(parts)}</div>"
             + (f"<div style='font-size:14px;color:#8a4b08;margin-top:2px'>left out of round "
                f"{max(r.rounds)}: {left}</div>" if left else ""))
+
+
+_NO_ACCURACY_YET = "no validation set in this run (yet)"
+_NO_ACCURACY = "this run had no validation set (train with --test STORE to score each block)"
+
+
+def _lines(series: dict, order: list | None = None) -> dict:
+    """Columns of a multi-line plot, one line per worker (times in ms), coloured by the
+    worker's place in ``order`` (default: the workers sorted)."""
+    order = order if order is not None else sorted(series)
+    names = [w for w in order if w in series] + sorted(set(series) - set(order))
+    return {"xs": [[t * 1000 for t in series[w][0]] for w in names],
+            "ys": [list(series[w][1]) for w in names], "worker": names,
+            "color": [_PALETTE[order.index(w) % len(_PALETTE)] if w in order else "#777777"
+                      for w in names]}
+
+
+def run_rows(runs: RunLog, recorded: list[dict], now: float) -> dict:
+    """Columns of the run list: the runs this scheduler saw in its events, each with its
+    history number and outcome when the desktop's history (``recorded``) holds it, then the
+    history's other runs (earlier ones, benches, tunes); newest first."""
+    entries = []
+    matched = set()
+    for e in runs.newest_first():
+        rec = next((r for r in recorded if r["id"] not in matched and r["kind"] == e["kind"]
+                    and r["started"] - 1 <= (e["started"] or 0)
+                    <= (r["ended"] or now) + 1), None)
+        if rec is not None:
+            matched.add(rec["id"])
+        status = e["status"]
+        if rec is not None and rec["outcome"] != "running":
+            status = rec["outcome"] + (f": {rec['reason']}" if rec["reason"] else "")
+        elif status == "finished" and e["total"] is not None and e["done"] < e["total"]:
+            status = "ended early"
+        total = e["total"] if e["total"] is not None else "?"
+        entries.append({
+            "run": e["run"] + (f" (#{rec['id']})" if rec else ""), "kind": e["kind"],
+            "what": e["what"], "started": e["started"], "status": status,
+            "progress": f"{e['done']} / {total} {e['unit']}",
+            "accuracy": e["accuracy"],
+            "duration": (e["ended"] or now) - e["started"] if e["started"] else None})
+    for r in recorded:
+        if r["id"] in matched:
+            continue
+        res = r["results"]
+        acc = res.get("test_accuracy", res.get("accuracy"))
+        entries.append({
+            "run": f"#{r['id']}", "kind": r["kind"], "what": str(r["data"] or ""),
+            "started": r["started"],
+            "status": r["outcome"] + (f": {r['reason']}" if r["reason"] else ""),
+            "progress": "", "accuracy": acc,
+            "duration": (r["ended"] or now) - r["started"]})
+    entries.sort(key=lambda x: -(x["started"] or 0.0))
+    return {
+        "run": [x["run"] for x in entries], "kind": [x["kind"] for x in entries],
+        "what": [x["what"] for x in entries],
+        "started": [time.strftime("%H:%M:%S", time.localtime(x["started"]))
+                    if x["started"] else "?" for x in entries],
+        "status": [x["status"] for x in entries], "progress": [x["progress"] for x in entries],
+        "accuracy": [f"{x['accuracy']:.4f}" if isinstance(x["accuracy"], (int, float)) else "–"
+                     for x in entries],
+        "duration": [format_duration(x["duration"]) for x in entries]}
 
 
 def _table_height(n_rows: int) -> int:
@@ -332,11 +515,15 @@ def _hardware_rows(scheduler) -> dict:
         else:
             throttling = ", ".join(flags) if flags else "ok"
         memory = health.get("memory")
+        used = format_bytes(ws.memory.process)
         for key, value in (
                 ("worker", str(ws.name) if ws.name != address else _short(address)),
                 ("host", ws.host), ("arch", health.get("arch", "")),
                 ("cores", health.get("cores", "")), ("threads", ws.nthreads),
-                ("memory", format_bytes(memory) if memory else ""),
+                ("memory", f"{used} / {format_bytes(ws.memory_limit)} "
+                           f"({ws.memory.process / ws.memory_limit:.0%})"
+                 if ws.memory_limit else f"{used} / no limit"),
+                ("host_memory", format_bytes(memory) if memory else ""),
                 ("temperature", f"{temp:.1f}" if temp is not None else "n/a"),
                 ("throttling", throttling)):
             rows[key].append(value)
@@ -345,8 +532,8 @@ def _hardware_rows(scheduler) -> dict:
 
 @log_errors
 def training_doc(scheduler, extra: dict, doc, *, state: TrainingState,
-                 features: FeaturesState | None = None, rounds: RoundsState | None = None
-                 ) -> None:
+                 features: FeaturesState | None = None, rounds: RoundsState | None = None,
+                 runs: RunLog | None = None, timeline: Timeline | None = None) -> None:
     """Bokeh application body for ``/rpicluster`` (the signature distributed's dashboard uses).
 
     The server binds ``state`` (``functools.partial``), so the page never looks up the scheduler
@@ -366,8 +553,10 @@ def training_doc(scheduler, extra: dict, doc, *, state: TrainingState,
         The live feature-extraction state (the monitor's too).
     rounds : RoundsState, optional
         The live state of round-based runs (the monitor's too).
+    runs, timeline : RunLog, Timeline, optional
+        The runs seen and the cluster's samples over time (the monitor's too).
     """
-    page = TrainingPage(scheduler, state, features, rounds)
+    page = TrainingPage(scheduler, state, features, rounds, runs, timeline)
     page.update()
     add_periodic_callback(doc, page, REFRESH_MS)
     doc.title = "Dask: rpicluster training"

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from rpicluster import events as ev
 from rpicluster.dashboard.health import METRIC, HealthPlugin
-from rpicluster.dashboard.state import FeaturesState, RoundsState, TrainingState
+from rpicluster.dashboard.state import (FeaturesState, RoundsState, RunLog, Timeline,
+                                        TrainingState)
 from rpicluster.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -27,6 +29,9 @@ PAGE = "/rpicluster"
 
 #: Name of the scheduler plugin.
 PLUGIN = "rpicluster-dashboard"
+
+#: Seconds between two samples of the cluster's timeline (rows/s, temperature, memory).
+SAMPLE_S = 2.0
 
 
 class TrainingMonitor(SchedulerPlugin):
@@ -44,6 +49,14 @@ class TrainingMonitor(SchedulerPlugin):
         self.state = TrainingState()
         self.features = FeaturesState()
         self.rounds = RoundsState()
+        #: (worker address, phase) -> [rows, task seconds] over every run since the start
+        #: (Prometheus counters: they never go back).
+        self.totals: dict[tuple[str, str], list] = {}
+        #: Runs seen in the events, by run id: kind, started, ended, status, done, total, accuracy.
+        self.runs = RunLog()
+        #: The cluster over time (:class:`~rpicluster.dashboard.state.Timeline`), sampled by
+        #: :meth:`sample` every :data:`SAMPLE_S` seconds.
+        self.timeline = Timeline()
         self._caught_up = False
 
     async def start(self, scheduler) -> None:
@@ -51,19 +64,43 @@ class TrainingMonitor(SchedulerPlugin):
         # that is still starting calls start() again, and the backlog must be folded only once.
         if not self._caught_up:
             self._caught_up = True
-            self.state.update(msg for _, msg in scheduler.get_events(ev.TOPIC))
-            for _, msg in scheduler.get_events(ev.FEATURES_TOPIC):
-                self.features.feed(msg)
-            for _, msg in scheduler.get_events(ev.ROUNDS_TOPIC):
-                self.rounds.feed(msg)
+            backlog = [(t, topic, msg) for topic in (ev.TOPIC, ev.FEATURES_TOPIC,
+                                                      ev.ROUNDS_TOPIC)
+                       for t, msg in scheduler.get_events(topic)]
+            for _, topic, msg in sorted(backlog, key=lambda x: x[0]):
+                self.log_event(topic, msg)
 
     def log_event(self, topic: str, msg) -> None:
-        if topic == ev.TOPIC:
-            self.state.feed(msg)
-        elif topic == ev.FEATURES_TOPIC:
-            self.features.feed(msg)
-        elif topic == ev.ROUNDS_TOPIC:
-            self.rounds.feed(msg)
+        state = {ev.TOPIC: self.state, ev.FEATURES_TOPIC: self.features,
+                 ev.ROUNDS_TOPIC: self.rounds}.get(topic)
+        if state is None or not isinstance(msg, dict):
+            return
+        state.feed(msg)
+        kind = msg.get(ev.KIND)
+        phase = {ev.PARTITIONED: "partition", ev.FITTED: "fit", ev.EXTRACTED: "extract"}.get(kind)
+        if phase and msg.get(ev.WORKER) is not None:
+            total = self.totals.setdefault((str(msg[ev.WORKER]), phase), [0, 0.0])
+            total[0] += int(msg.get(ev.ROWS) or 0)
+            total[1] += float(msg.get(ev.SECONDS) or 0.0)
+        self.runs.note(topic, state, msg)
+
+    def sample(self, scheduler) -> None:
+        """Add the cluster's present to :attr:`timeline` (rows done so far, per-worker
+        temperature and memory)."""
+        self.timeline.sample(time.time(), sum(n for n, _ in self.totals.values()),
+                             _worker_readings(scheduler))
+
+
+def _worker_readings(scheduler) -> dict:
+    from rpicluster.dashboard.metrics import worker_name
+
+    out = {}
+    for ws in scheduler.workers.values():
+        health = (ws.metrics or {}).get(METRIC) or {}
+        out[worker_name(ws)] = {"temperature": health.get("temperature"),
+                                "memory": int(ws.memory.process),
+                                "limit": int(ws.memory_limit or 0)}
+    return out
 
 
 def monitor_of(scheduler) -> TrainingMonitor:
@@ -101,9 +138,18 @@ async def install(scheduler) -> str | None:
     from distributed.protocol.pickle import dumps
 
     if PLUGIN not in scheduler.plugins:
+        from tornado.ioloop import PeriodicCallback
+
         monitor = TrainingMonitor()
         scheduler.add_plugin(monitor)
         await monitor.start(scheduler)
+        sampler = PeriodicCallback(lambda: monitor.sample(scheduler), SAMPLE_S * 1000)
+        scheduler.periodic_callbacks["rpicluster-timeline"] = sampler
+        sampler.start()  # (the scheduler's own start skips a running one; close stops it)
+        monitor.sample(scheduler)
+    from rpicluster.dashboard.metrics import register
+
+    register(scheduler)
     await scheduler.register_worker_plugin(None, dumps(HealthPlugin()), METRIC, idempotent=True)
     page = _serve_page(scheduler)
 
@@ -171,7 +217,7 @@ def _serve_page(scheduler) -> str | None:
     # scheduler start, and the routing application falls through to added apps for unknown paths.
     monitor = monitor_of(scheduler)
     doc = functools.partial(training_doc, state=monitor.state, features=monitor.features,
-                            rounds=monitor.rounds)
+                            rounds=monitor.rounds, runs=monitor.runs, timeline=monitor.timeline)
     app = BokehApplication({PAGE: doc}, scheduler, prefix=prefix, template_variables=nav)
     scheduler.http_application.add_application(app)
     app.initialize(IOLoop.current())

@@ -16,6 +16,7 @@ times a small cluster's fit.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -339,3 +340,86 @@ def format_duration(seconds: float | None) -> str:
     if s >= 60:
         return f"{s // 60} min {s % 60:02d} s"
     return f"{s} s"
+
+
+@dataclass
+class RunLog:
+    """Every run the scheduler has seen in its events (training, rounds, feature extraction),
+    by run id: what the page's run list shows, newest first."""
+
+    runs: dict = field(default_factory=dict)
+
+    def note(self, topic: str, state, event: dict) -> None:
+        """Refresh the entry of ``state``'s run after ``event`` (of ``topic``) was folded in."""
+        run_id = state.run_id
+        if run_id is None:
+            return
+        t = event.get(ev.T)
+        entry = self.runs.setdefault(run_id, {"run": str(run_id), "started": t, "ended": None})
+        if entry["started"] is None:
+            entry["started"] = t
+        if isinstance(state, TrainingState):
+            done, total = state.stages()[2]
+            acc = state.accuracy
+            entry.update(kind="train", what="Inc-kSGD", status=state.status(), done=done,
+                         total=total, unit="blocks",
+                         accuracy=sum(acc.values()) / len(acc) if acc else None,
+                         ended=state.finished)
+        elif isinstance(state, RoundsState):
+            last = state.rounds[max(state.rounds)] if state.rounds else {}
+            entry.update(kind="federate" if state.mode == "federated" else "train",
+                         what=f"{state.model} rounds", status=state.status(),
+                         done=len(state.rounds), total=state.n_rounds, unit="rounds",
+                         accuracy=last.get(ev.ACCURACY))
+        else:
+            entry.update(kind="features", what="feature extraction",
+                         status="finished" if state.finished else "running",
+                         done=state.resumed + len(state.done), total=state.n_blocks,
+                         unit="blocks", accuracy=None)
+        if entry["status"] == "finished" and entry["ended"] is None:
+            entry["ended"] = t
+
+    def newest_first(self) -> list[dict]:
+        """The entries, the latest started first."""
+        return sorted(self.runs.values(), key=lambda e: -(e["started"] or 0.0))
+
+
+@dataclass
+class Timeline:
+    """The cluster over time: rows done by all workers' tasks so far, and each worker's
+    temperature, memory and memory limit, one sample every few seconds (the last hour at most).
+    """
+
+    samples: deque = field(default_factory=lambda: deque(maxlen=1800))
+
+    def sample(self, t: float, rows_total: int, workers: dict) -> None:
+        """Add one sample: ``workers`` maps a worker's name to ``temperature`` (or None),
+        ``memory`` and ``limit`` (bytes)."""
+        self.samples.append((t, rows_total, workers))
+
+    def rows_per_second(self, window: float = 10.0) -> tuple[list, list]:
+        """(times, cluster rows/s), each over the samples of the last ``window`` seconds: task
+        results arrive in bursts, so an instant rate would jump between 0 and peaks."""
+        ts, rates = [], []
+        start = 0
+        samples = list(self.samples)
+        for i, (t, rows, _) in enumerate(samples):
+            while samples[start][0] < t - window:
+                start += 1
+            t0, rows0, _ = samples[start]
+            if t > t0:
+                ts.append(t)
+                rates.append((rows - rows0) / (t - t0))
+        return ts, rates
+
+    def per_worker(self, key: str) -> dict[str, tuple[list, list]]:
+        """{worker: (times, values)} of one reading (``temperature``, ``memory``, ``limit``),
+        leaving out the samples where a worker could not tell it."""
+        out: dict[str, tuple[list, list]] = {}
+        for t, _, workers in self.samples:
+            for name, reading in workers.items():
+                if reading.get(key) is not None:
+                    times, values = out.setdefault(name, ([], []))
+                    times.append(t)
+                    values.append(reading[key])
+        return out

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rpicluster import history
 from rpicluster.errors import (ConfigError, DataError, RPiClusterWarning, TrainingError,
                                TrainingStopped, WriteError)
 from rpicluster.progress import Progress
@@ -72,6 +73,14 @@ class TrainSummary:
     n_workers: int
 
 
+def data_fingerprint(dataset) -> str:
+    """The run history's fingerprint of a store: its rows' per-chunk checksums, shape and
+    classes (the same rows give the same fingerprint wherever the store lives)."""
+    attrs = dataset.attrs
+    return history.fingerprint({k: attrs.get(k) for k in (
+        "chunk_crc32c", "n_rows", "n_features", "block_rows", "classes")})
+
+
 def refuse_existing_model(model_path: str | os.PathLike, overwrite: bool) -> None:
     """ConfigError when ``model_path`` exists and ``overwrite`` is false (every trainer checks
     this before it contacts the cluster)."""
@@ -121,7 +130,9 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
     test_ds = open_dataset(test, storage_options=storage_options) if test else None
     # Owned from before the first block until the model file is written: a second run into the
     # same directory is refused instead of mixing its blocks into this one.
-    with RunDir(run_dir) as run:
+    with RunDir(run_dir) as run, history.recording(
+            "train", params={**estimator.get_params(), "resume": resume, "test": test},
+            data=str(dataset.url), fingerprint=data_fingerprint(dataset)) as record:
         if overwrite and not resume:
             run.clear()
         def kept() -> str | None:
@@ -131,15 +142,24 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
                     f"{run.path}")
 
         with (cluster or ClusterChoice()).run_client(kept, run.path) as client:
-            n_workers = len(client.scheduler_info()["workers"])
+            workers = client.scheduler_info()["workers"]
+            n_workers = len(workers)
+            record.update(cluster=client.scheduler.address,
+                          workers=[w.get("name", a) for a, w in workers.items()])
             with Progress("train", total=dataset.n_blocks, unit="blocks",
                           enabled=show_progress) as progress:
                 result = train(estimator, dataset, client, run_dir=run_dir, resume=resume,
                                validation=test_ds, progress=progress)
+            record.result(phases={"train": result.seconds, **result.phases},
+                          blocks=len(result.trained_blocks), resumed=len(result.resumed_blocks),
+                          rows_per_second=dataset.n_rows / result.seconds
+                          if result.seconds > 0 else None)
             accuracy = None
             if test_ds is not None:
                 accuracy = score_dataset(estimator, test_ds, client)
+                record.result(test_accuracy=accuracy)
         digest = save_model(estimator, model_path)
+        record.result(model_path=model_path.resolve(), sha256=digest)
     return TrainSummary(result=result, model_path=model_path, sha256=digest,
                         test_accuracy=accuracy, n_workers=n_workers)
 
