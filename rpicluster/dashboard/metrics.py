@@ -46,8 +46,9 @@ class ClusterCollector:
     """A ``prometheus_client`` collector of the series above, read from :attr:`scheduler` (its
     workers' heartbeats and its :class:`~rpicluster.dashboard.server.TrainingMonitor`)."""
 
-    def __init__(self, scheduler=None) -> None:
+    def __init__(self, scheduler=None, monitor=None) -> None:
         self.scheduler = scheduler
+        self.monitor = monitor
 
     def describe(self):
         # Nothing to describe up front (the series depend on the cluster): registering must
@@ -57,12 +58,9 @@ class ClusterCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        scheduler = self.scheduler
+        scheduler, monitor = self.scheduler, self.monitor
         if scheduler is None:
             return
-        from rpicluster.dashboard.server import PLUGIN
-
-        monitor = scheduler.plugins.get(PLUGIN)
         gauge = {name: GaugeMetricFamily(name, doc, labels=labels) for name, doc, labels in (
             ("rpicluster_worker_temperature_celsius", "Highest thermal zone of the worker's "
              "host", ["worker"]),
@@ -151,14 +149,15 @@ def _run_series(monitor, now: float):
 _COLLECTOR = ClusterCollector()
 
 
-def register(scheduler) -> None:
-    """Serve rpicluster's series on ``scheduler``'s ``/metrics`` (idempotent; the latest
-    scheduler of the process answers). Without ``prometheus_client`` nothing is served, as
-    distributed serves nothing then."""
+def register(scheduler, monitor) -> None:
+    """Serve rpicluster's series on ``scheduler``'s ``/metrics`` from its ``monitor`` (the
+    :class:`~rpicluster.dashboard.server.TrainingMonitor`) (idempotent; the latest scheduler of
+    the process answers). Without ``prometheus_client`` nothing is served, as distributed serves
+    nothing then."""
     try:
         from prometheus_client import REGISTRY
     except ImportError:
         return
     if _COLLECTOR.scheduler is None:
         REGISTRY.register(_COLLECTOR)
-    _COLLECTOR.scheduler = scheduler
+    _COLLECTOR.scheduler, _COLLECTOR.monitor = scheduler, monitor

@@ -149,7 +149,7 @@ async def install(scheduler) -> str | None:
         monitor.sample(scheduler)
     from rpicluster.dashboard.metrics import register
 
-    register(scheduler)
+    register(scheduler, monitor_of(scheduler))
     await scheduler.register_worker_plugin(None, dumps(HealthPlugin()), METRIC, idempotent=True)
     page = _serve_page(scheduler)
 
