@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from rpicluster import config
+# The resize and crop rule lives in the edge runner, which must reproduce it without importing
+# rpicluster.
+from rpicluster.edge import fit_image
 from rpicluster.errors import ConfigError, ModelError
 
 #: The built-in backbone (the only name :func:`load_network` knows besides ``.onnx`` paths).
 EFFICIENTNET_LITE0 = "efficientnet-lite0"
 MODELS = (EFFICIENTNET_LITE0,)
-#: The resize rule of ImageNet evaluation: shorter side to size / 0.875 (224 -> 256), then a
-#: centre crop of size x size.
-CROP_FRACTION = 0.875
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,19 +211,10 @@ def preprocess(images: np.ndarray, size: int, model: FrozenModel) -> np.ndarray:
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
         raise ModelError(f"images of shape {images.shape[1:]} per row: expected (H, W), "
                          "(H, W, 1), (H, W, 3) or (H, W, 4)")
-    short = round(size / CROP_FRACTION)
     out = np.empty((len(images), model.channels, size, size), np.float32)
     for i, img in enumerate(images):
         pil = Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8))
-        pil = pil.convert("L" if model.channels == 1 else "RGB")
-        w, h = pil.size
-        scale = short / min(w, h)
-        pil = pil.resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                         Image.BILINEAR)
-        w, h = pil.size
-        left, top = (w - size) // 2, (h - size) // 2
-        arr = np.asarray(pil.crop((left, top, left + size, top + size)), np.float32)
-        arr = arr.reshape(size, size, model.channels).transpose(2, 0, 1)
+        arr = fit_image(pil, size, model.channels).astype(np.float32).transpose(2, 0, 1)
         out[i] = arr / 255.0
     mean = np.asarray(model.mean[:model.channels], np.float32).reshape(-1, 1, 1)
     std = np.asarray(model.std[:model.channels], np.float32).reshape(-1, 1, 1)
