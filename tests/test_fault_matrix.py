@@ -17,6 +17,7 @@ benchmark lists those cases beside these.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -36,9 +37,10 @@ from distributed import Client
 
 from rpicluster import IncrementalKSGDClassifier, events as ev, open_dataset
 from rpicluster.cli import main
+from rpicluster.errors import ModelError
 from rpicluster.testing import SlowTasks, reference_fit, same_model
 from rpicluster.train.job import train
-from rpicluster.train.modelfile import load_model, save_model
+from rpicluster.train.modelfile import load_model, save_model, trust_model
 from rpicluster.train.rundir import RunDir
 
 PARAMS = dict(n_clusters=4, max_iter=5, random_state=7)
@@ -405,35 +407,113 @@ def _flip_a_byte(path):
     path.write_bytes(bytes(data))
 
 
-def _pickle_an_npy_member(path):
-    """Replace the first .npy member by a pickled object array (and drop the recorded digest,
-    as an attacker would)."""
-    pickled = io.BytesIO()
-    np.save(pickled, np.array([{"run": "code"}], dtype=object), allow_pickle=True)
-    members = {}
+def _replace_first_npy(path, data: bytes | None = None, write=None):
+    """Rewrite the archive with its first .npy member replaced by ``data`` (or written by
+    ``write(zip, name)``), the others kept."""
     with zipfile.ZipFile(path) as src:
         first = next(n for n in src.namelist() if n.endswith(".npy"))
-        members = {n: (pickled.getvalue() if n == first else src.read(n))
-                   for n in src.namelist()}
+        members = {n: src.read(n) for n in src.namelist() if n != first}
     with zipfile.ZipFile(path, "w") as dst:
-        for n, data in members.items():
-            dst.writestr(n, data)
+        for n, member in members.items():
+            dst.writestr(n, member)
+        if write is None:
+            dst.writestr(first, data)
+        else:
+            write(dst, first)
+
+
+def _pickle_an_npy_member(path):
+    """Replace the first .npy member by a pickled object array, drop the recorded digest and
+    sign it as the user would with `rpicluster trust` (trusting a file never unpickles it)."""
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"run": "code"}], dtype=object), allow_pickle=True)
+    _replace_first_npy(path, pickled.getvalue())
     os.unlink(f"{path}.sha256")
+    trust_model(path)
+
+
+def _edit_and_rewrite_sha256(path):
+    """Edit the weights (the first array, plus one) in a valid archive and write the matching
+    digest to MODEL.sha256, as anyone can."""
+    with zipfile.ZipFile(path) as src:
+        first = next(n for n in src.namelist() if n.endswith(".npy"))
+        array = np.load(io.BytesIO(src.read(first)), allow_pickle=False)
+    edited = io.BytesIO()
+    np.save(edited, array + 1, allow_pickle=False)
+    _replace_first_npy(path, edited.getvalue())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    path.with_name(path.name + ".sha256").write_text(f"{digest}  {path.name}\n")
+
+
+def _zip_bomb(path):
+    """Replace the first .npy member by one of 8.3 MB that inflates to 8 GiB of zeros (a real
+    deflate stream: 128 copies of one fully flushed 64 MiB block), digest rewritten."""
+    import zlib
+
+    chunk = bytes(64 << 20)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    piece = deflate.compress(chunk) + deflate.flush(zlib.Z_FULL_FLUSH)
+
+    class Repeat:  # zipfile's compressor, fed the same block every time: seconds, not minutes
+        def compress(self, data):
+            return piece
+
+        def flush(self):
+            return zlib.compressobj(9, zlib.DEFLATED, -15).flush()
+
+    def write(dst, name):
+        info = zipfile.ZipInfo(name)
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with dst.open(info, "w", force_zip64=True) as out:
+            out._compressor = Repeat()
+            for _ in range(128):
+                out.write(chunk)
+
+    _replace_first_npy(path, write=write)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    path.with_name(path.name + ".sha256").write_text(f"{digest}  {path.name}\n")
+
+
+def _another_estimator(path):
+    """Write a KNeighborsClassifier there with skops (a type skops trusts, rpicluster never
+    writes) and sign it as the user would with `rpicluster trust`... which refuses it."""
+    import skops.io as sio
+    from sklearn.neighbors import KNeighborsClassifier
+
+    sio.dump(KNeighborsClassifier(1).fit([[0.0], [1.0]], [0, 1]), path)
+    os.unlink(f"{path}.sha256")
+    with pytest.raises(ModelError, match="KNeighborsClassifier, which rpicluster does not"):
+        trust_model(path)
 
 
 @pytest.mark.parametrize("tamper, says", [
     (_flip_a_byte, r"is corrupted: sha256 [0-9a-f]{64} does not match the recorded [0-9a-f]{64}"),
     (_pickle_an_npy_member, r"holds a pickled array \(a \.npy member with Python objects\), "
                             r"which rpicluster never loads: refusing it; use a model file "
-                            r"written by rpicluster")], ids=["byte-flipped", "pickled-npy"])
+                            r"written by rpicluster"),
+    (_edit_and_rewrite_sha256, r"has a signature that does not match by this user's rpicluster "
+                               r"key \(\S+model.key\): it was written elsewhere or changed "
+                               r"since; if you trust it, run `rpicluster trust \S+m.skops`"),
+    (_zip_bomb, r"holds a member '\d+\.npy' that inflates 8,3\d\d,\d{3} bytes to "
+                r"8,589,934,\d{3} \(\d+x; rpicluster writes at most 20x\): a zip bomb, not an "
+                r"rpicluster model; refusing to load it"),
+    (_another_estimator, r"holds a sklearn.neighbors._classification.KNeighborsClassifier, "
+                         r"which rpicluster does not write \(it writes KSGDClassifier, .*\); "
+                         r"refusing to load it")],
+    ids=["byte-flipped", "pickled-npy", "sha256-rewritten", "zip-bomb", "other-estimator"])
 def test_tampered_model_file_is_refused(store, uninterrupted, cluster, tmp_path, recovery,
-                                        tamper, says):
+                                        tamper, says, home):
     """tampered model file: `score` refuses it in one line naming the file, before any of it
-    is unpickled (a flipped byte breaks its recorded sha256; a pickled .npy member is never
-    loaded)"""
+    is unpickled or inflated (a flipped byte breaks its recorded sha256, a rewritten sha256
+    the signature; a pickled .npy member is never loaded, even from a trusted file; a member
+    inflating to 8 GiB and a type rpicluster does not write are refused from the archive's
+    directory and schema)"""
+    import resource
+
     model = tmp_path / "m.skops"
     save_model(uninterrupted[0], model)
     tamper(model)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     recovery.fault()
     res = CliRunner().invoke(main, ["score", str(model), str(store), "--scheduler",
                                     cluster.scheduler_address])
@@ -441,6 +521,8 @@ def test_tampered_model_file_is_refused(store, uninterrupted, cluster, tmp_path,
     assert res.exit_code == 1
     assert re.fullmatch(rf"error: model file {re.escape(str(model))} {says}",
                         res.output.strip()), res.output
+    # Nothing was inflated: the peak memory (kB) grew by far less than the 8 GiB a bomb holds.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 512 << 10
 
 
 # --- no silent waiting (issue 16 item 3) --------------------------------------------------------
