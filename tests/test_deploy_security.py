@@ -340,3 +340,54 @@ def test_a_work_directory_another_user_owns_is_refused(other_user, shared_tmp, t
     os.chown(other_user_dir, other_user.uid, -1)
     with pytest.raises(ConfigError, match="spill directory .* belongs to rpiother"):
         private_directory(ours)
+
+
+def test_a_worker_certificate_cannot_unregister_another_worker_or_read_logs(tmp_path):
+    """Finding 4: a worker certificate disconnected any worker through ``unregister`` and read
+    ``get_worker_logs``, ``dump_state``, wrote ``set_metadata``. With one certificate per worker
+    (as `up` issues them: pi01, pi02), pi01's may unregister only pi01; the logs, the state and
+    metadata writes need the client's; a worker still leaves the cluster cleanly by itself."""
+    import asyncio
+
+    from distributed import Worker
+
+    ca = tls.CertificateAuthority(tmp_path / "tls")
+    sched, client, pi01, pi02 = (ca.issue(n) for n in ("scheduler", "client", "pi01", "pi02"))
+
+    async def scenario():
+        from distributed import Scheduler
+
+        async with Scheduler(host="127.0.0.1", protocol="tls", dashboard_address=":0",
+                             security=_security(sched, "scheduler", "client"),
+                             preload=[GUARD]) as s:
+            async with Worker(s.address, name="pi01", nthreads=1,
+                              security=_security(pi01, "worker", "client")) as w1, \
+                    Worker(s.address, name="pi02", nthreads=1,
+                           security=_security(pi02, "worker", "client")) as w2:
+                async with Client(s.address, security=_security(pi01, "client"),
+                                  asynchronous=True) as c:
+                    with pytest.raises(PermissionError, match="'unregister' of another worker "
+                                                              "needs a client certificate"):
+                        await c.scheduler.unregister(address=w2.address, stimulus_id="x")
+                    with pytest.raises(PermissionError, match="'retire_workers' of another"):
+                        await c.retire_workers([w2.address])
+                    for call, op in ((c.get_worker_logs(), "worker_logs"),
+                                     (c.get_scheduler_logs(), "logs"),
+                                     (c.scheduler.dump_state(), "dump_state"),
+                                     (c.set_metadata("k", 1), "set_metadata"),
+                                     (c.get_events(), "events")):
+                        with pytest.raises(PermissionError, match=f"'{op}' needs a client"):
+                            await call
+                    assert set(s.workers) == {w1.address, w2.address}
+                    # Tasks still run on the clients such a certificate opens.
+                    assert await c.submit(sum, [1, 2]) == 3
+                # The client's certificate may do all of it.
+                async with Client(s.address, security=_security(client, "client"),
+                                  asynchronous=True) as c:
+                    assert set(await c.get_worker_logs()) == {w1.address, w2.address}
+                    await c.set_metadata("k", 1)
+                # pi01 closes: its nanny-less worker retires and unregisters itself.
+                await w1.close_gracefully()
+                assert list(s.workers) == [w2.address]
+
+    asyncio.run(scenario())

@@ -11,8 +11,9 @@ cluster all pass it) does two things when the scheduler starts:
   refuses to start a scheduler with it (task graphs themselves travel pickled).
 * over TLS, it refuses the operations that control the cluster rather than compute on it
   (:data:`CLIENT_ONLY`: ``client.run``/broadcast, worker and nanny plugins, restart, terminate,
-  rebalance, replicate, cluster dumps) to a peer whose certificate has role ``worker``
-  (:mod:`rpicluster.deploy.tls`). A worker's certificate may still open a client: tasks do
+  rebalance, replicate, cluster dumps, logs, state, stories, profiles, metadata writes) to a peer
+  whose certificate has role ``worker`` (:mod:`rpicluster.deploy.tls`), and lets such a peer
+  unregister, retire or set the resources of its own worker only (:data:`OWN_WORKER`). A worker's certificate may still open a client: tasks do
   (``get_client``, joblib's dask backend), so it can submit tasks.
 
 What it cannot stop is written down in README's security section: task graphs are unpickled on
@@ -38,24 +39,61 @@ REMOVED = ("run_function", "register_scheduler_plugin", "feed")
 #: Operations a peer holding a worker's certificate may not call: they control the cluster
 #: (run code on every worker, install plugins, restart, stop, move data around), which neither a
 #: worker nor a task needs. Workers retire themselves through ``retire_workers``: not listed.
+#: Reading the cluster's logs, state, task stories, stacks, profiles and events (task keys,
+#: exceptions, paths), writing task metadata, steering the memory manager, retrying or
+#: re-restricting tasks, or watching workers come and go are a client's business too. Reviewed
+#: against every handler of distributed 2026.8's Scheduler; what stays open to a worker's
+#: certificate is what workers, nannies and the tasks on them call (registration, heartbeats,
+#: task results, keys, gather/scatter, who_has, events logged, locks, semaphores, variables,
+#: queues, publish, shuffles, metadata reads, identity and versions).
 CLIENT_ONLY = ("broadcast", "proxy", "terminate", "restart", "restart_workers", "rebalance",
                "replicate", "register_worker_plugin", "unregister_worker_plugin",
                "register_nanny_plugin", "unregister_nanny_plugin", "unregister_scheduler_plugin",
-               "dump_cluster_state_to_url", "get_cluster_state", "benchmark_hardware")
+               "dump_cluster_state_to_url", "get_cluster_state", "benchmark_hardware",
+               "worker_logs", "logs", "get_logs", "dump_state", "events", "get_story",
+               "call_stack", "profile", "performance_report", "get_task_stream",
+               "memory_sampler_start", "memory_sampler_stop", "set_metadata", "amm_handler",
+               "retry", "set_restrictions", "workers_to_close", "subscribe_worker_status")
+
+#: Operations a worker's certificate may call only about its own worker (operation -> the
+#: argument naming the worker address or addresses): a worker and its nanny unregister, retire
+#: and set the resources of themselves, never of another worker.
+OWN_WORKER = {"unregister": "address", "retire_workers": "workers", "set_resources": "worker"}
 
 
 class RefusedOperation(PermissionError):
     """A guarded scheduler's answer to an operation it does not allow this peer."""
 
 
-def peer_role(comm) -> str | None:
-    """The role (organizational unit) of the TLS certificate ``comm``'s peer presented, or None."""
+def _subject(comm, field: str) -> str | None:
     cert = (getattr(comm, "extra_info", None) or {}).get("peercert") or {}
     for rdn in cert.get("subject", ()):
         for key, value in rdn:
-            if key == "organizationalUnitName":
+            if key == field:
                 return value
     return None
+
+
+def peer_role(comm) -> str | None:
+    """The role (organizational unit) of the TLS certificate ``comm``'s peer presented, or None."""
+    return _subject(comm, "organizationalUnitName")
+
+
+def _is_own(scheduler, comm, address: str) -> bool:
+    """Whether the worker at ``address`` is the one ``comm``'s worker certificate was issued to.
+
+    ``up`` issues each worker a certificate under its name (``pi01``): the name must match. The
+    embedded cluster's workers share one certificate (``worker``, readable by its owner only):
+    there the worker must be on the peer's host.
+    """
+    ws = scheduler.workers.get(address)
+    if ws is None:
+        return True     # gone already: nothing to take from anyone
+    cn = _subject(comm, "commonName")
+    if cn == str(ws.name):
+        return True
+    peer_host = comm.peer_address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return cn == "worker" and peer_host == ws.host
 
 
 def _client_only(op: str, handler):
@@ -75,8 +113,30 @@ def _client_only(op: str, handler):
     return guarded
 
 
+def _own_worker_only(scheduler, op: str, arg: str, handler):
+    from distributed.core import _expects_comm
+
+    pass_comm = _expects_comm(handler)
+
+    def guarded(comm, *args, **kwargs):
+        if peer_role(comm) == "worker":
+            named = kwargs.get(arg)
+            addresses = [named] if isinstance(named, str) else list(named or ())
+            if not addresses or not all(_is_own(scheduler, comm, a) for a in addresses):
+                logger.warning("refused %r of %s from %s: a worker certificate may name only "
+                               "its own worker", op, addresses or "any worker",
+                               comm.peer_address)
+                raise RefusedOperation(f"{op!r} of another worker needs a client certificate")
+        return handler(comm, *args, **kwargs) if pass_comm else handler(*args, **kwargs)
+
+    guarded.__name__ = getattr(handler, "__name__", op)
+    guarded._rpicluster_guarded = True
+    return guarded
+
+
 def guard(scheduler) -> None:
-    """Remove :data:`REMOVED` and restrict :data:`CLIENT_ONLY` on ``scheduler`` (idempotent)."""
+    """Remove :data:`REMOVED`, restrict :data:`CLIENT_ONLY` and :data:`OWN_WORKER` on
+    ``scheduler`` (idempotent)."""
     # distributed's own switch (config distributed.scheduler.blocked-handlers): the caller gets
     # "The 'run_function' handler has been explicitly disallowed in Scheduler".
     scheduler.blocked_handlers = [*scheduler.blocked_handlers,
@@ -85,6 +145,10 @@ def guard(scheduler) -> None:
         handler = scheduler.handlers.get(op)
         if handler is not None and not getattr(handler, "_rpicluster_guarded", False):
             scheduler.handlers[op] = _client_only(op, handler)
+    for op, arg in OWN_WORKER.items():
+        handler = scheduler.handlers.get(op)
+        if handler is not None and not getattr(handler, "_rpicluster_guarded", False):
+            scheduler.handlers[op] = _own_worker_only(scheduler, op, arg, handler)
 
 
 async def dask_setup(scheduler) -> None:
