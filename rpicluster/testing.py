@@ -79,6 +79,19 @@ def _free_subnet() -> int:
     raise RuntimeError("no free 10.77.X.0/24 test subnet")
 
 
+def sshd_config(host: "TestHost", hdir: Path | str, authorized: Path | str, *, sftp: bool = True,
+                extra=()) -> str:
+    """A key-only sshd config for ``host`` with its files in ``hdir`` (paths as sshd sees them)."""
+    return "\n".join([
+        f"ListenAddress {host.address}", "Port 22", f"HostKey {hdir}/ssh_host_ed25519_key",
+        f"PidFile {hdir}/sshd.pid", f"AuthorizedKeysFile {authorized}",
+        "PubkeyAuthentication yes", "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no", *extra,
+        "StrictModes no", "UsePAM no", "AllowAgentForwarding no", "X11Forwarding no",
+        *(["Subsystem sftp internal-sftp"] if sftp else []),
+        "LogLevel ERROR", "MaxStartups 50", ""])
+
+
 @dataclass
 class TestHost:
     """One namespace host."""
@@ -153,8 +166,8 @@ class NamespaceHosts:
         _ip("link", "set", self.bridge, "up")
         for i in range(1, n + 1):
             name = f"pi{i}"
-            hdir = self.directory / name
-            hdir.mkdir(exist_ok=True)
+            hdir = self._host_dir(name)
+            hdir.mkdir(parents=True, exist_ok=True)
             host = TestHost(name=name, netns=f"{self.tag}-{name}", address=f"10.77.{x}.{10 + i}",
                             veth=f"v{self.tag}p{i}", host_key=hdir / "ssh_host_ed25519_key",
                             host_public_key="")
@@ -168,19 +181,7 @@ class NamespaceHosts:
             _ip("link", "set", "lo", "up", netns=host.netns)
             _ip("addr", "add", f"{host.address}/24", "dev", f"{host.veth}i", netns=host.netns)
             _ip("link", "set", f"{host.veth}i", "up", netns=host.netns)
-            config = hdir / "sshd_config"
-            config.write_text("\n".join([
-                f"ListenAddress {host.address}", "Port 22", f"HostKey {host.host_key}",
-                f"PidFile {hdir / 'sshd.pid'}", f"AuthorizedKeysFile {authorized}",
-                "PubkeyAuthentication yes", "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password",
-                "StrictModes no", "UsePAM no", "AllowAgentForwarding no", "X11Forwarding no",
-                *([] if name in without_sftp else ["Subsystem sftp internal-sftp"]),
-                "LogLevel ERROR", "MaxStartups 50", ""]))
-            host.sshd = subprocess.Popen(
-                ["ip", "netns", "exec", host.netns, SSHD, "-D", "-f", str(config),
-                 "-E", str(hdir / "sshd.log")],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            host.sshd = self._start_sshd(host, hdir, authorized, sftp=name not in without_sftp)
             if name == cpu_capped:
                 self._cap(host, cpu_quota)
         self.known_hosts = self.directory / "known_hosts"
@@ -188,6 +189,27 @@ class NamespaceHosts:
                                             for h in self.hosts.values()))
         for host in self.hosts.values():
             self._wait_port(host)
+
+    def _host_dir(self, name: str) -> Path:
+        """Where host ``name``'s keys, sshd config, pid file and log go."""
+        return self.directory / name
+
+    def _inventory_lines(self, name: str) -> str:
+        """Extra TOML lines of host ``name``'s ``[[workers]]`` group (a subclass's own user,
+        python or directories)."""
+        return ""
+
+    def _start_sshd(self, host: TestHost, hdir: Path, authorized: Path, *,
+                    sftp: bool) -> subprocess.Popen:
+        """Write host's sshd config and start its sshd in its namespace (a subclass may run it
+        elsewhere, e.g. in a foreign-architecture root)."""
+        config = hdir / "sshd_config"
+        config.write_text(sshd_config(host, hdir, authorized, sftp=sftp,
+                                      extra=["PermitRootLogin prohibit-password"]))
+        return subprocess.Popen(
+            ["ip", "netns", "exec", host.netns, SSHD, "-D", "-f", str(config),
+             "-E", str(hdir / "sshd.log")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def _cap(self, host: TestHost, quota: float) -> None:
         if cpu_cgroup_unavailable():
@@ -208,7 +230,7 @@ class NamespaceHosts:
                     return
             except OSError:
                 if host.sshd.poll() is not None or time.monotonic() > deadline:
-                    log = (self.directory / host.name / "sshd.log")
+                    log = host.host_key.parent / "sshd.log"
                     raise RuntimeError(f"sshd of {host.name} did not start: "
                                        f"{log.read_text() if log.exists() else ''}") from None
                 time.sleep(0.1)
@@ -230,7 +252,7 @@ class NamespaceHosts:
         groups = "".join(
             f'[[workers]]\nhost = "{self.hosts[n].address}"\nnthreads = {nthreads}\n'
             f'memory = "{memory}"\ntags = {list(tags(n, n == self.capped))!r}\n'.replace("'", '"')
-            + (f'data = "{data(n)}"\n' if data else "")
+            + (f'data = "{data(n)}"\n' if data else "") + self._inventory_lines(n)
             for n in (names or self.hosts))
         path = Path(path)
         path.write_text(f"""[scheduler]

@@ -191,9 +191,10 @@ def test_scheduler_unit_runs_the_start_spec_up_sends(home):
                               tls=remote.tls_paths(unit.tls_dir))
     argv = unit_argv(unit)
     assert argv[1:] == remote.command(start)[1:]
-    # The guard (no client-sent code on the scheduler) first, then the page.
+    # The guard (no client-sent code on the scheduler) first, then the page, then Dask's
+    # version check without the noise.
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "--preload"] == [
-        "rpicluster.deploy.guard", "rpicluster.dashboard"]
+        "rpicluster.deploy.guard", "rpicluster.dashboard", "rpicluster.deploy.versions"]
     assert argv[argv.index("--tls-cert") + 1] == f"{workdir}/tls/node.pem"
 
 

@@ -323,7 +323,7 @@ def _provisioned(hosts, inventory, tmp_path, requirements):
     venv = tmp_path / "venv"
     path = inventory(names=("pi1",), python=f"{venv}/bin/python")
     result = provision(path, requirements=requirements, wheelhouse=tmp_path / "wheelhouse")
-    return path, venv, result[hosts.hosts["pi1"].address].value
+    return path, venv, result[hosts.hosts["pi1"].address].value["versions"]
 
 
 def test_provision_creates_the_venv_offline_from_a_pushed_wheelhouse(hosts, inventory, tmp_path):

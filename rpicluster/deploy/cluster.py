@@ -28,6 +28,7 @@ from rpicluster.deploy.ssh import Connection, LocalConnection, fan_out
 from rpicluster.deploy.state import (ClusterState, cluster_dir, cluster_id, load_state,
                                      node_from_json, node_to_json, recorded_id)
 from rpicluster.deploy.tls import CertFiles, CertificateAuthority
+from rpicluster.deploy.versions import report_mismatches
 from rpicluster.errors import (BootstrapError, ConfigError, HostsFailedError, RPiClusterError,
                                SSHError)
 from rpicluster.inventory import ClusterSpec, NodeSpec, load_inventory
@@ -369,13 +370,22 @@ def up(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
     if state.tls:
         rotate_certificates(spec)
     if provision:
-        from rpicluster.deploy.provision import provision as _provision
+        from rpicluster.deploy.provision import one_line, provision as _provision
 
-        _provision(spec, accept_new_hosts=accept_new_hosts, ssh_timeout=ssh_timeout)
+        try:
+            _provision(spec, accept_new_hosts=accept_new_hosts, ssh_timeout=ssh_timeout)
+        except HostsFailedError as exc:
+            # Nothing is started: every host's row says whether it was provisioned.
+            raise HostsFailedError(str(exc), Report("", "", tuple(
+                HostRow(h, "worker", "provisioned" if r.ok else "failed", None,
+                        "" if r.ok else one_line(r.error)) for h, r in exc.report.items()))
+            ) from None
     client, sched_row = _ensure_scheduler(spec, state, accept_new_hosts, ssh_timeout)
     try:
-        return _reconcile(spec, state, client, sched_row, accept_new_hosts, join_timeout,
-                          ssh_timeout)
+        report = _reconcile(spec, state, client, sched_row, accept_new_hosts, join_timeout,
+                            ssh_timeout)
+        report_mismatches(client, str(spec.path))
+        return report
     except HostsFailedError as exc:
         if sched_row.state != "started" or any(
                 r.role == "worker" and r.state in ("started", "running") for r in exc.report.rows):

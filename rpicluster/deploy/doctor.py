@@ -2,7 +2,9 @@
 
 Each host gets :mod:`rpicluster.deploy.health` sent to its interpreter over SSH (so the checks
 work before rpicluster is installed there) and its facts are compared with this machine's:
-package versions must match exactly (tasks and models are pickled between them).
+package versions must match exactly (tasks and models are pickled between them). A host with no
+venv yet is probed with its system ``python3``: its platform, memory, disk and health are
+reported with the wheels ``up --provision`` would install there.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from pathlib import Path
 
 from rpicluster import config
 from rpicluster.deploy import health
+from rpicluster.deploy.hostfacts import (BASE_PYTHON, InterpreterMissing, platform_problems,
+                                         probe_host, userland_arch)
 from rpicluster.deploy.hosts import is_local_host
 from rpicluster.deploy.ssh import Connection, fan_out
 from rpicluster.errors import SSHError
 from rpicluster.inventory import ClusterSpec, NodeSpec, load_inventory
 
-#: Architectures with wheels for the whole stack.
-SUPPORTED_ARCH = ("aarch64", "armv7l", "x86_64")
 #: Less free disk than this in the worker directory's filesystem is a warning.
 MIN_DISK = 1 << 30
 
@@ -45,31 +47,9 @@ def local_versions() -> dict[str, str | None]:
     return health.probe()["versions"]
 
 
-def probe_host(conn: Connection, args: dict, interpreter: str | None = None) -> dict:
-    """Run :func:`rpicluster.deploy.health.probe` on a host by sending it the module's source.
-
-    Raises
-    ------
-    SSHError
-        The interpreter is missing or failed.
-    """
-    python = interpreter or conn.node.python
-    source = Path(health.__file__).read_bytes()
-    res = conn.python(["-", json.dumps(args)], stdin=source, check=False, interpreter=python)
-    if res.exit_status == 127:
-        raise SSHError(f"{conn.host}: python not found at {python} "
-                       "(set python = ... in the inventory, or run up --provision)")
-    if res.exit_status != 0:
-        raise SSHError(f"{conn.host}: {python} failed: "
-                       f"{(res.stderr or res.stdout).strip()[-300:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 def compare(facts: dict, desktop: dict, node: NodeSpec) -> tuple[list[str], list[str]]:
     """Errors and warnings of one host's facts against this machine's."""
-    errors, warnings = [], []
-    if facts["arch"] not in SUPPORTED_ARCH:
-        errors.append(f"architecture {facts['arch']} (supported: {', '.join(SUPPORTED_ARCH)})")
+    errors, warnings = platform_problems(facts), []
     if facts["python"].rsplit(".", 1)[0] != desktop["python"].rsplit(".", 1)[0]:
         errors.append(f"python {facts['python']} here, {desktop['python']} on the desktop")
     for name, want in desktop["versions"].items():
@@ -135,11 +115,17 @@ def doctor(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = Fals
     sched = spec.scheduler
 
     def check(node: NodeSpec) -> HostCheck:
+        args = {"scheduler_host": sched.host, "scheduler_port": sched.scheduler_port,
+                "directory": node.local_directory}
         with Connection(node, accept_new_hosts=accept_new_hosts, timeout=ssh_timeout) as conn:
             try:
-                facts = probe_host(conn, {"scheduler_host": sched.host,
-                                          "scheduler_port": sched.scheduler_port,
-                                          "directory": node.local_directory})
+                facts = probe_host(conn, args)
+            except InterpreterMissing as missing:
+                try:   # not provisioned yet: what the system Python can tell
+                    facts = probe_host(conn, args, interpreter=BASE_PYTHON)
+                except SSHError:
+                    return HostCheck(node.host, {"reachable": True}, (str(missing),))
+                return _unprovisioned(node, facts, spec)
             except SSHError as exc:
                 return HostCheck(node.host, {"reachable": True}, (str(exc),))
         errors, warnings = compare(facts, desktop, node)
@@ -149,6 +135,25 @@ def doctor(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = Fals
         results = fan_out(spec.workers, check)
     return [r.value if r.ok else HostCheck(h, {"reachable": False}, (r.error,))
             for h, r in results.items()]
+
+
+def _unprovisioned(node: NodeSpec, facts: dict, spec: ClusterSpec) -> HostCheck:
+    """The check of a host with no venv yet: its system Python's facts, its platform problems,
+    and the wheels ``up --provision`` would install (``facts["provision"]``)."""
+    from rpicluster.deploy.provision import pinned_requirements, platform_key, platform_tags
+
+    problems = platform_problems(facts)
+    plan = None
+    if not problems:
+        plan = {"platform": platform_key(facts),
+                "tag": platform_tags(facts["arch"], facts["glibc"])[0],
+                "wheels": pinned_requirements()}
+        problems = [f"no venv at {node.python} yet: rpicluster up -c {spec.path} --provision "
+                    f"installs {len(plan['wheels'])} wheels for {plan['tag']} "
+                    f"{facts['python_tag']} there (no internet needed on the host)"]
+    facts = {"reachable": True, **facts, "versions": {}, "provision": plan,
+             "system_python": True}
+    return HostCheck(node.host, facts, tuple(problems))
 
 
 def table_rows(checks: list[HostCheck]) -> tuple[list[str], list[list[object]]]:
@@ -167,9 +172,15 @@ def table_rows(checks: list[HostCheck]) -> tuple[list[str], list[list[object]]]:
             rows.append([c.host, "FAIL", *[""] * 9, "; ".join(c.errors)])
             continue
         mismatched = [e.split()[0] for e in c.errors if "on the desktop" in e]
+        if f.get("system_python"):
+            plan = f.get("provision")
+            packages = (f"not installed; --provision: {len(plan['wheels'])} wheels"
+                        if plan else "not installed")
+        else:
+            packages = "match" if not mismatched else "MISMATCH: " + ", ".join(mismatched)
         rows.append([
-            c.host, "ok" if c.ok else "FAIL", f["arch"], f"{f['os']} / glibc {f['glibc']}",
-            f["python"], "match" if not mismatched else "MISMATCH: " + ", ".join(mismatched),
+            c.host, "ok" if c.ok else "FAIL", userland_arch(f),
+            f"{f['os']} / glibc {f['glibc']}", f["python"], packages,
             size(f["mem_available"]), size(f["disk_free"]),
             "reachable" if not f["scheduler_error"] else "UNREACHABLE",
             f"{f['temperature']:.1f} C" if f["temperature"] is not None else "n/a",

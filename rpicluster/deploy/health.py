@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 
@@ -142,6 +143,8 @@ def probe(scheduler_host: str | None = None, scheduler_port: int | None = None,
         "glibc": libc[1] if libc[0] == "glibc" else None,
         "python": platform.python_version(),
         "python_tag": f"cp{sys.version_info[0]}{sys.version_info[1]}",
+        # A 32-bit userland on a 64-bit kernel reports the kernel's aarch64 as its machine.
+        "bits": struct.calcsize("P") * 8,
         "versions": versions(),
         "mem_total": mem.get("MemTotal"),
         "mem_available": mem.get("MemAvailable"),

@@ -2,31 +2,38 @@
 
 On the desktop, a wheelhouse is built per host platform (architecture, Python, glibc): the
 pinned dependency closure of rpicluster is fetched with ``pip download --only-binary=:all:
---platform ...`` for that platform, and rpicluster itself is built as a wheel. It is pushed over
+--platform ...`` for that platform, and rpicluster's own wheel comes from this install (built from
+its source tree, or repacked from the installed files of a wheel install). It is pushed over
 SSH (``cat`` on a command's stdin: no SFTP needed), and the venv named by the node's ``python``
 (``<venv>/bin/python``) is created with the host's ``python3`` and filled from the wheelhouse
 only (``--no-index``; every pinned wheel is installed with ``--no-deps``, so exactly these
-versions and nothing else).
+versions and nothing else). A marker in the venv records the wheelhouse's digest: a host that
+already has this very wheelhouse installed is left alone (``up --provision`` twice installs once).
+
+Before anything is pushed, each host is checked with its system Python alone (32-bit userland,
+Python under the floor, a wheel missing for its platform, too little disk): one line per host.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
 from rpicluster import __version__, config
-from rpicluster.deploy.doctor import probe_host
+from rpicluster.deploy.hostfacts import BASE_PYTHON, platform_problems, probe_host
 from rpicluster.deploy.ssh import Connection, GroupResult, fan_out, shell_path
 from rpicluster.errors import BootstrapError, ConfigError, HostsFailedError
 from rpicluster.inventory import ClusterSpec, NodeSpec, load_inventory
-
-#: Interpreter on a host that creates the venv (found on the remote PATH).
-BASE_PYTHON = "python3"
 
 
 def _canonical(name: str) -> str:
@@ -76,14 +83,65 @@ def platform_tags(arch: str, glibc: str | None) -> list[str]:
     return tags + [f"linux_{arch}"]
 
 
-def _project_wheel(out: Path) -> Path:
-    """Build rpicluster's own wheel from its source tree (it is not on an index)."""
+def _source_tree(dist: metadata.Distribution) -> Path | None:
+    """The source tree rpicluster runs from (editable or in-place), or None for a wheel install."""
     import rpicluster
 
+    try:
+        url = json.loads(dist.read_text("direct_url.json") or "{}")
+    except ValueError:
+        url = {}
+    if url.get("dir_info", {}).get("editable"):
+        return Path(url["url"].removeprefix("file://"))
     source = Path(rpicluster.__file__).resolve().parents[1]
-    if not (source / "pyproject.toml").exists():
-        raise ConfigError(f"--provision needs rpicluster installed from a source tree; "
-                          f"{source} has no pyproject.toml")
+    if (source / "pyproject.toml").exists() and not (source / f"{dist.name}-{dist.version}"
+                                                     ".dist-info").exists():
+        return source
+    return None
+
+
+def _record_hash(data: bytes) -> str:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"sha256={digest}"
+
+
+def repack_installed(dist: metadata.Distribution, out: Path) -> Path:
+    """Rebuild the wheel of an installed (non-editable) distribution from its files.
+
+    Every file its RECORD lists inside site-packages goes back in (compiled ``.pyc`` and the
+    installer's own records excepted; console scripts are made again from entry_points.txt by
+    the installer), with a new RECORD.
+    """
+    skip = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}
+    info = f"{dist.name}-{dist.version}.dist-info"
+    tag = next((line.split(":", 1)[1].strip() for line in
+                (dist.read_text("WHEEL") or "").splitlines() if line.startswith("Tag:")),
+               "py3-none-any")
+    wheel = out / f"{dist.name}-{dist.version}-{tag}.whl"
+    tmp = wheel.with_name(wheel.name + ".partial")
+    rows = []
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in dist.files or ():
+            name = str(f)
+            if (name.startswith("..") or "__pycache__" in f.parts or name.endswith(".pyc")
+                    or (f.parts[0] == info and f.name in skip)):
+                continue
+            data = Path(dist.locate_file(f)).read_bytes()
+            zf.writestr(name, data)
+            rows.append(f"{name},{_record_hash(data)},{len(data)}")
+        rows.append(f"{info}/RECORD,,")
+        zf.writestr(f"{info}/RECORD", "\n".join(rows) + "\n")
+    tmp.rename(wheel)
+    return wheel
+
+
+def _project_wheel(out: Path) -> Path:
+    """rpicluster's own wheel (it is not on an index), from whatever this install is: built from
+    its source tree (editable or in-place), else repacked from the installed files."""
+    dist = metadata.distribution("rpicluster")
+    source = _source_tree(dist)
+    if source is None:
+        return repack_installed(dist, out)
     _pip(["wheel", "--no-deps", "-w", str(out), str(source)])
     (wheel,) = out.glob(f"rpicluster-{__version__}-*.whl")
     return wheel
@@ -96,25 +154,71 @@ def _pip(args: list[str]) -> None:
         raise BootstrapError(f"pip {' '.join(args[:1])} failed: {proc.stderr.strip()[-2000:]}")
 
 
+def platform_key(facts: dict) -> str:
+    """The wheelhouse a host with these facts needs: ``aarch64-cp311-glibc2.36``."""
+    return f"{facts['arch']}-{facts['python_tag']}-glibc{facts['glibc']}"
+
+
 def build_wheelhouse(facts: dict, out: Path, requirements: list[str]) -> Path:
     """Download ``requirements`` as wheels for the platform in ``facts`` into ``out``.
 
     ``facts`` is a host's :func:`rpicluster.deploy.health.probe` result; ``rpicluster`` in
-    ``requirements`` is built from source instead of downloaded.
+    ``requirements`` is this install's own wheel, made again each time (the code may have
+    changed under the same version). Wheels already in ``out`` are used, so a wheel the index
+    lacks can be put there by hand.
+
+    Raises
+    ------
+    BootstrapError
+        No wheel of a requirement for this platform (one line naming it), or pip failed.
     """
     out.mkdir(parents=True, exist_ok=True)
     others = [r for r in requirements if _canonical(r.split("==")[0]) != "rpicluster"]
-    if len(others) < len(requirements) and not list(out.glob(f"rpicluster-{__version__}-*.whl")):
-        _project_wheel(out)
+    if len(others) < len(requirements):
+        with tempfile.TemporaryDirectory() as tmp:
+            wheel = _project_wheel(Path(tmp))
+            for old in out.glob("rpicluster-*.whl"):
+                old.unlink()
+            shutil.move(wheel, out / wheel.name)
     if others:
         version = facts["python"].rsplit(".", 1)[0]
+        tags = platform_tags(facts["arch"], facts["glibc"])
         args = ["download", "--only-binary=:all:", "--no-deps", "-d", str(out),
-                "--python-version", version, "--implementation", "cp",
+                "--find-links", str(out), "--python-version", version, "--implementation", "cp",
                 "--abi", facts["python_tag"], "--abi", "abi3", "--abi", "none"]
-        for tag in platform_tags(facts["arch"], facts["glibc"]):
+        for tag in tags:
             args += ["--platform", tag]
-        _pip(args + others)
+        try:
+            _pip(args + others)
+        except BootstrapError as exc:
+            missing = re.search(r"No matching distribution found for (\S+)", str(exc))
+            if missing is None:
+                raise
+            req = missing.group(1)
+            raise BootstrapError(
+                f"no wheel of {req} for {facts['arch']} / {facts['python_tag']} / glibc "
+                f"{facts['glibc']} (pip found none for {tags[0]} or older); on this machine "
+                f"install a {req.split('==')[0]} version that has one, or put its wheel in "
+                f"{out}") from None
     return out
+
+
+def wheelhouse_digest(wheels: list[Path]) -> str:
+    """A digest of wheels' names and contents (their RECORDs, which hash every file): the same
+    for a wheel rebuilt from unchanged files, whatever the zip's timestamps."""
+    h = hashlib.sha256()
+    for wheel in sorted(wheels, key=lambda w: w.name):
+        with zipfile.ZipFile(wheel) as zf:
+            record = next((n for n in zf.namelist() if n.endswith(".dist-info/RECORD")), None)
+            h.update(wheel.name.encode() + b"\0" + (zf.read(record) if record else
+                                                      wheel.read_bytes()) + b"\0")
+    return h.hexdigest()
+
+
+#: The installed venv takes about this many times its wheels' (compressed) size.
+VENV_EXPANSION = 3
+#: In the venv: the digest of the wheelhouse it was filled from.
+MARKER = "rpicluster-wheelhouse.sha256"
 
 
 def _venv_of(node: NodeSpec) -> str:
@@ -125,10 +229,25 @@ def _venv_of(node: NodeSpec) -> str:
     return python.rsplit("/bin/", 1)[0]
 
 
+def one_line(message: str) -> str:
+    """A host's error as one line: its first line, and the last line naming an error if the
+    message goes on (pip's and a remote command's output)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return message.strip()
+    last = [line for line in lines[1:] if "Error" in line or "error" in line]
+    return f"{lines[0]} ... {last[-1] if last else lines[-1]}"[:600]
+
+
 def provision(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
               ssh_timeout: float | None = None, requirements: list[str] | None = None,
               wheelhouse: Path | None = None) -> GroupResult:
     """Create every worker host's venv with this machine's exact package versions, offline.
+
+    Each host is first checked with its system ``python3`` (:func:`platform_problems`: 32-bit
+    userland, Python under rpicluster's floor), then its platform's wheelhouse is built here (a
+    wheel missing for it is named), its disk checked for the wheelhouse and the venv, and only
+    then anything is pushed. A venv already filled from the same wheelhouse is left alone.
 
     Parameters
     ----------
@@ -142,12 +261,13 @@ def provision(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = F
     Returns
     -------
     GroupResult
-        Per host: the versions now installed.
+        Per host: ``{"versions": {name: version}, "installed": bool, "wheels": int,
+        "platform": key}``; ``installed`` is false where the venv was already up to date.
 
     Raises
     ------
     HostsFailedError
-        A host could not be provisioned; the others are.
+        A host could not be provisioned (one line each); the others are.
     """
     spec = inventory if isinstance(inventory, ClusterSpec) else load_inventory(inventory)
     ssh_timeout = config.SSH_TIMEOUT if ssh_timeout is None else ssh_timeout
@@ -158,32 +278,69 @@ def provision(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = F
     def one(node: NodeSpec) -> dict:
         venv = _venv_of(node)
         with Connection(node, accept_new_hosts=accept_new_hosts, timeout=ssh_timeout) as conn:
-            facts = probe_host(conn, {}, interpreter=BASE_PYTHON)
-            key = f"{facts['arch']}-{facts['python_tag']}-glibc{facts['glibc']}"
+            facts = probe_host(conn, {"directory": node.local_directory},
+                               interpreter=BASE_PYTHON)
+            problems = platform_problems(facts)
+            if problems:
+                raise BootstrapError(f"{node.host}: {problems[0]}")
+            key = platform_key(facts)
             with build_lock:
-                local = build_wheelhouse(facts, wheelhouse / key, requirements)
+                try:
+                    local = build_wheelhouse(facts, wheelhouse / key, requirements)
+                except BootstrapError as exc:
+                    raise BootstrapError(f"{node.host}: {one_line(str(exc))}") from None
             wheels = sorted(local.glob("*.whl"))
-            remote = conn.resolve(f"{node.local_directory}/wheelhouse")
-            conn.makedirs(remote)
-            for w in wheels:
-                conn.put_file(w, f"{remote}/{w.name}")
-            pip_wheel = next((w.name for w in wheels if w.name.startswith("pip-")), None)
-            if pip_wheel is None:
-                raise BootstrapError(f"{node.host}: the wheelhouse has no pip wheel")
+            digest = wheelhouse_digest(wheels)
             venv_sh = shell_path(venv)
-            conn.run(f"{BASE_PYTHON} -m venv --without-pip {venv_sh}")
-            names = " ".join(shell_path(f"{remote}/{w.name}") for w in wheels)
-            # pip runs from its own wheel, so the host needs no ensurepip (python3-venv).
-            conn.run(f"{venv_sh}/bin/python {shell_path(f'{remote}/{pip_wheel}')}/pip install "
-                     f"--disable-pip-version-check --no-index --no-deps --force-reinstall "
-                     f"-q {names}", timeout=config.PROVISION_TIMEOUT)
+            have = conn.run(f"cat {venv_sh}/{MARKER}", check=False)
+            if have.exit_status == 0 and have.stdout.strip() == digest:
+                installed = False
+            else:
+                _check_disk(node, facts, wheels)
+                _install(conn, node, venv_sh, wheels)
+                conn.put_bytes(f"{digest}\n".encode(), f"{conn.resolve(venv)}/{MARKER}",
+                               mode=0o644)
+                installed = True
             res = conn.python(["-c", "import json, importlib.metadata as m; print(json.dumps("
                                "{d.metadata['Name']: d.version for d in m.distributions()}))"])
-        return json.loads(res.stdout)
+        return {"versions": json.loads(res.stdout), "installed": installed,
+                "wheels": len(wheels), "platform": key}
 
     results = fan_out(spec.workers, one)
     if not results.ok:
-        raise HostsFailedError(f"{spec.path}: provisioning failed on some hosts:\n" + "\n".join(
-            f"{h}: {r.error}" for h, r in results.failed.items()), results)
+        raise HostsFailedError(f"{spec.path}: provisioning failed on some hosts (nothing was "
+                               "started):\n" + "\n".join(
+                                   f"{h}: {one_line(r.error).removeprefix(f'{h}: ')}"
+                                   for h, r in results.failed.items()), results)
     return results
 
+
+def _check_disk(node: NodeSpec, facts: dict, wheels: list[Path]) -> None:
+    """Refuse, in one line, a host whose disk cannot hold the wheelhouse and the venv."""
+    size = sum(w.stat().st_size for w in wheels)
+    need = size * (1 + VENV_EXPANSION)
+    free = facts.get("disk_free")
+    if free is not None and free < need:
+        raise BootstrapError(
+            f"{node.host}: {free >> 20} MiB free at {node.local_directory}, but the wheelhouse "
+            f"needs {size >> 20} MiB and the venv about {(size * VENV_EXPANSION) >> 20} MiB "
+            f"more; free {(need - free) >> 20} MiB there, or point local_directory and python "
+            "at a bigger disk")
+
+
+def _install(conn: Connection, node: NodeSpec, venv_sh: str, wheels: list[Path]) -> None:
+    """Push the wheels and fill the venv from them alone (no index, no dependencies)."""
+    conn.run(f"rm -f {venv_sh}/{MARKER}")   # a half-done install must not read as done
+    remote = conn.resolve(f"{node.local_directory}/wheelhouse")
+    conn.makedirs(remote)
+    for w in wheels:
+        conn.put_file(w, f"{remote}/{w.name}")
+    pip_wheel = next((w.name for w in wheels if w.name.startswith("pip-")), None)
+    if pip_wheel is None:
+        raise BootstrapError(f"{node.host}: the wheelhouse has no pip wheel")
+    conn.run(f"{BASE_PYTHON} -m venv --without-pip {venv_sh}")
+    names = " ".join(shell_path(f"{remote}/{w.name}") for w in wheels)
+    # pip runs from its own wheel, so the host needs no ensurepip (python3-venv).
+    conn.run(f"{venv_sh}/bin/python {shell_path(f'{remote}/{pip_wheel}')}/pip install "
+             f"--disable-pip-version-check --no-index --no-deps --force-reinstall "
+             f"-q {names}", timeout=config.PROVISION_TIMEOUT, what="pip install (wheelhouse)")

@@ -34,6 +34,7 @@ import sys
 import time
 
 from rpicluster.deploy.guard import GUARD
+from rpicluster.deploy.versions import PRELOAD as VERSIONS
 from rpicluster.deploy.workdir import private_directory
 from rpicluster.errors import ConfigError
 from rpicluster.events import PRELOAD
@@ -78,7 +79,8 @@ def start_spec(role: str, target, *, local_directory: str, tls: dict | None,
                 "local_directory": local_directory, "tls": tls, "env": dict(target.node.env),
                 # The guard (no client-sent code on the scheduler, worker certificates are not
                 # clients), then the rpicluster dashboard page (training progress, worker health).
-                "preload": [GUARD, PRELOAD]}
+                # Dask's version warnings without the noise (deploy/versions.py).
+                "preload": [GUARD, PRELOAD, VERSIONS]}
     if role == "worker":
         return {"action": "start", "role": "worker", "name": target.name, "scheduler": scheduler,
                 "nthreads": target.nthreads, "memory_limit": target.memory,

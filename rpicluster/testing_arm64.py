@@ -1,0 +1,345 @@
+"""Emulated 64-bit ARM hosts (a Raspberry Pi 4's Cortex-A72) beside the x86 namespace hosts.
+
+:class:`Arm64Hosts` is :class:`rpicluster.testing.NamespaceHosts` where the hosts named in
+``arm64`` run an arm64 Debian bookworm root under qemu-user (binfmt_misc): their sshd, and
+everything started over SSH, is aarch64 code with ``QEMU_CPU=cortex-a72`` (without it qemu
+emulates its "max" CPU, numpy sees SVE/SME and OpenBLAS picks a kernel no Pi has; with it, a
+wheel that uses instructions a Pi 4 lacks dies with "illegal instruction" here, not on a Pi).
+
+The root is built once by ``debootstrap`` and cached outside the repository in
+``$RPICLUSTER_ARM64_CACHE/bookworm-root`` (default ``/var/cache/rpicluster-arm64``), built
+in ``bookworm-root.partial`` and renamed when complete, so a killed build is never taken for a
+root. Each :class:`Arm64Hosts` mounts an overlay on it (the cache stays as debootstrap left it;
+the hosts' writes go to the instance's directory), with proc, sysfs, devpts and /dev/shm, adds
+user ``pi`` and runs sshd there in the host's namespace (no route out: provisioning is
+offline). The provisioned venv can be kept in the cache (:meth:`Arm64Hosts.save_venv`) and is
+put back into the next instance's root, so a developer's rerun skips the ~6 min of pip under
+emulation when ``up --provision`` finds the same wheelhouse installed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from rpicluster.testing import NamespaceHosts, TestHost, sshd_config, unavailable as _netns
+
+SUITE = "bookworm"
+#: What a Pi OS Bookworm host has before provisioning (plus sshd to reach it).
+INCLUDE = "python3,python3-venv,openssh-server,ca-certificates"
+QEMU_CPU = "cortex-a72"
+USER = "pi"
+#: Where ``up --provision`` puts the venv, and the workers' directory, on an arm64 host.
+VENV = "/home/pi/.venvs/rpicluster"
+PYTHON = f"{VENV}/bin/python"
+WORKDIR = "/home/pi/rpicluster"
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
+QEMU = "qemu-aarch64-static"
+#: Inside the root: the test hosts' sshd files.
+_ETC = "etc/rpicluster-test"
+
+
+def cache_dir() -> Path:
+    """``$RPICLUSTER_ARM64_CACHE``, default ``/var/cache/rpicluster-arm64``."""
+    return Path(os.environ.get("RPICLUSTER_ARM64_CACHE") or "/var/cache/rpicluster-arm64")
+
+
+def root_path() -> Path:
+    """The cached arm64 root (complete when it exists)."""
+    return cache_dir() / f"{SUITE}-root"
+
+
+def enable_binfmt() -> str | None:
+    """Make the kernel run aarch64 binaries through qemu (mount binfmt_misc, register
+    qemu-aarch64 with flag F so it works in a chroot); why not, or None."""
+    if shutil.which(QEMU) is None:
+        return f"{QEMU} is missing (apt-get install qemu-user-static binfmt-support)"
+    if not (BINFMT / "status").exists():
+        subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)],
+                       capture_output=True)
+    entry = BINFMT / "qemu-aarch64"
+    if not entry.exists() and shutil.which("update-binfmts"):
+        subprocess.run(["update-binfmts", "--enable", "qemu-aarch64"], capture_output=True)
+    try:
+        text = entry.read_text()
+    except OSError:
+        return (f"binfmt_misc has no qemu-aarch64 entry ({entry}); run "
+                "update-binfmts --enable qemu-aarch64 (package binfmt-support)")
+    flags = re.search(r"^flags: *(\S*)", text, re.M)
+    if not text.startswith("enabled") or flags is None or "F" not in flags.group(1):
+        return f"{entry} is not enabled with flag F (it must work inside a chroot): {text[:80]!r}"
+    return None
+
+
+def unavailable() -> str | None:
+    """Why arm64 hosts cannot be built here, or None when they can."""
+    reason = _netns()
+    if reason:
+        return reason
+    if os.uname().machine != "x86_64":
+        return f"the arm64 fixture emulates arm64 on x86_64 (this is {os.uname().machine})"
+    if "overlay" not in Path("/proc/filesystems").read_text():
+        subprocess.run(["modprobe", "overlay"], capture_output=True)
+        if "overlay" not in Path("/proc/filesystems").read_text():
+            return "the kernel has no overlay filesystem"
+    reason = enable_binfmt()
+    if reason:
+        return reason
+    if not root_path().exists() and shutil.which("debootstrap") is None:
+        return f"no arm64 root at {root_path()} and debootstrap is missing to build it"
+    return None
+
+
+def debian_mirror() -> str:
+    """The Debian mirror apt already uses here (deb822 or one-line sources), else deb.debian.org."""
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    try:
+        for line in sources.read_text().splitlines():
+            if line.startswith("URIs:"):
+                for uri in line.split()[1:]:
+                    if uri.rstrip("/").endswith("/debian"):
+                        return uri
+    except OSError:
+        pass
+    try:
+        for line in Path("/etc/apt/sources.list").read_text().splitlines():
+            parts = line.split()
+            if parts[:1] == ["deb"] and parts[-3:-2] != [] and "/debian" in line:
+                return next(p for p in parts if p.startswith("http"))
+    except (OSError, StopIteration):
+        pass
+    return "http://deb.debian.org/debian"
+
+
+def _mounts_under(path: Path) -> list[str]:
+    """Mount points at or under ``path``, deepest first."""
+    prefix = str(path)
+    found = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            point = line.split()[1].replace("\\040", " ")
+            if point == prefix or point.startswith(prefix + "/"):
+                found.append(point)
+    return sorted(found, key=len, reverse=True)
+
+
+def _umount(point: str, timeout: float = 30.0) -> None:
+    """Unmount ``point``, retrying while processes that just died still hold it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = subprocess.run(["umount", point], capture_output=True, text=True)
+        if proc.returncode == 0 or not os.path.ismount(point):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"cannot unmount {point}: {proc.stderr.strip()}")
+        time.sleep(0.2)
+
+
+def _builder_running(partial: Path) -> bool:
+    """Whether a process (a debootstrap of another session) is building ``partial``."""
+    needle = str(partial).encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if needle in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def build_root(log: Path | None = None, timeout: float = 3600) -> Path:
+    """The cached arm64 root, built by debootstrap first when it is missing (~8 min).
+
+    Built in ``<root>.partial`` and renamed when ``chroot <root> uname -m`` says aarch64: an
+    interrupted build is started over, never used. One build at a time (a lock file); a build
+    another process has running (its command line names the partial root) is waited for.
+    """
+    root = root_path()
+    if root.exists():
+        return root
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = root.with_name(root.name + ".partial")
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        deadline = time.monotonic() + timeout
+        while not root.exists() and _builder_running(partial):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{partial} is still being built after {timeout:.0f} s")
+            time.sleep(5)
+        if root.exists():
+            return root
+        if partial.exists():
+            for point in _mounts_under(partial):
+                _umount(point)
+            subprocess.run(["rm", "-rf", "--one-file-system", str(partial)], check=True)
+        out = open(log, "w") if log else subprocess.DEVNULL
+        try:
+            proc = subprocess.run(
+                ["debootstrap", "--arch=arm64", f"--include={INCLUDE}", SUITE, str(partial),
+                 debian_mirror()], stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+        finally:
+            if log:
+                out.close()
+        for point in _mounts_under(partial):
+            _umount(point)
+        if proc.returncode != 0:
+            raise RuntimeError(f"debootstrap of the arm64 root failed (exit {proc.returncode})"
+                               + (f"; see {log}" if log else ""))
+        arch = _chroot(partial, "uname", "-m").stdout.strip()
+        if arch != "aarch64":
+            raise RuntimeError(f"{partial}: uname -m says {arch!r} under qemu, not aarch64")
+        partial.rename(root)
+    return root
+
+
+def _chroot(root: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["chroot", str(root), *cmd], capture_output=True, text=True,
+                          check=check, env={**os.environ, "QEMU_CPU": QEMU_CPU})
+
+
+class Arm64Hosts(NamespaceHosts):
+    """Namespace sshd hosts of which those in ``arm64`` are emulated 64-bit ARM Pis.
+
+    Parameters
+    ----------
+    directory : Path
+        Where keys, configs, the overlay's upper layer and logs go.
+    n : int
+        Number of hosts (pi1 .. piN).
+    arm64 : iterable of str, optional
+        Names of the arm64 hosts (default: all). The others are x86 namespace hosts.
+    restore_venv : bool
+        Put the venv kept by :meth:`save_venv` back into the root (default true; env
+        ``RPICLUSTER_ARM64_FRESH=1`` turns it off: a bare host, as on a fresh machine).
+    **kwargs
+        As for :class:`~rpicluster.testing.NamespaceHosts` (``cpu_capped``, ...).
+
+    Attributes
+    ----------
+    root : Path
+        The arm64 hosts' filesystem as this machine sees it (``root / "home/pi"`` is pi's home).
+    restored : bool
+        Whether a cached venv was put back (the host is not bare).
+
+    The arm64 hosts log in as user ``pi``; :meth:`write_inventory` gives them
+    ``python = VENV/bin/python`` and ``local_directory = /home/pi/rpicluster``. They share one
+    root (as the x86 hosts share this machine's filesystem). Paths of this machine are not
+    visible there: :meth:`share` bind-mounts a folder at the same path (like an NFS export).
+    """
+
+    def __init__(self, directory: str | Path, n: int = 1, *, arm64=None,
+                 restore_venv: bool | None = None, **kwargs) -> None:
+        reason = unavailable()
+        if reason:
+            raise RuntimeError(reason)
+        self.arm64 = set(arm64) if arm64 is not None else {f"pi{i}" for i in range(1, n + 1)}
+        if restore_venv is None:
+            restore_venv = os.environ.get("RPICLUSTER_ARM64_FRESH", "") in ("", "0")
+        self._restore_venv = restore_venv
+        self.restored = False
+        self._mounts: list[str] = []
+        self.root = Path(directory) / "arm64-root"
+        super().__init__(directory, n, **kwargs)
+
+    # ----------------------------------------------------------------- the root
+
+    def _build(self, n, cpu_capped, cpu_quota, without_sftp) -> None:
+        lower = build_root(log=self.directory / "debootstrap.log")
+        upper, work = self.directory / "arm64-upper", self.directory / "arm64-work"
+        for d in (upper, work, self.root):
+            d.mkdir(exist_ok=True)
+        self._mount(["-t", "overlay", "overlay", "-o",
+                     f"lowerdir={lower},upperdir={upper},workdir={work}"], self.root)
+        self._mount(["-t", "proc", "proc"], self.root / "proc")
+        self._mount(["-t", "sysfs", "-o", "ro", "sysfs"], self.root / "sys")
+        self._mount(["-t", "devpts", "-o", "newinstance,ptmxmode=0666,mode=0620", "devpts"],
+                    self.root / "dev/pts")
+        (self.root / "dev/shm").mkdir(exist_ok=True)
+        self._mount(["-t", "tmpfs", "-o", "mode=1777", "tmpfs"], self.root / "dev/shm")
+        (self.root / "run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)
+        if _chroot(self.root, "id", USER, check=False).returncode != 0:
+            _chroot(self.root, "useradd", "-m", "-s", "/bin/bash", USER)
+        # useradd leaves the account locked ("!"), and sshd refuses a locked account even for
+        # key logins; "*" is unlocked with no password.
+        _chroot(self.root, "usermod", "-p", "*", USER)
+        cached = cache_dir() / "venv"
+        if self._restore_venv and (cached / "bin" / "python").exists():
+            target = self.root / VENV.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["cp", "-a", str(cached), str(target)], check=True)
+            uid = int(_chroot(self.root, "id", "-u", USER).stdout)
+            os.chown(target.parent, uid, uid)
+            self.restored = True
+        super()._build(n, cpu_capped, cpu_quota, without_sftp)
+
+    def _mount(self, args: list[str], point: Path) -> None:
+        subprocess.run(["mount", *args, str(point)], check=True, capture_output=True)
+        self._mounts.append(str(point))
+
+    def share(self, path: str | Path) -> None:
+        """Bind-mount this machine's folder ``path`` into the arm64 root at the same path."""
+        path = Path(path).resolve()
+        inside = self.root / str(path).lstrip("/")
+        inside.mkdir(parents=True, exist_ok=True)
+        self._mount(["--bind", str(path)], inside)
+
+    def save_venv(self) -> Path:
+        """Keep the arm64 hosts' provisioned venv in the cache for the next instance (replaced
+        atomically: copied to ``venv.partial``, then renamed over the old one)."""
+        source = self.root / VENV.lstrip("/")
+        target = cache_dir() / "venv"
+        partial, old = target.with_name("venv.partial"), target.with_name("venv.old")
+        for d in (partial, old):
+            subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=True)
+        subprocess.run(["cp", "-a", str(source), str(partial)], check=True)
+        if target.exists():
+            target.rename(old)
+        partial.rename(target)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(old)], check=True)
+        return target
+
+    # ----------------------------------------------------------------- the hosts
+
+    def _host_dir(self, name: str) -> Path:
+        if name in self.arm64:
+            return self.root / _ETC / name
+        return super()._host_dir(name)
+
+    def _inventory_lines(self, name: str) -> str:
+        if name not in self.arm64:
+            return ""
+        return f'user = "{USER}"\npython = "{PYTHON}"\nlocal_directory = "{WORKDIR}"\n'
+
+    def _start_sshd(self, host: TestHost, hdir: Path, authorized: Path, *,
+                    sftp: bool) -> subprocess.Popen:
+        if host.name not in self.arm64:
+            return super()._start_sshd(host, hdir, authorized, sftp=sftp)
+        inside = f"/{_ETC}/{host.name}"
+        keys = self.root / _ETC / "authorized_keys"
+        shutil.copyfile(authorized, keys)
+        (hdir / "sshd_config").write_text(sshd_config(
+            host, inside, f"/{_ETC}/authorized_keys", sftp=sftp,
+            # SetEnv: every session's processes emulate a Pi 4's core, not qemu's "max" CPU.
+            extra=["PermitRootLogin no", f"SetEnv QEMU_CPU={QEMU_CPU}"]))
+        return subprocess.Popen(
+            ["ip", "netns", "exec", host.netns, "env", f"QEMU_CPU={QEMU_CPU}", "chroot",
+             str(self.root), "/usr/sbin/sshd", "-D", "-f", f"{inside}/sshd_config",
+             "-E", f"{inside}/sshd.log"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def close(self) -> None:
+        """Stop every process (as NamespaceHosts does), then unmount everything mounted."""
+        super().close()
+        # Processes in the root that outlived their namespace's kill (none expected).
+        for point in reversed(self._mounts):
+            _umount(point)
+        self._mounts.clear()
+        left = _mounts_under(self.root)
+        if left:
+            raise RuntimeError(f"still mounted after close: {left}")

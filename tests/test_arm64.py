@@ -1,0 +1,407 @@
+"""The Pi shelf on 64-bit ARM: emulated Raspberry Pi 4 hosts (rpicluster.testing_arm64).
+
+pi1 is an arm64 Debian bookworm root under qemu-user with a Cortex-A72 CPU (a Pi 4's core), its
+own sshd in a network namespace with no route out, logging in as ``pi``; pi2 is an x86 namespace
+host. The arm64 host is provisioned ONCE per session by ``rpicluster up --provision`` (a real
+offline aarch64 wheelhouse; ~6 min of pip under emulation) and reused by every test here.
+
+Cost (loaded 2-core machine): from scratch (debootstrap of the root, provisioning) about
+20 min; with the root and the provisioned venv cached (``$RPICLUSTER_ARM64_CACHE``, default
+/var/cache/rpicluster-arm64), a few minutes. ``RPICLUSTER_ARM64_FRESH=1`` provisions a bare host
+even when a venv is cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
+from rpicluster.deploy import cluster
+from rpicluster.deploy.doctor import doctor, table_rows
+from rpicluster.deploy.hostfacts import platform_problems, probe_host
+from rpicluster.deploy.provision import MARKER, pinned_requirements, provision
+from rpicluster.deploy.ssh import Connection
+from rpicluster.errors import HostsFailedError
+from rpicluster.inventory import load_inventory
+from rpicluster.testing import all_rows
+from rpicluster.testing_arm64 import PYTHON, VENV, WORKDIR, Arm64Hosts, unavailable
+
+pytestmark = [pytest.mark.arm64, pytest.mark.netns,
+              pytest.mark.skipif(unavailable() is not None, reason=unavailable() or ""),
+              # The first test builds the root and provisions (fixtures count in the timeout).
+              pytest.mark.timeout(2400)]
+
+#: Emulated pip and workers are ~30x slower than x86: generous waits, never timing asserts.
+SLOW_ENV = {"RPICLUSTER_PROVISION_TIMEOUT": "2400", "RPICLUSTER_JOIN_TIMEOUT": "300",
+            "RPICLUSTER_COMMAND_TIMEOUT": "600", "RPICLUSTER_CONNECT_TIMEOUT": "120"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slow_hosts():
+    """The timeouts above, for the library calls of this module."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in SLOW_ENV.items():
+            mp.setenv(k, v)
+        yield
+
+
+@pytest.fixture(scope="session")
+def shelf(tmp_path_factory):
+    """pi1: an emulated arm64 Pi 4 (user pi); pi2: an x86 namespace host. Torn down at the end of
+    the session: processes killed, every mount of the arm64 root undone."""
+    with Arm64Hosts(tmp_path_factory.mktemp("arm64"), 2, arm64=("pi1",)) as hosts:
+        yield hosts
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory, shelf):
+    """This module's rpicluster home (state, certificates, wheelhouse) and a folder shared with
+    the arm64 root at the same path (data stores, worker directories), writable by pi."""
+    base = tmp_path_factory.mktemp("arm64-home")
+    shared = base / "shared"
+    shared.mkdir()
+    os.chmod(base, 0o755)
+    os.chmod(shared, 0o1777)
+    shelf.share(shared)
+    return base
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_home(home):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RPICLUSTER_HOME", str(home / "rpicluster"))
+        yield
+
+
+def _inventory(shelf, home, names, name="cluster.toml", **kw) -> Path:
+    return shelf.write_inventory(home / name, names=names, nthreads=1, memory="2GiB",
+                                 local_directory=home / "shared" / "x86-workers", **kw)
+
+
+def _cli(*args, env=None, cwd=None, python=sys.executable, timeout=2400):
+    return subprocess.run([python, "-m", "rpicluster.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd or "/",
+                          env={**os.environ, **SLOW_ENV, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def provisioned(shelf, home):
+    """``rpicluster up -c arm64.toml --provision`` on pi1, once: (inventory, CLI result,
+    seconds). The provisioned venv is kept in the cache for the next session."""
+    path = _inventory(shelf, home, ["pi1"], "arm64.toml")
+    env = {"RPICLUSTER_HOME": str(home / "rpicluster")}
+    start = time.monotonic()
+    res = _cli("up", "-c", str(path), "--provision", env=env)
+    seconds = time.monotonic() - start
+    print(f"\narm64 up --provision: {seconds:.0f} s (venv restored from the cache: "
+          f"{shelf.restored})", file=sys.stderr)
+    if res.returncode == 0 and not shelf.restored:
+        shelf.save_venv()
+    yield path, res, seconds
+    if (home / "rpicluster" / "clusters").exists():
+        _cli("down", "-c", str(path), env=env, timeout=300)
+
+
+def _arm_name(shelf) -> str:
+    return shelf.hosts["pi1"].address
+
+
+# --------------------------------------------------------------------------- doctor, bare host
+
+
+def test_doctor_on_a_bare_arm64_host_reports_the_system_pythons_facts(shelf, home):
+    """Before any venv: architecture, OS, glibc, Python, memory, disk, health and the wheels
+    --provision would install, learned with the host's own python3 (health throttling from a
+    fake vcgencmd, the only stand-in: there is no Pi firmware here)."""
+    path = _inventory(shelf, home, ["pi1"], "bare.toml")
+    text = path.read_text().replace(PYTHON, "/home/pi/.venvs/never-made/bin/python")
+    path.write_text(text)
+    vcgencmd = shelf.root / "usr/bin/vcgencmd"
+    vcgencmd.write_text("#!/bin/sh\necho throttled=0x50005\n")
+    vcgencmd.chmod(0o755)
+    try:
+        (check,) = doctor(path, ssh_timeout=30)
+        res = _cli("doctor", "-c", str(path))
+    finally:
+        vcgencmd.unlink()
+    f = check.facts
+    assert (f["arch"], f["bits"], f["glibc"], f["python"][:5]) == ("aarch64", 64, "2.36", "3.11.")
+    assert "bookworm" in f["os"]
+    assert f["mem_total"] > 0 and f["disk_free"] > 0
+    assert f["throttled"] == ["under-voltage", "throttled", "under-voltage occurred",
+                              "throttling occurred"]
+    assert f["provision"]["tag"] == "manylinux_2_36_aarch64"
+    assert f"numpy=={np.__version__}" in f["provision"]["wheels"]
+    assert not check.ok and len(check.errors) == 1
+    assert "no venv at /home/pi/.venvs/never-made/bin/python" in check.errors[0]
+    assert f"rpicluster up -c {path} --provision" in check.errors[0]
+    columns, (row,) = table_rows([check])
+    cells = dict(zip(columns, row))
+    assert cells["arch"] == "aarch64" and cells["os / glibc"].endswith("glibc 2.36")
+    assert cells["packages"].startswith("not installed; --provision: ")
+    assert "under-voltage" in cells["throttled"]
+    assert res.returncode == 1 and "Traceback" not in res.stdout + res.stderr
+    assert "aarch64" in res.stdout and "--provision" in res.stdout
+
+
+def test_bad_platforms_are_named_in_one_line(shelf, home):
+    """32-bit userland and a Python under the floor, judged on the real host's facts with one
+    fact changed as such a host reports it (an armhf Python on a 64-bit Pi kernel says
+    machine aarch64 but is 32-bit)."""
+    node = load_inventory(_inventory(shelf, home, ["pi1"], "facts.toml")).workers[0]
+    with Connection(node, timeout=30) as conn:
+        facts = probe_host(conn, {}, interpreter="python3")
+    assert platform_problems(facts) == []
+    (armhf,) = platform_problems({**facts, "bits": 32})
+    assert armhf.startswith("32-bit userland (armv7l, 32-bit Python on a aarch64 kernel")
+    assert "install the 64-bit (arm64) Raspberry Pi OS" in armhf
+    (old,) = platform_problems({**facts, "python": "3.9.2"})
+    assert old.startswith("Python 3.9.2 (rpicluster needs >=3.11)")
+
+
+def test_missing_wheel_for_the_platform_is_named_before_anything_is_pushed(shelf, home, tmp_path):
+    """mkl publishes x86 wheels only: provisioning pi1 with it pinned names the wheel and the
+    platform in one line, and nothing reaches the host."""
+    path = _inventory(shelf, home, ["pi1"], "nowheel.toml")
+    text = path.read_text().replace(PYTHON, "/home/pi/.venvs/nowheel/bin/python")
+    path.write_text(text.replace(WORKDIR, "/home/pi/nowheel"))
+    pins = [f"pip=={metadata.version('pip')}", "mkl==2024.0.0"]
+    with pytest.raises(HostsFailedError) as err:
+        provision(path, requirements=pins, wheelhouse=tmp_path / "wh")
+    (line,) = str(err.value).splitlines()[1:]
+    assert line.startswith(f"{_arm_name(shelf)}: no wheel of mkl==2024.0.0 for aarch64 / cp311 /"
+                           " glibc 2.36")
+    assert not (shelf.root / "home/pi/nowheel").exists()
+
+
+# --------------------------------------------------------------------------- provisioning
+
+
+def test_up_provision_on_a_bare_arm64_host(shelf, home, provisioned):
+    """up --provision from the desktop: an aarch64 wheelhouse of this machine's exact versions,
+    installed offline (the host has no route out), then the worker joins; no version noise."""
+    path, res, seconds = provisioned
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr and "VersionMismatch" not in res.stderr
+    assert "started" in res.stdout
+    routes = subprocess.run(["ip", "netns", "exec", shelf.hosts["pi1"].netns, "ip", "route"],
+                            capture_output=True, text=True, check=True).stdout
+    assert "default" not in routes
+    venv = shelf.root / VENV.lstrip("/")
+    assert (venv / MARKER).exists()
+    installed = subprocess.run(
+        ["ip", "netns", "exec", shelf.hosts["pi1"].netns, "chroot", str(shelf.root), PYTHON, "-c",
+         "import json, platform, numpy, sklearn, rpicluster; print(json.dumps([platform.machine(),"
+         " numpy.__version__, sklearn.__version__, rpicluster.__version__]))"],
+        capture_output=True, text=True, check=True, env={**os.environ, "QEMU_CPU": "cortex-a72"})
+    import sklearn
+
+    import rpicluster
+    assert json.loads(installed.stdout) == ["aarch64", np.__version__, sklearn.__version__,
+                                            rpicluster.__version__]
+    if not shelf.restored:
+        pushed = list((shelf.root / WORKDIR.lstrip("/") / "wheelhouse").glob("numpy-*.whl"))
+        assert len(pushed) == 1 and "aarch64" in pushed[0].name
+    # A client of the provisioned Pi hears no VersionMismatchWarning (Python 3.11.2 there, and
+    # pandas here only: noise), and doctor finds every package matching.
+    from distributed import Client
+    from distributed.versions import VersionMismatchWarning
+
+    state = json.loads(next((home / "rpicluster" / "clusters").glob("*/state.json")).read_text())
+    from rpicluster.deploy.state import load_state
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Client(state["address"], security=load_state(path).security(), timeout=60):
+            pass
+    assert not [w for w in caught if issubclass(w.category, VersionMismatchWarning)]
+    (check,) = doctor(path, ssh_timeout=30)
+    assert check.ok, check.errors
+    # A second up --provision finds the same wheelhouse installed and installs nothing.
+    again = provision(path, wheelhouse=home / "rpicluster" / "wheelhouse")
+    assert again[_arm_name(shelf)].value["installed"] is False
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="session")
+def digits(home):
+    """sklearn's digits as a store of 18 blocks of 100 rows, on the shared folder."""
+    store = home / "shared" / "digits.zarr"
+    ingest("sklearn:digits", store, block_rows=100)
+    return store
+
+
+PARAMS = {"n_clusters": 2, "max_iter": 5, "random_state": 0}
+
+
+def _check_like_x86(model_path, store):
+    from rpicluster.train.modelfile import load_model
+
+    X, y = all_rows(open_dataset(store))
+    model = load_model(model_path)
+    reference = IncrementalKSGDClassifier(block_rows=100, **PARAMS).fit(X, y)
+    np.testing.assert_array_equal(model.predict(X), reference.predict(X))
+    assert len(model.estimators_) == len(reference.estimators_)
+    for a, b in zip(model.estimators_, reference.estimators_):
+        np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+        # float32 SGD: bitwise only under the same OpenBLAS kernel (cortexa57 there, an x86
+        # kernel here).
+        np.testing.assert_allclose(a.local_coef_, b.local_coef_, rtol=1e-4, atol=1e-5)
+    return model, X, y
+
+
+def test_train_and_score_on_arm64_alone(shelf, home, provisioned, digits):
+    from rpicluster.train.api import ClusterChoice, score_model, train_model
+
+    path, res, _ = provisioned
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = train_model(str(digits), home / "shared" / "arm.skops", PARAMS,
+                          cluster=ClusterChoice(inventory=path), show_progress=False)
+    assert set(summary.result.tasks_per_worker) == {_arm_name(shelf)}
+    model, X, y = _check_like_x86(summary.model_path, digits)
+    accuracy = score_model(summary.model_path, str(digits), cluster=ClusterChoice(inventory=path),
+                           show_progress=False)
+    assert accuracy == pytest.approx(model.score(X, y))
+
+
+def test_mixed_arm64_and_x86_cluster_trains_on_both(shelf, home, provisioned, digits):
+    """18 blocks on an arm64 and an x86 worker: the arm64 worker trains some (the tail rule
+    keeps only the last blocks off it), and the model equals the x86 one."""
+    from rpicluster.train.api import ClusterChoice, train_model
+
+    assert provisioned[1].returncode == 0
+    cluster.down(provisioned[0])
+    path = _inventory(shelf, home, ["pi1", "pi2"], "mixed.toml")
+    try:
+        report = cluster.up(path)
+        assert [r.state for r in report.rows] == ["started"] * 3
+        summary = train_model(str(digits), home / "shared" / "mixed.skops", PARAMS,
+                              cluster=ClusterChoice(inventory=path), show_progress=False)
+    finally:
+        cluster.down(path)
+        cluster.up(provisioned[0])
+    counts = summary.result.tasks_per_worker
+    assert counts[_arm_name(shelf)] > 0 and counts[shelf.hosts["pi2"].address] > 0, counts
+    _check_like_x86(summary.model_path, digits)
+
+
+def test_features_on_the_emulated_cortex_a72(shelf, home, provisioned):
+    """rpicluster features (EfficientNet-Lite0 on ONNX Runtime) on the arm64 worker: an
+    onnxruntime wheel using instructions a Pi 4 lacks dies here; the features equal x86's."""
+    from skimage.data import lfw_subset
+
+    from rpicluster.features.images import write_image_store
+    from rpicluster.features.model import Extractor, load_network
+
+    path, res, _ = provisioned
+    assert res.returncode == 0
+    faces = (lfw_subset()[:32] * 255).round().astype(np.uint8)
+    labels = np.array(["a", "b"] * 16)
+    images = write_image_store(home / "shared" / "faces.zarr", faces, labels, block_rows=16)
+    out = home / "shared" / "faces-features.zarr"
+    res = _cli("features", images.url, "-o", str(out), "--model", "efficientnet-lite0",
+               "--input-size", "64", "--batch-size", "8", "-c", str(path),
+               env={"RPICLUSTER_HOME": str(home / "rpicluster")})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "extracted 2 blocks" in res.stdout
+    X = np.asarray(open_dataset(out).X.compute())
+    reference = Extractor(load_network("efficientnet-lite0"), input_size=64).transform(faces)
+    np.testing.assert_allclose(X, reference, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_no_disk_for_the_wheelhouse_on_every_host_is_one_line_each(shelf, home, tmp_path):
+    """Every host of the inventory too small (a 4 MiB tmpfs): up --provision says so per host
+    in one line, starts nothing and pushes nothing (it used to end in AttributeError)."""
+    small = home / "shared" / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=1777", "tmpfs", str(small)],
+                   check=True)
+    inside = shelf.root / str(small).lstrip("/")
+    subprocess.run(["mount", "--bind", str(small), str(inside)], check=True)
+    try:
+        path = _inventory(shelf, home, ["pi1", "pi2"], "small.toml")
+        text = path.read_text().replace(WORKDIR, str(small / "pi")).replace(
+            str(home / "shared" / "x86-workers"), str(small / "x86"))
+        path.write_text(text.replace(PYTHON, str(small / "venv/bin/python")).replace(
+            f'python = "{sys.executable}"', f'python = "{small}/venv86/bin/python"'))
+        res = _cli("up", "-c", str(path), "--provision",
+                   env={"RPICLUSTER_HOME": str(tmp_path / "home")})
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert "Traceback" not in res.stderr and "AttributeError" not in res.stderr
+        lines = [line for line in res.stderr.splitlines() if "MiB free at" in line]
+        assert len(lines) == 2, res.stderr
+        for host in ("pi1", "pi2"):
+            assert any(line.startswith(f"{shelf.hosts[host].address}: ") for line in lines)
+        assert "the wheelhouse needs" in lines[0] and "bigger disk" in lines[0]
+        assert "failed" in res.stdout        # the table: one failed row per host
+        assert os.listdir(small) == []       # nothing pushed, no venv made
+    finally:
+        subprocess.run(["umount", str(inside)], check=True)
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_provision_from_a_wheel_install(shelf, home, tmp_path):
+    """rpicluster installed from its built wheel (not editable, no source tree): provisioning
+    repacks the installed files into a wheel and the x86 host's venv runs it."""
+    root = Path(__file__).resolve().parents[1]
+    # Built from a copy of the working tree (a build writes build/ and egg-info in its source).
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           cwd=root, capture_output=True, check=True).stdout.decode().split("\0")
+    source = tmp_path / "source"
+    for name in filter(None, files):
+        if (root / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, source / name)
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist),
+                    str(source)], check=True, cwd=tmp_path)
+    (wheel,) = dist.glob("rpicluster-*.whl")
+    venv = tmp_path / "installed"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next(venv.glob("lib/python3*/site-packages"))
+    # The dependencies from this venv (a path, not a site dir: its editable finder stays out).
+    deps = next(p for p in sys.path if p.endswith("site-packages") and "rpicluster" not in p)
+    (site / "deps.pth").write_text(deps + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin/python"), "install",
+                    "--no-deps", "-q", str(wheel)], check=True, cwd=tmp_path)
+    python = str(venv / "bin/python")
+    where = subprocess.run([python, "-c", "import rpicluster; print(rpicluster.__file__)"],
+                           capture_output=True, text=True, check=True, cwd="/").stdout
+    assert where.startswith(str(site))
+    path = _inventory(shelf, home, ["pi2"], "from-wheel.toml",
+                      python=str(tmp_path / "target/bin/python"))
+    pins = [f"rpicluster=={metadata.version('rpicluster')}", f"pip=={metadata.version('pip')}"]
+    code = ("import json, sys; from rpicluster.deploy.provision import provision; "
+            f"r = provision({str(path)!r}, requirements={pins!r}, "
+            f"wheelhouse={str(tmp_path / 'wh')!r}); "
+            "print(json.dumps({h: v.value['installed'] for h, v in r.items()}))")
+    res = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd="/",
+                         env={**os.environ, "RPICLUSTER_HOME": str(tmp_path / "home")})
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.splitlines()[-1]) == {shelf.hosts["pi2"].address: True}
+    target = tmp_path / "target/bin/python"
+    out = subprocess.run([str(target), "-m", "rpicluster.deploy.remote", "--spec",
+                          '{"action": "stop", "pid": 1, "name": "nobody"}'],
+                         capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0 and json.loads(out.stdout)["was_running"] is False
+    # The provisioned copy is this source's code, file for file.
+    pushed = next((tmp_path / "target").glob("lib/python3*/site-packages/rpicluster"))
+    for module in ("deploy/provision.py", "testing_arm64.py", "cli/__init__.py"):
+        assert (pushed / module).read_bytes() == (source / "rpicluster" / module).read_bytes()
+    shutil.rmtree(tmp_path / "target")
