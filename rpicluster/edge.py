@@ -90,6 +90,19 @@ def image_paths(args) -> list[Path]:
     return out
 
 
+def prefetched(load, items):
+    """Yield ``load(item)`` for each of ``items``, computing the next one on a second thread
+    while the caller works on this one (decoding overlaps ONNX Runtime; both release the GIL)."""
+    items = list(items)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(load, items[0]) if items else None
+        for i in range(len(items)):
+            result = pending.result()
+            if i + 1 < len(items):
+                pending = pool.submit(load, items[i + 1])
+            yield result
+
+
 class Classifier:
     """An exported model in an ONNX Runtime session, fed uint8 image batches.
 
@@ -155,15 +168,10 @@ class Classifier:
         batches = [paths[i:i + batch] for i in range(0, len(paths), batch)]
 
         def load(group):
-            return np.stack([load_image(p, self.size, self.channels) for p in group])
+            return group, np.stack([load_image(p, self.size, self.channels) for p in group])
 
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(load, batches[0]) if batches else None
-            for i, group in enumerate(batches):
-                images = pending.result()
-                if i + 1 < len(batches):
-                    pending = pool.submit(load, batches[i + 1])
-                yield from zip(group, self.run(images))
+        for group, images in prefetched(load, batches):
+            yield from zip(group, self.run(images))
 
 
 def main(argv=None) -> int:

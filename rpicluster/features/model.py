@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from rpicluster import config
-# The resize and crop rule lives in the edge runner, which must reproduce it without importing
-# rpicluster.
-from rpicluster.edge import fit_image
+# The resize and crop rule (and the batch prefetch) live in the edge runner, which must
+# reproduce them without importing rpicluster.
+from rpicluster.edge import fit_image, prefetched
 from rpicluster.errors import ConfigError, ModelError
 
 #: The built-in backbone (the only name :func:`load_network` knows besides ``.onnx`` paths).
@@ -266,8 +266,10 @@ class Extractor:
         """
         name = output or self.model.output_name
         parts = []
-        for lo in range(0, len(images), self.batch_size):
-            batch = preprocess(images[lo:lo + self.batch_size], self.size, self.model)
+        starts = range(0, len(images), self.batch_size)
+        # the next batch is preprocessed while ONNX Runtime runs this one
+        for batch in prefetched(lambda lo: preprocess(images[lo:lo + self.batch_size],
+                                                      self.size, self.model), starts):
             try:
                 (y,) = self.session.run([name], {self.model.input_name: batch})
             except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are untyped
