@@ -63,9 +63,13 @@ STALLED = "stalled"
 #: a round of a round-based run finished: round, participants, left_out, rows, bytes_down,
 #: bytes_up, seconds, loss, accuracy (validation, or None)
 ROUND = "round"
+#: the terminal's count moved (:class:`rpicluster.progress.Progress`): done, total, started
+#: (when its count started), base (items done before this run), t (the mark's time). The page
+#: computes its blocks done and ETA from these marks, so it tells what the terminal tells.
+PROGRESS = "progress"
 
 KINDS = (RUN_START, PARTITIONED, FITTED, COMMITTED, RUN_END, VALIDATION, EXTRACTED, ROUND,
-         STALLED)
+         STALLED, PROGRESS)
 
 # Field names.
 KIND = "kind"
@@ -91,10 +95,22 @@ BYTES_DOWN = "bytes_down"  #: global model sent to the workers in a round
 BYTES_UP = "bytes_up"  #: updates sent back in a round
 LOSS = "loss"
 NOTE = "note"  #: stalled: what the run waits on
+DONE = "done"  #: progress: items done (the terminal's count)
+TOTAL = "total"  #: progress: items in all
+STARTED = "started"  #: progress: when the terminal's count started (time.time())
+BASE = "base"  #: progress: items done before this run (resumed)
 
 FIELDS = (KIND, RUN_ID, N_BLOCKS, N_CLUSTERS, BLOCK, CLUSTER, CLUSTERS, ROWS, WORKER, SECONDS,
           ACCURACY, RESUMED, T, MODE, MODEL, N_ROUNDS, ROUND_NO, PARTICIPANTS, LEFT_OUT, BYTES_DOWN,
-          BYTES_UP, LOSS, NOTE)
+          BYTES_UP, LOSS, NOTE, DONE, TOTAL, STARTED, BASE)
+
+
+def progress_event(progress) -> dict:
+    """The :data:`PROGRESS` event of a :class:`rpicluster.progress.Progress` whose count just
+    moved (its latest mark)."""
+    t, done = progress.marks()[-1]
+    return make_event(PROGRESS, done=int(done), total=progress.total, started=progress.started,
+                      base=progress.base, t=t)
 
 
 def make_event(kind: str, **fields) -> dict:
@@ -125,3 +141,20 @@ def make_event(kind: str, **fields) -> dict:
     event = {KIND: kind, **fields}
     event.setdefault(T, time.time())
     return event
+
+
+def publish_progress(client, progress) -> None:
+    """Publish every move of ``progress``'s count as a :data:`PROGRESS` event through
+    ``client`` (a ``distributed.Client``), so the page shows the terminal's count and ETA.
+
+    Monitoring never stops a run: an event that cannot be sent (the scheduler went away; the
+    run finds that out by itself) is dropped.
+    """
+    def listener(p) -> None:
+        try:
+            client.log_event(TOPIC, progress_event(p))
+        except Exception:  # noqa: BLE001 - see above
+            pass
+
+    progress.listen(listener)
+

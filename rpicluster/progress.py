@@ -6,6 +6,13 @@ logs stay readable.
 
 Library code takes an optional ``progress`` callback-like object and calls ``advance``; the CLI
 decides how to show it. ``Progress.null()`` shows nothing (the library default).
+
+One progress truth: the terminal and the dashboard page show the same count and ETA. A
+``Progress`` keeps its marks (start and every advance) on the wall clock (``time.time()``, the
+clock of the scheduler's events) and tells its listeners (:meth:`Progress.listen`) each time
+the count changes; ``train`` publishes that as a ``progress`` event, and the page computes its ETA
+from the very same marks with the same :func:`recent_eta`, printed by the same
+:func:`format_duration`.
 """
 
 from __future__ import annotations
@@ -13,8 +20,9 @@ from __future__ import annotations
 import bisect
 import math
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO
 
 
@@ -47,6 +55,19 @@ def recent_eta(marks: Sequence[tuple[float, float]], now: float, done: float,
     return (now - t0) * (total - done) / (done - d0)
 
 
+def format_duration(seconds: float | None) -> str:
+    """``"1 h 02 min"``, ``"3 min 05 s"``, ``"12 s"``, or ``"–"`` when unknown (the terminal's
+    and the page's way of printing an ETA or an elapsed time)."""
+    if seconds is None:
+        return "–"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    if s >= 60:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s} s"
+
+
 class Progress:
     """A counter towards ``total`` with a description, shown on ``stream``.
 
@@ -74,7 +95,7 @@ class Progress:
         self.interval = interval
         self.enabled = enabled
         self.completed = 0
-        self._start = time.perf_counter()
+        self._start = time.time()
         self._last_line = 0.0
         self._rich = None
         self._task = None
@@ -83,6 +104,9 @@ class Progress:
         self._base = 0
         self._note: str | None = None
         self._alert: str | None = None
+        self._listeners: list[Callable[[Progress], None]] = []
+        self._pending: threading.Timer | None = None  # a line held back by the interval
+        self._lock = threading.RLock()
 
     @classmethod
     def null(cls) -> "Progress":
@@ -93,7 +117,7 @@ class Progress:
         self._depth += 1
         if self._depth > 1:
             return self
-        self._start = time.perf_counter()
+        self._start = time.time()
         if self.enabled and _is_terminal(self.stream):
             from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
@@ -122,6 +146,7 @@ class Progress:
         self._depth -= 1
         if self._depth > 0:
             return
+        self._cancel_pending()
         if self._rich is not None:
             self._rich.stop()
             self._rich = None
@@ -130,30 +155,57 @@ class Progress:
 
     @property
     def elapsed(self) -> float:
-        return time.perf_counter() - self._start
+        return time.time() - self._start
 
-    def eta(self) -> float | None:
-        """Seconds left at the recent rate (:func:`recent_eta`), or None when it cannot be told yet.
+    @property
+    def started(self) -> float:
+        """When the count started (``time.time()``)."""
+        return self._start
+
+    @property
+    def base(self) -> int:
+        """Items counted as done before this run (:meth:`skip`): never in the rate."""
+        return self._base
+
+    def marks(self) -> list[tuple[float, int]]:
+        """What the ETA is computed from: ``(started, base)``, then ``(time, completed)`` at
+        each advance (wall clock)."""
+        return [(self._start, self._base), *self._marks]
+
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds left at the recent rate (:func:`recent_eta`) at ``now`` (default: the
+        present, ``time.time()``), or None when it cannot be told yet.
 
         Skipped (resumed) items never count towards the rate.
         """
         if not self.total or not self._marks:
             return None
-        return recent_eta([(self._start, self._base), *self._marks], time.perf_counter(),
-                          self.completed, self.total)
+        return recent_eta(self.marks(), time.time() if now is None else now, self.completed,
+                          self.total)
+
+    def listen(self, listener: Callable[["Progress"], None]) -> None:
+        """Call ``listener(self)`` each time the count changes (after the mark is taken)."""
+        self._listeners.append(listener)
 
     def skip(self, n: int, *, note: str | None = None) -> None:
         """Count ``n`` items done before this run (resumed work): shown, but not in the rate."""
         self._base += n
-        self.advance(n, note=note)
-        self._marks.pop()
+        self.completed += n
+        self._note = note
+        self._changed()
+        self._show(self.completed == self.total)
 
     def advance(self, n: int = 1, *, note: str | None = None) -> None:
         self.completed += n
         if n:
-            self._marks.append((time.perf_counter(), self.completed))
+            self._marks.append((time.time(), self.completed))
+            self._changed()
         self._note = note
-        self._show(self.completed == self.total)
+        self._show(self.completed == self.total, changed=bool(n))
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener(self)
 
     def alert(self, text: str | None, *, show: bool = False) -> None:
         """Say what the work is waiting on (a paused or silent worker), on every line until
@@ -164,7 +216,7 @@ class Progress:
         self._alert = text
         self._show(show)
 
-    def _show(self, now: bool) -> None:
+    def _show(self, now: bool, changed: bool = False) -> None:
         if not self.enabled:
             return
         if self._rich is not None:
@@ -174,19 +226,45 @@ class Progress:
             desc = escape(desc) + (f" [red]{escape(self._alert)}[/red]" if self._alert else "")
             self._rich.update(self._task, completed=self.completed, description=desc)
             return
-        if now or time.perf_counter() - self._last_line >= self.interval:
-            self._line(note=self._note)
+        wait = self.interval - (time.time() - self._last_line)
+        if now or wait <= 0:
+            self._line()
+        elif changed:
+            # The count moved inside the interval: its line comes when the interval ends, not
+            # at the next advance (which may be minutes away while the page already shows it).
+            with self._lock:
+                if self._pending is None:
+                    self._pending = threading.Timer(wait, self._flush)
+                    self._pending.daemon = True
+                    self._pending.start()
 
-    def _line(self, *, final: bool = False, note: str | None = None) -> None:
-        self._last_line = time.perf_counter()
+    def _flush(self) -> None:
+        with self._lock:
+            if self._pending is not None:
+                self._line()
+
+    def _cancel_pending(self) -> None:
+        with self._lock:
+            if self._pending is not None:
+                self._pending.cancel()
+                self._pending = None
+
+    def line(self, now: float | None = None, *, final: bool = False) -> str:
+        """The plain progress line at ``now`` (default: the present)."""
+        now = time.time() if now is None else now
         of = f"/{self.total}" if self.total is not None else ""
-        eta = self.eta()
-        tail = "done" if final else (f"eta {eta:.0f} s" if eta is not None else "")
-        extra = f" ({note})" if note else ""
+        eta = self.eta(now)
+        tail = "done" if final else (f"eta {format_duration(eta)}" if eta is not None else "")
+        extra = f" ({self._note})" if self._note and not final else ""
         alert = f" -- {self._alert}" if self._alert and not final else ""
-        print(f"{self.description}: {self.completed}{of} {self.unit} "
-              f"[{self.elapsed:.1f} s{', ' + tail if tail else ''}]{extra}{alert}",
-              file=self.stream, flush=True)
+        return (f"{self.description}: {self.completed}{of} {self.unit} "
+                f"[{now - self._start:.1f} s{', ' + tail if tail else ''}]{extra}{alert}")
+
+    def _line(self, *, final: bool = False) -> None:
+        with self._lock:
+            self._cancel_pending()
+            self._last_line = time.time()
+            print(self.line(self._last_line, final=final), file=self.stream, flush=True)
 
 
 def _is_terminal(stream: IO[str]) -> bool:

@@ -19,8 +19,8 @@ from rpicluster.dashboard import dask_setup, install
 from rpicluster.dashboard.health import METRIC, snapshot
 from rpicluster.dashboard.links import build_links, dashboard_links
 from rpicluster.dashboard.server import PLUGIN
-from rpicluster.dashboard.state import (FeaturesState, RoundsState, TrainingState,
-                                        format_duration)
+from rpicluster.dashboard.state import FeaturesState, RoundsState, TrainingState
+from rpicluster.progress import format_duration
 from rpicluster.deploy.cluster import down, up
 from rpicluster.deploy.resolve import find_cluster
 from rpicluster.errors import ConfigError
@@ -129,7 +129,7 @@ def test_page_eta_agrees_with_the_terminal(monkeypatch):
     import rpicluster.progress as progress_mod
 
     clock = [0.0]
-    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(progress_mod.time, "time", lambda: clock[0])
     events = [ev.make_event(ev.RUN_START, run_id="r", n_blocks=10, n_clusters=3, resumed=2,
                             t=0.0)] + _tasks(10, 3, range(2, 10), t0=7.0)
     s, terminal = TrainingState(), progress_mod.Progress("train", total=10, enabled=False)
@@ -419,3 +419,92 @@ def test_preload_name_in_events_is_the_dashboard_module():
 
     assert hasattr(importlib.import_module(ev.PRELOAD), "dask_setup")
     assert ev.HEALTH_METRIC == METRIC
+
+
+# --- one progress truth: the terminal's line and the page's summary from one run ----------------
+
+class _Terminal:
+    """A stream standing in for a terminal that, each time a progress line is printed, reads the
+    page's summary at that same moment (from the scheduler's folded state)."""
+
+    def __init__(self, state: TrainingState) -> None:
+        self.state = state
+        self.progress = None
+        self.seen: list[tuple[str, str, float | None, float | None]] = []
+
+    def write(self, text: str) -> None:
+        from rpicluster.dashboard.page import _summary_html
+
+        if not text.startswith("train:") or "done]" in text:
+            return
+        p = self.progress
+        # The page hears of a commit through the scheduler (a message away): wait for it.
+        _wait(lambda: self.state.blocks_done() == p.completed, timeout=10)
+        now = time.time()
+        self.seen.append((p.line(now), _summary_html(self.state, now), p.eta(now),
+                          self.state.eta(now)))
+
+    def flush(self) -> None:
+        pass
+
+
+def test_terminal_and_page_tell_the_same_blocks_done_and_eta(tmp_path):
+    """Issue 26 item 7: the terminal sat at 2/5 while the page showed 4/5. One run, a plain
+    progress line every block: at each line the page (its summary, from the scheduler's state)
+    shows the same blocks done and the same ETA, computed from the same marks."""
+    import re
+
+    import numpy as np
+
+    from rpicluster import ingest
+    from rpicluster.data.sources import ArraySource
+    from rpicluster.models.incremental import IncrementalKSGDClassifier
+    from rpicluster.progress import Progress
+    from rpicluster.train.job import train
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(6_000, 16)).astype("float32")
+    y = (X[:, 0] > 0).astype(int)
+    store = ingest(ArraySource("truth", X, y), tmp_path / "t.zarr", block_rows=500)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp://",
+                      host="127.0.0.1", dashboard_address=None,
+                      scheduler_kwargs={"preload": [ev.PRELOAD]}) as cluster, \
+            Client(cluster) as client:
+        state = cluster.scheduler.plugins[PLUGIN].state
+        terminal = _Terminal(state)
+        progress = Progress("train", total=store.n_blocks, unit="blocks", stream=terminal,
+                            interval=0)
+        terminal.progress = progress
+        ev.publish_progress(client, progress)
+        with progress:
+            train(IncrementalKSGDClassifier(block_rows=500, n_clusters=2, max_iter=3,
+                                            random_state=0), store, client, progress=progress)
+    lines = [s for s in terminal.seen if re.search(r": \d+/", s[0])]
+    assert len(lines) >= store.n_blocks - 1
+    with_eta = 0
+    for line, page, term_eta, page_eta in lines:
+        done, total = re.search(r": (\d+)/(\d+) blocks", line).groups()
+        assert f"<b>{done} / {total}</b> blocks done" in page, (line, page)
+        assert term_eta == page_eta, (line, page)
+        eta = re.search(r"eta ([^\]]+)\]", line)
+        if eta and int(done) < int(total):
+            with_eta += 1
+            assert f"ETA <b>{eta.group(1)}</b>" in page, (line, page)
+    assert with_eta >= store.n_blocks // 2
+
+
+def test_a_line_held_back_by_the_interval_is_printed_when_it_ends():
+    """Plain lines: a count that moved inside the interval is printed when the interval ends,
+    not at the next advance (the terminal sat at 2/5 for a minute while the page showed 4/5)."""
+    import io
+
+    from rpicluster.progress import Progress
+
+    buf = io.StringIO()
+    with Progress("train", total=5, unit="blocks", stream=buf, interval=0.5) as p:
+        p.advance()
+        p.advance()  # inside the interval: held back
+        assert buf.getvalue().count("\n") == 1
+        _wait(lambda: "train: 2/5" in buf.getvalue(), timeout=3)
+        time.sleep(0.7)
+        assert buf.getvalue().count("\n") == 2  # printed once, not again

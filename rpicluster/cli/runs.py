@@ -15,7 +15,7 @@ def _when(t: float | None) -> str:
 
 
 def _took(run: dict) -> str:
-    from rpicluster.dashboard.state import format_duration
+    from rpicluster.progress import format_duration
 
     return format_duration(run["ended"] - run["started"]) if run["ended"] else "running"
 

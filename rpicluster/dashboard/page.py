@@ -24,7 +24,8 @@ from distributed.utils import log_errors
 
 from rpicluster.dashboard.health import METRIC
 from rpicluster.dashboard.state import (FeaturesState, RoundsState, RunLog, Timeline,
-                                        TrainingState, format_duration)
+                                        TrainingState)
+from rpicluster.progress import format_duration
 
 #: Refresh period of the page, in milliseconds.
 REFRESH_MS = 1000
@@ -480,6 +481,8 @@ def _summary_html(s: TrainingState, now: float) -> str:
                  f"{s.n_blocks if s.n_blocks is not None else '?'} blocks × "
                  f"{s.n_clusters if s.n_clusters is not None else '?'} clusters"
                  + (f" ({s.resumed} blocks resumed)" if s.resumed else ""),
+                 f"<b>{s.blocks_done()} / {s.n_blocks if s.n_blocks is not None else '?'}</b> "
+                 "blocks done",
                  f"{frac:.0%} done" if frac is not None else "size unknown",
                  f"elapsed {format_duration(elapsed)}",
                  f"{rate:,.0f} rows/s" if rate is not None else "– rows/s"]

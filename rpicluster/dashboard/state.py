@@ -73,6 +73,10 @@ class TrainingState:
     marks: list = field(default_factory=list)
     n_events: int = 0
     alert: str | None = None  # what the run waits on (a paused or silent worker), if anything
+    #: The terminal's count as its ``progress`` events told it: (started, base), then
+    #: (time, done) at each advance; None until the first such event.
+    terminal: list | None = None
+    terminal_total: int | None = None
 
     def update(self, events: Iterable[dict]) -> None:
         """Fold several events, oldest first (see :meth:`feed`)."""
@@ -133,7 +137,27 @@ class TrainingState:
             self.alert = None
         elif kind == ev.STALLED:
             self.alert = event.get(ev.NOTE)
+        elif kind == ev.PROGRESS:
+            self._terminal(event)
         self._mark(t)
+
+    def _terminal(self, event: dict) -> None:
+        start = (event.get(ev.STARTED), int(event.get(ev.BASE) or 0))
+        if self.terminal is None or self.terminal[0] != start:
+            self.terminal = [start]
+        if event.get(ev.TOTAL) is not None:
+            self.terminal_total = int(event[ev.TOTAL])
+        t, done = event.get(ev.T), event.get(ev.DONE)
+        if t is not None and done is not None and t != start[0] and \
+                int(done) > self.terminal[-1][1]:
+            self.terminal.append((t, int(done)))
+
+    def blocks_done(self) -> int:
+        """Blocks done, resumed ones included: the terminal's count when it published one
+        (``progress`` events), else the blocks committed."""
+        if self.terminal is not None:
+            return self.terminal[-1][1]
+        return self.resumed + len(self.committed)
 
     def _mark(self, t: float | None) -> None:
         # (time, blocks done) from the first event on and whenever a block is committed: the
@@ -173,7 +197,7 @@ class TrainingState:
         k = self.n_clusters or 0
         return [(self.resumed + len(self.partitioned), self.n_blocks),
                 (self.resumed * k + len(self.fitted), self.total_fits),
-                (self.resumed + len(self.committed), self.n_blocks)]
+                (self.blocks_done(), self.n_blocks)]
 
     def fraction(self) -> float | None:
         """Share of the run done, 0..1, or None before the run's size is known.
@@ -202,11 +226,16 @@ class TrainingState:
         """
         if not self.n_blocks:
             return None
-        done = self.resumed + len(self.committed)
+        done = self.blocks_done()
         if done >= self.n_blocks:
             return 0.0
         if self.finished is not None:
             return None
+        if self.terminal is not None:
+            # The terminal's own marks: its ETA to the digit (Progress.eta).
+            if len(self.terminal) < 2:
+                return None
+            return recent_eta(self.terminal, now, done, self.terminal_total or self.n_blocks)
         return recent_eta(self.marks, now, done, self.n_blocks)
 
     def rows_per_second(self, now: float) -> float | None:
@@ -328,18 +357,6 @@ class RoundsState:
             acc = r.get(ev.ACCURACY)
             cols["accuracy"].append(float("nan") if acc is None else float(acc))
         return cols
-
-
-def format_duration(seconds: float | None) -> str:
-    """``"1 h 02 min"``, ``"3 min 05 s"``, ``"12 s"``, or ``"–"`` when unknown."""
-    if seconds is None:
-        return "–"
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600} h {s % 3600 // 60:02d} min"
-    if s >= 60:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s} s"
 
 
 @dataclass
