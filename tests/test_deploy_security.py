@@ -391,3 +391,48 @@ def test_a_worker_certificate_cannot_unregister_another_worker_or_read_logs(tmp_
                 assert list(s.workers) == [w2.address]
 
     asyncio.run(scenario())
+
+
+def test_dashboards_listen_on_loopback_and_serve_no_logs(embedded):
+    """Finding 5: /info/main/logs.html and /info/logs/<worker> showed logs (task keys,
+    exceptions, paths) to every local user, and an SSH cluster's scheduler bound its dashboard
+    on the LAN. The guarded scheduler refuses those pages (403, `rpicluster logs` named); the
+    other pages still work. `up` starts an SSH scheduler's dashboard on its host's 127.0.0.1
+    unless --open-dashboard, and `rpicluster dashboard` then prints the ssh -L tunnel."""
+    import urllib.error
+
+    from rpicluster.dashboard.links import build_links
+    from rpicluster.deploy import remote
+    from rpicluster.inventory import load_inventory
+
+    base = embedded["dashboard_link"].rsplit("/", 1)[0]
+    with find_cluster().client(timeout=20) as client:
+        worker = next(iter(client.scheduler_info()["workers"]))
+    for page in ("/info/main/logs.html", f"/info/logs/{urllib.request.quote(worker, '')}.html",
+                 f"/info/call-stacks/{urllib.request.quote(worker, '')}.html"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base + page, timeout=30)
+        assert refused.value.code == 403 and b"rpicluster logs" in refused.value.read()
+    with urllib.request.urlopen(base + "/info/main/workers.html", timeout=30) as ok:
+        assert ok.status == 200
+    spec = _inventory_file(
+        "[scheduler]\nhost = \"10.77.0.1\"\n[[workers]]\nhosts = \"pi01\"\n")
+    sched = load_inventory(spec).scheduler
+    closed = remote.command(remote.start_spec("scheduler", sched, local_directory="/w", tls=None))
+    assert closed[closed.index("--dashboard-address") + 1] == "127.0.0.1:8787"
+    opened = remote.command(remote.start_spec("scheduler", sched, local_directory="/w", tls=None,
+                                              dashboard_host=sched.host))
+    assert opened[opened.index("--dashboard-address") + 1] == "10.77.0.1:8787"
+    links = build_links("127.0.0.1", 8787, "10.77.0.1", ssh_target="pi@10.77.0.1")
+    assert links.lines()[-1] == ("from your own machine, first run:  "
+                                 "ssh -L 8787:localhost:8787 pi@10.77.0.1")
+
+
+def _inventory_file(text: str):
+    """An inventory file with ``text`` in a fresh temporary folder; its path."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp()) / "cluster.toml"
+    path.write_text(text)
+    return path

@@ -48,18 +48,25 @@ def doctor(inventory, accept_new_hosts) -> None:
 @click.option("--dashboard-address", metavar="HOST:PORT",
               help="With --local: where the dashboard listens (default 127.0.0.1:8787, this "
                    "machine only; :8787 opens it to the network).")
+@click.option("--open-dashboard", is_flag=True,
+              help="With an inventory: let the dashboard listen on the scheduler's network "
+                   "address (default: its 127.0.0.1 only; `rpicluster dashboard` prints the ssh "
+                   "-L command that reaches it). Its pages show logs to anyone who reaches them.")
 @_accept_option
 @click.option("--insecure", is_flag=True, help="Plain TCP instead of TLS (not recommended).")
 @click.option("--provision", is_flag=True,
               help="First install this machine's exact packages on every host (no internet needed).")
-def up(inventory, local, threads_per_worker, memory_limit, dashboard_address, accept_new_hosts,
-       insecure, provision) -> None:
+def up(inventory, local, threads_per_worker, memory_limit, dashboard_address, open_dashboard,
+       accept_new_hosts, insecure, provision) -> None:
     """Start the cluster of an inventory (only what is missing), or the embedded local one."""
     if inventory is not None and local is not None:
         raise click.UsageError("give -c/--inventory or --local, not both")
     if inventory is not None and dashboard_address is not None:
         raise click.UsageError("--dashboard-address is for --local; an inventory's dashboard "
                                "listens on its scheduler host, at dashboard_port")
+    if inventory is None and open_dashboard:
+        raise click.UsageError("--open-dashboard is for an inventory; with --local, give "
+                               "--dashboard-address :8787")
     if inventory is None:
         from rpicluster.deploy.local import start_local
 
@@ -79,7 +86,7 @@ def up(inventory, local, threads_per_worker, memory_limit, dashboard_address, ac
         warnings.simplefilter("always", UserWarning)
         try:
             report = cluster_up(inventory, accept_new_hosts=accept_new_hosts, insecure=insecure,
-                                provision=provision)
+                                provision=provision, open_dashboard=open_dashboard)
         except HostsFailedError as exc:
             echo_report("rpicluster up", exc.report)
             raise

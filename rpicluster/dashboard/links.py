@@ -32,7 +32,8 @@ class DashboardLinks:
 
 def build_links(bind_host: str, port: int, scheduler_host: str, *, prefix: str = "",
                 page: str | None = "/rpicluster", tls: bool = False,
-                ssh_connection: str | None = None, user: str | None = None) -> DashboardLinks:
+                ssh_connection: str | None = None, user: str | None = None,
+                ssh_target: str | None = None) -> DashboardLinks:
     """URLs of a dashboard listening on ``bind_host:port``, as seen by whoever asks.
 
     Parameters
@@ -55,6 +56,9 @@ def build_links(bind_host: str, port: int, scheduler_host: str, *, prefix: str =
         this shell runs on a machine reached over SSH, whose loopback the user's browser cannot see.
     user : str or None
         User name for the tunnel command (default: the current user).
+    ssh_target : str or None
+        ``[-p PORT ]user@host`` of a scheduler on another machine (an SSH cluster's): a dashboard
+        on its loopback is reached through ``ssh -L`` to it.
 
     Returns
     -------
@@ -66,7 +70,9 @@ def build_links(bind_host: str, port: int, scheduler_host: str, *, prefix: str =
     root = f"{'https' if tls else 'http'}://{host}:{port}"
     prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
     tunnel = None
-    if bind_host in _LOOPBACK and ssh_connection:
+    if bind_host in _LOOPBACK and ssh_target:
+        tunnel = f"ssh -L {port}:localhost:{port} {ssh_target}"
+    elif bind_host in _LOOPBACK and ssh_connection:
         fields = ssh_connection.split()
         if len(fields) == 4:
             _, _, server_ip, server_port = fields
@@ -124,7 +130,20 @@ def dashboard_links(address: str | None = None, *, client=None, inventory=None,
                 else "")
         raise RPiClusterError(f"cannot reach {ref.describe()}: {exc}{hint}") from exc
     with client:
-        return _links(client, ref.address)
+        return _links(client, ref.address, _ssh_target(ref))
+
+
+def _ssh_target(ref) -> str | None:
+    """``[-p PORT ]user@host`` of an SSH cluster's scheduler on another machine, else None."""
+    if ref.kind != "ssh":
+        return None
+    from rpicluster.deploy.hosts import is_local_host
+    from rpicluster.inventory import load_inventory
+
+    node = load_inventory(ref.inventory).scheduler.node
+    if is_local_host(node.host):
+        return None
+    return f"{'' if node.port == 22 else f'-p {node.port} '}{node.user}@{node.host}"
 
 
 def _facts(client, address: str) -> dict:
@@ -146,7 +165,7 @@ def _facts(client, address: str) -> dict:
     return client.sync(getattr(client.scheduler, FACTS_OP))
 
 
-def _links(client, address: str) -> DashboardLinks:
+def _links(client, address: str, ssh_target: str | None = None) -> DashboardLinks:
     from distributed.comm import get_address_host
 
     facts = _facts(client, address)
@@ -156,4 +175,4 @@ def _links(client, address: str) -> DashboardLinks:
                           "--no-dashboard?)")
     return build_links(where["address"], where["port"], get_address_host(address),
                        prefix=where["prefix"], page=facts["page"], tls=where["tls"],
-                       ssh_connection=os.environ.get("SSH_CONNECTION"))
+                       ssh_connection=os.environ.get("SSH_CONNECTION"), ssh_target=ssh_target)

@@ -30,7 +30,7 @@ from rpicluster.deploy.state import (ClusterState, cluster_dir, cluster_id, load
 from rpicluster.deploy.tls import CertFiles, CertificateAuthority
 from rpicluster.deploy.versions import report_mismatches
 from rpicluster.errors import (BootstrapError, ConfigError, HostsFailedError, RPiClusterError,
-                               SSHError)
+                               RPiClusterWarning, SSHError)
 from rpicluster.inventory import ClusterSpec, NodeSpec, load_inventory
 
 _REMOTE = ["-m", "rpicluster.deploy.remote", "--spec"]
@@ -230,12 +230,13 @@ class Report:
 
 
 def _ensure_scheduler(spec: ClusterSpec, state: ClusterState, accept_new_hosts: bool,
-                      ssh_timeout: float) -> tuple[object, HostRow]:
+                      ssh_timeout: float, open_dashboard: bool = False) -> tuple[object, HostRow]:
     """A client of a live scheduler, starting (or restarting) it when it does not answer."""
     sched = spec.scheduler
     proto = "tls" if state.tls else "tcp"
     state.address = f"{proto}://{sched.host}:{sched.scheduler_port}"
-    state.dashboard = f"http://{sched.host}:{sched.dashboard_port}/status"
+    dashboard_host = sched.host if open_dashboard else "127.0.0.1"
+    state.dashboard = f"http://{dashboard_host}:{sched.dashboard_port}/status"
     security = state.security()
     if state.scheduler is not None:
         try:
@@ -252,7 +253,7 @@ def _ensure_scheduler(spec: ClusterSpec, state: ClusterState, accept_new_hosts: 
                        else conn.resolve(f"{sched.node.local_directory}/scheduler"))
             tls = _push_certs(conn, state.certs("scheduler"), workdir, local)
             started = _remote(conn, remote.start_spec("scheduler", sched, local_directory=workdir,
-                                                      tls=tls),
+                                                      tls=tls, dashboard_host=dashboard_host),
                               keep=_start_output(state.cid, "scheduler"))
     except RPiClusterError as exc:
         raise BootstrapError(f"scheduler on {sched.host}: could not start: "
@@ -315,7 +316,7 @@ def _log_tail(node: NodeSpec, log: str, ssh_timeout: float) -> str:
 
 def up(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
        insecure: bool = False, provision: bool = False, join_timeout: float | None = None,
-       ssh_timeout: float | None = None) -> Report:
+       ssh_timeout: float | None = None, open_dashboard: bool = False) -> Report:
     """Bring the inventory's cluster to its spec: start what is missing, nothing else.
 
     Parameters
@@ -334,6 +335,12 @@ def up(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
         ``config.JOIN_TIMEOUT``, env ``RPICLUSTER_JOIN_TIMEOUT``).
     ssh_timeout : float, optional
         Seconds for connecting to one host (default ``config.SSH_TIMEOUT``).
+    open_dashboard : bool
+        Let the scheduler's dashboard listen on its network address (a warning is issued: its
+        pages show logs, task keys and exceptions to anyone on the network). By default it
+        listens on the scheduler host's 127.0.0.1 only (``rpicluster dashboard`` prints the
+        ``ssh -L`` command that reaches it from elsewhere). It applies when ``up`` starts the
+        scheduler.
 
     Returns
     -------
@@ -380,7 +387,13 @@ def up(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
                 HostRow(h, "worker", "provisioned" if r.ok else "failed", None,
                         "" if r.ok else one_line(r.error)) for h, r in exc.report.items()))
             ) from None
-    client, sched_row = _ensure_scheduler(spec, state, accept_new_hosts, ssh_timeout)
+    if open_dashboard:
+        warnings.warn(f"the dashboard of {spec.scheduler.host} listens on the network "
+                      f"(port {spec.scheduler.dashboard_port}): anyone who reaches it reads the "
+                      "cluster's logs, task keys and exceptions, without a password", RPiClusterWarning,
+                      stacklevel=2)
+    client, sched_row = _ensure_scheduler(spec, state, accept_new_hosts, ssh_timeout,
+                                          open_dashboard)
     try:
         report = _reconcile(spec, state, client, sched_row, accept_new_hosts, join_timeout,
                             ssh_timeout)

@@ -61,6 +61,12 @@ CLIENT_ONLY = ("broadcast", "proxy", "terminate", "restart", "restart_workers", 
 OWN_WORKER = {"unregister": "address", "retire_workers": "workers", "set_resources": "worker"}
 
 
+#: Dashboard pages a guarded scheduler does not serve (URL path patterns, any prefix): the
+#: scheduler's and workers' logs and live call stacks, which show task keys, exceptions and paths
+#: to whoever reaches the dashboard, without a password (``rpicluster logs`` shows the logs).
+REFUSED_PAGES = (r".*/info/main/logs\.html", r".*/info/logs/.*", r".*/info/call-stacks?/.*")
+
+
 class RefusedOperation(PermissionError):
     """A guarded scheduler's answer to an operation it does not allow this peer."""
 
@@ -149,6 +155,23 @@ def guard(scheduler) -> None:
         handler = scheduler.handlers.get(op)
         if handler is not None and not getattr(handler, "_rpicluster_guarded", False):
             scheduler.handlers[op] = _own_worker_only(scheduler, op, arg, handler)
+    app = getattr(scheduler, "http_application", None)
+    if app is not None and not getattr(app, "_rpicluster_guarded", False):
+        # Host rules added here are matched before the routes the application was made with.
+        app.add_handlers(r".*$", [(page, _refused_page()) for page in REFUSED_PAGES])
+        app._rpicluster_guarded = True
+
+
+def _refused_page():
+    from tornado.web import RequestHandler
+
+    class RefusedPage(RequestHandler):
+        def get(self, *args):
+            self.set_status(403)
+            self.finish("rpicluster: this page is not served (it shows logs and call stacks to "
+                        "anyone who reaches the dashboard); use `rpicluster logs`\n")
+
+    return RefusedPage
 
 
 async def dask_setup(scheduler) -> None:

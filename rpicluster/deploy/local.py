@@ -30,7 +30,7 @@ from rpicluster import config
 from rpicluster.deploy.guard import GUARD
 from rpicluster.deploy.state import local_path, local_record, pid_alive
 from rpicluster.deploy.workdir import private_directory
-from rpicluster.errors import BootstrapError, ConfigError
+from rpicluster.errors import BootstrapError, ConfigError, RPiClusterWarning
 from rpicluster.events import PRELOAD
 
 
@@ -106,6 +106,13 @@ def start_local(n_workers: int | None = None, threads_per_worker: int | None = N
     if running is not None:
         check_local(running, n_workers, threads_per_worker, memory_limit)
         return {**running, "already_running": True}
+    bind = (dashboard_address or "127.0.0.1").rsplit(":", 1)[0].strip("[]")
+    if bind not in ("127.0.0.1", "localhost", "::1"):
+        import warnings
+
+        warnings.warn(f"the dashboard listens on {dashboard_address}, not this machine's "
+                      "loopback only: anyone who reaches it reads the cluster's logs, task keys "
+                      "and exceptions, without a password", RPiClusterWarning, stacklevel=2)
     timeout = config.LOCAL_START_TIMEOUT if timeout is None else timeout
     spec = {
         "n_workers": n_workers or os.cpu_count() or 1,

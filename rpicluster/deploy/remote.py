@@ -53,7 +53,7 @@ def tls_paths(tls_dir: str | None) -> dict | None:
 
 
 def start_spec(role: str, target, *, local_directory: str, tls: dict | None,
-               scheduler: str | None = None) -> dict:
+               scheduler: str | None = None, dashboard_host: str = "127.0.0.1") -> dict:
     """The ``start`` spec of the scheduler or of one worker, as ``up`` and ``deploy systemd`` use it.
 
     Parameters
@@ -67,6 +67,10 @@ def start_spec(role: str, target, *, local_directory: str, tls: dict | None,
         ``{"ca", "cert", "key"}`` paths on the host, None for plain TCP.
     scheduler : str, optional
         The scheduler address a worker joins.
+    dashboard_host : str
+        Where the scheduler's dashboard listens: its host's loopback by default (its pages show
+        task keys, exceptions and logs, unauthenticated); the scheduler's own address only when
+        asked (``up --open-dashboard``).
 
     Returns
     -------
@@ -76,6 +80,7 @@ def start_spec(role: str, target, *, local_directory: str, tls: dict | None,
     if role == "scheduler":
         return {"action": "start", "role": "scheduler", "name": "scheduler", "host": target.host,
                 "port": target.scheduler_port, "dashboard_port": target.dashboard_port,
+                "dashboard_host": dashboard_host,
                 "local_directory": local_directory, "tls": tls, "env": dict(target.node.env),
                 # The guard (no client-sent code on the scheduler, worker certificates are not
                 # clients), then the rpicluster dashboard page (training progress, worker health).
@@ -101,7 +106,8 @@ def command(spec: dict) -> list[str]:
         proto = "tls" if spec.get("tls") else "tcp"
         return [sys.executable, "-m", "distributed.cli.dask_scheduler",
                 "--host", spec["host"], "--port", str(spec["port"]), "--protocol", proto,
-                "--dashboard-address", f"{spec['host']}:{spec['dashboard_port']}",
+                "--dashboard-address",
+                f"{spec.get('dashboard_host', '127.0.0.1')}:{spec['dashboard_port']}",
                 *_tls_args(spec.get("tls")),
                 *(arg for module in spec.get("preload", ()) for arg in ("--preload", module))]
     if spec["role"] == "worker":
