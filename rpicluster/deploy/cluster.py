@@ -390,8 +390,8 @@ def up(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
     if open_dashboard:
         warnings.warn(f"the dashboard of {spec.scheduler.host} listens on the network "
                       f"(port {spec.scheduler.dashboard_port}): anyone who reaches it reads the "
-                      "cluster's logs, task keys and exceptions, without a password", RPiClusterWarning,
-                      stacklevel=2)
+                      "cluster's logs, task keys and exceptions, without a password",
+                      RPiClusterWarning, stacklevel=2)
     client, sched_row = _ensure_scheduler(spec, state, accept_new_hosts, ssh_timeout,
                                           open_dashboard)
     try:

@@ -1,7 +1,7 @@
 """The scheduler preload that narrows what a connection may ask of the schedulers rpicluster starts.
 
 ``dask scheduler --preload rpicluster.deploy.guard`` (``up``, ``deploy systemd`` and the embedded
-cluster all pass it) does two things when the scheduler starts:
+cluster all pass it) does three things when the scheduler starts:
 
 * it blocks the operations whose purpose is to run a function a client sends *on the scheduler*:
   ``run_function`` (``client.run_on_scheduler``), ``register_scheduler_plugin``
@@ -13,10 +13,12 @@ cluster all pass it) does two things when the scheduler starts:
   (:data:`CLIENT_ONLY`: ``client.run``/broadcast, worker and nanny plugins, restart, terminate,
   rebalance, replicate, cluster dumps, logs, state, stories, profiles, metadata writes) to a peer
   whose certificate has role ``worker`` (:mod:`rpicluster.deploy.tls`), and lets such a peer
-  unregister, retire or set the resources of its own worker only (:data:`OWN_WORKER`). A worker's certificate may still open a client: tasks do
-  (``get_client``, joblib's dask backend), so it can submit tasks.
+  unregister, retire or set the resources of its own worker only (:data:`OWN_WORKER`). A
+  worker's certificate may still open a client: tasks do (``get_client``, joblib's dask
+  backend), so it can submit tasks.
+* it refuses the dashboard's logs and call-stack pages (:data:`REFUSED_PAGES`).
 
-What it cannot stop is written down in README's security section: task graphs are unpickled on
+What it cannot stop is written down in docs/security.md: task graphs are unpickled on
 the scheduler, and distributed unpickles the pickled parts of any message before a handler runs,
 so the holder of *any* certificate of the cluster can still run code on the scheduler.
 
