@@ -374,3 +374,92 @@ def test_rounds_in_headless_chromium(cluster, chromium, digits, tmp_path):
     assert all(lo == "–" for lo in avg_page["left_out"])
     assert avg_page["accuracy"] == pytest.approx([r["accuracy"] for r in avg.rounds])
     assert (ARTIFACTS / "dashboard-rpicluster-rounds-model.png").stat().st_size > 10_000
+
+
+# --- the page tells the story: run list, time series, memory against the limit -----------------
+
+_STORY_STATE = """(() => {
+  const m = n => Bokeh.documents[0].get_model_by_name(n);
+  const runs = m('rpicluster-runs').source.data;
+  const rows = m('rpicluster-rows-timeline').renderers[0].data_source.data;
+  const mem = m('rpicluster-memory-timeline').renderers[0].data_source.data;
+  const root = Bokeh.documents[0].roots()[0];
+  const acc = m('rpicluster-accuracy');
+  return {
+    runs: Array.from(runs.run), kinds: Array.from(runs.kind), whats: Array.from(runs.what),
+    statuses: Array.from(runs.status), progress: Array.from(runs.progress),
+    accuracy: Array.from(runs.accuracy),
+    rate_points: rows.rate.length, max_rate: Math.max(0, ...Array.from(rows.rate)),
+    memory_lines: Array.from(mem.worker).map((w, i) => [w, mem.dash[i], mem.ys[i].length,
+                                                         mem.ys[i][mem.ys[i].length - 1]]),
+    sections: root.children.map(c => c.name).filter(n => n && n.endsWith('-section')),
+    no_accuracy: acc.center.filter(l => l.text !== undefined && l.visible).map(l => l.text),
+    hardware_memory: Array.from(m('rpicluster-hardware').source.data.memory),
+    summary: m('rpicluster-summary').text,
+  };
+})()"""
+
+
+def test_page_tells_the_story_of_several_runs(home, cluster, chromium, digits, tmp_path):
+    """A model-averaging (MLP) run, then an Inc-kSGD run without --test through the library
+    entry point (recorded in the history): the run list shows the Inc-kSGD run on top with its
+    history number and outcome, then the MLP run; the Inc-kSGD section sits above the older
+    rounds section; the validation plot says the run had no validation set; the time series
+    show the cluster's rows/s and each worker's memory against its limit."""
+    from rpicluster.train.api import ClusterChoice, train_model
+    from rpicluster.train.averaging import train_averaged
+
+    train_store, test_store = digits
+    base = cluster.dashboard_link.rsplit("/", 1)[0]
+    with Client(cluster) as client:
+        client.wait_for_workers(2, timeout=60)
+        train_averaged(train_store, client, model="mlp", rounds=2, validation=test_store,
+                       params={"hidden_layer_sizes": (8,), "random_state": 0})
+    summary = train_model(str(train_store.url), tmp_path / "m.skops",
+                          {"n_clusters": 3, "max_iter": 5, "random_state": 0},
+                          cluster=ClusterChoice(scheduler=cluster.scheduler_address),
+                          show_progress=False)
+
+    async def look() -> dict:
+        async with _open_page(chromium, base + "/rpicluster") as cdp:
+            await cdp.wait_for("window.Bokeh !== undefined && Bokeh.documents.length > 0 && "
+                               "Bokeh.documents[0].get_model_by_name('rpicluster-runs') "
+                               "!== null")
+            # Two samples of the timeline at least (one every 2 s) and the finished run.
+            await cdp.wait_for(f"(s => s.runs.length >= 2 && s.rate_points >= 2 && "
+                               f"s.statuses[0].startsWith('done'))({_STORY_STATE})",
+                               timeout=30)
+            seen = await cdp.evaluate(_STORY_STATE)
+            ARTIFACTS.mkdir(exist_ok=True)
+            await _screenshot(cdp, ARTIFACTS / "dashboard-rpicluster-story.png")
+            cdp.reader.cancel()
+            return {"seen": seen, "errors": list(cdp.errors)}
+
+    out = asyncio.run(look())
+    assert out["errors"] == []
+    s = out["seen"]
+    print(f"\nscreenshot: {ARTIFACTS / 'dashboard-rpicluster-story.png'}\n{s}")
+    # The current (latest) run on top, with its history number; the MLP run below it.
+    assert s["kinds"][:2] == ["train", "train"]
+    assert s["whats"][:2] == ["Inc-kSGD", "mlp rounds"]
+    assert s["runs"][0].endswith("(#1)") and s["statuses"][0] == "done"
+    assert s["progress"][:2] == [f"{train_store.n_blocks} / {train_store.n_blocks} blocks",
+                                 "2 / 2 rounds"]
+    assert s["accuracy"][0] == "–" and s["accuracy"][1] != "–"
+    assert summary.test_accuracy is None
+    # Sections stay with their runs: the newer Inc-kSGD run's above the MLP rounds.
+    assert s["sections"] == ["rpicluster-blocks-section", "rpicluster-rounds-section"]
+    assert s["no_accuracy"] == ["this run had no validation set (train with --test STORE to "
+                                "score each block)"]
+    # Each worker's memory against its own limit (not the host's RAM).
+    limit = next(iter(cluster.scheduler.workers.values())).memory_limit
+    from dask.utils import format_bytes
+
+    assert all(f" / {format_bytes(limit)} (" in m for m in s["hardware_memory"])
+    assert len(s["hardware_memory"]) == 2
+    solid = [line for line in s["memory_lines"] if line[1] == "solid"]
+    dashed = [line for line in s["memory_lines"] if line[1] == "dashed"]
+    assert len(solid) == 2 and len(dashed) == 2
+    assert all(line[3] == limit for line in dashed)
+    assert all(0 < line[3] < limit for line in solid)
+    assert s["max_rate"] > 0
