@@ -45,7 +45,8 @@ def main() -> None:
     from rpicluster.data.sources import ArraySource, fashion_mnist_source
     from rpicluster.deploy.resolve import client as cluster_client
     from rpicluster.features.images import write_image_store
-    from rpicluster.train.job import score_dataset, train
+    from rpicluster.train.job import train
+    from rpicluster.train.mapping import score_dataset
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     block = args.block_rows - args.block_rows % args.image_block_rows

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
     from rpicluster.data.sources import ArraySource
     from rpicluster.data.synthetic import SyntheticSpec
-    from rpicluster.train.job import score_dataset
+    from rpicluster.train.mapping import score_dataset
     from rpicluster.train.modelfile import save_model
 
     args.workdir.mkdir(parents=True, exist_ok=True)

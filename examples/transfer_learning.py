@@ -76,7 +76,7 @@ def run_case(name: str, args, client) -> dict:
 
     from rpicluster import IncrementalKSGDClassifier, extract_features, open_dataset
     from rpicluster.features.images import write_image_store
-    from rpicluster.train.job import score_dataset
+    from rpicluster.train.mapping import score_dataset
 
     images, labels, names = load_case(name, args.images, args.seed)
     split = train_test_split(images, labels, test_size=0.25, stratify=labels,

@@ -20,9 +20,11 @@ from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
 from rpicluster import events as ev
 from rpicluster.data.synthetic import make_imagenet_like
 from rpicluster.errors import ConfigError, TrainingError
-from rpicluster.train.job import (TrainingRun, _Block, _raise_task_error, ahead_pays, behind,
-                                  fit_groups_per_block, predict_dataset, score_dataset,
-                                  task_failure, train, worth_a_block)
+from rpicluster.train.failures import raise_task_error, task_failure
+from rpicluster.train.job import TrainingRun, _Block, train
+from rpicluster.train.mapping import predict_dataset, score_dataset
+from rpicluster.train.placement import ahead_pays, fit_groups_per_block
+from rpicluster.train.speculate import behind, worth_a_block
 from rpicluster.train.modelfile import load_model
 from rpicluster.testing import DieOn, SlowTasks, all_rows, reference_fit, same_model
 from rpicluster.train.rundir import RunDir
@@ -133,7 +135,7 @@ def test_a_shared_blocks_fits_are_kept_off_the_workers_measured_slow(store, clie
     for workers in (None, ["a", "b", "c"]):
         run = TrainingRun(est, ds, client, workers=workers)
         run.slots = {"a": 2, "b": 2, "c": 2}
-        run.slowness_obs = {"a": [4.0, 3.5], "b": [1.0]}  # c: not measured yet
+        run.pace.slowness_obs = {"a": [4.0, 3.5], "b": [1.0]}  # c: not measured yet
         shared, whole = _Block(5, "b"), _Block(4, "b")
         whole.whole = True
         assert run._fit_where(whole) == run.where
@@ -141,7 +143,7 @@ def test_a_shared_blocks_fits_are_kept_off_the_workers_measured_slow(store, clie
                                           "allow_other_workers": workers is None}
         # pinned in a restricted run only: _check_planned watches the pinned workers
         assert shared.fit_pinned == (set() if workers is None else {"b", "c"})
-        run.slowness_obs = {"a": [1.4], "b": [1.0]}  # nobody slow: anywhere, as Dask likes
+        run.pace.slowness_obs = {"a": [1.4], "b": [1.0]}  # nobody slow: anywhere, as Dask likes
         assert run._fit_where(_Block(6, "b")) == run.where
 
 
@@ -267,9 +269,9 @@ def test_a_result_in_hand_stays_a_result_when_its_worker_dies_before_it_is_read(
     cancelled = task_failure(entries["cancelled-task"])
     assert isinstance(cancelled, CancelledError)
     with pytest.raises(TrainingError, match=r"^block 3: its task was cancelled on the scheduler"):
-        _raise_task_error(cancelled, 3, None)
+        raise_task_error(cancelled, 3, None)
     with pytest.raises(TrainingError, match="^block 3, cluster 1 failed on a worker: ValueError"):
-        _raise_task_error(task_failure(entries["failed-task"]), 3, 1)
+        raise_task_error(task_failure(entries["failed-task"]), 3, 1)
 
 
 def test_faster_workers_take_more_tasks(store, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
 from rpicluster.bench.memory import post_import_baseline, train_under_limit
 from rpicluster.models.ksgd import group_rows, permute_rows
-from rpicluster.train.job import worker_slots
+from rpicluster.train.placement import worker_slots
 from rpicluster.train.tasks import cluster_piece, fit_groups, partition_task
 
 MB = 2**20
@@ -46,16 +46,16 @@ def test_partition_pieces_are_views_of_the_sorted_block(tmp_path):
                 block_rows=1500)
     part = partition_task(ds, 1, {"n_clusters": 6}, 3)
     X0, _ = ds.block(1)
-    assert part["X"].shape == X0.shape
-    for g in range(len(part["groups"])):
+    assert part.X.shape == X0.shape
+    for g in range(len(part.groups)):
         X, y, bounds, first = cluster_piece(part, g)
-        assert first == part["groups"][g][0]
-        assert np.shares_memory(X, part["X"]), "a piece is a view, not a copy"
+        assert first == part.groups[g][0]
+        assert np.shares_memory(X, part.X), "a piece is a view, not a copy"
         assert bounds[0] == 0 and bounds[-1] == X.shape[0]
-    X, y, bounds, first = cluster_piece(part, len(part["groups"]))
-    assert X.shape[0] == 0 and first == len(part["bounds"]) - 1, "a missing group is empty"
+    X, y, bounds, first = cluster_piece(part, len(part.groups))
+    assert X.shape[0] == 0 and first == len(part.bounds) - 1, "a missing group is empty"
     # every original row is in the sorted block exactly once
-    np.testing.assert_array_equal(np.sort(part["X"], axis=0), np.sort(X0, axis=0))
+    np.testing.assert_array_equal(np.sort(part.X, axis=0), np.sort(X0, axis=0))
 
 
 def test_worker_slots_follow_memory_limits_and_threads():

@@ -98,7 +98,8 @@ def run_paper(out_dir, *, rows: int = PAPER_ROWS, features: int = PAPER_FEATURES
     from rpicluster.deploy.local import start_local, stop_local
     from rpicluster.deploy.resolve import find_cluster
     from rpicluster.models.incremental import IncrementalKSGDClassifier
-    from rpicluster.train.job import score_dataset, train
+    from rpicluster.train.job import train
+    from rpicluster.train.mapping import score_dataset
 
     block_rows = math.ceil(rows / blocks)
     if block_rows < n_clusters or sgd_rows < 1 or test_rows < 1:

@@ -140,7 +140,7 @@ def _calibrate_ksgd(dataset, params: dict, rows: int) -> tuple[int, float]:
     from rpicluster.train.tasks import block_task
 
     t0 = time.perf_counter()
-    rows = block_task(dataset, 0, params, 0)["meta"]["rows"]
+    rows = block_task(dataset, 0, params, 0).meta.rows
     return rows, time.perf_counter() - t0
 
 
@@ -182,7 +182,8 @@ class IncKSGDJob:
 
     def window(self, n_workers: int) -> int:
         """Blocks in flight, as the training job sets them without memory limits: one per
-        worker thread (:func:`rpicluster.train.job.worker_slots`; one thread per worker here)."""
+        worker thread (:func:`rpicluster.train.placement.worker_slots`; one thread per worker
+        here)."""
         return n_workers
 
     def check(self, workers: dict[str, dict]) -> None:

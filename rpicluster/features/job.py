@@ -31,7 +31,7 @@ from rpicluster.errors import ConfigError
 from rpicluster.features.images import open_images
 from rpicluster.features.model import Extractor, FrozenModel, load_network
 from rpicluster.progress import Progress
-from rpicluster.train.job import _raise_task_error
+from rpicluster.train.failures import raise_task_error
 
 #: Images per ONNX Runtime call: EfficientNet-Lite0 at 224 px peaks near 0.5 GB at 32 (see
 #: README), inside a 4 GB Pi 4 with room for the block and the worker.
@@ -267,7 +267,7 @@ def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_siz
             for future in as_completed(futures):
                 b = index[future.key]
                 if future.status == "error":
-                    _raise_task_error(future.exception(), b, None)
+                    raise_task_error(future.exception(), b, None)
                 r = future.result()
                 images_done[r["worker"]] += r["rows"]
                 busy[r["worker"]] += r["seconds"]

@@ -79,6 +79,18 @@ def _current_client():
 VOTES = ("majority", "soft")
 
 
+def check_incremental_params(params: dict) -> dict:
+    """Validate an :class:`IncrementalKSGDClassifier`'s parameters (its ``get_params()``);
+    ValueError names the parameter and what is allowed. Returns ``params``."""
+    check_params(params)
+    b, k = params["block_rows"], params["n_clusters"]
+    if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < k:
+        raise ValueError(f"block_rows must be an int >= n_clusters={k}, got {b!r}.")
+    if params["vote"] not in VOTES:
+        raise ValueError(f"vote must be one of {list(VOTES)}, got {params['vote']!r}.")
+    return params
+
+
 def majority_vote(block_codes, n_classes: int, tie_scores=None) -> np.ndarray:
     """Most frequent code per row.
 
@@ -172,15 +184,7 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
 
     def _check_params(self) -> dict:
-        params = self.get_params()
-        check_params(params)
-        b = self.block_rows
-        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < self.n_clusters:
-            raise ValueError(f"block_rows must be an int >= n_clusters={self.n_clusters}, "
-                             f"got {b!r}.")
-        if self.vote not in VOTES:
-            raise ValueError(f"vote must be one of {list(VOTES)}, got {self.vote!r}.")
-        return params
+        return check_incremental_params(self.get_params())
 
     def fit(self, X, y=None, sample_weight=None):
         """Fit one kSGD per block of ``block_rows`` rows.

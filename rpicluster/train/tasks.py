@@ -35,9 +35,66 @@ costs one block of memory until its last piece is released.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
+
+
+@dataclasses.dataclass
+class TaskReport:
+    """Who ran a task and how long: ``rows`` trained on, the worker's ``worker`` name and
+    ``address`` (None outside a worker), wall ``seconds``."""
+
+    rows: int
+    worker: str
+    address: str | None
+    seconds: float
+
+
+@dataclasses.dataclass
+class Partition(TaskReport):
+    """A partitioned block, held on its worker: ``X``, ``y`` (rows sorted by cluster),
+    ``centers``, ``bounds`` (cluster ``j`` is rows ``bounds[j]:bounds[j + 1]``), ``groups``
+    (:func:`fit_groups`), ``phases`` (seconds of read, k-means and sort, and the task's CPU
+    seconds: on a loaded machine wall time also counts waiting for a core)."""
+
+    X: np.ndarray
+    y: np.ndarray
+    centers: np.ndarray
+    bounds: np.ndarray
+    groups: list
+    phases: dict
+
+
+@dataclasses.dataclass
+class BlockMeta(TaskReport):
+    """The small part of a :class:`Partition` that goes to the client: ``centers``, ``sizes``
+    (rows per cluster), ``groups``, ``phases``."""
+
+    centers: np.ndarray
+    sizes: list
+    groups: list
+    phases: dict
+
+
+@dataclasses.dataclass
+class FitResult(TaskReport):
+    """A fit group's local models: ``models`` (one LocalModel per cluster, from cluster
+    ``first`` on), ``sizes`` (rows per cluster), ``cpu`` (the task's CPU seconds)."""
+
+    models: list
+    first: int
+    sizes: list
+    cpu: float
+
+
+@dataclasses.dataclass
+class BlockResult:
+    """A whole block's task: its partition's ``meta`` and its one ``fit``."""
+
+    meta: BlockMeta
+    fit: FitResult
 
 
 def worker_name() -> str:
@@ -121,18 +178,9 @@ def fit_groups(sizes, n_groups: int) -> list[tuple[int, int]]:
 
 
 def partition_task(dataset, block: int, params: dict, random_state: int,
-                   n_groups: int | None = None) -> dict:
+                   n_groups: int | None = None) -> Partition:
     """Read block ``block`` of ``dataset``, cluster its rows and sort them by cluster in place,
-    and split the clusters into ``n_groups`` fit groups (default: one per cluster).
-
-    Returns
-    -------
-    dict
-        ``X``, ``y`` (the block, rows sorted by cluster), ``centers``, ``bounds`` (cluster ``j``
-        is rows ``bounds[j]:bounds[j + 1]``), ``groups`` (:func:`fit_groups`), ``rows``,
-        ``worker``, ``seconds`` and ``phases`` (seconds of read, k-means and sort, and the
-        task's CPU seconds: on a loaded machine wall time also counts waiting for a core).
-    """
+    and split the clusters into ``n_groups`` fit groups (default: one per cluster)."""
     from rpicluster.models.ksgd import group_rows, partition_block, permute_rows, task_seed
 
     t0, c0 = time.perf_counter(), time.thread_time()
@@ -151,47 +199,39 @@ def partition_task(dataset, block: int, params: dict, random_state: int,
     del order
     sizes = np.diff(bounds)
     t3 = time.perf_counter()
-    return {"X": X, "y": y, "centers": centers, "bounds": bounds,
-            "groups": fit_groups(sizes, n_groups or params["n_clusters"]),
-            "rows": int(X.shape[0]), "worker": worker_name(), "address": worker_address(),
-            "seconds": t3 - t0,
-            "phases": {"read": t1 - t0, "kmeans": t2 - t1, "sort": t3 - t2,
-                       "partition-cpu": time.thread_time() - c0}}
+    return Partition(X=X, y=y, centers=centers, bounds=bounds,
+                     groups=fit_groups(sizes, n_groups or params["n_clusters"]),
+                     rows=int(X.shape[0]), worker=worker_name(), address=worker_address(),
+                     seconds=t3 - t0,
+                     phases={"read": t1 - t0, "kmeans": t2 - t1, "sort": t3 - t2,
+                             "partition-cpu": time.thread_time() - c0})
 
 
-def block_meta(part: dict) -> dict:
-    """The small part of a partition result: centroids, sizes, groups, who ran it, how long."""
-    return {"centers": part["centers"], "sizes": np.diff(part["bounds"]).tolist(),
-            "groups": part["groups"], "rows": part["rows"], "worker": part["worker"],
-            "address": part["address"],
-            "seconds": part["seconds"], "phases": part["phases"]}
+def block_meta(part: Partition) -> BlockMeta:
+    """The small part of a partition: centroids, sizes, groups, who ran it, how long."""
+    return BlockMeta(centers=part.centers, sizes=np.diff(part.bounds).tolist(),
+                     groups=part.groups, rows=part.rows, worker=part.worker,
+                     address=part.address, seconds=part.seconds, phases=part.phases)
 
 
-def cluster_piece(part: dict, group: int):
+def cluster_piece(part: Partition, group: int):
     """Rows of fit group ``group``: ``(X_g, y_g, bounds_g, first)``, views into the sorted block.
 
     ``bounds_g`` are the group's cluster bounds relative to its first row and ``first`` its
     first cluster. A group the block does not have (the client submits its fits before it knows
     how many groups there are) is empty.
     """
-    bounds = part["bounds"]
-    if group >= len(part["groups"]):
+    bounds = part.bounds
+    if group >= len(part.groups):
         k = len(bounds) - 1
-        return part["X"][:0], part["y"][:0], bounds[k:] - bounds[k], k
-    first, stop = part["groups"][group]
+        return part.X[:0], part.y[:0], bounds[k:] - bounds[k], k
+    first, stop = part.groups[group]
     lo, hi = int(bounds[first]), int(bounds[stop])
-    return part["X"][lo:hi], part["y"][lo:hi], bounds[first:stop + 1] - lo, first
+    return part.X[lo:hi], part.y[lo:hi], bounds[first:stop + 1] - lo, first
 
 
-def fit_task(piece, block: int, group: int, params: dict, random_state: int) -> dict:
-    """Fit the local model of every cluster of fit group ``group`` of block ``block``.
-
-    Returns
-    -------
-    dict
-        ``models`` (one LocalModel per cluster, from cluster ``first`` on), ``first``, ``sizes``,
-        ``rows``, ``worker``, ``address``, ``seconds``, ``cpu`` (the task's CPU seconds).
-    """
+def fit_task(piece, block: int, group: int, params: dict, random_state: int) -> FitResult:
+    """Fit the local model of every cluster of fit group ``group`` of block ``block``."""
     from rpicluster.models.ksgd import fit_cluster, task_seed
 
     t0, c0 = time.perf_counter(), time.thread_time()
@@ -201,27 +241,20 @@ def fit_task(piece, block: int, group: int, params: dict, random_state: int) -> 
         for i, (a, z) in enumerate(zip(bounds[:-1], bounds[1:])):
             models.append(fit_cluster(X[a:z], y[a:z], params=params,
                                       seed=task_seed(random_state, block, first_cluster + i)))
-    return {"models": models, "first": int(first_cluster), "sizes": np.diff(bounds).tolist(),
-            "rows": int(X.shape[0]),
-            "worker": worker_name(), "address": worker_address(),
-            "seconds": time.perf_counter() - t0, "cpu": time.thread_time() - c0}
+    return FitResult(models=models, first=int(first_cluster), sizes=np.diff(bounds).tolist(),
+                     rows=int(X.shape[0]), worker=worker_name(), address=worker_address(),
+                     seconds=time.perf_counter() - t0, cpu=time.thread_time() - c0)
 
 
-def block_task(dataset, block: int, params: dict, random_state: int) -> dict:
+def block_task(dataset, block: int, params: dict, random_state: int) -> BlockResult:
     """A whole block in one task: :func:`partition_task`, then :func:`fit_task` of all its
     clusters on the same rows (one fit group), for a block the client does not need to share
-    between workers. The block costs one block of memory, as in the graph.
-
-    Returns
-    -------
-    dict
-        ``meta`` (:func:`block_meta`) and ``fit`` (:func:`fit_task`'s result).
-    """
+    between workers. The block costs one block of memory, as in the graph."""
     part = partition_task(dataset, block, params, random_state, n_groups=1)
     meta = block_meta(part)
     piece = cluster_piece(part, 0)
     del part
-    return {"meta": meta, "fit": fit_task(piece, block, 0, params, random_state)}
+    return BlockResult(meta=meta, fit=fit_task(piece, block, 0, params, random_state))
 
 
 def predict_task(model, dataset, block: int) -> np.ndarray:

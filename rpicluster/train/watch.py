@@ -120,7 +120,7 @@ def check_memory(info: dict, block_bytes: int, slots: dict[str, int]) -> None:
     """Refuse workers whose memory limit cannot hold what the run will put on them.
 
     A worker holding ``n`` blocks needs its floor (:func:`worker_floor`) plus ``1.5 n + 0.5``
-    blocks (see :func:`rpicluster.train.job.worker_slots`) below its pause threshold; it holds
+    blocks (see :func:`rpicluster.train.placement.worker_slots`) below its pause threshold; it holds
     at least one block whatever its limit, so a limit below ``floor + 2 blocks`` pauses the
     worker for good.
 
