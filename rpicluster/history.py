@@ -42,7 +42,8 @@ SCHEMA_VERSION = 1
 
 #: Kinds of run recorded.
 KINDS = ("train", "federate", "features", "tune", "bench")
-#: Outcomes: a run is ``running`` until its context ends.
+#: Outcomes: a run is ``running`` until its context ends. A ``running`` run whose process is
+#: gone (on this host) reads as ``lost``.
 OUTCOMES = ("running", "done", "stopped", "failed")
 
 #: Seconds a writer waits for another's transaction before giving up (SQLite's busy timeout).
@@ -78,6 +79,13 @@ COLUMNS = ("id", "kind", "started", "ended", "outcome", "reason", "params", "dat
 def path() -> Path:
     """The history database: ``history.sqlite`` in the rpicluster home."""
     return config.state_dir() / "history.sqlite"
+
+
+def enabled() -> bool:
+    """Whether runs are recorded: not when ``RPICLUSTER_HISTORY`` is ``0`` (``no``, ``off``,
+    ``false``)."""
+    return os.environ.get("RPICLUSTER_HISTORY", "1").strip().lower() not in (
+        "0", "no", "off", "false")
 
 
 def fingerprint(facts: Mapping) -> str:
@@ -170,7 +178,24 @@ def _row(cursor_row: tuple) -> dict:
     run = dict(zip(COLUMNS, cursor_row))
     for key in _JSON:
         run[key] = json.loads(run[key] or ("[]" if key == "workers" else "{}"))
+    if run["outcome"] == "running" and run["host"] == socket.gethostname() and \
+            not _alive(run["pid"]):
+        # Killed (SIGKILL, power cut) before it could record how it ended.
+        run["outcome"] = "lost"
+        run["reason"] = f"its process (pid {run['pid']}) ended without recording an outcome"
     return run
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def list_runs(limit: int | None = 50, *, db: str | os.PathLike | None = None) -> list[dict]:
@@ -313,7 +338,7 @@ def recording(kind: str, *, params: Mapping | None = None, data: str | None = No
     Set ``RPICLUSTER_HISTORY=0`` to record nothing.
     """
     recorder = Recorder(kind, db)
-    if os.environ.get("RPICLUSTER_HISTORY", "1").strip().lower() in ("0", "no", "off", "false"):
+    if not enabled():
         recorder._failed = True
     recorder.start(params=params, data=data, fingerprint=fingerprint, cluster=cluster)
     try:

@@ -7,9 +7,17 @@ import pytest
 from rpicluster import testing
 
 
+@pytest.fixture(autouse=True)
+def _no_run_history_in_the_developer_home(monkeypatch):
+    """Runs are not recorded in the run history (``RPICLUSTER_HISTORY=0``) unless the test has
+    its own ``home``: the suite's runs must not fill the developer's ``~/.rpicluster``."""
+    monkeypatch.setenv("RPICLUSTER_HISTORY", "0")
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
-    """An empty rpicluster state directory (``RPICLUSTER_HOME``) under tmp_path.
+    """An empty rpicluster state directory (``RPICLUSTER_HOME``) under tmp_path, with its own run
+    history.
 
     State files, certificates and the local cluster's record stay in the test, and none of the
     developer's own recorded clusters leak in.
@@ -17,6 +25,7 @@ def home(tmp_path, monkeypatch):
     path = tmp_path / "home"
     path.mkdir()
     monkeypatch.setenv("RPICLUSTER_HOME", str(path))
+    monkeypatch.delenv("RPICLUSTER_HISTORY", raising=False)
     return path
 
 

@@ -394,6 +394,18 @@ _STORY_STATE = """(() => {
                                                          mem.ys[i][mem.ys[i].length - 1]]),
     sections: root.children.map(c => c.name).filter(n => n && n.endsWith('-section')),
     no_accuracy: acc.center.filter(l => l.text !== undefined && l.visible).map(l => l.text),
+    // What the browser drew: the run list's first row, cell by cell (tables live in shadow DOM).
+    first_row: (() => {
+      const find = (root) => {
+        for (const el of root.querySelectorAll('*')) {
+          if (el.classList && el.classList.contains('slick-row')) return el;
+          if (el.shadowRoot) { const r = find(el.shadowRoot); if (r) return r; }
+        }
+        return null;
+      };
+      const row = find(document);
+      return row ? Array.from(row.querySelectorAll('.slick-cell')).map(c => c.innerText) : [];
+    })(),
     hardware_memory: Array.from(m('rpicluster-hardware').source.data.memory),
     summary: m('rpicluster-summary').text,
   };
@@ -415,16 +427,23 @@ def test_page_tells_the_story_of_several_runs(home, cluster, chromium, digits, t
         client.wait_for_workers(2, timeout=60)
         train_averaged(train_store, client, model="mlp", rounds=2, validation=test_store,
                        params={"hidden_layer_sizes": (8,), "random_state": 0})
-    summary = train_model(str(train_store.url), tmp_path / "m.skops",
-                          {"n_clusters": 3, "max_iter": 5, "random_state": 0},
-                          cluster=ClusterChoice(scheduler=cluster.scheduler_address),
-                          show_progress=False)
+
+    def inc_ksgd():
+        return train_model(str(train_store.url), tmp_path / "m.skops",
+                           {"n_clusters": 3, "max_iter": 5, "random_state": 0},
+                           cluster=ClusterChoice(scheduler=cluster.scheduler_address),
+                           show_progress=False)
 
     async def look() -> dict:
         async with _open_page(chromium, base + "/rpicluster") as cdp:
             await cdp.wait_for("window.Bokeh !== undefined && Bokeh.documents.length > 0 && "
                                "Bokeh.documents[0].get_model_by_name('rpicluster-runs') "
                                "!== null")
+            # The page is open before the run: its cells must follow it (a DataTable redraws
+            # on a new row count only, unless told).
+            await cdp.wait_for(f"{_STORY_STATE}.first_row.includes('mlp rounds')")
+            nonlocal summary
+            summary = await asyncio.to_thread(inc_ksgd)
             # Two samples of the timeline at least (one every 2 s) and the finished run.
             await cdp.wait_for(f"(s => s.runs.length >= 2 && s.rate_points >= 2 && "
                                f"s.statuses[0].startsWith('done'))({_STORY_STATE})",
@@ -435,6 +454,7 @@ def test_page_tells_the_story_of_several_runs(home, cluster, chromium, digits, t
             cdp.reader.cancel()
             return {"seen": seen, "errors": list(cdp.errors)}
 
+    summary = None
     out = asyncio.run(look())
     assert out["errors"] == []
     s = out["seen"]
@@ -446,6 +466,9 @@ def test_page_tells_the_story_of_several_runs(home, cluster, chromium, digits, t
     assert s["progress"][:2] == [f"{train_store.n_blocks} / {train_store.n_blocks} blocks",
                                  "2 / 2 rounds"]
     assert s["accuracy"][0] == "–" and s["accuracy"][1] != "–"
+    # ... and the browser drew it: the first row's cells as shown.
+    assert s["first_row"][:5] == [s["runs"][0], "train", "Inc-kSGD", s["first_row"][3], "done"]
+    assert s["first_row"][5] == f"{train_store.n_blocks} / {train_store.n_blocks} blocks"
     assert summary.test_accuracy is None
     # Sections stay with their runs: the newer Inc-kSGD run's above the MLP rounds.
     assert s["sections"] == ["rpicluster-blocks-section", "rpicluster-rounds-section"]

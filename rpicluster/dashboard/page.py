@@ -284,7 +284,7 @@ class TrainingPage:
         self._update_story(now)
 
         hardware = _hardware_rows(self.scheduler)
-        _set(self.hardware_source, hardware)
+        _set_table(self.hardware, hardware)
         height = _table_height(len(hardware["worker"]))
         if self.hardware.height != height:
             self.hardware.height = height
@@ -312,7 +312,7 @@ class TrainingPage:
             from rpicluster import history
 
             runs = []
-            if history.path().exists():
+            if history.enabled() and history.path().exists():
                 try:
                     runs = history.list_runs(20)
                 except Exception:  # noqa: BLE001 - the page shows what the events tell
@@ -322,7 +322,7 @@ class TrainingPage:
 
     def _update_story(self, now: float) -> None:
         rows = run_rows(self.runs, self._history(now), now)
-        _set(self.runs_source, rows)
+        _set_table(self.runs_table, rows)
         height = _table_height(len(rows["run"]))
         if self.runs_table.height != height:
             self.runs_table.height = height
@@ -356,7 +356,7 @@ class TrainingPage:
             self.round_accuracy.x_range.end = end
         # Newest round first: the table shows the latest rounds without scrolling.
         order = list(reversed(range(len(cols["round"]))))
-        _set(self.rounds_source, {
+        _set_table(self.rounds_table, {
             "round": [cols["round"][i] for i in order],
             "participants": [cols["participants"][i] for i in order],
             "left_out": [cols["left_out"][i] or "–" for i in order],
@@ -414,9 +414,12 @@ def run_rows(runs: RunLog, recorded: list[dict], now: float) -> dict:
     entries = []
     matched = set()
     for e in runs.newest_first():
-        rec = next((r for r in recorded if r["id"] not in matched and r["kind"] == e["kind"]
-                    and r["started"] - 1 <= (e["started"] or 0)
-                    <= (r["ended"] or now) + 1), None)
+        # The history row of this run: the latest one of its kind that began before it and
+        # had not ended yet when it began (a recorder begins before the run's first event).
+        began = e["started"] or 0.0
+        rec = max((r for r in recorded if r["id"] not in matched and r["kind"] == e["kind"]
+                   and r["outcome"] != "lost" and r["started"] - 1 <= began
+                   <= (r["ended"] or now) + 1), key=lambda r: r["started"], default=None)
         if rec is not None:
             matched.add(rec["id"])
         status = e["status"]
@@ -463,6 +466,16 @@ def _set(source: ColumnDataSource, data: dict) -> None:
     # Sending identical data every second would make every browser re-render for nothing.
     if dict(source.data) != data:
         source.data = data
+
+
+def _set_table(table: DataTable, data: dict) -> None:
+    """:func:`_set` for a table's source, redrawing the table in the browser: bokeh's
+    DataTable redraws on a change of its row count only (its view's indices), so a table whose
+    cells change while its rows stay (a run going from running to done, a worker's memory)
+    kept showing the old cells. A change of the table itself (its tags) redraws it."""
+    if dict(table.source.data) != data:
+        table.source.data = data
+        table.tags = [int(table.tags[0]) + 1 if table.tags else 1]
 
 
 _TITLE = "<h2 style='margin:6px 0 2px 0'>rpicluster training</h2>"
