@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from rpicluster import config
-from rpicluster.cli._common import (cluster_choice, cluster_options, echo_table, exit_interrupted,
-                                    quiet_dask_logs)
+from rpicluster.cli._common import (cluster_choice, cluster_options, command_line, echo_table,
+                                    exit_interrupted, quiet_dask_logs)
+from rpicluster.errors import TrainingStopped
 
 
 @click.command()
@@ -136,12 +139,16 @@ def features_cmd(images, out, model, input_size, batch_size, threads, block_rows
                                  resume=resume, overwrite=overwrite,
                                  cluster=cluster_choice(scheduler, inventory, local),
                                  progress=progress)
-    except KeyboardInterrupt:
-        exit_interrupted(["features", images, "-o", out],
-                         (("--model", model), ("--input-size", input_size),
-                          ("--batch-size", batch_size), ("--threads", threads),
-                          ("--block-rows", block_rows), ("--scheduler", scheduler),
-                          ("-c", inventory), ("--local", local)), [out])
+    except (KeyboardInterrupt, TrainingStopped) as exc:
+        options = (("--model", model), ("--input-size", input_size), ("--batch-size", batch_size),
+                   ("--threads", threads), ("--block-rows", block_rows),
+                   ("--scheduler", scheduler), ("-c", inventory), ("--local", local))
+        if isinstance(exc, KeyboardInterrupt):
+            exit_interrupted(["features", images, "-o", out], options, [out])
+        # Workers restarted or stayed paused: the blocks kept and the command that resumes.
+        again = command_line(["features", images, "-o", out], (*options, ("--resume", True)))
+        click.echo(f"error: {exc}; continue with: {again}", err=True)
+        sys.exit(1)
     ds = r.store
     click.echo(f"extracted {len(r.extracted_blocks)} blocks"
                + (f" (+{len(r.resumed_blocks)} resumed)" if r.resumed_blocks else "")

@@ -27,11 +27,12 @@ from collections import Counter
 import numpy as np
 
 from rpicluster import events as ev
-from rpicluster.errors import ConfigError
+from rpicluster.errors import ConfigError, TrainingError, TrainingStopped
 from rpicluster.features.images import open_images
-from rpicluster.features.model import Extractor, FrozenModel, load_network
+from rpicluster.features.model import Extractor, FrozenModel, load_network, release_sessions
 from rpicluster.progress import Progress
 from rpicluster.train.failures import raise_task_error
+from rpicluster.train.watch import ClusterWatch
 
 #: Images per ONNX Runtime call: EfficientNet-Lite0 at 224 px peaks near 0.5 GB at 32 (see
 #: README), inside a 4 GB Pi 4 with room for the block and the worker.
@@ -94,9 +95,37 @@ def extract_task(model: FrozenModel, images, out_url: str, out_options, block: i
             del imgs
         X, y = np.concatenate(feats).astype(np.float32), np.concatenate(ys)
         crc = StoreWriter.reopen(out_url, out_options).write_block(block, X, y)
+        del extractor, feats
+        if _memory_pressure():
+            release_sessions()
         # The per-position checksums of the layout, recorded by the client with the block.
         return {"block": block, "rows": int(len(y)), "worker": worker_name(),
                 "seconds": time.perf_counter() - t0, "crc": crc}
+
+
+def _memory_pressure() -> bool:
+    """Whether this worker's process memory is above Dask's target fraction of its limit (where
+    it starts spilling): time to drop cached sessions before it pauses or is restarted."""
+    try:
+        import dask
+        from distributed import get_worker
+
+        worker = get_worker()
+        limit = worker.memory_manager.memory_limit
+        target = dask.config.get("distributed.worker.memory.target") or 0.6
+        return bool(limit) and worker.monitor.get_process_memory() > target * limit
+    except (ValueError, AttributeError):
+        return False
+
+
+def release_worker_sessions(dask_worker=None) -> int:
+    """``client.run`` target: drop the worker's cached ONNX Runtime sessions (see
+    :func:`rpicluster.features.model.release_sessions`)."""
+    return release_sessions()
+
+
+def _model_value(model: FrozenModel) -> FrozenModel:
+    return model
 
 
 def _worker_threads() -> int:
@@ -230,7 +259,9 @@ def _prepare(url: str, layout: dict, *, resume: bool, overwrite: bool, storage_o
 
 def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_size, threads,
          resume, overwrite, storage_options, progress) -> FeaturesResult:
-    from distributed import as_completed
+    from concurrent.futures import CancelledError
+
+    from distributed import KilledWorker
 
     from rpicluster.data.layout import CHECKSUMS_KEY, normalize_url
     from rpicluster.data.reader import open_dataset
@@ -253,18 +284,22 @@ def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_siz
     log = _logger(client, run_id)
     log(ev.RUN_START, n_blocks=n_blocks, resumed=len(resumed), rows=source.n_rows)
     images_done, busy = Counter(), Counter()
-    # The model's bytes go to every worker once; each task refers to the same copy.
-    [remote_model] = client.scatter([frozen], broadcast=True, hash=False)
+    # The model's bytes travel once, as a task's value: the tasks fetch it from whichever
+    # worker holds it, and the scheduler computes it again when every worker restarted (a
+    # scattered copy would be lost with them, and every task with it).
+    remote_model = client.submit(_model_value, frozen, pure=False,
+                                 key=f"rpicluster-features-model-{run_id}")
     futures = [client.submit(extract_task, remote_model, source, url, storage_options, b,
                              block_rows, size, batch_size, threads, priority=-b, pure=False,
                              key=f"rpicluster-features-{run_id}-{b}") for b in todo]
     index = {f.key: b for f, b in zip(futures, todo)}
+    watch = ClusterWatch(client, progress)
     with progress:
         progress.total = n_blocks
         if resumed:
             progress.skip(len(resumed), note=f"{len(resumed)} blocks resumed")
         try:
-            for future in as_completed(futures):
+            for future in _completed(futures, watch):
                 b = index[future.key]
                 if future.status == "error":
                     raise_task_error(future.exception(), b, None)
@@ -281,17 +316,66 @@ def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_siz
                 rate = r["rows"] / r["seconds"] if r["seconds"] > 0 else math.inf
                 progress.advance(note=f"block {b}: {r['rows']} images, {rate:.0f} images/s "
                                       f"on {r['worker']}")
+        except (CancelledError, KilledWorker, _Stalled, OSError, TimeoutError) as exc:
+            # Workers restarted (all at once: every task is forgotten), stayed paused for
+            # memory, or the scheduler went away: the recorded blocks are kept for --resume.
+            _stop(client, futures, log)
+            why = (str(exc) if isinstance(exc, _Stalled) else
+                   f"the workers restarted or left ({type(exc).__name__})")
+            raise TrainingStopped(f"the features run stopped: {why}; {url} keeps {len(done)} "
+                                  f"of {n_blocks} blocks and is marked incomplete",
+                                  run_dir=url) from None
         except BaseException:
-            client.cancel(futures)
-            log(ev.RUN_END)
+            _stop(client, futures, log)
             raise
     writer.finish()
     log(ev.RUN_END)
+    _release(client)
     return FeaturesResult(store=open_dataset(url, storage_options), model=frozen.name,
                           sha256=frozen.sha256, input_size=size,
                           seconds=time.perf_counter() - t0, extracted_blocks=todo,
                           resumed_blocks=resumed, images_per_worker=images_done,
                           busy_seconds_per_worker=busy)
+
+
+class _Stalled(TrainingError):
+    """No worker, or every worker paused for memory, for too long (:class:`ClusterWatch`)."""
+
+
+def _completed(futures, watch):
+    """The futures as they finish; meanwhile ``watch`` looks at the workers about once a
+    second (a run whose workers all stay paused for memory stops instead of waiting forever)."""
+    from distributed import as_completed
+
+    pending = as_completed(futures)
+    while not pending.is_empty():
+        batch = pending.next_batch(block=False)
+        if not batch:
+            try:
+                watch.tick("extracting features")
+            except TrainingError as exc:
+                raise _Stalled(str(exc)) from None
+            time.sleep(0.05)
+        yield from batch
+
+
+def _release(client) -> None:
+    """Drop the cached sessions on every worker (best effort): the run is over, and a
+    session with its weights would otherwise stay in each worker's memory (and in the memory
+    floor the next run measures)."""
+    try:
+        client.run(release_worker_sessions)
+    except Exception:  # noqa: BLE001 - a worker gone or refusing: nothing to release there
+        pass
+
+
+def _stop(client, futures, log) -> None:
+    try:
+        client.cancel(futures)
+        log(ev.RUN_END)
+    except Exception:  # noqa: BLE001 - the scheduler may be gone: nothing to cancel
+        pass
+    _release(client)
 
 
 def _logger(client, run_id: str):

@@ -13,6 +13,7 @@ cached for the life of the worker process, fed batches of preprocessed images.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import os
@@ -185,6 +186,9 @@ def _session(data: bytes, threads: int, where: str):
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
+    # No arena: its blocks, sized for the largest batch of activations seen, would stay with
+    # the cached session (600-750 MiB at 224 px) after the task; without it they are freed.
+    opts.enable_cpu_mem_arena = False
     try:
         return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
@@ -223,9 +227,29 @@ def preprocess(images: np.ndarray, size: int, model: FrozenModel) -> np.ndarray:
     return out
 
 
-_SESSIONS: dict[tuple[str, int], object] = {}
+#: This worker process's ONNX Runtime sessions, least recently used first, by (model sha256,
+#: threads, input size); at most :data:`_MAX_SESSIONS`, and :func:`release_sessions` drops them
+#: all (a features run does at its end, and a task whose worker nears its memory limit).
+_SESSIONS: collections.OrderedDict[tuple[str, int, int], object] = collections.OrderedDict()
 _SESSIONS_LOCK = threading.Lock()
 _MAX_SESSIONS = 2
+
+
+def release_sessions() -> int:
+    """Drop this process's cached ONNX Runtime sessions and hand freed memory back to the
+    system (glibc's ``malloc_trim``); returns how many sessions were dropped."""
+    import ctypes
+    import gc
+
+    with _SESSIONS_LOCK:
+        n = len(_SESSIONS)
+        _SESSIONS.clear()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    return n
 
 
 class Extractor:
@@ -248,14 +272,16 @@ class Extractor:
         self.size = model.size(input_size)
         self.batch_size = int(batch_size)
         self.threads = int(threads)
-        key = (model.sha256, self.threads)
+        key = (model.sha256, self.threads, self.size)
         with _SESSIONS_LOCK:
             # Built once per worker process and reused by every task: building costs about a
             # second on a Pi 4, far more than one block's batches at small sizes. Only the
-            # latest few are kept: each holds its weights and arena.
-            if key not in _SESSIONS:
+            # most recently used few are kept: each holds its weights.
+            if key in _SESSIONS:
+                _SESSIONS.move_to_end(key)
+            else:
                 while len(_SESSIONS) >= _MAX_SESSIONS:
-                    _SESSIONS.pop(next(iter(_SESSIONS)))
+                    _SESSIONS.popitem(last=False)
                 _SESSIONS[key] = _session(model.onnx, self.threads, model.name)
             self.session = _SESSIONS[key]
 

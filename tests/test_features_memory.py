@@ -1,0 +1,88 @@
+"""features under memory pressure (issue 29 finding 2): bounded session caches released after a
+run, and a run whose workers restart stops in one line with the blocks kept and the --resume
+command, which then finishes on the restarted workers. Real nanny-backed workers, real ONNX
+Runtime sessions, the scikit-image faces store."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+from click.testing import CliRunner
+
+from rpicluster import extract_features, open_dataset
+from rpicluster.cli import main
+from rpicluster.features import model as fmodel
+from rpicluster.features.job import release_worker_sessions
+from rpicluster.features.model import Extractor, load_network
+from rpicluster.testing import SlowTasks
+
+from test_features_job import client, images, tiny  # noqa: F401 - fixtures
+
+
+def _cached(dask_worker=None) -> list:
+    return [list(k[1:]) for k in fmodel._SESSIONS]
+
+
+def test_sessions_are_a_small_lru_by_input_size_and_released(tiny):
+    """Sessions were kept by model alone, first in first out, for the worker's life (608-749
+    MiB after one 224 px run): now the two most recently used (model, threads, input size)
+    stay, and release_sessions drops them all."""
+    frozen = load_network(str(tiny))
+    fmodel.release_sessions()
+    blank = np.zeros((2, 25, 25), np.uint8)
+    for size in (16, 24, 16, 32):
+        Extractor(frozen, input_size=size, threads=1).transform(blank)
+    assert _cached() == [[1, 16], [1, 32]]          # 24 was least recently used
+    assert release_worker_sessions() == 2 and _cached() == []
+
+
+def test_a_run_whose_workers_restart_prints_the_resume_command(images, client, tiny,
+                                                               tmp_path):
+    """Workers restarted under a features run (all at once, as a memory limit does): it ended
+    in a `FutureCancelledError ... already forgotten` traceback with no --resume command. Now:
+    one line, the blocks kept, the command; that command finishes on the restarted workers and
+    its features equal an uninterrupted run's. No worker keeps a session after a run."""
+    out = tmp_path / "f.zarr"
+    addr = client.scheduler.address
+    client.register_plugin(SlowTasks(prefix="rpicluster-features-", seconds=0.5), name="slow")
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "rpicluster.cli", "features", images.url,
+                                 "-o", str(out), "--model", str(tiny), "--input-size", "16",
+                                 "--scheduler", addr], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while True:  # restart every worker once a block is recorded
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            try:
+                if json.loads((out / "zarr.json").read_text())["attributes"]["blocks_done"]:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.02)
+        client.restart()
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        client.unregister_worker_plugin("slow")
+    assert proc.returncode == 1, output
+    assert "Traceback" not in output, output
+    m = re.search(rf"^error: the features run stopped: the workers restarted or left \(\w+\); "
+                  rf"{re.escape(str(out))} keeps (\d+) of 13 blocks and is marked incomplete; "
+                  r"continue with: (.*)$", output, re.M)
+    assert m and 1 <= int(m.group(1)) < 13, output
+    again = shlex.split(m.group(2))
+    assert again[:5] == ["rpicluster", "features", images.url, "-o", str(out)]
+    assert again[-1] == "--resume"
+    res = CliRunner().invoke(main, again[1:])
+    assert res.exit_code == 0, res.output
+    assert f"(+{m.group(1)} resumed)" in res.output
+    whole = extract_features(images.url, str(tmp_path / "whole.zarr"), model=str(tiny),
+                             input_size=16, client=client)
+    np.testing.assert_array_equal(np.asarray(open_dataset(out).X.compute()),
+                                  np.asarray(whole.store.X.compute()))
+    assert all(v == [] for v in client.run(_cached).values())
