@@ -113,9 +113,18 @@ def test_cli_serve_in_a_subprocess(store):
 
 
 @pytest.mark.parametrize("path", ["/.env", "/notes.txt", "/X/notes.txt", "/X/c/1/0.bak",
-                                  "/X/c/.hidden", "/link/zarr.json", "/X/c/2/link"])
+                                  "/X/c/.hidden", "/link/zarr.json", "/X/c/2/link",
+                                  "/other/zarr.json", "/other/c/0", "/X/X/zarr.json",
+                                  "/X/X/c/1/0", "/backup/X/c/1/0"])
 def test_only_the_stores_own_files_are_served(store, server, path):
-    """Finding 8: `serve` served any file placed in the store folder (/.env -> 200)."""
+    """Finding 8: `serve` served any file placed in the store folder (/.env -> 200). Issue 29
+    finding 9: it served any ``*/c/N`` and nested ``zarr.json`` too (another store copied
+    inside, a backup folder): only X's and y's metadata and chunks are served now."""
+    for extra in ("other/c", "X/X/c/1", "backup/X/c/1"):
+        (store / extra).mkdir(parents=True, exist_ok=True)
+    for extra in ("other/zarr.json", "other/c/0", "X/X/zarr.json", "X/X/c/1/0",
+                  "backup/X/c/1/0"):
+        (store / extra).write_text("secret")
     (store / ".env").write_text("AWS_SECRET_ACCESS_KEY=hunter2")
     (store / "notes.txt").write_text("secret")
     (store / "X" / "notes.txt").write_text("secret")
@@ -134,3 +143,28 @@ def test_serve_binds_loopback_unless_told(store):
     with StoreServer(store, port=0) as s:
         assert s.url.startswith("http://127.0.0.1:")
         assert [a[0] for a in s._runner.addresses] == ["127.0.0.1"]
+
+
+def test_a_damaged_zarr_json_is_one_line(store, home):
+    """Issue 29 finding 6: a damaged zarr.json was a JSONDecodeError traceback in train, score
+    and serve. Each now says which file is damaged and what to do, in one line."""
+    from rpicluster import IncrementalKSGDClassifier, save_model
+
+    X, y = open_dataset(store).block(0)
+    model = store.parent / "m.skops"
+    save_model(IncrementalKSGDClassifier(n_clusters=2, random_state=0).fit(X, y), model)
+    for meta in (store / "zarr.json", store / "X" / "zarr.json"):
+        good = meta.read_bytes()
+        meta.write_bytes(good[:60])
+        for args in (["serve", str(store), "--port", "0"],
+                     ["train", str(store), "-o", str(store.parent / "new.skops")],
+                     ["score", str(model), str(store)]):
+            res = CliRunner().invoke(main, args)
+            assert res.exit_code == 1, res.output
+            assert re.fullmatch(
+                rf"error: {re.escape(str(meta))} is damaged \(JSONDecodeError: [^\n]+\); "
+                r"restore it from a copy, or re-ingest the store \(rpicluster ingest SOURCE "
+                r"OUT.zarr --overwrite\)", res.output.strip()), res.output
+        with pytest.raises(DataError, match=rf"{re.escape(str(meta))} is damaged"):
+            open_dataset(store)
+        meta.write_bytes(good)

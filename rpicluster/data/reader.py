@@ -44,6 +44,13 @@ def open_dataset(url: str | os.PathLike, storage_options: Mapping[str, Any] | No
     return dataset
 
 
+def _damaged(where: str, exc: Exception) -> str:
+    """One line for a metadata file that is not valid JSON or not Zarr metadata."""
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    return (f"{where} is damaged ({type(exc).__name__}: {first}); restore it from a copy, or "
+            "re-ingest the store (rpicluster ingest SOURCE OUT.zarr --overwrite)")
+
+
 class Dataset:
     """A complete rpicluster store opened for reading (see :func:`open_dataset`).
 
@@ -100,6 +107,8 @@ class Dataset:
             raise DataError(f"no Zarr store at {self.url}") from None
         except OSError as exc:
             raise DataError(f"cannot open the store at {self.url}: {exc}") from None
+        except (ValueError, TypeError) as exc:  # JSONDecodeError, or metadata zarr refuses
+            raise DataError(_damaged(f"{self.url}/zarr.json", exc)) from None
         attrs = dict(group.attrs)
         version = attrs.get(FORMAT_KEY)
         if version is None:
@@ -132,6 +141,8 @@ class Dataset:
                 arr = group[name]
             except KeyError:
                 raise DataError(f"{self.url}: array {name!r} is missing") from None
+            except (ValueError, TypeError) as exc:
+                raise DataError(_damaged(f"{self.url}/{name}/zarr.json", exc)) from None
             if name == "X" and arr.dtype == np.uint8 and "image_shape" in attrs:
                 kind = "u"  # an image store: uint8 pixels
             if arr.shape != shape or arr.chunks != chunks or arr.dtype.kind != kind:

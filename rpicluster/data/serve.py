@@ -1,7 +1,8 @@
 """Serve a store read-only over HTTP, so workers read chunks from the desktop without NFS.
 
-Only the store's own files are served: ``zarr.json`` metadata and the chunk files of its arrays
-(``NAME/c/<digits>/...``); anything else placed in the folder (``.env``, notes, keys) is 404.
+Only the store's own files are served: the ``zarr.json`` metadata of the group and of its arrays
+``X`` and ``y``, and their chunk files (``X/c/<block>/0``, ``y/c/<block>``); anything else
+placed in the folder (``.env``, notes, keys, another store's ``zarr.json`` or chunks) is 404.
 GET and HEAD only (anything else is answered 405), byte ranges, no directory listings, no
 symlinks followed, and paths resolved inside the store (``..`` cannot escape it). The default
 address is loopback; ``--host 0.0.0.0`` serves the Pis on the LAN. Workers then open
@@ -21,9 +22,10 @@ from rpicluster import config
 from rpicluster.errors import DataError
 
 
-# A store's files: metadata anywhere in it, chunk keys (digits) under an array's "c" folder.
-_STORE_FILE = re.compile(r"\A(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)*zarr\.json\Z"
-                         r"|\A(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)+c(?:/[0-9]+)+\Z")
+# A store's files, and no others: the group's and its two arrays' metadata, and the chunk keys
+# of X (row block / 0) and y (row block); a zarr.json or c/N placed anywhere else is not served.
+_STORE_FILE = re.compile(r"\A(?:zarr\.json|X/zarr\.json|y/zarr\.json|X/c/[0-9]+/[0-9]+"
+                         r"|y/c/[0-9]+)\Z")
 
 
 def make_app(root: str | os.PathLike):
