@@ -206,3 +206,38 @@ def test_grafana_dashboard_references_only_exported_series():
 def grafana_exprs() -> list[str]:
     return [t["expr"] for p in json.loads(GRAFANA.read_text())["panels"]
             for t in p.get("targets", [])]
+
+
+def test_a_taken_metrics_port_is_one_warning_naming_the_port_used(home, free_port):
+    """The dashboard port (the page and /metrics) is taken: the local cluster starts on another
+    port, says so in one line, and serves /metrics there."""
+    import socket
+    import warnings
+
+    from rpicluster.errors import RPiClusterWarning
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            info = start_local(n_workers=1, dashboard_address=f"127.0.0.1:{port}")
+        try:
+            lines = [str(w.message) for w in caught if issubclass(w.category, RPiClusterWarning)]
+            used = re.search(r":(\d+)/", info["dashboard_link"]).group(1)
+            assert used != str(port)
+            assert lines == [f"the dashboard port {port} (the page and Prometheus' /metrics) was "
+                             f"taken: the local cluster serves them on port {used} instead "
+                             f"({info['dashboard_link']}); point Prometheus there, or free port "
+                             f"{port} and restart the cluster (rpicluster down --local, then "
+                             "rpicluster up --local)"]
+            metrics = requests.get(f"http://127.0.0.1:{used}/metrics", timeout=30)
+            assert "dask_scheduler_workers" in metrics.text
+            assert "rpicluster_worker_memory_limit_bytes" in metrics.text
+        finally:
+            stop_local()
+    finally:
+        taken.close()
+

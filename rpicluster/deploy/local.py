@@ -135,6 +135,7 @@ def start_local(n_workers: int | None = None, threads_per_worker: int | None = N
     while time.monotonic() < deadline:
         info = local_record()
         if info is not None and info["pid"] == proc.pid:
+            _warn_moved_dashboard(spec["dashboard_address"], info.get("dashboard_link"))
             return {**info, "already_running": False}
         if proc.poll() is not None:
             raise BootstrapError(
@@ -144,6 +145,22 @@ def start_local(n_workers: int | None = None, threads_per_worker: int | None = N
     proc.terminate()
     raise BootstrapError(f"the local cluster was not ready after {timeout:.0f} s; "
                          f"log {log_file}:\n{_tail(log_file)}")
+
+
+def _warn_moved_dashboard(asked: str, link: str | None) -> None:
+    """One warning when the dashboard port asked for was taken: distributed then serves the
+    dashboard, the page and Prometheus' ``/metrics`` on another port, silently."""
+    import re
+    import warnings
+
+    want = asked.rsplit(":", 1)[-1]
+    got = re.search(r":(\d+)(/|$)", link or "")
+    if got is None or want in ("", "0") or got.group(1) == want:
+        return
+    warnings.warn(f"the dashboard port {want} (the page and Prometheus' /metrics) was taken: the "
+                  f"local cluster serves them on port {got.group(1)} instead ({link}); point "
+                  f"Prometheus there, or free port {want} and restart the cluster (rpicluster "
+                  "down --local, then rpicluster up --local)", RPiClusterWarning, stacklevel=3)
 
 
 def stop_local(timeout: float | None = None) -> dict | None:
