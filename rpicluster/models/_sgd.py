@@ -248,40 +248,46 @@ def _fit_columns(X, rows, y_cols, c: int, *, sizes, learning_rate, eta0, alpha, 
     n_averaged = 0
     bmax = int(sizes.max())
     Xb = np.empty((bmax, d), dtype=np.float32)   # buffers reused by every batch
-    S = np.empty((bmax, c), dtype=np.float32)
-    arange = np.arange(bmax)
+    S = np.empty(bmax * c, dtype=np.float32)
+    colsum = np.empty(c, dtype=np.float32)
+    scale = np.empty(c, dtype=np.float32)
     rng = np.random.default_rng(seed)
+    # Each epoch's order is gathered once (rows, labels, weights and the flat position of
+    # every row's positive score), so that a batch is slices of it: the batches of a small
+    # cluster are small, and each numpy call costs about a microsecond whatever its size.
+    at = np.arange(n) * c
     t = 0
-    perm = np.arange(n)
     for m in sizes.tolist():
         start = t % n
-        if start == 0 and shuffle:
-            perm = rng.permutation(n)
-        pb = perm[start:start + m]
-        idx = pb if rows is None else rows[pb]
-        xb, s = Xb[:m], S[:m]
-        np.take(X, idx, axis=0, out=xb)
+        if start == 0:
+            perm = rng.permutation(n) if shuffle else np.arange(n)
+            idx_e = perm if rows is None else rows[perm]
+            y_e = y_cols[perm]
+            flat_e = at + y_e  # row i's positive score is s.flat[i * c + y]
+            if not all_positive:
+                positive_e = y_e >= 0
+            w_e = None if weights is None else weights[perm][:, None]
+        end = start + m
+        xb, s, sf = Xb[:m], S[:m * c].reshape(m, c), S[:m * c]
+        np.take(X, idx_e[start:end], axis=0, out=xb)
         np.matmul(xb, V.T, out=s)
         s *= wscale
         s += b
-        yb = y_cols[pb]
-        if all_positive:
-            ar = arange[:m]
-        else:
-            pos = yb >= 0
-            ar, yb = arange[:m][pos], yb[pos]
-        true_s = s[ar, yb]
+        fi = flat_e[start:end] if all_positive else flat_e[start:end][positive_e[start:end]]
+        fi = fi - start * c
+        true_s = sf.take(fi)
         # s becomes the hinge derivative with respect to the score: a negative is active
         # above -1 (derivative +1), a positive below 1 (derivative -1)
         np.greater(s, -1.0, out=s)
-        s[ar, yb] = np.where(true_s < 1.0, -1.0, 0.0)
-        if weights is not None:
-            s *= weights[pb][:, None]
+        sf.put(fi, np.where(true_s < 1.0, -1.0, 0.0))
+        if w_e is not None:
+            s *= w_e[start:end]
         # each column takes the mean of its active rows' hinge gradients, not their sum (see
-        # the module docstring: "Active-row means")
-        active = np.count_nonzero(s, axis=0)
-        if active.max() > 1:
-            s *= (1.0 / np.maximum(active, 1)).astype(np.float32)
+        # the module docstring: "Active-row means"); a column with at most one scales by 1
+        active = np.add.reduce(s != 0, axis=0)
+        np.maximum(active, 1, out=active)
+        np.divide(1.0, active, out=scale)
+        s *= scale
         eta = learning_rate_at(t + 1 + (m - 1) / 2.0, learning_rate=learning_rate, eta0=eta0,
                                alpha=alpha, power_t=power_t)
         # shrink first, then step, as scikit-learn orders a per-sample update
@@ -294,7 +300,9 @@ def _fit_columns(X, rows, y_cols, c: int, *, sizes, learning_rate, eta0, alpha, 
                 Q[:] = 0.0
             V *= wscale
             wscale = 1.0
-        b -= eta * s.sum(axis=0)
+        np.add.reduce(s, axis=0, out=colsum)
+        colsum *= eta
+        b -= colsum
         # V += (-eta / wscale) * s.T @ xb, in place (V.T is Fortran-ordered for BLAS)
         _sgemm(-eta / wscale, xb.T, s.T, beta=1.0, c=V.T, trans_b=1, overwrite_c=1)
         if averaging:
