@@ -13,7 +13,7 @@ from __future__ import annotations
 import click
 
 from rpicluster import __version__
-from rpicluster.cli import bench, cluster, data, train
+from rpicluster.cli import bench, cluster, data, export, runs, train, trust, tune
 from rpicluster.cli._common import Group
 
 
@@ -40,3 +40,7 @@ main.add_command(cluster.down)
 main.add_command(cluster.dashboard)
 main.add_command(cluster.deploy)
 main.add_command(bench.bench)
+main.add_command(tune.tune_cmd)
+main.add_command(runs.runs)
+main.add_command(trust.trust_cmd)
+main.add_command(export.export_cmd)

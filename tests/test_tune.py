@@ -1,0 +1,190 @@
+"""rpicluster tune: search spaces, the halving schedule, and successive halving on a real Dask
+cluster (digits), with a worker killed mid-rung and a search resumed without retraining."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from rpicluster import ingest, load_model, open_dataset
+from rpicluster.cli import main
+from rpicluster.errors import ConfigError, DataError
+from rpicluster.tune import tune
+from rpicluster.tune.halving import plan
+from rpicluster.tune.space import DEFAULT_SPACES, check_space, load_space, sample
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """scikit-learn's digits as a 12-block store (blocks of 150 rows) and a 25 % test store."""
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("tune-data")
+    X, y = load_digits(return_X_y=True)
+    np.savez(root / "digits.npz", X=(X / 16.0).astype(np.float32), y=y)
+    ingest(str(root / "digits.npz"), root / "train.zarr", block_rows=113, test_fraction=0.25,
+           test_out=root / "test.zarr")
+    return root
+
+
+# --- spaces and schedules: pure ---
+
+@pytest.mark.parametrize("model", sorted(DEFAULT_SPACES))
+def test_default_spaces_are_valid_and_sampling_is_seeded(model):
+    space = check_space(model, None)
+    a, b = sample(space, 9, seed=4), sample(space, 9, seed=4)
+    assert a == b and len({json.dumps(p, sort_keys=True) for p in a}) == 9
+    assert sample(space, 9, seed=5) != a
+
+
+def test_space_file_mistakes_are_one_line_errors(tmp_path):
+    good = tmp_path / "space.toml"
+    good.write_text('alpha = {loguniform = [1e-5, 1e-2]}\nn_clusters = [5, 10]\nvote = "soft"\n')
+    assert check_space("ksgd", load_space(good)) == {
+        "alpha": ("loguniform", [1e-5, 1e-2]), "n_clusters": ("choice", [5, 10]),
+        "vote": ("choice", ["soft"])}
+    cases = [
+        ('clusters = [5, 10]\n', "ksgd", "IncrementalKSGDClassifier has no parameter 'clusters'"),
+        ('alpha = {loguniform = [0, 1]}\n', "ksgd", "alpha.loguniform needs low > 0"),
+        ('n_clusters = [0, 10]\n', "ksgd", "n_clusters = 0 is impossible"),
+        ('alpha = {uniform = [-1.0, 1.0]}\n', "mlp", "alpha = -1.0 is impossible for "
+                                                      "MLPClassifier"),
+        ('loss = ["hinge", "nope"]\n', "sgd", "loss = 'nope' is impossible"),
+        ('random_state = [1, 2]\n', "sgd", "random_state is set by tune itself"),
+        ('alpha = {normal = [1, 2]}\n', "sgd", "expected one of choice, uniform"),
+        ('alpha = [\n', "sgd", "is not valid TOML"),
+    ]
+    for i, (text, model, match) in enumerate(cases):
+        path = tmp_path / f"bad{i}.toml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=match) as info:
+            check_space(model, load_space(path), where=f"search space {path}")
+        assert "\n" not in str(info.value)
+    (tmp_path / "s.json").write_text('{"alpha": {"randint": [1.5, 3]}}')
+    with pytest.raises(ConfigError, match="randint needs integer bounds"):
+        check_space("sgd", load_space(tmp_path / "s.json"))
+
+
+def test_plan_spends_the_budget_and_names_what_does_not_fit():
+    p = plan(40, 13)  # 13 block models at most, 40 blocks of budget
+    assert p.sizes == (9, 3, 1) and p.units[-1] == 13 and p.cost <= 40
+    p = plan(1000, 270)
+    assert p.sizes[0] == 81 and p.units[-1] == 270 and p.cost <= 1000
+    assert plan(260, 650).sizes[0] >= 9  # a small budget still searches, with shorter rungs
+    with pytest.raises(ConfigError, match="smaller than one block"):
+        plan(0.5, 13)
+    with pytest.raises(ConfigError, match="too small for 4 rungs .* hold at most 3 rungs"):
+        plan(1000, 13, n_candidates=27, where="the store")
+
+
+# --- on the cluster ---
+
+class DieOnce(WorkerPlugin):
+    """Kills its worker (``os._exit``) as the first task whose key contains ``part`` ends,
+    once for the whole cluster (a marker file says it happened)."""
+
+    def __init__(self, part: str, marker: str):
+        self.part, self.marker = part, marker
+
+    def transition(self, key, start, finish, **kwargs):
+        if start == "executing" and self.part in str(key) and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(key))
+            os._exit(13)
+
+
+#: A small Inc-kSGD space: each candidate's block models take a fraction of a second.
+CHEAP = {"n_clusters": [5, 10], "alpha": {"loguniform": [1e-5, 1e-2]}, "max_iter": [2, 4],
+         "vote": ["majority", "soft"]}
+
+
+def _scores(result):
+    return [(e["candidate"], e["rung"], e["score"]) for e in result.leaderboard]
+
+
+@pytest.mark.timeout(900)
+def test_tune_ksgd_resumes_without_retraining_and_survives_a_killed_worker(digits, client,
+                                                                          tmp_path):
+    """Inc-kSGD on digits: a search stopped after 5 results resumes, trains only the other 8
+    and ends with the whole leaderboard; a search whose worker dies mid-rung (Dask runs the
+    task again elsewhere) ends with the very same leaderboard."""
+    data = str(digits / "train.zarr")
+    kw = dict(model="ksgd", space=CHEAP, budget="3x", client=client, seed=1)
+
+    class Killed(Exception):
+        pass
+
+    seen = []
+
+    def stop_after_five(entry):
+        seen.append(entry)
+        if len(seen) == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        tune(data, **kw, tune_dir=tmp_path / "cut", on_result=stop_after_five)
+    assert len(list((tmp_path / "cut" / "results").glob("*.json"))) == 5
+    with pytest.raises(ConfigError, match="already holds 5 finished results; resume it"):
+        tune(data, **kw, tune_dir=tmp_path / "cut")
+    with pytest.raises(ConfigError, match="cannot resume .*seed was 1 in the tune, now 2"):
+        tune(data, **{**kw, "seed": 2}, tune_dir=tmp_path / "cut", resume=True)
+    again = tune(data, **kw, tune_dir=tmp_path / "cut", resume=True)
+    assert again.plan.sizes == (9, 3, 1) and again.resumed == 5 and again.trained == 13 - 5
+    assert again.leaderboard[0]["rung"] == 3 and again.best_score > 0.85
+    assert len(again.best_model.estimators_) == again.plan.units[-1]  # survivors added blocks
+    board = json.loads((tmp_path / "cut" / "leaderboard.json").read_text())
+    assert [e["score"] for e in board] == [e["score"] for e in again.leaderboard]
+
+    marker = tmp_path / "died"
+    client.register_plugin(DieOnce("-c4-r1", str(marker)), name="die-once")
+    try:
+        hurt = tune(data, **kw, tune_dir=tmp_path / "hurt")
+    finally:
+        client.unregister_worker_plugin("die-once")
+    assert marker.exists()
+    assert hurt.trained == 13 and _scores(hurt) == _scores(again)
+    X, _ = open_dataset(digits / "test.zarr").block(0)
+    assert np.array_equal(again.best_model.predict(X), hurt.best_model.predict(X))
+
+
+def test_tune_bad_inputs_are_one_line_errors(digits, client, tmp_path):
+    data = str(digits / "train.zarr")
+    with pytest.raises(ConfigError, match="smaller than one block"):
+        tune(data, model="sgd", budget=50, client=client)
+    with pytest.raises(ConfigError, match="too small for 5 rungs"):
+        tune(data, model="ksgd", n_candidates=81, client=client)
+    with pytest.raises(ConfigError, match="n_clusters up to 500 but the smallest block"):
+        tune(data, model="ksgd", space={"n_clusters": [10, 500]}, client=client)
+    one = tmp_path / "one.zarr"
+    ingest(str(digits / "digits.npz"), one, block_rows=4000)
+    with pytest.raises(DataError, match="has 1 block: none can be held out"):
+        tune(str(one), model="sgd", client=client)
+
+
+def test_cli_tune_mlp_writes_a_model_that_score_reads(digits, cluster, tmp_path):
+    model_path = tmp_path / "best.skops"
+    args = ["tune", str(digits / "train.zarr"), "--model", "mlp", "--budget", "2x",
+            "--validation", str(digits / "test.zarr"), "-o", str(model_path),
+            "--scheduler", cluster.scheduler_address]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "leaderboard (held-out accuracy)" in res.output and "best: candidate" in res.output
+    model = load_model(model_path)
+    assert type(model).__name__ == "MLPClassifier"
+    res = CliRunner().invoke(main, ["score", str(model_path), str(digits / "test.zarr"),
+                                    "--scheduler", cluster.scheduler_address])
+    assert res.exit_code == 0, res.output
+    acc = float(res.output.strip().split()[-1])
+    assert acc >= 0.93
+    res = CliRunner().invoke(main, args)  # the model exists now
+    assert res.exit_code != 0 and "already exists" in res.output
+    res = CliRunner().invoke(main, [*args[:-2], "--budget", "10", "--overwrite", "--scheduler",
+                                    cluster.scheduler_address])
+    assert res.exit_code != 0
+    assert "budget of 0.09 blocks is smaller than one block" in res.output
+    assert "Traceback" not in res.output
