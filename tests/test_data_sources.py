@@ -101,6 +101,9 @@ def test_csv_string_labels_and_quotes(tmp_path):
     ("a,b,label\n1,2,0\n1,nan,1\n", r"row 1 column 1 is nan"),
     ("label\n1\n2\n", r"no features"),
     ("a,label\n", r"no rows"),
+    # Issue 29 finding 7: an empty label became a class "".
+    ("a,label\n1,0\n2, \n", r"data row 1 \(line 3\) has an empty label in column 'label'; "
+                           r"fill it in or remove the row"),
 ])
 def test_csv_errors_name_the_row(tmp_path, body, match):
     (tmp_path / "d.csv").write_text(body)
@@ -213,3 +216,58 @@ def test_a_csv_field_over_the_csv_modules_limit_is_one_line(tmp_path):
     with pytest.raises(DataError, match=rf"{re.escape(str(path))}: line 3: field larger than "
                                         r"field limit .*unbalanced quote"):
         ingest(str(path), tmp_path / "big.zarr")
+
+
+def test_a_csv_line_of_hundreds_of_megabytes_is_refused_early(tmp_path):
+    """Issue 29 finding 9: a 2.2 GB CSV field cost 4.3 GB of memory before its one-line error
+    (Python read the whole line into one string first). Lines are read at most
+    MAX_CSV_LINE characters at a time: a 600 MB line is refused with far less memory than it
+    holds (measured in a fresh process: its peak RSS before and after)."""
+    import subprocess
+    import sys
+
+    from rpicluster.data.sources import MAX_CSV_LINE
+
+    path = tmp_path / "huge.csv"
+    with open(path, "w") as f:
+        f.write("a,label\n1,0\n")
+        chunk = "1" * (64 << 20)
+        for _ in range(9):
+            f.write(chunk)
+        f.write(",1\n")
+    code = ("import resource; from rpicluster.data.writer import ingest; "
+            "from rpicluster.errors import DataError\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"try: ingest({str(path)!r}, {str(tmp_path / 'h.zarr')!r})\n"
+            "except DataError as exc: print(exc)\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    message, grew_mib = res.stdout.strip().splitlines()
+    assert message == (f"{path}: line 3 is longer than {MAX_CSV_LINE:,} characters; a row of "
+                       "numbers is never that long: check that line for an unbalanced quote or "
+                       "a field that is not a number")
+    assert int(grew_mib) < 400, grew_mib       # the line is 576 MiB
+
+
+def test_one_truncated_jpeg_is_skipped_not_fatal(tmp_path):
+    """Issue 29 finding 7: one truncated JPEG aborted a whole `images:` ingest under the default
+    --bad-images skip (Pillow's verify() passes it; decoding fails half-way through a block).
+    It is skipped with the warning, and every good image is ingested."""
+    from PIL import Image
+    from skimage import data as samples
+
+    from rpicluster.errors import DataWarning
+
+    for cls, names in {"cat": ("chelsea", "cat"), "cup": ("coffee", "rocket")}.items():
+        (tmp_path / "photos" / cls).mkdir(parents=True)
+        for name in names:
+            path = tmp_path / "photos" / cls / f"{name}.jpg"
+            Image.fromarray(getattr(samples, name)()).save(path)
+    whole = (tmp_path / "photos" / "cup" / "rocket.jpg").read_bytes()
+    (tmp_path / "photos" / "cup" / "rocket.jpg").write_bytes(whole[:len(whole) // 2])
+    with pytest.warns(DataWarning, match=r"skipped 1 unreadable image file: cup/rocket.jpg"):
+        ingest(f"images:{tmp_path / 'photos'}", tmp_path / "p.zarr",
+               source_options={"image_size": 32})
+    ds = open_dataset(tmp_path / "p.zarr")
+    assert ds.n_rows == 3 and list(ds.classes) == ["cat", "cup"]

@@ -273,7 +273,7 @@ class CsvSource(Source):
     def __init__(self, path: Path, label_column: str | None):
         self._path = path
         with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
+            reader = csv.reader(_bounded_lines(f, path))
             header = next(reader, None)
             if not header:
                 raise DataError(f"{path}: empty CSV file (expected a header row)")
@@ -286,7 +286,13 @@ class CsvSource(Source):
                     if len(fields) != len(header):
                         raise DataError(f"{path}: line {reader.line_num} has {len(fields)} "
                                         f"fields, the header has {len(header)}")
-                    first_ids.append(seen.setdefault(fields[self._label], len(seen)))
+                    label = fields[self._label]
+                    if not label.strip():
+                        raise DataError(
+                            f"{path}: data row {len(first_ids)} (line {reader.line_num}) "
+                            f"has an empty label in column {header[self._label]!r}; fill it "
+                            "in or remove the row (an empty string is not a class)")
+                    first_ids.append(seen.setdefault(label, len(seen)))
             except csv.Error as exc:
                 # Python's csv module refuses a field over csv.field_size_limit() characters;
                 # no number is that long, so the file is not a CSV of numbers there (often an
@@ -327,6 +333,25 @@ class CsvSource(Source):
             where = (f"data row {row} (line {row + 2}), column {column!r}" if m
                      else f"data rows {first_row}..{first_row + len(lines) - 1}")
             raise DataError(f"{self._path}: {where}: not a number ({exc})") from None
+
+
+#: Longest CSV line read (bytes): a row of 100,000 numbers fits; a 2 GB "field" is refused
+#: after this much, not after Python read all of it into one string.
+MAX_CSV_LINE = 64 << 20
+
+
+def _bounded_lines(f, path: Path):
+    """The lines of ``f``, refusing one longer than :data:`MAX_CSV_LINE` as soon as that much
+    of it is read (``for line in f`` would read a whole 2 GB line first)."""
+    for number in itertools.count(1):
+        line = f.readline(MAX_CSV_LINE + 1)
+        if not line:
+            return
+        if len(line) > MAX_CSV_LINE:
+            raise DataError(f"{path}: line {number} is longer than {MAX_CSV_LINE:,} characters; "
+                            "a row of numbers is never that long: check that line for an "
+                            "unbalanced quote or a field that is not a number")
+        yield line
 
 
 def _pick_label_column(header: list[str], label_column: str | None, path: Path) -> int:
@@ -399,6 +424,8 @@ def open_source(source: str | os.PathLike, *, labels: str | os.PathLike | None =
     DataError
         A missing file or invalid data.
     """
+    if isinstance(source, tuple):
+        return _arrays_source(source, labels, label_column, image_size, image_mode, bad_images)
     text = os.fspath(source)
     if text.lower() == "fashion-mnist" and not Path(text).exists():
         text = "fashion-mnist:"  # the bare name: the training split
@@ -431,6 +458,9 @@ def open_source(source: str | os.PathLike, *, labels: str | os.PathLike | None =
     if kind == "synthetic":
         return SyntheticSource(m.group(2))
     path = Path(m.group(2) if is_scheme else text).expanduser().resolve()
+    if not is_scheme and Path(text).expanduser().is_dir():
+        raise ConfigError(f"{text} is a folder, not a data file: to ingest the images in it, "
+                          f"give it as images:{text} (rpicluster ingest images:{text} OUT.zarr)")
     if not is_scheme and kind not in FILE_SUFFIXES:
         raise ConfigError(f"unknown source file type {kind or '(no suffix)'!r} for {text} "
                           f"(known: {', '.join(FILE_SUFFIXES)}; or a scheme "
@@ -450,6 +480,21 @@ def open_source(source: str | os.PathLike, *, labels: str | os.PathLike | None =
         raise DataError(f"labels file {labels_path} does not exist")
     y = _load_npy(labels_path)
     return NpySource(f"npy:{path}+{labels_path}", lambda: open(path, "rb"), y)
+
+
+def _arrays_source(pair: tuple, *options) -> Source:
+    """An in-memory ``(X, y)`` pair (``rpicluster.ingest((X, y), "out.zarr")``)."""
+    if len(pair) != 2:
+        raise ConfigError(f"an in-memory source is a pair (X, y), got a tuple of {len(pair)}")
+    if any(o is not None for o in options):
+        raise ConfigError("labels, label_column and the image options do not apply to an "
+                          "in-memory (X, y) source")
+    X, y = pair
+    if not hasattr(X, "toarray"):
+        X = np.asarray(X)
+    if X.dtype.kind not in "fiub":
+        raise DataError(f"(X, y): X must hold numbers, got dtype {X.dtype}")
+    return ArraySource(f"arrays ({X.shape[0]} rows)", X, np.asarray(y))
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -579,8 +624,16 @@ def _idx_source(spec: str) -> Source:
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"idx:{spec}: expected idx:IMAGES,LABELS (two IDX files, e.g. "
                           "idx:train-images-idx3-ubyte.gz,train-labels-idx1-ubyte.gz)")
-    images, labels = (Path(p).expanduser().resolve() for p in parts)
-    return IdxSource(images, labels)
+    images, labels = (Path(p).expanduser() for p in parts)
+    if labels.parent == Path(".") and not labels.exists():
+        labels = images.parent / labels  # a bare LABELS name: beside IMAGES
+    for path in (images, labels):
+        if not path.is_file():
+            raise DataError(f"idx:{spec}: {path.resolve()} does not exist (a relative IMAGES "
+                            "path is read from the current folder, a bare LABELS name beside "
+                            "IMAGES; e.g. idx:/usr/share/datasets/fashion-mnist/"
+                            "train-images-idx3-ubyte.gz,train-labels-idx1-ubyte.gz)")
+    return IdxSource(images.resolve(), labels.resolve())
 
 
 def fashion_mnist_source(split: str = "train", directory: Path | None = None) -> Source:
@@ -666,7 +719,7 @@ class ImageFolderSource(Source):
             for p in sorted(d.iterdir()):
                 if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
                     continue
-                problem = _image_problem(Image, p)
+                problem = _image_problem(Image, p, size)
                 if problem is None:
                     files.append(p)
                     labels.append(d.name)
@@ -699,11 +752,17 @@ class ImageFolderSource(Source):
             yield X, self._codes[start:start + len(paths)]
 
 
-def _image_problem(Image, path: Path) -> str | None:
-    """Why Pillow cannot read ``path`` (None when it can): header and structure checked."""
+def _image_problem(Image, path: Path, size: int | None = None) -> str | None:
+    """Why Pillow cannot read ``path`` (None when it can): header and structure checked, then
+    the whole image decoded (at the draft scale nearest ``size``: a JPEG decodes 2-8x smaller,
+    fast), since ``verify`` passes a truncated JPEG that would fail half-way through a block."""
     try:
         with Image.open(path) as im:
             im.verify()
+        with Image.open(path) as im:
+            if size:
+                im.draft(None, (size, size))
+            im.load()
     except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds for bad files
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return None
