@@ -21,7 +21,7 @@ _EXPORTS = {
     "load_inventory": "rpicluster.inventory",
     "up": "rpicluster.deploy.cluster",
     "down": "rpicluster.deploy.cluster",
-    "status": "rpicluster.deploy.cluster",
+    "status": "rpicluster.deploy.resolve",
     "connect": "rpicluster.deploy.resolve",
     "client": "rpicluster.deploy.resolve",
     "find_cluster": "rpicluster.deploy.resolve",

@@ -196,10 +196,13 @@ def test_cli_init_writes_an_inventory_and_refuses_to_overwrite(tmp_path):
     assert result.exit_code == 1 and "already exists" in result.output
 
 
-def test_cli_status_without_a_cluster_is_a_clear_error(home):
-    result = CliRunner().invoke(main, ["status"])
-    assert result.exit_code == 1
-    assert "error: no cluster recorded" in result.output
+def test_cli_status_and_down_without_a_cluster_say_so_and_succeed(home):
+    """Nothing running is an answer, not an error (issue 26: both exited 1 with error:)."""
+    for command in ("status", "down"):
+        result = CliRunner().invoke(main, [command])
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith("no cluster running (start one with rpicluster up")
+        assert "error" not in result.output
 
 
 def test_cli_up_refuses_an_injection_before_connecting(tmp_path, monkeypatch):

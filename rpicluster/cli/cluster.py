@@ -100,6 +100,20 @@ def up(inventory, local, threads_per_worker, memory_limit, dashboard_address, op
 _ACT_LOCAL = "The embedded local cluster (`up --local`)."
 
 
+def _nothing_running(inventory, local) -> bool:
+    """True, after saying so, when nothing was chosen and no cluster is recorded or running:
+    ``status`` and ``down`` then have nothing to act on, which is not an error."""
+    from rpicluster.deploy.state import local_record, recorded_cluster
+
+    if inventory is not None or local is not None:
+        return False
+    if recorded_cluster() is not None or local_record() is not None:
+        return False
+    click.echo("no cluster running (start one with rpicluster up --local N, or rpicluster up "
+               "-c cluster.toml)")
+    return True
+
+
 def _target(inventory, local):
     """The recorded cluster ``status``/``down``/``logs`` act on, announced on stderr."""
     from rpicluster.deploy.resolve import find_cluster
@@ -118,8 +132,11 @@ def status(inventory, local) -> None:
     A worker that is not running says why: never connected, up failed (the reason), rejoining
     (restarting by itself after its scheduler went away) or lost (run `rpicluster up`).
 
-    Without -c or --local: the SSH cluster `up` last recorded, else the local cluster.
+    Without -c or --local: the SSH cluster `up` last recorded, else the local cluster (and
+    when neither runs, it says so: not an error).
     """
+    if _nothing_running(inventory, local):
+        return
     ref = _target(inventory, local)
     if ref.kind == "local":
         from rpicluster.deploy.state import local_record
@@ -167,10 +184,13 @@ def logs(host, inventory, local, lines) -> None:
 def down(inventory, local) -> None:
     """Stop exactly what up started (workers, then scheduler), verified by pid.
 
-    Without -c or --local: the SSH cluster `up` last recorded, else the local cluster.
+    Without -c or --local: the SSH cluster `up` last recorded, else the local cluster (and
+    when neither runs, it says so: not an error).
     """
     from rpicluster.deploy.state import local_record
 
+    if _nothing_running(inventory, local):
+        return
     if local is not None and local_record() is None:
         click.echo("no local cluster running")
         return

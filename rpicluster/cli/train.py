@@ -7,22 +7,40 @@ import click
 from rpicluster.cli._common import (announce, cluster_choice, cluster_options, echo_table,
                                     exit_stopped, quiet_dask_logs, usage_errors)
 
+#: The defaults ``train --help`` shows: IncrementalKSGDClassifier's own (an unset flag leaves the
+#: estimator's default, or a resumed run's value), written out so that ``--help`` does not import
+#: scikit-learn; tests/test_friction_cli.py checks them against the estimator.
+INC_KSGD_DEFAULTS = {"n_clusters": 10, "max_iter": 5, "eta0": 0.01, "alpha": 0.0001,
+                     "batch_size": 256, "solver": "minibatch", "vote": "majority"}
+
+
+def _with_default(text: str, key: str) -> str:
+    return f"{text}  [default: {INC_KSGD_DEFAULTS[key]}]"
+
 
 @click.command("train")
 @click.argument("data")
 @click.option("-o", "--output", "model_path", required=True, type=click.Path(dir_okay=False),
               help="Model file to write (skops format).")
-@click.option("--clusters", "n_clusters", type=click.IntRange(min=1), help="k-means clusters per block (k).")
-@click.option("--epochs", "max_iter", type=click.IntRange(min=1), help="SGD epochs per local model.")
-@click.option("--eta", "eta0", type=click.FloatRange(min=0, min_open=True), help="Initial learning rate.")
-@click.option("--alpha", type=click.FloatRange(min=0), help="L2 regularisation strength.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Minibatch rows (our kernel).")
+@click.option("--clusters", "n_clusters", type=click.IntRange(min=1),
+              help=_with_default("k-means clusters per block (k).", "n_clusters"))
+@click.option("--epochs", "max_iter", type=click.IntRange(min=1),
+              help=_with_default("SGD epochs per local model.", "max_iter"))
+@click.option("--eta", "eta0", type=click.FloatRange(min=0, min_open=True),
+              help=_with_default("Initial learning rate.", "eta0"))
+@click.option("--alpha", type=click.FloatRange(min=0),
+              help=_with_default("L2 regularisation strength.", "alpha"))
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help=_with_default("Minibatch rows (our kernel).", "batch_size"))
 @click.option("--solver", type=click.Choice(["minibatch", "sklearn"]),
-              help="minibatch: our vectorised kernel; sklearn: one SGDClassifier per cluster.")
-@click.option("--seed", "random_state", type=int, help="Random seed (same seed, same model).")
+              help=_with_default("minibatch: our vectorised kernel; sklearn: one SGDClassifier per "
+                            "cluster.", "solver"))
+@click.option("--seed", "random_state", type=int,
+              help="Random seed (same seed, same model).  [default: none, a new model each "
+                   "run]")
 @click.option("--vote", type=click.Choice(["majority", "soft"]),
-              help="How block models combine: majority vote (default; ties broken by summed "
-                   "decision scores) or soft (mean decision scores).")
+              help=_with_default("How block models combine: majority vote (ties broken by summed "
+                            "decision scores) or soft (mean decision scores).", "vote"))
 @click.option("--run-dir", type=click.Path(file_okay=False),
               help="Where block models are committed (default MODEL.run).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
@@ -31,6 +49,9 @@ from rpicluster.cli._common import (announce, cluster_choice, cluster_options, e
 @click.option("--allow-skewed", is_flag=True,
               help="Train on a --no-shuffle store whose blocks hold few classes (refused "
                    "otherwise: its block models would vote on classes they never saw).")
+@click.option("--allow-pixels", is_flag=True,
+              help="Train on an image store's raw pixels (refused otherwise: run `rpicluster "
+                   "features` first and train on its feature store).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing model file (and start its run directory afresh).")
 @click.option("--model", "kind", type=click.Choice(["inc-ksgd", "mlp", "sgd"]),
@@ -46,8 +67,8 @@ from rpicluster.cli._common import (announce, cluster_choice, cluster_options, e
               show_default=True, help="mlp/sgd: average once per round, after every local "
               "epoch, or after every minibatch (parameter-server pattern).")
 @cluster_options
-def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, allow_skewed, scheduler,
-              inventory, local, kind, hidden, rounds, local_epochs, sync, **params):
+def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, allow_skewed, allow_pixels,
+              scheduler, inventory, local, kind, hidden, rounds, local_epochs, sync, **params):
     """Train a model on a Zarr store DATA (made by `rpicluster ingest`)."""
     import warnings
 
@@ -81,7 +102,8 @@ def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, allow_skew
                                       cluster=cluster_choice(scheduler, inventory, local),
                                       run_dir=resume_dir or run_dir,
                                       resume=resume_dir is not None, overwrite=overwrite,
-                                      test=test, allow_skewed=allow_skewed)
+                                      test=test, allow_skewed=allow_skewed,
+                                      allow_pixels=allow_pixels)
             finally:
                 for w in caught:
                     if issubclass(w.category, RPiClusterWarning):
@@ -207,16 +229,10 @@ def federate_cmd(inventory, model_path, kind, data, hidden, rounds, local_epochs
 @cluster_options
 def score_cmd(model_path, data, scheduler, inventory, local):
     """Print the accuracy of MODEL on the labelled store DATA."""
-    from rpicluster.train.api import score_model
+    from rpicluster.train.api import score_summary
 
-    from rpicluster import open_dataset
-
-    acc = score_model(model_path, data, cluster=cluster_choice(scheduler, inventory, local))
-    ds = open_dataset(data)
-    split = ds.attrs.get("split") or {}
-    what = {"test": "held-out rows", "train": "TRAINING rows (not a held-out estimate)"}.get(
-        split.get("part"), "rows")
-    click.echo(f"accuracy: {acc:.4f} on {ds.url} ({ds.n_rows} {what})")
+    s = score_summary(model_path, data, cluster=cluster_choice(scheduler, inventory, local))
+    click.echo(f"accuracy: {s.accuracy:.4f} on {s.url} ({s.n_rows} {s.rows})")
 
 
 @click.command("predict")

@@ -14,8 +14,9 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from rpicluster import config
-from rpicluster.models.ksgd import (KSGDClassifier, check_enough_rows, check_params,
-                                    check_weights, fit_block, resolve_random_state,
+from rpicluster.models.ksgd import (CALIBRATION_BLOCKS, CALIBRATION_ROWS, KSGDClassifier,
+                                    check_enough_rows, check_params, check_weights, fit_block,
+                                    fit_proba_scale, resolve_random_state, softmax_proba,
                                     unchanged_on_error)
 
 # Rows per chunk when counting votes: bounds the (chunk, n_classes) count matrix.
@@ -67,12 +68,66 @@ def is_dataset(X) -> bool:
 
 def _current_client():
     """The current Dask client, or None when there is none (or distributed is absent)."""
+    import sys
+
+    if "distributed" not in sys.modules:
+        return None  # nothing imported distributed, so no client exists (and import is slow)
     try:
         from distributed import default_client
 
         return default_client()
     except (ImportError, ValueError):
         return None
+
+
+def calibration_rows(n_blocks: int) -> tuple[list[int], int]:
+    """Which rows calibrate an ensemble's ``predict_proba``: the first ``rows`` rows of each of
+    the ``blocks`` (at most :data:`~rpicluster.models.ksgd.CALIBRATION_BLOCKS`, evenly spread),
+    about :data:`~rpicluster.models.ksgd.CALIBRATION_ROWS` in all. The same rule in every fit
+    path, so a store fitted on a cluster and the same arrays fitted here get the same scale."""
+    blocks = sorted({int(b) for b in np.linspace(0, n_blocks - 1,
+                                                 min(n_blocks, CALIBRATION_BLOCKS)).round()})
+    return blocks, -(-CALIBRATION_ROWS // len(blocks))
+
+
+def calibration_task(model, dataset, block: int, rows: int):
+    """(scores, codes) of the first ``rows`` rows of block ``block`` under ``model``'s vote."""
+    from sklearn.utils import check_array
+
+    X, y = dataset.block(block)
+    X = check_array(X[:rows], dtype=np.float32, order="C")
+    return model._decision(X)[1], np.asarray(y[:rows])
+
+
+def decision_task(model, dataset, block: int) -> np.ndarray:
+    """``model.decision_function`` of block ``block``'s rows."""
+    return model.decision_function(dataset.block(block)[0])
+
+
+def proba_task(model, dataset, block: int) -> np.ndarray:
+    """``model.predict_proba`` of block ``block``'s rows."""
+    return model.predict_proba(dataset.block(block)[0])
+
+
+def calibrate_dataset(model, dataset, client=None):
+    """Fit ``model.proba_scale_`` on the rows :func:`calibration_rows` picks from ``dataset``
+    (the store it was trained on), on ``client``'s workers when given.
+
+    Returns
+    -------
+    model
+    """
+    blocks, rows = calibration_rows(dataset.n_blocks)
+    if client is None:
+        parts = [calibration_task(model, dataset, b, rows) for b in blocks]
+    else:
+        [remote] = client.scatter([model], broadcast=True, hash=False)
+        parts = client.gather(client.map(calibration_task, [remote] * len(blocks),
+                                         [dataset] * len(blocks), blocks, [rows] * len(blocks),
+                                         pure=False))
+    model.proba_scale_ = fit_proba_scale(np.concatenate([p[0] for p in parts]),
+                                         np.concatenate([p[1] for p in parts]))
+    return model
 
 
 #: ``vote`` values: the paper's majority vote, or the mean of the block models' scores.
@@ -158,12 +213,16 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
         Epochs run per cluster of every block (``max_iter``).
     estimators_ : list of KSGDClassifier
         One fitted kSGD per block, all sharing ``classes_``.
+    proba_scale_ : float
+        Temperature of :meth:`predict_proba`, fitted on training rows.
 
     Notes
     -----
-    There is no ``predict_proba``: hinge-loss block models give margins, not probabilities, and
-    vote shares of a few blocks are not calibrated. For probabilities wrap the estimator in
-    ``sklearn.calibration.CalibratedClassifierCV`` (it calibrates :meth:`decision_function`).
+    :meth:`predict_proba` is ``softmax(proba_scale_ * scores)`` of :meth:`decision_function`'s
+    per-class scores (so its most probable class is the predicted one, under either ``vote``),
+    with ``proba_scale_`` fitted by minimising the log loss on about 2,048 training rows
+    (:func:`calibration_rows`). Calibrated on training rows, it leans confident on new data;
+    ``sklearn.calibration.CalibratedClassifierCV`` calibrates on held-out folds instead.
     """
 
     def __init__(self, block_rows=config.BLOCK_ROWS, *, n_clusters=10, max_iter=5, alpha=1e-4,
@@ -229,6 +288,10 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
                                       else sample_weight[a:z])
                             for b, (a, z) in enumerate(zip(starts, stops))]
         self.classes_ = classes
+        blocks, rows = calibration_rows(len(starts))
+        picked = np.concatenate([np.arange(starts[b], min(starts[b] + rows, stops[b]))
+                                 for b in blocks])
+        self.proba_scale_ = fit_proba_scale(self._decision(X[picked])[1], codes[picked])
         return self
 
     def _fit_dataset(self, dataset, params: dict, random_state: int):
@@ -253,7 +316,7 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
                           UserWarning, stacklevel=3)
         elif client is not None:
             _distributed_fit(self, dataset, client)
-            return self
+            return calibrate_dataset(self, dataset, client)
         classes = np.asarray(dataset.classes)
         if dataset.n_blocks < 1:
             raise ValueError("the dataset has no blocks.")
@@ -267,7 +330,7 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
         self.classes_ = classes
         self.n_iter_ = int(self.max_iter)
         self.n_features_in_ = int(estimators[0].n_features_in_)
-        return self
+        return calibrate_dataset(self, dataset)
 
     def _validated_block(self, X, y_codes, n_classes: int, where: str):
         """Validate one stored block of float rows and integer class codes."""
@@ -326,6 +389,9 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
             self.estimators_ = [est]
         else:
             self.estimators_ = [*self.estimators_, est]
+        # calibrated on this call's rows (the earlier calls' rows are gone)
+        rows = np.arange(min(X.shape[0], CALIBRATION_ROWS))
+        self.proba_scale_ = fit_proba_scale(self._decision(X[rows])[1], codes[rows])
         return self
 
     def add_block_model(self, est: KSGDClassifier):
@@ -385,7 +451,8 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : array-like of shape (n_samples, n_features), or a dataset
+            A dataset is scored block by block, as in :meth:`predict`.
 
         Returns
         -------
@@ -393,9 +460,43 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
             With two classes, positive means ``classes_[1]``.
         """
         check_is_fitted(self)
+        if is_dataset(X):
+            return self._map_dataset(decision_task, X)
         X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
         _, scores = self._decision(X)
         return scores[:, 1] - scores[:, 0] if len(self.classes_) == 2 else scores
+
+    def predict_proba(self, X):
+        """Class probabilities, ``softmax(proba_scale_ * scores)`` (see the class Notes).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features), or a dataset
+            A dataset is computed block by block, as in :meth:`predict`.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+        """
+        check_is_fitted(self)
+        if is_dataset(X):
+            return self._map_dataset(proba_task, X)
+        X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
+        return softmax_proba(self._decision(X)[1], getattr(self, "proba_scale_", 1.0))
+
+    def _map_dataset(self, task, dataset) -> np.ndarray:
+        """``task(self, dataset, b)`` of every block, concatenated: on the current client's
+        workers when there is one, else here."""
+        self._check_dataset_features(dataset)
+        n = dataset.n_blocks
+        client = _current_client()
+        if client is None:
+            parts = [task(self, dataset, b) for b in range(n)]
+        else:
+            [remote] = client.scatter([self], broadcast=True, hash=False)
+            parts = client.gather(client.map(task, [remote] * n, [dataset] * n, range(n),
+                                             pure=False))
+        return np.concatenate(parts)
 
     def predict(self, X):
         """Predict by the block models' vote (see ``vote``).

@@ -405,6 +405,60 @@ def fit_block(X, y_codes, classes, params: dict, *, random_state: int, block: in
     return KSGDClassifier.from_parts(classes, centers, models, params)
 
 
+#: Rows a fit scores to calibrate ``predict_proba`` (spread over at most
+#: :data:`CALIBRATION_BLOCKS` blocks of an ensemble).
+CALIBRATION_ROWS = 2048
+CALIBRATION_BLOCKS = 4
+
+
+def softmax_proba(scores, scale: float) -> np.ndarray:
+    """Row-wise softmax of ``scale * scores``: the probabilities of ``predict_proba``.
+
+    Monotone in each row's scores, so the most probable class is the predicted one.
+    """
+    z = np.asarray(scores, dtype=np.float64) * float(scale)
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def fit_proba_scale(scores, codes) -> float:
+    """The temperature ``s`` minimising the log loss of ``softmax(s * scores)`` on ``codes``.
+
+    One parameter fitted by bounded Brent search over ``log s`` (the loss is convex in ``s``),
+    deterministic; the Platt/temperature scaling of Guo et al. (2017) on decision scores.
+
+    Parameters
+    ----------
+    scores : ndarray of shape (n, n_classes)
+        Decision scores of labelled rows.
+    codes : ndarray of shape (n,), int
+        Their true class codes.
+
+    Returns
+    -------
+    float
+        In ``[exp(-8), exp(8)]``; 1.0 without rows.
+    """
+    from scipy.optimize import minimize_scalar
+    from scipy.special import logsumexp
+
+    scores = np.asarray(scores, dtype=np.float64)
+    codes = np.asarray(codes, dtype=np.intp)
+    if scores.shape[0] == 0:
+        return 1.0
+    true = scores[np.arange(scores.shape[0]), codes]
+
+    def log_loss(log_s):
+        s = np.exp(log_s)
+        return float(np.mean(logsumexp(s * scores, axis=1) - s * true))
+
+    found = minimize_scalar(log_loss, bounds=(-8.0, 8.0), method="bounded",
+                            options={"xatol": 1e-4})
+    return float(np.exp(found.x))
+
+
 def check_enough_rows(X, n_clusters: int, where: str = "") -> None:
     """ValueError, in scikit-learn's KMeans wording, when X has fewer rows than clusters."""
     if X.shape[0] < n_clusters:
@@ -510,6 +564,9 @@ class KSGDClassifier(ClassifierMixin, BaseEstimator):
     local_intercept_ : ndarray of shape (m,), float32
     local_ptr_ : ndarray of shape (k + 1,), int
         Cluster ``j``'s rows of the three arrays above are ``local_ptr_[j]:local_ptr_[j + 1]``.
+    proba_scale_ : float
+        Temperature of :meth:`predict_proba`, fitted on training rows (1.0 for a model
+        assembled with :meth:`from_parts`, e.g. an ensemble's block model).
     """
 
     def __init__(self, n_clusters=10, *, max_iter=5, alpha=1e-4, learning_rate="optimal",
@@ -554,6 +611,8 @@ class KSGDClassifier(ClassifierMixin, BaseEstimator):
                            random_state=resolve_random_state(self.random_state),
                            sample_weight=sample_weight)
         self._set_fitted(fitted)
+        rows = np.linspace(0, X.shape[0] - 1, min(X.shape[0], CALIBRATION_ROWS)).astype(np.intp)
+        self.proba_scale_ = fit_proba_scale(self.local_scores(X[rows]), codes[rows])
         return self
 
     @classmethod
@@ -592,6 +651,7 @@ class KSGDClassifier(ClassifierMixin, BaseEstimator):
             np.float32)
         est.local_ptr_ = np.concatenate(
             [[0], np.cumsum([len(m.classes) for m in local_models])]).astype(np.int64)
+        est.proba_scale_ = 1.0  # fit() calibrates; a block model of an ensemble is not
         return est
 
     def _set_fitted(self, other: KSGDClassifier) -> None:
@@ -650,6 +710,28 @@ class KSGDClassifier(ClassifierMixin, BaseEstimator):
         X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
         scores = self.local_scores(X)
         return scores[:, 1] - scores[:, 0] if len(self.classes_) == 2 else scores
+
+    def predict_proba(self, X):
+        """Class probabilities: ``softmax(proba_scale_ * scores)`` of the row's cell's scores.
+
+        ``scores`` are :meth:`decision_function`'s per-class scores (a class absent from the
+        cell scores below every present one); ``proba_scale_`` is the temperature :meth:`fit`
+        fitted by minimising the log loss on up to :data:`CALIBRATION_ROWS` training rows
+        (:func:`fit_proba_scale`). The most probable class is the predicted one. Calibrated on
+        training rows, the probabilities lean confident on new data; for a held-out
+        calibration use ``sklearn.calibration.CalibratedClassifierCV``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
+        return softmax_proba(self.local_scores(X), getattr(self, "proba_scale_", 1.0))
 
     def predict(self, X):
         """Predict class labels.

@@ -8,6 +8,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,9 +16,14 @@ from rpicluster import history
 from rpicluster.errors import (ConfigError, DataError, RPiClusterWarning, TrainingError,
                                TrainingStopped, WriteError)
 from rpicluster.progress import Progress
-from rpicluster.train.job import TrainResult, predict_dataset, score_dataset, train
+from rpicluster.train.checks import (check_not_pixels, check_scoreable, fingerprint,
+                                     fits_in_process, open_store,
+                                     record_training_store, rows_kind, some_values)
 from rpicluster.train.modelfile import load_model, save_model
 from rpicluster.train.rundir import RunDir
+
+if TYPE_CHECKING:  # the job imports distributed: only commands that use a cluster load it
+    from rpicluster.train.job import TrainResult
 
 
 @dataclasses.dataclass
@@ -33,6 +39,19 @@ class ClusterChoice:
     inventory: str | None = None
     local: int | bool | None = None
     announce: Callable | None = None
+
+    def runs_here(self, dataset) -> bool:
+        """Whether a command on ``dataset`` runs in this process instead: nothing was chosen,
+        no cluster is running or recorded, and the store is small
+        (:func:`~rpicluster.train.checks.fits_in_process`: starting a cluster would cost more
+        than the work; the result is the same)."""
+        if (self.scheduler, self.inventory, self.local) != (None, None, None):
+            return False
+        if not fits_in_process(dataset):
+            return False
+        from rpicluster.deploy.state import local_record, recorded_cluster
+
+        return local_record() is None and recorded_cluster() is None
 
     def client(self):
         from rpicluster.deploy.resolve import client
@@ -73,14 +92,6 @@ class TrainSummary:
     n_workers: int
 
 
-def data_fingerprint(dataset) -> str:
-    """The run history's fingerprint of a store: its rows' per-chunk checksums, shape and
-    classes (the same rows give the same fingerprint wherever the store lives)."""
-    attrs = dataset.attrs
-    return history.fingerprint({k: attrs.get(k) for k in (
-        "chunk_crc32c", "n_rows", "n_features", "block_rows", "classes")})
-
-
 def refuse_existing_model(model_path: str | os.PathLike, overwrite: bool) -> None:
     """ConfigError when ``model_path`` exists and ``overwrite`` is false (every trainer checks
     this before it contacts the cluster)."""
@@ -93,7 +104,7 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
                 cluster: ClusterChoice | None = None, run_dir: str | os.PathLike | None = None,
                 resume: bool = False, overwrite: bool = False, test: str | None = None,
                 storage_options: dict | None = None, show_progress: bool = True,
-                allow_skewed: bool = False) -> TrainSummary:
+                allow_skewed: bool = False, allow_pixels: bool = False) -> TrainSummary:
     """Train an IncrementalKSGDClassifier on the store ``data`` and save it to ``model_path``.
 
     ``run_dir`` (default ``<model_path>.run``) receives each block model as it is committed;
@@ -114,8 +125,7 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
         The run stopped after it began (Ctrl-C, lost scheduler, full disk, a failing block);
         the message says how many blocks are kept in ``run_dir`` for ``resume``.
     """
-    from rpicluster import open_dataset
-    from rpicluster.models.incremental import IncrementalKSGDClassifier
+    from rpicluster.models.incremental import IncrementalKSGDClassifier, calibrate_dataset
 
     model_path = Path(model_path)
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{model_path}.run")
@@ -124,15 +134,22 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
         # The run's parameters, with any given here on top: RunDir.check_resumable (in train)
         # refuses one that differs, naming it.
         params = {**RunDir(run_dir).meta()["params"], **params}
-    dataset = open_dataset(data, storage_options=storage_options)
+    dataset = open_store(data, storage_options)
+    check_not_pixels(dataset, allow_pixels=allow_pixels)
     estimator = IncrementalKSGDClassifier(**{**params, "block_rows": dataset.block_rows})
     dataset.check_trainable(estimator.n_clusters, allow_skewed=allow_skewed)
-    test_ds = open_dataset(test, storage_options=storage_options) if test else None
+    test_ds = open_store(test, storage_options) if test else None
+    if test_ds is not None:
+        check_scoreable(estimator_like(dataset), test_ds, name=f"a model of {dataset.url}")
+    cluster = cluster or ClusterChoice()
+    if not resume and cluster.runs_here(dataset):
+        return _train_here(estimator, dataset, model_path, run_dir, overwrite, test_ds,
+                           show_progress)
     # Owned from before the first block until the model file is written: a second run into the
     # same directory is refused instead of mixing its blocks into this one.
     with RunDir(run_dir) as run, history.recording(
             "train", params={**estimator.get_params(), "resume": resume, "test": test},
-            data=str(dataset.url), fingerprint=data_fingerprint(dataset)) as record:
+            data=str(dataset.url), fingerprint=fingerprint(dataset)) as record:
         if overwrite and not resume:
             run.clear()
         def kept() -> str | None:
@@ -141,11 +158,13 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
             return (f"{len(run.verified())} of {dataset.n_blocks} blocks are committed in "
                     f"{run.path}")
 
-        with (cluster or ClusterChoice()).run_client(kept, run.path) as client:
+        with cluster.run_client(kept, run.path) as client:
             workers = client.scheduler_info()["workers"]
             n_workers = len(workers)
             record.update(cluster=client.scheduler.address,
                           workers=[w.get("name", a) for a, w in workers.items()])
+            from rpicluster.train.job import score_dataset, train
+
             with Progress("train", total=dataset.n_blocks, unit="blocks",
                           enabled=show_progress) as progress:
                 result = train(estimator, dataset, client, run_dir=run_dir, resume=resume,
@@ -154,14 +173,54 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
                           blocks=len(result.trained_blocks), resumed=len(result.resumed_blocks),
                           rows_per_second=dataset.n_rows / result.seconds
                           if result.seconds > 0 else None)
+            calibrate_dataset(estimator, dataset, client)
             accuracy = None
             if test_ds is not None:
                 accuracy = score_dataset(estimator, test_ds, client)
                 record.result(test_accuracy=accuracy)
+        record_training_store(estimator, dataset)
         digest = save_model(estimator, model_path)
         record.result(model_path=model_path.resolve(), sha256=digest)
     return TrainSummary(result=result, model_path=model_path, sha256=digest,
                         test_accuracy=accuracy, n_workers=n_workers)
+
+
+def estimator_like(dataset):
+    """An object with the ``n_features_in_`` and ``classes_`` a model of ``dataset`` will have
+    (for :func:`~rpicluster.train.checks.check_scoreable` before training)."""
+    return type("StoreModel", (), {"n_features_in_": dataset.n_features,
+                                   "classes_": np.asarray(dataset.classes)})()
+
+
+def _train_here(estimator, dataset, model_path: Path, run_dir: Path, overwrite: bool, test_ds,
+                show_progress: bool) -> TrainSummary:
+    """:func:`train_model` of a small store in this process (``estimator.fit``'s in-process
+    path, the reference the cluster reproduces exactly)."""
+    import time
+    from collections import Counter
+
+    from rpicluster.train.job import TrainResult
+
+    with RunDir(run_dir) as run:  # still owned: a second run into it is refused
+        if overwrite:
+            run.clear()
+        start = time.perf_counter()
+        with Progress("train", total=dataset.n_blocks, unit="blocks",
+                      enabled=show_progress) as progress:
+            estimator.fit(dataset)
+            progress.advance(dataset.n_blocks, note="trained in this process")
+        seconds = time.perf_counter() - start
+        accuracy = estimator.score(test_ds) if test_ds is not None else None
+        record_training_store(estimator, dataset)
+        digest = save_model(estimator, model_path)
+    here = "this process"
+    result = TrainResult(model=estimator, seconds=seconds,
+                         trained_blocks=list(range(dataset.n_blocks)), resumed_blocks=[],
+                         tasks_per_worker=Counter({here: dataset.n_blocks}),
+                         rows_per_worker=Counter({here: dataset.n_rows}),
+                         busy_seconds_per_worker=Counter({here: seconds}), run_dir=None)
+    return TrainSummary(result=result, model_path=model_path, sha256=digest,
+                        test_accuracy=accuracy, n_workers=1)
 
 
 def _causes(exc: BaseException | None) -> list[BaseException]:
@@ -228,21 +287,50 @@ def _stopped(exc: BaseException, kept: str | None, run_dir, address: str | None
     return None
 
 
+@dataclasses.dataclass
+class ScoreSummary:
+    """What ``score`` reports: the accuracy, the store and which rows they are to the model
+    (:func:`~rpicluster.train.checks.rows_kind`: "TRAINING rows (not a held-out estimate)",
+    "held-out rows" or "rows")."""
+
+    accuracy: float
+    url: str
+    n_rows: int
+    rows: str
+
+
 def score_model(model_path: str | os.PathLike, data: str, *, cluster: ClusterChoice | None = None,
                 storage_options: dict | None = None, show_progress: bool = True) -> float:
-    """Accuracy of the saved model on the store ``data``, computed on the cluster."""
-    from rpicluster import open_dataset
+    """Accuracy of the saved model on the store ``data`` (:func:`score_summary`'s)."""
+    return score_summary(model_path, data, cluster=cluster, storage_options=storage_options,
+                         show_progress=show_progress).accuracy
 
+
+def score_summary(model_path: str | os.PathLike, data: str, *,
+                  cluster: ClusterChoice | None = None, storage_options: dict | None = None,
+                  show_progress: bool = True) -> ScoreSummary:
+    """Accuracy of the saved model on the store ``data``, computed on the cluster (in this
+    process for a small store when no cluster is chosen or running), and which rows those
+    are to the model.
+
+    The model's features and label kind are checked against the store's metadata first
+    (:func:`~rpicluster.train.checks.check_scoreable`).
+    """
     model = load_model(model_path)
-    dataset = open_dataset(data, storage_options=storage_options)
-    with (cluster or ClusterChoice()).client() as client:
-        check_labels(model, dataset, client, name=str(model_path))
-        progress = Progress("score", total=dataset.n_blocks, unit="blocks", enabled=show_progress)
-        return score_dataset(model, dataset, client, progress=progress)
+    dataset = open_store(data, storage_options)
+    check_scoreable(model, dataset, name=str(model_path))
+    cluster = cluster or ClusterChoice()
+    if cluster.runs_here(dataset):
+        accuracy = model.score(dataset)
+    else:
+        from rpicluster.train.job import score_dataset
 
-
-def _label_kind(labels: np.ndarray) -> str:
-    return "string" if labels.dtype.kind in "USO" else "numeric"
+        with cluster.client() as client:
+            check_labels(model, dataset, client, name=str(model_path))
+            progress = Progress("score", total=dataset.n_blocks, unit="blocks",
+                                enabled=show_progress)
+            accuracy = score_dataset(model, dataset, client, progress=progress)
+    return ScoreSummary(accuracy, dataset.url, dataset.n_rows, rows_kind(model, dataset))
 
 
 def check_labels(model, dataset, client, *, name: str = "the model") -> None:
@@ -256,13 +344,8 @@ def check_labels(model, dataset, client, *, name: str = "the model") -> None:
     """
     from rpicluster.data.reader import block_label_counts
 
+    check_scoreable(model, dataset, name=name)
     known, labels = np.asarray(model.classes_), np.asarray(dataset.classes)
-    ours, theirs = _label_kind(known), _label_kind(labels)
-    if ours != theirs:
-        raise DataError(f"{name} was trained on {ours} labels (e.g. {_some(known)}), "
-                        f"{dataset.url} holds {theirs} labels (e.g. {_some(labels)}): no "
-                        "prediction can match; score a store ingested from the same kind of "
-                        "labels")
     unseen = ~np.isin(labels, known)
     if not unseen.any():
         return
@@ -271,17 +354,12 @@ def check_labels(model, dataset, client, *, name: str = "the model") -> None:
     counts = np.sum(client.gather(futures), axis=0)
     total, missed = int(counts.sum()), int(counts[unseen].sum())
     what = (f"{missed} of {total} rows of {dataset.url} have labels {name} never saw in "
-            f"training ({int(unseen.sum())} labels: {_some(labels[unseen])})")
+            f"training ({int(unseen.sum())} labels: {some_values(labels[unseen])})")
     if missed == total:
         raise DataError(f"{what}: accuracy would be 0; score a store of the classes it was "
                         "trained on")
     warnings.warn(f"{what}; they count as errors ({missed / total:.1%} of the rows)",
                   RPiClusterWarning, stacklevel=2)
-
-
-def _some(values: np.ndarray, n: int = 5) -> str:
-    shown = ", ".join(repr(v) for v in values.tolist()[:n])
-    return shown + (", ..." if len(values) > n else "")
 
 
 def predict_to_file(model_path: str | os.PathLike, data: str, out: str | os.PathLike, *,
@@ -292,7 +370,6 @@ def predict_to_file(model_path: str | os.PathLike, data: str, out: str | os.Path
     ``out`` ending in ``.npy`` gets a numpy array, ``.csv``/``.txt`` one label per line.
     Returns the number of rows written.
     """
-    from rpicluster import open_dataset
     from rpicluster.train.modelfile import atomic_write_bytes
 
     out = Path(out)
@@ -300,11 +377,18 @@ def predict_to_file(model_path: str | os.PathLike, data: str, out: str | os.Path
         raise ConfigError(f"output {out}: unknown file type {out.suffix!r} "
                           "(known: .npy, .csv, .txt)")
     model = load_model(model_path)
-    dataset = open_dataset(data, storage_options=storage_options)
-    with (cluster or ClusterChoice()).client() as client:
-        progress = Progress("predict", total=dataset.n_blocks, unit="blocks",
-                            enabled=show_progress)
-        labels = predict_dataset(model, dataset, client, progress=progress)
+    dataset = open_store(data, storage_options)
+    check_scoreable(model, dataset, name=str(model_path))
+    cluster = cluster or ClusterChoice()
+    if cluster.runs_here(dataset):
+        labels = model.predict(dataset)
+    else:
+        from rpicluster.train.job import predict_dataset
+
+        with cluster.client() as client:
+            progress = Progress("predict", total=dataset.n_blocks, unit="blocks",
+                                enabled=show_progress)
+            labels = predict_dataset(model, dataset, client, progress=progress)
     if out.suffix == ".npy":
         import io
 
