@@ -272,3 +272,42 @@ def test_user_onnx_errors(tmp_path):
 def _path_of_tiny(tmp_path):
     _tiny_onnx(tmp_path / "t2.onnx")
     return tmp_path / "t2.onnx"
+
+
+def test_crafted_pth_files_are_the_loaders_one_line(tmp_path):
+    """Issue 29 finding 6: a crafted .pth made the loader raise TypeError (an admitted rebuild
+    function called with a size that is not a shape) or MemoryError (a legacy storage claiming
+    10^15 elements) instead of its one line; no code ran either way."""
+    s0 = _Storage("0", np.arange(4, dtype=np.float32))
+    bad_shape = tmp_path / "bad-shape.pth"
+    _write_zip_pth(bad_shape, {"w": (s0, 0, 5, (1,))}, [s0])
+    with pytest.raises(ModelError, match=r"bad-shape.pth is not a readable torch state dict "
+                                         r"\(TypeError: ") as info:
+        load_state_dict(bad_shape)
+    assert "\n" not in str(info.value)
+
+    storage = type("FloatStorage", (), {"__module__": "torch"})
+    torch_mod = types.ModuleType("torch")
+    torch_mod.FloatStorage = storage
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", storage, "0", "cpu", 10**15) if obj is s0 else None
+
+    saved = sys.modules.get("torch")
+    sys.modules["torch"] = torch_mod
+    try:
+        buf = io.BytesIO()
+        Pickler(buf, protocol=2).dump(collections.OrderedDict(w=s0))
+    finally:
+        if saved is None:
+            sys.modules.pop("torch")
+        else:
+            sys.modules["torch"] = saved
+    huge = tmp_path / "huge.pth"
+    huge.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, 2) + pickle.dumps(1001, 2)
+                     + pickle.dumps({"little_endian": True}, 2) + buf.getvalue()
+                     + pickle.dumps(["0"], 2))
+    with pytest.raises(ModelError, match=r"huge.pth: storage 0 claims 1,000,000,000,000,000 "
+                                         r"elements, more than the file's \d+ bytes hold"):
+        load_state_dict(huge)

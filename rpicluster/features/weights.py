@@ -140,9 +140,13 @@ def load_state_dict(path: str | os.PathLike) -> "collections.OrderedDict[str, np
                 result = _load_legacy(f, where)
     except FileNotFoundError:
         raise ModelError(f"weights file {where} does not exist") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile, KeyError) as exc:
+    except (pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile, KeyError,
+            TypeError, AttributeError, IndexError, OverflowError, MemoryError) as exc:
+        # A crafted pickle calls an admitted rebuild function with the wrong arguments
+        # (TypeError) or sizes (MemoryError): nothing else ran, only the loader's one line.
+        text = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise ModelError(f"{where} is not a readable torch state dict ({type(exc).__name__}: "
-                         f"{exc})") from None
+                         f"{text})") from None
     if not isinstance(result, dict) or not all(isinstance(v, np.ndarray)
                                                for v in result.values()):
         raise ModelError(f"{where} holds a {type(result).__name__}, not a state dict of tensors")
@@ -184,8 +188,12 @@ def _load_legacy(f, where: str):
     if not isinstance(info, dict) or info.get("little_endian") is not True:
         raise ModelError(f"{where}: only little-endian weights files are supported")
     wanted: dict[str, tuple[np.dtype, int, np.ndarray]] = {}
+    size = os.fstat(f.fileno()).st_size
 
     def read_storage(key, dtype, numel):
+        if not 0 <= numel * dtype.itemsize <= size:
+            raise ModelError(f"{where}: storage {key} claims {numel:,} elements, more than the "
+                             f"file's {size:,} bytes hold (a damaged or crafted file)")
         # Storages follow the state dict in the file: hand out empty buffers now (tensors are
         # views of them until load_state_dict copies them) and fill them from the stream below.
         buf = np.empty(numel, dtype=dtype)
