@@ -508,3 +508,35 @@ def test_a_line_held_back_by_the_interval_is_printed_when_it_ends():
         _wait(lambda: "train: 2/5" in buf.getvalue(), timeout=3)
         time.sleep(0.7)
         assert buf.getvalue().count("\n") == 2  # printed once, not again
+
+
+def test_timeline_rates_over_a_window_and_per_worker_readings():
+    from rpicluster.dashboard.state import Timeline
+
+    tl = Timeline()
+    for i in range(8):  # 100 rows every 2 s, worker b without a thermal zone
+        tl.sample(1000.0 + 2 * i, 100 * i, {"a": {"temperature": 50.0 + i, "memory": 10 * i,
+                                                  "limit": 1000},
+                                            "b": {"temperature": None, "memory": 5, "limit": 0}})
+    ts, rates = tl.rows_per_second(window=4.0)
+    assert ts[0] == 1002.0 and rates == [50.0] * 7
+    temps = tl.per_worker("temperature")
+    assert list(temps) == ["a"] and temps["a"][1][-1] == 57.0
+    assert tl.per_worker("memory")["b"][1] == [5] * 8
+
+
+def test_run_log_lists_runs_of_every_kind_newest_first():
+    from rpicluster.dashboard.state import RunLog
+
+    log, train_state, rounds = RunLog(), TrainingState(), RoundsState()
+    for e in _run("r1", t0=1000.0):
+        train_state.feed(e)
+        log.note(ev.TOPIC, train_state, e)
+    start = ev.make_event(ev.RUN_START, run_id="f1", mode="federated", model="sgd", n_rounds=3,
+                          t=2000.0)
+    rounds.feed(start)
+    log.note(ev.ROUNDS_TOPIC, rounds, start)
+    entries = log.newest_first()
+    assert [(e["run"], e["kind"], e["what"]) for e in entries] == [
+        ("f1", "federate", "sgd rounds"), ("r1", "train", "Inc-kSGD")]
+    assert (entries[1]["done"], entries[1]["total"], entries[1]["accuracy"]) == (1, 4, 0.75)

@@ -13,7 +13,8 @@ partition, fit, extract; counters over every run since the scheduler started: ``
 rows per second) and ``rpicluster_worker_rows_per_second`` (the latest run's rows per second of
 task time). Per run (label ``run``: the run id; the latest training run): ``rpicluster_run_info``
 (labels ``kind`` and ``status``), ``rpicluster_run_progress_ratio``,
-``rpicluster_run_eta_seconds``, ``rpicluster_run_blocks``, ``rpicluster_run_blocks_committed_total``,
+``rpicluster_run_eta_seconds``, ``rpicluster_run_blocks``,
+``rpicluster_run_blocks_committed_total``,
 ``rpicluster_run_accuracy_ratio`` (mean validation accuracy of the blocks scored so far) and
 ``rpicluster_run_rows_per_second``. What a host cannot tell (no thermal zone, not a Pi) is left
 out, not reported as 0.
@@ -100,7 +101,8 @@ class ClusterCollector:
         yield rows
         yield busy
         rate = GaugeMetricFamily("rpicluster_worker_rows_per_second",
-                                 "Rows per second of task time in the latest run", labels=["worker"])
+                                 "Rows per second of task time in the latest run",
+                                 labels=["worker"])
         s = monitor.state
         for address, stats in sorted(s.workers.items()):
             seconds = stats.partition_seconds + stats.fit_seconds

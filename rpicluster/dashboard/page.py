@@ -103,7 +103,7 @@ class TrainingPage:
                          sizing_mode="stretch_width")
         self.rows_line_source = ColumnDataSource({"t": [], "rate": []})
         self.rows_line = figure(
-            name=STORY_NAMES[1], title="Cluster rows per second (tasks' rows, 10 s window)",
+            name=STORY_NAMES[1], title="Cluster rows per second (rows processed, 10 s window)",
             height=220, sizing_mode="stretch_width", tools="", toolbar_location=None,
             x_axis_type="datetime")
         self.rows_line.line(x="t", y="rate", source=self.rows_line_source, color=_DONE,

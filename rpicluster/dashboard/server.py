@@ -52,6 +52,8 @@ class TrainingMonitor(SchedulerPlugin):
         #: (worker address, phase) -> [rows, task seconds] over every run since the start
         #: (Prometheus counters: they never go back).
         self.totals: dict[tuple[str, str], list] = {}
+        #: Rows trained by the rounds of round-based runs (their events name no worker).
+        self.round_rows = 0
         #: Runs seen in the events, by run id: kind, started, ended, status, done, total, accuracy.
         self.runs = RunLog()
         #: The cluster over time (:class:`~rpicluster.dashboard.state.Timeline`), sampled by
@@ -82,13 +84,15 @@ class TrainingMonitor(SchedulerPlugin):
             total = self.totals.setdefault((str(msg[ev.WORKER]), phase), [0, 0.0])
             total[0] += int(msg.get(ev.ROWS) or 0)
             total[1] += float(msg.get(ev.SECONDS) or 0.0)
+        elif kind == ev.ROUND:
+            self.round_rows += int(msg.get(ev.ROWS) or 0)
         self.runs.note(topic, state, msg)
 
     def sample(self, scheduler) -> None:
         """Add the cluster's present to :attr:`timeline` (rows done so far, per-worker
         temperature and memory)."""
-        self.timeline.sample(time.time(), sum(n for n, _ in self.totals.values()),
-                             _worker_readings(scheduler))
+        self.timeline.sample(time.time(), self.round_rows + sum(
+            n for n, _ in self.totals.values()), _worker_readings(scheduler))
 
 
 def _worker_readings(scheduler) -> dict:
