@@ -89,8 +89,16 @@ def test_a_model_from_elsewhere_loads_once_trusted(digits, home, tmp_path, monke
     (tmp_path / "m.skops.sig").unlink()
     with pytest.raises(ModelError, match=r"m.skops is not signed by this user's rpicluster key"):
         load_model(tmp_path / "m.skops")
-    assert trust_model(tmp_path / "m.skops") == file_sha256(tmp_path / "m.skops")
+    from click.testing import CliRunner
+
+    from rpicluster.cli import main
+
+    res = CliRunner().invoke(main, ["trust", str(tmp_path / "m.skops")])
+    digest = file_sha256(tmp_path / "m.skops")
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith(f"trusted {tmp_path / 'm.skops'} (sha256 {digest[:16]}...)")
     np.testing.assert_array_equal(load_model(tmp_path / "m.skops").predict(X), model.predict(X))
+    assert trust_model(tmp_path / "m.skops") == file_sha256(tmp_path / "m.skops")
     (tmp_path / "m.skops.sha256").write_text("")
     with pytest.raises(ModelError, match=r"m.skops.sha256 holds no sha256 \(empty or damaged\); "
                                          r"delete it and, if you trust \S+m.skops, run "
