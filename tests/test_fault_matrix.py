@@ -371,6 +371,32 @@ def test_full_disk_on_the_run_directory(store, cluster, tmp_path, full_disk, rec
     assert not model.exists()
 
 
+def test_full_disk_at_the_model_file(store, cluster, uninterrupted, tmp_path, full_disk,
+                                    recovery):
+    """full disk at the model file: one line naming it, with the `--resume` command, which
+    writes the model once space is freed (every block is committed; none is trained again)"""
+    probe = tmp_path / "probe.skops"
+    save_model(uninterrupted[0], probe)
+    (full_disk / "ballast").write_bytes(b"\0" * (256 * 1024 - probe.stat().st_size // 2))
+    model = full_disk / "m.skops"
+    recovery.fault()
+    res = CliRunner().invoke(main, ["train", str(store), "-o", str(model), "--run-dir",
+                                    str(tmp_path / "run"), "--scheduler",
+                                    cluster.scheduler_address, *FLAGS, "--seed", "7"])
+    recovery.recovered("model file on a full disk -> one line")
+    assert res.exit_code == 1, res.output
+    line = _error_line(res.output)
+    assert re.search(rf"cannot write {re.escape(str(model))}: No space left on device .*; "
+                     rf"\d+ of \d+ blocks are committed in {re.escape(str(tmp_path / 'run'))}; "
+                     r"continue with: rpicluster train", line), line
+    assert not model.exists()
+    (full_disk / "ballast").unlink()
+    again = shlex.split(line.split("continue with: ", 1)[1])
+    res = CliRunner().invoke(main, again[1:])
+    assert res.exit_code == 0, res.output
+    same_model(load_model(model), *uninterrupted)
+
+
 # --- the data -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage, key, says", [

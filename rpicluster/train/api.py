@@ -179,7 +179,11 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
                 accuracy = score_dataset(estimator, test_ds, client)
                 record.result(test_accuracy=accuracy)
         record_training_store(estimator, dataset)
-        digest = save_model(estimator, model_path)
+        try:
+            digest = save_model(estimator, model_path)
+        except WriteError as exc:
+            # Every block is committed: --resume writes the model file without training.
+            raise TrainingStopped(f"{exc}; {kept()}", run.path) from None
         record.result(model_path=model_path.resolve(), sha256=digest)
     return TrainSummary(result=result, model_path=model_path, sha256=digest,
                         test_accuracy=accuracy, n_workers=n_workers)
