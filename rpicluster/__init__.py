@@ -26,6 +26,8 @@ _EXPORTS = {
     "client": "rpicluster.deploy.resolve",
     "find_cluster": "rpicluster.deploy.resolve",
     "extract_features": "rpicluster.features.job",
+    "export_onnx": "rpicluster.export.api",
+    "tune": "rpicluster.tune.search",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
