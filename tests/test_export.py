@@ -183,3 +183,26 @@ def test_model_files(digits, tmp_path):
         export_onnx(model, tmp_path / "e.onnx", quantize="int8")
     with pytest.raises(ConfigError, match="unknown quantize 'int4'"):
         export_onnx(model, tmp_path / "e.onnx", features="efficientnet-lite0", quantize="int4")
+
+
+def test_cli_export(digits, tmp_path):
+    """`rpicluster export MODEL -o MODEL.onnx`: one summary line; a mistake is one error line."""
+    from click.testing import CliRunner
+
+    from rpicluster.cli import main
+
+    Xtr, ytr, Xte, _ = digits
+    model = IncrementalKSGDClassifier(650, n_clusters=4, random_state=0).fit(Xtr, ytr)
+    save_model(model, tmp_path / "m.skops")
+    run = CliRunner().invoke
+    res = run(main, ["export", str(tmp_path / "m.skops"), "-o", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith(f"wrote {tmp_path / 'm.onnx'} (") and "input rows (N, 64)" in \
+        res.output
+    np.testing.assert_array_equal(run_onnx(tmp_path / "m.onnx", Xte)[0], model.predict(Xte))
+    res = run(main, ["export", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "x.onnx")])
+    assert res.exit_code == 1 and res.output.count("\n") == 1
+    assert res.output.startswith(f"error: {tmp_path / 'm.onnx'} is an ONNX file already")
+    res = run(main, ["export", str(tmp_path / "m.skops"), "-o", str(tmp_path / "x.onnx"),
+                     "--quantize", "int8", "--features", "efficientnet-lite0"])
+    assert res.exit_code == 1 and "give calibration (--calibration IMAGES.zarr" in res.output
