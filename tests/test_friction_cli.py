@@ -127,3 +127,17 @@ def test_train_help_shows_the_estimators_defaults():
         section = text.split(f"{flag} ", 1)[1].split(" --", 1)[0]
         assert f"[default: {defaults[key]}]" in section, (flag, section)
     assert "[default: none, a new model each run]" in text
+
+
+def test_a_cluster_started_for_one_command_suggests_up_local(home, tmp_path, stores,
+                                                              monkeypatch):
+    """A slow start (any start, with the threshold at 0) says once that `up --local` helps."""
+    from rpicluster.deploy import resolve
+
+    model = tmp_path / "m.skops"
+    assert _run("train", stores / "digits.zarr", "-o", model, "--clusters", 2)[0] == 0
+    monkeypatch.setattr(resolve, "SLOW_START_SECONDS", 0.0)
+    code, out = _run("score", model, stores / "digits.zarr", "--local", 1)
+    assert code == 0, out
+    assert out.count("`rpicluster up --local` keeps one running for the next commands") == 1
+    assert local_record() is None  # stopped after the command

@@ -23,12 +23,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import time
 from collections.abc import Callable, Iterator
 
 from rpicluster import config
 from rpicluster.deploy.local import check_local, local_security, start_local, stop_local
 from rpicluster.deploy.state import load_state, local_record, recorded_cluster
 from rpicluster.errors import ConfigError
+
+#: A cluster started for one command that took this long says that ``up --local`` would help.
+SLOW_START_SECONDS = 3.0
 
 #: ``local=ANY_SIZE`` asks for the embedded cluster whatever its number of workers (the CLI's
 #: bare ``--local``); ``local=N`` asks for N workers.
@@ -54,6 +58,8 @@ class ClusterRef:
         Workers of an embedded cluster.
     started : bool
         Whether the embedded cluster was started for this ``with`` block (and stops after it).
+    start_seconds : float or None
+        How long starting it took (where ``started``).
     """
 
     kind: str
@@ -62,6 +68,7 @@ class ClusterRef:
     inventory: str | None = None
     n_workers: int | None = None
     started: bool = False
+    start_seconds: float | None = None
 
     def describe(self) -> str:
         """One phrase naming the cluster, for "acting on ..." lines."""
@@ -71,7 +78,11 @@ class ClusterRef:
             size = (f", {self.n_workers} worker{'s' if self.n_workers != 1 else ''}"
                     if self.n_workers else "")
             when = "started for this command" if self.started else "up --local"
-            return f"the local cluster at {self.address} ({when}{size})"
+            text = f"the local cluster at {self.address} ({when}{size})"
+            if self.started and (self.start_seconds or 0) >= SLOW_START_SECONDS:
+                text += (f"; starting it took {self.start_seconds:.0f} s: `rpicluster up "
+                         "--local` keeps one running for the next commands")
+            return text
         return f"the scheduler at {self.address}"
 
     def security(self):
@@ -95,9 +106,11 @@ class ClusterRef:
         return Client(self.address, timeout=timeout, **client_kwargs)
 
 
-def _local_ref(info: dict, started: bool = False) -> ClusterRef:
+def _local_ref(info: dict, started: bool = False, start_seconds: float | None = None
+               ) -> ClusterRef:
     return ClusterRef("local", info["scheduler_address"], info.get("dashboard_link"),
-                      n_workers=info.get("n_workers"), started=started)
+                      n_workers=info.get("n_workers"), started=started,
+                      start_seconds=start_seconds)
 
 
 def _recorded_ssh_ref(inventory: str | os.PathLike | None = None) -> ClusterRef | None:
@@ -190,9 +203,11 @@ def use_cluster(scheduler: str | None = None, *, inventory: str | os.PathLike | 
     nothing_chosen = scheduler is None and inventory is None and local is None
     if local_record() is None and (local is not None or (nothing_chosen
                                                          and recorded_cluster() is None)):
+        t0 = time.perf_counter()
         info = start_local(None if local is None or local is True else local,
                            threads_per_worker=threads_per_worker, memory_limit=memory_limit)
-        ref = _local_ref(info, started=not info["already_running"])
+        ref = _local_ref(info, started=not info["already_running"],
+                         start_seconds=time.perf_counter() - t0)
     else:
         ref = find_cluster(scheduler, inventory=inventory, local=local,
                            threads_per_worker=threads_per_worker, memory_limit=memory_limit)
