@@ -30,6 +30,9 @@ MODULE = "tests/test_fault_matrix.py"
 #: guarantee).
 SECURITY = "tests/test_deploy_security.py::"
 NETNS = "tests/test_deploy_netns.py::"
+FEATURES = "tests/test_features_memory.py::"
+SERVE = "tests/test_data_serve.py::"
+SOURCES = "tests/test_data_sources.py::"
 ELSEWHERE = {
     SECURITY + "test_embedded_cluster_is_tls_on_loopback_and_refuses_strangers":
         ("another local user against the local cluster",
@@ -38,6 +41,27 @@ ELSEWHERE = {
     SECURITY + "test_scheduler_runs_no_client_code_but_serves_the_page":
         ("client-sent code on the scheduler",
          "`run_on_scheduler` and scheduler plugins are refused; the dashboard page still works"),
+    SECURITY + "test_another_user_s_scratch_dir_is_never_used":
+        ("another local user's dask-scratch-space made first (mode 777)",
+         "the local cluster's workers work and spill in their own 0700 folder; the planted one "
+         "stays empty"),
+    SECURITY + "test_a_work_directory_another_user_owns_is_refused":
+        ("a worker's work folder owned or writable by another user (SSH, systemd)",
+         "refused in one line naming it; nothing starts"),
+    SECURITY + "test_a_worker_certificate_cannot_unregister_another_worker_or_read_logs":
+        ("a worker certificate unregistering another worker, reading logs or state",
+         "refused by the guard; the worker stays; tasks still run"),
+    SECURITY + "test_dashboards_listen_on_loopback_and_serve_no_logs":
+        ("the dashboard's logs pages from another local user",
+         "403; dashboards on 127.0.0.1 unless opened on request"),
+    FEATURES + "test_a_run_whose_workers_restart_prints_the_resume_command":
+        ("features workers restarted mid-run",
+         "one line with the blocks kept and --resume; the resumed run equals an uninterrupted "
+         "one"),
+    SERVE + "test_a_damaged_zarr_json_is_one_line":
+        ("damaged zarr.json (train, score, serve)", "one line naming the file"),
+    SOURCES + "test_one_truncated_jpeg_is_skipped_not_fatal":
+        ("one truncated JPEG in an images: folder", "skipped with a warning; the rest ingested"),
     NETNS + "test_workers_rejoin_a_restarted_scheduler_by_themselves_until_down":
         ("scheduler killed and started again at its address (namespace SSH hosts)",
          "the workers `up` started rejoin by themselves, `status` says `rejoining` meanwhile; "
