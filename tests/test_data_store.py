@@ -140,7 +140,7 @@ def test_resume_continues_and_equals_a_clean_ingest(tmp_path, source, store):
     # a torn write of the block that was in flight is rewritten, not trusted
     (out / "X" / "c" / "4").mkdir()
     (out / "X" / "c" / "4" / "0").write_bytes(b"torn")
-    with pytest.raises(DataError, match=r"incomplete rpicluster store .*pass resume"):
+    with pytest.raises(DataError, match=r"incomplete rpicluster store .*add --resume"):
         ingest(source, out, block_rows=40)
     with pytest.raises(DataError, match=r"cannot resume .*block_rows is 40, this ingest's is 50"):
         ingest(source, out, block_rows=50, resume=True)
@@ -171,7 +171,7 @@ def test_resume_continues_and_equals_a_clean_ingest(tmp_path, source, store):
 
 def test_existing_complete_store_needs_overwrite(tmp_path, store):
     with pytest.raises(DataError, match=r"already holds a complete rpicluster store "
-                                        r"\(test:array\); pass overwrite"):
+                                        r"\(test:array\); add --overwrite to replace it"):
         ingest("sklearn:iris", store)
     ds = ingest("sklearn:iris", store, overwrite=True, block_rows=100)
     assert (ds.n_rows, ds.n_blocks) == (150, 2)
@@ -283,7 +283,7 @@ def test_store_writer_and_check_output_make_a_readable_store_in_any_block_order(
         writer.record(blocks_written=sum(s is not None for s in sums["X"]),
                       **{CHECKSUMS_KEY: sums})
     with pytest.raises(DataError, match=r"already holds an incomplete rpicluster store "
-                                        r"\(test:writer\); pass resume"):
+                                        r"\(test:writer\); add --resume to continue it"):
         check_output(url, layout, resume=False, overwrite=False)
     writer.finish()
     ds = open_dataset(url)
@@ -293,7 +293,7 @@ def test_store_writer_and_check_output_make_a_readable_store_in_any_block_order(
         np.testing.assert_array_equal(yb, y[b * 40:(b + 1) * 40])
 
     with pytest.raises(DataError, match=r"already holds a complete rpicluster store "
-                                        r"\(test:writer\); pass overwrite"):
+                                        r"\(test:writer\); add --overwrite to replace it"):
         check_output(url, layout, resume=False, overwrite=False)
     assert check_output(url, layout, resume=True, overwrite=False)["complete"] is True
     # The specific key is named, not "source" (which may repeat it).

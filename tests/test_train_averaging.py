@@ -88,6 +88,26 @@ def test_one_shard_equals_plain_partial_fit(digits, client):
     assert result.model._optimizer.t == ref._optimizer.t
 
 
+def test_a_stopping_rule_ends_the_run_after_the_round_it_says_and_the_checkpoint_holds_it(
+        digits, client, tmp_path):
+    """The round engine asks the stopping rule after every checkpointed round; resuming the
+    stopped run continues from the round it stopped at."""
+    ds = open_dataset(digits / "train.zarr")
+    seen = []
+
+    def stop(history):
+        seen.append(len(history))
+        return history[-1]["round"] == 2
+
+    result = train_averaged(ds, client, model="sgd", params={"random_state": 1}, rounds=5,
+                            run_dir=tmp_path / "run", stop=stop)
+    assert [r["round"] for r in result.rounds] == [1, 2] and seen == [1, 2]
+    assert len(RoundDir(tmp_path / "run").history()) == 2
+    resumed = train_averaged(ds, client, model="sgd", rounds=3, run_dir=tmp_path / "run",
+                             resume=True)
+    assert resumed.resumed_rounds == 2 and [r["round"] for r in resumed.rounds] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("sync", ["round", "epoch", "batch"])
 def test_mlp_learns_digits_with_every_sync(digits, client, sync):
     ds, test = open_dataset(digits / "train.zarr"), open_dataset(digits / "test.zarr")
@@ -268,8 +288,8 @@ def test_cli_refuses_to_overwrite_a_model_without_overwrite(digits, cluster, tmp
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 1, res.output
     assert res.output.strip().splitlines() == [
-        f"error: model file {model} already exists; pass overwrite (--overwrite) to replace it, "
-        "or choose another output (-o)"]
+        f"error: model file {model} already exists: add --overwrite to replace it, or choose "
+        "another output with -o"]
     assert model.read_bytes() == b"precious" and not (tmp_path / "m.skops.run").exists()
     res = CliRunner().invoke(main, args + ["--overwrite"])
     assert res.exit_code == 0, res.output

@@ -187,8 +187,8 @@ def check_output(url: str, layout: dict, *, resume: bool, overwrite: bool,
         return None
     state = "complete" if existing.get("complete") is True else "incomplete"
     if not resume:
-        hint = ("pass overwrite (--overwrite) to replace it" if state == "complete" else
-                "pass resume (--resume) to continue it, or overwrite (--overwrite)")
+        hint = ("add --overwrite to replace it" if state == "complete" else
+                "add --resume to continue it, or --overwrite to start over")
         article = "an" if state == "incomplete" else "a"
         raise DataError(f"{url} already holds {article} {state} rpicluster store "
                         f"({existing.get('source')}); {hint}")

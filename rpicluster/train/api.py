@@ -96,8 +96,8 @@ def refuse_existing_model(model_path: str | os.PathLike, overwrite: bool) -> Non
     """ConfigError when ``model_path`` exists and ``overwrite`` is false (every trainer checks
     this before it contacts the cluster)."""
     if Path(model_path).exists() and not overwrite:
-        raise ConfigError(f"model file {model_path} already exists; pass overwrite (--overwrite) "
-                          "to replace it, or choose another output (-o)")
+        raise ConfigError(f"model file {model_path} already exists: add --overwrite to replace "
+                          "it, or choose another output with -o")
 
 
 def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
