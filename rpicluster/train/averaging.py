@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from rpicluster.errors import ConfigError, OptionsError, RPiClusterError, TrainingError
+from rpicluster.models.ksgd import task_seed
 from rpicluster.progress import Progress
+from rpicluster.train.engine import Strategy, is_fitted, recorded_run, run_params, run_rounds
 from rpicluster.train.watch import ClusterWatch
 
 #: Estimators this module trains, by the name the CLI uses.
@@ -111,11 +113,6 @@ def averaged_params(kind: str, hidden: str | None, params: dict) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def task_seed(random_state: int, *path: int) -> int:
-    """A 32-bit seed derived from ``random_state`` and a position (round, step, shard)."""
-    return int(np.random.SeedSequence([int(random_state), *map(int, path)]).generate_state(1)[0])
-
-
 # --- weights: pure functions ---
 
 def get_weights(est) -> list[np.ndarray]:
@@ -165,7 +162,7 @@ def merge_updates(template, updates: list[dict]):
     first update's own model supplies the fitted structure). Each update is a task result
     (:func:`fit_update`), in shard order.
     """
-    base = template if _fitted(template) else updates[0]["model"]
+    base = template if is_fitted(template) else updates[0]["model"]
     model = copy.deepcopy(base)
     rows = [u["rows"] for u in updates]
     set_weights(model, weighted_average([u["weights"] for u in updates], rows))
@@ -179,10 +176,6 @@ def merge_updates(template, updates: list[dict]):
         if hasattr(model, attr):
             setattr(model, attr, max(u[attr] for u in updates))
     return model
-
-
-def _fitted(est) -> bool:
-    return est is not None and (hasattr(est, "coefs_") or hasattr(est, "coef_"))
 
 
 # --- worker side ---
@@ -342,7 +335,7 @@ def train_averaged(dataset, client, *, model: str = "mlp", params: dict | None =
                    shards: int | None = None, run_dir=None, resume: bool = False,
                    validation=None, workers: list[str] | None = None,
                    progress: Progress | None = None, on_round=None,
-                   overwrite: bool = False) -> AveragingResult:
+                   overwrite: bool = False, stop=None) -> AveragingResult:
     """Train ``model`` on a Zarr ``dataset`` by averaging local ``partial_fit`` runs.
 
     Parameters
@@ -377,6 +370,9 @@ def train_averaged(dataset, client, *, model: str = "mlp", params: dict | None =
         Advanced once per round.
     on_round : callable, optional
         Called with each round's report after it is checkpointed.
+    stop : callable, optional
+        The stopping rule: ``stop(history)`` after every round; true ends the run there
+        (:func:`rpicluster.train.engine.run_rounds`).
 
     Raises
     ------
@@ -385,7 +381,7 @@ def train_averaged(dataset, client, *, model: str = "mlp", params: dict | None =
     TrainingError
         A task failed; the message names the round, step and shard.
     """
-    from rpicluster.train.rounds import RoundDir, RoundEvents
+    from rpicluster.train.rounds import RoundDir
     from rpicluster.train.rundir import dataset_identity
 
     t0 = time.perf_counter()
@@ -395,116 +391,117 @@ def train_averaged(dataset, client, *, model: str = "mlp", params: dict | None =
         if int(value) < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     cls = estimator_class(model)
-    params = dict(params or {})
     rundir = RoundDir(run_dir) if run_dir is not None else None
-    recorded = rundir.meta() if (rundir is not None and resume) else {}
-    if recorded.get("model", model) != model:
-        raise ConfigError(f"cannot resume {rundir.path}: model was {recorded['model']!r} in the "
-                          f"run, now {model!r}")
-    params = {**recorded.get("params", {}), **params}
-    if params.get("random_state") is None:
-        params["random_state"] = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
-    make_estimator(model, params)  # validates the parameters before any work
+    recorded = recorded_run(rundir, model, resume)
+    params = run_params(model, params, recorded, make_estimator)
     progress = progress or Progress.null()
     watch = ClusterWatch(client, progress, workers=workers)
     watch.wait_for_workers(f"{rounds} rounds to train")
     n_workers = len(workers) if workers else max(1, len(client.scheduler_info()["workers"]))
     if shards is None:
         shards = recorded.get("shards", n_workers)
-    shard_list = shard_blocks(dataset.n_blocks, shards)
+    rounds_of = _AveragingRounds(client, dataset, shard_blocks(dataset.n_blocks, shards), params,
+                                 sync, int(local_epochs), workers, watch, validation)
     meta = {"kind": "averaging", "model": model, "params": params, "sync": sync,
-            "local_epochs": int(local_epochs), "shards": len(shard_list),
+            "local_epochs": int(local_epochs), "shards": len(rounds_of.shards),
             "dataset": dataset_identity(dataset)}
-    history, global_model = (rundir.begin(meta, resume=resume, overwrite=overwrite,
-                                          expected=cls)
-                             if rundir is not None else ([], None))
-    if global_model is None:
-        global_model = make_estimator(model, params)
-    seed = int(params["random_state"])
-    classes = np.asarray(dataset.classes)
-    prefix = f"rpicluster-avg-{uuid.uuid4().hex[:8]}"
-    where = {"workers": workers, "allow_other_workers": False} if workers else {}
-    resumed = len(history)
-
-    shard_data = None
-    if sync == "batch":
-        # Each shard's rows stay in one worker's memory for the whole run (loaded there once).
-        addrs = list(workers or client.scheduler_info()["workers"])
-        shard_data = [client.submit(load_shard_task, dataset, blocks, pure=False,
-                                    key=f"{prefix}-shard-{s}", workers=[addrs[s % len(addrs)]],
-                                    allow_other_workers=not workers)
-                      for s, blocks in enumerate(shard_list)]
-        shard_rows = [sum(np.subtract(*dataset.block_slice(b)[::-1]) for b in blocks)
-                      for blocks in shard_list]
-        batch_rows = params.get("batch_size")
-        batch_rows = batch_rows if isinstance(batch_rows, int) else DEFAULT_BATCH_ROWS
-        n_batches = [math.ceil(n / batch_rows) for n in shard_rows]
-
-    with progress, RoundEvents(client, "averaging", model, int(rounds), history) as events:
-        if resumed:
-            progress.skip(resumed, note=f"{resumed} rounds resumed")
-        for r in range(resumed, int(rounds)):
-            t_round = time.perf_counter()
-            stepper = _Stepper(client, workers, f"{prefix}-r{r + 1}", watch)
-            steps = 0
-            if sync == "round":
-                global_model = stepper.step(
-                    global_model, f"round {r + 1}",
-                    lambda remote, s, **kw: client.submit(
-                        blocks_task, remote, dataset, shard_list[s], int(local_epochs),
-                        task_seed(seed, r, 0, s), not _fitted(global_model), pure=False, **kw),
-                    len(shard_list))
-                steps = 1
-            elif sync == "epoch":
-                for e in range(int(local_epochs)):
-                    global_model = stepper.step(
-                        global_model, f"round {r + 1} epoch {e + 1}",
-                        lambda remote, s, **kw: client.submit(
-                            blocks_task, remote, dataset, shard_list[s], 1,
-                            task_seed(seed, r, e, s), not _fitted(global_model), pure=False,
-                            **kw),
-                        len(shard_list))
-                    steps += 1
-            else:
-                for e in range(int(local_epochs)):
-                    epoch_seeds = [task_seed(seed, r, e, s, 1) for s in range(len(shard_list))]
-                    for b in range(max(n_batches)):
-                        live = [s for s in range(len(shard_list)) if b < n_batches[s]]
-                        global_model = stepper.step(
-                            global_model, f"round {r + 1} epoch {e + 1} batch {b + 1}",
-                            lambda remote, i, **kw: client.submit(
-                                minibatch_task, remote, shard_data[live[i]], classes,
-                                epoch_seeds[live[i]], b, batch_rows,
-                                task_seed(seed, r, e, live[i], b + 2),
-                                not _fitted(global_model), pure=False, **kw),
-                            len(live))
-                        steps += 1
-            losses = stepper.losses
-            report = {
-                "round": r + 1, "seconds": time.perf_counter() - t_round, "steps": steps,
-                "rows": int(dataset.n_rows) * int(local_epochs),
-                "bytes_down": stepper.bytes_down, "bytes_up": stepper.bytes_up,
-                "loss": (sum(l * n for l, n in losses) / sum(n for _, n in losses)
-                         if losses else None),
-                "accuracy": (score_on_cluster(global_model, validation, client, where)
-                             if validation is not None else None),
-                "busy": stepper.busy, "participants": sorted(stepper.busy),
-            }
-            history.append(report)
-            if rundir is not None:
-                rundir.commit(global_model, report)
-            acc = "" if report["accuracy"] is None else f", accuracy {report['accuracy']:.4f}"
-            progress.advance(note=f"round {r + 1}: {report['seconds']:.1f} s{acc}")
-            events.round(report)
-            if on_round is not None:
-                on_round(report)
-    if shard_data is not None:
-        client.cancel(shard_data)
-    if not _fitted(global_model):
-        raise TrainingError("no round ran: rounds must exceed the rounds already finished")
+    global_model, history, resumed = run_rounds(
+        rounds_of, client, model=model, rounds=rounds, rundir=rundir, meta=meta, resume=resume,
+        overwrite=overwrite, expected=cls, initial_model=lambda: make_estimator(model, params),
+        progress=progress, on_round=on_round, stop=stop)
     return AveragingResult(model=global_model, rounds=history, resumed_rounds=resumed,
                            seconds=time.perf_counter() - t0,
                            run_dir=rundir.path if rundir else None)
+
+
+class _AveragingRounds(Strategy):
+    """Model averaging as a round :class:`~rpicluster.train.engine.Strategy`: every shard of
+    the store takes part in every round; ``sync`` says how often within a round the shards'
+    updates are averaged (see the module docstring)."""
+
+    mode = "averaging"
+    nothing_trained = "no round ran: rounds must exceed the rounds already finished"
+
+    def __init__(self, client, dataset, shards: list[list[int]], params: dict, sync: str,
+                 local_epochs: int, workers, watch: ClusterWatch, validation):
+        self.client, self.dataset, self.shards, self.sync = client, dataset, shards, sync
+        self.local_epochs, self.workers, self.watch = local_epochs, workers, watch
+        self.validation, self.params = validation, params
+        self.seed = int(params["random_state"])
+        self.classes = np.asarray(dataset.classes)
+        self.prefix = f"rpicluster-avg-{uuid.uuid4().hex[:8]}"
+        self.where = {"workers": workers, "allow_other_workers": False} if workers else {}
+        self.shard_data = None
+
+    def start(self) -> None:
+        if self.sync != "batch":
+            return
+        # Each shard's rows stay in one worker's memory for the whole run (loaded there once).
+        client, dataset, workers = self.client, self.dataset, self.workers
+        addrs = list(workers or client.scheduler_info()["workers"])
+        self.shard_data = [client.submit(load_shard_task, dataset, blocks, pure=False,
+                                         key=f"{self.prefix}-shard-{s}",
+                                         workers=[addrs[s % len(addrs)]],
+                                         allow_other_workers=not workers)
+                           for s, blocks in enumerate(self.shards)]
+        shard_rows = [sum(np.subtract(*dataset.block_slice(b)[::-1]) for b in blocks)
+                      for blocks in self.shards]
+        batch_rows = self.params.get("batch_size")
+        self.batch_rows = batch_rows if isinstance(batch_rows, int) else DEFAULT_BATCH_ROWS
+        self.n_batches = [math.ceil(n / self.batch_rows) for n in shard_rows]
+
+    def fit_round(self, r: int, global_model):
+        client, dataset, shards, seed = self.client, self.dataset, self.shards, self.seed
+        t_round = time.perf_counter()
+        stepper = _Stepper(client, self.workers, f"{self.prefix}-r{r + 1}", self.watch)
+        steps = 0
+        if self.sync == "round":
+            global_model = stepper.step(
+                global_model, f"round {r + 1}",
+                lambda remote, s, **kw: client.submit(
+                    blocks_task, remote, dataset, shards[s], self.local_epochs,
+                    task_seed(seed, r, 0, s), not is_fitted(global_model), pure=False, **kw),
+                len(shards))
+            steps = 1
+        elif self.sync == "epoch":
+            for e in range(self.local_epochs):
+                global_model = stepper.step(
+                    global_model, f"round {r + 1} epoch {e + 1}",
+                    lambda remote, s, **kw: client.submit(
+                        blocks_task, remote, dataset, shards[s], 1, task_seed(seed, r, e, s),
+                        not is_fitted(global_model), pure=False, **kw),
+                    len(shards))
+                steps += 1
+        else:
+            for e in range(self.local_epochs):
+                epoch_seeds = [task_seed(seed, r, e, s, 1) for s in range(len(shards))]
+                for b in range(max(self.n_batches)):
+                    live = [s for s in range(len(shards)) if b < self.n_batches[s]]
+                    global_model = stepper.step(
+                        global_model, f"round {r + 1} epoch {e + 1} batch {b + 1}",
+                        lambda remote, i, **kw: client.submit(
+                            minibatch_task, remote, self.shard_data[live[i]], self.classes,
+                            epoch_seeds[live[i]], b, self.batch_rows,
+                            task_seed(seed, r, e, live[i], b + 2),
+                            not is_fitted(global_model), pure=False, **kw),
+                        len(live))
+                    steps += 1
+        losses = stepper.losses
+        report = {
+            "round": r + 1, "seconds": time.perf_counter() - t_round, "steps": steps,
+            "rows": int(dataset.n_rows) * self.local_epochs,
+            "bytes_down": stepper.bytes_down, "bytes_up": stepper.bytes_up,
+            "loss": (sum(l * n for l, n in losses) / sum(n for _, n in losses)
+                     if losses else None),
+            "accuracy": (score_on_cluster(global_model, self.validation, client, self.where)
+                         if self.validation is not None else None),
+            "busy": stepper.busy, "participants": sorted(stepper.busy),
+        }
+        return global_model, report
+
+    def close(self) -> None:
+        if self.shard_data is not None:
+            self.client.cancel(self.shard_data)
 
 
 def score_on_cluster(model, dataset, client, where: dict | None = None) -> float:

@@ -33,8 +33,10 @@ import numpy as np
 
 from rpicluster.errors import ConfigError, DataError, RPiClusterError, TrainingError
 from rpicluster.progress import Progress
-from rpicluster.train.averaging import (_fitted, _labelled, _nbytes, estimator_class, local_fit,
-                                        make_estimator, merge_updates, task_seed)
+from rpicluster.models.ksgd import task_seed
+from rpicluster.train.averaging import (_labelled, _nbytes, estimator_class, local_fit,
+                                        make_estimator, merge_updates)
+from rpicluster.train.engine import Strategy, is_fitted, recorded_run, run_params, run_rounds
 
 #: Seconds to wait for ``min_clients`` hosts to be connected before a round is refused, when
 #: no round timeout is given.
@@ -191,7 +193,7 @@ def federate_on(client, hosts: dict[str, str | None], *, model: str = "mlp",
                 round_timeout: float | None = None, validation=None, run_dir=None,
                 resume: bool = False, overwrite: bool = False,
                 progress: Progress | None = None, on_round=None,
-                on_round_start=None) -> FederatedResult:
+                on_round_start=None, stop=None) -> FederatedResult:
     """Federated averaging over ``hosts`` (Dask worker name -> path of its own store).
 
     Parameters
@@ -219,6 +221,9 @@ def federate_on(client, hosts: dict[str, str | None], *, model: str = "mlp",
     on_round, on_round_start : callable, optional
         ``on_round(report)`` after each round is checkpointed; ``on_round_start(round,
         participants)`` right after a round's tasks are submitted.
+    stop : callable, optional
+        The stopping rule: ``stop(history)`` after every round; true ends the run there
+        (:func:`rpicluster.train.engine.run_rounds`).
 
     Raises
     ------
@@ -227,7 +232,7 @@ def federate_on(client, hosts: dict[str, str | None], *, model: str = "mlp",
     TrainingError
         Fewer than ``min_clients`` hosts connected.
     """
-    from rpicluster.train.rounds import RoundDir, RoundEvents
+    from rpicluster.train.rounds import RoundDir
 
     t0 = time.perf_counter()
     if not 0 < float(fraction) <= 1:
@@ -243,14 +248,8 @@ def federate_on(client, hosts: dict[str, str | None], *, model: str = "mlp",
     recorded = rundir.meta() if (rundir is not None and resume) else {}
     if recorded and recorded.get("kind") != "federated":
         raise ConfigError(f"cannot resume {rundir.path}: it is not a federated run")
-    if recorded.get("model", model) != model:
-        raise ConfigError(f"cannot resume {rundir.path}: model was {recorded['model']!r} in the "
-                          f"run, now {model!r}")
-    params = {**recorded.get("params", {}), **(params or {})}
-    if params.get("random_state") is None:
-        params["random_state"] = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
-    make_estimator(model, params)
-    seed = int(params["random_state"])
+    recorded = recorded_run(rundir, model, resume)
+    params = run_params(model, params, recorded, make_estimator)
     prefix = f"rpicluster-fed-{uuid.uuid4().hex[:8]}"
     wait_s = float(round_timeout) if round_timeout is not None else WAIT_FOR_CLIENTS_S
     registry = _Hosts(client, dict(hosts), wait_s, prefix)
@@ -278,71 +277,85 @@ def federate_on(client, hosts: dict[str, str | None], *, model: str = "mlp",
     meta = {"kind": "federated", "model": model, "params": params,
             "local_epochs": int(local_epochs), "n_features": int(n_features),
             "label_kind": label_kind, "classes": classes}
-    history, global_model = (rundir.begin(meta, resume=resume, overwrite=overwrite,
-                                          expected=cls)
-                             if rundir is not None else ([], None))
-    if global_model is None:
-        global_model = make_estimator(model, params)
-    X_val = y_val = None
-    if validation is not None:
-        parts = [_labelled(validation, b) for b in range(validation.n_blocks)]
-        X_val, y_val = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-    resumed = len(history)
-    progress = progress or Progress.null()
-    with progress, RoundEvents(client, "federated", model, int(rounds), history) as events:
-        if resumed:
-            progress.skip(resumed, note=f"{resumed} rounds resumed")
-        for r in range(resumed, int(rounds)):
-            t_round = time.perf_counter()
-            live, available = _wait_for_clients(client, registry, int(min_clients), wait_s, r)
-            participants = _sample(available, fraction, min_clients, task_seed(seed, r, 0))
-            left_out = {n: why for n, why in registry.excluded.items()}
-            left_out.update({n: "not connected" for n in hosts
-                             if n not in live and n not in left_out})
-            addrs = [live[n] for n in participants]
-            [remote] = client.scatter([global_model], broadcast=True, hash=False, workers=addrs)
-            bytes_down = _nbytes(global_model) * len(participants)
-            want_model = not _fitted(global_model)
-            futures = {n: client.submit(federated_task, remote, hosts[n], int(local_epochs),
-                                        classes, int(n_features), task_seed(seed, r, i + 1),
-                                        want_model, pure=False, key=f"{prefix}-r{r + 1}-{n}",
-                                        workers=[live[n]], allow_other_workers=False)
-                       for i, n in enumerate(participants)}
-            if on_round_start is not None:
-                on_round_start(r + 1, participants)
-            updates, why = _collect(client, futures, live, round_timeout, registry)
-            left_out.update(why)
-            del remote
-            done = [n for n in participants if n in updates]
-            if done:
-                global_model = merge_updates(global_model, [updates[n] for n in done])
-            losses = [(updates[n]["loss"], updates[n]["rows"]) for n in done
-                      if not math.isnan(updates[n]["loss"])]
-            report = {
-                "round": r + 1, "participants": done, "left_out": left_out,
-                "rows": int(sum(updates[n]["rows"] for n in done)),
-                "bytes_down": bytes_down,
-                "bytes_up": int(sum(_nbytes(updates[n]) for n in done)),
-                "seconds": time.perf_counter() - t_round,
-                "loss": (sum(l * k for l, k in losses) / sum(k for _, k in losses)
-                         if losses else None),
-                "accuracy": (float(global_model.score(X_val, y_val))
-                             if X_val is not None and _fitted(global_model) else None),
-            }
-            history.append(report)
-            if rundir is not None and _fitted(global_model):
-                rundir.commit(global_model, report)
-            acc = "" if report["accuracy"] is None else f", accuracy {report['accuracy']:.4f}"
-            gone = f", left out: {', '.join(sorted(why))}" if why else ""
-            progress.advance(note=f"round {r + 1}: {len(done)} hosts{acc}{gone}")
-            events.round(report)
-            if on_round is not None:
-                on_round(report)
-    if not _fitted(global_model):
-        raise TrainingError("no host returned an update in any round; nothing to save")
+    rounds_of = _FederatedRounds(client, registry, int(params["random_state"]), prefix,
+                                 int(local_epochs), classes, int(n_features), fraction,
+                                 int(min_clients), round_timeout, wait_s, validation,
+                                 on_round_start)
+    global_model, history, resumed = run_rounds(
+        rounds_of, client, model=model, rounds=rounds, rundir=rundir, meta=meta, resume=resume,
+        overwrite=overwrite, expected=cls, initial_model=lambda: make_estimator(model, params),
+        progress=progress, on_round=on_round, stop=stop)
     return FederatedResult(model=global_model, rounds=history, excluded=dict(registry.excluded),
                            resumed_rounds=resumed, seconds=time.perf_counter() - t0)
+
+
+class _FederatedRounds(Strategy):
+    """FedAvg as a round :class:`~rpicluster.train.engine.Strategy`: each round samples the
+    connected usable hosts, pins one task to each, leaves out the late, lost and failed ones
+    (named in the report) and averages the others' updates."""
+
+    mode = "federated"
+    nothing_trained = "no host returned an update in any round; nothing to save"
+
+    def __init__(self, client, registry: _Hosts, seed: int, prefix: str, local_epochs: int,
+                 classes: list, n_features: int, fraction: float, min_clients: int,
+                 round_timeout: float | None, wait_s: float, validation, on_round_start):
+        self.client, self.registry, self.seed, self.prefix = client, registry, seed, prefix
+        self.local_epochs, self.classes, self.n_features = local_epochs, classes, n_features
+        self.fraction, self.min_clients, self.round_timeout = fraction, min_clients, round_timeout
+        self.wait_s, self.on_round_start = wait_s, on_round_start
+        self.X_val = self.y_val = None
+        self.why: dict[str, str] = {}
+        if validation is not None:
+            parts = [_labelled(validation, b) for b in range(validation.n_blocks)]
+            self.X_val = np.concatenate([p[0] for p in parts])
+            self.y_val = np.concatenate([p[1] for p in parts])
+
+    def fit_round(self, r: int, global_model):
+        client, registry, hosts = self.client, self.registry, self.registry.paths
+        t_round = time.perf_counter()
+        live, available = _wait_for_clients(client, registry, self.min_clients, self.wait_s, r)
+        participants = _sample(available, self.fraction, self.min_clients,
+                               task_seed(self.seed, r, 0))
+        left_out = {n: why for n, why in registry.excluded.items()}
+        left_out.update({n: "not connected" for n in hosts
+                         if n not in live and n not in left_out})
+        addrs = [live[n] for n in participants]
+        [remote] = client.scatter([global_model], broadcast=True, hash=False, workers=addrs)
+        bytes_down = _nbytes(global_model) * len(participants)
+        want_model = not is_fitted(global_model)
+        futures = {n: client.submit(federated_task, remote, hosts[n], self.local_epochs,
+                                    self.classes, self.n_features, task_seed(self.seed, r, i + 1),
+                                    want_model, pure=False, key=f"{self.prefix}-r{r + 1}-{n}",
+                                    workers=[live[n]], allow_other_workers=False)
+                   for i, n in enumerate(participants)}
+        if self.on_round_start is not None:
+            self.on_round_start(r + 1, participants)
+        updates, self.why = _collect(client, futures, live, self.round_timeout, registry)
+        left_out.update(self.why)
+        del remote
+        done = [n for n in participants if n in updates]
+        if done:
+            global_model = merge_updates(global_model, [updates[n] for n in done])
+        losses = [(updates[n]["loss"], updates[n]["rows"]) for n in done
+                  if not math.isnan(updates[n]["loss"])]
+        report = {
+            "round": r + 1, "participants": done, "left_out": left_out,
+            "rows": int(sum(updates[n]["rows"] for n in done)),
+            "bytes_down": bytes_down,
+            "bytes_up": int(sum(_nbytes(updates[n]) for n in done)),
+            "seconds": time.perf_counter() - t_round,
+            "loss": (sum(l * k for l, k in losses) / sum(k for _, k in losses)
+                     if losses else None),
+            "accuracy": (float(global_model.score(self.X_val, self.y_val))
+                         if self.X_val is not None and is_fitted(global_model) else None),
+        }
+        return global_model, report
+
+    def note(self, report: dict) -> str:
+        acc = "" if report["accuracy"] is None else f", accuracy {report['accuracy']:.4f}"
+        gone = f", left out: {', '.join(sorted(self.why))}" if self.why else ""
+        return f"round {report['round']}: {len(report['participants'])} hosts{acc}{gone}"
 
 
 def _wait_for_clients(client, registry: _Hosts, min_clients: int, wait_s: float, r: int):

@@ -3,6 +3,7 @@
 Layout::
 
     RUN_DIR/
+      lock                         the owner (as a block run's: one run writes here at a time)
       run.json                     what the run is (model kind, parameters, data): written once
       rounds.json                  one report per finished round and the latest model's file and
                                    sha256: replaced atomically, written last
@@ -25,31 +26,23 @@ from pathlib import Path
 from rpicluster import events as ev
 from rpicluster.errors import ConfigError, ModelError
 from rpicluster.train.modelfile import atomic_write_bytes, load_model, save_model
+from rpicluster.train.rundir import OwnedDir
 
 FORMAT = 1
 KEEP_MODELS = 2
 
 
-class RoundDir:
-    """The run directory of a round-based run (see the module docstring for the layout)."""
+class RoundDir(OwnedDir):
+    """The run directory of a round-based run (see the module docstring for the layout).
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    :meth:`begin` owns it (the lock of :class:`~rpicluster.train.rundir.OwnedDir`) until
+    :meth:`release` or the end of a ``with`` block: a second run into it is refused."""
 
-    @property
-    def meta_path(self) -> Path:
-        return self.path / "run.json"
+    kind = "a run directory of a round-based run"
 
     @property
     def rounds_path(self) -> Path:
         return self.path / "rounds.json"
-
-    def meta(self) -> dict:
-        try:
-            return json.loads(self.meta_path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{self.path} is not a run directory of a round-based run "
-                              "(no run.json)") from None
 
     def _state(self) -> dict:
         try:
@@ -60,9 +53,6 @@ class RoundDir:
     def history(self) -> list[dict]:
         """The report of every finished round, oldest first."""
         return self._state()["rounds"]
-
-    def exists(self) -> bool:
-        return self.meta_path.is_file()
 
     def create(self, meta: dict, *, overwrite: bool = False) -> None:
         """Start a new run; refuses a directory that already holds finished rounds unless
@@ -92,13 +82,19 @@ class RoundDir:
 
     def begin(self, meta: dict, *, resume: bool, overwrite: bool = False, expected=None
               ) -> tuple[list[dict], object]:
-        """Start the run described by ``meta`` (over an old one with ``overwrite``), or resume
-        it: ``(history, latest model)``, the model None before the first finished round."""
-        if not resume:
-            self.create(meta, overwrite=overwrite)
-            return [], None
-        self.check_resumable(meta)
-        return self.history(), self.latest_model(expected=expected)
+        """Own the directory and start the run described by ``meta`` (over an old one with
+        ``overwrite``), or resume it: ``(history, latest model)``, the model None before the
+        first finished round."""
+        self.acquire()
+        try:
+            if not resume:
+                self.create(meta, overwrite=overwrite)
+                return [], None
+            self.check_resumable(meta)
+            return self.history(), self.latest_model(expected=expected)
+        except BaseException:
+            self.release()
+            raise
 
     def commit(self, model, report: dict) -> None:
         """Record a finished round: its model file first, then the round list naming it."""

@@ -36,6 +36,7 @@ import warnings
 import weakref
 from pathlib import Path
 
+from rpicluster.deploy.state import pid_alive
 from rpicluster.errors import ConfigError, ModelError, RPiClusterWarning, make_dirs
 from rpicluster.train.modelfile import atomic_write_bytes, file_sha256, load_model, save_model
 
@@ -71,16 +72,6 @@ _HELD: dict[str, list] = {}
 _HELD_GUARD = threading.Lock()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def _release(key: str) -> None:
     with _HELD_GUARD:
         held = _HELD.get(key)
@@ -97,27 +88,26 @@ def _release(key: str) -> None:
         os.close(fd)  # closing drops the flock
 
 
-class RunDir:
-    """A training run's directory (see the module docstring for the layout).
+class OwnedDir:
+    """A run directory with one writer at a time: ``run.json`` (what the run is) and the owner
+    lock (see the module docstring); the base of :class:`RunDir` and
+    :class:`~rpicluster.train.rounds.RoundDir`.
 
-    Use :meth:`begin` to own it for a run, and the object as a context manager (or
-    :meth:`release`) to give it up; reading (``meta``, ``committed``, ``load_block``) needs no lock.
+    :meth:`acquire` (or the object as a context manager) owns it, :meth:`release` gives it up;
+    reading needs no lock.
     """
+
+    #: How :meth:`meta` names a directory without ``run.json``.
+    kind = "a run directory"
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._key: str | None = None
         self._finalizer = None
-        self._run: dict | None = None  # meta of the run this object owns (set by begin)
-        self._data: dict | None = None  # per-block data records (set by begin)
 
     @property
     def meta_path(self) -> Path:
         return self.path / "run.json"
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.path / "manifest.json"
 
     @property
     def lock_path(self) -> Path:
@@ -130,7 +120,7 @@ class RunDir:
         try:
             return json.loads(self.meta_path.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"{self.path} is not a run directory (no run.json)") from None
+            raise ConfigError(f"{self.path} is not {self.kind} (no run.json)") from None
 
     # --- ownership -------------------------------------------------------------------------
 
@@ -142,7 +132,7 @@ class RunDir:
             return None
         return info if isinstance(info, dict) else None
 
-    def acquire(self) -> "RunDir":
+    def acquire(self) -> "OwnedDir":
         """Own the run directory; ConfigError naming the owner when another run holds it."""
         if self._key is not None:
             return self
@@ -173,7 +163,7 @@ class RunDir:
                 # No flock here: trust the recorded pid where we can check it (this host).
                 held = self.holder()
                 if held and (held.get("host") != socket.gethostname()
-                             or _pid_alive(int(held.get("pid", 0)))):
+                             or pid_alive(int(held.get("pid", 0)))):
                     raise self._busy(held) from None
             me = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -200,11 +190,28 @@ class RunDir:
             self._finalizer()
         self._key = self._finalizer = None
 
-    def __enter__(self) -> "RunDir":
+    def __enter__(self) -> "OwnedDir":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class RunDir(OwnedDir):
+    """A training run's directory (see the module docstring for the layout).
+
+    Use :meth:`begin` to own it for a run, and the object as a context manager (or
+    :meth:`release`) to give it up; reading (``meta``, ``committed``, ``load_block``) needs no lock.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        self._run: dict | None = None  # meta of the run this object owns (set by begin)
+        self._data: dict | None = None  # per-block data records (set by begin)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
 
     # --- a run -------------------------------------------------------------------------------
 
