@@ -68,6 +68,15 @@ def test_model_files_follow_the_umask_and_the_key_is_private(digits, home, tmp_p
     assert (tmp_path / "shared.skops").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "shared.skops.sha256").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "private.skops").stat().st_mode & 0o777 == 0o600
+    # predict's labels (preds.csv, labels.npy) are written the same way.
+    from rpicluster.train.modelfile import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "preds.csv", b"label\n0\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "preds.csv").stat().st_mode & 0o777 == 0o644
     assert key_path() == home / "model.key"
     assert key_path().stat().st_mode & 0o777 == 0o600
     os.chmod(key_path(), 0o644)

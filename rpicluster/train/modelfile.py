@@ -73,11 +73,11 @@ def _umask() -> int:
     return 0o022
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, private: bool = False) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename (all or nothing).
 
-    The file gets the mode a plain ``open`` would (0666 less the umask), or 0600 when
-    ``private`` (it holds a secret).
+    The file gets the mode a plain ``open`` would (0666 less the umask): it is an output, not a
+    secret (``mkstemp`` alone would make every model and prediction file 0600).
     """
     path = Path(path)
     tmp = None
@@ -85,8 +85,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, private: bool = 
         make_dirs(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            if not private:
-                os.fchmod(f.fileno(), 0o666 & ~_umask())
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
