@@ -144,24 +144,30 @@ def bench_scaling(scheduler, inventory, local, job, syncs, local_epochs, hidden,
 @click.option("--blocks", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--test-rows", type=click.IntRange(min=1), default=20_000, show_default=True,
               help="Held-out rows (the generator continued past the training rows).")
-@click.option("--clusters", "n_clusters", type=click.IntRange(min=1), default=20,
-              show_default=True, help="k-means clusters per block.")
-@click.option("--epochs", "max_iter", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--sgd-rows", type=click.IntRange(min=1), default=10_000, show_default=True,
-              help="Rows SGDClassifier's one epoch is timed on (then extrapolated).")
+@click.option("--clusters", "n_clusters", type=click.IntRange(min=1),
+              help="k-means clusters per block [default: 20].")
+@click.option("--epochs", "max_iter", type=click.IntRange(min=1), help="[default: 5]")
+@click.option("--eta", "eta0", type=click.FloatRange(min=0, min_open=True),
+              help="A constant learning rate (default: scikit-learn's 'optimal' schedule).")
+@click.option("--paper-config", is_flag=True,
+              help="The paper's own settings: --clusters 300 --epochs 50 --eta 0.001.")
+@click.option("--sgd-rows", type=click.IntRange(min=1), default=20_000, show_default=True,
+              help="Rows a full SGDClassifier fit runs on (its time then extrapolated).")
 @click.option("--local", "workers", type=click.IntRange(min=1),
               help="Workers of the embedded cluster (default: one per core).")
 @click.option("--keep-data", is_flag=True, help="Keep the stores (a rerun reuses them).")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
               default=str(config.BENCH_OUT / "paper"), show_default=True,
               help="Folder for the stores, paper.json and paper.md.")
-def bench_paper(rows, features, classes, blocks, test_rows, n_clusters, max_iter, sgd_rows,
-                workers, keep_data, out_dir) -> None:
+def bench_paper(rows, features, classes, blocks, test_rows, n_clusters, max_iter, eta0,
+                paper_config, sgd_rows, workers, keep_data, out_dir) -> None:
     """The paper's ImageNet shape on this machine: ingest, train, accuracy, memory, vs SGD."""
-    from rpicluster.bench.paper import run_paper, to_markdown
+    from rpicluster.bench.paper import paper_params, run_paper, to_markdown
 
     doc = run_paper(out_dir, rows=rows, features=features, classes=classes, blocks=blocks,
-                    test_rows=test_rows, n_clusters=n_clusters, max_iter=max_iter,
-                    sgd_rows=sgd_rows, workers=workers, keep_data=keep_data)
+                    test_rows=test_rows, sgd_rows=sgd_rows, workers=workers,
+                    keep_data=keep_data, **paper_params(n_clusters=n_clusters,
+                                                        max_iter=max_iter, eta0=eta0,
+                                                        paper_config=paper_config))
     click.echo(to_markdown(doc))
     click.echo(f"wrote {out_dir}/paper.json and paper.md")
