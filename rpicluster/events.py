@@ -105,12 +105,12 @@ FIELDS = (KIND, RUN_ID, N_BLOCKS, N_CLUSTERS, BLOCK, CLUSTER, CLUSTERS, ROWS, WO
           BYTES_UP, LOSS, NOTE, DONE, TOTAL, STARTED, BASE)
 
 
-def progress_event(progress) -> dict:
+def progress_event(progress, run_id: str | None = None) -> dict:
     """The :data:`PROGRESS` event of a :class:`rpicluster.progress.Progress` whose count just
-    moved (its latest mark)."""
+    moved (its latest mark), for run ``run_id``."""
     t, done = progress.marks()[-1]
-    return make_event(PROGRESS, done=int(done), total=progress.total, started=progress.started,
-                      base=progress.base, t=t)
+    return make_event(PROGRESS, run_id=run_id, done=int(done), total=progress.total,
+                      started=progress.started, base=progress.base, t=t)
 
 
 def make_event(kind: str, **fields) -> dict:
@@ -143,18 +143,19 @@ def make_event(kind: str, **fields) -> dict:
     return event
 
 
-def publish_progress(client, progress) -> None:
-    """Publish every move of ``progress``'s count as a :data:`PROGRESS` event through
-    ``client`` (a ``distributed.Client``), so the page shows the terminal's count and ETA.
+def publish_progress(client, progress, run_id: str | None = None):
+    """Publish every move of ``progress``'s count as a :data:`PROGRESS` event of run ``run_id``
+    through ``client`` (a ``distributed.Client``), so the page shows the terminal's count and
+    ETA; returns the function that stops publishing.
 
     Monitoring never stops a run: an event that cannot be sent (the scheduler went away; the
     run finds that out by itself) is dropped.
     """
     def listener(p) -> None:
         try:
-            client.log_event(TOPIC, progress_event(p))
+            client.log_event(TOPIC, progress_event(p, run_id))
         except Exception:  # noqa: BLE001 - see above
             pass
 
-    progress.listen(listener)
+    return progress.listen(listener)
 

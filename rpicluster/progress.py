@@ -183,9 +183,11 @@ class Progress:
         return recent_eta(self.marks(), time.time() if now is None else now, self.completed,
                           self.total)
 
-    def listen(self, listener: Callable[["Progress"], None]) -> None:
-        """Call ``listener(self)`` each time the count changes (after the mark is taken)."""
+    def listen(self, listener: Callable[["Progress"], None]) -> Callable[[], None]:
+        """Call ``listener(self)`` each time the count changes (after the mark is taken);
+        returns the function that stops it."""
         self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
 
     def skip(self, n: int, *, note: str | None = None) -> None:
         """Count ``n`` items done before this run (resumed work): shown, but not in the rate."""

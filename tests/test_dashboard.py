@@ -474,8 +474,7 @@ def test_terminal_and_page_tell_the_same_blocks_done_and_eta(tmp_path):
         terminal = _Terminal(state)
         progress = Progress("train", total=store.n_blocks, unit="blocks", stream=terminal,
                             interval=0)
-        terminal.progress = progress
-        ev.publish_progress(client, progress)
+        terminal.progress = progress  # train publishes its moves: nothing else to wire
         with progress:
             train(IncrementalKSGDClassifier(block_rows=500, n_clusters=2, max_iter=3,
                                             random_state=0), store, client, progress=progress)

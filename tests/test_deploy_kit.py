@@ -33,6 +33,8 @@ def parse_cli(group: click.Command, argv: list[str], prog: str) -> click.Context
     ctx = group.make_context(prog, list(argv))
     while isinstance(ctx.command, click.Group):
         pending = [*getattr(ctx, "_protected_args", []), *ctx.args]
+        if not pending and ctx.command.invoke_without_command:
+            break  # a group that is a command too (`rpicluster runs`)
         name, cmd, rest = ctx.command.resolve_command(ctx, pending)
         ctx = cmd.make_context(name, rest, parent=ctx)
     return ctx

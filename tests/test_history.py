@@ -112,3 +112,96 @@ def test_corrupt_newer_and_locked_databases_warn_and_the_run_goes_on(home):
         locker.execute("ROLLBACK")
         locker.close()
     assert [r["outcome"] for r in history.list_runs()] == ["done"]
+
+
+def test_runs_command_lists_shows_and_prints_json(home):
+    import json
+
+    from click.testing import CliRunner
+
+    from rpicluster.cli import main
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["runs"])
+    assert result.exit_code == 1
+    assert result.output.strip().startswith("error: no run history at ")
+    with history.recording("train", params={"n_clusters": 3}, data="digits.zarr",
+                           fingerprint="0123456789abcdef") as run:
+        run.update(workers=["0", "1"], cluster="tls://127.0.0.1:9")
+        run.result(phases={"train": 2.25}, test_accuracy=0.9312, model_path="/m.skops")
+    with pytest.raises(KeyboardInterrupt):
+        with history.recording("features", data="photos.zarr"):
+            raise KeyboardInterrupt
+    listed = runner.invoke(main, ["runs"])
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    assert lines[1].split()[:3] == ["id", "kind", "started"]
+    assert lines[2].split()[:2] == ["2", "features"] and "stopped: KeyboardInterrupt" in lines[2]
+    assert lines[3].split()[:2] == ["1", "train"] and "test accuracy 0.9312" in lines[3]
+    shown = runner.invoke(main, ["runs", "show", "1"])
+    assert shown.exit_code == 0, shown.output
+    assert "outcome:     done" in shown.output and "fingerprint: 0123456789abcdef" in shown.output
+    assert "workers:     0, 1" in shown.output and "  n_clusters" in shown.output
+    as_json = json.loads(runner.invoke(main, ["runs", "--json"]).output)
+    assert [r["id"] for r in as_json] == [2, 1] and as_json[1]["phases"] == {"train": 2.25}
+    assert json.loads(runner.invoke(main, ["runs", "show", "1", "--json"]).output)[
+        "results"] == {"test_accuracy": 0.9312}
+    missing = runner.invoke(main, ["runs", "show", "9"])
+    assert missing.exit_code == 1
+    assert missing.output.strip().endswith("(runs are numbered 1 to 2); list them with "
+                                           "`rpicluster runs`")
+    (home / "history.sqlite").write_bytes(b"garbage" * 1000)
+    for f in home.glob("history.sqlite-*"):
+        f.unlink()
+    bad = runner.invoke(main, ["runs"])
+    assert bad.exit_code == 1 and len(bad.output.strip().splitlines()) == 1
+    assert "is not a readable rpicluster history" in bad.output
+
+
+def test_training_goes_on_when_the_history_is_broken(home, tmp_path):
+    """A corrupt history: train_model warns in one line and trains and saves the model."""
+    from distributed import LocalCluster
+    from sklearn.datasets import load_digits
+
+    from rpicluster import ingest
+    from rpicluster.data.sources import ArraySource
+    from rpicluster.train.api import ClusterChoice, train_model
+
+    X, y = load_digits(return_X_y=True)
+    store = ingest(ArraySource("digits", X.astype("float32"), y), tmp_path / "d.zarr",
+                   block_rows=900)
+    (home / "history.sqlite").write_bytes(b"garbage" * 1000)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster:
+        with pytest.warns(RPiClusterWarning, match="not a readable rpicluster history"):
+            summary = train_model(str(store.url), tmp_path / "m.skops",
+                                  {"n_clusters": 2, "max_iter": 3, "random_state": 0},
+                                  cluster=ClusterChoice(scheduler=cluster.scheduler_address),
+                                  show_progress=False)
+    assert summary.model_path.exists() and len(summary.result.trained_blocks) == 2
+
+
+def _killed(home: str) -> None:
+    import os
+
+    os.environ["RPICLUSTER_HOME"] = home
+    with history.recording("train"):
+        os._exit(9)  # like a SIGKILL: no outcome recorded
+
+
+def test_a_run_whose_process_died_reads_lost(home):
+    proc = multiprocessing.get_context("spawn").Process(target=_killed, args=(str(home),))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 9
+    [run] = history.list_runs()
+    assert run["outcome"] == "lost"
+    assert run["reason"] == (f"its process (pid {proc.pid}) ended without recording an "
+                             "outcome")
+
+
+def test_history_off_records_nothing(home, monkeypatch):
+    monkeypatch.setenv("RPICLUSTER_HISTORY", "off")
+    with history.recording("bench") as run:
+        run.result(x=1)
+    assert not (home / "history.sqlite").exists()

@@ -607,6 +607,8 @@ class TrainingRun:
         _log(self.client, ev.RUN_START, run_id=self.run_id, n_blocks=ds.n_blocks,
              resumed=len(self.resumed), n_clusters=self.params.n_clusters,
              rows=int(ds.n_rows))
+        # The page shows the terminal's own count and ETA (one progress truth).
+        unpublish = ev.publish_progress(self.client, self.progress, self.run_id)
         # The run directory is owned (locked) until the last block is committed.
         with self.progress, self.rundir or contextlib.nullcontext():
             if self.resumed:
@@ -620,6 +622,7 @@ class TrainingRun:
                 _log(self.client, ev.RUN_END, run_id=self.run_id)
                 raise
             finally:
+                unpublish()
                 if self._writer is not None:
                     self._writer.shutdown(wait=True)
         est = self.estimator
