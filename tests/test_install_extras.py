@@ -95,3 +95,10 @@ def test_the_user_install_leaves_the_test_stack_out_and_test_brings_the_user_dep
     assert core <= test
     assert {"pytest", "moto", "dask-ml"} <= test  # the tests compare against dask-ml too
 
+
+
+def test_readme_installs_the_user_package_and_says_what_the_tests_need():
+    readme = (ROOT / "README.md").read_text()
+    installs = re.findall(r"pip install -e (\S+)", readme)
+    assert installs and installs[0] == ".", installs  # the quickstart: the user install
+    assert '".[test]"' in installs, installs  # the test command's own install line

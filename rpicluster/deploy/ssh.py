@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import collections
 import hashlib
+import logging
 import os
 import shlex
 import socket
@@ -32,6 +33,11 @@ from rpicluster.errors import HostKeyError, RPiClusterError, SSHError
 from rpicluster.inventory import NodeSpec
 
 T = TypeVar("T")
+
+# paramiko's transport thread logs a failed handshake at ERROR with a 25-line traceback, which
+# Python's last-resort handler prints to stderr; the failure reaches the caller as one SSHError
+# naming the host, so those records go only where the user's own logging setup sends them.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 # known_hosts files are appended to from several connection threads.
 _KNOWN_HOSTS_LOCK = threading.Lock()
