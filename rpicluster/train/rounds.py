@@ -75,6 +75,8 @@ class RoundDir(OwnedDir):
             raise ConfigError(f"{self.meta_path}: unknown run format {recorded.get('format')!r} "
                               f"(this rpicluster reads format {FORMAT})")
         for key, value in meta.items():
+            # Compared as recorded: JSON keeps a tuple such as --hidden's (512,) as [512].
+            value = json.loads(json.dumps(value))
             if key in recorded and recorded[key] != value:
                 raise ConfigError(f"cannot resume {self.path}: {key} was {recorded[key]!r} in "
                                   f"the run, now {value!r}")
