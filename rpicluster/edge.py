@@ -91,15 +91,20 @@ def image_paths(args) -> list[Path]:
 
 
 def prefetched(load, items):
-    """Yield ``load(item)`` for each of ``items``, computing the next one on a second thread
-    while the caller works on this one (decoding overlaps ONNX Runtime; both release the GIL)."""
-    items = list(items)
+    """Yield ``load(item)`` for each of ``items`` (any iterable, advanced on the same thread),
+    computing the next one on a second thread while the caller works on this one (decoding
+    overlaps ONNX Runtime; both release the GIL)."""
+    items, done = iter(items), object()
+
+    def step():
+        for item in items:
+            return load(item)
+        return done
+
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(load, items[0]) if items else None
-        for i in range(len(items)):
-            result = pending.result()
-            if i + 1 < len(items):
-                pending = pool.submit(load, items[i + 1])
+        pending = pool.submit(step)
+        while (result := pending.result()) is not done:
+            pending = pool.submit(step)
             yield result
 
 

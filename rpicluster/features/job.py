@@ -87,15 +87,23 @@ def extract_task(model: FrozenModel, images, out_url: str, out_options, block: i
         extractor = Extractor(model, input_size=input_size, batch_size=batch_size,
                               threads=threads or _worker_threads())
         per = block_rows // images.block_rows
-        feats, ys = [], []
-        for b in range(block * per, min((block + 1) * per, images.n_blocks)):
-            imgs, y = images.block(b)
-            feats.append(extractor.transform(imgs))
-            ys.append(y)
-            del imgs
-        X, y = np.concatenate(feats).astype(np.float32), np.concatenate(ys)
+        ys = []
+
+        def batches():
+            # Advanced on the extractor's prefetch thread: the next batch is read and resized
+            # while the network runs. One image block is held at a time (each batch is
+            # preprocessed before the next is drawn, so nothing else refers to the block).
+            for b in range(block * per, min((block + 1) * per, images.n_blocks)):
+                imgs, y = images.block(b)
+                ys.append(y)
+                for lo in range(0, len(imgs), batch_size):
+                    yield imgs[lo:lo + batch_size]
+                del imgs
+
+        X = extractor.transform_batches(batches()).astype(np.float32, copy=False)
+        y = np.concatenate(ys)
         crc = StoreWriter.reopen(out_url, out_options).write_block(block, X, y)
-        del extractor, feats
+        del extractor
         if _memory_pressure():
             release_sessions()
         # The per-position checksums of the layout, recorded by the client with the block.

@@ -290,12 +290,20 @@ class Extractor:
 
         ``output`` names another graph output to read (e.g. ``"logits"``).
         """
+        return self.transform_batches(
+            (images[lo:lo + self.batch_size] for lo in range(0, len(images), self.batch_size)),
+            output=output)
+
+    def transform_batches(self, batches, *, output: str | None = None) -> np.ndarray:
+        """Features of an iterable of uint8 image batches, concatenated.
+
+        The next batch is drawn and preprocessed on a second thread while ONNX Runtime runs this
+        one, so reading and resizing images overlap the network (a generator that reads image
+        blocks is advanced on that thread too).
+        """
         name = output or self.model.output_name
         parts = []
-        starts = range(0, len(images), self.batch_size)
-        # the next batch is preprocessed while ONNX Runtime runs this one
-        for batch in prefetched(lambda lo: preprocess(images[lo:lo + self.batch_size],
-                                                      self.size, self.model), starts):
+        for batch in prefetched(lambda b: preprocess(b, self.size, self.model), batches):
             try:
                 (y,) = self.session.run([name], {self.model.input_name: batch})
             except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are untyped
