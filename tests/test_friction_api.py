@@ -138,3 +138,17 @@ def test_connect_to_an_inventory_path_is_one_line(home, tmp_path):
         rpicluster.connect(str(inventory))
     assert "\n" not in str(info.value)
     assert "cluster.toml" in str(info.value) and "rpicluster up" in str(info.value)
+
+
+def test_a_block_too_small_for_the_clusters_suggests_a_block_rows_that_works(tmp_path):
+    """The hint names a --block-rows that works (it named 2 for 10 clusters, and nothing above
+    --block-rows), or says that the store itself has too few rows."""
+    rng = np.random.default_rng(0)
+    X, y = rng.random((1001, 4), dtype=np.float32), np.arange(1001) % 2
+    ds = rpicluster.ingest((X, y), tmp_path / "a.zarr", block_rows=10)
+    with pytest.raises(DataError, match=r"last block keeps >= 10 rows \(e\.g\. 11\)"):
+        ds.check_trainable(10)
+    tiny = rpicluster.ingest((X[:8], y[:8]), tmp_path / "b.zarr", block_rows=8)
+    with pytest.raises(DataError, match="holds 8 rows, fewer than n_clusters=10 .*lower "
+                                        "--clusters to 8 or less"):
+        tiny.check_trainable(10)

@@ -196,6 +196,10 @@ class Dataset:
         import warnings
 
         lo, hi = self.block_slice(self.n_blocks - 1)
+        if self.n_rows < n_clusters:
+            raise DataError(f"{self.url} holds {self.n_rows} rows, fewer than "
+                            f"n_clusters={n_clusters} (--clusters): lower --clusters to "
+                            f"{self.n_rows} or less, or ingest more rows")
         if hi - lo < n_clusters:
             raise DataError(
                 f"{self.url}: block {self.n_blocks - 1} holds {hi - lo} rows, fewer than "
@@ -342,12 +346,14 @@ def _read(dataset: Dataset, name: str, i: int) -> np.ndarray:
 
 
 def _fitting_block_rows(n_rows: int, block_rows: int, n_clusters: int) -> int:
-    """The block size nearest ``block_rows`` (not above) whose last block has ``n_clusters``
-    rows or more."""
-    for b in range(block_rows, n_clusters - 1, -1):
-        if n_rows - (n_rows - 1) // b * b >= n_clusters:
-            return b
-    return n_rows
+    """The block size nearest ``block_rows`` whose last block has ``n_clusters`` rows or more:
+    the largest one not above it, else the smallest one above it (``n_rows >= n_clusters``)."""
+    def fits(b: int) -> bool:
+        return n_rows - (n_rows - 1) // b * b >= n_clusters
+
+    below = range(min(block_rows, n_rows), n_clusters - 1, -1)
+    return next((b for b in below if fits(b)),
+                next((b for b in range(block_rows + 1, n_rows) if fits(b)), n_rows))
 
 
 def expected_classes(class_counts, rows: int) -> float:
