@@ -6,6 +6,7 @@ onnxruntime, numpy and Pillow; and the runner's one-line refusals."""
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -207,3 +208,55 @@ def test_runner_in_a_venv_of_only_its_three_packages(faces, tmp_path):
     labels = np.array([ln.split("\t")[1] for ln in res.stdout.splitlines()])
     np.testing.assert_array_equal(labels, faces["model"].predict(faces["X"]))
     assert "200 images in" in res.stderr
+
+
+@pytest.mark.arm64
+@pytest.mark.netns
+@pytest.mark.timeout(2400)
+def test_runner_on_an_emulated_arm64_pi(faces, tmp_path):
+    """On the shelf's emulated Pi 4 (arm64 bookworm root, Cortex-A72 under qemu): a bare venv
+    of onnxruntime, numpy and Pillow from an aarch64 wheelhouse (pip --no-index), the copied
+    module file, the same labels as predict on x86."""
+    from rpicluster.deploy.provision import build_wheelhouse, pinned_requirements
+    from rpicluster.testing_arm64 import QEMU_CPU, Arm64Hosts, unavailable
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(f"no emulated arm64 host: {reason}")
+    wheels = tmp_path / "wheels"
+    requirements = sorted({*pinned_requirements("onnxruntime"), *pinned_requirements("pillow")})
+    facts = {"python": "3.11.2", "arch": "aarch64", "glibc": "2.36", "python_tag": "cp311"}
+    build_wheelhouse(facts, wheels, requirements)
+    work = tmp_path / "pi"
+    work.mkdir()
+    (work / "edge.py").write_text(Path(sys.modules["rpicluster.edge"].__file__).read_text())
+    paths = sorted(faces["folder"].iterdir())[:24]
+    with Arm64Hosts(tmp_path / "hosts", 1) as hosts:
+        for shared in (tmp_path, faces["root"]):
+            hosts.share(shared)
+
+        def chroot(*cmd, timeout=1200):
+            # In a mount namespace of its own, an empty /sys: the fixture's sysfs is this x86
+            # machine's, and ONNX Runtime's cpuinfo segfaults under qemu parsing its CPU list
+            # (a Pi's own sysfs is arm64's).
+            script = (f"mount -t tmpfs tmpfs {hosts.root}/sys && exec chroot {hosts.root} "
+                      + " ".join(shlex.quote(str(c)) for c in cmd))
+            return subprocess.run(["unshare", "--mount", "sh", "-c", script],
+                                  capture_output=True, text=True, timeout=timeout,
+                                  env={"PATH": os.environ["PATH"], "QEMU_CPU": QEMU_CPU})
+
+        venv = "/tmp/edge-venv"
+        assert chroot("uname", "-m").stdout.strip() == "aarch64"
+        made = chroot("/usr/bin/python3", "-m", "venv", "--without-pip", venv)
+        assert made.returncode == 0, made.stderr
+        # pip runs from its wheel (ensurepip alone takes minutes under emulation)
+        pip_wheel = next(wheels.glob("pip-*.whl"))
+        pip = chroot(f"{venv}/bin/python", f"{pip_wheel}/pip", "install", "--no-index",
+                     "--find-links", wheels, "onnxruntime", "numpy", "pillow")
+        assert pip.returncode == 0, pip.stderr[-2000:]
+        res = chroot(f"{venv}/bin/python", "-I", work / "edge.py", faces["onnx"], *paths,
+                     "--threads", "1", "--batch", "8")
+    assert res.returncode == 0, res.stderr[-2000:]
+    labels = np.array([ln.split("\t")[1] for ln in res.stdout.splitlines()])
+    np.testing.assert_array_equal(labels, faces["model"].predict(faces["X"][:24]))
+    assert "24 images in" in res.stderr
