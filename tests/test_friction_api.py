@@ -152,3 +152,16 @@ def test_a_block_too_small_for_the_clusters_suggests_a_block_rows_that_works(tmp
     with pytest.raises(DataError, match="holds 8 rows, fewer than n_clusters=10 .*lower "
                                         "--clusters to 8 or less"):
         tiny.check_trainable(10)
+
+
+def test_rows_per_worker_count_each_trained_row_once(tmp_path, digits_store, threads_client):
+    """The tasks-per-worker table's rows sum to the store's rows (a block's partition and its
+    fits both read its rows: they were counted twice)."""
+    from rpicluster.train.api import ClusterChoice, train_model
+
+    summary = train_model(digits_store.url, tmp_path / "m.skops", {"n_clusters": 2},
+                          cluster=ClusterChoice(scheduler=threads_client.scheduler.address),
+                          show_progress=False)
+    r = summary.result
+    assert sum(r.rows_per_worker.values()) == digits_store.n_rows == 1797
+    assert sum(r.tasks_per_worker.values()) >= 2 * digits_store.n_blocks

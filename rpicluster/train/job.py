@@ -53,9 +53,10 @@ class TrainResult:
     trained_blocks, resumed_blocks : list of int
         Blocks fitted by this call, and blocks taken from the run directory.
     tasks_per_worker, rows_per_worker, busy_seconds_per_worker : Counter
-        Partition and fit tasks whose results were taken, their rows and task seconds, by
-        worker name (a whole-block task counts as the partition and the fit it ran; a
-        speculative copy's loser is not counted).
+        Partition and fit tasks whose results were taken, the rows their fits trained on (each
+        row once, summing to the rows trained) and their task seconds, by worker name (a
+        whole-block task counts as the partition and the fit it ran; a speculative copy's loser
+        is not counted).
     run_dir : Path or None
     phases : dict
         Seconds by phase: on the workers ``read``, ``kmeans``, ``sort``, ``fit`` (task time,
@@ -401,17 +402,19 @@ class TrainingRun:
         if blk.complete():
             self.commit(blk)
 
-    def _count(self, result: tasks.TaskReport) -> None:
+    def _count(self, result: tasks.TaskReport, *, trained: bool = True) -> None:
+        """Count a taken task for its worker; its rows only where it ``trained`` on them (a
+        block's rows are read by its partition and again by its fits: counted once)."""
         w = result.worker
         if result.rows:
             self.counts[w] += 1
-            self.rows[w] += result.rows
+            self.rows[w] += result.rows if trained else 0
             self.busy[w] += result.seconds
 
     def _take_partition(self, blk: _Block, result: tasks.BlockMeta) -> None:
         """A block's partition result (its meta): where its rows are held, its clusters."""
         b = blk.index
-        self._count(result)
+        self._count(result, trained=False)
         blk.meta = result
         for g in range(blk.n_groups):  # the fits can run from now
             self.spec.ready(self._key("fit", b, g))
