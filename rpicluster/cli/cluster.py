@@ -8,7 +8,7 @@ import sys
 import click
 
 from rpicluster.cli._common import (Group, announce, echo_report, echo_table, inventory_option,
-                                    local_option)
+                                    local_option, usage_errors)
 
 _accept_option = click.option("--accept-new-hosts", is_flag=True,
                               help="Trust and record unknown host keys (changed keys are refused).")
@@ -59,42 +59,36 @@ def doctor(inventory, accept_new_hosts) -> None:
 def up(inventory, local, threads_per_worker, memory_limit, dashboard_address, open_dashboard,
        accept_new_hosts, insecure, provision) -> None:
     """Start the cluster of an inventory (only what is missing), or the embedded local one."""
-    if inventory is not None and local is not None:
-        raise click.UsageError("give -c/--inventory or --local, not both")
-    if inventory is not None and dashboard_address is not None:
-        raise click.UsageError("--dashboard-address is for --local; an inventory's dashboard "
-                               "listens on its scheduler host, at dashboard_port")
-    if inventory is None and open_dashboard:
-        raise click.UsageError("--open-dashboard is for an inventory; with --local, give "
-                               "--dashboard-address :8787")
-    if inventory is None:
-        from rpicluster.deploy.local import start_local
-
-        info = start_local(None if local is True else local,
-                           threads_per_worker=threads_per_worker, memory_limit=memory_limit,
-                           dashboard_address=dashboard_address)
-        click.echo(f"local cluster{' already running' if info['already_running'] else ''}: "
-                   f"{info['scheduler_address']} ({info.get('n_workers', '?')} workers) "
-                   f"dashboard {info['dashboard_link']}")
-        return
     import warnings
 
-    from rpicluster.deploy.cluster import up as cluster_up
+    from rpicluster.deploy.lifecycle import LocalCluster, up as start
     from rpicluster.errors import HostsFailedError
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
+    # An SSH cluster's warnings are printed after its hosts' lines, the local one's as they come.
+    ssh = inventory is not None
+    with warnings.catch_warnings(record=ssh) as caught:
+        if ssh:
+            warnings.simplefilter("always", UserWarning)
         try:
-            report = cluster_up(inventory, accept_new_hosts=accept_new_hosts, insecure=insecure,
-                                provision=provision, open_dashboard=open_dashboard)
+            with usage_errors():
+                result = start(inventory, local=local, threads_per_worker=threads_per_worker,
+                               memory_limit=memory_limit, dashboard_address=dashboard_address,
+                               open_dashboard=open_dashboard, accept_new_hosts=accept_new_hosts,
+                               insecure=insecure, provision=provision)
         except HostsFailedError as exc:
             echo_report("rpicluster up", exc.report)
             raise
         finally:
-            for w in caught:
+            for w in caught or ():
                 click.echo(f"warning: {w.message}", err=True)
-    echo_report("rpicluster up", report)
-    click.echo(f"scheduler {report.address}, dashboard {report.dashboard}")
+    if isinstance(result, LocalCluster):
+        info = result.info
+        click.echo(f"local cluster{' already running' if info['already_running'] else ''}: "
+                   f"{info['scheduler_address']} ({info.get('n_workers', '?')} workers) "
+                   f"dashboard {info['dashboard_link']}")
+        return
+    echo_report("rpicluster up", result)
+    click.echo(f"scheduler {result.address}, dashboard {result.dashboard}")
 
 
 _ACT_LOCAL = "The embedded local cluster (`up --local`)."
@@ -165,17 +159,11 @@ def logs(host, inventory, local, lines) -> None:
 
     The local cluster keeps one log for its scheduler and workers: HOST is not needed there.
     """
-    ref = _target(inventory, local)
-    if ref.kind == "local":
-        from rpicluster.deploy.local import log_tail
+    from rpicluster.deploy.lifecycle import logs as log_tail
 
-        click.echo(log_tail(lines), nl=False)
-        return
-    if host is None:
-        raise click.UsageError(f"name the HOST whose log to show ({ref.describe()} has several)")
-    from rpicluster.deploy.cluster import logs as cluster_logs
-
-    click.echo(cluster_logs(host, ref.inventory, lines=lines), nl=False)
+    with usage_errors():
+        text = log_tail(host, inventory, local=local, lines=lines, announce=announce)
+    click.echo(text, nl=False)
 
 
 @click.command()
@@ -187,30 +175,22 @@ def down(inventory, local) -> None:
     Without -c or --local: the SSH cluster `up` last recorded, else the local cluster (and
     when neither runs, it says so: not an error).
     """
-    from rpicluster.deploy.state import local_record
+    from rpicluster.deploy.lifecycle import LocalCluster, down as stop
+    from rpicluster.errors import HostsFailedError
 
     if _nothing_running(inventory, local):
         return
-    if local is not None and local_record() is None:
-        click.echo("no local cluster running")
-        return
-    ref = _target(inventory, local)
-    if ref.kind == "local":
-        from rpicluster.deploy.local import stop_local
-
-        info = stop_local()
-        click.echo("no local cluster running" if info is None else
-                   f"stopped the local cluster (pid {info['pid']})")
-        return
-    from rpicluster.deploy.cluster import down as cluster_down
-    from rpicluster.errors import HostsFailedError
-
     try:
-        report = cluster_down(ref.inventory)
+        result = stop(inventory, local=local, announce=announce)
     except HostsFailedError as exc:
         echo_report("rpicluster down", exc.report)
         raise
-    echo_report("rpicluster down", report)
+    if result is None:
+        click.echo("no local cluster running")
+    elif isinstance(result, LocalCluster):
+        click.echo(f"stopped the local cluster (pid {result.info['pid']})")
+    else:
+        echo_report("rpicluster down", result)
 
 
 @click.command()
