@@ -86,3 +86,19 @@ def test_a_run_whose_workers_restart_prints_the_resume_command(images, client, t
     np.testing.assert_array_equal(np.asarray(open_dataset(out).X.compute()),
                                   np.asarray(whole.store.X.compute()))
     assert all(v == [] for v in client.run(_cached).values())
+
+
+def test_a_worker_near_its_memory_target_drops_its_sessions(tiny):
+    """The check a features task makes after writing its block (and then drops the worker's
+    cached sessions): a worker above Dask's target fraction of its memory limit is under
+    pressure (a target below what any worker uses), one far below it is not."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from rpicluster.features.job import _memory_pressure
+
+    for target, pressed in ((0.001, True), (0.99, False)):
+        with dask.config.set({"distributed.worker.memory.target": target}), \
+                LocalCluster(n_workers=1, processes=False, memory_limit="4GiB",
+                             dashboard_address=None) as cluster, Client(cluster) as c:
+            assert c.submit(_memory_pressure, pure=False).result(timeout=60) is pressed
