@@ -13,6 +13,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from rpicluster import extract_features, open_dataset
@@ -102,3 +103,35 @@ def test_a_worker_near_its_memory_target_drops_its_sessions(tiny):
                 LocalCluster(n_workers=1, processes=False, memory_limit="4GiB",
                              dashboard_address=None) as cluster, Client(cluster) as c:
             assert c.submit(_memory_pressure, pure=False).result(timeout=60) is pressed
+
+
+def test_a_run_whose_workers_all_stay_paused_stops_with_the_blocks_kept(images, tiny, tmp_path,
+                                                                        monkeypatch):
+    """A 224 px run hung 9.5 minutes at 13/18 blocks with both workers paused for memory, and
+    said nothing. Now the run watches its workers: once every one has been paused for
+    RPICLUSTER_PAUSED_TIMEOUT it stops in one line naming them, with what is kept."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from rpicluster.errors import TrainingStopped
+
+    monkeypatch.setenv("RPICLUSTER_PAUSED_TIMEOUT", "3")
+    # A pause fraction below what any worker uses: paused from the start, as a worker whose
+    # memory is held elsewhere is.
+    with dask.config.set({"distributed.worker.memory.pause": 0.001,
+                          "distributed.worker.memory.terminate": False}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                         memory_limit="4GiB", dashboard_address=None) as cluster, \
+            Client(cluster) as c:
+        deadline = time.monotonic() + 60
+        while not any(w["status"] == "paused" for w in
+                      c.scheduler_info()["workers"].values()):
+            assert time.monotonic() < deadline, "the worker never paused"
+            time.sleep(0.1)
+        with pytest.raises(TrainingStopped, match=r"the features run stopped: every worker of "
+                                                  r"this run has been paused for memory .* "
+                                                  r"keeps 0 of 13 blocks and is marked "
+                                                  r"incomplete") as stopped:
+            extract_features(images.url, str(tmp_path / "f.zarr"), model=str(tiny),
+                             input_size=16, client=c)
+    assert stopped.value.run_dir.endswith("f.zarr")
