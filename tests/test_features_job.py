@@ -5,6 +5,7 @@ clear errors, the CLI, and features that train an Inc-kSGD model."""
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -151,6 +152,12 @@ def test_cli_features(images, client, tiny, tmp_path):
     assert res.exit_code == 0, res.output
     assert "extracted 13 blocks" in res.output and "200 images -> 4 features" in res.output
     assert "images/s" in res.output
+    # one total: the summary's is the progress line's last figure (it was the job's own, shorter
+    # time, unexplained), and the job's part is named
+    shown = float(re.findall(r"blocks \[(\d+\.\d) s", res.output)[-1])
+    total = float(re.search(r"extracted 13 blocks in (\d+\.\d) s \(\d+\.\d s of it "
+                            r"extracting\)", res.output).group(1))
+    assert shown <= total <= shown + 1.0, res.output
     assert open_dataset(out).n_features == 4
     # Feature blocks of two image blocks each: 7 blocks (the last one holds 8 rows).
     res = CliRunner().invoke(main, ["features", images.url, "-o", str(tmp_path / "big.zarr"),

@@ -139,6 +139,7 @@ def features_cmd(images, out, model, input_size, batch_size, threads, block_rows
                                  resume=resume, overwrite=overwrite,
                                  cluster=cluster_choice(scheduler, inventory, local),
                                  progress=progress)
+            total = progress.elapsed  # the time its last line shows
     except (KeyboardInterrupt, TrainingStopped) as exc:
         options = (("--model", model), ("--input-size", input_size), ("--batch-size", batch_size),
                    ("--threads", threads), ("--block-rows", block_rows),
@@ -150,10 +151,13 @@ def features_cmd(images, out, model, input_size, batch_size, threads, block_rows
         click.echo(f"error: {exc}; continue with: {again}", err=True)
         sys.exit(1)
     ds = r.store
+    # One total, the progress line's; the job's own time is the part spent writing features
+    # (the rest reached the cluster and prepared the network).
     click.echo(f"extracted {len(r.extracted_blocks)} blocks"
                + (f" (+{len(r.resumed_blocks)} resumed)" if r.resumed_blocks else "")
-               + f" in {r.seconds:.1f} s: {ds.n_rows} images -> {ds.n_features} features "
-               f"({r.model} at {r.input_size} px, sha256 {r.sha256[:12]})")
+               + f" in {total:.1f} s ({r.seconds:.1f} s of it extracting): {ds.n_rows} images "
+               f"-> {ds.n_features} features ({r.model} at {r.input_size} px, sha256 "
+               f"{r.sha256[:12]})")
     rates = r.images_per_second()
     echo_table("images per worker", ["worker", "images", "busy s", "images/s"],
                [[w, n, f"{r.busy_seconds_per_worker[w]:.1f}", f"{rates.get(w, 0):,.1f}"]
