@@ -52,3 +52,25 @@ def test_a_host_that_is_no_ssh_server_is_one_line(tmp_path):
     lines = res.stderr.strip().splitlines()
     assert "Traceback" not in res.stderr, res.stderr
     assert len(lines) == 1 and lines[0].startswith("error: 127.0.0.1"), res.stderr
+
+
+def test_doctor_lists_the_scheduler_host_first(tmp_path, home):
+    """The scheduler's host is checked too (it was left out of the table): here it is this
+    machine; the worker is a closed port, so it fails and doctor exits 1."""
+    from click.testing import CliRunner
+
+    from rpicluster.cli import main
+
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        closed = s.getsockname()[1]
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    inventory = tmp_path / "cluster.toml"
+    inventory.write_text(f'[scheduler]\nhost = "127.0.0.1"\n[defaults]\nuser = "pi"\n'
+                         f'key = "{key}"\nknown_hosts = "{tmp_path / "known_hosts"}"\n'
+                         f'port = {closed}\n[[workers]]\nhosts = "127.0.0.1"\n')
+    res = CliRunner().invoke(main, ["doctor", "-c", str(inventory)])
+    assert res.exit_code == 1, res.output
+    rows = [line for line in res.output.splitlines() if line.startswith("127.0.0.1")]
+    assert rows[0].startswith("127.0.0.1 (scheduler)") and " ok " in rows[0], res.output
+    assert len(rows) == 2 and "FAIL" in rows[1], res.output

@@ -31,9 +31,10 @@ def init(path, force) -> None:
 @_accept_option
 def doctor(inventory, accept_new_hosts) -> None:
     """Check every host: SSH, platform, versions against this machine, memory, disk, health."""
-    from rpicluster.deploy.doctor import doctor as run_doctor, table_rows
+    from rpicluster.deploy.doctor import check_scheduler, doctor as run_doctor, table_rows
 
-    checks = run_doctor(inventory, accept_new_hosts=accept_new_hosts)
+    checks = [check_scheduler(inventory, accept_new_hosts=accept_new_hosts),
+              *run_doctor(inventory, accept_new_hosts=accept_new_hosts)]
     echo_table("rpicluster doctor", *table_rows(checks))
     if not all(c.ok for c in checks):
         sys.exit(1)

@@ -9,6 +9,7 @@ reported with the wheels ``up --provision`` would install there.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 from contextlib import contextmanager
@@ -93,7 +94,8 @@ def _scheduler_port_open(spec: ClusterSpec):
 
 def doctor(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
            ssh_timeout: float | None = None) -> list[HostCheck]:
-    """Check every worker host of an inventory, in parallel; one result per host, in order.
+    """Check every worker host of an inventory, in parallel; one result per host, in order
+    (:func:`check_scheduler` checks the scheduler's).
 
     Parameters
     ----------
@@ -135,6 +137,21 @@ def doctor(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = Fals
         results = fan_out(spec.workers, check)
     return [r.value if r.ok else HostCheck(h, {"reachable": False}, (r.error,))
             for h, r in results.items()]
+
+
+def check_scheduler(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = False,
+                    ssh_timeout: float | None = None) -> HostCheck:
+    """The scheduler's host, as ``HOST (scheduler)`` (``doctor`` lists it first): this
+    machine's facts when the scheduler runs here, else the checks :func:`doctor` makes of a
+    worker, over SSH."""
+    spec = inventory if isinstance(inventory, ClusterSpec) else load_inventory(inventory)
+    sched = spec.scheduler
+    name = f"{sched.host} (scheduler)"
+    if is_local_host(sched.host):
+        return HostCheck(name, {"reachable": True, **health.probe(), "scheduler_error": None})
+    local = dataclasses.replace(spec, workers=(sched.node,))
+    [found] = doctor(local, accept_new_hosts=accept_new_hosts, ssh_timeout=ssh_timeout)
+    return dataclasses.replace(found, host=name)
 
 
 def _unprovisioned(node: NodeSpec, facts: dict, spec: ClusterSpec) -> HostCheck:
