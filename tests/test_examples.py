@@ -41,7 +41,7 @@ def run_example(name: str, env: dict, *args: str) -> str:
     return proc.stdout
 
 
-def test_imagenet_like(cluster_env, tmp_path):
+def test_imagenet_like(cluster_env, tmp_path, monkeypatch):
     out = run_example("imagenet_like.py", cluster_env, "--workdir", str(tmp_path),
                       "--rows", "6000", "--test-rows", "1500", "--block-rows", "1500",
                       "--features", "64", "--classes", "10")
@@ -50,6 +50,8 @@ def test_imagenet_like(cluster_env, tmp_path):
     assert result["accuracy"] > 0.4, out        # 10 classes: chance is 0.1
     from rpicluster.train.modelfile import load_model
 
+    # The example signed its model with that home's key (docs/security.md).
+    monkeypatch.setenv("RPICLUSTER_HOME", cluster_env["RPICLUSTER_HOME"])
     model = load_model(result["model"], sha256=result["sha256"])
     assert len(model.estimators_) == 4 and len(model.classes_) == 10
 
