@@ -310,3 +310,20 @@ def test_worker_table_reads_the_scheduler(cluster):
     table = worker_table(cluster)
     assert sorted(table) == ["0", "1"]
     assert all(w["threads"] == 1 and w["memory"] > 0 for w in table.values())
+
+
+def test_bench_scaling_is_recorded_in_the_run_history(cluster, dataset, tmp_path, home):
+    """`rpicluster runs` lists a bench run: its job, data, cluster, workers and step times."""
+    from rpicluster import history
+
+    res = CliRunner().invoke(main, [
+        "bench", "scaling", "--scheduler", cluster.scheduler.address, "--job", "random-forest",
+        "--data", str(dataset.url), "--steps", "1", "--repeats", "1", "--trees", "2",
+        "--warmup", "none", "-o", str(tmp_path / "rf")])
+    assert res.exit_code == 0, res.output
+    run = history.get_run(history.list_runs()[0]["id"])
+    assert run["kind"] == "bench" and run["outcome"] == "done"
+    assert run["params"]["job"] == "random-forest" and run["params"]["n_estimators"] == 2
+    assert run["data"] == str(dataset.url) and run["cluster"] == cluster.scheduler.address
+    assert run["workers"] == ["0", "1"]
+    assert list(run["phases"]) == ["step 1 (1 workers)"] and run["phases"]["step 1 (1 workers)"] > 0

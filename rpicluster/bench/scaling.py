@@ -49,11 +49,12 @@ from pathlib import Path
 
 import numpy as np
 
-from rpicluster import config
+from rpicluster import config, history
 from rpicluster.bench import simulate as sim
 from rpicluster.bench.method import check_method, method
 from rpicluster.errors import ConfigError, TrainingError, make_dirs
 from rpicluster.progress import Progress
+from rpicluster.train.checks import fingerprint
 
 JOBS = ("inc-ksgd", "random-forest")
 #: Jobs measured by rpicluster.bench.averaging (model averaging, not block tasks).
@@ -679,7 +680,13 @@ def scaling_bench(out_dir, *, scheduler: str | None = None, inventory=None,
     else:
         dataset = open_dataset(data)
     # A running local cluster of another size than ``local`` is refused by the resolver.
-    with cluster_client(scheduler, inventory=inventory, local=local, announce=announce) as client:
+    with cluster_client(scheduler, inventory=inventory, local=local, announce=announce) as client, \
+            history.recording("bench", params={"bench": "scaling", "job": job, "steps": steps,
+                                               "repeats": repeats, "warmup": warmup,
+                                               **(params or {})},
+                              data=str(dataset.url), fingerprint=fingerprint(dataset),
+                              cluster=client.scheduler.address) as record:
+        record.update(workers=list(worker_table(client)))
         if job in AVERAGING_JOBS:
             from rpicluster.bench.averaging import run_averaging_scaling
 
@@ -692,6 +699,10 @@ def scaling_bench(out_dir, *, scheduler: str | None = None, inventory=None,
                 addresses={n: w["address"] for n, w in workers.items()},
                 test=open_dataset(test) if test else None, repeats=repeats, warmup=warmup,
                 progress=progress, **opts)
-        return run_scaling(client, dataset, out, job=job, params=params, steps=steps,
-                           repeats=repeats, warmup=warmup, inventory=inventory,
-                           simulate=simulate, progress=progress)
+        doc = run_scaling(client, dataset, out, job=job, params=params, steps=steps,
+                          repeats=repeats, warmup=warmup, inventory=inventory,
+                          simulate=simulate, progress=progress)
+        record.result(phases={f"step {s['step']} ({len(s['workers'])} workers)": s["median"]
+                              for s in doc["steps"]},
+                      scalability_capacity=[s["scalability_capacity"] for s in doc["steps"]])
+        return doc
