@@ -58,13 +58,22 @@ def fit_image(image, size: int, channels: int = 3) -> np.ndarray:
     return crop.reshape(size, size, channels)
 
 
-def load_image(path, size: int, channels: int = 3) -> np.ndarray:
-    """:func:`fit_image` of an image file; EdgeError naming a file Pillow cannot read."""
-    from PIL import Image, UnidentifiedImageError
+def load_image(path, size: int, channels: int = 3, image_size: int | None = None) -> np.ndarray:
+    """:func:`fit_image` of an image file, read as ``rpicluster ingest images:`` reads it.
+
+    The EXIF orientation is applied; with ``image_size`` (the ``ingest --image-size`` the
+    training photos were stored at) the photo is first fitted to ``image_size x image_size``
+    (``ImageOps.fit``, bilinear, RGB) as ingest does, so the crop the network sees is the one
+    it saw in training. EdgeError names a file Pillow cannot read.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            image.load()
+            image = ImageOps.exif_transpose(image)
+            if image_size:
+                image = ImageOps.fit(image.convert("RGB"), (image_size, image_size),
+                                     method=Image.Resampling.BILINEAR)
             return fit_image(image, size, channels)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise EdgeError(f"cannot read image {path}: {exc} (not an image Pillow can decode, or "
@@ -117,6 +126,9 @@ class Classifier:
         A ``.onnx`` file from ``rpicluster export --features ...``.
     threads : int, optional
         ONNX Runtime intra-op threads (default: every core).
+    image_size : int, optional
+        The ``ingest --image-size`` of the training photos (see :func:`load_image`); default
+        the one ``rpicluster export --image-size`` recorded in the file, if any.
 
     Attributes
     ----------
@@ -124,7 +136,7 @@ class Classifier:
         The input crops' side and channels.
     """
 
-    def __init__(self, model, threads: int | None = None):
+    def __init__(self, model, threads: int | None = None, image_size: int | None = None):
         import onnxruntime as ort
 
         self.model = Path(model)
@@ -157,6 +169,8 @@ class Classifier:
                             f"shape {shape}, not a batch of uint8 images (N, size, size, 1 or "
                             "3); export the model with `rpicluster export ... --features ...`")
         self.size, self.channels = int(shape[1]), int(shape[3])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.image_size = image_size or int(meta.get("rpicluster.image_size", 0)) or None
         self.output_names = [o.name for o in self.session.get_outputs()]
         if "label" not in self.output_names:
             raise EdgeError(f"model {model} has no 'label' output (outputs: "
@@ -173,7 +187,8 @@ class Classifier:
         batches = [paths[i:i + batch] for i in range(0, len(paths), batch)]
 
         def load(group):
-            return group, np.stack([load_image(p, self.size, self.channels) for p in group])
+            return group, np.stack([load_image(p, self.size, self.channels, self.image_size)
+                                    for p in group])
 
         for group, images in prefetched(load, batches):
             yield from zip(group, self.run(images))
@@ -188,11 +203,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime threads (default: every core)")
     p.add_argument("--batch", type=int, default=BATCH, help=f"images per run (default {BATCH})")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="fit photos to this square first, as `rpicluster ingest images: "
+                        "--image-size` did (default: the size recorded by export, if any)")
     args = p.parse_args(argv)
-    if args.batch < 1 or (args.threads is not None and args.threads < 1):
-        p.error("--batch and --threads must be >= 1")
+    if min(args.batch, args.threads or 1, args.image_size or 1) < 1:
+        p.error("--batch, --threads and --image-size must be >= 1")
     try:
-        clf = Classifier(args.model, args.threads)
+        clf = Classifier(args.model, args.threads, args.image_size)
         paths = image_paths(args.images)
         start = time.perf_counter()
         n = 0

@@ -100,6 +100,29 @@ def test_photos_any_size_and_threads(faces, tmp_path):
     np.testing.assert_allclose(scores, model.decision_function(X), rtol=1e-6)
 
 
+def test_photos_as_ingest_stores_them(faces, tmp_path):
+    """Photos ingested with `ingest images: --image-size 112` (EXIF orientation applied, fitted
+    to 112 x 112), then `features --input-size 64`: the runner, told the image size by the file,
+    gives the network the same pixels and the labels of features + predict."""
+    from rpicluster.data.sources import load_image as ingest_image
+    from rpicluster.edge import fit_image, load_image
+
+    paths = []
+    for name, image in photos().items():
+        for i, flip in enumerate((False, True)):
+            paths.append(tmp_path / f"{name}-{i}.jpg")
+            Image.fromarray(image[:, ::-1] if flip else image).save(paths[-1], quality=85)
+    stored = np.stack([ingest_image(p, 112) for p in paths])  # what the image store holds
+    for p, img in zip(paths, stored):
+        np.testing.assert_array_equal(load_image(p, SIZE, 3, image_size=112),
+                                      fit_image(Image.fromarray(img), SIZE))
+    export_onnx(faces["model"], tmp_path / "m.onnx", features="efficientnet-lite0",
+                input_size=SIZE, image_size=112)
+    X = Extractor(load_network("efficientnet-lite0"), input_size=SIZE).transform(stored)
+    assert Classifier(tmp_path / "m.onnx").image_size == 112
+    np.testing.assert_array_equal(classify(tmp_path / "m.onnx", paths), faces["model"].predict(X))
+
+
 def test_cli_prints_labels_and_rate(faces, capsys):
     paths = sorted(faces["folder"].iterdir())[:10]
     assert edge_main([str(faces["onnx"]), *map(str, paths), "--threads", "1",

@@ -42,7 +42,7 @@ class Exported:
 
 def export_onnx(model, path: str | os.PathLike, features: str | os.PathLike | None = None,
                 quantize: str | None = None, *, input_size: int | None = None,
-                calibration: str | os.PathLike | None = None,
+                image_size: int | None = None, calibration: str | os.PathLike | None = None,
                 calibration_images: int | None = None) -> Exported:
     """Write a fitted classifier as one ONNX file: rows (or photos) in, ``label`` out.
 
@@ -63,6 +63,10 @@ def export_onnx(model, path: str | os.PathLike, features: str | os.PathLike | No
     input_size : int, optional
         The side the features were extracted at (``rpicluster features --input-size``);
         default the network's (224 for EfficientNet-Lite0).
+    image_size : int, optional
+        The ``ingest images: --image-size`` the training photos were stored at: recorded in
+        the file, the runner fits each photo to it first (as ingest did) so that the network
+        sees the crop it saw in training. Needs ``features``.
     calibration : str or path, optional
         Image store whose first images calibrate ``quantize``.
     calibration_images : int, optional
@@ -90,6 +94,8 @@ def export_onnx(model, path: str | os.PathLike, features: str | os.PathLike | No
     if quantize is not None and calibration is None:
         raise ConfigError("quantize int8 is calibrated on images: give calibration (--calibration "
                           "IMAGES.zarr, an image store of the images the model will see)")
+    if image_size is not None and features is None:
+        raise ConfigError("image_size says how the runner fits photos: give features too")
     estimator = _load(model)
     source = model if isinstance(model, (str, os.PathLike)) else type(estimator).__name__
     onnx_model = heads.head_graph(estimator)
@@ -117,6 +123,8 @@ def export_onnx(model, path: str | os.PathLike, features: str | os.PathLike | No
                      "rpicluster.input_size": str(size)})
         if quantize:
             meta["rpicluster.quantize"] = quantize
+        if image_size:
+            meta["rpicluster.image_size"] = str(int(image_size))
     for key, value in meta.items():
         entry = onnx_model.metadata_props.add()
         entry.key, entry.value = key, value
