@@ -14,7 +14,8 @@ the hosts' writes go to the instance's directory), with proc, sysfs, devpts and 
 user ``pi`` and runs sshd there in the host's namespace (no route out: provisioning is
 offline). The provisioned venv can be kept in the cache (:meth:`Arm64Hosts.save_venv`) and is
 put back into the next instance's root, so a developer's rerun skips the ~6 min of pip under
-emulation when ``up --provision`` finds the same wheelhouse installed.
+emulation: ``up --provision`` then installs only the wheels that changed (rpicluster's own,
+after an edit).
 """
 
 from __future__ import annotations
@@ -256,6 +257,10 @@ class Arm64Hosts(NamespaceHosts):
             d.mkdir(exist_ok=True)
         self._mount(["-t", "overlay", "overlay", "-o",
                      f"lowerdir={lower},upperdir={upper},workdir={work}"], self.root)
+        # sshd runs in the mount namespace ``ip netns exec`` makes (a slave of this one): what
+        # share() mounts later reaches it only through a shared mount.
+        subprocess.run(["mount", "--make-rshared", str(self.root)], check=True,
+                       capture_output=True)
         self._mount(["-t", "proc", "proc"], self.root / "proc")
         self._mount(["-t", "sysfs", "-o", "ro", "sysfs"], self.root / "sys")
         self._mount(["-t", "devpts", "-o", "newinstance,ptmxmode=0666,mode=0620", "devpts"],
@@ -289,11 +294,22 @@ class Arm64Hosts(NamespaceHosts):
         inside.mkdir(parents=True, exist_ok=True)
         self._mount(["--bind", str(path)], inside)
 
-    def save_venv(self) -> Path:
-        """Keep the arm64 hosts' provisioned venv in the cache for the next instance (replaced
-        atomically: copied to ``venv.partial``, then renamed over the old one)."""
+    def save_venv(self) -> bool:
+        """Keep the arm64 hosts' provisioned venv in the cache for the next instance, unless the
+        cached one has the same wheels (``up --provision``'s marker); whether it was saved.
+
+        Replaced atomically: copied to ``venv.partial``, then renamed over the old one.
+        """
+        from rpicluster.deploy.provision import MARKER
+
         source = self.root / VENV.lstrip("/")
         target = cache_dir() / "venv"
+        try:
+            if (source / MARKER).read_bytes() == (target / MARKER).read_bytes():
+                return False
+        except FileNotFoundError:
+            if not (source / MARKER).exists():
+                return False        # not provisioned (or half done): nothing worth keeping
         partial, old = target.with_name("venv.partial"), target.with_name("venv.old")
         for d in (partial, old):
             subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=True)
@@ -302,7 +318,7 @@ class Arm64Hosts(NamespaceHosts):
             target.rename(old)
         partial.rename(target)
         subprocess.run(["rm", "-rf", "--one-file-system", str(old)], check=True)
-        return target
+        return True
 
     # ----------------------------------------------------------------- the hosts
 

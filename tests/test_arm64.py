@@ -106,7 +106,7 @@ def provisioned(shelf, home):
     seconds = time.monotonic() - start
     print(f"\narm64 up --provision: {seconds:.0f} s (venv restored from the cache: "
           f"{shelf.restored})", file=sys.stderr)
-    if res.returncode == 0 and not shelf.restored:
+    if res.returncode == 0:
         shelf.save_venv()
     yield path, res, seconds
     if (home / "rpicluster" / "clusters").exists():
@@ -228,9 +228,14 @@ def test_up_provision_on_a_bare_arm64_host(shelf, home, provisioned):
     assert not [w for w in caught if issubclass(w.category, VersionMismatchWarning)]
     (check,) = doctor(path, ssh_timeout=30)
     assert check.ok, check.errors
-    # A second up --provision finds the same wheelhouse installed and installs nothing.
+    # A second up --provision installs only the wheels that changed since the first (none, or
+    # rpicluster's own after an edit of its code): the venv's marker says which.
+    before = json.loads((venv / MARKER).read_text())
     again = provision(path, wheelhouse=home / "rpicluster" / "wheelhouse")
-    assert again[_arm_name(shelf)].value["installed"] is False
+    after = json.loads((venv / MARKER).read_text())
+    installed = again[_arm_name(shelf)].value["installed"]
+    assert set(installed) == {w for w, digest in after.items() if before.get(w) != digest}
+    assert len(installed) < len(after) / 2
 
 
 # --------------------------------------------------------------------------- training
@@ -340,8 +345,9 @@ def test_no_disk_for_the_wheelhouse_on_every_host_is_one_line_each(shelf, home, 
             str(home / "shared" / "x86-workers"), str(small / "x86"))
         path.write_text(text.replace(PYTHON, str(small / "venv/bin/python")).replace(
             f'python = "{sys.executable}"', f'python = "{small}/venv86/bin/python"'))
+        # The session's home: its wheelhouses are there already (nothing is started).
         res = _cli("up", "-c", str(path), "--provision",
-                   env={"RPICLUSTER_HOME": str(tmp_path / "home")})
+                   env={"RPICLUSTER_HOME": str(home / "rpicluster")})
         assert res.returncode == 1, res.stdout + res.stderr
         assert "Traceback" not in res.stderr and "AttributeError" not in res.stderr
         lines = [line for line in res.stderr.splitlines() if "MiB free at" in line]
@@ -390,11 +396,11 @@ def test_provision_from_a_wheel_install(shelf, home, tmp_path):
     code = ("import json, sys; from rpicluster.deploy.provision import provision; "
             f"r = provision({str(path)!r}, requirements={pins!r}, "
             f"wheelhouse={str(tmp_path / 'wh')!r}); "
-            "print(json.dumps({h: v.value['installed'] for h, v in r.items()}))")
+            "print(json.dumps({h: len(v.value['installed']) for h, v in r.items()}))")
     res = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd="/",
                          env={**os.environ, "RPICLUSTER_HOME": str(tmp_path / "home")})
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout.splitlines()[-1]) == {shelf.hosts["pi2"].address: True}
+    assert json.loads(res.stdout.splitlines()[-1]) == {shelf.hosts["pi2"].address: 2}
     target = tmp_path / "target/bin/python"
     out = subprocess.run([str(target), "-m", "rpicluster.deploy.remote", "--spec",
                           '{"action": "stop", "pid": 1, "name": "nobody"}'],
@@ -405,3 +411,40 @@ def test_provision_from_a_wheel_install(shelf, home, tmp_path):
     for module in ("deploy/provision.py", "testing_arm64.py", "cli/__init__.py"):
         assert (pushed / module).read_bytes() == (source / "rpicluster" / module).read_bytes()
     shutil.rmtree(tmp_path / "target")
+
+
+# --------------------------------------------------------------------------- the fixture itself
+
+
+def _running_in(pid: int, root: Path) -> bool:
+    """Whether process ``pid`` is alive (not a zombie) with ``root`` as its root directory."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X") and os.readlink(f"/proc/{pid}/root") == str(root)
+    except OSError:
+        return False
+
+
+def test_hosts_close_unmounts_everything_and_leaves_nothing_running(tmp_path):
+    """A second set of arm64 hosts beside the session's: a login runs on the Cortex-A72, and
+    close() leaves no process, namespace or mount behind (the cached root untouched)."""
+    from rpicluster.testing_arm64 import _mounts_under, root_path
+
+    before = set(os.listdir(root_path() / "home"))
+    hosts = Arm64Hosts(tmp_path, 1, restore_venv=False)
+    try:
+        node = load_inventory(hosts.write_inventory(tmp_path / "one.toml",
+                                                    local_directory=tmp_path)).workers[0]
+        with Connection(node, timeout=30) as conn:
+            out = conn.run("uname -m; id -un; echo $QEMU_CPU; "
+                           "grep -m1 -o 'CPU part.*' /proc/cpuinfo || true").stdout.split()
+        assert out[:3] == ["aarch64", "pi", "cortex-a72"]
+        pids = hosts.pids("pi1")
+        assert [p for p in pids if _running_in(p, hosts.root)]     # sshd, in the root
+    finally:
+        hosts.close()
+    assert _mounts_under(hosts.root) == []
+    assert not [p for p in pids if _running_in(p, hosts.root)]
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert hosts.hosts["pi1"].netns not in netns
+    assert set(os.listdir(root_path() / "home")) == before     # "pi" went to the overlay

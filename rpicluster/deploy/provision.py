@@ -7,8 +7,9 @@ its source tree, or repacked from the installed files of a wheel install). It is
 SSH (``cat`` on a command's stdin: no SFTP needed), and the venv named by the node's ``python``
 (``<venv>/bin/python``) is created with the host's ``python3`` and filled from the wheelhouse
 only (``--no-index``; every pinned wheel is installed with ``--no-deps``, so exactly these
-versions and nothing else). A marker in the venv records the wheelhouse's digest: a host that
-already has this very wheelhouse installed is left alone (``up --provision`` twice installs once).
+versions and nothing else). A marker in the venv records each installed wheel's digest: only
+the wheels that are new or changed are pushed and installed (``up --provision`` twice installs
+once; after an edit of rpicluster's code, only its own wheel is installed again).
 
 Before anything is pushed, each host is checked with its system Python alone (32-bit userland,
 Python under the floor, a wheel missing for its platform, too little disk): one line per host.
@@ -203,22 +204,19 @@ def build_wheelhouse(facts: dict, out: Path, requirements: list[str]) -> Path:
     return out
 
 
-def wheelhouse_digest(wheels: list[Path]) -> str:
-    """A digest of wheels' names and contents (their RECORDs, which hash every file): the same
+def wheel_digest(wheel: Path) -> str:
+    """A digest of a wheel's name and contents (its RECORD, which hashes every file): the same
     for a wheel rebuilt from unchanged files, whatever the zip's timestamps."""
-    h = hashlib.sha256()
-    for wheel in sorted(wheels, key=lambda w: w.name):
-        with zipfile.ZipFile(wheel) as zf:
-            record = next((n for n in zf.namelist() if n.endswith(".dist-info/RECORD")), None)
-            h.update(wheel.name.encode() + b"\0" + (zf.read(record) if record else
-                                                      wheel.read_bytes()) + b"\0")
-    return h.hexdigest()
+    with zipfile.ZipFile(wheel) as zf:
+        record = next((n for n in zf.namelist() if n.endswith(".dist-info/RECORD")), None)
+        data = zf.read(record) if record else wheel.read_bytes()
+    return hashlib.sha256(wheel.name.encode() + b"\0" + data).hexdigest()
 
 
 #: The installed venv takes about this many times its wheels' (compressed) size.
 VENV_EXPANSION = 3
-#: In the venv: the digest of the wheelhouse it was filled from.
-MARKER = "rpicluster-wheelhouse.sha256"
+#: In the venv: ``{wheel file name: wheel_digest}`` of every wheel installed there.
+MARKER = "rpicluster-wheels.json"
 
 
 def _venv_of(node: NodeSpec) -> str:
@@ -261,8 +259,8 @@ def provision(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = F
     Returns
     -------
     GroupResult
-        Per host: ``{"versions": {name: version}, "installed": bool, "wheels": int,
-        "platform": key}``; ``installed`` is false where the venv was already up to date.
+        Per host: ``{"versions": {name: version}, "installed": [wheel file names], "wheels":
+        int, "platform": key}``; ``installed`` is empty where the venv was already up to date.
 
     Raises
     ------
@@ -290,20 +288,18 @@ def provision(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = F
                 except BootstrapError as exc:
                     raise BootstrapError(f"{node.host}: {one_line(str(exc))}") from None
             wheels = sorted(local.glob("*.whl"))
-            digest = wheelhouse_digest(wheels)
+            want = {w.name: wheel_digest(w) for w in wheels}
             venv_sh = shell_path(venv)
-            have = conn.run(f"cat {venv_sh}/{MARKER}", check=False)
-            if have.exit_status == 0 and have.stdout.strip() == digest:
-                installed = False
-            else:
-                _check_disk(node, facts, wheels)
-                _install(conn, node, venv_sh, wheels)
-                conn.put_bytes(f"{digest}\n".encode(), f"{conn.resolve(venv)}/{MARKER}",
-                               mode=0o644)
-                installed = True
+            have = _installed_wheels(conn, venv_sh)
+            changed = [w for w in wheels if have.get(w.name) != want[w.name]]
+            if changed:
+                _check_disk(node, facts, changed)
+                _install(conn, node, venv_sh, changed, fresh=not have)
+                conn.put_bytes(json.dumps(want, indent=0).encode(),
+                               f"{conn.resolve(venv)}/{MARKER}", mode=0o644)
             res = conn.python(["-c", "import json, importlib.metadata as m; print(json.dumps("
                                "{d.metadata['Name']: d.version for d in m.distributions()}))"])
-        return {"versions": json.loads(res.stdout), "installed": installed,
+        return {"versions": json.loads(res.stdout), "installed": [w.name for w in changed],
                 "wheels": len(wheels), "platform": key}
 
     results = fan_out(spec.workers, one)
@@ -328,19 +324,35 @@ def _check_disk(node: NodeSpec, facts: dict, wheels: list[Path]) -> None:
             "at a bigger disk")
 
 
-def _install(conn: Connection, node: NodeSpec, venv_sh: str, wheels: list[Path]) -> None:
-    """Push the wheels and fill the venv from them alone (no index, no dependencies)."""
-    conn.run(f"rm -f {venv_sh}/{MARKER}")   # a half-done install must not read as done
+def _installed_wheels(conn: Connection, venv_sh: str) -> dict[str, str]:
+    """The venv's marker (wheel name -> digest); empty when there is no venv or no marker."""
+    res = conn.run(f"cat {venv_sh}/{MARKER}", check=False)
+    try:
+        have = json.loads(res.stdout) if res.exit_status == 0 else {}
+    except ValueError:
+        return {}
+    return have if isinstance(have, dict) else {}
+
+
+def _install(conn: Connection, node: NodeSpec, venv_sh: str, wheels: list[Path], *,
+             fresh: bool) -> None:
+    """Push ``wheels`` and install them into the venv (created first when ``fresh``) from the
+    wheelhouse alone (no index, no dependencies)."""
+    # A half-done install must not read as done: the marker is written again at the end.
+    conn.run(f"rm -f {venv_sh}/{MARKER}")
     remote = conn.resolve(f"{node.local_directory}/wheelhouse")
     conn.makedirs(remote)
     for w in wheels:
         conn.put_file(w, f"{remote}/{w.name}")
-    pip_wheel = next((w.name for w in wheels if w.name.startswith("pip-")), None)
-    if pip_wheel is None:
-        raise BootstrapError(f"{node.host}: the wheelhouse has no pip wheel")
-    conn.run(f"{BASE_PYTHON} -m venv --without-pip {venv_sh}")
+    pip_wheel = next((w for w in wheels if w.name.startswith("pip-")), None)
+    if fresh:
+        if pip_wheel is None:
+            raise BootstrapError(f"{node.host}: the wheelhouse has no pip wheel")
+        conn.run(f"{BASE_PYTHON} -m venv --without-pip {venv_sh}")
     names = " ".join(shell_path(f"{remote}/{w.name}") for w in wheels)
-    # pip runs from its own wheel, so the host needs no ensurepip (python3-venv).
-    conn.run(f"{venv_sh}/bin/python {shell_path(f'{remote}/{pip_wheel}')}/pip install "
-             f"--disable-pip-version-check --no-index --no-deps --force-reinstall "
-             f"-q {names}", timeout=config.PROVISION_TIMEOUT, what="pip install (wheelhouse)")
+    # pip runs from its own wheel when it is (re)installed, so the host needs no ensurepip.
+    pip = (f"{venv_sh}/bin/python {shell_path(f'{remote}/{pip_wheel.name}')}/pip" if pip_wheel
+           else f"{venv_sh}/bin/python -m pip")
+    conn.run(f"{pip} install --disable-pip-version-check --no-index --no-deps "
+             f"--force-reinstall -q {names}", timeout=config.PROVISION_TIMEOUT,
+             what="pip install (wheelhouse)")
