@@ -233,10 +233,14 @@ def test_up_local_opens_the_dashboard_only_when_asked(home, free_port):
     try:
         assert res.exit_code == 0, res.output
         assert f"00000000:{port:04X}" in _listening()
+        assert (f"warning: the dashboard listens on 0.0.0.0:{port}, not this machine's "
+                "loopback only") in res.output, res.output
     finally:
         local.stop_local()
     res = CliRunner().invoke(main, ["up", "-c", "cluster.toml", "--dashboard-address", ":1"])
     assert res.exit_code == 2 and "--dashboard-address is for --local" in res.output
+    res = CliRunner().invoke(main, ["up", "--local", "1", "--open-dashboard"])
+    assert res.exit_code == 2 and "--open-dashboard is for an inventory" in res.output
 
 
 @pytest.fixture
