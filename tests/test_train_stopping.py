@@ -99,3 +99,74 @@ def test_holdout_rows():
     assert holdout_rows(1, 0.5) == (slice(0, 1), slice(1, 1))  # at least one kept
     with pytest.raises(ConfigError, match="validation_fraction must be a number in"):
         holdout_rows(10, 1.5)
+
+
+# --- wired into the round engine, on a real cluster ---
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """scikit-learn's digits as a 4-block training store and a held-out test store (75/25,
+    stratified at ingest)."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from rpicluster import ingest
+
+    root = tmp_path_factory.mktemp("stop-data")
+    X, y = load_digits(return_X_y=True)
+    np.savez(root / "digits.npz", X=(X / 16.0).astype(np.float32), y=y)
+    ingest(str(root / "digits.npz"), root / "train.zarr", block_rows=350, test_fraction=0.25,
+           test_out=root / "test.zarr")
+    return root
+
+
+def test_rounds_stop_by_the_rule_and_a_resumed_run_stops_on_the_same_round(digits, client,
+                                                                          tmp_path):
+    import numpy as np
+
+    from rpicluster import open_dataset
+    from rpicluster.train.averaging import train_averaged
+    from rpicluster.train.stopping import RoundStopper
+
+    ds, test = open_dataset(digits / "train.zarr"), open_dataset(digits / "test.zarr")
+    rule = StopRule(tol=0.01, n_iter_no_change=2, max_rounds=40, monitor="score")
+    kw = dict(model="sgd", params={"random_state": 0}, rounds=40, validation=test)
+    whole = RoundStopper(rule)
+    full = train_averaged(ds, client, **kw, stop=whole, run_dir=tmp_path / "full")
+    assert whole.reason.startswith("converged: validation score did not improve by tol=0.01 "
+                                   "for 2 rounds")
+    assert len(full.rounds) == whole.state.best_round + 2 < 40
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(report):
+        if report["round"] == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_averaged(ds, client, **kw, stop=RoundStopper(rule), run_dir=tmp_path / "cut",
+                       on_round=kill_after_two)
+    again = RoundStopper(rule)
+    resumed = train_averaged(ds, client, **kw, stop=again, run_dir=tmp_path / "cut",
+                             resume=True)
+    assert resumed.resumed_rounds == 2 and len(resumed.rounds) == len(full.rounds)
+    assert again.state == whole.state
+    np.testing.assert_array_equal(resumed.model.coef_, full.model.coef_)
+
+
+def test_cli_train_says_why_it_stopped(digits, cluster, tmp_path):
+    from click.testing import CliRunner
+
+    from rpicluster.cli import main
+
+    args = ["train", str(digits / "train.zarr"), "-o", str(tmp_path / "m.skops"), "--model",
+            "sgd", "--seed", "0", "--test", str(digits / "test.zarr"), "--tol", "0.01",
+            "--n-iter-no-change", "2", "--scheduler", cluster.scheduler_address]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "stopped: converged: validation score did not improve by tol=0.01 for 2 rounds" \
+        in res.output
+    res = CliRunner().invoke(main, [*args[:5], "inc-ksgd", *args[6:8], "--tol", "none",
+                                    "--overwrite", "--scheduler", cluster.scheduler_address])
+    assert res.exit_code == 2 and "--tol and --n-iter-no-change are for --model mlp" in res.output

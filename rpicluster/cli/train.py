@@ -18,6 +18,37 @@ def _with_default(text: str, key: str) -> str:
     return f"{text}  [default: {INC_KSGD_DEFAULTS[key]}]"
 
 
+class _Tol(click.ParamType):
+    """``--tol``: a number >= 0, or ``none`` (no convergence: every round runs)."""
+
+    name = "TOL|none"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, float) or value == "default":
+            return value
+        if str(value).lower() == "none":
+            return None
+        try:
+            tol = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'none'", param, ctx)
+        if not tol >= 0:
+            self.fail(f"must be >= 0, got {value}", param, ctx)
+        return tol
+
+
+def stopping_options(f):
+    """--tol / --n-iter-no-change: scikit-learn's stopping rule for round-based training."""
+    f = click.option("--n-iter-no-change", type=click.IntRange(min=1),
+                     help="mlp/sgd: rounds without an improvement of --tol before the run "
+                     "stops (default: scikit-learn's, 10 for mlp, 5 for sgd).")(f)
+    f = click.option("--tol", type=_Tol(), default="default",
+                     help="mlp/sgd: the improvement of the held-out accuracy (--test/"
+                     "--validation; else the training loss) that counts; 'none' runs every "
+                     "round (default: scikit-learn's, 1e-4 for mlp, 1e-3 for sgd).")(f)
+    return f
+
+
 @click.command("train")
 @click.argument("data")
 @click.option("-o", "--output", "model_path", required=True, type=click.Path(dir_okay=False),
@@ -59,16 +90,19 @@ def _with_default(text: str, key: str) -> str:
               help="inc-ksgd: block ensembles; mlp (MLPClassifier) / sgd (SGDClassifier): one "
                    "model trained by averaging the workers' partial_fit runs every round.")
 @click.option("--hidden", metavar="N,N,...", help="mlp: hidden layer sizes (default 100).")
-@click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True,
-              help="mlp/sgd: averaging rounds.")
+@click.option("--rounds", type=click.IntRange(min=1), default=200, show_default=True,
+              help="mlp/sgd: most averaging rounds (the run stops earlier once converged: "
+              "--tol, --n-iter-no-change).")
 @click.option("--local-epochs", type=click.IntRange(min=1), default=1, show_default=True,
               help="mlp/sgd: passes over its blocks each worker makes per round.")
 @click.option("--sync", type=click.Choice(["round", "epoch", "batch"]), default="round",
               show_default=True, help="mlp/sgd: average once per round, after every local "
               "epoch, or after every minibatch (parameter-server pattern).")
+@stopping_options
 @cluster_options
 def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, allow_skewed, allow_pixels,
-              scheduler, inventory, local, kind, hidden, rounds, local_epochs, sync, **params):
+              scheduler, inventory, local, kind, hidden, rounds, local_epochs, sync, tol,
+              n_iter_no_change, **params):
     """Train a model on a Zarr store DATA (made by `rpicluster ingest`)."""
     import warnings
 
@@ -84,15 +118,22 @@ def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, allow_skew
             return _train_averaged(data, model_path, resume_dir or run_dir,
                                    resume_dir is not None, overwrite, test,
                                    cluster_choice(scheduler, inventory, local), kind, hidden,
-                                   rounds, local_epochs, sync, params)
+                                   rounds, local_epochs, sync, params,
+                                   {"tol": tol, "n_iter_no_change": n_iter_no_change})
         except TrainingStopped as exc:
             exit_stopped(exc, ["train", data, "-o", model_path],
                          (("--model", kind), ("--rounds", rounds),
                           ("--local-epochs", local_epochs), ("--sync", sync),
+                          ("--tol", "none" if tol is None else
+                           (None if tol == "default" else tol)),
+                          ("--n-iter-no-change", n_iter_no_change),
                           ("--scheduler", scheduler), ("-c", inventory), ("--local", local),
                           ("--test", test), ("--overwrite", overwrite)))
     if hidden is not None:
         raise click.UsageError("--hidden is for --model mlp")
+    if tol != "default" or n_iter_no_change is not None:
+        raise click.UsageError("--tol and --n-iter-no-change are for --model mlp or sgd "
+                               "(Inc-kSGD trains each block for --epochs)")
     quiet_dask_logs()
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -126,7 +167,7 @@ def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, allow_skew
 
 
 def _train_averaged(data, model_path, run_dir, resume, overwrite, test, cluster, kind, hidden,
-                    rounds, local_epochs, sync, params) -> None:
+                    rounds, local_epochs, sync, params, stopping) -> None:
     from rpicluster.train.averaging import averaged_params, train_averaged_model
 
     with usage_errors():
@@ -134,7 +175,7 @@ def _train_averaged(data, model_path, run_dir, resume, overwrite, test, cluster,
     summary = train_averaged_model(data, model_path, model=kind, params=params, rounds=rounds,
                                    local_epochs=local_epochs, sync=sync, cluster=cluster,
                                    run_dir=run_dir, resume=resume, overwrite=overwrite,
-                                   test=test)
+                                   test=test, **stopping)
     r = summary.result
     click.echo(f"trained {len(r.rounds) - r.resumed_rounds} rounds"
                + (f" (+{r.resumed_rounds} resumed)" if r.resumed_rounds else "")
@@ -145,6 +186,7 @@ def _train_averaged(data, model_path, run_dir, resume, overwrite, test, cluster,
                  "" if x["loss"] is None else f"{x['loss']:.4f}",
                  "" if x["accuracy"] is None else f"{x['accuracy']:.4f}"]
                 for x in r.rounds[r.resumed_rounds:]])
+    click.echo(f"stopped: {summary.stopped}")
     if summary.test_accuracy is not None:
         click.echo(f"test accuracy: {summary.test_accuracy:.4f}")
     click.echo(f"model: {summary.model_path} (sha256 {summary.sha256[:16]}...)")
@@ -160,9 +202,12 @@ def _train_averaged(data, model_path, run_dir, resume, overwrite, test, cluster,
 @click.option("--data", metavar="PATH", help="The store's path on every host (default: each "
               "worker's data = ... in the inventory).")
 @click.option("--hidden", metavar="N,N,...", help="mlp: hidden layer sizes (default 100).")
-@click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Most rounds (the run stops earlier once converged: --tol, "
+              "--n-iter-no-change).")
 @click.option("--local-epochs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Passes over its store each host makes per round.")
+@stopping_options
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=1.0,
               show_default=True, help="Fraction of the connected hosts sampled each round.")
 @click.option("--min-clients", type=click.IntRange(min=1), default=1, show_default=True,
@@ -182,8 +227,8 @@ def _train_averaged(data, model_path, run_dir, resume, overwrite, test, cluster,
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing model file (and start its run directory afresh).")
 def federate_cmd(inventory, model_path, kind, data, hidden, rounds, local_epochs, fraction,
-                 min_clients, round_timeout, validation, run_dir, resume_dir, overwrite,
-                 **params):
+                 min_clients, round_timeout, validation, run_dir, resume_dir, overwrite, tol,
+                 n_iter_no_change, **params):
     """Federated averaging: each host trains on its own store, only weights travel."""
     from rpicluster.errors import TrainingStopped
     from rpicluster.train.averaging import averaged_params
@@ -210,16 +255,20 @@ def federate_cmd(inventory, model_path, kind, data, hidden, rounds, local_epochs
                                   min_clients=min_clients, round_timeout=round_timeout,
                                   validation=validation, run_dir=resume_dir or run_dir,
                                   resume=resume_dir is not None, overwrite=overwrite,
-                                  show_progress=False, on_round=show)
+                                  show_progress=False, on_round=show, tol=tol,
+                                  n_iter_no_change=n_iter_no_change)
     except TrainingStopped as exc:
         exit_stopped(exc, ["federate", "-c", inventory, "-o", model_path],
                      (("--model", kind), ("--data", data), ("--rounds", rounds),
                       ("--local-epochs", local_epochs), ("--fraction", fraction),
+                      ("--tol", "none" if tol is None else (None if tol == "default" else tol)),
+                      ("--n-iter-no-change", n_iter_no_change),
                       ("--min-clients", min_clients), ("--round-timeout", round_timeout),
                       ("--validation", validation), ("--overwrite", overwrite)))
     click.echo(f"federated {len(result.rounds) - result.resumed_rounds} rounds"
                + (f" (+{result.resumed_rounds} resumed)" if result.resumed_rounds else "")
                + f" in {result.seconds:.1f} s")
+    click.echo(f"stopped: {result.stopped}")
     click.echo(f"model: {model_path} (sha256 {digest[:16]}...)")
 
 

@@ -37,6 +37,7 @@ from rpicluster.errors import ConfigError, OptionsError, RPiClusterError, Traini
 from rpicluster.models.ksgd import task_seed
 from rpicluster.progress import Progress
 from rpicluster.train.engine import Strategy, is_fitted, recorded_run, run_params, run_rounds
+from rpicluster.train.stopping import MAX_ROUNDS, RoundStopper, default_rule
 from rpicluster.train.watch import ClusterWatch
 
 #: Estimators this module trains, by the name the CLI uses.
@@ -522,12 +523,15 @@ class AveragedSummary:
     sha256: str
     test_accuracy: float | None
     n_workers: int
+    stopped: str | None = None  # why the rounds ended (the stopping rule's reason)
 
 
 def train_averaged_model(data: str, model_path: str | os.PathLike, *, model: str = "mlp",
-                         params: dict | None = None, rounds: int = 10, local_epochs: int = 1,
-                         sync: str = "round", cluster=None, run_dir=None, resume: bool = False,
-                         overwrite: bool = False, test: str | None = None,
+                         params: dict | None = None, rounds: int = MAX_ROUNDS,
+                         local_epochs: int = 1, sync: str = "round", cluster=None, run_dir=None,
+                         resume: bool = False, overwrite: bool = False, test: str | None = None,
+                         tol: float | str | None = "default",
+                         n_iter_no_change: int | None = None,
                          storage_options: dict | None = None,
                          show_progress: bool = True) -> AveragedSummary:
     """``rpicluster train --model mlp|sgd``: train on the store ``data``, save to ``model_path``.
@@ -536,6 +540,11 @@ def train_averaged_model(data: str, model_path: str | os.PathLike, *, model: str
     ``resume=True`` the run continues from its last finished round. ``test`` is a store scored
     after every round and at the end. An existing ``model_path`` is replaced only with
     ``overwrite``, which also starts the run directory afresh (unless resuming).
+
+    The run stops by scikit-learn's rule (:func:`~rpicluster.train.stopping.default_rule`):
+    after ``n_iter_no_change`` rounds in which the ``test`` accuracy (without ``test``: the
+    training loss) did not improve by ``tol``, or after ``rounds`` rounds (``max_iter``);
+    ``tol=None`` always trains ``rounds`` rounds. The summary's ``stopped`` says why.
 
     Raises
     ------
@@ -552,6 +561,8 @@ def train_averaged_model(data: str, model_path: str | os.PathLike, *, model: str
 
     model_path = Path(model_path)
     refuse_existing_model(model_path, overwrite)
+    stopper = RoundStopper(default_rule(model, validated=test is not None, tol=tol,
+                                        n_iter_no_change=n_iter_no_change, max_rounds=rounds))
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{model_path}.run")
     dataset = open_dataset(data, storage_options=storage_options)
     test_ds = open_dataset(test, storage_options=storage_options) if test else None
@@ -563,8 +574,9 @@ def train_averaged_model(data: str, model_path: str | os.PathLike, *, model: str
             result = train_averaged(dataset, client, model=model, params=params, rounds=rounds,
                                     local_epochs=local_epochs, sync=sync, run_dir=run_dir,
                                     resume=resume, overwrite=overwrite and not resume,
-                                    validation=test_ds, progress=progress)
+                                    validation=test_ds, progress=progress, stop=stopper)
     digest = save_model(result.model, model_path)
     accuracy = result.rounds[-1]["accuracy"] if result.rounds else None
     return AveragedSummary(result=result, model_path=model_path, sha256=digest,
-                           test_accuracy=accuracy, n_workers=n_workers)
+                           test_accuracy=accuracy, n_workers=n_workers,
+                           stopped=stopper.reason)

@@ -37,6 +37,7 @@ from rpicluster.models.ksgd import task_seed
 from rpicluster.train.averaging import (_labelled, _nbytes, estimator_class, local_fit,
                                         make_estimator, merge_updates)
 from rpicluster.train.engine import Strategy, is_fitted, recorded_run, run_params, run_rounds
+from rpicluster.train.stopping import MAX_ROUNDS, RoundStopper, default_rule
 
 #: Seconds to wait for ``min_clients`` hosts to be connected before a round is refused, when
 #: no round timeout is given.
@@ -101,6 +102,7 @@ class FederatedResult:
     excluded: dict
     resumed_rounds: int
     seconds: float
+    stopped: str | None = None  # why the rounds ended (set by federate: the rule's reason)
 
 
 def _live_workers(client) -> dict[str, str]:
@@ -413,17 +415,23 @@ def _collect(client, futures: dict, live: dict[str, str], round_timeout: float |
 
 
 def federate(inventory, model_path, *, model: str = "mlp", params: dict | None = None,
-             data: str | None = None, rounds: int = 10, local_epochs: int = 1,
+             data: str | None = None, rounds: int = MAX_ROUNDS, local_epochs: int = 1,
              fraction: float = 1.0, min_clients: int = 1, round_timeout: float | None = None,
              validation: str | None = None, run_dir=None, resume: bool = False,
              overwrite: bool = False, show_progress: bool = True, on_round=None,
-             on_round_start=None) -> tuple[FederatedResult, str]:
+             on_round_start=None, tol: float | str | None = "default",
+             n_iter_no_change: int | None = None) -> tuple[FederatedResult, str]:
     """``rpicluster federate``: FedAvg over the workers of ``inventory``; save the model.
 
     Each worker trains on ``data`` (the same path on every host) or, without it, on the
     ``data`` path its inventory entry gives. ``run_dir`` defaults to ``<model_path>.run``.
     An existing ``model_path`` is replaced only with ``overwrite``, which also starts the run
     directory afresh (unless resuming). Returns the result and the model file's sha256.
+
+    The rounds stop by scikit-learn's rule (:func:`~rpicluster.train.stopping.default_rule`):
+    after ``n_iter_no_change`` rounds in which the ``validation`` accuracy (without it: the
+    hosts' training loss) did not improve by ``tol``, or after ``rounds``; ``tol=None`` always
+    trains ``rounds``. ``result.stopped`` says why.
 
     Raises
     ------
@@ -440,6 +448,8 @@ def federate(inventory, model_path, *, model: str = "mlp", params: dict | None =
     from rpicluster.train.rounds import RoundDir
 
     refuse_existing_model(model_path, overwrite)
+    stopper = RoundStopper(default_rule(model, validated=validation is not None, tol=tol,
+                                        n_iter_no_change=n_iter_no_change, max_rounds=rounds))
     spec = load_inventory(inventory)
     hosts = {w.name: data or w.data for w in spec.workers}
     model_path = Path(model_path)
@@ -454,5 +464,7 @@ def federate(inventory, model_path, *, model: str = "mlp", params: dict | None =
                                  min_clients=min_clients, round_timeout=round_timeout,
                                  validation=val, run_dir=run_dir, resume=resume,
                                  overwrite=overwrite and not resume, progress=progress,
-                                 on_round=on_round, on_round_start=on_round_start)
+                                 on_round=on_round, on_round_start=on_round_start,
+                                 stop=stopper)
+    result.stopped = stopper.reason
     return result, save_model(result.model, model_path)

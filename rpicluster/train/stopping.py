@@ -179,3 +179,49 @@ def _is_int(v) -> bool:
 def _is_number(v) -> bool:
     return (isinstance(v, numbers.Real) and not isinstance(v, bool)
             and not math.isnan(float(v)))
+
+
+class RoundStopper:
+    """The rule as the round engine's ``stop(history)`` hook.
+
+    The state is replayed from the round reports every time (they are checkpointed with each
+    round), so a resumed run reaches exactly the state an uninterrupted one had: nothing else
+    needs saving. ``state`` and ``reason`` say where the rule stands after the last call.
+    """
+
+    def __init__(self, rule: StopRule):
+        self.rule = rule
+        self.state = StopState()
+
+    def value(self, report: dict) -> float | None:
+        """The monitored value of one round's report (``accuracy`` or ``loss``)."""
+        return report.get("accuracy" if self.rule.monitor == "score" else "loss")
+
+    def __call__(self, history: list[dict]) -> bool:
+        self.state = self.rule.replay(self.value(r) for r in history)
+        return self.state.stopped
+
+    @property
+    def reason(self) -> str | None:
+        return self.state.reason
+
+
+#: scikit-learn's defaults: (tol, n_iter_no_change) of MLPClassifier and SGDClassifier.
+SKLEARN_DEFAULTS = {"mlp": (1e-4, 10), "sgd": (1e-3, 5)}
+#: Rounds at most by default (MLPClassifier's max_iter).
+MAX_ROUNDS = 200
+
+
+def default_rule(model: str, *, validated: bool, tol: float | str | None = "default",
+                 n_iter_no_change: int | None = None, max_rounds: int | None = None
+                 ) -> StopRule:
+    """The rule of a ``model`` run: scikit-learn's defaults ("mlp": ``MLPClassifier``'s
+    tol=1e-4, n_iter_no_change=10; "sgd": ``SGDClassifier``'s 1e-3, 5; max_rounds
+    :data:`MAX_ROUNDS`), watching the held-out score when the run scores a store every round
+    (``validated``), else the training loss. Given values replace the defaults; ``tol=None``
+    turns convergence off (``max_rounds`` rounds run), as in scikit-learn."""
+    base_tol, base_n = SKLEARN_DEFAULTS.get(model, SKLEARN_DEFAULTS["mlp"])
+    return StopRule(tol=base_tol if tol == "default" else tol,
+                    n_iter_no_change=n_iter_no_change or base_n,
+                    max_rounds=max_rounds or MAX_ROUNDS,
+                    monitor="score" if validated else "loss")
