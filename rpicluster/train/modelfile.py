@@ -361,8 +361,6 @@ def load_model(path: str | os.PathLike, *, sha256: str | None = None, expected=N
         signed with this user's key (see :func:`trust_model`), or its model is not of the
         ``expected`` kind.
     """
-    import skops.io as sio
-
     path = Path(path)
     _check_sizes(path)
     if sha256 is None:
@@ -373,6 +371,8 @@ def load_model(path: str | os.PathLike, *, sha256: str | None = None, expected=N
                          f"the recorded {sha256}")
     trusted = _check_types(path)
     _check_signature(path, actual)
+    import skops.io as sio  # after the checks: its import alone takes seconds on a Pi
+
     try:
         model = sio.load(path, trusted=trusted)
     except ValueError as exc:
