@@ -34,8 +34,9 @@ BATCH = 32
 
 
 class EdgeError(Exception):
-    """A user's mistake (a file, a flag) reported in one line. The runner imports nothing of
-    rpicluster, so it cannot share ``rpicluster.errors``; the CLI prints it as they are."""
+    """A user's mistake (a file, a flag), printed by :func:`main` as one ``error:`` line as the
+    rpicluster CLI prints its errors (the runner imports nothing of rpicluster, so it cannot
+    share ``rpicluster.errors``)."""
 
 
 def fit_image(image, size: int, channels: int = 3) -> np.ndarray:

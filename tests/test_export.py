@@ -148,7 +148,7 @@ def test_imagenet_shaped_1000_classes(tmp_path):
     dense = 2 * 8 * 1000 * 64  # blocks x clusters x all classes x features
     size = (tmp_path / "m.onnx").stat().st_size
     assert local_rows < dense / 2
-    assert size < 8 * 1.2 * local_rows + 200_000  # float64 coefficients, nothing per class
+    assert size < 4 * 1.2 * local_rows + 200_000  # float32 coefficients, nothing per class
 
 
 def test_model_files(digits, tmp_path):

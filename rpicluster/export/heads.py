@@ -77,22 +77,25 @@ def labels_tensor(classes) -> tuple[np.ndarray, int]:
 
 def _ksgd_block(g: Builder, x64: str, est, n_classes: int) -> str:
     """One block model's ``(N, n_classes)`` float64 scores, as ``KSGDClassifier.local_scores``."""
-    centers = est.cluster_centers_.astype(np.float64)
-    half_sq = 0.5 * np.einsum("ij,ij->i", centers, centers)
+    # The model's float32 arrays are stored as they are and cast in the graph (exactly): the
+    # file stays the model's size, the arithmetic is float64.
+    centers = est.cluster_centers_.astype(np.float32)
+    c64 = centers.astype(np.float64)
+    half_sq = 0.5 * np.einsum("ij,ij->i", c64, c64)
     dist = g.op("Sub", g.const(half_sq[None, :], "half_sq"),
-                g.op("MatMul", x64, g.const(centers.T.copy(), "centers_t")))
+                g.op("MatMul", x64, _as_double(g, centers.T.copy(), "centers_t")))
     cell = g.op("ArgMin", dist, axis=1, keepdims=1)  # (N, 1): first index on ties, as numpy
     ptr = est.local_ptr_
     sizes = np.diff(ptr)
-    coef = est.local_coef_.astype(np.float64)
-    intercept = est.local_intercept_.astype(np.float64)
+    coef = est.local_coef_.astype(np.float32)  # a copy: single-class rows are rewritten
+    intercept = est.local_intercept_.astype(np.float32)
     # A single-class cell scores its class 1 (coefficients 0, intercept 1: exactly 1.0).
     single = np.repeat(sizes == 1, sizes)
     coef[single] = 0.0
     intercept[single] = 1.0
     owner = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)[None, :]
-    scores = g.op("Add", g.op("MatMul", x64, g.const(coef.T.copy(), "local_coef_t")),
-                  g.const(intercept[None, :], "local_intercept"))
+    scores = g.op("Add", g.op("MatMul", x64, _as_double(g, coef.T.copy(), "local_coef_t")),
+                  _as_double(g, intercept[None, :], "local_intercept"))
     mine = g.op("Equal", cell, g.const(owner, "owner"))
     lowest = g.op("ReduceMin", g.op("Where", mine, scores, g.const(np.inf)),
                   g.const(np.array([1], np.int64)), keepdims=1)
@@ -104,6 +107,11 @@ def _ksgd_block(g: Builder, x64: str, est, n_classes: int) -> str:
     # rows are -inf and leave it.
     return g.op("ScatterElements", base, where, g.op("Where", mine, scores, g.const(-np.inf)),
                 axis=1, reduction="max")
+
+
+def _as_double(g: Builder, value: np.ndarray, hint: str) -> str:
+    """A float32 constant, cast to float64 in the graph (half the bytes in the file)."""
+    return g.op("Cast", g.const(value, hint), to=_tensor_type(np.float64))
 
 
 def _ksgd_graph(g: Builder, model) -> tuple[str, str]:
