@@ -98,7 +98,7 @@ class Dataset:
         import zarr
         from zarr.errors import GroupNotFoundError
 
-        from rpicluster.data.sources import classes_from_json
+        from rpicluster.data.source import classes_from_json
 
         try:
             group = zarr.open_group(self.url, mode="r", zarr_format=3,

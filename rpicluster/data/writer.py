@@ -43,7 +43,7 @@ def ingest(source, out: str | os.PathLike, *, block_rows: int = config.BLOCK_ROW
 
     Parameters
     ----------
-    source : str, path or :class:`~rpicluster.data.sources.Source`
+    source : str, path or :class:`~rpicluster.data.source.Source`
         A file (``.npz``, ``.npy``, ``.csv``, svmlight), ``sklearn:NAME``, ``idx:IMAGES,LABELS``,
         ``fashion-mnist[:train|:test]``, ``images:DIR`` or
         ``synthetic:rows=..,features=..,classes=..,seed=..``.
@@ -89,7 +89,8 @@ def ingest(source, out: str | os.PathLike, *, block_rows: int = config.BLOCK_ROW
         shuffling are reported before any store is created; a failure while writing leaves the
         store marked incomplete, to be resumed.
     """
-    from rpicluster.data.sources import Source, classes_to_json, open_source
+    from rpicluster.data.source import Source, classes_to_json
+    from rpicluster.data.sources import open_source
 
     if block_rows < 1:
         raise ConfigError(f"block_rows must be >= 1, got {block_rows}")
@@ -376,12 +377,12 @@ class _Reorder:
 
     Three ways, cheapest first: the source's own blocks (no reordering); everything in memory
     when the source is no larger than two blocks or is held in memory anyway (an
-    :class:`~rpicluster.data.sources.ArraySource`); else a scatter pass writing each target
+    :class:`~rpicluster.data.source.ArraySource`); else a scatter pass writing each target
     block's rows to its own bucket file, and a gather pass per block.
     """
 
     def __init__(self, src, orders, block_rows, starts, out_url):
-        from rpicluster.data.sources import ArraySource
+        from rpicluster.data.source import ArraySource
 
         self.src, self.orders, self.block_rows, self.starts = src, orders, block_rows, starts
         self.codes = None
