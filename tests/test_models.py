@@ -479,7 +479,7 @@ def test_predict_proba_is_calibrated_and_agrees_with_predict(digits, make):
     """predict_proba: rows sum to 1, its argmax is predict (majority or soft vote), and on
     held-out digits the confidence matches the accuracy (expected calibration error < 0.1,
     against > 0.2 for the raw softmax of the scores)."""
-    from rpicluster.models.ksgd import softmax_proba
+    from rpicluster.models.proba import softmax_proba
 
     X, Xt, y, yt = digits
     est = make().fit(X, y)

@@ -14,10 +14,11 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from rpicluster import config
-from rpicluster.models.ksgd import (CALIBRATION_BLOCKS, CALIBRATION_ROWS, KSGDClassifier,
-                                    check_enough_rows, check_params, check_weights, fit_block,
-                                    fit_proba_scale, resolve_random_state, softmax_proba,
+from rpicluster.models.ksgd import (KSGDClassifier, check_enough_rows, check_params,
+                                    check_weights, fit_block, resolve_random_state,
                                     unchanged_on_error)
+from rpicluster.models.proba import (CALIBRATION_BLOCKS, CALIBRATION_ROWS, fit_proba_scale,
+                                     softmax_proba)
 
 # Rows per chunk when counting votes: bounds the (chunk, n_classes) count matrix.
 _VOTE_CHUNK = 4096
@@ -82,8 +83,8 @@ def _current_client():
 
 def calibration_rows(n_blocks: int) -> tuple[list[int], int]:
     """Which rows calibrate an ensemble's ``predict_proba``: the first ``rows`` rows of each of
-    the ``blocks`` (at most :data:`~rpicluster.models.ksgd.CALIBRATION_BLOCKS`, evenly spread),
-    about :data:`~rpicluster.models.ksgd.CALIBRATION_ROWS` in all. The same rule in every fit
+    the ``blocks`` (at most :data:`~rpicluster.models.proba.CALIBRATION_BLOCKS`, evenly spread),
+    about :data:`~rpicluster.models.proba.CALIBRATION_ROWS` in all. The same rule in every fit
     path, so a store fitted on a cluster and the same arrays fitted here get the same scale."""
     blocks = sorted({int(b) for b in np.linspace(0, n_blocks - 1,
                                                  min(n_blocks, CALIBRATION_BLOCKS)).round()})

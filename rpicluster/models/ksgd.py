@@ -34,6 +34,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
 from rpicluster.models._sgd import LEARNING_RATES, sgd_ovr_fit
+from rpicluster.models.proba import CALIBRATION_ROWS, fit_proba_scale, softmax_proba
 
 #: ``solver`` values: our minibatch kernel, or one scikit-learn ``SGDClassifier`` per cluster.
 SOLVERS = ("minibatch", "sklearn")
@@ -405,60 +406,6 @@ def fit_block(X, y_codes, classes, params: dict, *, random_state: int, block: in
     return KSGDClassifier.from_parts(classes, centers, models, params)
 
 
-#: Rows a fit scores to calibrate ``predict_proba`` (spread over at most
-#: :data:`CALIBRATION_BLOCKS` blocks of an ensemble).
-CALIBRATION_ROWS = 2048
-CALIBRATION_BLOCKS = 4
-
-
-def softmax_proba(scores, scale: float) -> np.ndarray:
-    """Row-wise softmax of ``scale * scores``: the probabilities of ``predict_proba``.
-
-    Monotone in each row's scores, so the most probable class is the predicted one.
-    """
-    z = np.asarray(scores, dtype=np.float64) * float(scale)
-    z -= z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
-
-
-def fit_proba_scale(scores, codes) -> float:
-    """The temperature ``s`` minimising the log loss of ``softmax(s * scores)`` on ``codes``.
-
-    One parameter fitted by bounded Brent search over ``log s`` (the loss is convex in ``s``),
-    deterministic; the Platt/temperature scaling of Guo et al. (2017) on decision scores.
-
-    Parameters
-    ----------
-    scores : ndarray of shape (n, n_classes)
-        Decision scores of labelled rows.
-    codes : ndarray of shape (n,), int
-        Their true class codes.
-
-    Returns
-    -------
-    float
-        In ``[exp(-8), exp(8)]``; 1.0 without rows.
-    """
-    from scipy.optimize import minimize_scalar
-    from scipy.special import logsumexp
-
-    scores = np.asarray(scores, dtype=np.float64)
-    codes = np.asarray(codes, dtype=np.intp)
-    if scores.shape[0] == 0:
-        return 1.0
-    true = scores[np.arange(scores.shape[0]), codes]
-
-    def log_loss(log_s):
-        s = np.exp(log_s)
-        return float(np.mean(logsumexp(s * scores, axis=1) - s * true))
-
-    found = minimize_scalar(log_loss, bounds=(-8.0, 8.0), method="bounded",
-                            options={"xatol": 1e-4})
-    return float(np.exp(found.x))
-
-
 def check_enough_rows(X, n_clusters: int, where: str = "") -> None:
     """ValueError, in scikit-learn's KMeans wording, when X has fewer rows than clusters."""
     if X.shape[0] < n_clusters:
@@ -716,8 +663,8 @@ class KSGDClassifier(ClassifierMixin, BaseEstimator):
 
         ``scores`` are :meth:`decision_function`'s per-class scores (a class absent from the
         cell scores below every present one); ``proba_scale_`` is the temperature :meth:`fit`
-        fitted by minimising the log loss on up to :data:`CALIBRATION_ROWS` training rows
-        (:func:`fit_proba_scale`). The most probable class is the predicted one. Calibrated on
+        fitted by minimising the log loss on up to :data:`~rpicluster.models.proba.CALIBRATION_ROWS` training rows
+        (:func:`~rpicluster.models.proba.fit_proba_scale`). The most probable class is the predicted one. Calibrated on
         training rows, the probabilities lean confident on new data; for a held-out
         calibration use ``sklearn.calibration.CalibratedClassifierCV``.
 
