@@ -15,7 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from rpicluster.bench import report, scaling
-from rpicluster.bench.scaling import parse_steps, run_scaling, worker_order, worker_table
+from rpicluster.bench.scaling import run_scaling
+from rpicluster.bench.steps import parse_steps, worker_order, worker_table
 from rpicluster.bench.simulate import (SimTask, Slot, fit_overhead, list_schedule, parse_cluster,
                                        slots_for)
 from rpicluster.cli import main

@@ -41,7 +41,6 @@ import dataclasses
 import math
 import os
 import platform
-import re
 import statistics
 import threading
 import time
@@ -52,6 +51,7 @@ import numpy as np
 from rpicluster import config, history
 from rpicluster.bench import simulate as sim
 from rpicluster.bench.method import check_method, method
+from rpicluster.bench.steps import natural, parse_steps, worker_order, worker_table
 from rpicluster.errors import ConfigError, TrainingError, make_dirs
 from rpicluster.progress import Progress
 from rpicluster.train.checks import fingerprint
@@ -59,74 +59,6 @@ from rpicluster.train.checks import fingerprint
 JOBS = ("inc-ksgd", "random-forest")
 #: Jobs measured by rpicluster.bench.averaging (model averaging, not block tasks).
 AVERAGING_JOBS = ("mlp", "sgd")
-
-
-# --- workers and steps ---
-
-def worker_table(client) -> dict[str, dict]:
-    """Connected workers by name: address, threads, memory limit, tags, host and hardware.
-
-    ``hardware`` is the rpicluster dashboard's health metric (arch, cores, memory, temperature,
-    throttling) where the worker reports it, else None.
-    """
-    from rpicluster.events import HEALTH_METRIC
-
-    out = {}
-    for addr, w in client.scheduler_info(n_workers=-1)["workers"].items():
-        out[str(w.get("name", addr))] = {
-            "address": addr, "threads": int(w["nthreads"]),
-            "memory": int(w.get("memory_limit") or 0), "host": w.get("host"),
-            "tags": sorted((w.get("resources") or {}).keys()),
-            "hardware": (w.get("metrics") or {}).get(HEALTH_METRIC)}
-    return out
-
-
-def _natural(name: str):
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
-def worker_order(workers: dict[str, dict], inventory=None) -> list[str]:
-    """Names in inventory order (default steps add one worker each), then the rest by name."""
-    first: list[str] = []
-    if inventory is not None:
-        from rpicluster.inventory import load_inventory
-
-        first = [n.name for n in load_inventory(inventory).workers if n.name in workers]
-    return first + sorted((n for n in workers if n not in first), key=_natural)
-
-
-def parse_steps(text: str | None, workers: dict[str, dict], order: list[str]) -> list[list[str]]:
-    """Worker sets of the steps: ``"pi01; pi01,desktop"`` or, when ``text`` is None, one more
-    worker per step in ``order``.
-
-    Names are worker names or addresses; the result holds names.
-
-    Raises
-    ------
-    ConfigError
-        An empty step, an unknown worker (the message lists the known ones) or a worker twice
-        in one step.
-    """
-    if text is None:
-        return [order[:i] for i in range(1, len(order) + 1)]
-    by_address = {w["address"]: n for n, w in workers.items()}
-    steps = []
-    for s, chunk in enumerate(text.split(";"), start=1):
-        names = [n.strip() for n in chunk.split(",")]
-        if not all(names):
-            raise ConfigError(f"--steps {text!r}: step {s} is empty or has an empty name; "
-                              f"expected names like '{', '.join(order[:2])}'")
-        step = []
-        for n in names:
-            name = n if n in workers else by_address.get(n)
-            if name is None:
-                raise ConfigError(f"--steps: step {s} names unknown worker {n!r} "
-                                  f"(workers: {', '.join(order)})")
-            if name in step:
-                raise ConfigError(f"--steps: step {s} names worker {n!r} twice")
-            step.append(name)
-        steps.append(step)
-    return steps
 
 
 # --- jobs ---
@@ -600,7 +532,7 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
             "tail_waited": [_waited(_tail(r.trace)) for r in step_runs],
             "finished_before_end": _tail(_median_run(step_runs).trace),
             "warmup_seconds": None if w is None else w.seconds,
-            "warmup_workers": None if w is None else sorted(_busy(w.trace), key=_natural),
+            "warmup_workers": None if w is None else sorted(_busy(w.trace), key=natural),
             "report_html": f"step-{i}.html"})
     doc = {
         "job": jobber.name, "params": jobber.params, "repeats": repeats,
