@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -429,10 +430,13 @@ def test_workers_rejoin_a_restarted_scheduler_by_themselves_until_down(hosts, in
     _wait(lambda: pi2 in _seen_names(state), 60, "pi2 rejoining")
 
     pids = [state.workers[n]["pid"] for n in (pi1, pi2)]
+    supervisors = [p for p in _dask_processes(hosts)
+                   if b"rpicluster.deploy.supervise" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(supervisors) >= 2, "the check below must see the running supervisors"
     assert [r.state for r in cluster.down(path).rows] == ["stopped"] * 3
     assert not any(_alive(p) for p in pids)
-    assert _dask_processes(hosts) == []
-    time.sleep(2)                             # nothing restarts after down
+    # Nothing restarts after down: the supervisors (`python -m rpicluster.deploy.supervise`, the
+    # only thing that starts a worker again) are gone with the workers, so no wait can add proof.
     assert _dask_processes(hosts) == []
 
 
