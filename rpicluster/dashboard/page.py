@@ -59,6 +59,9 @@ _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#
             "#7f7f7f", "#bcbd22", "#17becf")
 #: Seconds between two reads of the desktop's run history (a page refreshes every second).
 HISTORY_EVERY_S = 5.0
+#: Seconds between two whole redraws of a table whose cells changed (see
+#: :meth:`TrainingPage._set_table`).
+TABLE_REDRAW_S = 3.0
 # (field, title, relative width): the reasons hosts were left out need the room.
 _ROUND_COLUMNS = (("round", "Round", 50), ("participants", "Participants", 160),
                   ("left_out", "Left out (reason)", 420), ("rows", "Rows", 70),
@@ -91,6 +94,8 @@ class TrainingPage:
         self.runs = runs if runs is not None else RunLog()
         self.timeline = timeline if timeline is not None else Timeline()
         self._history_cache: tuple[float, list] = (0.0, [])
+        self._stale: set[str] = set()  # tables whose cells changed but are not redrawn yet
+        self._drawn: dict[str, float] = {}  # table id -> when it was last redrawn
         self.summary = Div(name=PLOT_NAMES[0], sizing_mode="stretch_width")
 
         self.runs_source = ColumnDataSource({key: [] for key, _, _ in _RUN_COLUMNS})
@@ -284,11 +289,33 @@ class TrainingPage:
         self._update_story(now)
 
         hardware = _hardware_rows(self.scheduler)
-        _set_table(self.hardware, hardware)
+        self._set_table(self.hardware, hardware)
         height = _table_height(len(hardware["worker"]))
         if self.hardware.height != height:
             self.hardware.height = height
 
+
+    def _set_table(self, table: DataTable, data: dict) -> None:
+        """:func:`_set` for a table's source, redrawing the table in the browser.
+
+        bokeh's DataTable redraws on a change of its row count only (its view's indices), so a
+        table whose cells change while its rows stay (a run going from running to done, a
+        worker's memory) kept showing its first cells. A change of the table itself (its tags)
+        redraws it, a whole redraw: at most one every :data:`TABLE_REDRAW_S` per table (a
+        running run's duration changes every second), the latest cells always in the end.
+        """
+        old = dict(table.source.data)
+        if old != data:
+            same_rows = len(next(iter(old.values()), [])) == len(next(iter(data.values()), []))
+            table.source.data = data
+            if same_rows:
+                self._stale.add(table.id)
+        now = time.monotonic()
+        if table.id in self._stale and now - self._drawn.get(table.id, -TABLE_REDRAW_S) \
+                >= TABLE_REDRAW_S:
+            table.tags = [int(table.tags[0]) + 1 if table.tags else 1]
+            self._drawn[table.id] = now
+            self._stale.discard(table.id)
 
     def _order_sections(self) -> None:
         # Each run's section stays with its run: the latest run's comes first, under the run
@@ -322,7 +349,7 @@ class TrainingPage:
 
     def _update_story(self, now: float) -> None:
         rows = run_rows(self.runs, self._history(now), now)
-        _set_table(self.runs_table, rows)
+        self._set_table(self.runs_table, rows)
         height = _table_height(len(rows["run"]))
         if self.runs_table.height != height:
             self.runs_table.height = height
@@ -356,7 +383,7 @@ class TrainingPage:
             self.round_accuracy.x_range.end = end
         # Newest round first: the table shows the latest rounds without scrolling.
         order = list(reversed(range(len(cols["round"]))))
-        _set_table(self.rounds_table, {
+        self._set_table(self.rounds_table, {
             "round": [cols["round"][i] for i in order],
             "participants": [cols["participants"][i] for i in order],
             "left_out": [cols["left_out"][i] or "–" for i in order],
@@ -468,14 +495,6 @@ def _set(source: ColumnDataSource, data: dict) -> None:
         source.data = data
 
 
-def _set_table(table: DataTable, data: dict) -> None:
-    """:func:`_set` for a table's source, redrawing the table in the browser: bokeh's
-    DataTable redraws on a change of its row count only (its view's indices), so a table whose
-    cells change while its rows stay (a run going from running to done, a worker's memory)
-    kept showing the old cells. A change of the table itself (its tags) redraws it."""
-    if dict(table.source.data) != data:
-        table.source.data = data
-        table.tags = [int(table.tags[0]) + 1 if table.tags else 1]
 
 
 _TITLE = "<h2 style='margin:6px 0 2px 0'>rpicluster training</h2>"
