@@ -170,3 +170,48 @@ def test_cli_train_says_why_it_stopped(digits, cluster, tmp_path):
     res = CliRunner().invoke(main, [*args[:5], "inc-ksgd", *args[6:8], "--tol", "none",
                                     "--overwrite", "--scheduler", cluster.scheduler_address])
     assert res.exit_code == 2 and "--tol and --n-iter-no-change are for --model mlp" in res.output
+
+
+@pytest.mark.timeout(900)
+def test_federated_non_iid_digits_reaches_090_with_the_default_rule(tmp_path):
+    """FedAvg of scikit-learn's default MLP over 3 hosts holding Dirichlet(0.5) class shares of
+    digits: the default rule (watching the desktop's validation store) decides how many rounds
+    of one local epoch run, and the held-out test rows score >= 0.90."""
+    import numpy as np
+    from distributed import Client, LocalCluster
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from rpicluster import ingest, open_dataset
+    from rpicluster.train.federated import federate_on
+    from rpicluster.train.stopping import RoundStopper, default_rule
+
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16.0).astype(np.float32)
+    Xtr, Xrest, ytr, yrest = train_test_split(X, y, test_size=0.4, stratify=y, random_state=0)
+    Xval, Xte, yval, yte = train_test_split(Xrest, yrest, test_size=0.5, stratify=yrest,
+                                            random_state=0)
+    rng = np.random.default_rng(0)
+    parts = [[], [], []]
+    for c in range(10):
+        rows = rng.permutation(np.flatnonzero(ytr == c))
+        cuts = (np.cumsum(rng.dirichlet([0.5] * 3))[:-1] * len(rows)).astype(int)
+        for h, chunk in enumerate(np.split(rows, cuts)):
+            parts[h] += chunk.tolist()
+    hosts = {}
+    for h, idx in enumerate(parts):
+        np.savez(tmp_path / f"h{h}.npz", X=Xtr[idx], y=ytr[idx])
+        ingest(str(tmp_path / f"h{h}.npz"), tmp_path / f"h{h}.zarr")
+        hosts[str(h)] = str(tmp_path / f"h{h}.zarr")
+    # Really non-IID: every host nearly lacks some class.
+    assert all(np.bincount(ytr[p], minlength=10).min() < 10 for p in parts)
+    np.savez(tmp_path / "val.npz", X=Xval, y=yval)
+    ingest(str(tmp_path / "val.npz"), tmp_path / "val.zarr")
+    stopper = RoundStopper(default_rule("mlp", validated=True))
+    with LocalCluster(n_workers=3, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        result = federate_on(client, hosts, model="mlp", params={"random_state": 0},
+                             rounds=stopper.rule.max_rounds,
+                             validation=open_dataset(tmp_path / "val.zarr"), stop=stopper)
+    assert stopper.reason is not None and len(result.rounds) == stopper.state.rounds
+    assert result.model.score(Xte, yte) >= 0.90, stopper.reason
