@@ -1,7 +1,7 @@
 """rpicluster tune against scikit-learn's HalvingRandomSearchCV and dask-ml's HyperbandSearchCV.
 
-    python benchmarks/tune_peers.py [--model sgd|ksgd] [--rows 30000] [--block-rows 3000]
-        [--epochs 10] [--candidates 27] [--imagenet] [--label quiet] [--out benchmarks/results]
+    python benchmarks/tune_peers.py [--model sgd|ksgd] [--rows 12000] [--block-rows 1500]
+        [--epochs 5] [--candidates 27] [--imagenet] [--label quiet] [--out benchmarks/results]
 
 Fashion-MNIST (the Debian package ``dataset-fashion-mnist``): the first ``--rows`` rows of a
 seeded permutation of the training file train, the 10,000 rows of the test file score. All
@@ -269,13 +269,13 @@ def report(out: dict, label: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=["sgd", "ksgd"], default="sgd")
-    p.add_argument("--rows", type=int, default=30000)
-    p.add_argument("--block-rows", type=int, default=3000)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--rows", type=int, default=12000)
+    p.add_argument("--block-rows", type=int, default=1500)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--candidates", type=int, default=27)
     p.add_argument("--imagenet", action="store_true")
-    p.add_argument("--imagenet-rows", type=int, default=24000)
-    p.add_argument("--imagenet-block-rows", type=int, default=4000)
+    p.add_argument("--imagenet-rows", type=int, default=12000)
+    p.add_argument("--imagenet-block-rows", type=int, default=3000)
     p.add_argument("--label", default="loaded")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args()
