@@ -75,6 +75,11 @@ def test_labels_of_features_and_predict(faces):
     assert np.count_nonzero(got != expected) == 0
     held_out = np.mean(got[150:] == faces["y"][150:])
     assert held_out > 0.8  # the head learned something: the check is not vacuous
+    import onnx
+
+    # IR 8 and opset 18: readable by the onnxruntime floor (1.19) a Pi may have
+    model = onnx.load(faces["onnx"])
+    assert model.ir_version == 8 and {o.version for o in model.opset_import} == {18}
 
 
 def test_photos_any_size_and_threads(faces, tmp_path):

@@ -85,8 +85,9 @@ def compose(head, frozen, size: int, *, network: bytes | None = None):
     del net.graph.output[:]
     net.graph.output.append(helper.make_tensor_value_info(heads.ROWS, TensorProto.FLOAT,
                                                           ["N", None]))
-    models = [_with_opset(helper.make_model(pre), opset), _with_opset(net, opset),
-              _with_opset(head, opset)]
+    pre = helper.make_model(pre)
+    pre.ir_version = heads.IR_VERSION  # make_model writes the newest: older runtimes refuse it
+    models = [_with_opset(pre, opset), _with_opset(net, opset), _with_opset(head, opset)]
     ir = max(m.ir_version for m in models)
     for m in models:
         m.ir_version = ir
