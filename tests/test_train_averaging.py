@@ -300,6 +300,12 @@ def test_cli_refuses_to_overwrite_a_model_without_overwrite(digits, cluster, tmp
     assert "trained 1 rounds of sgd" in res.output and "resumed" not in res.output
     assert RoundDir(tmp_path / "m.skops.run").meta()["params"]["random_state"] == 2
     assert not np.array_equal(load_model(model).coef_, first.coef_)
+    # --resume of the finished run: nothing to resume, said so (not "add --overwrite").
+    written = model.read_bytes()
+    res = CliRunner().invoke(main, args + ["--seed", "2", "--resume", str(tmp_path / "m.skops.run")])
+    assert res.exit_code == 1 and "its run has finished, so there is nothing to resume" \
+        in res.output, res.output
+    assert model.read_bytes() == written
 
 
 @pytest.mark.timeout(900)

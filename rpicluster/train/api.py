@@ -92,10 +92,17 @@ class TrainSummary:
     n_workers: int
 
 
-def refuse_existing_model(model_path: str | os.PathLike, overwrite: bool) -> None:
+def refuse_existing_model(model_path: str | os.PathLike, overwrite: bool,
+                          resume: bool = False) -> None:
     """ConfigError when ``model_path`` exists and ``overwrite`` is false (every trainer checks
-    this before it contacts the cluster)."""
+    this before it contacts the cluster). With ``resume`` the file can only be the finished
+    run's own model (it is written when the run ends), so the message says there is nothing to
+    resume."""
     if Path(model_path).exists() and not overwrite:
+        if resume:
+            raise ConfigError(f"model file {model_path} already exists: its run has finished, "
+                              "so there is nothing to resume; score it (rpicluster score "
+                              f"{model_path} DATA), or add --overwrite to train again")
         raise ConfigError(f"model file {model_path} already exists: add --overwrite to replace "
                           "it, or choose another output with -o")
 
@@ -129,7 +136,7 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
 
     model_path = Path(model_path)
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{model_path}.run")
-    refuse_existing_model(model_path, overwrite)
+    refuse_existing_model(model_path, overwrite, resume)
     if resume:
         # The run's parameters, with any given here on top: RunDir.check_resumable (in train)
         # refuses one that differs, naming it.

@@ -560,7 +560,7 @@ def train_averaged_model(data: str, model_path: str | os.PathLike, *, model: str
     from rpicluster.train.rounds import RoundDir
 
     model_path = Path(model_path)
-    refuse_existing_model(model_path, overwrite)
+    refuse_existing_model(model_path, overwrite, resume)
     stopper = RoundStopper(default_rule(model, validated=test is not None, tol=tol,
                                         n_iter_no_change=n_iter_no_change, max_rounds=rounds))
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{model_path}.run")

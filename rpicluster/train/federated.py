@@ -447,7 +447,7 @@ def federate(inventory, model_path, *, model: str = "mlp", params: dict | None =
     from rpicluster.train.modelfile import save_model
     from rpicluster.train.rounds import RoundDir
 
-    refuse_existing_model(model_path, overwrite)
+    refuse_existing_model(model_path, overwrite, resume)
     stopper = RoundStopper(default_rule(model, validated=validation is not None, tol=tol,
                                         n_iter_no_change=n_iter_no_change, max_rounds=rounds))
     spec = load_inventory(inventory)
