@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from rpicluster import history
 from rpicluster.bench.paper import PAPER_CONFIG, paper_params, run_paper, to_markdown
 
 
@@ -16,7 +17,7 @@ def test_paper_config_is_the_papers_and_given_values_win():
                                        "learning_rate": "constant"}
 
 
-def test_small_paper_run_with_the_papers_settings(cluster, tmp_path):
+def test_small_paper_run_with_the_papers_settings(cluster, tmp_path, home):
     """The whole path, small: ingest, Inc-kSGD with the paper's schedule on the cluster,
     held-out accuracy, per-worker memory, and two full SGDClassifier fits beside it."""
     params = paper_params(paper_config=True, n_clusters=4, max_iter=3)
@@ -32,3 +33,7 @@ def test_small_paper_run_with_the_papers_settings(cluster, tmp_path):
     assert written["params"]["learning_rate"] == "constant"
     md = to_markdown(doc)
     assert "learning rate constant 0.001" in md and "**extrapolated**" in md
+    run = history.get_run(history.list_runs()[0]["id"])  # `rpicluster runs` lists it
+    assert run["kind"] == "bench" and run["outcome"] == "done"
+    assert run["params"]["bench"] == "paper" and run["params"]["eta0"] == 0.001
+    assert run["results"]["accuracy"] == doc["test_accuracy"] and run["phases"]["train"] > 0

@@ -117,6 +117,7 @@ def run_paper(out_dir, *, rows: int = PAPER_ROWS, features: int = PAPER_FEATURES
     ConfigError
         A size that does not fit (rows per block below the clusters, too little disk space).
     """
+    from rpicluster import history
     from rpicluster.bench.memory import by_name, peak_rss, reset_peak
     from rpicluster.data.sources import ArraySource
     from rpicluster.data.reader import open_dataset
@@ -125,6 +126,7 @@ def run_paper(out_dir, *, rows: int = PAPER_ROWS, features: int = PAPER_FEATURES
     from rpicluster.deploy.local import start_local, stop_local
     from rpicluster.deploy.resolve import find_cluster
     from rpicluster.models.incremental import IncrementalKSGDClassifier
+    from rpicluster.train.checks import fingerprint
     from rpicluster.train.job import train
     from rpicluster.train.mapping import score_dataset
 
@@ -164,7 +166,11 @@ def run_paper(out_dir, *, rows: int = PAPER_ROWS, features: int = PAPER_FEATURES
         scheduler = info["scheduler_address"]
     try:
         # The resolver adds the recorded certificate (the local cluster is TLS-only).
-        with find_cluster(scheduler).client(timeout="30s") as client:
+        with find_cluster(scheduler).client(timeout="30s") as client, history.recording(
+                "bench", params={"bench": "paper", "n_clusters": n_clusters,
+                                 "max_iter": max_iter, "learning_rate": learning_rate,
+                                 "eta0": eta0, "seed": seed}, data=str(dataset.url),
+                fingerprint=fingerprint(dataset), cluster=client.scheduler.address) as record:
             baseline = by_name(client, reset_peak)
             est = IncrementalKSGDClassifier(n_clusters=n_clusters, max_iter=max_iter,
                                             learning_rate=learning_rate, eta0=eta0,
@@ -176,6 +182,8 @@ def run_paper(out_dir, *, rows: int = PAPER_ROWS, features: int = PAPER_FEATURES
                                progress=progress)
             peak = by_name(client, peak_rss)
             accuracy = score_dataset(est, test, client)
+            record.update(workers=sorted(peak))
+            record.result(phases={"train": result.seconds}, accuracy=accuracy)
             threads = sum(w["nthreads"] for w in client.scheduler_info(n_workers=-1)["workers"]
                           .values())
     finally:
