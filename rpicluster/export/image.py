@@ -94,6 +94,10 @@ def compose(head, frozen, size: int, *, network: bytes | None = None):
     body = oc.merge_models(models[0], oc.add_prefix(models[1], "net/"),
                            io_map=[("pixels", f"net/{frozen.input_name}")])
     out = oc.merge_models(body, models[2], io_map=[(f"net/{heads.ROWS}", heads.ROWS)])
+    # merge_models lists each part's opset again: one entry per domain
+    opsets = {o.domain: o.version for o in out.opset_import}
+    del out.opset_import[:]
+    out.opset_import.extend(helper.make_opsetid(d, v) for d, v in opsets.items())
     out.producer_name = "rpicluster"
     return out
 
