@@ -554,8 +554,9 @@ def train_averaged_model(data: str, model_path: str | os.PathLike, *, model: str
         The run stopped after it began (Ctrl-C, lost scheduler, a failed task); the message
         says how many rounds are kept in ``run_dir`` for ``resume``.
     """
-    from rpicluster import open_dataset
+    from rpicluster import history, open_dataset
     from rpicluster.train.api import ClusterChoice, refuse_existing_model
+    from rpicluster.train.checks import fingerprint
     from rpicluster.train.modelfile import save_model
     from rpicluster.train.rounds import RoundDir
 
@@ -566,17 +567,30 @@ def train_averaged_model(data: str, model_path: str | os.PathLike, *, model: str
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{model_path}.run")
     dataset = open_dataset(data, storage_options=storage_options)
     test_ds = open_dataset(test, storage_options=storage_options) if test else None
-    with (cluster or ClusterChoice()).run_client(RoundDir(run_dir).kept(rounds), run_dir
-                                                 ) as client:
-        n_workers = len(client.scheduler_info()["workers"])
-        with Progress(f"train {model}", total=int(rounds), unit="rounds",
-                      enabled=show_progress) as progress:
-            result = train_averaged(dataset, client, model=model, params=params, rounds=rounds,
-                                    local_epochs=local_epochs, sync=sync, run_dir=run_dir,
-                                    resume=resume, overwrite=overwrite and not resume,
-                                    validation=test_ds, progress=progress, stop=stopper)
-    digest = save_model(result.model, model_path)
-    accuracy = result.rounds[-1]["accuracy"] if result.rounds else None
+    with history.recording(
+            "train", params={"model": model, **(params or {}), "rounds": rounds,
+                             "local_epochs": local_epochs, "sync": sync, "resume": resume,
+                             "test": test},
+            data=str(dataset.url), fingerprint=fingerprint(dataset)) as record:
+        with (cluster or ClusterChoice()).run_client(RoundDir(run_dir).kept(rounds), run_dir
+                                                     ) as client:
+            workers = client.scheduler_info()["workers"]
+            n_workers = len(workers)
+            record.update(cluster=client.scheduler.address,
+                          workers=[w.get("name", a) for a, w in workers.items()])
+            with Progress(f"train {model}", total=int(rounds), unit="rounds",
+                          enabled=show_progress) as progress:
+                result = train_averaged(dataset, client, model=model, params=params,
+                                        rounds=rounds, local_epochs=local_epochs, sync=sync,
+                                        run_dir=run_dir, resume=resume,
+                                        overwrite=overwrite and not resume,
+                                        validation=test_ds, progress=progress, stop=stopper)
+        digest = save_model(result.model, model_path)
+        accuracy = result.rounds[-1]["accuracy"] if result.rounds else None
+        record.result(rounds=len(result.rounds), resumed=result.resumed_rounds,
+                      stopped=stopper.reason, test_accuracy=accuracy,
+                      phases={"rounds": sum(r.get("seconds") or 0 for r in result.rounds)},
+                      model_path=model_path.resolve(), sha256=digest)
     return AveragedSummary(result=result, model_path=model_path, sha256=digest,
                            test_accuracy=accuracy, n_workers=n_workers,
                            stopped=stopper.reason)

@@ -441,7 +441,7 @@ def federate(inventory, model_path, *, model: str = "mlp", params: dict | None =
         The run stopped after it began (Ctrl-C, lost scheduler); the message says how many
         rounds are kept in ``run_dir`` for ``resume``.
     """
-    from rpicluster import open_dataset
+    from rpicluster import history, open_dataset
     from rpicluster.inventory import load_inventory
     from rpicluster.train.api import ClusterChoice, refuse_existing_model
     from rpicluster.train.modelfile import save_model
@@ -456,15 +456,25 @@ def federate(inventory, model_path, *, model: str = "mlp", params: dict | None =
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{model_path}.run")
     val = open_dataset(validation) if validation else None
     choice = ClusterChoice(inventory=os.fspath(inventory))
-    with choice.run_client(RoundDir(run_dir).kept(rounds), run_dir) as client:
-        with Progress(f"federate {model}", total=int(rounds), unit="rounds",
-                      enabled=show_progress) as progress:
-            result = federate_on(client, hosts, model=model, params=params, rounds=rounds,
-                                 local_epochs=local_epochs, fraction=fraction,
-                                 min_clients=min_clients, round_timeout=round_timeout,
-                                 validation=val, run_dir=run_dir, resume=resume,
-                                 overwrite=overwrite and not resume, progress=progress,
-                                 on_round=on_round, on_round_start=on_round_start,
-                                 stop=stopper)
-    result.stopped = stopper.reason
-    return result, save_model(result.model, model_path)
+    with history.recording(
+            "federate", params={"model": model, **(params or {}), "rounds": rounds,
+                                "local_epochs": local_epochs, "fraction": fraction,
+                                "min_clients": min_clients, "resume": resume,
+                                "validation": validation},
+            data=", ".join(f"{h}:{d}" for h, d in hosts.items())) as record:
+        with choice.run_client(RoundDir(run_dir).kept(rounds), run_dir) as client:
+            record.update(cluster=client.scheduler.address, workers=sorted(hosts))
+            with Progress(f"federate {model}", total=int(rounds), unit="rounds",
+                          enabled=show_progress) as progress:
+                result = federate_on(client, hosts, model=model, params=params, rounds=rounds,
+                                     local_epochs=local_epochs, fraction=fraction,
+                                     min_clients=min_clients, round_timeout=round_timeout,
+                                     validation=val, run_dir=run_dir, resume=resume,
+                                     overwrite=overwrite and not resume, progress=progress,
+                                     on_round=on_round, on_round_start=on_round_start,
+                                     stop=stopper)
+        result.stopped = stopper.reason
+        digest = save_model(result.model, model_path)
+        record.result(rounds=len(result.rounds), resumed=result.resumed_rounds,
+                      stopped=stopper.reason, model_path=model_path.resolve(), sha256=digest)
+    return result, digest
