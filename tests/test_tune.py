@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -179,12 +180,12 @@ def test_cli_tune_mlp_writes_a_model_that_score_reads(digits, cluster, tmp_path)
     res = CliRunner().invoke(main, ["score", str(model_path), str(digits / "test.zarr"),
                                     "--scheduler", cluster.scheduler_address])
     assert res.exit_code == 0, res.output
-    acc = float(res.output.strip().split()[-1])
+    acc = float(re.search(r"accuracy: ([0-9.]+)", res.output).group(1))
     assert acc >= 0.93
     res = CliRunner().invoke(main, args)  # the model exists now
     assert res.exit_code != 0 and "already exists" in res.output
     res = CliRunner().invoke(main, [*args[:-2], "--budget", "10", "--overwrite", "--scheduler",
                                     cluster.scheduler_address])
     assert res.exit_code != 0
-    assert "budget of 0.09 blocks is smaller than one block" in res.output
+    assert "budget of 0.088 blocks is smaller than one block" in res.output
     assert "Traceback" not in res.output

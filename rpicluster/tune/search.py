@@ -454,6 +454,7 @@ def tune_to_file(data: str, model_path, *, model: str = "ksgd", space=None, budg
         The search stopped after it began (Ctrl-C, lost scheduler); the message says how many
         results are kept in ``tune_dir`` for ``resume``.
     """
+    from rpicluster import history
     from rpicluster.train.api import ClusterChoice, refuse_existing_model
     from rpicluster.train.modelfile import save_model
 
@@ -466,13 +467,24 @@ def tune_to_file(data: str, model_path, *, model: str = "ksgd", space=None, budg
             return None
         return f"{len(tdir.results())} candidate results are finished in {tdir.path}"
 
-    with (cluster or ClusterChoice()).run_client(kept, tdir.path) as client:
-        n_workers = len(client.scheduler_info()["workers"])
+    params = {"model": model, "space": str(space) if space is not None else None,
+              "budget": budget, "seed": seed, "factor": factor, "n_candidates": n_candidates,
+              "validation": validation, "resume": resume}
+    with history.recording("tune", params=params, data=str(data)) as record, \
+            (cluster or ClusterChoice()).run_client(kept, tdir.path) as client:
+        workers = client.scheduler_info()["workers"]
+        n_workers = len(workers)
+        record.update(cluster=client.scheduler.address,
+                      workers=[w.get("name", a) for a, w in workers.items()])
         with Progress(f"tune {model}", unit="results", enabled=show_progress) as progress:
             result = tune(data, model=model, space=space, budget=budget, client=client,
                           seed=seed, factor=factor, n_candidates=n_candidates,
                           validation=validation, tune_dir=tdir.path, resume=resume,
                           overwrite=overwrite and not resume, storage_options=storage_options,
                           progress=progress)
-    digest = save_model(result.best_model, model_path)
+        digest = save_model(result.best_model, model_path)
+        record.result(phases={"tune": result.seconds}, model_path=model_path.resolve(),
+                      sha256=digest, best_score=result.best_score,
+                      candidates=len(result.leaderboard), trained=result.trained,
+                      resumed=result.resumed)
     return TuneSummary(result=result, model_path=model_path, sha256=digest, n_workers=n_workers)
