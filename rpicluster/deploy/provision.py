@@ -21,6 +21,7 @@ import base64
 import hashlib
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -281,6 +282,7 @@ def provision(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = F
             problems = platform_problems(facts)
             if problems:
                 raise BootstrapError(f"{node.host}: {problems[0]}")
+            _refuse_non_venv(conn, node, venv)
             key = platform_key(facts)
             with build_lock:
                 try:
@@ -297,8 +299,7 @@ def provision(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = F
                 _install(conn, node, venv_sh, changed, fresh=not have)
                 conn.put_bytes(json.dumps(want, indent=0).encode(),
                                f"{conn.resolve(venv)}/{MARKER}", mode=0o644)
-            res = conn.python(["-c", "import json, importlib.metadata as m; print(json.dumps("
-                               "{d.metadata['Name']: d.version for d in m.distributions()}))"])
+            res = conn.python(["-c", _LIST_DISTRIBUTIONS])
         return {"versions": json.loads(res.stdout), "installed": [w.name for w in changed],
                 "wheels": len(wheels), "platform": key}
 
@@ -324,14 +325,38 @@ def _check_disk(node: NodeSpec, facts: dict, wheels: list[Path]) -> None:
             "at a bigger disk")
 
 
+_LIST_DISTRIBUTIONS = ("import json, importlib.metadata as m; print(json.dumps("
+                       "{d.metadata['Name']: d.version for d in m.distributions()}))")
+
+
+def _refuse_non_venv(conn: Connection, node: NodeSpec, venv: str) -> None:
+    """Refuse, in one line, a venv path that exists and is not a venv (``python =
+    /usr/bin/python3`` names ``/usr``: creating a venv there and installing into it would
+    overwrite the system's Python packages)."""
+    path = shell_path(venv)
+    if conn.run(f"test ! -e {path} || test -f {path}/pyvenv.cfg", check=False).exit_status:
+        raise ConfigError(f"{node.host}: python = {node.python!r} is in {venv}, which exists and "
+                          "is not a venv (no pyvenv.cfg); --provision creates or updates only a "
+                          "venv: set python = ~/.venvs/rpicluster/bin/python (or another new "
+                          "path)")
+
+
 def _installed_wheels(conn: Connection, venv_sh: str) -> dict[str, str]:
-    """The venv's marker (wheel name -> digest); empty when there is no venv or no marker."""
+    """The venv's marker (wheel name -> digest), less the wheels whose distribution is not
+    installed there at that version (removed by hand since); empty without a venv or marker."""
     res = conn.run(f"cat {venv_sh}/{MARKER}", check=False)
     try:
         have = json.loads(res.stdout) if res.exit_status == 0 else {}
-    except ValueError:
+        if not isinstance(have, dict) or not have:
+            return {}
+        listed = conn.run(f"{venv_sh}/bin/python -c {shlex.quote(_LIST_DISTRIBUTIONS)}",
+                          check=False)
+        dists = {_canonical(n): v for n, v in
+                 json.loads(listed.stdout.strip().splitlines()[-1]).items()}
+    except (ValueError, IndexError):
         return {}
-    return have if isinstance(have, dict) else {}
+    return {w: d for w, d in have.items()
+            if dists.get(_canonical(w.split("-")[0])) == w.split("-")[1]}
 
 
 def _install(conn: Connection, node: NodeSpec, venv_sh: str, wheels: list[Path], *,
