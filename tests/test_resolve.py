@@ -116,3 +116,32 @@ def test_up_local_then_every_command_finds_it_without_flags(home):
         out = run("down")
     assert "cluster: the local cluster at" in out and "stopped the local cluster" in out
     assert not (home / "local.json").exists()
+
+
+def test_a_cluster_started_for_a_killed_command_stops_with_it(home):
+    """A local cluster started for one command (no `up`) belongs to that command: when the
+    command is killed outright (SIGKILL: no cleanup runs), the cluster stops by itself instead
+    of running on, recorded by nobody."""
+    import signal
+    import time
+
+    from rpicluster.deploy.state import local_record, pid_alive
+
+    env = {**os.environ, "RPICLUSTER_HOME": str(home)}
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import time, rpicluster\n"
+         "with rpicluster.client(local=1):\n    time.sleep(600)"], env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while (info := local_record()) is None:
+            assert owner.poll() is None and time.monotonic() < deadline, "no cluster started"
+            time.sleep(0.2)
+        assert pid_alive(info["pid"])
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    deadline = time.monotonic() + 60
+    while pid_alive(info["pid"]):
+        assert time.monotonic() < deadline, "the cluster outlived the command it was started for"
+        time.sleep(0.2)
+    assert local_record() is None

@@ -73,7 +73,7 @@ def check_local(info: dict, n_workers: int | None = None, threads_per_worker: in
 
 def start_local(n_workers: int | None = None, threads_per_worker: int | None = None,
                 memory_limit: str | None = None, dashboard_address: str | None = None,
-                timeout: float | None = None) -> dict:
+                timeout: float | None = None, owner: int | None = None) -> dict:
     """Start the embedded local cluster in the background, or return the one already running.
 
     Parameters
@@ -88,6 +88,10 @@ def start_local(n_workers: int | None = None, threads_per_worker: int | None = N
         machine only; ``:8787`` would listen on every interface).
     timeout
         Seconds to wait for every worker to join (default ``config.LOCAL_START_TIMEOUT``).
+    owner
+        The pid of the one command the cluster is started for: the cluster stops by itself
+        once that process is gone (a command killed with SIGKILL cannot stop it; without this
+        it would run on, unrecorded by anyone, until the machine restarts).
 
     Returns
     -------
@@ -124,6 +128,7 @@ def start_local(n_workers: int | None = None, threads_per_worker: int | None = N
         # Workers spill here, not in a $TMPDIR/dask-scratch-space another user can make first.
         "local_directory": private_directory(work_dir()),
         "timeout": timeout,
+        "owner": owner,
     }
     log_file = log_path()
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -285,9 +290,11 @@ def _serve(spec: dict) -> None:
         tmp = state.with_suffix(".tmp")
         tmp.write_text(json.dumps(info, indent=2))
         os.replace(tmp, state)
+        owner = spec.get("owner")
         try:
             while not stop.wait(0.5):
-                pass
+                if owner is not None and not pid_alive(owner):
+                    break
         finally:
             with contextlib.suppress(FileNotFoundError):
                 if json.loads(state.read_text()).get("pid") == os.getpid():

@@ -204,8 +204,10 @@ def use_cluster(scheduler: str | None = None, *, inventory: str | os.PathLike | 
     if local_record() is None and (local is not None or (nothing_chosen
                                                          and recorded_cluster() is None)):
         t0 = time.perf_counter()
+        # Started for this command only: it stops with the command, even a killed one.
         info = start_local(None if local is None or local is True else local,
-                           threads_per_worker=threads_per_worker, memory_limit=memory_limit)
+                           threads_per_worker=threads_per_worker, memory_limit=memory_limit,
+                           owner=os.getpid())
         ref = _local_ref(info, started=not info["already_running"],
                          start_seconds=time.perf_counter() - t0)
     else:
