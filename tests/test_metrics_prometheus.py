@@ -120,8 +120,10 @@ def test_prometheus_scrapes_the_cluster_during_a_training_run(local_cluster, pro
     assert local_cluster["scheduler_address"].startswith("tls://")
     api = prometheus(target)
     train, test = _store(tmp_path)
+    # 60 epochs: a run of several seconds, so that some of the 1 s scrapes land mid-run (at 5
+    # epochs a quiet machine finished the run between two scrapes).
     summary = train_model(str(train.url), tmp_path / "m.skops",
-                          {"n_clusters": 3, "max_iter": 5, "random_state": 0},
+                          {"n_clusters": 3, "max_iter": 60, "random_state": 0},
                           test=str(test.url), show_progress=False)
     # Scrapes land every second: wait for one after the run's end.
     deadline = time.monotonic() + 30
