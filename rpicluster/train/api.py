@@ -310,6 +310,15 @@ class ScoreSummary:
     rows: str
 
 
+def _model_and_store(model_path, data: str, storage_options: dict | None):
+    """The saved model and the store, checked against each other from metadata (features,
+    label kind) before anything runs on them."""
+    model = load_model(model_path)
+    dataset = open_store(data, storage_options)
+    check_scoreable(model, dataset, name=str(model_path))
+    return model, dataset
+
+
 def score_model(model_path: str | os.PathLike, data: str, *, cluster: ClusterChoice | None = None,
                 storage_options: dict | None = None, show_progress: bool = True) -> float:
     """Accuracy of the saved model on the store ``data`` (:func:`score_summary`'s)."""
@@ -327,9 +336,7 @@ def score_summary(model_path: str | os.PathLike, data: str, *,
     The model's features and label kind are checked against the store's metadata first
     (:func:`~rpicluster.train.checks.check_scoreable`).
     """
-    model = load_model(model_path)
-    dataset = open_store(data, storage_options)
-    check_scoreable(model, dataset, name=str(model_path))
+    model, dataset = _model_and_store(model_path, data, storage_options)
     cluster = cluster or ClusterChoice()
     if cluster.runs_here(dataset):
         accuracy = model.score(dataset)
@@ -387,9 +394,7 @@ def predict_to_file(model_path: str | os.PathLike, data: str, out: str | os.Path
     if out.suffix not in (".npy", ".csv", ".txt"):
         raise ConfigError(f"output {out}: unknown file type {out.suffix!r} "
                           "(known: .npy, .csv, .txt)")
-    model = load_model(model_path)
-    dataset = open_store(data, storage_options)
-    check_scoreable(model, dataset, name=str(model_path))
+    model, dataset = _model_and_store(model_path, data, storage_options)
     cluster = cluster or ClusterChoice()
     if cluster.runs_here(dataset):
         labels = model.predict(dataset)
