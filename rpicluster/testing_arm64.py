@@ -263,6 +263,11 @@ class Arm64Hosts(NamespaceHosts):
                        capture_output=True)
         self._mount(["-t", "proc", "proc"], self.root / "proc")
         self._mount(["-t", "sysfs", "-o", "ro", "sysfs"], self.root / "sys")
+        # This machine's sysfs describes its x86 cores, which no Pi has: onnxruntime's cpuinfo
+        # parses it and dies under qemu (signal 11). An empty folder reads as on a board whose
+        # kernel says nothing, and the emulated Cortex-A72 is what the programs then see.
+        self._mount(["-t", "tmpfs", "-o", "ro,mode=0755", "tmpfs"],
+                    self.root / "sys/devices/system/cpu")
         self._mount(["-t", "devpts", "-o", "newinstance,ptmxmode=0666,mode=0620", "devpts"],
                     self.root / "dev/pts")
         (self.root / "dev/shm").mkdir(exist_ok=True)

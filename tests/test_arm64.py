@@ -90,10 +90,11 @@ def _inventory(shelf, home, names, name="cluster.toml", **kw) -> Path:
                                  local_directory=home / "shared" / "x86-workers", **kw)
 
 
-def _cli(*args, env=None, cwd=None, python=sys.executable, timeout=2400):
+def _cli(*args, env=None, cwd=None, python=sys.executable, timeout=2400, umask=None):
     return subprocess.run([python, "-m", "rpicluster.cli", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=cwd or "/",
-                          env={**os.environ, **SLOW_ENV, **(env or {})})
+                          env={**os.environ, **SLOW_ENV, **(env or {})},
+                          preexec_fn=None if umask is None else (lambda: os.umask(umask)))
 
 
 @pytest.fixture(scope="session")
@@ -330,7 +331,10 @@ def test_features_on_the_emulated_cortex_a72(shelf, home, provisioned):
     out = home / "shared" / "faces-features.zarr"
     res = _cli("features", images.url, "-o", str(out), "--model", "efficientnet-lite0",
                "--input-size", "64", "--batch-size", "8", "-c", str(path),
-               env={"RPICLUSTER_HOME": str(home / "rpicluster")})
+               env={"RPICLUSTER_HOME": str(home / "rpicluster")},
+               # The desktop (root here) makes the output store's folders and the workers (user
+               # pi) write its chunks: as on a shared disk, those folders must be theirs to write.
+               umask=0)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "extracted 2 blocks" in res.stdout
     X = np.asarray(open_dataset(out).X.compute())
