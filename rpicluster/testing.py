@@ -389,3 +389,23 @@ class DieOn(WorkerPlugin):
 
         if start == "executing" and re.match(self.key_re, str(key)):
             os._exit(13)
+
+
+def features_after_a_block(args: list[str], out: str | os.PathLike,
+                           timeout: float = 120.0) -> subprocess.Popen:
+    """Start ``rpicluster features ARGS`` (output store ``out``) and return its process once the
+    store records a finished block: the moment a fault test interrupts the run."""
+    import json
+
+    out = Path(out)
+    proc = subprocess.Popen([sys.executable, "-m", "rpicluster.cli", "features", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        try:
+            if json.loads((out / "zarr.json").read_text())["attributes"]["blocks_done"]:
+                return proc
+        except (OSError, ValueError, KeyError):
+            pass  # not written yet, or caught mid-write
+        time.sleep(0.02)

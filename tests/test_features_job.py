@@ -183,34 +183,19 @@ def test_ctrl_c_keeps_finished_blocks_and_prints_the_resume_command(images, clie
                                                                     tmp_path):
     """Ctrl-C said "nothing half-written was left under a final name" while the feature store
     was there, incomplete, with no --resume command."""
-    import json
     import re
     import shlex
     import signal
-    import subprocess
-    import sys
-    import time
 
     from rpicluster.errors import StoreIncompleteError
-    from rpicluster.testing import SlowTasks
+    from rpicluster.testing import SlowTasks, features_after_a_block
 
     out = tmp_path / "f.zarr"
     addr = client.scheduler.address
     client.register_plugin(SlowTasks(prefix="rpicluster-features-", seconds=0.5), name="slow")
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "rpicluster.cli", "features", images.url,
-                                 "-o", str(out), "--model", str(tiny), "--input-size", "16",
-                                 "--scheduler", addr], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        while True:  # Ctrl-C once a block is recorded
-            assert time.monotonic() < deadline and proc.poll() is None
-            try:
-                if json.loads((out / "zarr.json").read_text())["attributes"]["blocks_done"]:
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.02)
+        proc = features_after_a_block([images.url, "-o", str(out), "--model", str(tiny),
+                                       "--input-size", "16", "--scheduler", addr], out)
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=120)
     finally:

@@ -5,11 +5,8 @@ Runtime sessions, the scikit-image faces store."""
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -21,7 +18,7 @@ from rpicluster.cli import main
 from rpicluster.features import model as fmodel
 from rpicluster.features.job import release_worker_sessions
 from rpicluster.features.model import Extractor, load_network
-from rpicluster.testing import SlowTasks
+from rpicluster.testing import SlowTasks, features_after_a_block
 
 from test_features_job import client, images, tiny  # noqa: F401 - fixtures
 
@@ -53,19 +50,8 @@ def test_a_run_whose_workers_restart_prints_the_resume_command(images, client, t
     addr = client.scheduler.address
     client.register_plugin(SlowTasks(prefix="rpicluster-features-", seconds=0.5), name="slow")
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "rpicluster.cli", "features", images.url,
-                                 "-o", str(out), "--model", str(tiny), "--input-size", "16",
-                                 "--scheduler", addr], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        while True:  # restart every worker once a block is recorded
-            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
-            try:
-                if json.loads((out / "zarr.json").read_text())["attributes"]["blocks_done"]:
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.02)
+        proc = features_after_a_block([images.url, "-o", str(out), "--model", str(tiny),
+                                       "--input-size", "16", "--scheduler", addr], out)
         client.restart()
         output, _ = proc.communicate(timeout=120)
     finally:
