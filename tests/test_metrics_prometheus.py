@@ -57,7 +57,7 @@ def local_cluster(home, pi_like_workers, free_port):
 
 @pytest.fixture
 def prometheus(tmp_path, free_port):
-    """Start Prometheus scraping ``target`` every second; yields (start, api base URL)."""
+    """Start Prometheus scraping ``target`` every 200 ms; yields start(target) -> API base URL."""
     if PROMETHEUS is None:
         pytest.skip("the prometheus server is not installed (CI installs Debian's prometheus "
                     "from .ci/apt-packages.txt)")
@@ -67,7 +67,7 @@ def prometheus(tmp_path, free_port):
         port = free_port()
         cfg = tmp_path / "prometheus.yml"
         cfg.write_text(json.dumps({  # YAML is a superset of JSON
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "global": {"scrape_interval": "200ms", "evaluation_interval": "1s"},
             "scrape_configs": [{"job_name": "rpicluster", "metrics_path": "/metrics",
                                 "static_configs": [{"targets": [target]}]}]}))
         log = open(tmp_path / "prometheus.log", "wb")
@@ -104,10 +104,10 @@ def _store(root: Path):
     from rpicluster.data.sources import ArraySource
     from rpicluster.data.synthetic import make_imagenet_like
 
-    X, y = make_imagenet_like(12_000, 32, 6, seed=1)
-    train = ingest(ArraySource("metrics train", X[:10_000], y[:10_000]), root / "train.zarr",
+    X, y = make_imagenet_like(22_000, 32, 6, seed=1)
+    train = ingest(ArraySource("metrics train", X[:20_000], y[:20_000]), root / "train.zarr",
                    block_rows=1_000)
-    test = ingest(ArraySource("metrics test", X[10_000:], y[10_000:]), root / "test.zarr",
+    test = ingest(ArraySource("metrics test", X[20_000:], y[20_000:]), root / "test.zarr",
                   block_rows=1_000)
     return train, test
 
@@ -120,8 +120,13 @@ def test_prometheus_scrapes_the_cluster_during_a_training_run(local_cluster, pro
     assert local_cluster["scheduler_address"].startswith("tls://")
     api = prometheus(target)
     train, test = _store(tmp_path)
-    # 60 epochs: a run of several seconds, so that some of the 1 s scrapes land mid-run (at 5
-    # epochs a quiet machine finished the run between two scrapes).
+    # Prometheus applies its targets a few seconds after it is ready (its discovery manager
+    # sends updates on a 5 s tick): before that first scrape a short run goes unseen.
+    deadline = time.monotonic() + 60
+    while not _query(api, 'up{job="rpicluster"} == 1'):
+        assert time.monotonic() < deadline, "prometheus never scraped the dashboard"
+        time.sleep(0.2)
+    # 20 blocks at 60 epochs and a 200 ms scrape: a run of ~3 s on CI, a dozen scrapes.
     summary = train_model(str(train.url), tmp_path / "m.skops",
                           {"n_clusters": 3, "max_iter": 60, "random_state": 0},
                           test=str(test.url), show_progress=False)
