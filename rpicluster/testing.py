@@ -14,6 +14,7 @@ needs its own directory, and ``hostname`` is the same everywhere (give workers n
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -37,6 +38,63 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def wait_until(condition, timeout: float = 60.0, *, what: str,
+               process: subprocess.Popen | None = None, ignore=(), interval: float = 0.05):
+    """Call ``condition()`` until it returns something true, and return that.
+
+    The one way tests wait: on the event itself (a file written, a worker seen, a line
+    printed), never on a fixed sleep. ``timeout`` guards against hanging; it is not a timing
+    assertion.
+
+    Parameters
+    ----------
+    condition : callable
+        Called without arguments; a true result ends the wait.
+    timeout : float
+        Seconds before giving up.
+    what : str
+        What is waited for, as the failure names it ("a committed block").
+    process : subprocess.Popen, optional
+        The process that should bring the event: its exit ends the wait at once, and the
+        failure quotes its output when that is piped.
+    ignore : exception class or tuple of them
+        Exceptions of ``condition`` that mean "not yet" (a file caught mid-write, a port that
+        does not answer yet); the last one is quoted on timeout.
+    interval : float
+        Seconds between calls.
+
+    Raises
+    ------
+    AssertionError
+        ``waited 30 s for WHAT`` or ``the process exited (status N) before WHAT``.
+    """
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            value = condition()
+        except ignore as e:
+            value, last = None, e
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process exited (status {process.returncode}) before "
+                                 f"{what}{_output_of(process)}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}"
+                                 + (f" (last: {last!r})" if last is not None else ""))
+        time.sleep(interval)
+
+
+def _output_of(process: subprocess.Popen) -> str:
+    """An exited process's piped output, as ``: TEXT`` (empty when nothing is piped)."""
+    if process.stdout is None and process.stderr is None:
+        return ""
+    text = "".join(part.decode(errors="replace") if isinstance(part, bytes) else part
+                   for part in process.communicate() if part)
+    return f": {text}"
 
 
 def unavailable() -> str | None:
@@ -223,17 +281,13 @@ class NamespaceHosts:
         (self.cgroup / "cgroup.procs").write_text(str(host.sshd.pid))
 
     def _wait_port(self, host: TestHost, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with socket.create_connection((host.address, 22), timeout=1):
-                    return
-            except OSError:
-                if host.sshd.poll() is not None or time.monotonic() > deadline:
-                    log = host.host_key.parent / "sshd.log"
-                    raise RuntimeError(f"sshd of {host.name} did not start: "
-                                       f"{log.read_text() if log.exists() else ''}") from None
-                time.sleep(0.1)
+        try:
+            wait_until(lambda: socket.create_connection((host.address, 22), timeout=1).close()
+                       or True, timeout, what=f"sshd of {host.name} on port 22",
+                       process=host.sshd, ignore=OSError, interval=0.1)
+        except AssertionError as e:
+            log = host.host_key.parent / "sshd.log"
+            raise RuntimeError(f"{e}: {log.read_text() if log.exists() else ''}") from None
 
     def write_inventory(self, path: str | Path, *, local_directory: str | Path,
                         names=None, nthreads: int = 1, memory: str = "2GiB",
@@ -294,14 +348,12 @@ env = {{ {env_items} }}
             _ip("link", "del", host.veth, check=False)
         _ip("link", "del", self.bridge, check=False)
         if self.cgroup is not None and self.cgroup.exists():
-            deadline = time.monotonic() + 10
-            while (self.cgroup / "cgroup.procs").read_text().strip() and \
-                    time.monotonic() < deadline:
-                time.sleep(0.1)
-            try:
+            # Killed processes leave the cgroup as they are reaped; one that outlives the wait
+            # only keeps the cgroup's directory, so neither failure stops the close.
+            with contextlib.suppress(AssertionError, OSError):
+                wait_until(lambda: not (self.cgroup / "cgroup.procs").read_text().strip(), 10,
+                           what=f"{self.cgroup} to empty", interval=0.1)
                 self.cgroup.rmdir()
-            except OSError:
-                pass
 
     def __enter__(self) -> "NamespaceHosts":
         return self
@@ -400,12 +452,8 @@ def features_after_a_block(args: list[str], out: str | os.PathLike,
     out = Path(out)
     proc = subprocess.Popen([sys.executable, "-m", "rpicluster.cli", "features", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + timeout
-    while True:
-        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
-        try:
-            if json.loads((out / "zarr.json").read_text())["attributes"]["blocks_done"]:
-                return proc
-        except (OSError, ValueError, KeyError):
-            pass  # not written yet, or caught mid-write
-        time.sleep(0.02)
+    # Not written yet, or caught mid-write: OSError, ValueError, KeyError.
+    wait_until(lambda: json.loads((out / "zarr.json").read_text())["attributes"]["blocks_done"],
+               timeout, what=f"a finished block recorded in {out}", process=proc,
+               ignore=(OSError, ValueError, KeyError), interval=0.02)
+    return proc

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from rpicluster.cli import main
 from rpicluster.features import model as fmodel
 from rpicluster.features.job import release_worker_sessions
 from rpicluster.features.model import Extractor, load_network
-from rpicluster.testing import SlowTasks, features_after_a_block
+from rpicluster.testing import SlowTasks, features_after_a_block, wait_until
 
 from test_features_job import client, images, tiny  # noqa: F401 - fixtures
 
@@ -109,11 +108,9 @@ def test_a_run_whose_workers_all_stay_paused_stops_with_the_blocks_kept(images, 
             LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                          memory_limit="4GiB", dashboard_address=None) as cluster, \
             Client(cluster) as c:
-        deadline = time.monotonic() + 60
-        while not any(w["status"] == "paused" for w in
-                      c.scheduler_info()["workers"].values()):
-            assert time.monotonic() < deadline, "the worker never paused"
-            time.sleep(0.1)
+        wait_until(lambda: any(w["status"] == "paused"
+                               for w in c.scheduler_info()["workers"].values()),
+                   60, what="the worker to pause for memory", interval=0.1)
         with pytest.raises(TrainingStopped, match=r"the features run stopped: every worker of "
                                                   r"this run has been paused for memory .* "
                                                   r"keeps 0 of 13 blocks and is marked "
