@@ -25,6 +25,7 @@ from rpicluster.deploy.cluster import down, up
 from rpicluster.deploy.resolve import find_cluster
 from rpicluster.errors import ConfigError
 from rpicluster.inventory import load_inventory
+from rpicluster.testing import wait_until
 
 
 def _run(run_id="r1", n_blocks=4, k=2, t0=1000.0):
@@ -294,13 +295,6 @@ def local():
         yield cluster, client
 
 
-def _wait(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
-
-
 def test_install_on_a_running_scheduler_serves_the_page(local):
     cluster, client = local
     base = f"http://127.0.0.1:{cluster.scheduler.http_server.port}"
@@ -313,7 +307,8 @@ def test_install_on_a_running_scheduler_serves_the_page(local):
     scheduler = cluster.scheduler
     assert scheduler.plugins[PLUGIN].state.run_id == "early"
     client.log_event(ev.TOPIC, ev.make_event(ev.COMMITTED, run_id="early", block=1))
-    _wait(lambda: scheduler.plugins[PLUGIN].state.committed == {1})
+    wait_until(lambda: scheduler.plugins[PLUGIN].state.committed == {1}, 20,
+               what="the page's state to fold block 1's commit")
     for path in ("/status", "/rpicluster"):
         r = requests.get(base + path, timeout=10)
         assert r.status_code == 200, path
@@ -325,7 +320,8 @@ def test_install_on_a_running_scheduler_serves_the_page(local):
     client.log_event(ev.FEATURES_TOPIC, ev.make_event(ev.EXTRACTED, run_id="fx", block=0,
                                                       rows=64, worker="pi01", seconds=2.0))
     monitor = scheduler.plugins[PLUGIN]
-    _wait(lambda: monitor.features.done == {0})
+    wait_until(lambda: monitor.features.done == {0}, 20,
+               what="the page's state to fold the extracted block 0")
     page = TrainingPage(scheduler, monitor.state, monitor.features)
     page.update()
     assert "feature extraction run <b>fx</b>" in page.summary.text
@@ -336,7 +332,8 @@ def test_workers_report_health_through_heartbeats(local):
     cluster, client = local
     client.run_on_scheduler(install)
     workers = cluster.scheduler.workers
-    _wait(lambda: all(METRIC in ws.metrics for ws in workers.values()))
+    wait_until(lambda: all(METRIC in ws.metrics for ws in workers.values()), 20,
+               what="a health heartbeat from every worker")
     here = snapshot()
     for ws in workers.values():
         health = ws.metrics[METRIC]
@@ -404,7 +401,8 @@ def test_scheduler_without_dashboard_still_collects_events():
             Client(cluster) as client:
         assert client.run_on_scheduler(install) is None
         client.log_event(ev.TOPIC, ev.make_event(ev.RUN_START, run_id="headless", n_blocks=1))
-        _wait(lambda: cluster.scheduler.plugins[PLUGIN].state.run_id == "headless")
+        wait_until(lambda: cluster.scheduler.plugins[PLUGIN].state.run_id == "headless", 20,
+                   what="the headless scheduler to fold the run's start")
 
 
 def test_preload_refuses_a_worker():
@@ -439,7 +437,8 @@ class _Terminal:
             return
         p = self.progress
         # The page hears of a commit through the scheduler (a message away): wait for it.
-        _wait(lambda: self.state.blocks_done() == p.completed, timeout=10)
+        wait_until(lambda: self.state.blocks_done() == p.completed, 10,
+                   what=f"the page to count {p.completed} blocks done")
         now = time.time()
         self.seen.append((p.line(now), _summary_html(self.state, now), p.eta(now),
                           self.state.eta(now)))
@@ -504,7 +503,10 @@ def test_a_line_held_back_by_the_interval_is_printed_when_it_ends():
         p.advance()
         p.advance()  # inside the interval: held back
         assert buf.getvalue().count("\n") == 1
-        _wait(lambda: "train: 2/5" in buf.getvalue(), timeout=3)
+        wait_until(lambda: "train: 2/5" in buf.getvalue(), 3,
+                   what="the held-back line at the interval's end")
+        # Nothing to wait on: a second print of the same count would be an event that must
+        # not happen, so let another interval (0.5 s) pass before looking.
         time.sleep(0.7)
         assert buf.getvalue().count("\n") == 2  # printed once, not again
 
