@@ -26,7 +26,8 @@ from rpicluster.train.mapping import predict_dataset, score_dataset
 from rpicluster.train.placement import ahead_pays, fit_groups_per_block
 from rpicluster.train.speculate import behind, worth_a_block
 from rpicluster.train.modelfile import load_model
-from rpicluster.testing import DieOn, SlowTasks, all_rows, reference_fit, same_model
+from rpicluster.testing import (DieOn, SlowTasks, all_rows, reference_fit, same_model,
+                                wait_until)
 from rpicluster.train.rundir import RunDir
 
 # Plugins defined here run inside worker processes that cannot import this test module.
@@ -250,10 +251,8 @@ def test_a_result_in_hand_stays_a_result_when_its_worker_dies_before_it_is_read(
                          allow_other_workers=False)
     [(future, result)] = list(as_completed([done], with_results=True, raise_errors=False))
     os.kill(pids[holder], signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while future.status == "finished":
-        assert time.monotonic() < deadline, "the scheduler never saw the worker die"
-        time.sleep(0.05)
+    wait_until(lambda: future.status != "finished", 30,
+               what="the scheduler to see the result's worker die")
     assert future.status != "finished" and result == {"rows": 600}
     assert task_failure(result) is None
     client.cancel([done])
