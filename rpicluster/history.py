@@ -294,6 +294,12 @@ class Recorder:
             self._write(f"UPDATE runs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
                         (*fields.values(), self.id))
 
+    def connected(self, client) -> None:
+        """Record the cluster a ``distributed.Client`` is connected to and its workers' names."""
+        workers = client.scheduler_info()["workers"]
+        self.update(cluster=client.scheduler.address,
+                    workers=[w.get("name", a) for a, w in workers.items()])
+
     def result(self, *, phases: Mapping[str, float] | None = None,
                model_path: str | os.PathLike | None = None, **figures) -> None:
         """Record result figures (accuracy, rows/s, ...), per-phase seconds and the model path;

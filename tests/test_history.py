@@ -205,3 +205,50 @@ def test_history_off_records_nothing(home, monkeypatch):
     with history.recording("bench") as run:
         run.result(x=1)
     assert not (home / "history.sqlite").exists()
+
+
+def test_a_features_run_is_recorded_and_listed(home, tmp_path):
+    """A real feature extraction (the packaged EfficientNet-Lite0 weights on scikit-image's
+    faces) is recorded through its library entry point: `rpicluster runs --json` shows its
+    parameters, data fingerprint, cluster, workers, phase time, figures and output store; a
+    second run refused by the existing store is recorded as failed with that one line."""
+    import json
+
+    import numpy as np
+    from click.testing import CliRunner
+    from distributed import Client, LocalCluster
+    from skimage.data import lfw_subset
+
+    from rpicluster import extract_features
+    from rpicluster.cli import main
+    from rpicluster.errors import DataError
+    from rpicluster.features.images import write_image_store
+    from rpicluster.train.checks import fingerprint
+
+    pick = np.r_[0:24, 100:124]  # 24 faces, 24 non-faces
+    images = write_image_store(tmp_path / "faces.zarr",
+                               (lfw_subset()[pick] * 255).round().astype(np.uint8),
+                               np.repeat(["face", "other"], 24), block_rows=16)
+    out = tmp_path / "feats.zarr"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        r = extract_features(images.url, str(out), input_size=48, client=client)
+        with pytest.raises(DataError, match="already"):
+            extract_features(images.url, str(out), input_size=48, client=client)
+        worker = next(iter(cluster.workers.values())).name
+    listed = CliRunner().invoke(main, ["runs", "--json"])
+    assert listed.exit_code == 0, listed.output
+    failed, done = json.loads(listed.output)
+    assert done["kind"] == "features" and done["outcome"] == "done" and done["reason"] is None
+    assert done["data"] == images.url and done["fingerprint"] == fingerprint(images)
+    assert done["params"]["model"] == "efficientnet-lite0"
+    assert (done["params"]["input_size"], done["params"]["block_rows"]) == (48, 16)
+    assert done["params"]["model_sha256"] == r.sha256
+    assert done["cluster"] == cluster.scheduler_address and done["workers"] == [str(worker)]
+    assert done["model_path"] == r.store.url
+    assert done["phases"]["extract"] == pytest.approx(r.seconds)
+    assert (done["results"]["images"], done["results"]["blocks"],
+            done["results"]["n_features"]) == (48, 3, 1280)
+    assert done["results"]["images_per_second"] > 0
+    assert (failed["kind"], failed["outcome"]) == ("features", "failed")
+    assert "already" in failed["reason"] and "\n" not in failed["reason"]

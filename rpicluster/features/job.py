@@ -224,12 +224,34 @@ def extract_features(images: str, out: str, *, model: str = "efficientnet-lite0"
     n_features = probe.transform(np.zeros((1, *source.image_shape), np.uint8)).shape[1]
     run = dict(batch_size=batch_size, threads=threads, resume=resume, overwrite=overwrite,
                storage_options=storage_options, progress=progress or Progress.null())
-    if client is not None:
-        return _run(source, frozen, size, n_features, block_rows, out, client, **run)
-    from rpicluster.train.api import ClusterChoice
+    from rpicluster import history
+    from rpicluster.train.checks import fingerprint
 
-    with (cluster or ClusterChoice()).client() as c:
-        return _run(source, frozen, size, n_features, block_rows, out, c, **run)
+    with history.recording("features", data=str(source.url), fingerprint=fingerprint(source),
+                           params={"model": frozen.name, "model_sha256": frozen.sha256,
+                                   "input_size": size, "batch_size": batch_size,
+                                   "threads": threads, "block_rows": block_rows, "out": out,
+                                   "resume": resume, "overwrite": overwrite}) as record:
+        if client is not None:
+            return _run_recorded(record, source, frozen, size, n_features, block_rows, out,
+                                 client, **run)
+        from rpicluster.train.api import ClusterChoice
+
+        with (cluster or ClusterChoice()).client() as c:
+            return _run_recorded(record, source, frozen, size, n_features, block_rows, out, c,
+                                 **run)
+
+
+def _run_recorded(record, *args, **run) -> FeaturesResult:
+    """:func:`_run`, recording its cluster, workers and figures in the run history."""
+    record.connected(args[-1])
+    result = _run(*args, **run)
+    images = sum(result.images_per_worker.values())
+    record.result(phases={"extract": result.seconds}, model_path=result.store.url,
+                  blocks=len(result.extracted_blocks), resumed=len(result.resumed_blocks),
+                  images=images, n_features=result.store.n_features,
+                  images_per_second=images / result.seconds if result.seconds > 0 else None)
+    return result
 
 
 def _layout(source, frozen: FrozenModel, size: int, n_features: int, block_rows: int) -> dict:
