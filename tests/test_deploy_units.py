@@ -9,7 +9,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 
 import pytest
 from click.testing import CliRunner
@@ -21,6 +20,7 @@ from rpicluster.deploy.provision import pinned_requirements, platform_tags
 from rpicluster.deploy.ssh import shell_path
 from rpicluster.deploy.tls import CertificateAuthority
 from rpicluster.inventory import NodeSpec
+from rpicluster.testing import wait_until
 
 
 @pytest.mark.parametrize("output, flags", [
@@ -121,8 +121,9 @@ def test_remote_stop_only_touches_its_own_marked_processes(tmp_path):
         capture_output=True, text=True, check=True).stdout
     started = json.loads(out)
     assert remote.is_ours(started["pid"], "t1")
-    _until(lambda: (remote.check(started["pid"], "t1", str(tmp_path / "t1"))["supervisor"]
-                    or {}).get("state") == "running")
+    wait_until(lambda: (remote.check(started["pid"], "t1", str(tmp_path / "t1"))["supervisor"]
+                        or {}).get("state") == "running", 60,
+               what="t1's supervisor to say its worker is running")
     assert remote.check(started["pid"], "t1", str(tmp_path / "t1"))["alive"]
     res = remote.stop(started["pid"], "t1", timeout=30)   # SIGTERM, not SIGKILL
     assert res["was_running"] and res["left"] == []
@@ -134,14 +135,6 @@ def test_remote_stop_only_touches_its_own_marked_processes(tmp_path):
     assert checked["supervisor"]["state"] == "stopped" and checked["supervisor"]["restarts"] == 0
 
 
-def _until(condition, timeout=60.0):
-    """Poll ``condition`` (a guard against hanging, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-
-
 def test_supervisor_restarts_an_exiting_worker_with_backoff_until_stopped(tmp_path):
     code = ("import sys; from rpicluster.deploy.supervise import Supervisor; "
             "sys.exit(Supervisor([sys.executable, '-c', 'raise SystemExit(3)'], "
@@ -149,8 +142,8 @@ def test_supervisor_restarts_an_exiting_worker_with_backoff_until_stopped(tmp_pa
     with open(tmp_path / "worker.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
     try:
-        _until(lambda: (remote.check(proc.pid, "-", str(tmp_path))["supervisor"] or {}).get(
-            "restarts", 0) >= 5)
+        wait_until(lambda: (remote.check(proc.pid, "-", str(tmp_path))["supervisor"] or {}).get(
+            "restarts", 0) >= 5, 60, what="the supervisor's fifth restart")
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
@@ -232,14 +225,16 @@ def test_status_says_when_a_worker_killed_outright_was_last_alive(tmp_path, home
                                 env=env, start_new_session=True)
     try:
         state_file = tmp_path / remote.SUPERVISOR_FILE
-        _until(state_file.exists)
+        wait_until(state_file.exists, 60, what=f"the supervisor's {state_file}")
         first = state_file.stat().st_mtime_ns
-        _until(lambda: state_file.stat().st_mtime_ns > first)     # the heartbeat
+        wait_until(lambda: state_file.stat().st_mtime_ns > first, 60,
+                   what="the supervisor's heartbeat rewriting its state file")
         assert json.loads(state_file.read_text())["state"] == "running"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    _until(lambda: not remote.check(proc.pid, "pi1", str(tmp_path))["alive"])
+    wait_until(lambda: not remote.check(proc.pid, "pi1", str(tmp_path))["alive"], 60,
+               what="the SIGKILLed group to be gone")
     checked = remote.check(proc.pid, "pi1", str(tmp_path))
     assert checked["supervisor"]["last_exit"] is None and checked["last_alive_ago"] >= 0
     state = ClusterState(cid="c", inventory="-", workers={"pi1": {"pid": proc.pid}})

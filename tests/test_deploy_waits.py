@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -19,7 +18,7 @@ from rpicluster.deploy.ssh import LocalConnection
 from rpicluster.deploy.state import ClusterState, cluster_id, load_state, node_to_json
 from rpicluster.errors import BootstrapError, ConfigError, SSHError
 from rpicluster.inventory import NodeSpec, load_inventory
-from rpicluster.testing import free_port
+from rpicluster.testing import free_port, wait_until
 
 #: Environment that makes a Dask process crash on every connection it accepts or makes.
 TOO_LOW = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP": "5s"}
@@ -89,10 +88,8 @@ def crashing_scheduler(tmp_path):
              "--port", str(port), "--dashboard-address", f"127.0.0.1:{free_port()}"],
             env={**os.environ, **TOO_LOW}, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        while not _answers(port):
-            assert proc.poll() is None and time.monotonic() < deadline, "scheduler did not start"
-            time.sleep(0.2)
+        wait_until(lambda: _answers(port), 60, what=f"the scheduler on port {port}",
+                   process=proc, interval=0.2)
         yield port
     finally:
         proc.send_signal(signal.SIGTERM)
