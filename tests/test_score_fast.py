@@ -1,0 +1,120 @@
+"""Small commands fast (issue 26): what a small in-process ``score`` imports, the model files
+read without skops, and the in-process and cluster paths saying the same things.
+
+Import graphs are asserted, never times: a cold ``score`` of digits' held-out store imports no
+skops (its import builds a list of every scikit-learn estimator), no Dask, no distributed.
+Real stores from scikit-learn's digits, real model files, a real in-process Dask cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sklearn.datasets import load_digits
+from sklearn.neural_network import MLPClassifier
+
+import rpicluster
+from rpicluster.cli import main
+from rpicluster.models.incremental import IncrementalKSGDClassifier
+from rpicluster.models.ksgd import KSGDClassifier
+from rpicluster.train.modelfile import load_model, save_model
+from rpicluster.train.modelread import read_model
+
+#: Modules a small in-process score has no use for (each took CPU on every cold score).
+NOT_FOR_A_SMALL_SCORE = ("skops", "dask", "distributed", "sklearn.model_selection",
+                         "sklearn.metrics", "numba", "pytest")
+
+
+@pytest.fixture
+def digits_split(home, tmp_path):
+    """README's quickstart: digits ingested with a 25 % held-out store, a model trained on it
+    in this process (no cluster running), all under an empty RPICLUSTER_HOME."""
+    train, test = tmp_path / "digits.zarr", tmp_path / "digits-test.zarr"
+    rpicluster.ingest("sklearn:digits", train, block_rows=600, test_fraction=0.25,
+                      test_out=test)
+    model = tmp_path / "digits.skops"
+    result = CliRunner().invoke(main, ["train", str(train), "-o", str(model), "--clusters", "2",
+                                       "--seed", "0"])
+    assert result.exit_code == 0, result.output
+    assert "this process" in result.output
+    return train, test, model
+
+
+def test_a_cold_small_score_imports_no_skops_dask_or_distributed(digits_split, home):
+    """A cold `rpicluster score MODEL digits-test.zarr` with no cluster running scores in this
+    process and never imports skops (whose import alone imported every scikit-learn estimator,
+    scipy.stats' and dask.array's users among them: 0.8 s of CPU of a 2.4 s score), dask or
+    distributed."""
+    _, test, model = digits_split
+    code = ("import sys, json\n"
+            "from rpicluster.cli import main\n"
+            "try:\n"
+            f"    main(['score', {str(model)!r}, {str(test)!r}])\n"
+            "except SystemExit as exc:\n"
+            "    assert not exc.code, exc.code\n"
+            "print(json.dumps(sorted(sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "RPICLUSTER_HOME": str(home)}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("accuracy: ") and "(449 held-out rows)" in lines[0]
+    loaded = json.loads(lines[-1])
+    assert "rpicluster.models.incremental" in loaded  # the model was loaded and used
+    unneeded = sorted(m for m in loaded if m.split(".")[0] in NOT_FOR_A_SMALL_SCORE
+                      or m.startswith(NOT_FOR_A_SMALL_SCORE))
+    assert unneeded == []
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    return X.astype(np.float32), y
+
+
+def _same(a, b, where="model"):
+    """``a`` and ``b`` are the same object graph: types, arrays (dtype and values), keys."""
+    assert type(a) is type(b), where
+    if isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype, where
+        np.testing.assert_array_equal(a, b, err_msg=where)
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            _same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    elif hasattr(a, "__dict__"):
+        _same(vars(a), vars(b), where)
+    else:
+        assert a == b or (a != a and b != b), where
+
+
+def test_rpicluster_model_files_read_without_skops_as_skops_reads_them(digits, home, tmp_path):
+    """Inc-kSGD and kSGD model files are rebuilt without skops into the very objects skops
+    builds (every attribute, array dtype and value; the same predictions); a scikit-learn
+    model file (MLP) is left to skops and still loads."""
+    import skops.io as sio
+
+    X, y = digits
+    models = {"inc": IncrementalKSGDClassifier(n_clusters=2, max_iter=2, random_state=0,
+                                               block_rows=600).fit(X, y),
+              "ksgd": KSGDClassifier(n_clusters=3, max_iter=2, random_state=0).fit(X, y)}
+    for name, model in models.items():
+        path = tmp_path / f"{name}.skops"
+        save_model(model, path)
+        ours = read_model(path)
+        assert ours is not None, name
+        _same(ours, sio.load(path, trusted=sio.get_untrusted_types(file=path)), name)
+        np.testing.assert_array_equal(load_model(path).predict(X), model.predict(X))
+    mlp = MLPClassifier((8,), random_state=0).partial_fit(X, y, classes=np.unique(y))
+    save_model(mlp, tmp_path / "mlp.skops")
+    assert read_model(tmp_path / "mlp.skops") is None
+    np.testing.assert_array_equal(load_model(tmp_path / "mlp.skops").predict(X), mlp.predict(X))
