@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 
-from rpicluster.errors import ConfigError
+from rpicluster.errors import ConfigError, TrainingStopped
 
 #: Module a scheduler preloads to serve the ``/rpicluster`` page (``dask scheduler --preload``,
 #: ``LocalCluster(scheduler_kwargs={"preload": [PRELOAD]})``). A name, not an import: the
@@ -54,7 +54,8 @@ PARTITIONED = "partitioned"  #: block clustered: block, rows, worker, seconds
 #: clusters are cluster .. cluster + clusters - 1; 1 when absent), rows, worker, seconds
 FITTED = "fitted"
 COMMITTED = "committed"  #: block model written to the run directory: block
-RUN_END = "run-end"  #: run finished (or failed): run_id, t
+#: run ended: run_id, t, outcome (:data:`OUTCOMES`; absent from older clients), reason
+RUN_END = "run-end"
 VALIDATION = "validation"  #: block model scored on the validation set: block, accuracy
 EXTRACTED = "extracted"  #: features of a block written: block, rows (images), worker, seconds
 #: what a run waits on changed: worker (the paused or silent workers, comma-separated, or None),
@@ -99,10 +100,27 @@ DONE = "done"  #: progress: items done (the terminal's count)
 TOTAL = "total"  #: progress: items in all
 STARTED = "started"  #: progress: when the terminal's count started (time.time())
 BASE = "base"  #: progress: items done before this run (resumed)
+OUTCOME = "outcome"  #: run-end: how the run ended (:data:`OUTCOMES`)
+REASON = "reason"  #: run-end: the one-line reason of a stopped or failed run
+
+#: How a run ends: the words of the run history, the page and ``rpicluster runs`` alike.
+OUTCOMES = ("done", "stopped", "failed")
 
 FIELDS = (KIND, RUN_ID, N_BLOCKS, N_CLUSTERS, BLOCK, CLUSTER, CLUSTERS, ROWS, WORKER, SECONDS,
           ACCURACY, RESUMED, T, MODE, MODEL, N_ROUNDS, ROUND_NO, PARTICIPANTS, LEFT_OUT, BYTES_DOWN,
-          BYTES_UP, LOSS, NOTE, DONE, TOTAL, STARTED, BASE)
+          BYTES_UP, LOSS, NOTE, DONE, TOTAL, STARTED, BASE, OUTCOME, REASON)
+
+
+def ending(exc: BaseException | None) -> dict:
+    """How a run that raised ``exc`` (None: it returned) ended, as the ``outcome`` and
+    ``reason`` fields of its :data:`RUN_END` event: ``done``; ``stopped`` (Ctrl-C, or a
+    :class:`~rpicluster.errors.TrainingStopped`: its work is kept for ``--resume``); or
+    ``failed``, each with the error's first line (500 characters at most)."""
+    if exc is None:
+        return {OUTCOME: "done"}
+    stopped = isinstance(exc, (KeyboardInterrupt, TrainingStopped))
+    reason = (str(exc).strip().splitlines() or [""])[0][:500] or type(exc).__name__
+    return {OUTCOME: "stopped" if stopped else "failed", REASON: reason}
 
 
 def progress_event(progress, run_id: str | None = None) -> dict:

@@ -33,8 +33,8 @@ import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from rpicluster import config
-from rpicluster.errors import ConfigError, RPiClusterWarning, TrainingStopped
+from rpicluster import config, events
+from rpicluster.errors import ConfigError, RPiClusterWarning
 
 #: Schema version, kept in SQLite's ``user_version``; a file with a higher one was written by a
 #: newer rpicluster and is neither read nor written.
@@ -44,7 +44,7 @@ SCHEMA_VERSION = 1
 KINDS = ("train", "federate", "features", "tune", "bench")
 #: Outcomes: a run is ``running`` until its context ends. A ``running`` run whose process is
 #: gone (on this host) reads as ``lost``.
-OUTCOMES = ("running", "done", "stopped", "failed")
+OUTCOMES = ("running", *events.OUTCOMES)
 
 #: Seconds a writer waits for another's transaction before giving up (SQLite's busy timeout).
 BUSY_TIMEOUT_S = 10.0
@@ -350,9 +350,8 @@ def recording(kind: str, *, params: Mapping | None = None, data: str | None = No
     try:
         yield recorder
     except BaseException as exc:
-        stopped = isinstance(exc, (KeyboardInterrupt, TrainingStopped))
-        recorder.finish("stopped" if stopped else "failed",
-                        str(exc) or type(exc).__name__)
+        end = events.ending(exc)
+        recorder.finish(end[events.OUTCOME], end[events.REASON])
         raise
     else:
         recorder.finish("done")

@@ -121,7 +121,7 @@ def test_state_resumed_run_counts_resumed_blocks_and_times_only_new_work():
     s.update(events[4:])
     s.feed(ev.make_event(ev.RUN_END, run_id="r", t=s.last_t))
     assert s.stages() == [(10, 10), (20, 20), (10, 10)]
-    assert (s.status(), s.fraction(), s.eta(now=1e9)) == ("finished", 1.0, 0.0)
+    assert (s.status(), s.fraction(), s.eta(now=1e9)) == ("done", 1.0, 0.0)
 
 
 def test_page_eta_agrees_with_the_terminal(monkeypatch):
@@ -151,14 +151,18 @@ def test_page_eta_agrees_with_the_terminal(monkeypatch):
 
 
 def test_state_run_that_ended_early_shows_what_it_did():
-    """A failed run (or a resumed one whose trainer does not send ``resumed``) stops short."""
-    s = TrainingState()
-    s.feed(ev.make_event(ev.RUN_START, run_id="r", n_blocks=4, n_clusters=2, t=0.0))
-    s.update(_tasks(4, 2, [0, 1], t0=1.0))
-    s.feed(ev.make_event(ev.RUN_END, run_id="r", t=s.last_t))
-    assert s.status() == "finished"
-    assert s.fraction() == pytest.approx(0.5)
-    assert s.eta(now=100.0) is None
+    """A failed run stops short and says so in the run history's words: the outcome its
+    ``run-end`` tells, or ``stopped`` for an older client's run-end without one."""
+    for end, status in (({}, "stopped"),
+                        (ev.ending(ValueError("block 2 is corrupted\nmore")), "failed")):
+        s = TrainingState()
+        s.feed(ev.make_event(ev.RUN_START, run_id="r", n_blocks=4, n_clusters=2, t=0.0))
+        s.update(_tasks(4, 2, [0, 1], t0=1.0))
+        s.feed(ev.make_event(ev.RUN_END, run_id="r", t=s.last_t, **end))
+        assert s.status() == status
+        assert s.fraction() == pytest.approx(0.5)
+        assert s.eta(now=100.0) is None
+    assert s.reason == "block 2 is corrupted"
 
 
 def test_state_counts_a_task_that_ran_twice_once_and_ignores_strangers():
@@ -180,7 +184,7 @@ def test_state_new_run_starts_afresh_and_run_end_finishes():
     assert s.run_id == "r2" and s.total_fits == 2 and s.accuracy == {0: 0.75}
     s.update(_tasks(2, 1, [1], t0=2005.0, run_id="r2"))
     s.feed(ev.make_event(ev.RUN_END, run_id="r2", t=2010.0))
-    assert (s.status(), s.fraction(), s.eta(now=3000.0)) == ("finished", 1.0, 0.0)
+    assert (s.status(), s.fraction(), s.eta(now=3000.0)) == ("done", 1.0, 0.0)
 
 
 def test_state_joined_mid_run_adopts_it_and_waits_without_events():
@@ -219,8 +223,9 @@ def test_features_state_counts_blocks_once_and_images_per_worker():
     f.feed(ev.make_event(ev.EXTRACTED, run_id="old", block=0, rows=999, worker="c", seconds=1))
     assert f.done == {1, 2, 3} and f.resumed == 1 and not f.finished
     assert f.images_per_second() == {"a": 50.0, "b": 25.0}
-    f.feed(ev.make_event(ev.RUN_END, run_id="r"))
-    assert f.finished
+    assert f.status() == "running"
+    f.feed(ev.make_event(ev.RUN_END, run_id="r", **ev.ending(KeyboardInterrupt())))
+    assert f.finished and (f.status(), f.reason) == ("stopped", "KeyboardInterrupt")
 
 
 def test_rounds_state_keeps_each_round_once_with_who_was_left_out():
@@ -246,8 +251,8 @@ def test_rounds_state_keeps_each_round_once_with_who_was_left_out():
     assert t["left_out"] == ["", "pi2: missed the 5 s round deadline; pi3: store has 32 features"]
     assert t["moved"] == [5000, 2500] and t["rows"] == [1200, 600]
     assert t["accuracy"][0] == 0.8 and t["accuracy"][1] != t["accuracy"][1]  # NaN: not scored
-    r.feed(e(ev.RUN_END, run_id="f"))
-    assert r.status() == "finished"
+    r.feed(e(ev.RUN_END, run_id="f", **ev.ending(None)))
+    assert r.status() == "done"
 
 
 def test_make_event_checks_the_schema():
@@ -541,3 +546,34 @@ def test_run_log_lists_runs_of_every_kind_newest_first():
     assert [(e["run"], e["kind"], e["what"]) for e in entries] == [
         ("f1", "federate", "sgd rounds"), ("r1", "train", "Inc-kSGD")]
     assert (entries[1]["done"], entries[1]["total"], entries[1]["accuracy"]) == (1, 4, 0.75)
+
+
+def test_run_list_says_the_history_outcome_words_for_every_kind():
+    """Inc-kSGD, round and feature runs all end in the run history's words (done, stopped,
+    failed) in the page's run list, from their run-end events; the history's outcome and
+    reason take over where it recorded the run."""
+    from rpicluster.dashboard.page import run_rows
+    from rpicluster.dashboard.state import RunLog
+
+    log = RunLog()
+    runs = ((TrainingState(), ev.TOPIC, [*_run("r1", t0=1000.0), ev.make_event(
+                ev.RUN_END, run_id="r1", t=1100.0, **ev.ending(None))]),
+            (RoundsState(), ev.ROUNDS_TOPIC, [
+                ev.make_event(ev.RUN_START, run_id="f1", mode="federated", model="sgd",
+                              n_rounds=3, t=2000.0),
+                ev.make_event(ev.RUN_END, run_id="f1", t=2100.0, **ev.ending(None))]),
+            (FeaturesState(), ev.FEATURES_TOPIC, [
+                ev.make_event(ev.RUN_START, run_id="x1", n_blocks=4, t=3000.0),
+                ev.make_event(ev.RUN_END, run_id="x1", t=3100.0,
+                              **ev.ending(KeyboardInterrupt()))]))
+    for state, topic, events in runs:
+        for e in events:
+            state.feed(e)
+            log.note(topic, state, e)
+    rows = run_rows(log, [], now=4000.0)
+    assert rows["kind"] == ["features", "federate", "train"]
+    assert rows["status"] == ["stopped: KeyboardInterrupt", "done", "done"]
+    recorded = [{"id": 7, "kind": "federate", "started": 1999.5, "ended": 2100.0,
+                 "outcome": "failed", "reason": "host pi3 left", "results": {}, "data": "d"}]
+    rows = run_rows(log, recorded, now=4000.0)
+    assert rows["run"][1] == "f1 (#7)" and rows["status"][1] == "failed: host pi3 left"

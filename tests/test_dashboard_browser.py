@@ -186,7 +186,7 @@ async def _watch_training(devtools_http: str, url: str, run_done, shots: Path) -
         await _screenshot(cdp, shots / "dashboard-rpicluster-live.png")
         await asyncio.to_thread(run_done)
         # The page follows the run to its end without a reload.
-        await cdp.wait_for(f"{_PAGE_STATE}.summary.includes('finished')", timeout=30)
+        await cdp.wait_for(f"{_PAGE_STATE}.summary.includes('<b>done</b>')", timeout=30)
         final = await cdp.evaluate(_PAGE_STATE)
         await _screenshot(cdp, shots / "dashboard-rpicluster.png")
         cdp.reader.cancel()
@@ -294,7 +294,7 @@ _ROUNDS_STATE = """(() => {
 
 async def _watch_rounds(devtools_http: str, url: str, runs, shots: Path) -> dict:
     """Open ``url``, then run each of ``runs`` (in a thread) and read the rounds part of the
-    page once its summary names that run's mode and says finished (no reload in between)."""
+    page once its summary names that run's mode and says done (no reload in between)."""
     seen = []
     async with _open_page(devtools_http, url) as cdp:
         await cdp.wait_for("window.Bokeh !== undefined && Bokeh.documents.length > 0 && "
@@ -303,7 +303,7 @@ async def _watch_rounds(devtools_http: str, url: str, runs, shots: Path) -> dict
         for mode, run in runs:
             result = await asyncio.to_thread(run)
             await cdp.wait_for(f"(s => s.summary.includes({json.dumps(mode)}) && "
-                               f"s.summary.includes('finished') && "
+                               f"s.summary.includes('<b>done</b>') && "
                                f"s.rounds.length === {len(result.rounds)})({_ROUNDS_STATE})",
                                timeout=30)
             seen.append((result, await cdp.evaluate(_ROUNDS_STATE)))
@@ -463,7 +463,8 @@ def test_page_tells_the_story_of_several_runs(home, cluster, chromium, digits, t
     # The current (latest) run on top, with its history number; the MLP run below it.
     assert s["kinds"][:2] == ["train", "train"]
     assert s["whats"][:2] == ["Inc-kSGD", "mlp rounds"]
-    assert s["runs"][0].endswith("(#1)") and s["statuses"][0] == "done"
+    # One word for how runs ended, whatever their kind: the run history's.
+    assert s["runs"][0].endswith("(#1)") and s["statuses"][:2] == ["done", "done"]
     assert s["progress"][:2] == [f"{train_store.n_blocks} / {train_store.n_blocks} blocks",
                                  "2 / 2 rounds"]
     assert s["accuracy"][0] == "–" and s["accuracy"][1] != "–"

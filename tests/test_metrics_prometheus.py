@@ -132,7 +132,7 @@ def test_prometheus_scrapes_the_cluster_during_a_training_run(local_cluster, pro
                           test=str(test.url), show_progress=False)
     # Scrapes land every second: wait for one after the run's end.
     deadline = time.monotonic() + 30
-    while not _query(api, 'rpicluster_run_info{status="finished"}'):
+    while not _query(api, 'rpicluster_run_info{status="done"}'):
         assert time.monotonic() < deadline, "no scrape saw the run finish"
         time.sleep(0.5)
 

@@ -275,7 +275,7 @@ class TrainingPage:
         blocks = sorted(s.accuracy)
         _set(self.accuracy_source, {"block": blocks, "accuracy": [s.accuracy[b] for b in blocks]})
         self.no_accuracy.visible = not blocks
-        text = _NO_ACCURACY if s.status() == "finished" else _NO_ACCURACY_YET
+        text = _NO_ACCURACY if s.finished is not None else _NO_ACCURACY_YET
         if self.no_accuracy.text != text:
             self.no_accuracy.text = text
         # Every block of the run on the axis from the start, so points fill it in as blocks are
@@ -449,11 +449,11 @@ def run_rows(runs: RunLog, recorded: list[dict], now: float) -> dict:
                    <= (r["ended"] or now) + 1), key=lambda r: r["started"], default=None)
         if rec is not None:
             matched.add(rec["id"])
-        status = e["status"]
+        # The history's outcome once it has one (it knows a failure from a stop), else the
+        # one the run's events told: the same words either way.
         if rec is not None and rec["outcome"] != "running":
-            status = rec["outcome"] + (f": {rec['reason']}" if rec["reason"] else "")
-        elif status == "finished" and e["total"] is not None and e["done"] < e["total"]:
-            status = "ended early"
+            e = {**e, "status": rec["outcome"], "reason": rec["reason"]}
+        status = e["status"] + (f": {e['reason']}" if e.get("reason") else "")
         total = e["total"] if e["total"] is not None else "?"
         entries.append({
             "run": e["run"] + (f" (#{rec['id']})" if rec else ""), "kind": e["kind"],
@@ -534,7 +534,7 @@ def _features_html(f: FeaturesState) -> str:
     rates = ", ".join(f"{html.escape(_short(w))} {r:,.1f}"
                       for w, r in f.images_per_second().items())
     return (f"<div style='font-size:15px;color:#333;margin-top:4px'>feature extraction run "
-            f"<b>{html.escape(f.run_id)}</b> · <b>{'finished' if f.finished else 'running'}</b>"
+            f"<b>{html.escape(f.run_id)}</b> · <b>{f.status()}</b>"
             f" · {done} / {f.n_blocks if f.n_blocks is not None else '?'} blocks"
             f" · images/s per worker: {rates or '–'}</div>")
 

@@ -24,6 +24,16 @@ from rpicluster import events as ev
 from rpicluster.progress import recent_eta
 
 
+def ended(event: dict, complete: bool) -> tuple[str, str | None]:
+    """(outcome, reason) of a run from its ``run-end`` event: the history's words (``done``,
+    ``stopped``, ``failed``). An event without an outcome (an older client) says ``done`` when
+    the run did all its work (``complete``), else ``stopped``."""
+    outcome = event.get(ev.OUTCOME)
+    if outcome not in ev.OUTCOMES:
+        outcome = "done" if complete else "stopped"
+    return outcome, event.get(ev.REASON)
+
+
 @dataclass
 class WorkerStats:
     """Rows a worker processed and the seconds its tasks took, per task kind."""
@@ -77,6 +87,8 @@ class TrainingState:
     #: (time, done) at each advance; None until the first such event.
     terminal: list | None = None
     terminal_total: int | None = None
+    outcome: str | None = None  # how the run ended (run-end), None while it runs
+    reason: str | None = None
 
     def update(self, events: Iterable[dict]) -> None:
         """Fold several events, oldest first (see :meth:`feed`)."""
@@ -135,6 +147,8 @@ class TrainingState:
         elif kind == ev.RUN_END:
             self.finished = t if t is not None else self.last_t
             self.alert = None
+            self.outcome, self.reason = ended(
+                event, self.n_blocks is not None and self.blocks_done() >= self.n_blocks)
         elif kind == ev.STALLED:
             self.alert = event.get(ev.NOTE)
         elif kind == ev.PROGRESS:
@@ -253,10 +267,11 @@ class TrainingState:
         return rows / elapsed if elapsed > 0 and rows else None
 
     def status(self) -> str:
-        """One word for the run: ``"waiting"``, ``"running"`` or ``"finished"``."""
+        """One word for the run: ``"waiting"``, ``"running"``, or how it ended (``"done"``,
+        ``"stopped"``, ``"failed"``: the run history's words)."""
         if self.run_id is None and self.n_events == 0:
             return "waiting"
-        return "finished" if self.finished is not None else "running"
+        return self.outcome if self.finished is not None else "running"
 
 
 @dataclass
@@ -271,6 +286,8 @@ class FeaturesState:
     n_blocks: int | None = None
     resumed: int = 0
     finished: bool = False
+    outcome: str | None = None
+    reason: str | None = None
     done: set = field(default_factory=set)
     images: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
@@ -295,6 +312,15 @@ class FeaturesState:
                 event.get(ev.SECONDS) or 0.0)
         elif kind == ev.RUN_END:
             self.finished = True
+            self.outcome, self.reason = ended(event, self.n_blocks is not None and
+                                              self.resumed + len(self.done) >= self.n_blocks)
+
+    def status(self) -> str:
+        """``"waiting"`` (no run yet), ``"running"``, or how the run ended (``"done"``,
+        ``"stopped"``, ``"failed"``)."""
+        if self.run_id is None:
+            return "waiting"
+        return self.outcome if self.finished else "running"
 
     def images_per_second(self) -> dict:
         """Images per second of task time, by worker."""
@@ -313,6 +339,8 @@ class RoundsState:
     n_rounds: int | None = None
     resumed: int = 0
     finished: bool = False
+    outcome: str | None = None
+    reason: str | None = None
     rounds: dict = field(default_factory=dict)
 
     def feed(self, event: dict) -> None:
@@ -333,12 +361,15 @@ class RoundsState:
                                                      if k not in (ev.KIND, ev.RUN_ID)}
         elif kind == ev.RUN_END:
             self.finished = True
+            # A stopping rule may end a run before n_rounds: without an outcome, done.
+            self.outcome, self.reason = ended(event, True)
 
     def status(self) -> str:
-        """``"waiting"`` (no run yet), ``"running"`` or ``"finished"``."""
+        """``"waiting"`` (no run yet), ``"running"``, or how the run ended (``"done"``,
+        ``"stopped"``, ``"failed"``)."""
         if self.run_id is None:
             return "waiting"
-        return "finished" if self.finished else "running"
+        return self.outcome if self.finished else "running"
 
     def table(self) -> dict:
         """Columns of the rounds table, oldest round first: round, participants, left out (each
@@ -389,11 +420,11 @@ class RunLog:
                          done=len(state.rounds), total=state.n_rounds, unit="rounds",
                          accuracy=last.get(ev.ACCURACY))
         else:
-            entry.update(kind="features", what="feature extraction",
-                         status="finished" if state.finished else "running",
+            entry.update(kind="features", what="feature extraction", status=state.status(),
                          done=state.resumed + len(state.done), total=state.n_blocks,
                          unit="blocks", accuracy=None)
-        if entry["status"] == "finished" and entry["ended"] is None:
+        entry["reason"] = state.reason
+        if state.finished and entry["ended"] is None:
             entry["ended"] = t
 
     def newest_first(self) -> list[dict]:

@@ -349,17 +349,18 @@ def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_siz
         except (CancelledError, KilledWorker, _Stalled, OSError, TimeoutError) as exc:
             # Workers restarted (all at once: every task is forgotten), stayed paused for
             # memory, or the scheduler went away: the recorded blocks are kept for --resume.
-            _stop(client, futures, log)
             why = (str(exc) if isinstance(exc, _Stalled) else
                    f"the workers restarted or left ({type(exc).__name__})")
-            raise TrainingStopped(f"the features run stopped: {why}; {url} keeps {len(done)} "
-                                  f"of {n_blocks} blocks and is marked incomplete",
-                                  run_dir=url) from None
-        except BaseException:
-            _stop(client, futures, log)
+            stopped = TrainingStopped(f"the features run stopped: {why}; {url} keeps "
+                                      f"{len(done)} of {n_blocks} blocks and is marked "
+                                      "incomplete", run_dir=url)
+            _stop(client, futures, log, stopped)
+            raise stopped from None
+        except BaseException as exc:
+            _stop(client, futures, log, exc)
             raise
     writer.finish()
-    log(ev.RUN_END)
+    log(ev.RUN_END, **ev.ending(None))
     _release(client)
     return FeaturesResult(store=open_dataset(url, storage_options), model=frozen.name,
                           sha256=frozen.sha256, input_size=size,
@@ -399,10 +400,10 @@ def _release(client) -> None:
         pass
 
 
-def _stop(client, futures, log) -> None:
+def _stop(client, futures, log, exc: BaseException) -> None:
     try:
         client.cancel(futures)
-        log(ev.RUN_END)
+        log(ev.RUN_END, **ev.ending(exc))
     except Exception:  # noqa: BLE001 - the scheduler may be gone: nothing to cancel
         pass
     _release(client)

@@ -570,10 +570,10 @@ class TrainingRun:
             try:
                 self._loop()
                 self._drain_writes(wait=True)
-            except BaseException:
+            except BaseException as exc:
                 for blk in self.in_flight.values():
                     self.client.cancel(blk.futures)
-                _log(self.client, ev.RUN_END, run_id=self.run_id)
+                _log(self.client, ev.RUN_END, run_id=self.run_id, **ev.ending(exc))
                 raise
             finally:
                 unpublish()
@@ -583,7 +583,7 @@ class TrainingRun:
         est.estimators_ = [self.done[b] for b in range(ds.n_blocks)]
         est.classes_ = self.classes
         est.n_features_in_ = int(ds.n_features)
-        _log(self.client, ev.RUN_END, run_id=self.run_id)
+        _log(self.client, ev.RUN_END, run_id=self.run_id, **ev.ending(None))
         return TrainResult(model=est, seconds=time.perf_counter() - t0,
                            trained_blocks=self.todo, resumed_blocks=self.resumed,
                            tasks_per_worker=self.counts, rows_per_worker=self.rows,

@@ -158,9 +158,9 @@ class RoundEvents:
             self.round(report)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, exc, tb) -> None:
         # May fail in turn (a lost scheduler); the run's own error stays in the chain.
-        self._log(ev.RUN_END)
+        self._log(ev.RUN_END, **ev.ending(exc))
 
     def round(self, report: dict) -> None:
         """Publish one finished round's report (the fields the page shows)."""
