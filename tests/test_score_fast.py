@@ -46,16 +46,13 @@ def digits_split(home, tmp_path):
     return train, test, model
 
 
-def test_a_cold_small_score_imports_no_skops_dask_or_distributed(digits_split, home):
-    """A cold `rpicluster score MODEL digits-test.zarr` with no cluster running scores in this
-    process and never imports skops (whose import alone imported every scikit-learn estimator,
-    scipy.stats' and dask.array's users among them: 0.8 s of CPU of a 2.4 s score), dask or
-    distributed."""
-    _, test, model = digits_split
+def _cold(home, *args) -> tuple[list[str], list[str]]:
+    """``rpicluster ARGS`` in a new Python process: its output lines and the modules it
+    imported."""
     code = ("import sys, json\n"
             "from rpicluster.cli import main\n"
             "try:\n"
-            f"    main(['score', {str(model)!r}, {str(test)!r}])\n"
+            f"    main({[str(a) for a in args]!r})\n"
             "except SystemExit as exc:\n"
             "    assert not exc.code, exc.code\n"
             "print(json.dumps(sorted(sys.modules)))\n")
@@ -63,12 +60,31 @@ def test_a_cold_small_score_imports_no_skops_dask_or_distributed(digits_split, h
                          env={**os.environ, "RPICLUSTER_HOME": str(home)}, timeout=300)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
+    return lines[:-1], json.loads(lines[-1])
+
+
+def test_a_cold_small_score_imports_no_skops_dask_or_distributed(digits_split, home):
+    """A cold `rpicluster score MODEL digits-test.zarr` with no cluster running scores in this
+    process and never imports skops (whose import alone imported every scikit-learn estimator,
+    scipy.stats' and dask.array's users among them: 0.8 s of CPU of a 2.4 s score), dask or
+    distributed."""
+    _, test, model = digits_split
+    lines, loaded = _cold(home, "score", model, test)
     assert lines[0].startswith("accuracy: ") and "(449 held-out rows)" in lines[0]
-    loaded = json.loads(lines[-1])
     assert "rpicluster.models.incremental" in loaded  # the model was loaded and used
     unneeded = sorted(m for m in loaded if m.split(".")[0] in NOT_FOR_A_SMALL_SCORE
                       or m.startswith(NOT_FOR_A_SMALL_SCORE))
     assert unneeded == []
+
+
+def test_a_cold_small_train_imports_no_distributed(digits_split, home, tmp_path):
+    """A cold `rpicluster train` of a small store with no cluster running trains in this
+    process without importing distributed (it was imported to quiet its loggers and for the
+    run's result class: a second of a cold train)."""
+    train, _, _ = digits_split
+    lines, loaded = _cold(home, "train", train, "-o", tmp_path / "cold.skops", "--clusters", 2)
+    assert "this process" in "\n".join(lines)
+    assert [m for m in loaded if m.split(".")[0] == "distributed"] == []
 
 
 @pytest.fixture(scope="module")

@@ -128,11 +128,17 @@ def announce(ref) -> None:
 
 
 def cluster_choice(scheduler, inventory, local):
-    """The cluster the options name, announced when it is resolved."""
+    """The cluster the options name, announced when it is resolved (and Dask's logs quieted
+    then, when the command asked: :func:`quiet_dask_logs`)."""
     from rpicluster.train.api import ClusterChoice
 
+    def resolved(ref) -> None:
+        if _quiet_logs:
+            _quiet_dask_logs_now()
+        announce(ref)
+
     return ClusterChoice(scheduler=scheduler, inventory=inventory, local=local,
-                         announce=announce)
+                         announce=resolved)
 
 
 # --- how a stopped run ends ---
@@ -185,10 +191,24 @@ def exit_interrupted(command: list[str], options, stores: list[str]) -> None:
     sys.exit(130)
 
 
+_quiet_logs = False
+
+
 def quiet_dask_logs() -> None:
     """A run that stops (Ctrl-C, lost scheduler) makes Dask's client log its own reconnect
     attempts and callback tracebacks while it cleans up; the one line of
-    :func:`exit_stopped` says it all."""
+    :func:`exit_stopped` says it all.
+
+    Quiets them now if distributed is imported, else once the command reaches a cluster
+    (:func:`cluster_choice`): a small store runs in this process without importing it (a
+    second of a cold ``train``)."""
+    global _quiet_logs
+    _quiet_logs = True
+    if "distributed" in sys.modules:
+        _quiet_dask_logs_now()
+
+
+def _quiet_dask_logs_now() -> None:
     import logging
 
     import distributed  # noqa: F401 - configures its loggers on import; ours must come after

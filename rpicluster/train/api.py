@@ -22,8 +22,8 @@ from rpicluster.train.checks import (check_not_pixels, check_scoreable, fingerpr
 from rpicluster.train.modelfile import load_model, save_model
 from rpicluster.train.rundir import RunDir
 
-if TYPE_CHECKING:  # the job imports distributed: only commands that use a cluster load it
-    from rpicluster.train.job import TrainResult
+if TYPE_CHECKING:
+    from rpicluster.train.result import TrainResult
 
 
 @dataclasses.dataclass
@@ -210,7 +210,7 @@ def _train_here(estimator, dataset, model_path: Path, run_dir: Path, overwrite: 
     import time
     from collections import Counter
 
-    from rpicluster.train.job import TrainResult
+    from rpicluster.train.result import TrainResult  # not from job: it imports distributed
 
     with RunDir(run_dir) as run:  # still owned: a second run into it is refused
         if overwrite:
