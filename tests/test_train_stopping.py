@@ -101,7 +101,34 @@ def test_holdout_rows():
         holdout_rows(10, 1.5)
 
 
+def test_holdout_blocks_are_a_seeded_draw_that_a_resume_repeats():
+    from rpicluster.errors import DataError
+    from rpicluster.train.stopping import holdout_blocks
+
+    train, held = holdout_blocks(10, 0.25, "s.zarr", seed=3)
+    assert len(held) == 3 and sorted(train + held) == list(range(10))
+    assert holdout_blocks(10, 0.25, "s.zarr", seed=3) == (train, held)  # same seed, same split
+    assert any(holdout_blocks(10, 0.25, "s.zarr", seed=s)[1] != held for s in range(4, 9))
+    assert holdout_blocks(10, 0.25, "s.zarr") == (list(range(7)), [7, 8, 9])  # no seed: last
+    assert holdout_blocks(2, 0.9, "s.zarr", seed=0)[0] != []  # one block is left to train on
+    with pytest.raises(DataError, match=r"^s.zarr has 1 block: none can be held out for "
+                       r"scoring \(validation_fraction=0.1\); ingest it with a smaller "
+                       r"--block-rows, or pass --test$"):
+        holdout_blocks(1, 0.1, "s.zarr", seed=0, instead="--test")
+    with pytest.raises(ConfigError, match="validation_fraction must be a number in"):
+        holdout_blocks(10, 0.0, "s.zarr")
+
+
 # --- wired into the round engine, on a real cluster ---
+
+class Killed(Exception):
+    """Ends a run from ``on_round``, as a killed desktop client would."""
+
+
+def kill_after_two(report):
+    if report["round"] == 2:
+        raise Killed
+
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
@@ -137,13 +164,6 @@ def test_rounds_stop_by_the_rule_and_a_resumed_run_stops_on_the_same_round(digit
                                    "for 2 rounds")
     assert len(full.rounds) == whole.state.best_round + 2 < 40
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_two(report):
-        if report["round"] == 2:
-            raise Killed
-
     with pytest.raises(Killed):
         train_averaged(ds, client, **kw, stop=RoundStopper(rule), run_dir=tmp_path / "cut",
                        on_round=kill_after_two)
@@ -169,7 +189,134 @@ def test_cli_train_says_why_it_stopped(digits, cluster, tmp_path):
         in res.output
     res = CliRunner().invoke(main, [*args[:5], "inc-ksgd", *args[6:8], "--tol", "none",
                                     "--overwrite", "--scheduler", cluster.scheduler_address])
-    assert res.exit_code == 2 and "--tol and --n-iter-no-change are for --model mlp" in res.output
+    assert res.exit_code == 2 and ("--tol, --n-iter-no-change and --validation-fraction are for "
+                                   "--model mlp") in res.output
+
+
+def test_validation_fraction_holds_out_blocks_and_a_resume_gives_the_same_model(
+        digits, client, tmp_path):
+    """scikit-learn's early_stopping: a seeded quarter of the blocks is never trained on and
+    its accuracy is what the rule watches; a run killed after 2 rounds and resumed holds out
+    the same blocks and ends on the same round with the same model."""
+    import numpy as np
+
+    from rpicluster import open_dataset
+    from rpicluster.train.averaging import score_on_cluster, train_averaged
+    from rpicluster.train.stopping import RoundStopper
+
+    ds = open_dataset(digits / "train.zarr")
+    assert ds.n_blocks == 4
+    rule = StopRule(tol=0.01, n_iter_no_change=3, max_rounds=40, monitor="score")
+    kw = dict(model="sgd", params={"random_state": 0}, rounds=40, validation_fraction=0.25)
+    whole = RoundStopper(rule)
+    full = train_averaged(ds, client, **kw, stop=whole, run_dir=tmp_path / "full")
+    assert len(full.held_out) == 1
+    [held] = full.held_out
+    start, stop = ds.block_slice(held)
+    assert all(r["rows"] == ds.n_rows - (stop - start) for r in full.rounds)  # not trained on
+    assert full.rounds[-1]["accuracy"] == score_on_cluster(full.model, ds, client,
+                                                           blocks=[held])
+    assert whole.reason.startswith("converged: validation score did not improve by tol=0.01")
+    assert 2 < len(full.rounds) == whole.state.rounds < 40
+
+    with pytest.raises(Killed):
+        train_averaged(ds, client, **kw, stop=RoundStopper(rule), run_dir=tmp_path / "cut",
+                       on_round=kill_after_two)
+    again = RoundStopper(rule)
+    resumed = train_averaged(ds, client, **{**kw, "validation_fraction": None}, stop=again,
+                             run_dir=tmp_path / "cut", resume=True)  # the recorded fraction
+    assert resumed.held_out == full.held_out and again.state == whole.state
+    np.testing.assert_array_equal(resumed.model.coef_, full.model.coef_)
+    with pytest.raises(ConfigError, match="validation_fraction was 0.25 in the run, now 0.5"):
+        train_averaged(ds, client, **{**kw, "validation_fraction": 0.5},
+                       run_dir=tmp_path / "cut", resume=True)
+
+
+def test_cli_validation_fraction(digits, cluster, tmp_path):
+    """train --validation-fraction: the rounds table's accuracy is the held-out blocks', the
+    test store is scored once at the end; a one-block store is refused in one line before
+    any cluster is contacted (the scheduler given does not exist)."""
+    import numpy as np
+    from click.testing import CliRunner
+
+    from rpicluster import ingest
+    from rpicluster.cli import main
+
+    args = ["train", str(digits / "train.zarr"), "-o", str(tmp_path / "m.skops"), "--model",
+            "sgd", "--seed", "0", "--validation-fraction", "0.25", "--tol", "0.01",
+            "--n-iter-no-change", "2", "--test", str(digits / "test.zarr"),
+            "--scheduler", cluster.scheduler_address]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "held out for the stopping rule (accuracy column): blocks " in res.output
+    assert "stopped: converged: validation score did not improve by tol=0.01 for 2 rounds" \
+        in res.output
+    assert "test accuracy: 0." in res.output
+
+    X = np.random.default_rng(0).random((50, 4), dtype=np.float32)
+    np.savez(tmp_path / "one.npz", X=X, y=np.arange(50) % 2)
+    ingest(str(tmp_path / "one.npz"), tmp_path / "one.zarr")
+    res = CliRunner().invoke(main, ["train", str(tmp_path / "one.zarr"), "-o",
+                                    str(tmp_path / "one.skops"), "--model", "mlp",
+                                    "--validation-fraction", "0.1",
+                                    "--scheduler", "tcp://127.0.0.1:9"])
+    assert res.exit_code == 1
+    assert res.output.strip().endswith("has 1 block: none can be held out for scoring "
+                                       "(validation_fraction=0.1); ingest it with a smaller "
+                                       "--block-rows, or pass a test store (--test) to watch "
+                                       "instead"), res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_federated_validation_fraction_each_host_holds_out_its_own_blocks(tmp_path):
+    """federate with a validation fraction: every host trains on all but a seeded draw of its
+    blocks and scores the global model on those; a host whose store has one block is named
+    and left out; a killed run resumes to the same model."""
+    import numpy as np
+    from distributed import Client, LocalCluster
+    from sklearn.datasets import load_digits
+
+    from rpicluster import ingest, open_dataset
+    from rpicluster.train.federated import federate_on, host_split
+    from rpicluster.train.stopping import RoundStopper
+
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16.0).astype(np.float32)
+    hosts = {}
+    for h, idx in enumerate((slice(0, 900), slice(900, 1797))):
+        np.savez(tmp_path / f"h{h}.npz", X=X[idx], y=y[idx])
+        ingest(str(tmp_path / f"h{h}.npz"), tmp_path / f"h{h}.zarr", block_rows=150)
+        hosts[str(h)] = str(tmp_path / f"h{h}.zarr")
+    np.savez(tmp_path / "h2.npz", X=X[:100], y=y[:100])
+    ingest(str(tmp_path / "h2.npz"), tmp_path / "h2.zarr")
+    hosts["2"] = str(tmp_path / "h2.zarr")
+    rule = StopRule(tol=0.01, n_iter_no_change=2, max_rounds=30, monitor="score")
+    kw = dict(model="sgd", params={"random_state": 0}, rounds=30, validation_fraction=0.2)
+
+    with LocalCluster(n_workers=3, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        whole = RoundStopper(rule)
+        full = federate_on(client, hosts, **kw, stop=whole, run_dir=tmp_path / "full")
+        with pytest.raises(Killed):
+            federate_on(client, hosts, **kw, stop=RoundStopper(rule), run_dir=tmp_path / "cut",
+                        on_round=kill_after_two)
+        again = RoundStopper(rule)
+        resumed = federate_on(client, hosts, **kw, stop=again, run_dir=tmp_path / "cut",
+                              resume=True)
+    assert "has 1 block: none can be held out" in full.excluded["2"]
+    # 6 blocks of 150 rows each (the second host's last: 147); 2 held out per host, drawn
+    # with the run's seed and the host's name.
+    trained = 0
+    for h in "01":
+        ds = open_dataset(hosts[h])
+        train, held = host_split(ds, (0.2, 0, h))
+        assert ds.n_blocks == 6 and len(held) == 2
+        trained += sum(np.subtract(*ds.block_slice(b)[::-1]) for b in train)
+    assert all(r["rows"] == trained for r in full.rounds)
+    assert all(0.5 < r["accuracy"] <= 1 for r in full.rounds)
+    assert whole.reason.startswith("converged: validation score did not improve by tol=0.01")
+    assert resumed.resumed_rounds == 2 and again.state == whole.state
+    np.testing.assert_array_equal(resumed.model.coef_, full.model.coef_)
 
 
 @pytest.mark.timeout(900)

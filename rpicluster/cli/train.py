@@ -38,7 +38,13 @@ class _Tol(click.ParamType):
 
 
 def stopping_options(f):
-    """--tol / --n-iter-no-change: scikit-learn's stopping rule for round-based training."""
+    """--tol / --n-iter-no-change / --validation-fraction: scikit-learn's stopping rule for
+    round-based training."""
+    f = click.option("--validation-fraction", type=click.FloatRange(0, 1, min_open=True,
+                                                                     max_open=True),
+                     metavar="F", help="mlp/sgd: hold out a seeded fraction F of the blocks "
+                     "(of every host's store, for federate): never trained on, scored every "
+                     "round for --tol (scikit-learn's early_stopping; default: off).")(f)
     f = click.option("--n-iter-no-change", type=click.IntRange(min=1),
                      help="mlp/sgd: rounds without an improvement of --tol before the run "
                      "stops (default: scikit-learn's, 10 for mlp, 5 for sgd).")(f)
@@ -102,7 +108,7 @@ def stopping_options(f):
 @cluster_options
 def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, allow_skewed, allow_pixels,
               scheduler, inventory, local, kind, hidden, rounds, local_epochs, sync, tol,
-              n_iter_no_change, **params):
+              n_iter_no_change, validation_fraction, **params):
     """Train a model on a Zarr store DATA (made by `rpicluster ingest`)."""
     import warnings
 
@@ -119,7 +125,8 @@ def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, allow_skew
                                    resume_dir is not None, overwrite, test,
                                    cluster_choice(scheduler, inventory, local), kind, hidden,
                                    rounds, local_epochs, sync, params,
-                                   {"tol": tol, "n_iter_no_change": n_iter_no_change})
+                                   {"tol": tol, "n_iter_no_change": n_iter_no_change,
+                                    "validation_fraction": validation_fraction})
         except TrainingStopped as exc:
             exit_stopped(exc, ["train", data, "-o", model_path],
                          (("--model", kind), ("--rounds", rounds),
@@ -127,13 +134,14 @@ def train_cmd(data, model_path, run_dir, resume_dir, test, overwrite, allow_skew
                           ("--tol", "none" if tol is None else
                            (None if tol == "default" else tol)),
                           ("--n-iter-no-change", n_iter_no_change),
+                          ("--validation-fraction", validation_fraction),
                           ("--scheduler", scheduler), ("-c", inventory), ("--local", local),
                           ("--test", test), ("--overwrite", overwrite)))
     if hidden is not None:
         raise click.UsageError("--hidden is for --model mlp")
-    if tol != "default" or n_iter_no_change is not None:
-        raise click.UsageError("--tol and --n-iter-no-change are for --model mlp or sgd "
-                               "(Inc-kSGD trains each block for --epochs)")
+    if tol != "default" or n_iter_no_change is not None or validation_fraction is not None:
+        raise click.UsageError("--tol, --n-iter-no-change and --validation-fraction are for "
+                               "--model mlp or sgd (Inc-kSGD trains each block for --epochs)")
     quiet_dask_logs()
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -186,6 +194,9 @@ def _train_averaged(data, model_path, run_dir, resume, overwrite, test, cluster,
                  "" if x["loss"] is None else f"{x['loss']:.4f}",
                  "" if x["accuracy"] is None else f"{x['accuracy']:.4f}"]
                 for x in r.rounds[r.resumed_rounds:]])
+    if r.held_out:
+        click.echo(f"held out for the stopping rule (accuracy column): blocks "
+                   f"{', '.join(map(str, r.held_out))} of {data}")
     click.echo(f"stopped: {summary.stopped}")
     if summary.test_accuracy is not None:
         click.echo(f"test accuracy: {summary.test_accuracy:.4f}")
@@ -228,7 +239,7 @@ def _train_averaged(data, model_path, run_dir, resume, overwrite, test, cluster,
               help="Replace an existing model file (and start its run directory afresh).")
 def federate_cmd(inventory, model_path, kind, data, hidden, rounds, local_epochs, fraction,
                  min_clients, round_timeout, validation, run_dir, resume_dir, overwrite, tol,
-                 n_iter_no_change, **params):
+                 n_iter_no_change, validation_fraction, **params):
     """Federated averaging: each host trains on its own store, only weights travel."""
     from rpicluster.errors import TrainingStopped
     from rpicluster.train.averaging import averaged_params
@@ -256,13 +267,15 @@ def federate_cmd(inventory, model_path, kind, data, hidden, rounds, local_epochs
                                   validation=validation, run_dir=resume_dir or run_dir,
                                   resume=resume_dir is not None, overwrite=overwrite,
                                   show_progress=False, on_round=show, tol=tol,
-                                  n_iter_no_change=n_iter_no_change)
+                                  n_iter_no_change=n_iter_no_change,
+                                  validation_fraction=validation_fraction)
     except TrainingStopped as exc:
         exit_stopped(exc, ["federate", "-c", inventory, "-o", model_path],
                      (("--model", kind), ("--data", data), ("--rounds", rounds),
                       ("--local-epochs", local_epochs), ("--fraction", fraction),
                       ("--tol", "none" if tol is None else (None if tol == "default" else tol)),
                       ("--n-iter-no-change", n_iter_no_change),
+                      ("--validation-fraction", validation_fraction),
                       ("--min-clients", min_clients), ("--round-timeout", round_timeout),
                       ("--validation", validation), ("--overwrite", overwrite)))
     click.echo(f"federated {len(result.rounds) - result.resumed_rounds} rounds"

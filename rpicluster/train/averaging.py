@@ -37,7 +37,7 @@ from rpicluster.errors import ConfigError, OptionsError, RPiClusterError, Traini
 from rpicluster.models.ksgd import task_seed
 from rpicluster.progress import Progress
 from rpicluster.train.engine import Strategy, is_fitted, recorded_run, run_params, run_rounds
-from rpicluster.train.stopping import MAX_ROUNDS, RoundStopper, default_rule
+from rpicluster.train.stopping import MAX_ROUNDS, RoundStopper, default_rule, holdout_blocks
 from rpicluster.train.watch import ClusterWatch
 
 #: Estimators this module trains, by the name the CLI uses.
@@ -281,6 +281,7 @@ class AveragingResult:
     resumed_rounds: int
     seconds: float
     run_dir: Path | None = None
+    held_out: list[int] = dataclasses.field(default_factory=list)  # blocks scored, not trained
 
 
 def shard_blocks(n_blocks: int, n_shards: int) -> list[list[int]]:
@@ -336,7 +337,8 @@ def train_averaged(dataset, client, *, model: str = "mlp", params: dict | None =
                    shards: int | None = None, run_dir=None, resume: bool = False,
                    validation=None, workers: list[str] | None = None,
                    progress: Progress | None = None, on_round=None,
-                   overwrite: bool = False, stop=None) -> AveragingResult:
+                   overwrite: bool = False, stop=None,
+                   validation_fraction: float | None = None) -> AveragingResult:
     """Train ``model`` on a Zarr ``dataset`` by averaging local ``partial_fit`` runs.
 
     Parameters
@@ -365,6 +367,10 @@ def train_averaged(dataset, client, *, model: str = "mlp", params: dict | None =
         Start afresh in a ``run_dir`` that holds finished rounds (refused otherwise).
     validation : Dataset, optional
         Scored on the cluster after every round (``accuracy`` in the round report).
+    validation_fraction : float, optional
+        Hold out this fraction of the store's blocks (a draw seeded by ``random_state``, as
+        scikit-learn's ``early_stopping``): never trained on, scored after every round instead
+        of ``validation``. A resumed run keeps the recorded value and so the same blocks.
     workers : list of str, optional
         Run on these workers only (e.g. one step of a scaling benchmark).
     progress : Progress, optional
@@ -395,24 +401,36 @@ def train_averaged(dataset, client, *, model: str = "mlp", params: dict | None =
     rundir = RoundDir(run_dir) if run_dir is not None else None
     recorded = recorded_run(rundir, model, resume)
     params = run_params(model, params, recorded, make_estimator)
+    if validation_fraction is None:
+        validation_fraction = recorded.get("validation_fraction")
+    train_blocks, held_out = list(range(dataset.n_blocks)), []
+    if validation_fraction is not None:
+        if validation is not None:
+            raise ConfigError("give a validation store or a validation_fraction, not both")
+        train_blocks, held_out = holdout_blocks(
+            dataset.n_blocks, validation_fraction, dataset.url, seed=params["random_state"],
+            instead="a test store (--test) to watch instead")
     progress = progress or Progress.null()
     watch = ClusterWatch(client, progress, workers=workers)
     watch.wait_for_workers(f"{rounds} rounds to train")
     n_workers = len(workers) if workers else max(1, len(client.scheduler_info()["workers"]))
     if shards is None:
         shards = recorded.get("shards", n_workers)
-    rounds_of = _AveragingRounds(client, dataset, shard_blocks(dataset.n_blocks, shards), params,
-                                 sync, int(local_epochs), workers, watch, validation)
+    shards_of = [[train_blocks[i] for i in s] for s in shard_blocks(len(train_blocks), shards)]
+    rounds_of = _AveragingRounds(client, dataset, shards_of, params, sync, int(local_epochs),
+                                 workers, watch, validation, held_out)
     meta = {"kind": "averaging", "model": model, "params": params, "sync": sync,
             "local_epochs": int(local_epochs), "shards": len(rounds_of.shards),
             "dataset": dataset_identity(dataset)}
+    if held_out:
+        meta.update(validation_fraction=float(validation_fraction), held_out=held_out)
     global_model, history, resumed = run_rounds(
         rounds_of, client, model=model, rounds=rounds, rundir=rundir, meta=meta, resume=resume,
         overwrite=overwrite, expected=cls, initial_model=lambda: make_estimator(model, params),
         progress=progress, on_round=on_round, stop=stop)
     return AveragingResult(model=global_model, rounds=history, resumed_rounds=resumed,
                            seconds=time.perf_counter() - t0,
-                           run_dir=rundir.path if rundir else None)
+                           run_dir=rundir.path if rundir else None, held_out=held_out)
 
 
 class _AveragingRounds(Strategy):
@@ -424,10 +442,13 @@ class _AveragingRounds(Strategy):
     nothing_trained = "no round ran: rounds must exceed the rounds already finished"
 
     def __init__(self, client, dataset, shards: list[list[int]], params: dict, sync: str,
-                 local_epochs: int, workers, watch: ClusterWatch, validation):
+                 local_epochs: int, workers, watch: ClusterWatch, validation,
+                 held_out: list[int]):
         self.client, self.dataset, self.shards, self.sync = client, dataset, shards, sync
         self.local_epochs, self.workers, self.watch = local_epochs, workers, watch
-        self.validation, self.params = validation, params
+        self.validation, self.params, self.held_out = validation, params, held_out
+        self.train_rows = int(sum(np.subtract(*dataset.block_slice(b)[::-1])
+                                  for s in shards for b in s))
         self.seed = int(params["random_state"])
         self.classes = np.asarray(dataset.classes)
         self.prefix = f"rpicluster-avg-{uuid.uuid4().hex[:8]}"
@@ -490,27 +511,37 @@ class _AveragingRounds(Strategy):
         losses = stepper.losses
         report = {
             "round": r + 1, "seconds": time.perf_counter() - t_round, "steps": steps,
-            "rows": int(dataset.n_rows) * self.local_epochs,
+            "rows": self.train_rows * self.local_epochs,
             "bytes_down": stepper.bytes_down, "bytes_up": stepper.bytes_up,
             "loss": (sum(l * n for l, n in losses) / sum(n for _, n in losses)
                      if losses else None),
-            "accuracy": (score_on_cluster(global_model, self.validation, client, self.where)
-                         if self.validation is not None else None),
+            "accuracy": self.score(global_model),
             "busy": stepper.busy, "participants": sorted(stepper.busy),
         }
         return global_model, report
+
+    def score(self, model) -> float | None:
+        """The round's monitored accuracy: on the held-out blocks, or the validation store."""
+        if self.held_out:
+            return score_on_cluster(model, self.dataset, self.client, self.where,
+                                    blocks=self.held_out)
+        if self.validation is not None:
+            return score_on_cluster(model, self.validation, self.client, self.where)
+        return None
 
     def close(self) -> None:
         if self.shard_data is not None:
             self.client.cancel(self.shard_data)
 
 
-def score_on_cluster(model, dataset, client, where: dict | None = None) -> float:
-    """Accuracy of ``model`` on ``dataset``, block by block on the workers."""
+def score_on_cluster(model, dataset, client, where: dict | None = None,
+                     blocks: list[int] | None = None) -> float:
+    """Accuracy of ``model`` on ``dataset`` (its ``blocks``; default all), block by block on
+    the workers."""
     [remote] = client.scatter([model], broadcast=True, hash=False,
                               **({"workers": where["workers"]} if where else {}))
     futures = [client.submit(score_task, remote, dataset, b, pure=False, **(where or {}))
-               for b in range(dataset.n_blocks)]
+               for b in (range(dataset.n_blocks) if blocks is None else blocks)]
     parts = client.gather(futures)
     total = sum(n for _, n in parts)
     return sum(c for c, _ in parts) / total if total else float("nan")
@@ -532,6 +563,7 @@ def train_averaged_model(data: str, model_path: str | os.PathLike, *, model: str
                          resume: bool = False, overwrite: bool = False, test: str | None = None,
                          tol: float | str | None = "default",
                          n_iter_no_change: int | None = None,
+                         validation_fraction: float | None = None,
                          storage_options: dict | None = None,
                          show_progress: bool = True) -> AveragedSummary:
     """``rpicluster train --model mlp|sgd``: train on the store ``data``, save to ``model_path``.
@@ -542,9 +574,12 @@ def train_averaged_model(data: str, model_path: str | os.PathLike, *, model: str
     ``overwrite``, which also starts the run directory afresh (unless resuming).
 
     The run stops by scikit-learn's rule (:func:`~rpicluster.train.stopping.default_rule`):
-    after ``n_iter_no_change`` rounds in which the ``test`` accuracy (without ``test``: the
-    training loss) did not improve by ``tol``, or after ``rounds`` rounds (``max_iter``);
-    ``tol=None`` always trains ``rounds`` rounds. The summary's ``stopped`` says why.
+    after ``n_iter_no_change`` rounds in which the monitored value did not improve by ``tol``,
+    or after ``rounds`` rounds (``max_iter``); ``tol=None`` always trains ``rounds`` rounds.
+    The summary's ``stopped`` says why. The monitored value is the accuracy on the held-out
+    ``validation_fraction`` of the store's blocks when one is given (scikit-learn's
+    ``early_stopping=True``; ``test`` is then scored once, at the end), else the ``test``
+    accuracy, else the training loss (scikit-learn's default, ``early_stopping=False``).
 
     Raises
     ------
@@ -562,15 +597,21 @@ def train_averaged_model(data: str, model_path: str | os.PathLike, *, model: str
 
     model_path = Path(model_path)
     refuse_existing_model(model_path, overwrite, resume)
-    stopper = RoundStopper(default_rule(model, validated=test is not None, tol=tol,
-                                        n_iter_no_change=n_iter_no_change, max_rounds=rounds))
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{model_path}.run")
     dataset = open_dataset(data, storage_options=storage_options)
     test_ds = open_dataset(test, storage_options=storage_options) if test else None
+    if validation_fraction is None and resume:
+        validation_fraction = RoundDir(run_dir).meta().get("validation_fraction")
+    if validation_fraction is not None:  # an impossible fraction is refused before connecting
+        holdout_blocks(dataset.n_blocks, validation_fraction, dataset.url,
+                       instead="a test store (--test) to watch instead")
+    stopper = RoundStopper(default_rule(
+        model, validated=test is not None or validation_fraction is not None, tol=tol,
+        n_iter_no_change=n_iter_no_change, max_rounds=rounds))
     with history.recording(
             "train", params={"model": model, **(params or {}), "rounds": rounds,
                              "local_epochs": local_epochs, "sync": sync, "resume": resume,
-                             "test": test},
+                             "test": test, "validation_fraction": validation_fraction},
             data=str(dataset.url), fingerprint=fingerprint(dataset)) as record:
         with (cluster or ClusterChoice()).run_client(RoundDir(run_dir).kept(rounds), run_dir
                                                      ) as client:
@@ -584,9 +625,14 @@ def train_averaged_model(data: str, model_path: str | os.PathLike, *, model: str
                                         rounds=rounds, local_epochs=local_epochs, sync=sync,
                                         run_dir=run_dir, resume=resume,
                                         overwrite=overwrite and not resume,
-                                        validation=test_ds, progress=progress, stop=stopper)
+                                        validation=None if validation_fraction else test_ds,
+                                        validation_fraction=validation_fraction,
+                                        progress=progress, stop=stopper)
+            accuracy = result.rounds[-1]["accuracy"] if result.rounds else None
+            if validation_fraction is not None:
+                accuracy = (score_on_cluster(result.model, test_ds, client) if test_ds
+                            else None)
         digest = save_model(result.model, model_path)
-        accuracy = result.rounds[-1]["accuracy"] if result.rounds else None
         record.result(rounds=len(result.rounds), resumed=result.resumed_rounds,
                       stopped=stopper.reason, test_accuracy=accuracy,
                       phases={"rounds": sum(r.get("seconds") or 0 for r in result.rounds)},

@@ -26,6 +26,7 @@ import math
 import os
 import time
 import uuid
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -37,7 +38,8 @@ from rpicluster.models.ksgd import task_seed
 from rpicluster.train.averaging import (_labelled, _nbytes, estimator_class, local_fit,
                                         make_estimator, merge_updates)
 from rpicluster.train.engine import Strategy, is_fitted, recorded_run, run_params, run_rounds
-from rpicluster.train.stopping import MAX_ROUNDS, RoundStopper, default_rule
+from rpicluster.train.stopping import (MAX_ROUNDS, RoundStopper, check_fraction, default_rule,
+                                       holdout_blocks)
 
 #: Seconds to wait for ``min_clients`` hosts to be connected before a round is refused, when
 #: no round timeout is given.
@@ -58,12 +60,26 @@ def probe_task(path: str) -> dict:
     ds = open_dataset(path)
     classes = [c.item() if hasattr(c, "item") else c for c in np.asarray(ds.classes)]
     return {"n_features": int(ds.n_features), "classes": classes,
-            "label_kind": _label_kind(classes), "rows": int(ds.n_rows)}
+            "label_kind": _label_kind(classes), "rows": int(ds.n_rows),
+            "blocks": int(ds.n_blocks)}
+
+
+def host_split(ds, holdout: tuple[float, int, str] | None) -> tuple[list[int], list[int]]:
+    """(training blocks, held-out blocks) of a host's store: ``holdout`` is (validation
+    fraction, the run's seed, the host's name), so every host holds out its own seeded draw,
+    the same one in every round and after a resume; None holds out nothing."""
+    if holdout is None:
+        return list(range(ds.n_blocks)), []
+    fraction, seed, name = holdout
+    return holdout_blocks(ds.n_blocks, fraction, str(ds.url),
+                          seed=[int(seed), zlib.crc32(str(name).encode())],
+                          instead="a validation store (--validation)")
 
 
 def federated_task(model, path: str, local_epochs: int, classes: list, n_features: int,
-                   seed: int, want_model: bool) -> dict:
-    """Train a copy of ``model`` on this host's store at ``path`` (read here); return the update."""
+                   seed: int, want_model: bool, holdout=None) -> dict:
+    """Train a copy of ``model`` on this host's store at ``path`` (read here; its held-out
+    blocks left out, :func:`host_split`); return the update."""
     from rpicluster import open_dataset
 
     ds = open_dataset(path)
@@ -72,8 +88,22 @@ def federated_task(model, path: str, local_epochs: int, classes: list, n_feature
     unknown = sorted(set(map(str, np.asarray(ds.classes))) - set(map(str, classes)))
     if unknown:
         raise DataError(f"store {ds.url} holds labels {unknown[:5]} outside the run's classes")
-    batches = (_labelled(ds, b) for _ in range(int(local_epochs)) for b in range(ds.n_blocks))
+    blocks = host_split(ds, holdout)[0]
+    batches = (_labelled(ds, b) for _ in range(int(local_epochs)) for b in blocks)
     return local_fit(model, batches, np.asarray(classes), seed, want_model=want_model)
+
+
+def holdout_score_task(model, path: str, holdout) -> dict:
+    """(correct, rows) of ``model`` on this host's held-out blocks (:func:`host_split`)."""
+    from rpicluster import open_dataset
+
+    ds = open_dataset(path)
+    correct = rows = 0
+    for b in host_split(ds, holdout)[1]:
+        X, labels = _labelled(ds, b)
+        correct += int(np.count_nonzero(model.predict(X) == labels))
+        rows += int(X.shape[0])
+    return {"correct": correct, "rows": rows}
 
 
 # --- driver ---
@@ -121,8 +151,10 @@ def _sample(available: list[str], fraction: float, min_clients: int, seed: int) 
 class _Hosts:
     """Which hosts may train in this run: probed once each, bad stores left out by name."""
 
-    def __init__(self, client, paths: dict[str, str | None], timeout: float, prefix: str):
+    def __init__(self, client, paths: dict[str, str | None], timeout: float, prefix: str,
+                 validation_fraction: float | None = None):
         self.client, self.paths, self.timeout, self.prefix = client, paths, timeout, prefix
+        self.validation_fraction = validation_fraction
         self.probes: dict[str, dict] = {}
         self.excluded: dict[str, str] = {}
         for name, path in paths.items():
@@ -153,7 +185,12 @@ class _Hosts:
         if p is None or name in self.excluded:
             return
         path = self.paths[name]
-        if p["n_features"] != n_features:
+        if self.validation_fraction is not None and p.get("blocks", 0) < 2:
+            self.excluded[name] = (f"store {path} has {p.get('blocks')} block: none can be "
+                                   f"held out (validation_fraction="
+                                   f"{self.validation_fraction:g}); ingest it with a smaller "
+                                   "--block-rows, or pass a validation store (--validation)")
+        elif p["n_features"] != n_features:
             self.excluded[name] = (f"store {path} has {p['n_features']} features, the run "
                                    f"{n_features}")
         elif p["label_kind"] != label_kind:
@@ -195,7 +232,8 @@ def federate_on(client, hosts: dict[str, str | None], *, model: str = "mlp",
                 round_timeout: float | None = None, validation=None, run_dir=None,
                 resume: bool = False, overwrite: bool = False,
                 progress: Progress | None = None, on_round=None,
-                on_round_start=None, stop=None) -> FederatedResult:
+                on_round_start=None, stop=None,
+                validation_fraction: float | None = None) -> FederatedResult:
     """Federated averaging over ``hosts`` (Dask worker name -> path of its own store).
 
     Parameters
@@ -217,6 +255,12 @@ def federate_on(client, hosts: dict[str, str | None], *, model: str = "mlp",
         Seconds a host has to return its update; late hosts are left out of the round.
     validation : Dataset, optional
         A labelled store on the desktop, scored after every round (read here, not on a host).
+    validation_fraction : float, optional
+        Instead of ``validation``: every host holds out this fraction of its store's blocks (a
+        draw seeded by ``random_state`` and the host's name), never trains on them, and scores
+        the global model on them after every round, on the host; the round's ``accuracy`` is
+        over the held-out rows of the hosts connected at the round's start. A host whose store
+        has one block is left out of the run, named. A resumed run keeps the recorded value.
     run_dir : path, optional
         Round checkpoints. ``resume`` continues from its last finished round; ``overwrite``
         starts afresh in one that holds finished rounds (refused otherwise).
@@ -252,9 +296,15 @@ def federate_on(client, hosts: dict[str, str | None], *, model: str = "mlp",
         raise ConfigError(f"cannot resume {rundir.path}: it is not a federated run")
     recorded = recorded_run(rundir, model, resume)
     params = run_params(model, params, recorded, make_estimator)
+    if validation_fraction is None:
+        validation_fraction = recorded.get("validation_fraction")
+    if validation_fraction is not None:
+        check_fraction(validation_fraction)
+        if validation is not None:
+            raise ConfigError("give a validation store or a validation_fraction, not both")
     prefix = f"rpicluster-fed-{uuid.uuid4().hex[:8]}"
     wait_s = float(round_timeout) if round_timeout is not None else WAIT_FOR_CLIENTS_S
-    registry = _Hosts(client, dict(hosts), wait_s, prefix)
+    registry = _Hosts(client, dict(hosts), wait_s, prefix, validation_fraction)
 
     live = _live_workers(client)
     registry.probe([n for n in hosts if n in live], live)
@@ -279,10 +329,12 @@ def federate_on(client, hosts: dict[str, str | None], *, model: str = "mlp",
     meta = {"kind": "federated", "model": model, "params": params,
             "local_epochs": int(local_epochs), "n_features": int(n_features),
             "label_kind": label_kind, "classes": classes}
+    if validation_fraction is not None:
+        meta["validation_fraction"] = float(validation_fraction)
     rounds_of = _FederatedRounds(client, registry, int(params["random_state"]), prefix,
                                  int(local_epochs), classes, int(n_features), fraction,
                                  int(min_clients), round_timeout, wait_s, validation,
-                                 on_round_start)
+                                 on_round_start, validation_fraction)
     global_model, history, resumed = run_rounds(
         rounds_of, client, model=model, rounds=rounds, rundir=rundir, meta=meta, resume=resume,
         overwrite=overwrite, expected=cls, initial_model=lambda: make_estimator(model, params),
@@ -301,11 +353,13 @@ class _FederatedRounds(Strategy):
 
     def __init__(self, client, registry: _Hosts, seed: int, prefix: str, local_epochs: int,
                  classes: list, n_features: int, fraction: float, min_clients: int,
-                 round_timeout: float | None, wait_s: float, validation, on_round_start):
+                 round_timeout: float | None, wait_s: float, validation, on_round_start,
+                 validation_fraction: float | None = None):
         self.client, self.registry, self.seed, self.prefix = client, registry, seed, prefix
         self.local_epochs, self.classes, self.n_features = local_epochs, classes, n_features
         self.fraction, self.min_clients, self.round_timeout = fraction, min_clients, round_timeout
         self.wait_s, self.on_round_start = wait_s, on_round_start
+        self.validation_fraction = validation_fraction
         self.X_val = self.y_val = None
         self.why: dict[str, str] = {}
         if validation is not None:
@@ -328,7 +382,8 @@ class _FederatedRounds(Strategy):
         want_model = not is_fitted(global_model)
         futures = {n: client.submit(federated_task, remote, hosts[n], self.local_epochs,
                                     self.classes, self.n_features, task_seed(self.seed, r, i + 1),
-                                    want_model, pure=False, key=f"{self.prefix}-r{r + 1}-{n}",
+                                    want_model, self.holdout(n), pure=False,
+                                    key=f"{self.prefix}-r{r + 1}-{n}",
                                     workers=[live[n]], allow_other_workers=False)
                    for i, n in enumerate(participants)}
         if self.on_round_start is not None:
@@ -349,10 +404,36 @@ class _FederatedRounds(Strategy):
             "seconds": time.perf_counter() - t_round,
             "loss": (sum(l * k for l, k in losses) / sum(k for _, k in losses)
                      if losses else None),
-            "accuracy": (float(global_model.score(self.X_val, self.y_val))
-                         if self.X_val is not None and is_fitted(global_model) else None),
+            "accuracy": self.score(global_model, live, available, r),
         }
         return global_model, report
+
+    def holdout(self, name: str):
+        """What :func:`host_split` needs to find host ``name``'s held-out blocks (or None)."""
+        if self.validation_fraction is None:
+            return None
+        return (self.validation_fraction, self.seed, name)
+
+    def score(self, model, live: dict[str, str], hosts: list[str], r: int) -> float | None:
+        """The round's monitored accuracy: the desktop's validation store, or the held-out
+        blocks of ``hosts`` (scored on each host; one that is lost or late is left out)."""
+        if not is_fitted(model):
+            return None
+        if self.X_val is not None:
+            return float(model.score(self.X_val, self.y_val))
+        if self.validation_fraction is None:
+            return None
+        addrs = [live[n] for n in hosts]
+        [remote] = self.client.scatter([model], broadcast=True, hash=False, workers=addrs)
+        futures = {n: self.client.submit(holdout_score_task, remote, self.registry.paths[n],
+                                         self.holdout(n), pure=False,
+                                         key=f"{self.prefix}-r{r + 1}-score-{n}",
+                                         workers=[live[n]], allow_other_workers=False)
+                   for n in hosts}
+        parts, why = _collect(self.client, futures, live, self.round_timeout, self.registry)
+        self.why.update({n: f"not scored: {reason}" for n, reason in why.items()})
+        rows = sum(p["rows"] for p in parts.values())
+        return sum(p["correct"] for p in parts.values()) / rows if rows else None
 
     def note(self, report: dict) -> str:
         acc = "" if report["accuracy"] is None else f", accuracy {report['accuracy']:.4f}"
@@ -420,7 +501,8 @@ def federate(inventory, model_path, *, model: str = "mlp", params: dict | None =
              validation: str | None = None, run_dir=None, resume: bool = False,
              overwrite: bool = False, show_progress: bool = True, on_round=None,
              on_round_start=None, tol: float | str | None = "default",
-             n_iter_no_change: int | None = None) -> tuple[FederatedResult, str]:
+             n_iter_no_change: int | None = None,
+             validation_fraction: float | None = None) -> tuple[FederatedResult, str]:
     """``rpicluster federate``: FedAvg over the workers of ``inventory``; save the model.
 
     Each worker trains on ``data`` (the same path on every host) or, without it, on the
@@ -429,9 +511,10 @@ def federate(inventory, model_path, *, model: str = "mlp", params: dict | None =
     directory afresh (unless resuming). Returns the result and the model file's sha256.
 
     The rounds stop by scikit-learn's rule (:func:`~rpicluster.train.stopping.default_rule`):
-    after ``n_iter_no_change`` rounds in which the ``validation`` accuracy (without it: the
-    hosts' training loss) did not improve by ``tol``, or after ``rounds``; ``tol=None`` always
-    trains ``rounds``. ``result.stopped`` says why.
+    after ``n_iter_no_change`` rounds in which the ``validation`` accuracy (or, with
+    ``validation_fraction``, the accuracy on the blocks each host holds out; without either:
+    the hosts' training loss) did not improve by ``tol``, or after ``rounds``; ``tol=None``
+    always trains ``rounds``. ``result.stopped`` says why.
 
     Raises
     ------
@@ -448,19 +531,27 @@ def federate(inventory, model_path, *, model: str = "mlp", params: dict | None =
     from rpicluster.train.rounds import RoundDir
 
     refuse_existing_model(model_path, overwrite, resume)
-    stopper = RoundStopper(default_rule(model, validated=validation is not None, tol=tol,
-                                        n_iter_no_change=n_iter_no_change, max_rounds=rounds))
     spec = load_inventory(inventory)
     hosts = {w.name: data or w.data for w in spec.workers}
     model_path = Path(model_path)
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{model_path}.run")
+    if validation_fraction is None and resume:
+        validation_fraction = RoundDir(run_dir).meta().get("validation_fraction")
+    if validation_fraction is not None:
+        check_fraction(validation_fraction)
+        if validation:
+            raise ConfigError("give --validation or --validation-fraction, not both")
+    stopper = RoundStopper(default_rule(
+        model, validated=validation is not None or validation_fraction is not None, tol=tol,
+        n_iter_no_change=n_iter_no_change, max_rounds=rounds))
     val = open_dataset(validation) if validation else None
     choice = ClusterChoice(inventory=os.fspath(inventory))
     with history.recording(
             "federate", params={"model": model, **(params or {}), "rounds": rounds,
                                 "local_epochs": local_epochs, "fraction": fraction,
                                 "min_clients": min_clients, "resume": resume,
-                                "validation": validation},
+                                "validation": validation,
+                                "validation_fraction": validation_fraction},
             data=", ".join(f"{h}:{d}" for h, d in hosts.items())) as record:
         with choice.run_client(RoundDir(run_dir).kept(rounds), run_dir) as client:
             record.update(cluster=client.scheduler.address, workers=sorted(hosts))
@@ -472,7 +563,7 @@ def federate(inventory, model_path, *, model: str = "mlp", params: dict | None =
                                      validation=val, run_dir=run_dir, resume=resume,
                                      overwrite=overwrite and not resume, progress=progress,
                                      on_round=on_round, on_round_start=on_round_start,
-                                     stop=stopper)
+                                     stop=stopper, validation_fraction=validation_fraction)
         result.stopped = stopper.reason
         digest = save_model(result.model, model_path)
         record.result(rounds=len(result.rounds), resumed=result.resumed_rounds,

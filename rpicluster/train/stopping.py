@@ -8,9 +8,8 @@ many successive-halving rungs a tuning candidate needs): ``max_rounds`` plays ``
 What is monitored (``monitor``):
 
 - ``"score"``: accuracy on held-out rows, higher is better (scikit-learn's
-  ``early_stopping=True``); the held-out rows are the last ``validation_fraction`` of every
-  block (:func:`holdout_rows`; stores are shuffled at ingest, so they are a random sample), or a
-  validation store.
+  ``early_stopping=True``): a seeded ``validation_fraction`` of the store's blocks
+  (:func:`holdout_blocks`), which are then not trained on, or a validation store.
 - ``"loss"``: the training loss, lower is better (scikit-learn's default).
 
 The rule's whole state is a small JSON-able dict (:meth:`StopState.to_dict`), checkpointed with
@@ -163,6 +162,43 @@ def holdout_rows(n_rows: int, fraction: float | None) -> tuple[slice, slice]:
     check_fraction(fraction)
     n_val = min(max(1, math.ceil(float(fraction) * n_rows)), max(0, n_rows - 1))
     return slice(0, n_rows - n_val), slice(n_rows - n_val, n_rows)
+
+
+def holdout_blocks(n_blocks: int, fraction, where: str, *, seed=None,
+                   instead: str = "a validation store") -> tuple[list[int], list[int]]:
+    """(training blocks, held-out blocks) of a store of ``n_blocks``: ``ceil(fraction *
+    n_blocks)`` of them (at least one, and one left to train on) are held out for scoring.
+
+    With ``seed`` (an int or a sequence of ints: the run's ``random_state``) the held-out
+    blocks are a seeded draw, as scikit-learn's ``early_stopping`` draws its
+    ``validation_fraction`` of the rows with the estimator's ``random_state``; without one they
+    are the last blocks (stores are shuffled at ingest: every block is a random sample). The
+    same arguments give the same split, so a resumed run holds out what it held out before.
+
+    Raises
+    ------
+    ConfigError
+        ``fraction`` outside (0, 1).
+    DataError
+        Fewer than 2 blocks: none can be held out (``where`` names the store, ``instead`` the
+        alternative to offer).
+    """
+    from rpicluster.errors import DataError
+
+    fraction = check_fraction(fraction)
+    if n_blocks < 2:
+        raise DataError(f"{where} has {n_blocks} block: none can be held out for scoring "
+                        f"(validation_fraction={fraction:g}); ingest it with a smaller "
+                        f"--block-rows, or pass {instead}")
+    n_val = min(n_blocks - 1, max(1, math.ceil(fraction * n_blocks)))
+    if seed is None:
+        held = list(range(n_blocks - n_val, n_blocks))
+    else:
+        import numpy as np
+
+        rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), int(n_blocks)])
+        held = sorted(int(b) for b in rng.choice(n_blocks, size=n_val, replace=False))
+    return [b for b in range(n_blocks) if b not in held], held
 
 
 def check_fraction(fraction, name: str = "validation_fraction") -> float:
