@@ -137,7 +137,15 @@ def test_tune_ksgd_resumes_without_retraining_and_survives_a_killed_worker(digit
     again = tune(data, **kw, tune_dir=tmp_path / "cut", resume=True)
     assert again.plan.sizes == (9, 3, 1) and again.resumed == 5 and again.trained == 13 - 5
     assert again.leaderboard[0]["rung"] == 3 and again.best_score > 0.85
-    assert len(again.best_model.estimators_) == again.plan.units[-1]  # survivors added blocks
+    # Survivors added blocks; the best then added one per held-out block (refit=True).
+    assert again.refit == "continued on the 2 held-out blocks (partial_fit)"
+    assert len(again.best_model.estimators_) == again.plan.units[-1] + 2
+    searched = tune(data, **kw, tune_dir=tmp_path / "cut", resume=True, refit=False)
+    assert searched.trained == 0 and searched.refit is None
+    assert len(searched.best_model.estimators_) == again.plan.units[-1]
+    X, _ = open_dataset(digits / "train.zarr").block(0)
+    for kept, grown in zip(searched.best_model.estimators_, again.best_model.estimators_):
+        assert np.array_equal(kept.predict(X), grown.predict(X))
     board = json.loads((tmp_path / "cut" / "leaderboard.json").read_text())
     assert [e["score"] for e in board] == [e["score"] for e in again.leaderboard]
 
@@ -151,6 +159,44 @@ def test_tune_ksgd_resumes_without_retraining_and_survives_a_killed_worker(digit
     assert hurt.trained == 13 and _scores(hurt) == _scores(again)
     X, _ = open_dataset(digits / "test.zarr").block(0)
     assert np.array_equal(again.best_model.predict(X), hurt.best_model.predict(X))
+
+
+def test_sgd_best_is_refit_from_scratch_on_every_block(digits, client, tmp_path):
+    """As HalvingRandomSearchCV(refit=True): the best SGD candidate is trained again with its
+    parameters and seed over every block, held-out ones included, for the top rung's epochs;
+    the same search gives the same refit model."""
+    data = str(digits / "train.zarr")
+    ds = open_dataset(data)
+    kw = dict(model="sgd", budget="1x", client=client, seed=0, max_epochs=3, n_candidates=3)
+    res = tune(data, **kw, tune_dir=tmp_path / "t")
+    units = round(res.leaderboard[0]["units"] * 12 / 10)  # 10 training blocks of 12
+    assert res.refit == (f"refit from scratch on all 12 blocks ({units / 12:g} epochs, as the "
+                         "top rung)")
+    rows = [np.subtract(*ds.block_slice(b)[::-1]) for b in range(12)]
+    # SGDClassifier's t_ counts the rows it stepped on (+1): every block, held-out ones too.
+    assert res.best_model.t_ - 1 == sum(rows[u % 12] for u in range(units))
+    plain = tune(data, **kw, tune_dir=tmp_path / "t", resume=True, refit=False)
+    assert plain.refit is None
+    assert plain.best_model.t_ - 1 == sum(rows[u % 10] for u in range(res.leaderboard[0]["units"]))
+    again = tune(data, **kw, tune_dir=tmp_path / "t", resume=True)
+    np.testing.assert_array_equal(again.best_model.coef_, res.best_model.coef_)
+    # With a validation store, the best model has seen all of the data: nothing to refit.
+    assert tune(data, **kw, validation=str(digits / "test.zarr")).refit is None
+
+
+def test_tune_budget_mistakes_are_one_line_before_any_cluster(digits, tmp_path):
+    """rpicluster tune checks the budget and the rungs before it connects: with a scheduler
+    that does not exist, the one-line budget error still comes (not a connection error)."""
+    nowhere = ["--scheduler", "tcp://127.0.0.1:9"]
+    base = ["tune", str(digits / "train.zarr"), "-o", str(tmp_path / "m.skops")]
+    res = CliRunner().invoke(main, [*base, "--model", "mlp", "--budget", "10", *nowhere])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert re.fullmatch(r"error: budget of 0.088 blocks is smaller than one block .*\n",
+                        res.output), res.output
+    res = CliRunner().invoke(main, [*base, "--model", "ksgd", "--candidates", "81", *nowhere])
+    assert res.exit_code == 1 and "is too small for 5 rungs" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "m.skops").exists() and not (tmp_path / "m.skops.tune").exists()
 
 
 def test_tune_bad_inputs_are_one_line_errors(digits, client, tmp_path):

@@ -66,5 +66,7 @@ def tune_cmd(data, model_path, kind, space, budget, factor, n_candidates, valida
     echo_table("leaderboard (held-out accuracy)", table[0], table[1:])
     click.echo(f"best: candidate {r.leaderboard[0]['candidate']}, held-out accuracy "
                f"{r.best_score:.4f}")
+    if r.refit:
+        click.echo(f"best model {r.refit}, so it has seen the held-out blocks too")
     click.echo(f"leaderboard: {r.tune_dir / 'leaderboard.json'}")
     click.echo(f"model: {summary.model_path} (sha256 {summary.sha256[:16]}...)")

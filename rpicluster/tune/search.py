@@ -29,6 +29,7 @@ from rpicluster.errors import ConfigError, DataError, RPiClusterError, TrainingE
 from rpicluster.progress import Progress
 from rpicluster.tune.halving import Plan, plan as make_plan
 from rpicluster.tune.space import check_space, estimator_class, sample, to_params
+from rpicluster.train.stopping import holdout_blocks
 from rpicluster.tune.tunedir import TuneDir
 
 #: Event topic of a tune's progress (``client.log_event``): flat dicts with ``kind`` one of
@@ -107,7 +108,8 @@ class TuneResult:
     best_score : float
         Its held-out accuracy at the top rung it reached.
     best_model : estimator
-        Its model, trained with the top rung's units.
+        Its model after the top rung, then (``refit=True``, blocks held out) refit so that it
+        has seen the held-out blocks too (``refit`` says how).
     leaderboard : list of dict
         Every candidate, best first: ``candidate``, ``params``, ``rung`` (the highest it
         reached, from 1), ``units``, ``rows``, ``score``, ``scores`` (one per rung), ``error``.
@@ -116,6 +118,8 @@ class TuneResult:
         (candidate, rung) results trained by this call, and taken from the tune directory.
     seconds : float
     tune_dir : Path or None
+    refit : str or None
+        How ``best_model`` was refit after the search (None: it was not).
     """
 
     best_params: dict
@@ -128,6 +132,7 @@ class TuneResult:
     resumed: int
     seconds: float
     tune_dir: Path | None = None
+    refit: str | None = None
 
     def table(self, top: int = 10) -> list[list[str]]:
         """The leaderboard's first ``top`` rows as text cells (header first)."""
@@ -162,17 +167,61 @@ def parse_budget(budget, *, block_rows: int, max_units: int) -> float:
     return float(budget) / block_rows
 
 
-def holdout_blocks(n_blocks: int, fraction: float, url: str) -> tuple[list[int], list[int]]:
-    """(training blocks, held-out blocks): the last ``ceil(fraction * n_blocks)`` blocks are
-    held out (stores are shuffled at ingest: every block is a random sample)."""
-    if not 0 < float(fraction) < 1:
-        raise ConfigError(f"validation_fraction must be in (0, 1), got {fraction!r}")
-    if n_blocks < 2:
-        raise DataError(f"{url} has {n_blocks} block: none can be held out for scoring; "
-                        "ingest it with a smaller --block-rows, or pass a validation store "
-                        "(--validation)")
-    n_val = min(n_blocks - 1, max(1, math.ceil(float(fraction) * n_blocks)))
-    return list(range(n_blocks - n_val)), list(range(n_blocks - n_val, n_blocks))
+@dataclasses.dataclass(frozen=True)
+class SearchSetup:
+    """A search checked before anything runs (:func:`check_search`)."""
+
+    ds: object  # the training store (a Dataset)
+    val: object  # the store candidates are scored on (``ds`` itself when blocks are held out)
+    space: dict  # the checked space
+    train_blocks: list
+    val_blocks: list
+    plan: Plan
+
+
+def check_search(data, model: str, space=None, budget=None, *, factor: int = 3,
+                 n_candidates: int | None = None, validation=None,
+                 validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
+                 max_epochs: int = MAX_EPOCHS, storage_options: dict | None = None
+                 ) -> SearchSetup:
+    """Every check :func:`tune` makes before it trains (space, held-out blocks, budget, rungs,
+    ``n_clusters`` against a block's rows), with no cluster: ``rpicluster tune`` runs it
+    before it connects, so a mistake is one line even when no cluster is reachable.
+
+    Raises
+    ------
+    ConfigError, DataError
+        As :func:`tune`.
+    """
+    from rpicluster.data.reader import Dataset, open_dataset
+
+    ds = data if isinstance(data, Dataset) else open_dataset(data, storage_options=storage_options)
+    where = f"search space {space}" if isinstance(space, (str, Path)) else "search space"
+    if isinstance(space, (str, Path)):
+        from rpicluster.tune.space import load_space
+
+        space = load_space(space)
+    checked = check_space(model, space, where=where)
+    if validation is not None:
+        val = (validation if isinstance(validation, Dataset)
+               else open_dataset(validation, storage_options=storage_options))
+        if val.n_features != ds.n_features:
+            raise DataError(f"validation store {val.url} has {val.n_features} features, "
+                            f"{ds.url} {ds.n_features}")
+        train_blocks, val_blocks = list(range(ds.n_blocks)), list(range(val.n_blocks))
+    else:
+        val = ds
+        train_blocks, val_blocks = holdout_blocks(ds.n_blocks, validation_fraction, ds.url,
+                                                  instead="a validation store (--validation)")
+    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
+        raise ConfigError(f"max_epochs must be an int >= 1, got {max_epochs!r}")
+    max_units = len(train_blocks) * (1 if model == "ksgd" else int(max_epochs))
+    units = parse_budget(budget, block_rows=ds.block_rows, max_units=max_units)
+    schedule = make_plan(units, max_units, factor=factor, n_candidates=n_candidates,
+                         where=f"{ds.url} ({len(train_blocks)} training blocks)")
+    _check_rows(model, checked, ds)
+    return SearchSetup(ds=ds, val=val, space=checked, train_blocks=train_blocks,
+                       val_blocks=val_blocks, plan=schedule)
 
 
 def tune(data, model: str = "ksgd", space: dict | str | None = None, budget=None,
@@ -180,7 +229,7 @@ def tune(data, model: str = "ksgd", space: dict | str | None = None, budget=None
          validation=None, validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
          max_epochs: int = MAX_EPOCHS, tune_dir=None, resume: bool = False,
          overwrite: bool = False, storage_options: dict | None = None,
-         progress: Progress | None = None, on_result=None) -> TuneResult:
+         progress: Progress | None = None, on_result=None, refit: bool = True) -> TuneResult:
     """Search ``model``'s parameters on the store ``data`` by successive halving on the cluster.
 
     Parameters
@@ -215,6 +264,15 @@ def tune(data, model: str = "ksgd", space: dict | str | None = None, budget=None
         starts afresh over finished results (refused otherwise).
     on_result : callable, optional
         Called with each (candidate, rung) result as it is recorded.
+    refit : bool
+        As scikit-learn's ``HalvingRandomSearchCV(refit=True)``: when candidates were scored on
+        held-out blocks of ``data``, the best one ends up having seen them too. Inc-kSGD adds
+        one block model per held-out block (``partial_fit``: the same model as a candidate
+        trained on every block); MLP and SGD are refit from scratch with the best parameters
+        and seed over every block, for as many epochs as the top rung gave (continuing them on
+        the held-out blocks alone would bias them towards those rows). ``best_score`` stays
+        the held-out score, as scikit-learn's ``best_score_``. With a ``validation`` store
+        there is nothing to refit: the best model was trained on all of ``data``.
 
     Returns
     -------
@@ -228,10 +286,14 @@ def tune(data, model: str = "ksgd", space: dict | str | None = None, budget=None
     TrainingError
         Every candidate failed (the first failure quoted).
     """
-    from rpicluster.data.reader import Dataset, open_dataset
     from rpicluster.train.rundir import dataset_identity
 
     t0 = time.perf_counter()
+    setup = check_search(data, model, space, budget, factor=factor, n_candidates=n_candidates,
+                         validation=validation, validation_fraction=validation_fraction,
+                         max_epochs=max_epochs, storage_options=storage_options)
+    ds, val, checked, schedule = setup.ds, setup.val, setup.space, setup.plan
+    train_blocks, val_blocks = setup.train_blocks, setup.val_blocks
     if client is None:
         from distributed import default_client
 
@@ -240,30 +302,6 @@ def tune(data, model: str = "ksgd", space: dict | str | None = None, budget=None
         except ValueError:
             raise ConfigError("tune needs a Dask client: pass client=, or run it inside "
                               "`with rpicluster.client():`") from None
-    ds = data if isinstance(data, Dataset) else open_dataset(data, storage_options=storage_options)
-    where = f"search space {space}" if isinstance(space, (str, Path)) else "search space"
-    if isinstance(space, (str, Path)):
-        from rpicluster.tune.space import load_space
-
-        space = load_space(space)
-    checked = check_space(model, space, where=where)
-    if validation is not None:
-        val = (validation if isinstance(validation, Dataset)
-               else open_dataset(validation, storage_options=storage_options))
-        if val.n_features != ds.n_features:
-            raise DataError(f"validation store {val.url} has {val.n_features} features, "
-                            f"{ds.url} {ds.n_features}")
-        train_blocks, val_blocks = list(range(ds.n_blocks)), list(range(val.n_blocks))
-    else:
-        val = ds
-        train_blocks, val_blocks = holdout_blocks(ds.n_blocks, validation_fraction, ds.url)
-    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
-        raise ConfigError(f"max_epochs must be an int >= 1, got {max_epochs!r}")
-    max_units = len(train_blocks) * (1 if model == "ksgd" else int(max_epochs))
-    units = parse_budget(budget, block_rows=ds.block_rows, max_units=max_units)
-    schedule = make_plan(units, max_units, factor=factor, n_candidates=n_candidates,
-                         where=f"{ds.url} ({len(train_blocks)} training blocks)")
-    _check_rows(model, checked, ds)
     candidates = sample(checked, schedule.n_candidates, seed)
     seeds = [int(np.random.SeedSequence([int(seed), c]).generate_state(1)[0] >> 1)
              for c in range(len(candidates))]
@@ -348,6 +386,11 @@ def tune(data, model: str = "ksgd", space: dict | str | None = None, budget=None
     best_model = models.get(best["candidate"])
     if best_model is None:
         best_model = tdir.load(results[key], expected=cls)
+    how = None
+    if refit and val is ds:
+        # The seed of the candidate's first rung: a refit MLP/SGD starts from its very weights.
+        best_model, how = _refit(client, model, best, best_model, ds, train_blocks, val_blocks,
+                                 _task_seed(seeds[best["candidate"]], 0), run_id)
     _log(client, kind="tune-end", run_id=run_id, candidate=best["candidate"],
          score=best["score"], params=_jsonable(best["params"]),
          leaderboard=str(tdir.leaderboard_path) if tdir else None)
@@ -355,7 +398,33 @@ def tune(data, model: str = "ksgd", space: dict | str | None = None, budget=None
                       best_model=best_model, best_seed=seeds[best["candidate"]],
                       leaderboard=board, plan=schedule, trained=trained, resumed=resumed,
                       seconds=time.perf_counter() - t0,
-                      tune_dir=tdir.path if tdir is not None else None)
+                      tune_dir=tdir.path if tdir is not None else None, refit=how)
+
+
+def _refit(client, model: str, best: dict, best_model, ds, train_blocks: list[int],
+           val_blocks: list[int], seed: int, run_id: str):
+    """(the best model having seen the held-out blocks too, how it was refit): see
+    :func:`tune`'s ``refit``. One task on the cluster."""
+    if model == "ksgd":
+        args = (best_model, val_blocks, 0, len(val_blocks))
+        how = f"continued on the {len(val_blocks)} held-out blocks (partial_fit)"
+    else:
+        units = round(best["units"] * ds.n_blocks / len(train_blocks))
+        args = (None, list(range(ds.n_blocks)), 0, units)
+        how = (f"refit from scratch on all {ds.n_blocks} blocks "
+               f"({units / ds.n_blocks:g} epochs, as the top rung)")
+    state, blocks, start, stop = args
+    future = client.submit(train_candidate, model, best["params"], state, ds, blocks, start,
+                           stop, ds, [], seed, pure=False,
+                           key=f"tune-{run_id[5:]}-refit")
+    try:
+        out = future.result()
+    except RPiClusterError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a candidate's own failure, named
+        raise TrainingError(f"refitting the best candidate {best['candidate']} failed: "
+                            f"{type(exc).__name__}: {exc}") from exc
+    return out["model"], how
 
 
 def _task_seed(seed: int, rung: int) -> int:
@@ -461,6 +530,9 @@ def tune_to_file(data: str, model_path, *, model: str = "ksgd", space=None, budg
     model_path = Path(model_path)
     refuse_existing_model(model_path, overwrite or resume)
     tdir = TuneDir(tune_dir if tune_dir is not None else f"{model_path}.tune")
+    # A bad space, budget or store is one line before any cluster is started or reached.
+    check_search(data, model, space, budget, factor=factor, n_candidates=n_candidates,
+                 validation=validation, storage_options=storage_options)
 
     def kept() -> str | None:
         if not tdir.meta_path.exists():
