@@ -134,3 +134,39 @@ def test_rpicluster_model_files_read_without_skops_as_skops_reads_them(digits, h
     save_model(mlp, tmp_path / "mlp.skops")
     assert read_model(tmp_path / "mlp.skops") is None
     np.testing.assert_array_equal(load_model(tmp_path / "mlp.skops").predict(X), mlp.predict(X))
+
+
+def test_labels_the_model_never_saw_warn_alike_here_and_on_a_cluster(digits, home, tmp_path):
+    """Scoring a store with classes the model was not trained on warns with the same counts in
+    this process as on a cluster (the in-process path said nothing); a store of only such
+    classes is one error on both paths."""
+    from distributed import LocalCluster
+
+    X, y = digits
+    model = tmp_path / "low.skops"
+    save_model(IncrementalKSGDClassifier(n_clusters=2, max_iter=2, random_state=0)
+               .fit(X[y < 5], y[y < 5]), model)
+    rpicluster.ingest((X[:400], y[:400]), tmp_path / "all.zarr", block_rows=200)
+    rpicluster.ingest((X[y >= 5][:200], y[y >= 5][:200]), tmp_path / "high.zarr",
+                      block_rows=100)
+    unseen = int((y[:400] >= 5).sum())
+    said = f"{unseen} of 400 rows of {tmp_path / 'all.zarr'} have labels {model} never saw"
+
+    def score(store, *extra):
+        result = CliRunner().invoke(main, ["score", str(model), str(tmp_path / store), *extra])
+        return result.exit_code, result.output
+
+    here = score("all.zarr")
+    assert here[0] == 0 and f"warning: {said}" in here[1], here
+    assert "cluster:" not in here[1]  # scored in this process: no cluster was resolved
+    code, out = score("high.zarr")
+    assert code == 1 and "accuracy would be 0" in out
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster:
+        there = score("all.zarr", "--scheduler", cluster.scheduler_address)
+        assert there[0] == 0 and f"warning: {said}" in there[1], there
+        code, out = score("high.zarr", "--scheduler", cluster.scheduler_address)
+        assert code == 1 and "accuracy would be 0" in out
+    [warned_here] = [line for line in here[1].splitlines() if line.startswith("warning:")]
+    assert warned_here in there[1].splitlines()
+    assert here[1].splitlines()[-1] == there[1].splitlines()[-1]  # the same accuracy line

@@ -339,6 +339,7 @@ def score_summary(model_path: str | os.PathLike, data: str, *,
     model, dataset = _model_and_store(model_path, data, storage_options)
     cluster = cluster or ClusterChoice()
     if cluster.runs_here(dataset):
+        check_labels(model, dataset, name=str(model_path))
         accuracy = model.score(dataset)
     else:
         from rpicluster.train.job import score_dataset
@@ -351,8 +352,11 @@ def score_summary(model_path: str | os.PathLike, data: str, *,
     return ScoreSummary(accuracy, dataset.url, dataset.n_rows, rows_kind(model, dataset))
 
 
-def check_labels(model, dataset, client, *, name: str = "the model") -> None:
+def check_labels(model, dataset, client=None, *, name: str = "the model") -> None:
     """Refuse a store whose labels the model can never predict; warn, with counts, when some are.
+
+    The labels are counted on ``client``'s workers, or in this process without one (a store
+    scored here: the same warning either way).
 
     Raises
     ------
@@ -367,9 +371,12 @@ def check_labels(model, dataset, client, *, name: str = "the model") -> None:
     unseen = ~np.isin(labels, known)
     if not unseen.any():
         return
-    futures = client.map(block_label_counts, [dataset] * dataset.n_blocks,
-                         range(dataset.n_blocks), pure=False)
-    counts = np.sum(client.gather(futures), axis=0)
+    if client is None:
+        per_block = [block_label_counts(dataset, b) for b in range(dataset.n_blocks)]
+    else:
+        per_block = client.gather(client.map(block_label_counts, [dataset] * dataset.n_blocks,
+                                             range(dataset.n_blocks), pure=False))
+    counts = np.sum(per_block, axis=0)
     total, missed = int(counts.sum()), int(counts[unseen].sum())
     what = (f"{missed} of {total} rows of {dataset.url} have labels {name} never saw in "
             f"training ({int(unseen.sum())} labels: {some_values(labels[unseen])})")
