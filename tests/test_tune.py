@@ -189,7 +189,8 @@ def test_tune_budget_mistakes_are_one_line_before_any_cluster(digits, tmp_path):
     that does not exist, the one-line budget error still comes (not a connection error)."""
     nowhere = ["--scheduler", "tcp://127.0.0.1:9"]
     base = ["tune", str(digits / "train.zarr"), "-o", str(tmp_path / "m.skops")]
-    res = CliRunner().invoke(main, [*base, "--model", "mlp", "--budget", "10", *nowhere])
+    res = CliRunner().invoke(main, [*base, "--model", "mlp", "--budget", "10", "--no-refit",
+                                    *nowhere])
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert re.fullmatch(r"error: budget of 0.088 blocks is smaller than one block .*\n",
                         res.output), res.output

@@ -6,9 +6,11 @@ import click
 
 from rpicluster.cli._common import (cluster_choice, cluster_options, echo_table, exit_stopped,
                                     quiet_dask_logs)
+from rpicluster.cli._mlflow import mlflow_option
 
 
 @click.command("tune")
+@mlflow_option
 @click.argument("data")
 @click.option("-o", "--output", "model_path", required=True, type=click.Path(dir_okay=False),
               help="Where the best model is written (skops format, like train's).")
@@ -33,9 +35,12 @@ from rpicluster.cli._common import (cluster_choice, cluster_options, echo_table,
               help="Continue a killed tune from its directory (finished results are kept).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing model file (and start the tune directory afresh).")
+@click.option("--no-refit", "refit", flag_value=False, default=True,
+              help="Write the best model as searched (by default it is refit to see the "
+              "held-out blocks too, as HalvingRandomSearchCV's refit=True).")
 @cluster_options
 def tune_cmd(data, model_path, kind, space, budget, factor, n_candidates, validation, seed,
-             tune_dir, resume_dir, overwrite, scheduler, inventory, local):
+             tune_dir, resume_dir, overwrite, refit, scheduler, inventory, local):
     """Search a model's parameters on the store DATA by successive halving on the cluster."""
     from rpicluster.errors import TrainingStopped
     from rpicluster.tune.search import tune_to_file
@@ -49,12 +54,13 @@ def tune_cmd(data, model_path, kind, space, budget, factor, n_candidates, valida
                                validation=validation,
                                cluster=cluster_choice(scheduler, inventory, local),
                                tune_dir=resume_dir or tune_dir, resume=resume_dir is not None,
-                               overwrite=overwrite)
+                               overwrite=overwrite, refit=refit)
     except TrainingStopped as exc:
         exit_stopped(exc, ["tune", data, "-o", model_path],
                      (("--model", kind), ("--space", space), ("--budget", budget),
                       ("--factor", factor), ("--candidates", n_candidates),
                       ("--validation", validation), ("--seed", seed),
+                      ("--no-refit", not refit),
                       ("--scheduler", scheduler), ("-c", inventory), ("--local", local)))
     r = summary.result
     p = r.plan

@@ -508,14 +508,14 @@ class TuneSummary:
 def tune_to_file(data: str, model_path, *, model: str = "ksgd", space=None, budget=None,
                  seed: int = 0, factor: int = 3, n_candidates: int | None = None,
                  validation: str | None = None, cluster=None, tune_dir=None,
-                 resume: bool = False, overwrite: bool = False,
+                 resume: bool = False, overwrite: bool = False, refit: bool = True,
                  storage_options: dict | None = None, show_progress: bool = True
                  ) -> TuneSummary:
     """``rpicluster tune``: :func:`tune` on the chosen cluster, the best model saved to
     ``model_path`` (an ordinary model file: ``rpicluster score``/``predict`` read it).
 
     ``tune_dir`` defaults to ``<model_path>.tune``. An existing ``model_path`` is replaced only
-    with ``overwrite``.
+    with ``overwrite``. ``refit`` as :func:`tune`'s.
 
     Raises
     ------
@@ -541,7 +541,7 @@ def tune_to_file(data: str, model_path, *, model: str = "ksgd", space=None, budg
 
     params = {"model": model, "space": str(space) if space is not None else None,
               "budget": budget, "seed": seed, "factor": factor, "n_candidates": n_candidates,
-              "validation": validation, "resume": resume}
+              "validation": validation, "resume": resume, "refit": refit}
     with history.recording("tune", params=params, data=str(data)) as record, \
             (cluster or ClusterChoice()).run_client(kept, tdir.path) as client:
         workers = client.scheduler_info()["workers"]
@@ -553,7 +553,7 @@ def tune_to_file(data: str, model_path, *, model: str = "ksgd", space=None, budg
                           seed=seed, factor=factor, n_candidates=n_candidates,
                           validation=validation, tune_dir=tdir.path, resume=resume,
                           overwrite=overwrite and not resume, storage_options=storage_options,
-                          progress=progress)
+                          progress=progress, refit=refit)
         digest = save_model(result.best_model, model_path)
         record.result(phases={"tune": result.seconds}, model_path=model_path.resolve(),
                       sha256=digest, best_score=result.best_score,
