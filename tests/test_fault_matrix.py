@@ -38,7 +38,7 @@ from distributed import Client
 from rpicluster import IncrementalKSGDClassifier, events as ev, open_dataset
 from rpicluster.cli import main
 from rpicluster.errors import ModelError
-from rpicluster.testing import SlowTasks, reference_fit, same_model
+from rpicluster.testing import SlowTasks, reference_fit, same_model, wait_until
 from rpicluster.train.job import train
 from rpicluster.train.modelfile import load_model, save_model, trust_model
 from rpicluster.train.rundir import RunDir
@@ -81,11 +81,8 @@ def _cli(*args, **kwargs):
 
 
 def _wait_for_commit(run_dir, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not (run_dir / "manifest.json").is_file() or not RunDir(run_dir).committed():
-        assert proc.poll() is None, proc.communicate()[0]
-        assert time.monotonic() < deadline, "no block was committed in time"
-        time.sleep(0.05)
+    wait_until(lambda: (run_dir / "manifest.json").is_file() and RunDir(run_dir).committed(),
+               timeout, what=f"a block committed in {run_dir}", process=proc)
 
 
 def _resume_line(output: str) -> list[str]:
@@ -178,8 +175,13 @@ def test_worker_host_lost_mid_train(store, uninterrupted, tmp_path, home, recove
             kept = len(RunDir(tmp_path / "m.skops.run").verified())
             out, _ = proc.communicate(timeout=300)
             recovery.recovered("link cut -> run finished on the other worker")
+            # The run needs nothing from the cut host, so it may end before the scheduler drops
+            # that worker (Dask's TCP timeout, distributed.comm.timeouts.tcp): wait for the drop.
             with connect(inventory=path, timeout=30) as c:
-                left = {w["name"] for w in c.scheduler_info()["workers"].values()}
+                left = wait_until(
+                    lambda: {w["name"] for w in c.scheduler_info()["workers"].values()}
+                    == {hosts.hosts["pi1"].address} and {hosts.hosts["pi1"].address},
+                    180, what="the scheduler dropping the cut host pi2", interval=1)
         finally:
             hosts.set_link("pi2", up=True)
             deploy.down(path)
@@ -249,15 +251,14 @@ def _scheduler(tmp_path, env, port=0):
     proc = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--port",
                              str(port), "--no-dashboard", "--scheduler-file", str(sfile)],
                             stderr=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 120
-    while True:
-        try:  # the file appears before its contents
-            return proc, json.loads(sfile.read_text())["address"]
-        except (OSError, ValueError):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise AssertionError(f"no scheduler answered in {sfile}") from None
-            time.sleep(0.1)
+    try:  # the file appears before its contents: OSError, then ValueError
+        address = wait_until(lambda: json.loads(sfile.read_text())["address"], 120,
+                             what=f"the scheduler's address in {sfile}", process=proc,
+                             ignore=(OSError, ValueError), interval=0.1)
+    except AssertionError:
+        proc.kill()
+        raise
+    return proc, address
 
 
 def _workers(address, tmp_path, env):
@@ -282,7 +283,9 @@ def test_scheduler_sigkill_mid_run(store, uninterrupted, tmp_path, recovery):
         procs += [sched, _workers(address, tmp_path, env)]
         with Client(address, timeout=60) as c:
             c.wait_for_workers(2, timeout=120)
-            c.register_plugin(SlowTasks(pattern=FITS, seconds=1.0), name="slow")
+            # 3 s a block: the kill must land before the last commit even when this test's
+            # process is descheduled for a second or two on a loaded machine.
+            c.register_plugin(SlowTasks(pattern=FITS, seconds=3.0), name="slow")
         model = tmp_path / "m.skops"
         proc = _cli("train", str(store), "-o", str(model), "--scheduler", address, *FLAGS,
                     "--seed", "7", env=env)
@@ -560,26 +563,32 @@ SILENT_WORKER_ENV = {"RPICLUSTER_SILENT_WORKER_TIMEOUT": "3"}
 
 
 class _Output:
-    """A process's merged output, read by a thread so a test can wait for a line."""
+    """A process's merged output, read by a thread that tells a waiting test of every piece."""
 
     def __init__(self, proc):
         import threading
 
-        self.proc, self.text = proc, ""
+        self.proc, self.text, self.ended = proc, "", False
+        self.changed = threading.Condition()
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
     def _read(self):
         for piece in iter(lambda: self.proc.stdout.read(1), ""):
-            self.text += piece
+            with self.changed:
+                self.text += piece
+                self.changed.notify_all()
+        with self.changed:
+            self.ended = True       # end of output: the process has closed it (or exited)
+            self.changed.notify_all()
 
     def wait_for(self, pattern, timeout):
-        deadline = time.monotonic() + timeout
-        while not re.search(pattern, self.text, re.M):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                return None
-            time.sleep(0.1)
-        return re.search(pattern, self.text, re.M)
+        """The first match of ``pattern`` once printed, or None when the output ends or
+        ``timeout`` passes first (the caller asserts, quoting the whole output)."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.ended or re.search(pattern, self.text, re.M),
+                                  timeout)
+            return re.search(pattern, self.text, re.M)
 
     def rest(self, timeout):
         self.proc.wait(timeout)
