@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -266,6 +267,12 @@ def test_cli_validation_fraction(digits, cluster, tmp_path):
                                        "--block-rows, or pass a test store (--test) to watch "
                                        "instead"), res.output
     assert len(res.output.strip().splitlines()) == 1
+    inventory = Path(__file__).parents[1] / "deploy" / "inventories" / "paper-cluster.toml"
+    res = CliRunner().invoke(main, ["federate", "-c", str(inventory), "-o",
+                                    str(tmp_path / "f.skops"), "--validation",
+                                    str(digits / "test.zarr"), "--validation-fraction", "0.1"])
+    assert res.exit_code == 1
+    assert res.output == "error: give --validation or --validation-fraction, not both\n"
 
 
 def test_federated_validation_fraction_each_host_holds_out_its_own_blocks(tmp_path):
