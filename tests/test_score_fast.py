@@ -170,3 +170,29 @@ def test_labels_the_model_never_saw_warn_alike_here_and_on_a_cluster(digits, hom
     [warned_here] = [line for line in here[1].splitlines() if line.startswith("warning:")]
     assert warned_here in there[1].splitlines()
     assert here[1].splitlines()[-1] == there[1].splitlines()[-1]  # the same accuracy line
+
+
+def test_the_training_rows_reingested_with_another_block_size_are_still_training_rows(
+        home, tmp_path):
+    """The store fingerprint was taken over the block size and the per-block checksums, so
+    digits re-ingested with another --block-rows counted as other data and `score` called the
+    training rows "rows". It is now the checksum of all the rows: the same rows in the same
+    order, in any blocks, are the model's training rows."""
+    from rpicluster.train.checks import fingerprint
+
+    stores = {}
+    for name, block_rows, seed in (("a", 600, 0), ("b", 256, 0), ("c", 600, 1)):
+        stores[name] = tmp_path / f"{name}.zarr"
+        rpicluster.ingest("sklearn:digits", stores[name], block_rows=block_rows, seed=seed)
+    a, b, c = (rpicluster.open_dataset(stores[k]) for k in "abc")
+    assert (a.n_blocks, b.n_blocks) == (3, 8)
+    # c holds the same rows in another order: the fingerprint (of metadata only, never of
+    # the rows themselves) is of the rows in order, so it counts as other data.
+    assert fingerprint(a) == fingerprint(b) != fingerprint(c)
+    model = tmp_path / "a.skops"
+    trained = CliRunner().invoke(main, ["train", str(stores["a"]), "-o", str(model),
+                                        "--clusters", "2"])
+    assert trained.exit_code == 0, trained.output
+    result = CliRunner().invoke(main, ["score", str(model), str(stores["b"])])
+    assert result.exit_code == 0, result.output
+    assert "(1797 TRAINING rows (not a held-out estimate))" in result.output

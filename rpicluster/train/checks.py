@@ -8,6 +8,7 @@ records which store it was trained on, so that scoring those rows says so.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -58,14 +59,69 @@ def fits_in_process(dataset) -> bool:
 
 
 def fingerprint(dataset) -> str:
-    """A store's content fingerprint from its metadata only (per-chunk checksums, shape and
-    classes): the same rows give the same fingerprint wherever the store lives. The model file
-    and the run history both use it."""
+    """A store's content fingerprint from its metadata only: the crc32c of all its rows (X and
+    y), shape and classes. The same rows in the same order give the same fingerprint wherever
+    the store lives and whatever its block size. The model file and the run history use it.
+
+    The block size is layout, not data: digits re-ingested with another ``--block-rows`` (same
+    source and seed: the same rows in the same order) are still the rows a model was trained
+    on, so ``score`` says so. The per-block checksums recorded at ingest are combined into the
+    checksum of the whole array, which no grouping of the rows changes.
+    """
     from rpicluster import history
 
+    dataset = getattr(dataset, "dataset", dataset)  # features' ImageStore wraps its Dataset
     attrs = dataset.attrs
-    return history.fingerprint({k: attrs.get(k) for k in (
-        "chunk_crc32c", "n_rows", "n_features", "block_rows", "classes")})
+    sums = attrs.get("chunk_crc32c")
+    whole = None
+    if sums:
+        rows = [min(dataset.block_rows, dataset.n_rows - b * dataset.block_rows)
+                for b in range(dataset.n_blocks)]
+        whole = {"X": crc32c_concat(sums["X"], [r * dataset.n_features * dataset.itemsize
+                                                for r in rows]),
+                 "y": crc32c_concat(sums["y"], [r * 4 for r in rows])}  # int32 codes
+    return history.fingerprint({"crc32c": whole, "n_rows": attrs.get("n_rows"),
+                                "n_features": attrs.get("n_features"),
+                                "classes": attrs.get("classes")})
+
+
+# crc32c of a concatenation from its parts' crc32c and lengths (zlib's crc32_combine, with the
+# Castagnoli polynomial): appending n zero bytes to a CRC is a linear map over GF(2).
+_CRC32C_POLY = 0x82F63B78  # reflected
+
+
+def _gf2_times(matrix: list[int], vector: int) -> int:
+    out, i = 0, 0
+    while vector:
+        if vector & 1:
+            out ^= matrix[i]
+        vector >>= 1
+        i += 1
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _zeros_operator(nbytes: int) -> tuple[int, ...]:
+    """The 32x32 GF(2) matrix that advances a crc32c over ``nbytes`` zero bytes."""
+    result = [1 << n for n in range(32)]  # identity
+    power = [_CRC32C_POLY] + [1 << n for n in range(31)]  # one zero bit
+    for _ in range(3):  # one zero byte = 8 bits
+        power = [_gf2_times(power, power[n]) for n in range(32)]
+    while nbytes:
+        if nbytes & 1:
+            result = [_gf2_times(power, result[n]) for n in range(32)]
+        nbytes >>= 1
+        if nbytes:
+            power = [_gf2_times(power, power[n]) for n in range(32)]
+    return tuple(result)
+
+
+def crc32c_concat(crcs: list[int], lengths: list[int]) -> int:
+    """The crc32c of the concatenation of byte strings whose crc32c and lengths are given."""
+    total = 0
+    for crc, n in zip(crcs, lengths, strict=True):
+        total = _gf2_times(_zeros_operator(n), total) ^ int(crc)
+    return total
 
 
 def record_training_store(model, dataset) -> None:
