@@ -171,6 +171,27 @@ def test_kernel_matches_plain_float64_reference(learning_rate, eta0, alpha):
     np.testing.assert_allclose(intercept, ref_intercept, atol=1e-4 * np.abs(ref_coef).max())
 
 
+def test_kernel_idle_epochs_match_reference(monkeypatch):
+    """Once an epoch leaves every row outside its margins, later batches read their scores from
+    cached raw scores instead of matrix products: same weights as the reference, which
+    computes every batch. The L2 shrinkage pulls rows back inside their margins, so idle runs
+    end and start again (the cache is rebuilt)."""
+    from rpicluster.models import _sgd
+
+    raw_scores, calls = _sgd._raw_scores, []
+    monkeypatch.setattr(_sgd, "_raw_scores", lambda *a: calls.append(1) or raw_scores(*a))
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 400)
+    X = (3.0 * np.eye(3)[y] @ rng.standard_normal((3, 16))
+         + 0.1 * rng.standard_normal((400, 16))).astype(np.float32)
+    kw = dict(epochs=30, alpha=3e-3, learning_rate="constant", eta0=0.05)
+    coef, intercept = sgd_ovr_fit(X, y, 3, seed=0, **kw)
+    ref_coef, ref_intercept = _reference_minibatch_sgd(X, y, 3, **kw)
+    assert len(calls) > 1
+    np.testing.assert_allclose(coef, ref_coef, atol=1e-4 * np.abs(ref_coef).max())
+    np.testing.assert_allclose(intercept, ref_intercept, atol=1e-4 * np.abs(ref_coef).max())
+
+
 def test_kernel_flops_and_batches():
     assert sgd_flops(100, 8, 5, 2) == 4 * 100 * 8 * 5 * 2
     assert sgd_flops(100, 8, 2, 1) == 4 * 100 * 8

@@ -36,6 +36,18 @@ accuracy points on ImageNet-like features):
   means 0.851-0.855, ``solver='sklearn'`` 0.855, at the same cost as summed steps. With one row
   per batch (``batch_size=1``) nothing changes: the kernel is still scikit-learn's per-sample SGD.
 
+Two shortcuts skip work that cannot change the weights (they change results only by float
+rounding: a product over fewer rows, or scores read from a larger product):
+
+* **Inactive rows.** A row outside every column's margin has a zero hinge gradient, so the
+  gradient products of a batch run over its active rows only, and not at all when it has none.
+* **Idle epochs.** Once an epoch ends with no row active (a cell of a few hundred rows, with
+  the paper's 50 epochs at a constant rate 0.001, fits its rows to the margin after 20-35
+  epochs), the weights ``wscale * V`` change only by the scalar ``wscale``. Every row's raw
+  score ``x . V`` is then computed once, and the next epochs' batches read their scores from
+  it with no matrix product until a row turns active again (measured on the paper's block 0,
+  k=300: 28 % of the batches, and 44 % less CPU with the inactive-row products).
+
 Everything here is a pure function of its inputs (and the integer ``seed``).
 """
 
@@ -252,67 +264,161 @@ def _fit_columns(X, rows, y_cols, c: int, *, sizes, learning_rate, eta0, alpha, 
     colsum = np.empty(c, dtype=np.float32)
     scale = np.empty(c, dtype=np.float32)
     rng = np.random.default_rng(seed)
-    # Each epoch's order is gathered once (rows, labels, weights and the flat position of
-    # every row's positive score), so that a batch is slices of it: the batches of a small
-    # cluster are small, and each numpy call costs about a microsecond whatever its size.
+
+    def rate(t, m):  # the per-sample rate at the middle of a batch of m rows after t samples
+        return learning_rate_at(t + 1 + (m - 1) / 2.0, learning_rate=learning_rate, eta0=eta0,
+                                alpha=alpha, power_t=power_t)
+
+    # Raw scores X[rows] @ V.T of every row, kept while V does not change: once a cell's rows
+    # all sit outside their margins (a small cell does after a few dozen of its 50 epochs),
+    # an epoch's batches change only wscale, and the scores of a whole epoch are read from R
+    # with no matrix product (see "Idle epochs" in the module docstring).
+    R = None
+    changed = True  # V changed during the previous epoch (or nothing was trained yet)
     at = np.arange(n) * c
     t = 0
-    for m in sizes.tolist():
+    epoch_ends = np.flatnonzero(np.cumsum(sizes) % n == 0) + 1
+    for epoch_sizes in np.split(sizes, epoch_ends[:-1]):
+        # Each epoch's order is gathered once (rows, labels, weights and the flat position of
+        # every row's positive score), so that a batch is slices of it: the batches of a small
+        # cluster are small, and each numpy call costs about a microsecond whatever its size.
+        perm = rng.permutation(n) if shuffle else np.arange(n)
+        idx_e = perm if rows is None else rows[perm]
+        y_e = y_cols[perm]
+        flat_e = at + y_e  # row i's positive score is s.flat[i * c + y]
+        positive_e = None if all_positive else y_e >= 0
+        w_e = None if weights is None else weights[perm][:, None]
+        epoch_sizes = epoch_sizes.tolist()
+        first = 0
+        if not changed:
+            if R is None:
+                R = _raw_scores(X, rows, n, V, Xb)
+            first, wscale, P, n_idle = _idle_batches(
+                R[perm], epoch_sizes, b, flat_e, positive_e, w_e, t=t, wscale=wscale, P=P,
+                rate=rate, alpha=alpha, average_from=average_from)
+            if n_idle:
+                b_sum += n_idle * b.astype(np.float64)
+                n_averaged += n_idle
+            t += sum(epoch_sizes[:first])
+        changed = False
         start = t % n
-        if start == 0:
-            perm = rng.permutation(n) if shuffle else np.arange(n)
-            idx_e = perm if rows is None else rows[perm]
-            y_e = y_cols[perm]
-            flat_e = at + y_e  # row i's positive score is s.flat[i * c + y]
-            if not all_positive:
-                positive_e = y_e >= 0
-            w_e = None if weights is None else weights[perm][:, None]
-        end = start + m
-        xb, s, sf = Xb[:m], S[:m * c].reshape(m, c), S[:m * c]
-        np.take(X, idx_e[start:end], axis=0, out=xb)
-        np.matmul(xb, V.T, out=s)
-        s *= wscale
-        s += b
-        fi = flat_e[start:end] if all_positive else flat_e[start:end][positive_e[start:end]]
-        fi = fi - start * c
-        true_s = sf.take(fi)
-        # s becomes the hinge derivative with respect to the score: a negative is active
-        # above -1 (derivative +1), a positive below 1 (derivative -1)
-        np.greater(s, -1.0, out=s)
-        sf.put(fi, np.where(true_s < 1.0, -1.0, 0.0))
-        if w_e is not None:
-            s *= w_e[start:end]
-        # each column takes the mean of its active rows' hinge gradients, not their sum (see
-        # the module docstring: "Active-row means"); a column with at most one scales by 1
-        active = np.add.reduce(s != 0, axis=0)
-        np.maximum(active, 1, out=active)
-        np.divide(1.0, active, out=scale)
-        s *= scale
-        eta = learning_rate_at(t + 1 + (m - 1) / 2.0, learning_rate=learning_rate, eta0=eta0,
-                               alpha=alpha, power_t=power_t)
-        # shrink first, then step, as scikit-learn orders a per-sample update
-        wscale *= max(0.0, 1.0 - eta * alpha) ** m
-        averaging = t + m > average_from
-        if wscale < (_AVERAGING_MIN_WSCALE if averaging else _MIN_WSCALE):
-            if P:  # bank the averaged sum so far: P * V - Q loses precision as V grows
-                A = P * V - Q if A is None else A + (P * V - Q)
-                P = 0.0
-                Q[:] = 0.0
-            V *= wscale
-            wscale = 1.0
-        np.add.reduce(s, axis=0, out=colsum)
-        colsum *= eta
-        b -= colsum
-        # V += (-eta / wscale) * s.T @ xb, in place (V.T is Fortran-ordered for BLAS)
-        _sgemm(-eta / wscale, xb.T, s.T, beta=1.0, c=V.T, trans_b=1, overwrite_c=1)
-        if averaging:
-            if P:
-                _sgemm(-eta / wscale * P, xb.T, s.T, beta=1.0, c=Q.T, trans_b=1, overwrite_c=1)
-            P += wscale
-            b_sum += b
-            n_averaged += 1
-        t += m
+        for m in epoch_sizes[first:]:
+            end = start + m
+            xb, s, sf = Xb[:m], S[:m * c].reshape(m, c), S[:m * c]
+            np.take(X, idx_e[start:end], axis=0, out=xb)
+            np.matmul(xb, V.T, out=s)
+            s *= wscale
+            s += b
+            fi = flat_e[start:end] if all_positive else flat_e[start:end][positive_e[start:end]]
+            fi = fi - start * c
+            true_s = sf.take(fi)
+            # s becomes the hinge derivative with respect to the score: a negative is active
+            # above -1 (derivative +1), a positive below 1 (derivative -1)
+            np.greater(s, -1.0, out=s)
+            sf.put(fi, np.where(true_s < 1.0, -1.0, 0.0))
+            if w_e is not None:
+                s *= w_e[start:end]
+            eta = rate(t, m)
+            # shrink first, then step, as scikit-learn orders a per-sample update
+            wscale *= max(0.0, 1.0 - eta * alpha) ** m
+            averaging = t + m > average_from
+            if wscale < (_AVERAGING_MIN_WSCALE if averaging else _MIN_WSCALE):
+                if P:  # bank the averaged sum so far: P * V - Q loses precision as V grows
+                    A = P * V - Q if A is None else A + (P * V - Q)
+                    P = 0.0
+                    Q[:] = 0.0
+                V *= wscale
+                wscale = 1.0
+                changed, R = True, None
+            # only the rows active for some column take part in the step: once most rows sit
+            # outside their margins, the gradient product shrinks with them (or is skipped)
+            nz = s != 0
+            act_rows = np.flatnonzero(np.logical_or.reduce(nz, axis=1))
+            if act_rows.shape[0]:
+                changed, R = True, None
+                # each column takes the mean of its active rows' hinge gradients, not their
+                # sum (see the module docstring: "Active-row means"); a column with at most
+                # one scales by 1
+                active = np.add.reduce(nz, axis=0)
+                np.maximum(active, 1, out=active)
+                np.divide(1.0, active, out=scale)
+                if act_rows.shape[0] < m:
+                    s, xb = s[act_rows], xb[act_rows]
+                s *= scale
+                np.add.reduce(s, axis=0, out=colsum)
+                colsum *= eta
+                b -= colsum
+                # V += (-eta / wscale) * s.T @ xb, in place (V.T is Fortran-ordered for BLAS)
+                _sgemm(-eta / wscale, xb.T, s.T, beta=1.0, c=V.T, trans_b=1, overwrite_c=1)
+                if averaging and P:
+                    _sgemm(-eta / wscale * P, xb.T, s.T, beta=1.0, c=Q.T, trans_b=1,
+                           overwrite_c=1)
+            if averaging:
+                P += wscale
+                b_sum += b
+                n_averaged += 1
+            t += m
+            start = end
     if average:
         w_sum = P * V - Q if A is None else A + (P * V - Q)
         return (w_sum / n_averaged).astype(np.float32), (b_sum / n_averaged).astype(np.float32)
     return V * np.float32(wscale), b
+
+
+# Rows per product when computing every row's raw scores (bounds the gathered rows' memory).
+_RAW_CHUNK = 1024
+
+
+def _raw_scores(X, rows, n: int, V, buf) -> np.ndarray:
+    """``X[rows] @ V.T`` (``X[:n]`` without ``rows``), in chunks gathered into ``buf``'s kind of
+    buffer, so the same rows give the same scores whether they come as a slice or as ``rows``."""
+    R = np.empty((n, V.shape[0]), dtype=np.float32)
+    chunk = np.empty((min(n, _RAW_CHUNK), X.shape[1]), dtype=np.float32)
+    for a in range(0, n, _RAW_CHUNK):
+        z = min(n, a + _RAW_CHUNK)
+        idx = np.arange(a, z) if rows is None else rows[a:z]
+        np.take(X, idx, axis=0, out=chunk[:z - a])
+        np.matmul(chunk[:z - a], V.T, out=R[a:z])
+    return R
+
+
+def _idle_batches(raw, sizes, b, flat, positive, w, *, t, wscale, P, rate, alpha, average_from):
+    """Run an epoch's leading batches in which no row is active, from the raw scores ``raw``
+    (``X[idx] @ V.T`` in the epoch's order): only wscale shrinks and the averages advance.
+
+    Returns ``(first, wscale, P, n_idle)``: the first batch to run in full (one with an
+    active row, or one that must rescale V), and the state after the idle batches, of which
+    ``n_idle`` were averaged (each adds the unchanged ``b`` to the bias sum).
+    """
+    before, after, averaged = [], [], []
+    for m in sizes:
+        new = wscale * max(0.0, 1.0 - rate(t, m) * alpha) ** m
+        averaging = t + m > average_from
+        if new < (_AVERAGING_MIN_WSCALE if averaging else _MIN_WSCALE):
+            break  # the full path rescales V
+        before.append(wscale)
+        after.append(new)
+        averaged.append(averaging)
+        wscale, t = new, t + m
+    k = len(before)
+    if k == 0:
+        return 0, wscale, P, 0
+    ends = np.cumsum(sizes[:k])
+    n_rows = int(ends[-1])
+    # the scores each row gets in its batch, computed as the full path computes them
+    s = raw[:n_rows] * np.repeat(np.asarray(before, dtype=np.float32), sizes[:k])[:, None]
+    s += b
+    act = s > -1.0
+    fi = flat[:n_rows] if positive is None else flat[:n_rows][positive[:n_rows]]
+    act.flat[fi] = s.flat[fi] < 1.0
+    if w is not None:
+        act &= w[:n_rows] != 0
+    rows_active = np.flatnonzero(np.logical_or.reduce(act, axis=1))
+    first = k if rows_active.shape[0] == 0 else int(np.searchsorted(ends, rows_active[0],
+                                                                     side="right"))
+    n_idle = 0
+    for i in range(first):
+        if averaged[i]:
+            P += after[i]
+            n_idle += 1
+    return first, (after[first - 1] if first else before[0]), P, n_idle
