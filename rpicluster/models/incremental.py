@@ -122,7 +122,9 @@ def calibrate_dataset(model, dataset, client=None):
     if client is None:
         parts = [calibration_task(model, dataset, b, rows) for b in blocks]
     else:
-        [remote] = client.scatter([model], broadcast=True, hash=False)
+        from rpicluster.models.remote import hold
+
+        remote = hold(client, model)
         parts = client.gather(client.map(calibration_task, [remote] * len(blocks),
                                          [dataset] * len(blocks), blocks, [rows] * len(blocks),
                                          pure=False))
@@ -494,7 +496,9 @@ class IncrementalKSGDClassifier(ClassifierMixin, BaseEstimator):
         if client is None:
             parts = [task(self, dataset, b) for b in range(n)]
         else:
-            [remote] = client.scatter([self], broadcast=True, hash=False)
+            from rpicluster.models.remote import hold
+
+            remote = hold(client, self)
             parts = client.gather(client.map(task, [remote] * n, [dataset] * n, range(n),
                                              pure=False))
         return np.concatenate(parts)

@@ -7,6 +7,7 @@ import uuid
 
 import numpy as np
 
+from rpicluster.models.remote import hold
 from rpicluster.progress import Progress
 from rpicluster.train import tasks
 from rpicluster.train.failures import raise_task_error
@@ -16,7 +17,7 @@ def map_blocks(client, func, model, dataset, progress: Progress | None, what: st
     """Run ``func(model, dataset, b)`` for every block on the cluster; results in block order."""
     from distributed import as_completed
 
-    [remote_model] = client.scatter([model], broadcast=True, hash=False)
+    remote_model = hold(client, model)
     run = uuid.uuid4().hex[:8]
     futures = [client.submit(func, remote_model, dataset, b, pure=False, priority=-b,
                              key=f"{func.__name__.removesuffix('_task')}-{run}-{b}")
