@@ -209,10 +209,15 @@ def save_model(estimator, path: str | os.PathLike) -> str:
     The file appears under its final name only once complete; ``path.sha256`` records the digest
     and ``path.sig`` its signature under this user's model key.
     """
-    import skops.io as sio
+    from rpicluster.train.archive import dumps
 
     path = Path(path)
-    data = deterministic_archive(sio.dumps(estimator))
+    data = dumps(estimator)  # an Inc-kSGD/kSGD model without importing skops, as skops would
+    if data is None:
+        import skops.io as sio
+
+        data = sio.dumps(estimator)
+    data = deterministic_archive(data)
     atomic_write_bytes(path, data)
     digest = hashlib.sha256(data).hexdigest()
     _write_sidecars(path, digest)
@@ -371,7 +376,7 @@ def load_model(path: str | os.PathLike, *, sha256: str | None = None, expected=N
                          f"the recorded {sha256}")
     trusted = _check_types(path)
     _check_signature(path, actual)
-    from rpicluster.train.modelread import read_model
+    from rpicluster.train.archive import read_model
 
     # An Inc-kSGD/kSGD file is rebuilt without importing skops (0.8 s of CPU here, seconds on
     # a Pi: it imports every scikit-learn estimator); anything else is skops' to read.
