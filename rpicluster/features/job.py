@@ -411,6 +411,6 @@ def _stop(client, futures, log, exc: BaseException) -> None:
 
 def _logger(client, run_id: str):
     def log(kind: str, **fields) -> None:
-        client.log_event(ev.FEATURES_TOPIC, ev.make_event(kind, run_id=run_id, **fields))
+        ev.publish(client, ev.FEATURES_TOPIC, ev.make_event(kind, run_id=run_id, **fields))
 
     return log

@@ -76,7 +76,7 @@ TICK_S = 0.25
 
 
 def _log(client, kind: str, **fields) -> None:
-    client.log_event(ev.TOPIC, ev.make_event(kind, **fields))
+    ev.publish(client, ev.TOPIC, ev.make_event(kind, **fields))
 
 
 class TrainingRun:

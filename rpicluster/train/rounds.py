@@ -149,7 +149,8 @@ class RoundEvents:
         self.run_id = f"{mode}-{uuid.uuid4().hex[:8]}"
 
     def _log(self, kind: str, **fields) -> None:
-        self.client.log_event(ev.ROUNDS_TOPIC, ev.make_event(kind, run_id=self.run_id, **fields))
+        ev.publish(self.client, ev.ROUNDS_TOPIC, ev.make_event(kind, run_id=self.run_id,
+                                                             **fields))
 
     def __enter__(self) -> "RoundEvents":
         self._log(ev.RUN_START, mode=self.mode, model=self.model, n_rounds=self.n_rounds,
