@@ -12,7 +12,6 @@ import re
 import signal
 import sys
 import threading
-import time
 
 import cloudpickle
 import dask
@@ -26,7 +25,7 @@ from rpicluster import events as ev
 from rpicluster.cli import main
 from rpicluster.errors import ConfigError, TrainingError
 from rpicluster.progress import Progress
-from rpicluster.testing import DieOn, SlowTasks
+from rpicluster.testing import DieOn, SlowTasks, wait_until
 from rpicluster.train.job import train
 from rpicluster.train.rundir import RunDir
 from rpicluster.train.watch import measure_floors
@@ -77,8 +76,8 @@ def test_a_worker_that_connects_during_the_wait_is_used(store, tmp_path, monkeyp
     out = io.StringIO()
     with _cluster(0) as cluster, Client(cluster) as client:
         def start_one():
-            while "waiting for a worker" not in out.getvalue():
-                time.sleep(0.05)
+            wait_until(lambda: "waiting for a worker" in out.getvalue(), 120,
+                       what="the progress line to say the run waits for a worker")
             cluster.scale(1)
 
         helper = threading.Thread(target=start_one, daemon=True)
@@ -110,12 +109,9 @@ def _train_cli_stopped_after_first_commit(cluster, store, model, fault) -> str:
     run_dir = model.parent / f"{model.name}.run"
 
     def after_first_commit():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if (run_dir / "manifest.json").is_file() and RunDir(run_dir).committed():
-                fault()
-                return
-            time.sleep(0.05)
+        wait_until(lambda: (run_dir / "manifest.json").is_file() and RunDir(run_dir).committed(),
+                   120, what=f"a block committed in {run_dir}")
+        fault()
 
     helper = threading.Thread(target=after_first_commit, daemon=True)
     helper.start()
@@ -173,8 +169,8 @@ def _train_while(client, store, tmp_path, during, *, watch_for: str):
     ended = threading.Event()
 
     def wait_for(text):
-        while not ended.is_set() and text not in out.getvalue():
-            time.sleep(0.05)
+        wait_until(lambda: ended.is_set() or text in out.getvalue(), 300,
+                   what=f"{text!r} on the progress line, or the run's end")
         return not ended.is_set()
 
     def act():
@@ -271,8 +267,8 @@ def test_a_workers_floor_is_measured_once_and_kept():
         with get_task_stream(client) as again:
             b = measure_floors(client, info, key="warm-up-b", timeout=60)
         cluster.scale(0)
-        while client.scheduler_info()["workers"]:
-            time.sleep(0.05)
+        wait_until(lambda: not client.scheduler_info()["workers"], 60,
+                   what="the scheduler to drop the scaled-down worker")
         cluster.scale(1)
         client.wait_for_workers(1, timeout=60)
         info = client.scheduler_info()["workers"]
