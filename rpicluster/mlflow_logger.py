@@ -55,6 +55,13 @@ _ROUND_METRICS = (ev.LOSS, ev.ACCURACY, ev.SECONDS, ev.ROWS)
 _BAD_KEY = re.compile(r"[^A-Za-z0-9_\-. /]+")
 
 
+def default_uri() -> str:
+    """The file store ``mlruns`` in the rpicluster home (``--mlflow`` without a URI)."""
+    from rpicluster import config
+
+    return (config.state_dir() / "mlruns").as_uri()
+
+
 def _key(name: str) -> str:
     """``name`` as an MLflow metric or parameter key (letters, digits, ``_-. /`` only)."""
     return _BAD_KEY.sub("_", str(name)).strip("_") or "_"

@@ -149,14 +149,22 @@ def train_model(data: str, model_path: str | os.PathLike, params: dict, *,
     if test_ds is not None:
         check_scoreable(estimator_like(dataset), test_ds, name=f"a model of {dataset.url}")
     cluster = cluster or ClusterChoice()
+    recorded = dict(params={**estimator.get_params(), "resume": resume, "test": test},
+                    data=str(dataset.url), fingerprint=fingerprint(dataset))
     if not resume and cluster.runs_here(dataset):
-        return _train_here(estimator, dataset, model_path, run_dir, overwrite, test_ds,
-                           show_progress)
+        with history.recording("train", **recorded) as record:
+            summary = _train_here(estimator, dataset, model_path, run_dir, overwrite, test_ds,
+                                  show_progress)
+            seconds = summary.result.seconds
+            record.update(cluster="this process", workers=["this process"])
+            record.result(phases={"train": seconds}, blocks=dataset.n_blocks,
+                          rows_per_second=dataset.n_rows / seconds if seconds > 0 else None,
+                          test_accuracy=summary.test_accuracy,
+                          model_path=summary.model_path.resolve(), sha256=summary.sha256)
+        return summary
     # Owned from before the first block until the model file is written: a second run into the
     # same directory is refused instead of mixing its blocks into this one.
-    with RunDir(run_dir) as run, history.recording(
-            "train", params={**estimator.get_params(), "resume": resume, "test": test},
-            data=str(dataset.url), fingerprint=fingerprint(dataset)) as record:
+    with RunDir(run_dir) as run, history.recording("train", **recorded) as record:
         if overwrite and not resume:
             run.clear()
         def kept() -> str | None:
