@@ -11,7 +11,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -21,6 +20,7 @@ from rpicluster.cli import main as rpicluster_cli
 from rpicluster.deploy import systemd
 from rpicluster.errors import ConfigError
 from rpicluster.inventory import load_inventory
+from rpicluster.testing import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -251,14 +251,9 @@ def test_rendered_units_start_a_working_tls_cluster(inventory, tmp_path):
         config = {k[len("DASK_"):].lower().replace("__", "."): shlex.split(v)[0]
                   for k, v in env_vars.items()}
         with dask.config.set(config):
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    client = Client(address, timeout=5)
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline, "scheduler did not answer"
-                    time.sleep(0.5)
+            client = wait_until(lambda: Client(address, timeout=5), 90, ignore=OSError,
+                                what=f"the unit's scheduler answering at {address}",
+                                interval=0.5)
             with client:
                 client.wait_for_workers(1, timeout=90)
                 (info,) = client.scheduler_info()["workers"].values()

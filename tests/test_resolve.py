@@ -16,6 +16,7 @@ from rpicluster.cli import main
 from rpicluster.deploy.resolve import find_cluster
 from rpicluster.deploy.state import ClusterState, cluster_id
 from rpicluster.errors import ConfigError
+from rpicluster.testing import wait_until
 
 
 def _record_local(home, address="tcp://127.0.0.1:1", n_workers=2, **extra) -> None:
@@ -123,7 +124,6 @@ def test_a_cluster_started_for_a_killed_command_stops_with_it(home):
     command is killed outright (SIGKILL: no cleanup runs), the cluster stops by itself instead
     of running on, recorded by nobody."""
     import signal
-    import time
 
     from rpicluster.deploy.state import local_record, pid_alive
 
@@ -132,16 +132,12 @@ def test_a_cluster_started_for_a_killed_command_stops_with_it(home):
         [sys.executable, "-c", "import time, rpicluster\n"
          "with rpicluster.client(local=1):\n    time.sleep(600)"], env=env)
     try:
-        deadline = time.monotonic() + 180
-        while (info := local_record()) is None:
-            assert owner.poll() is None and time.monotonic() < deadline, "no cluster started"
-            time.sleep(0.2)
+        info = wait_until(local_record, 180, what="the command's local cluster recorded",
+                          process=owner, interval=0.2)
         assert pid_alive(info["pid"])
     finally:
         owner.send_signal(signal.SIGKILL)
         owner.wait()
-    deadline = time.monotonic() + 60
-    while pid_alive(info["pid"]):
-        assert time.monotonic() < deadline, "the cluster outlived the command it was started for"
-        time.sleep(0.2)
+    wait_until(lambda: not pid_alive(info["pid"]), 60, interval=0.2,
+               what="the cluster to stop with the command it was started for")
     assert local_record() is None
