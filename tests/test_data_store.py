@@ -18,6 +18,7 @@ from rpicluster.data.writer import ingest as ingest_store
 # tests/test_data_shuffle.py covers the (default) shuffled ingest.
 ingest = functools.partial(ingest_store, shuffle=False)
 from rpicluster.errors import DataError, StoreIncompleteError
+from rpicluster.testing import wait_until
 
 
 @pytest.fixture
@@ -358,7 +359,6 @@ def test_ctrl_c_during_ingest_leaves_an_incomplete_store_and_prints_the_resume_c
     import signal
     import subprocess
     import sys
-    import time
 
     from click.testing import CliRunner
 
@@ -370,23 +370,22 @@ def test_ctrl_c_during_ingest_leaves_an_incomplete_store_and_prints_the_resume_c
                              "--block-rows", "1000", "--no-shuffle"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     meta = out / "zarr.json"
-    deadline = time.monotonic() + 120
-    while True:  # stop it once a block or more is written, then Ctrl-C
-        assert time.monotonic() < deadline and proc.poll() is None
-        try:
-            if json.loads(meta.read_text())["attributes"]["blocks_written"] >= 1:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.005)
-    while True:
+    # Stop it once a block or more is written, then Ctrl-C. Not written yet, or caught
+    # mid-write: OSError, ValueError, KeyError.
+    wait_until(lambda: json.loads(meta.read_text())["attributes"]["blocks_written"] >= 1, 120,
+               what=f"a block written to {out}", process=proc,
+               ignore=(OSError, ValueError, KeyError), interval=0.005)
+
+    def stopped_with_a_whole_record():
         proc.send_signal(signal.SIGSTOP)
-        try:  # stopped between zarr.json's truncation and its write, it reads empty: go on a bit
-            written = json.loads(meta.read_text())["attributes"]["blocks_written"]
-            break
-        except ValueError:
+        try:
+            return json.loads(meta.read_text())["attributes"]["blocks_written"]
+        except ValueError:  # stopped between zarr.json's truncation and its write: go on a bit
             proc.send_signal(signal.SIGCONT)
-            time.sleep(0.002)
+            return None
+
+    written = wait_until(stopped_with_a_whole_record, 30, interval=0.002,
+                         what=f"the ingest stopped with {meta} whole")
     assert written < 200
     proc.send_signal(signal.SIGINT)
     os.kill(proc.pid, signal.SIGCONT)
