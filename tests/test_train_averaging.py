@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from sklearn.neural_network import MLPClassifier
 from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
 from rpicluster.cli import main
 from rpicluster.errors import ConfigError, ModelError
+from rpicluster.testing import wait_until
 from rpicluster.train.averaging import (merge_updates, parse_hidden, shard_blocks,
                                         train_averaged, weighted_average)
 from rpicluster.train.modelfile import load_model, save_model
@@ -155,10 +155,9 @@ def test_resume_after_the_client_is_killed(digits, cluster, client, tmp_path):
            str(model_path), "--model", "mlp", "--hidden", "32", "--rounds", "40", "--seed", "3",
            "--eta", "0.01", "--run-dir", str(run_dir), "--scheduler", cluster.scheduler_address]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 400  # a loaded machine starts the CLI slowly
-    while len(RoundDir(run_dir).history()) < 2 and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read().decode()
-        time.sleep(0.02)
+    # 400 s: a loaded machine starts the CLI slowly.
+    wait_until(lambda: len(RoundDir(run_dir).history()) >= 2, 400,
+               what=f"two rounds checkpointed in {run_dir}", process=proc, interval=0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(RoundDir(run_dir).history())
@@ -321,10 +320,9 @@ def test_ctrl_c_says_what_was_kept_and_the_resume_command(digits, cluster, tmp_p
          str(model), "--model", "mlp", "--hidden", "32", "--rounds", "500", "--seed", "3",
          "--sync", "epoch", "--scheduler", cluster.scheduler_address],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 400  # a loaded machine starts the CLI slowly
-    while len(RoundDir(run_dir).history()) < 2 and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.02)
+    # 400 s: a loaded machine starts the CLI slowly.
+    wait_until(lambda: len(RoundDir(run_dir).history()) >= 2, 400,
+               what=f"two rounds checkpointed in {run_dir}", process=proc, interval=0.02)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
@@ -358,11 +356,10 @@ def test_a_killed_scheduler_is_one_line_with_the_resume_command(digits, tmp_path
     workers = None
     model, run_dir = tmp_path / "m.skops", tmp_path / "m.skops.run"
     try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "s.json").is_file():
-            assert time.monotonic() < deadline and sched.poll() is None
-            time.sleep(0.1)
-        address = json.loads((tmp_path / "s.json").read_text())["address"]
+        # The file appears before its contents: OSError, then ValueError.
+        address = wait_until(lambda: json.loads((tmp_path / "s.json").read_text())["address"],
+                             120, what="the scheduler's address in s.json", process=sched,
+                             ignore=(OSError, ValueError), interval=0.1)
         workers = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
                                     "--nworkers", "2", "--nthreads", "1", "--no-dashboard",
                                     "--local-directory", str(tmp_path / "w")],
@@ -371,11 +368,8 @@ def test_a_killed_scheduler_is_one_line_with_the_resume_command(digits, tmp_path
             [sys.executable, "-m", "rpicluster.cli", "train", str(digits / "train.zarr"), "-o",
              str(model), "--model", "sgd", "--rounds", "500", "--seed", "1", "--scheduler",
              address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        deadline = time.monotonic() + 400
-        while len(RoundDir(run_dir).history()) < 2:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "no round finished in time"
-            time.sleep(0.02)
+        wait_until(lambda: len(RoundDir(run_dir).history()) >= 2, 400,
+                   what=f"two rounds checkpointed in {run_dir}", process=proc, interval=0.02)
         sched.kill()
         out, _ = proc.communicate(timeout=240)
     finally:

@@ -18,6 +18,7 @@ from sklearn.neural_network import MLPClassifier
 
 from rpicluster import ingest, open_dataset
 from rpicluster.errors import DataError
+from rpicluster.testing import wait_until
 from rpicluster.train.averaging import weighted_average
 from rpicluster.train.federated import federate_on
 from rpicluster.train.rounds import RoundDir
@@ -216,10 +217,9 @@ def test_resume_after_the_client_is_killed(stores, cluster, client, tmp_path):
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 400  # a loaded machine starts the CLI slowly
-    while len(RoundDir(run_dir).history()) < 2 and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read().decode()
-        time.sleep(0.02)
+    # 400 s: a loaded machine starts the CLI slowly.
+    wait_until(lambda: len(RoundDir(run_dir).history()) >= 2, 400,
+               what=f"two rounds checkpointed in {run_dir}", process=proc, interval=0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(RoundDir(run_dir).history())
