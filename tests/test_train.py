@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import cloudpickle
 import dask
@@ -23,8 +24,8 @@ from rpicluster.errors import ConfigError, TrainingError
 from rpicluster.train.failures import raise_task_error, task_failure
 from rpicluster.train.job import TrainingRun, _Block, train
 from rpicluster.train.mapping import predict_dataset, score_dataset
-from rpicluster.train.placement import ahead_pays, fit_groups_per_block
-from rpicluster.train.speculate import behind, worth_a_block
+from rpicluster.train.placement import ahead_pays, fit_groups_per_block, free_worker
+from rpicluster.train.speculate import Pace, behind, worth_a_block
 from rpicluster.train.modelfile import load_model
 from rpicluster.testing import (DieOn, SlowTasks, all_rows, reference_fit, same_model,
                                 wait_until)
@@ -355,6 +356,22 @@ def test_a_block_is_queued_ahead_only_while_blocks_are_short():
     assert ahead_pays(measured, block_rows=4_000)  # 0.26 s a block
     assert not ahead_pays(measured, block_rows=126_141)  # 8.2 s a block
     assert not ahead_pays({"partition": [1e-5], "fit": []}, block_rows=10)  # not measured yet
+
+
+def test_no_block_is_queued_ahead_on_a_worker_yet_to_return_anything():
+    # Blocks measured short on "fast": it gets a block queued ahead; "silent" (an emulated Pi
+    # still on its first block) does not until it has returned one, then it does too.
+    pace = Pace()
+    pace.start()
+    for _ in range(3):
+        pace.observe("fast", "partition", 100, 0.01)
+        pace.observe("fast", "fit", 100, 0.02)
+    slots, threads = {"silent": 2, "fast": 2}, {"silent": 1, "fast": 1}
+    assert free_worker(slots, threads, Counter(silent=1, fast=1), pace, 10, 100) == "fast"
+    assert free_worker(slots, threads, Counter(silent=1, fast=2), pace, 10, 100) is None
+    pace.observe("silent", "partition", 100, 0.012)
+    pace.observe("silent", "fit", 100, 0.02)
+    assert free_worker(slots, threads, Counter(silent=1, fast=2), pace, 10, 100) == "silent"
 
 
 def test_a_slow_worker_gets_no_block_near_the_end():

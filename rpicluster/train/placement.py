@@ -83,7 +83,9 @@ def free_worker(slots: dict[str, int], threads: dict[str, int], holding, pace: P
     with ``remaining`` blocks not yet submitted); None when there is none. A block is queued
     ahead of a worker's threads (:data:`AHEAD`) only while blocks are short
     (:func:`ahead_pays`), and never on a slow worker: it would hold it long after the others
-    could have trained it.
+    could have trained it. Nor on a worker yet to return anything once others have (blocks are
+    measured short only then): it is slower than they are, by how much is unknown (an emulated
+    Cortex-A72 beside x86 held a second block for the whole run, then both were run again).
 
     Parameters
     ----------
@@ -98,7 +100,7 @@ def free_worker(slots: dict[str, int], threads: dict[str, int], holding, pace: P
     ahead = ahead_pays(pace.per_row, block_rows)
     for a, n in slots.items():
         slow = pace.slowness(a)
-        if not ahead or (slow is not None and slow > SLOW):
+        if not ahead or slow is None or slow > SLOW:
             n = min(n, threads.get(a, 1))
         if n > holding[a]:
             free[a] = n - holding[a]
