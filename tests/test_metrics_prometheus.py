@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ import requests
 
 from rpicluster.dashboard.metrics import SERIES
 from rpicluster.deploy.local import start_local, stop_local
+from rpicluster.testing import wait_until
 from rpicluster.train.api import train_model
 
 PROMETHEUS = shutil.which("prometheus")
@@ -75,17 +75,13 @@ def prometheus(tmp_path, free_port):
             [PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=log))
         base = f"http://127.0.0.1:{port}/api/v1"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/-/ready", timeout=2).ok:
-                    return base
-            except requests.ConnectionError:
-                pass
-            if procs[-1].poll() is not None or time.monotonic() > deadline:
-                pytest.fail("prometheus did not start: "
-                            + (tmp_path / "prometheus.log").read_text()[-2000:])
-            time.sleep(0.2)
+        try:
+            wait_until(lambda: requests.get(f"http://127.0.0.1:{port}/-/ready", timeout=2).ok,
+                       60, what=f"prometheus ready on port {port}", process=procs[-1],
+                       ignore=requests.ConnectionError, interval=0.2)
+        except AssertionError as e:
+            pytest.fail(f"{e}: {(tmp_path / 'prometheus.log').read_text()[-2000:]}")
+        return base
 
     yield start
     for p in procs:
@@ -122,19 +118,15 @@ def test_prometheus_scrapes_the_cluster_during_a_training_run(local_cluster, pro
     train, test = _store(tmp_path)
     # Prometheus applies its targets a few seconds after it is ready (its discovery manager
     # sends updates on a 5 s tick): before that first scrape a short run goes unseen.
-    deadline = time.monotonic() + 60
-    while not _query(api, 'up{job="rpicluster"} == 1'):
-        assert time.monotonic() < deadline, "prometheus never scraped the dashboard"
-        time.sleep(0.2)
+    wait_until(lambda: _query(api, 'up{job="rpicluster"} == 1'), 60, interval=0.2,
+               what="prometheus's first scrape of the dashboard")
     # 20 blocks at 60 epochs and a 200 ms scrape: a run of ~3 s on CI, a dozen scrapes.
     summary = train_model(str(train.url), tmp_path / "m.skops",
                           {"n_clusters": 3, "max_iter": 60, "random_state": 0},
                           test=str(test.url), show_progress=False)
     # Scrapes land every second: wait for one after the run's end.
-    deadline = time.monotonic() + 30
-    while not _query(api, 'rpicluster_run_info{status="done"}'):
-        assert time.monotonic() < deadline, "no scrape saw the run finish"
-        time.sleep(0.5)
+    wait_until(lambda: _query(api, 'rpicluster_run_info{status="done"}'), 30, interval=0.5,
+               what="a scrape that sees the run done")
 
     up = _query(api, 'up{job="rpicluster"}')
     assert [r["value"][1] for r in up] == ["1"]
