@@ -207,3 +207,29 @@ def test_the_training_rows_reingested_with_another_block_size_are_still_training
     result = CliRunner().invoke(main, ["score", str(model), str(stores["b"])])
     assert result.exit_code == 0, result.output
     assert "(1797 TRAINING rows (not a held-out estimate))" in result.output
+
+
+def test_a_train_on_a_cluster_still_quiets_dask_logs_once_connected(digits_split, home,
+                                                                     tmp_path):
+    """Dask's client loggers are quieted when `train` reaches a cluster (no longer at the
+    command's start, which imported distributed for runs that never use it)."""
+    from distributed import LocalCluster
+
+    train, _, _ = digits_split
+    code = ("import logging\n"
+            "from rpicluster.cli import main\n"
+            "try:\n"
+            f"    main(['train', {str(train)!r}, '-o', {str(tmp_path / 'c.skops')!r},\n"
+            "          '--clusters', '2', '--scheduler', ADDRESS])\n"
+            "except SystemExit as exc:\n"
+            "    assert not exc.code, exc.code\n"
+            "print([logging.getLogger(n).level for n in ('distributed.client', 'asyncio')])\n")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
+                      dashboard_address=None) as cluster:
+        out = subprocess.run([sys.executable, "-c",
+                              code.replace("ADDRESS", repr(cluster.scheduler_address))],
+                             capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "RPICLUSTER_HOME": str(home)})
+    assert out.returncode == 0, out.stderr
+    assert "1 workers" in out.stdout and "this process" not in out.stdout
+    assert out.stdout.splitlines()[-1] == "[50, 50]"  # logging.CRITICAL
