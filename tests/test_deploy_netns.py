@@ -327,6 +327,28 @@ def _provisioned(hosts, inventory, tmp_path, requirements):
     return path, venv, result[hosts.hosts["pi1"].address].value["versions"]
 
 
+def test_provision_refuses_the_venv_running_rpicluster_here(hosts, inventory, tmp_path):
+    """A worker on this machine whose python is this very venv: --provision would reinstall
+    every package of it (an editable rpicluster becoming a copy). One line; nothing built or
+    pushed, the venv untouched."""
+    from importlib import metadata
+
+    from rpicluster.deploy.provision import provision
+
+    path = inventory(names=("pi1",))
+    cfg = Path(sys.prefix) / "pyvenv.cfg"
+    before = cfg.stat().st_mtime_ns
+    with pytest.raises(HostsFailedError) as err:
+        provision(path, requirements=[f"pip=={metadata.version('pip')}"],
+                  wheelhouse=tmp_path / "wheelhouse")
+    (line,) = str(err.value).splitlines()[1:]
+    assert line.startswith(f"{hosts.hosts['pi1'].address}: python = {sys.executable!r} is the "
+                           f"venv running rpicluster on this machine ({sys.prefix})")
+    assert "run up without --provision" in line
+    assert not (tmp_path / "wheelhouse").exists() and not (tmp_path / "workers").exists()
+    assert cfg.stat().st_mtime_ns == before
+
+
 def test_provision_creates_the_venv_offline_from_a_pushed_wheelhouse(hosts, inventory, tmp_path):
     """Fast version: the project's own wheel and pip, installed with no index on the host."""
     from importlib import metadata

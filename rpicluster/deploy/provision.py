@@ -283,6 +283,7 @@ def provision(inventory: str | Path | ClusterSpec, *, accept_new_hosts: bool = F
             if problems:
                 raise BootstrapError(f"{node.host}: {problems[0]}")
             _refuse_non_venv(conn, node, venv)
+            _refuse_own_venv(conn, node, venv)
             key = platform_key(facts)
             with build_lock:
                 try:
@@ -339,6 +340,25 @@ def _refuse_non_venv(conn: Connection, node: NodeSpec, venv: str) -> None:
                           "is not a venv (no pyvenv.cfg); --provision creates or updates only a "
                           "venv: set python = ~/.venvs/rpicluster/bin/python (or another new "
                           "path)")
+
+
+def _refuse_own_venv(conn: Connection, node: NodeSpec, venv: str) -> None:
+    """Refuse, in one line, the venv running rpicluster here (a worker on this machine itself,
+    whose ``python`` is this one): --provision would reinstall every package of it from the
+    wheelhouse, an editable install of rpicluster becoming a frozen copy. Known by the host's
+    machine id and the device and inode of the venv's ``pyvenv.cfg``."""
+    try:
+        here = (Path(sys.prefix) / "pyvenv.cfg").stat()
+        machine = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        return  # not a venv, or no machine id: nothing to compare
+    res = conn.run(f"cat /etc/machine-id && stat -c %d:%i {shell_path(venv)}/pyvenv.cfg",
+                   check=False)
+    if res.exit_status == 0 and res.stdout.split() == [machine, f"{here.st_dev}:{here.st_ino}"]:
+        raise ConfigError(f"{node.host}: python = {node.python!r} is the venv running rpicluster "
+                          f"on this machine ({sys.prefix}); --provision would reinstall it from "
+                          "the wheelhouse: provision another venv for this worker (python = "
+                          "~/.venvs/rpicluster/bin/python), or run up without --provision")
 
 
 def _installed_wheels(conn: Connection, venv_sh: str) -> dict[str, str]:
