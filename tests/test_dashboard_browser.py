@@ -33,6 +33,7 @@ from rpicluster.data.sources import ArraySource
 from rpicluster.data.writer import ingest
 from rpicluster.data.synthetic import make_imagenet_like
 from rpicluster.models.incremental import IncrementalKSGDClassifier
+from rpicluster.testing import wait_until
 from rpicluster.train.job import train
 
 pytestmark = pytest.mark.browser
@@ -109,12 +110,13 @@ def chromium(tmp_path):
          f"--user-data-dir={profile}", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     port_file = profile / "DevToolsActivePort"
-    deadline = time.monotonic() + 30
-    while not (port_file.exists() and port_file.read_text().strip()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"chromium did not open its DevTools port (exit status {proc.poll()})")
-        time.sleep(0.1)
+    try:
+        wait_until(lambda: port_file.exists() and port_file.read_text().strip(), 30,
+                   what=f"chromium's DevTools port in {port_file}", process=proc,
+                   interval=0.1)
+    except AssertionError as e:
+        proc.kill()
+        pytest.fail(str(e))
     try:
         yield f"http://127.0.0.1:{port_file.read_text().split()[0]}"
     finally:
