@@ -174,13 +174,15 @@ class _KeySizes(SchedulerPlugin):
 
 def test_a_late_host_is_left_out_and_no_rows_pass_the_scheduler(stores, client):
     """Round 2 stalls host 1 beyond the deadline: the round completes with 0 and 2 and names 1,
-    which is back in round 3. No key and no task's inputs come near a store's size."""
+    which is back by round 4 (round 3 starts without waiting for the stalled host, which may
+    still be busy with its cancelled round-2 task). No key and no task's inputs come near a
+    store's size."""
     plugin = _KeySizes()
     client.register_plugin(plugin, name="key-sizes")
     client.register_plugin(_Stall("1", 2, 8.0), name="stall")
     try:
         hosts = {"0": stores["a"], "1": stores["b"], "2": stores["c"]}
-        result = federate_on(client, hosts, model="mlp", params=MLP, rounds=3,
+        result = federate_on(client, hosts, model="mlp", params=MLP, rounds=4,
                              round_timeout=4.0)
         # Control: rows handed to a task as an argument are seen by the same plugin.
         X, _ = _labelled(stores["c"])
@@ -189,11 +191,12 @@ def test_a_late_host_is_left_out_and_no_rows_pass_the_scheduler(stores, client):
             lambda dask_scheduler: dask_scheduler.plugins["key-sizes"].sizes)
     finally:
         client.unregister_worker_plugin("stall")
-    r1, r2, r3 = result.rounds
+    r1, r2, r3, r4 = result.rounds
     assert r1["participants"] == ["0", "1", "2"]
     assert r2["participants"] == ["0", "2"]
     assert r2["left_out"] == {"1": "missed the 4 s round deadline"}
-    assert r3["participants"] == ["0", "1", "2"]
+    assert r3["participants"] in (["0", "2"], ["0", "1", "2"])
+    assert r4["participants"] == ["0", "1", "2"]
     store_bytes = min(open_dataset(stores[n]).nbytes for n in ("a", "b", "c"))
     model_bytes = sum(w.nbytes for w in result.model.coefs_ + result.model.intercepts_)
     assert store_bytes > 8 * model_bytes  # the check below can tell rows from weights

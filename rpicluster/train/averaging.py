@@ -6,7 +6,9 @@ in: ``MLPClassifier`` (weights ``coefs_`` + ``intercepts_``, numpy only, so it r
 
 The store's blocks are dealt round-robin into *shards* (one per worker by default). One **round**:
 
-1. the driver scatters the global model to the workers once (``broadcast=True``);
+1. the driver shares the global model with the workers once
+   (:func:`rpicluster.models.remote.hold`: a recomputable task, so a lost worker cannot hang
+   or lose it);
 2. every shard's task starts from it, runs ``partial_fit`` over its blocks (read on the worker)
    and returns its weights, optimizer state and row count;
 3. the driver averages them, weighted by rows, in shard order (the same model on every run).
@@ -35,6 +37,7 @@ import numpy as np
 
 from rpicluster.errors import ConfigError, OptionsError, RPiClusterError, TrainingError
 from rpicluster.models.ksgd import task_seed
+from rpicluster.models.remote import hold
 from rpicluster.progress import Progress
 from rpicluster.train.engine import Strategy, is_fitted, recorded_run, run_params, run_rounds
 from rpicluster.train.stopping import MAX_ROUNDS, RoundStopper, default_rule, holdout_blocks
@@ -282,6 +285,7 @@ class AveragingResult:
     seconds: float
     run_dir: Path | None = None
     held_out: list[int] = dataclasses.field(default_factory=list)  # blocks scored, not trained
+    held_out_rows: int = 0
 
 
 def shard_blocks(n_blocks: int, n_shards: int) -> list[list[int]]:
@@ -305,10 +309,9 @@ class _Stepper:
         self.losses: list[tuple[float, int]] = []
 
     def step(self, model, name: str, submit_one, n: int):
-        """Scatter ``model`` once, run ``submit_one(remote, i)`` for shards ``0..n-1``, merge."""
+        """Share ``model`` once, run ``submit_one(remote, i)`` for shards ``0..n-1``, merge."""
         n_receivers = len(self.workers or self.client.scheduler_info()["workers"])
-        [remote] = self.client.scatter([model], broadcast=True, hash=False,
-                                       **({"workers": self.workers} if self.workers else {}))
+        remote = hold(self.client, model, workers=self.workers)
         self.bytes_down += _nbytes(model) * n_receivers
         tag = name.replace(" ", "-")
         futures = [submit_one(remote, i, key=f"{self.prefix}-{tag}-{i}", **self.where)
@@ -430,7 +433,8 @@ def train_averaged(dataset, client, *, model: str = "mlp", params: dict | None =
         progress=progress, on_round=on_round, stop=stop)
     return AveragingResult(model=global_model, rounds=history, resumed_rounds=resumed,
                            seconds=time.perf_counter() - t0,
-                           run_dir=rundir.path if rundir else None, held_out=held_out)
+                           run_dir=rundir.path if rundir else None, held_out=held_out,
+                           held_out_rows=int(dataset.n_rows) - rounds_of.train_rows)
 
 
 class _AveragingRounds(Strategy):
@@ -538,8 +542,7 @@ def score_on_cluster(model, dataset, client, where: dict | None = None,
                      blocks: list[int] | None = None) -> float:
     """Accuracy of ``model`` on ``dataset`` (its ``blocks``; default all), block by block on
     the workers."""
-    [remote] = client.scatter([model], broadcast=True, hash=False,
-                              **({"workers": where["workers"]} if where else {}))
+    remote = hold(client, model, workers=where["workers"] if where else None)
     futures = [client.submit(score_task, remote, dataset, b, pure=False, **(where or {}))
                for b in (range(dataset.n_blocks) if blocks is None else blocks)]
     parts = client.gather(futures)

@@ -1,7 +1,7 @@
 """Federated averaging (FedAvg): every host trains on the store on its own disk; only weights move.
 
 Each round the driver picks the participating hosts (a seeded sample: ``fraction`` of the
-connected hosts, at least ``min_clients``), scatters the global model to them once, and submits
+connected hosts, at least ``min_clients``), shares the global model with them once, and submits
 one task per host, pinned to it (``workers=[its address]``, ``allow_other_workers=False``, so
 the scheduler never moves it). The task opens the host's own store *inside itself* and runs
 ``partial_fit`` over its blocks for ``local_epochs``; what comes back is weights, optimizer state
@@ -35,6 +35,7 @@ import numpy as np
 from rpicluster.errors import ConfigError, DataError, RPiClusterError, TrainingError
 from rpicluster.progress import Progress
 from rpicluster.models.ksgd import task_seed
+from rpicluster.models.remote import hold
 from rpicluster.train.averaging import (_labelled, _nbytes, estimator_class, local_fit,
                                         make_estimator, merge_updates)
 from rpicluster.train.engine import Strategy, is_fitted, recorded_run, run_params, run_rounds
@@ -376,11 +377,10 @@ class _FederatedRounds(Strategy):
         left_out = {n: why for n, why in registry.excluded.items()}
         left_out.update({n: "not connected" for n in hosts
                          if n not in live and n not in left_out})
-        addrs = [live[n] for n in participants]
-        [remote] = client.scatter([global_model], broadcast=True, hash=False, workers=addrs)
+        remote = _hold_on_each(client, global_model, {n: live[n] for n in participants})
         bytes_down = _nbytes(global_model) * len(participants)
         want_model = not is_fitted(global_model)
-        futures = {n: client.submit(federated_task, remote, hosts[n], self.local_epochs,
+        futures = {n: client.submit(federated_task, remote[n], hosts[n], self.local_epochs,
                                     self.classes, self.n_features, task_seed(self.seed, r, i + 1),
                                     want_model, self.holdout(n), pure=False,
                                     key=f"{self.prefix}-r{r + 1}-{n}",
@@ -423,9 +423,8 @@ class _FederatedRounds(Strategy):
             return float(model.score(self.X_val, self.y_val))
         if self.validation_fraction is None:
             return None
-        addrs = [live[n] for n in hosts]
-        [remote] = self.client.scatter([model], broadcast=True, hash=False, workers=addrs)
-        futures = {n: self.client.submit(holdout_score_task, remote, self.registry.paths[n],
+        remote = _hold_on_each(self.client, model, {n: live[n] for n in hosts})
+        futures = {n: self.client.submit(holdout_score_task, remote[n], self.registry.paths[n],
                                          self.holdout(n), pure=False,
                                          key=f"{self.prefix}-r{r + 1}-score-{n}",
                                          workers=[live[n]], allow_other_workers=False)
@@ -439,6 +438,14 @@ class _FederatedRounds(Strategy):
         acc = "" if report["accuracy"] is None else f", accuracy {report['accuracy']:.4f}"
         gone = f", left out: {', '.join(sorted(self.why))}" if self.why else ""
         return f"round {report['round']}: {len(report['participants'])} hosts{acc}{gone}"
+
+
+def _hold_on_each(client, model, addrs: dict[str, str]) -> dict:
+    """Host name -> a copy of ``model`` held on that host (:func:`~rpicluster.models.remote.hold`):
+    each host's task reads its own copy, so a slow or lost host delays no other (one shared
+    copy would make every host fetch it from its holder), and nothing hangs on a lost host as a
+    broadcast scatter does."""
+    return {n: hold(client, model, workers=[a]) for n, a in addrs.items()}
 
 
 def _wait_for_clients(client, registry: _Hosts, min_clients: int, wait_s: float, r: int):
