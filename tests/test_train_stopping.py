@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -249,7 +250,8 @@ def test_cli_validation_fraction(digits, cluster, tmp_path):
             "--scheduler", cluster.scheduler_address]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    assert "held out for the stopping rule (accuracy column): blocks " in res.output
+    assert re.search(r"held out for the stopping rule \(accuracy column\): blocks \d of "
+                     r".*train.zarr \(3\d\d of 13\d\d rows\)", res.output), res.output
     assert "stopped: converged: validation score did not improve by tol=0.01 for 2 rounds" \
         in res.output
     assert "test accuracy: 0." in res.output

@@ -6,6 +6,7 @@ import click
 
 from rpicluster.cli._common import (announce, cluster_choice, cluster_options, echo_table,
                                     exit_stopped, quiet_dask_logs, usage_errors)
+from rpicluster.cli._mlflow import mlflow_option
 
 #: The defaults ``train --help`` shows: IncrementalKSGDClassifier's own (an unset flag leaves the
 #: estimator's default, or a resumed run's value), written out so that ``--help`` does not import
@@ -56,6 +57,7 @@ def stopping_options(f):
 
 
 @click.command("train")
+@mlflow_option
 @click.argument("data")
 @click.option("-o", "--output", "model_path", required=True, type=click.Path(dir_okay=False),
               help="Model file to write (skops format).")
@@ -196,7 +198,8 @@ def _train_averaged(data, model_path, run_dir, resume, overwrite, test, cluster,
                 for x in r.rounds[r.resumed_rounds:]])
     if r.held_out:
         click.echo(f"held out for the stopping rule (accuracy column): blocks "
-                   f"{', '.join(map(str, r.held_out))} of {data}")
+                   f"{', '.join(map(str, r.held_out))} of {data} ({r.held_out_rows} of "
+                   f"{r.held_out_rows + r.rounds[0]['rows'] // local_epochs} rows)")
     click.echo(f"stopped: {summary.stopped}")
     if summary.test_accuracy is not None:
         click.echo(f"test accuracy: {summary.test_accuracy:.4f}")
@@ -204,6 +207,7 @@ def _train_averaged(data, model_path, run_dir, resume, overwrite, test, cluster,
 
 
 @click.command("federate")
+@mlflow_option
 @click.option("-c", "--inventory", required=True, type=click.Path(dir_okay=False, exists=True),
               metavar="TOML", help="The cluster inventory (workers may give their own data).")
 @click.option("-o", "--output", "model_path", required=True, type=click.Path(dir_okay=False),
