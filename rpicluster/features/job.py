@@ -32,6 +32,7 @@ from rpicluster.features.images import open_images
 from rpicluster.features.model import Extractor, FrozenModel, load_network, release_sessions
 from rpicluster.progress import Progress
 from rpicluster.train.failures import raise_task_error
+from rpicluster.train.tasks import TaskReport
 from rpicluster.train.watch import ClusterWatch
 
 #: Images per ONNX Runtime call: EfficientNet-Lite0 at 224 px peaks near 0.5 GB at 32 (see
@@ -75,12 +76,23 @@ class FeaturesResult:
                 for w, s in sorted(self.busy_seconds_per_worker.items()) if s > 0}
 
 
+@dataclasses.dataclass
+class ExtractedBlock(TaskReport):
+    """An extraction task's report: feature block ``block`` is written (``rows`` images) and
+    ``crc`` holds the checksums of its two chunks (``{"X": ..., "y": ...}``), which the client
+    records with the block."""
+
+    block: int
+    crc: dict
+
+
 def extract_task(model: FrozenModel, images, out_url: str, out_options, block: int,
-                 block_rows: int, input_size: int, batch_size: int, threads: int | None) -> dict:
+                 block_rows: int, input_size: int, batch_size: int,
+                 threads: int | None) -> ExtractedBlock:
     """Extract the features of feature block ``block`` (``block_rows`` rows, one or more image
     blocks read one at a time) and write it as one chunk of the feature store (on a worker)."""
     from rpicluster.data.writer import StoreWriter
-    from rpicluster.train.tasks import worker_name
+    from rpicluster.train.tasks import worker_address, worker_name
 
     with _WORKER_LOCK:
         t0 = time.perf_counter()
@@ -106,9 +118,8 @@ def extract_task(model: FrozenModel, images, out_url: str, out_options, block: i
         del extractor
         if _memory_pressure():
             release_sessions()
-        # The per-position checksums of the layout, recorded by the client with the block.
-        return {"block": block, "rows": int(len(y)), "worker": worker_name(),
-                "seconds": time.perf_counter() - t0, "crc": crc}
+        return ExtractedBlock(rows=int(len(y)), worker=worker_name(), address=worker_address(),
+                              seconds=time.perf_counter() - t0, block=block, crc=crc)
 
 
 def _memory_pressure() -> bool:
@@ -333,19 +344,18 @@ def _run(source, frozen, size, n_features, block_rows, out, client, *, batch_siz
                 b = index[future.key]
                 if future.status == "error":
                     raise_task_error(future.exception(), b, None)
-                r = future.result()
-                images_done[r["worker"]] += r["rows"]
-                busy[r["worker"]] += r["seconds"]
+                r: ExtractedBlock = future.result()
+                images_done[r.worker] += r.rows
+                busy[r.worker] += r.seconds
                 done.add(b)
-                sums["X"][b], sums["y"][b] = r["crc"]["X"], r["crc"]["y"]
+                sums["X"][b], sums["y"][b] = r.crc["X"], r.crc["y"]
                 # Recorded only after the worker wrote both chunks: resume skips this block.
                 writer.record(blocks_done=sorted(done), blocks_written=len(done),
                               **{CHECKSUMS_KEY: sums})
-                log(ev.EXTRACTED, block=b, rows=r["rows"], worker=r["worker"],
-                    seconds=r["seconds"])
-                rate = r["rows"] / r["seconds"] if r["seconds"] > 0 else math.inf
-                progress.advance(note=f"block {b}: {r['rows']} images, {rate:.0f} images/s "
-                                      f"on {r['worker']}")
+                log(ev.EXTRACTED, block=b, rows=r.rows, worker=r.worker, seconds=r.seconds)
+                rate = r.rows / r.seconds if r.seconds > 0 else math.inf
+                progress.advance(note=f"block {b}: {r.rows} images, {rate:.0f} images/s "
+                                      f"on {r.worker}")
         except (CancelledError, KilledWorker, _Stalled, OSError, TimeoutError) as exc:
             # Workers restarted (all at once: every task is forgotten), stayed paused for
             # memory, or the scheduler went away: the recorded blocks are kept for --resume.
