@@ -132,6 +132,17 @@ def kill_after_two(report):
         raise Killed
 
 
+def killed_then_resumed(train, rule, run_dir, resume_kw=None, **kw):
+    """``train(**kw)`` (a round run: train_averaged, federate_on) killed after its second round,
+    then resumed (with ``resume_kw`` changed): (the resumed result, its stopper)."""
+    from rpicluster.train.stopping import RoundStopper
+
+    with pytest.raises(Killed):
+        train(**kw, stop=RoundStopper(rule), run_dir=run_dir, on_round=kill_after_two)
+    again = RoundStopper(rule)
+    return train(**{**kw, **(resume_kw or {})}, stop=again, run_dir=run_dir, resume=True), again
+
+
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """scikit-learn's digits as a 4-block training store and a held-out test store (75/25,
@@ -166,12 +177,8 @@ def test_rounds_stop_by_the_rule_and_a_resumed_run_stops_on_the_same_round(digit
                                    "for 2 rounds")
     assert len(full.rounds) == whole.state.best_round + 2 < 40
 
-    with pytest.raises(Killed):
-        train_averaged(ds, client, **kw, stop=RoundStopper(rule), run_dir=tmp_path / "cut",
-                       on_round=kill_after_two)
-    again = RoundStopper(rule)
-    resumed = train_averaged(ds, client, **kw, stop=again, run_dir=tmp_path / "cut",
-                             resume=True)
+    resumed, again = killed_then_resumed(train_averaged, rule, tmp_path / "cut", dataset=ds,
+                                         client=client, **kw)
     assert resumed.resumed_rounds == 2 and len(resumed.rounds) == len(full.rounds)
     assert again.state == whole.state
     np.testing.assert_array_equal(resumed.model.coef_, full.model.coef_)
@@ -221,12 +228,9 @@ def test_validation_fraction_holds_out_blocks_and_a_resume_gives_the_same_model(
     assert whole.reason.startswith("converged: validation score did not improve by tol=0.01")
     assert 2 < len(full.rounds) == whole.state.rounds < 40
 
-    with pytest.raises(Killed):
-        train_averaged(ds, client, **kw, stop=RoundStopper(rule), run_dir=tmp_path / "cut",
-                       on_round=kill_after_two)
-    again = RoundStopper(rule)
-    resumed = train_averaged(ds, client, **{**kw, "validation_fraction": None}, stop=again,
-                             run_dir=tmp_path / "cut", resume=True)  # the recorded fraction
+    resumed, again = killed_then_resumed(  # resumed with the recorded fraction
+        train_averaged, rule, tmp_path / "cut", {"validation_fraction": None}, dataset=ds,
+        client=client, **kw)
     assert resumed.held_out == full.held_out and again.state == whole.state
     np.testing.assert_array_equal(resumed.model.coef_, full.model.coef_)
     with pytest.raises(ConfigError, match="validation_fraction was 0.25 in the run, now 0.5"):
@@ -306,12 +310,8 @@ def test_federated_validation_fraction_each_host_holds_out_its_own_blocks(tmp_pa
                       dashboard_address=None) as cluster, Client(cluster) as client:
         whole = RoundStopper(rule)
         full = federate_on(client, hosts, **kw, stop=whole, run_dir=tmp_path / "full")
-        with pytest.raises(Killed):
-            federate_on(client, hosts, **kw, stop=RoundStopper(rule), run_dir=tmp_path / "cut",
-                        on_round=kill_after_two)
-        again = RoundStopper(rule)
-        resumed = federate_on(client, hosts, **kw, stop=again, run_dir=tmp_path / "cut",
-                              resume=True)
+        resumed, again = killed_then_resumed(federate_on, rule, tmp_path / "cut",
+                                             client=client, hosts=hosts, **kw)
     assert "has 1 block: none can be held out" in full.excluded["2"]
     # 6 blocks of 150 rows each (the second host's last: 147); 2 held out per host, drawn
     # with the run's seed and the host's name.
