@@ -54,10 +54,12 @@ def main() -> None:
         X, _ = ds.block(1)
         ref = IncrementalKSGDClassifier(**params)
         ref.estimators_ = []
+        from rpicluster.models.incremental import check_incremental_params
         from rpicluster.models.ksgd import fit_block
         for b in (0, 1):
             Xb, yb = ds.block(b)
-            ref.estimators_.append(fit_block(Xb, yb, np.asarray(ds.classes), ref._check_params(),
+            ref.estimators_.append(fit_block(Xb, yb, np.asarray(ds.classes),
+                                             check_incremental_params(ref.get_params()),
                                              random_state=0, block=b))
         same = all(np.array_equal(run.model.estimators_[b].predict(X), ref.estimators_[b]
                                   .predict(X)) for b in (0, 1))

@@ -108,10 +108,11 @@ class IncKSGDJob:
     reduced = "the same training job with max_iter=1 (every block and task, one SGD epoch)"
 
     def __init__(self, params: dict | None = None):
-        from rpicluster.models.incremental import IncrementalKSGDClassifier
+        from rpicluster.models.incremental import (IncrementalKSGDClassifier,
+                                                   check_incremental_params)
 
         est = IncrementalKSGDClassifier(**{"random_state": 0, **(params or {})})
-        self.params = est._check_params()
+        self.params = check_incremental_params(est.get_params())
 
     def window(self, n_workers: int) -> int:
         """Blocks in flight, as the training job sets them without memory limits: one per

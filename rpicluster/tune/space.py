@@ -161,12 +161,14 @@ def _extremes(kind: str, values: list) -> list:
 
 
 def _check_value(cls, model: str, name: str, value, where: str) -> None:
+    from rpicluster.models.incremental import check_incremental_params
+
     est = cls(**{name: _to_param(name, value)})
     try:
         if model == "ksgd":
-            est._check_params()
+            check_incremental_params(est.get_params())
         else:
-            est._validate_params()
+            est._validate_params()  # scikit-learn's own check of its parameter constraints
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{where}: {name} = {value!r} is impossible for {cls.__name__} "
                           f"({str(exc).splitlines()[0]})") from None
