@@ -192,6 +192,34 @@ def test_kernel_idle_epochs_match_reference(monkeypatch):
     np.testing.assert_allclose(intercept, ref_intercept, atol=1e-4 * np.abs(ref_coef).max())
 
 
+@pytest.mark.parametrize("learning_rate, eta0, alpha", [("constant", 0.05, 3e-3),
+                                                        ("optimal", 0.01, 0.05),
+                                                        ("invscaling", 1.0, 1e-3)])
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_kernel_dual_form_matches_primal(monkeypatch, learning_rate, eta0, alpha, n_classes):
+    """Small clusters train in the dual form (Gram matrix, one coefficient per row): the same
+    weights as the primal loop, with sample weights, rows selected by index, averaging and
+    (alpha 0.05, 'optimal') the rescaling of the weights."""
+    from rpicluster.models import _sgd
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, n_classes, 300)
+    X = (np.eye(n_classes)[y] @ rng.standard_normal((n_classes, 16))
+         + 0.5 * rng.standard_normal((300, 16))).astype(np.float32)
+    w = rng.choice([0.0, 0.5, 1.0, 2.0], 300)
+    rows = rng.permutation(350)[:300]
+    X_all = np.zeros((350, 16), np.float32)
+    X_all[rows] = X
+    fits = {}
+    for dual in (False, True):
+        monkeypatch.setattr(_sgd, "_dual_pays", lambda *a, dual=dual: dual)
+        fits[dual] = sgd_ovr_fit(X_all, y, n_classes, epochs=20, alpha=alpha, rows=rows,
+                                 learning_rate=learning_rate, eta0=eta0, sample_weight=w)
+    scale = np.abs(fits[False][0]).max()
+    for primal, dual in zip(fits[False], fits[True]):
+        np.testing.assert_allclose(dual, primal, atol=1e-5 * scale)
+
+
 def test_kernel_flops_and_batches():
     assert sgd_flops(100, 8, 5, 2) == 4 * 100 * 8 * 5 * 2
     assert sgd_flops(100, 8, 2, 1) == 4 * 100 * 8
