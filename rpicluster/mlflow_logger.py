@@ -4,8 +4,9 @@
 MLflow run per recorded run in the experiment ``rpicluster``: the parameters; the data, its
 fingerprint, the cluster and workers as tags; the result figures and per-phase seconds as
 metrics; per block (Inc-kSGD validation accuracy, blocks committed, images per second of a
-feature block) and per round (loss, accuracy, seconds, rows, bytes moved) metrics with their
-step, from the events the run publishes (:func:`rpicluster.events.publish`); the model file as
+feature block), per round (loss, accuracy, seconds, rows, bytes moved) and per tune
+candidate (its held-out score at each rung) metrics with their step, from the events the run
+publishes (:func:`rpicluster.events.publish`); the model file as
 an artifact (its path as a tag); and the outcome (``FINISHED``, ``KILLED`` for a stopped run,
 ``FAILED``, with the history's word and reason as tags)::
 
@@ -52,6 +53,9 @@ CONNECT_TIMEOUT_S = 5.0
 _STATUS = {"done": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
 #: Per-round report fields logged as step metrics (``round`` events).
 _ROUND_METRICS = (ev.LOSS, ev.ACCURACY, ev.SECONDS, ev.ROWS)
+#: The kind of a tune's per-candidate result event (:mod:`rpicluster.tune.search`, a sibling
+#: this module does not import).
+_TUNE_RESULT = "tune-result"
 _BAD_KEY = re.compile(r"[^A-Za-z0-9_\-. /]+")
 
 
@@ -205,6 +209,10 @@ class MLflowLogger:
         elif kind == ev.COMMITTED:
             self._counts[run] = step = self._counts.get(run, 0) + 1
             metrics = {"blocks_committed": step}
+        elif kind == _TUNE_RESULT and event.get("candidate") is not None:
+            # rpicluster.tune's events: each candidate's held-out score at each rung.
+            step = int(event["candidate"])
+            metrics = {f"rung {event.get('rung')}/score": event.get("score")}
         elif kind == ev.EXTRACTED and event.get(ev.BLOCK) is not None:
             rows, seconds = event.get(ev.ROWS), event.get(ev.SECONDS)
             step = int(event[ev.BLOCK])

@@ -201,3 +201,7 @@ def test_a_tune_is_logged_like_its_history_row(home, tmp_path, digits, scheduler
     figures = {k: v for k, v in mine["results"].items() if isinstance(v, float)}
     assert figures and all(run.data.metrics[k] == pytest.approx(v) for k, v in figures.items())
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["best.skops"]
+    # Each candidate's held-out score at the first rung (rungs count from 1; step = candidate).
+    first = client.get_metric_history(run.info.run_id, "rung 1/score")
+    assert sorted(m.step for m in first) == list(range(mine["results"]["candidates"]))
+    assert max(m.value for m in first) <= 1.0 and min(m.value for m in first) > 0.0

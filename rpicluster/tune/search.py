@@ -493,8 +493,10 @@ def _jsonable(params: dict) -> dict:
 
 
 def _log(client, **event) -> None:
+    from rpicluster.events import publish
+
     event.setdefault("t", time.time())
-    client.log_event(TOPIC, event)
+    publish(client, TOPIC, event)  # to the scheduler, and to local listeners (--mlflow)
 
 
 @dataclasses.dataclass
