@@ -22,7 +22,7 @@ _EXPORTS = {
     "up": "rpicluster.deploy.lifecycle",
     "down": "rpicluster.deploy.lifecycle",
     "logs": "rpicluster.deploy.lifecycle",
-    "status": "rpicluster.deploy.resolve",
+    "status": "rpicluster.deploy.lifecycle",
     "connect": "rpicluster.deploy.resolve",
     "client": "rpicluster.deploy.resolve",
     "find_cluster": "rpicluster.deploy.resolve",

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import rpicluster
 from rpicluster import IncrementalKSGDClassifier, connect, ingest, open_dataset
 from rpicluster.deploy import cluster
 from rpicluster.deploy.doctor import doctor, table_rows
@@ -171,10 +172,18 @@ def test_up_train_status_down(hosts, inventory, home):
                            cluster=ClusterChoice(scheduler=report.address), show_progress=False)
     assert accuracy == pytest.approx(reference.score(X, y))
 
-    rows = cluster.status()
+    rows = rpicluster.status()      # the recorded SSH cluster, as for the local one
     assert [(r.role, r.state) for r in rows] == [("scheduler", "running")] + [
         ("worker", "running")] * 3
     assert all(r.threads == 2 and r.temperature is None for r in rows[1:])
+    from click.testing import CliRunner
+
+    from rpicluster.cli import main
+
+    out = CliRunner().invoke(main, ["status"]).output          # those rows, as a table
+    assert "cluster: the SSH cluster of " in out, out
+    assert [line.split()[:3] for line in out.splitlines() if " running " in line] == [
+        [r.host, r.role, "running"] for r in rows], out
 
     log = cluster.logs(hosts.hosts["pi1"].address)
     assert "rpicluster start" in log

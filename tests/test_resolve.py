@@ -104,11 +104,19 @@ def test_up_local_then_every_command_finds_it_without_flags(home):
         assert "(2 workers)" in out
         with rpicluster.connect(timeout=30) as client:
             assert len(client.scheduler_info()["workers"]) == 2
+        rows = rpicluster.status()          # the library's answer, which `status` prints
+        assert [(r.role, r.state) for r in rows] == [("scheduler", "running")] + [
+            ("worker", "running")] * 2
+        assert {r.memory for r in rows[1:]} == {"1.00 GiB"}
         assert "already running" in run("up", "--local", "2")
         out = run("up", "--local", "3", check=False)
         assert "runs with workers = 2, not 3" in out and "rpicluster down --local" in out
-        out = run("status")
-        assert "cluster: the local cluster at tls://127.0.0.1:" in out and "2 workers" in out
+        out = run("status")     # the same table as an SSH cluster's: scheduler, then workers
+        assert "cluster: the local cluster at tls://127.0.0.1:" in out
+        roles = [line.split()[1] for line in out.splitlines()
+                 if line.split()[1:2] in (["scheduler"], ["worker"])]
+        assert roles == ["scheduler", "worker", "worker"], out
+        assert out.count(" running ") == 3, out
         assert "distributed" in run("logs", "-n", "500")
         out = run("dashboard")
         assert "training:  http://" in out and "cluster: the local cluster at" in out

@@ -109,20 +109,11 @@ def _nothing_running(inventory, local) -> bool:
     return True
 
 
-def _target(inventory, local):
-    """The recorded cluster ``status``/``down``/``logs`` act on, announced on stderr."""
-    from rpicluster.deploy.resolve import find_cluster
-
-    ref = find_cluster(inventory=inventory, local=local)
-    announce(ref)
-    return ref
-
-
 @click.command()
 @inventory_option
 @local_option(_ACT_LOCAL)
 def status(inventory, local) -> None:
-    """Show scheduler and every inventory worker: state, threads, memory, tasks, temperature.
+    """Show the scheduler and every worker: state, threads, memory, tasks, temperature.
 
     A worker that is not running says why: never connected, up failed (the reason), rejoining
     (restarting by itself after its scheduler went away) or lost (run `rpicluster up`).
@@ -130,19 +121,11 @@ def status(inventory, local) -> None:
     Without -c or --local: the SSH cluster `up` last recorded, else the local cluster (and
     when neither runs, it says so: not an error).
     """
+    from rpicluster.deploy.lifecycle import status as cluster_status
+
     if _nothing_running(inventory, local):
         return
-    ref = _target(inventory, local)
-    if ref.kind == "local":
-        from rpicluster.deploy.state import local_record
-
-        info = local_record() or {}
-        click.echo(f"local cluster: {ref.address}, {info.get('n_workers', '?')} workers, "
-                   f"dashboard {info.get('dashboard_link')}")
-        return
-    from rpicluster.deploy.cluster import status as cluster_status
-
-    rows = cluster_status(ref.inventory)
+    rows = cluster_status(inventory, local=local, announce=announce)
     echo_table("rpicluster status", ["host", "role", "state", "pid", "threads", "memory", "tasks",
                                      "temp", "detail"],
                [[r.host, r.role, r.state, r.pid, r.threads, r.memory, r.tasks,

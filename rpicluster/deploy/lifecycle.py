@@ -1,6 +1,6 @@
 """The cluster lifecycle for SSH clusters and the embedded local one alike: :func:`up`,
-:func:`down`, :func:`logs` (and :func:`rpicluster.deploy.resolve.status`), exported as
-``rpicluster.up``/``down``/``logs``/``status``.
+:func:`status`, :func:`logs`, :func:`down`, exported as ``rpicluster.up``/``status``/``logs``/
+``down``; the CLI prints what they return, whichever cluster it is.
 
 Which cluster a call acts on is chosen as everywhere (:func:`~rpicluster.deploy.resolve
 .find_cluster`): an inventory, ``local``, or without either the SSH cluster ``up`` last
@@ -115,6 +115,56 @@ def down(inventory: str | os.PathLike | None = None, *, local: int | bool | None
     from rpicluster.deploy.cluster import down as ssh_down
 
     return ssh_down(ref.inventory)
+
+
+def status(inventory: str | os.PathLike | None = None, *, local: int | bool | None = None,
+           ssh_timeout: float | None = None, announce=None) -> tuple:
+    """Scheduler and workers of the cluster, one :class:`~rpicluster.deploy.cluster.StatusRow`
+    each, for an SSH cluster and the local one alike (``rpicluster.status()``).
+
+    An SSH cluster's rows are :func:`rpicluster.deploy.cluster.status`'s (every inventory worker,
+    with the reason one is not running); the local cluster's, its scheduler and the workers it
+    lists (threads, memory limit, tasks in hand). Without ``inventory`` or ``local``: the SSH
+    cluster ``up`` last recorded, else the local cluster (``announce(ref)`` is told which).
+
+    Raises
+    ------
+    ConfigError
+        Nothing is running (the message says what to start), as
+        :func:`~rpicluster.deploy.resolve.find_cluster`.
+    """
+    from rpicluster.deploy.resolve import find_cluster
+
+    ref = find_cluster(inventory=inventory, local=local)
+    if announce is not None:
+        announce(ref)
+    if ref.kind == "ssh":
+        from rpicluster.deploy.cluster import status as ssh_status
+
+        return ssh_status(ref.inventory, ssh_timeout=ssh_timeout)
+    return _local_status(ref)
+
+
+def _local_status(ref) -> tuple:
+    """The local cluster's rows: its scheduler, then each worker the scheduler lists."""
+    from dask.utils import format_bytes
+
+    from rpicluster import config
+    from rpicluster.deploy.cluster import StatusRow
+    from rpicluster.deploy.state import local_record
+
+    info = local_record() or {}
+    with ref.client(config.PROBE_TIMEOUT) as c:
+        workers = c.scheduler_info(n_workers=-1)["workers"]
+        processing = c.processing()
+    rows = [StatusRow("localhost", "scheduler", "running", info.get("pid"),
+                      detail=f"{ref.address}, dashboard {ref.dashboard}")]
+    for address, w in sorted(workers.items(), key=lambda item: str(item[1].get("name"))):
+        rows.append(StatusRow(str(w.get("name", address)), "worker", "running", w.get("pid"),
+                              threads=w.get("nthreads"),
+                              memory=format_bytes(w["memory_limit"]) if w.get("memory_limit")
+                              else "", tasks=len(processing.get(address, ())), detail=address))
+    return tuple(rows)
 
 
 def logs(host: str | None = None, inventory: str | os.PathLike | None = None, *,

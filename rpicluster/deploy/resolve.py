@@ -236,42 +236,6 @@ def client(scheduler: str | None = None, *, inventory: str | os.PathLike | None 
         yield c
 
 
-def status(inventory: str | os.PathLike | None = None, *, local: int | bool | None = None,
-           ssh_timeout: float | None = None) -> tuple:
-    """Scheduler and workers of the cluster :func:`find_cluster` chooses, one
-    :class:`~rpicluster.deploy.cluster.StatusRow` each (``rpicluster.status()``).
-
-    An SSH cluster gets :func:`rpicluster.deploy.cluster.status` (every inventory worker, with
-    the reason one is not running); the embedded cluster, its scheduler and the workers it
-    lists (threads, memory limit, tasks in hand).
-
-    Raises
-    ------
-    ConfigError
-        Nothing is running (the message says what to start), as :func:`find_cluster`.
-    """
-    from rpicluster.deploy.cluster import StatusRow
-    from rpicluster.deploy.cluster import status as ssh_status
-
-    ref = find_cluster(inventory=inventory, local=local)
-    if ref.kind == "ssh":
-        return ssh_status(ref.inventory, ssh_timeout=ssh_timeout)
-    from dask.utils import format_bytes
-
-    info = local_record() or {}
-    with ref.client(config.PROBE_TIMEOUT) as c:
-        workers = c.scheduler_info(n_workers=-1)["workers"]
-        processing = c.processing()
-    rows = [StatusRow("localhost", "scheduler", "running", info.get("pid"),
-                      detail=f"{ref.address}, dashboard {ref.dashboard}")]
-    for address, w in sorted(workers.items(), key=lambda item: str(item[1].get("name"))):
-        rows.append(StatusRow(str(w.get("name", address)), "worker", "running", w.get("pid"),
-                              threads=w.get("nthreads"),
-                              memory=format_bytes(w["memory_limit"]) if w.get("memory_limit")
-                              else "", tasks=len(processing.get(address, ())), detail=address))
-    return tuple(rows)
-
-
 def _inventory_given_as_scheduler(scheduler: str | None) -> bool:
     """Whether ``scheduler`` names an inventory file rather than an address
     (``rpicluster.connect("cluster.toml")``)."""
@@ -301,5 +265,4 @@ def connect(scheduler: str | None = None, *, inventory: str | os.PathLike | None
                                                                             **client_kwargs)
 
 
-__all__ = ["ClusterRef", "find_cluster", "use_cluster", "client", "connect", "status",
-           "ANY_SIZE"]
+__all__ = ["ClusterRef", "find_cluster", "use_cluster", "client", "connect", "ANY_SIZE"]
