@@ -249,7 +249,7 @@ def _fit_columns(X, rows, y_cols, c: int, *, sizes, learning_rate, eta0, alpha, 
     """
     n, d = y_cols.shape[0], X.shape[1]
     total = int(sizes.sum())
-    if _dual_pays(n, c, total):
+    if _dual_pays(n, d, c, total):
         return _fit_dual(X, rows, y_cols, c, sizes=sizes, learning_rate=learning_rate,
                          eta0=eta0, alpha=alpha, power_t=power_t, average=average,
                          shuffle=shuffle, seed=seed, weights=weights)
@@ -437,12 +437,13 @@ def _idle_batches(raw, sizes, b, flat, positive, w, *, t, wscale, P, rate, alpha
 _DUAL_MAX_ROWS = 2048
 
 
-def _dual_pays(n: int, c: int, samples: int) -> bool:
-    """Whether ``n`` rows and ``c`` columns seeing ``samples`` samples train faster in the dual
-    form (:func:`_fit_dual`): its Gram matrix costs ``n^2 d`` once, the primal loop's products
-    about ``2 c d`` per sample (the paper's k=300 cells: a few hundred rows, about 12 classes,
-    50 epochs)."""
-    return n <= _DUAL_MAX_ROWS and n * n < 2 * c * samples
+def _dual_pays(n: int, d: int, c: int, samples: int) -> bool:
+    """Whether ``n`` rows of ``d`` features and ``c`` columns seeing ``samples`` samples train
+    faster in the dual form (:func:`_fit_dual`): its Gram matrix costs ``n^2 d`` once and a
+    sample's step ``n c`` (in float64), against the primal loop's products, about ``2 c d`` per
+    sample in float32 (the paper's k=300 cells: a few hundred rows of 2,048 features, about 12
+    classes, 50 epochs)."""
+    return n <= min(d, _DUAL_MAX_ROWS) and n * n < 2 * c * samples
 
 
 def _fit_dual(X, rows, y_cols, c: int, *, sizes, learning_rate, eta0, alpha, power_t,
