@@ -13,7 +13,6 @@ even when a venv is cached.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import subprocess
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from rpicluster.deploy.provision import MARKER, pinned_requirements, provision
 from rpicluster.deploy.ssh import Connection
 from rpicluster.errors import HostsFailedError
 from rpicluster.inventory import load_inventory
-from rpicluster.testing import all_rows
+from rpicluster.testing import all_rows, cpu_cgroup_unavailable
 from rpicluster.testing_arm64 import PYTHON, VENV, WORKDIR, Arm64Hosts, unavailable
 
 pytestmark = [pytest.mark.arm64, pytest.mark.netns,
@@ -61,8 +61,26 @@ def slow_hosts():
 def shelf(tmp_path_factory):
     """pi1: an emulated arm64 Pi 4 (user pi); pi2: an x86 namespace host. Torn down at the end of
     the session: processes killed, every mount of the arm64 root undone."""
-    with Arm64Hosts(tmp_path_factory.mktemp("arm64"), 2, arm64=("pi1",)) as hosts:
+    with Arm64Hosts(tmp_path_factory.mktemp("arm64"), 2, arm64=("pi1",), cpu_capped="pi2",
+                    cpu_quota=1.0) as hosts:
+        # pi2 (its sshd, hence its workers) sits in a CPU cgroup, uncapped but for the mixed
+        # run (x86_capped).
+        if hosts.cgroup is not None:
+            (hosts.cgroup / "cpu.cfs_quota_us").write_text("-1")
         yield hosts
+
+
+@contextmanager
+def x86_capped(shelf, quota: float):
+    """pi2's processes, its workers included, limited to ``quota`` of one core meanwhile."""
+    if shelf.cgroup is None:
+        pytest.skip(cpu_cgroup_unavailable() or "no CPU cgroup for pi2")
+    period = int((shelf.cgroup / "cpu.cfs_period_us").read_text())
+    (shelf.cgroup / "cpu.cfs_quota_us").write_text(str(int(period * quota)))
+    try:
+        yield
+    finally:
+        (shelf.cgroup / "cpu.cfs_quota_us").write_text("-1")
 
 
 @pytest.fixture(scope="session")
@@ -284,35 +302,48 @@ def test_train_and_score_on_arm64_alone(shelf, home, provisioned, digits):
     assert accuracy == pytest.approx(model.score(X, y))
 
 
-@pytest.mark.xfail(reason="finding (issue 23): on 18 digits blocks of 100 rows the x86 worker "
-                          "took all 38 tasks and the warmed emulated arm64 worker none (runs of "
-                          "07:25 and 07:33)", strict=False)
+#: pi2's share of one core in the mixed run: about the emulated Cortex-A72's pace here (~1 s a
+#: digits block, loaded). Uncapped, x86 trains a block in ~40 ms and all 18 before the emulated
+#: worker returns its first, which is the faster plan and the one the placement makes (the
+#: Cortex-A72's blocks are then run again on x86, and its results dropped). Measured at 10 %
+#: (loaded): 5-6 of 38 tasks on arm64; at 3 %: 15-20.
+X86_QUOTA = 0.04
+
+
 def test_mixed_arm64_and_x86_cluster_trains_on_both(shelf, home, provisioned, digits):
-    """18 blocks on an arm64 and an x86 worker: the arm64 worker trains some (the tail rule
-    keeps only the last blocks off it), and the model equals the x86 one."""
+    """18 blocks on an arm64 and an x86 worker of comparable speed (x86 capped): both train
+    blocks, and the model equals the x86 one (predictions and centroids identical)."""
+    from rpicluster import connect
+    from rpicluster.train import tasks
     from rpicluster.train.api import ClusterChoice, train_model
 
     assert provisioned[1].returncode == 0
     cluster.down(provisioned[0])
     path = _inventory(shelf, home, ["pi1", "pi2"], "mixed.toml")
+    arm, x86 = _arm_name(shelf), shelf.hosts["pi2"].address
     try:
         report = cluster.up(path)
         assert [r.state for r in report.rows] == ["started"] * 3
-        # The emulated worker imports the training stack ~30x slower than x86: warm it first,
-        # or the x86 worker has trained every block before it is ready.
-        from rpicluster import connect
-
+        # Both workers load the training stack and open the store first, at full speed: at a
+        # few percent of a core, x86's imports alone would take a minute (while the emulated
+        # worker trained every block), and the emulated worker's ~30x slower ones would keep
+        # it from any block.
         with connect(inventory=path, timeout=120) as client:
-            client.submit(importlib.import_module, "rpicluster.train.tasks", pure=False,
-                          workers=[_arm_name(shelf)]).result(timeout=600)
-        summary = train_model(str(digits), home / "shared" / "mixed.skops", PARAMS,
-                              cluster=ClusterChoice(inventory=path), show_progress=False)
+            dataset = open_dataset(digits)
+            for w in client.scheduler_info()["workers"]:
+                client.submit(tasks.warm_up, pure=False, workers=[w]).result(timeout=600)
+                client.submit(dataset.block, 0, pure=False, workers=[w]).result(timeout=600)
+        with x86_capped(shelf, X86_QUOTA):
+            summary = train_model(str(digits), home / "shared" / "mixed.skops", PARAMS,
+                                  cluster=ClusterChoice(inventory=path), show_progress=False)
     finally:
         cluster.down(path)
         cluster.up(provisioned[0])
-    _check_like_x86(summary.model_path, digits)
     counts = summary.result.tasks_per_worker
-    assert counts[_arm_name(shelf)] > 0 and counts[shelf.hosts["pi2"].address] > 0, counts
+    print(f"\nmixed arm64 + x86 (x86 at {X86_QUOTA:.0%} of a core): tasks {dict(counts)}",
+          file=sys.stderr)
+    assert set(counts) == {arm, x86} and counts[arm] > 0 and counts[x86] > 0, counts
+    _check_like_x86(summary.model_path, digits)
 
 
 def test_features_on_the_emulated_cortex_a72(shelf, home, provisioned):
