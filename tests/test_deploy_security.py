@@ -397,7 +397,7 @@ def test_a_worker_certificate_cannot_unregister_another_worker_or_read_logs(tmp_
     asyncio.run(scenario())
 
 
-def test_dashboards_listen_on_loopback_and_serve_no_logs(embedded):
+def test_dashboards_listen_on_loopback_and_serve_no_logs(embedded, tmp_path):
     """Finding 5: /info/main/logs.html and /info/logs/<worker> showed logs (task keys,
     exceptions, paths) to every local user, and an SSH cluster's scheduler bound its dashboard
     on the LAN. The guarded scheduler refuses those pages (403, `rpicluster logs` named); the
@@ -419,8 +419,8 @@ def test_dashboards_listen_on_loopback_and_serve_no_logs(embedded):
         assert refused.value.code == 403 and b"rpicluster logs" in refused.value.read()
     with urllib.request.urlopen(base + "/info/main/workers.html", timeout=30) as ok:
         assert ok.status == 200
-    spec = _inventory_file(
-        "[scheduler]\nhost = \"10.77.0.1\"\n[[workers]]\nhosts = \"pi01\"\n")
+    spec = tmp_path / "cluster.toml"
+    spec.write_text("[scheduler]\nhost = \"10.77.0.1\"\n[[workers]]\nhosts = \"pi01\"\n")
     sched = load_inventory(spec).scheduler
     closed = remote.command(remote.start_spec("scheduler", sched, local_directory="/w", tls=None))
     assert closed[closed.index("--dashboard-address") + 1] == "127.0.0.1:8787"
@@ -430,13 +430,3 @@ def test_dashboards_listen_on_loopback_and_serve_no_logs(embedded):
     links = build_links("127.0.0.1", 8787, "10.77.0.1", ssh_target="pi@10.77.0.1")
     assert links.lines()[-1] == ("from your own machine, first run:  "
                                  "ssh -L 8787:localhost:8787 pi@10.77.0.1")
-
-
-def _inventory_file(text: str):
-    """An inventory file with ``text`` in a fresh temporary folder; its path."""
-    import tempfile
-    from pathlib import Path
-
-    path = Path(tempfile.mkdtemp()) / "cluster.toml"
-    path.write_text(text)
-    return path
