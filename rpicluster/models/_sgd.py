@@ -274,9 +274,7 @@ def _fit_columns(X, rows, y_cols, c: int, *, sizes, learning_rate, eta0, alpha, 
     scale = np.empty(c, dtype=np.float32)
     rng = np.random.default_rng(seed)
 
-    def rate(t, m):  # the per-sample rate at the middle of a batch of m rows after t samples
-        return learning_rate_at(t + 1 + (m - 1) / 2.0, learning_rate=learning_rate, eta0=eta0,
-                                alpha=alpha, power_t=power_t)
+    rate = _batch_rate(learning_rate, eta0, alpha, power_t)
 
     # Raw scores X[rows] @ V.T of every row, kept while V does not change: once a cell's rows
     # all sit outside their margins (a small cell does after a few dozen of its 50 epochs),
@@ -313,20 +311,10 @@ def _fit_columns(X, rows, y_cols, c: int, *, sizes, learning_rate, eta0, alpha, 
         start = t % n
         for m in epoch_sizes[first:]:
             end = start + m
-            xb, s, sf = Xb[:m], S[:m * c].reshape(m, c), S[:m * c]
+            xb, s = Xb[:m], S[:m * c].reshape(m, c)
             np.take(X, idx_e[start:end], axis=0, out=xb)
             np.matmul(xb, V.T, out=s)
-            s *= wscale
-            s += b
-            fi = flat_e[start:end] if all_positive else flat_e[start:end][positive_e[start:end]]
-            fi = fi - start * c
-            true_s = sf.take(fi)
-            # s becomes the hinge derivative with respect to the score: a negative is active
-            # above -1 (derivative +1), a positive below 1 (derivative -1)
-            np.greater(s, -1.0, out=s)
-            sf.put(fi, np.where(true_s < 1.0, -1.0, 0.0))
-            if w_e is not None:
-                s *= w_e[start:end]
+            _hinge_derivative(s, wscale, b, flat_e, positive_e, w_e, start, end, c)
             eta = rate(t, m)
             # shrink first, then step, as scikit-learn orders a per-sample update
             wscale *= max(0.0, 1.0 - eta * alpha) ** m
@@ -372,6 +360,31 @@ def _fit_columns(X, rows, y_cols, c: int, *, sizes, learning_rate, eta0, alpha, 
         w_sum = P * V - Q if A is None else A + (P * V - Q)
         return (w_sum / n_averaged).astype(np.float32), (b_sum / n_averaged).astype(np.float32)
     return V * np.float32(wscale), b
+
+
+def _batch_rate(learning_rate, eta0, alpha, power_t):
+    """``rate(t, m)``: the per-sample rate at the middle of a batch of ``m`` rows after ``t``
+    samples (a batch stands for ``m`` per-sample steps)."""
+    def rate(t, m):
+        return learning_rate_at(t + 1 + (m - 1) / 2.0, learning_rate=learning_rate, eta0=eta0,
+                                alpha=alpha, power_t=power_t)
+    return rate
+
+
+def _hinge_derivative(s, wscale, b, flat, positive, w, start: int, end: int, c: int) -> None:
+    """Turn a batch's raw scores ``s`` (rows ``start:end`` of the epoch's order, C-contiguous)
+    into the hinge derivatives of its scores ``wscale * s + b``, in place: a negative is active
+    above -1 (derivative +1), a positive below 1 (derivative -1); times the rows' weights."""
+    s *= wscale
+    s += b
+    fi = flat[start:end] if positive is None else flat[start:end][positive[start:end]]
+    fi = fi - start * c
+    sf = s.reshape(-1)
+    true_s = sf.take(fi)
+    np.greater(s, -1.0, out=s)
+    sf.put(fi, np.where(true_s < 1.0, -1.0, 0.0))
+    if w is not None:
+        s *= w[start:end]
 
 
 # Rows per product when computing every row's raw scores (bounds the gathered rows' memory).
@@ -471,10 +484,7 @@ def _fit_dual(X, rows, y_cols, c: int, *, sizes, learning_rate, eta0, alpha, pow
     b_sum = np.zeros(c)
     n_averaged = 0
     rng = np.random.default_rng(seed)
-
-    def rate(t, m):
-        return learning_rate_at(t + 1 + (m - 1) / 2.0, learning_rate=learning_rate, eta0=eta0,
-                                alpha=alpha, power_t=power_t)
+    rate = _batch_rate(learning_rate, eta0, alpha, power_t)
 
     at = np.arange(n) * c
     t = 0
@@ -507,15 +517,7 @@ def _fit_dual(X, rows, y_cols, c: int, *, sizes, learning_rate, eta0, alpha, pow
             end = start + m
             idx = perm[start:end]
             s = R.take(idx, axis=0)
-            s *= wscale
-            s += b
-            fi = flat_e[start:end] if all_positive else flat_e[start:end][positive_e[start:end]]
-            fi = fi - start * c
-            true_s = s.take(fi)
-            np.greater(s, -1.0, out=s)
-            s.put(fi, np.where(true_s < 1.0, -1.0, 0.0))
-            if w_e is not None:
-                s *= w_e[start:end]
+            _hinge_derivative(s, wscale, b, flat_e, positive_e, w_e, start, end, c)
             eta = rate(t, m)
             wscale *= max(0.0, 1.0 - eta * alpha) ** m
             averaging = t + m > average_from
