@@ -3,8 +3,10 @@ LocalClusters, a scheduler and workers in their own processes, the embedded loca
 the guarantee it must keep. Each case's docstring names it; benchmarks/fault_matrix.py runs this
 module and tabulates each case's result and the recovery time the ``recovery`` stopwatch took
 (reported there, never asserted here). The README's "Fault tolerance: what survives what" states
-these guarantees. The case that cuts a namespace host's link waits out Dask's TCP timeout, so it
-is marked ``bench`` (the benchmark runs it; ``pytest -m bench`` does too).
+these guarantees. The cases that cut a namespace host's link (mid-train, and mid-round of
+federated and of model-averaged training: a Pi unplugged from the shelf's switch) build SSH hosts
+and may wait out Dask's TCP timeout, so they are marked ``bench`` (the benchmark runs them;
+``pytest -m bench`` does too).
 
 Not repeated here: the store contract itself (every damaged, truncated, missing, swapped chunk
 and impossible class code, read by key) is tested in test_data_store.py, where a damaged store
@@ -190,6 +192,113 @@ def test_worker_host_lost_mid_train(store, uninterrupted, tmp_path, home, recove
     assert "Traceback" not in out
     assert left == {hosts.hosts["pi1"].address}, "the cut host is dropped"
     same_model(load_model(model), *uninterrupted)
+
+
+@pytest.mark.bench
+@pytest.mark.netns
+def test_host_link_cut_mid_federated_round(tmp_path, home, recovery):
+    """a host's link cut mid-round of federated training (namespace SSH hosts, TLS): the round
+    completes without it, naming it (missed the deadline, or lost), later rounds go on without
+    it and the run writes its model; nothing waits on the cut host"""
+    from sklearn.datasets import load_digits
+
+    from rpicluster import ingest
+    from rpicluster.deploy import cluster as deploy
+    from rpicluster.testing import NamespaceHosts, unavailable
+    from rpicluster.train.federated import federate
+
+    if unavailable():
+        pytest.skip(unavailable())
+    X, y = load_digits(return_X_y=True)
+    stores = {}
+    for name, lo, hi in (("pi1", 0, 750), ("pi2", 750, 1500), ("validation", 1500, 1797)):
+        np.savez(tmp_path / f"{name}.npz", X=(X[lo:hi] / 16.0).astype(np.float32), y=y[lo:hi])
+        stores[name] = tmp_path / name / "local.zarr"
+        stores[name].parent.mkdir()
+        ingest(str(tmp_path / f"{name}.npz"), stores[name], block_rows=250)
+    with NamespaceHosts(tmp_path / "netns", 2) as hosts:
+        addr = {n: h.address for n, h in hosts.hosts.items()}
+        path = hosts.write_inventory(tmp_path / "cluster.toml", memory="1GiB",
+                                     local_directory=tmp_path / "workers",
+                                     data=lambda n: stores[n])
+
+        def cut_in_round_2(r, participants):
+            if r == 2:
+                assert addr["pi2"] in participants
+                hosts.set_link("pi2", up=False)
+                recovery.fault()
+
+        try:
+            deploy.up(path)
+            result, _ = federate(path, tmp_path / "fed.skops", model="mlp",
+                                 params={"hidden_layer_sizes": (16,), "random_state": 0,
+                                         "learning_rate_init": 0.01},
+                                 rounds=4, local_epochs=5, round_timeout=10, tol=None,
+                                 validation=str(stores["validation"]), show_progress=False,
+                                 on_round_start=cut_in_round_2)
+            recovery.recovered("link cut -> model written without the host")
+        finally:
+            hosts.set_link("pi2", up=True)
+            deploy.down(path)
+    r1, r2, r3, r4 = result.rounds
+    assert r1["participants"] == sorted(addr.values())
+    assert r2["participants"] == [addr["pi1"]]
+    assert re.match(r"missed the 10 s round deadline|lost during the round",
+                    r2["left_out"][addr["pi2"]]), r2["left_out"]
+    assert r3["participants"] == r4["participants"] == [addr["pi1"]]
+    assert r4["accuracy"] is not None and r4["accuracy"] > 0.5
+    np.testing.assert_array_equal(load_model(tmp_path / "fed.skops").coefs_[0],
+                                  result.model.coefs_[0])
+
+
+@pytest.mark.bench
+@pytest.mark.netns
+def test_host_link_cut_mid_averaged_round(tmp_path, home, recovery):
+    """a host's link cut mid-round of model-averaged training (`train --model mlp`; namespace
+    SSH hosts, TLS): once the scheduler drops it (Dask's TCP timeout), its shard runs on the
+    other host and the run finishes its rounds and writes the model; nothing waits on it for
+    good"""
+    from sklearn.datasets import load_digits
+
+    from rpicluster import ingest
+    from rpicluster.deploy import cluster as deploy
+    from rpicluster.testing import NamespaceHosts, unavailable
+    from rpicluster.train.rounds import RoundDir
+
+    if unavailable():
+        pytest.skip(unavailable())
+    X, y = load_digits(return_X_y=True)
+    np.savez(tmp_path / "digits.npz", X=(X[:1400] / 16.0).astype(np.float32), y=y[:1400])
+    ingest(str(tmp_path / "digits.npz"), tmp_path / "digits.zarr", block_rows=350)
+    model, run_dir = tmp_path / "mlp.skops", tmp_path / "run"
+    with NamespaceHosts(tmp_path / "netns", 2) as hosts:
+        path = hosts.write_inventory(tmp_path / "cluster.toml", memory="1GiB",
+                                     local_directory=tmp_path / "workers")
+        proc = None
+        try:
+            deploy.up(path)
+            proc = _cli("train", str(tmp_path / "digits.zarr"), "-o", str(model), "--model",
+                        "mlp", "--hidden", "16", "--rounds", "6", "--tol", "none", "--seed",
+                        "3", "--run-dir", str(run_dir), "-c", str(path))
+            wait_until(lambda: len(RoundDir(run_dir).history()) >= 2, 300,
+                       what=f"two rounds checkpointed in {run_dir}", process=proc,
+                       ignore=(OSError, ValueError))
+            hosts.set_link("pi2", up=False)
+            recovery.fault()
+            cut_after = len(RoundDir(run_dir).history())
+            out, _ = proc.communicate(timeout=400)
+            recovery.recovered("link cut -> model written")
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            hosts.set_link("pi2", up=True)
+            deploy.down(path)
+    assert cut_after < 6, "the link should be cut mid-run"
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out
+    assert [r["round"] for r in RoundDir(run_dir).history()] == [1, 2, 3, 4, 5, 6]
+    assert load_model(model).coefs_[0].shape == (64, 16)
 
 
 # --- the client ---------------------------------------------------------------------------------
@@ -608,7 +717,7 @@ def test_no_workers_fails_within_a_bounded_time(store, tmp_path, recovery):
         try:
             out, _ = proc.communicate(timeout=30)
         finally:
-            if proc.poll() is None:
+            if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
         recovery.recovered("start -> one line")
