@@ -153,8 +153,8 @@ def test_worker_sigkill_mid_train(store, uninterrupted, client, tmp_path, recove
 @pytest.mark.netns
 def test_worker_host_lost_mid_train(store, uninterrupted, tmp_path, home, recovery):
     """worker host lost mid-train (its link cut; namespace SSH hosts, TLS): the scheduler drops
-    it after Dask's TCP timeout and the run finishes on the other worker, with a model bitwise
-    equal to an uninterrupted run"""
+    it after Dask's TCP timeout and the run finishes on the other worker, its block models
+    scored (`--test`) as they commit, with a model bitwise equal to an uninterrupted run"""
     from rpicluster import connect
     from rpicluster.deploy import cluster as deploy
     from rpicluster.testing import NamespaceHosts, unavailable
@@ -169,8 +169,9 @@ def test_worker_host_lost_mid_train(store, uninterrupted, tmp_path, home, recove
             deploy.up(path)
             with connect(inventory=path, timeout=30) as c:
                 c.register_plugin(SlowTasks(pattern=FITS, seconds=0.5), name="slow")
+            # --test: every block model is also scored as it commits, on the workers.
             proc = _cli("train", str(store), "-o", str(model), "-c", str(path), *FLAGS,
-                        "--seed", "7")
+                        "--seed", "7", "--test", str(store))
             _wait_for_commit(tmp_path / "m.skops.run", proc)
             hosts.set_link("pi2", up=False)
             recovery.fault()

@@ -27,6 +27,7 @@ import numpy as np
 
 from rpicluster import events as ev
 from rpicluster.errors import TrainingError
+from rpicluster.models.remote import hold
 from rpicluster.progress import Progress
 from rpicluster.train import tasks
 from rpicluster.train.failures import killed_blocks, raise_task_error, task_failure
@@ -300,7 +301,9 @@ class TrainingRun:
         """Score block model ``b`` on every validation block (``score-…`` tasks)."""
         t0 = time.perf_counter()
         client, workers = self.client, self.workers
-        [remote] = client.scatter([model], hash=False, **({"workers": workers} if workers else {}))
+        # Held, not scattered: scattered data dies with its worker (a host cut mid-run), and
+        # the score tasks then fail; a held model is recomputed on another worker.
+        remote = hold(client, model, workers=workers)
         self.scores[b] = [self.validation.n_blocks, 0, 0]
         for vb in range(self.validation.n_blocks):
             f = client.submit(tasks.score_task, remote, self.validation, vb, pure=False,
