@@ -540,3 +540,15 @@ def test_predict_proba_is_calibrated_and_agrees_with_predict(digits, make):
     assert ece < 0.1, ece
     raw = softmax_proba(est.decision_function(Xt), 1.0)
     assert _expected_calibration_error(raw, yt) > 2 * ece
+
+
+def test_kernel_primal_or_dual_does_not_depend_on_n_jobs():
+    """256 classes split into two column groups at n_jobs=2: the dual-or-primal choice is the
+    whole cell's (400 rows pay in the dual form for 256 columns, not for a group's 128), so the
+    weights are bitwise those of n_jobs=1."""
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((400, 512)).astype(np.float32)
+    y = rng.integers(0, 256, 400)
+    one, two = (sgd_ovr_fit(X, y, 256, epochs=1, n_jobs=jobs) for jobs in (1, 2))
+    np.testing.assert_array_equal(one[0], two[0])
+    np.testing.assert_array_equal(one[1], two[1])

@@ -218,9 +218,13 @@ def sgd_ovr_fit(X, y_codes, n_classes: int, *, epochs: int = 5, alpha: float = 1
     rows = None if rows is None else np.asarray(rows, dtype=np.intp)
     n = y_codes.shape[0]
     weights = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float32)
-    opts = dict(sizes=batch_sizes(n, epochs, batch_size=batch_size, alpha=alpha),
-                learning_rate=learning_rate, eta0=eta0, alpha=alpha, power_t=power_t,
-                average=average, shuffle=shuffle, seed=seed, weights=weights)
+    sizes = batch_sizes(n, epochs, batch_size=batch_size, alpha=alpha)
+    # Primal or dual is decided once for the whole cell, not per column group: a group's own
+    # column count would make the choice, and so the float rounding, depend on n_jobs.
+    dual = _dual_pays(n, X.shape[1], 1 if n_classes == 2 else n_classes, int(sizes.sum()))
+    opts = dict(sizes=sizes, learning_rate=learning_rate, eta0=eta0, alpha=alpha,
+                power_t=power_t, average=average, shuffle=shuffle, seed=seed, weights=weights,
+                dual=dual)
     if n_classes == 2:
         # one binary model: the positive class is 1, as in scikit-learn
         coef, intercept = _fit_columns(X, rows, np.where(y_codes == 1, 0, -1), 1, **opts)
@@ -241,15 +245,15 @@ def sgd_ovr_fit(X, y_codes, n_classes: int, *, epochs: int = 5, alpha: float = 1
 
 
 def _fit_columns(X, rows, y_cols, c: int, *, sizes, learning_rate, eta0, alpha, power_t,
-                 average, shuffle, seed, weights=None):
-    """The minibatch loop for ``c`` one-vs-rest columns.
+                 average, shuffle, seed, weights=None, dual=False):
+    """The minibatch loop for ``c`` one-vs-rest columns (in the dual form when ``dual``).
 
     ``y_cols[i]`` is the column whose positive class row ``i`` belongs to, or -1 when the row
     is a negative for every column.
     """
     n, d = y_cols.shape[0], X.shape[1]
     total = int(sizes.sum())
-    if _dual_pays(n, d, c, total):
+    if dual:
         return _fit_dual(X, rows, y_cols, c, sizes=sizes, learning_rate=learning_rate,
                          eta0=eta0, alpha=alpha, power_t=power_t, average=average,
                          shuffle=shuffle, seed=seed, weights=weights)
