@@ -447,9 +447,12 @@ def test_page_tells_the_story_of_several_runs(home, cluster, chromium, digits, t
             nonlocal summary
             summary = await asyncio.to_thread(inc_ksgd)
             # Two samples of the timeline at least (one every 2 s) and the finished run.
-            # ... drawn too: a table's changed cells are redrawn within a few seconds.
+            # ... drawn too: a table's changed cells are redrawn within a few seconds. The
+            # history number comes at the page's next read of the history (every 5 s), which
+            # the run writes after its end event.
             await cdp.wait_for(f"(s => s.runs.length >= 2 && s.rate_points >= 2 && "
                                f"s.statuses[0].startsWith('done') && "
+                               f"s.runs[0].endsWith('(#1)') && s.first_row[0] === s.runs[0] && "
                                f"s.first_row[4] === 'done')({_STORY_STATE})", timeout=30)
             seen = await cdp.evaluate(_STORY_STATE)
             ARTIFACTS.mkdir(exist_ok=True)
