@@ -186,11 +186,10 @@ def partition_block(X, n_clusters: int, *, seed: int, n_jobs: int = 1):
     with warnings.catch_warnings():
         # duplicate rows give fewer distinct centroids than asked: the empty ones are dropped
         warnings.simplefilter("ignore", ConvergenceWarning)
-        # float64 rows: on float32 ones scikit-learn upcasts the rows to float64 again for each
-        # of the k centroids it draws (2.2 CPU-s against 0.8 at 1,200 x 2,048, k=300). The
-        # distances round differently, so a near-tie can seed another row (the paper's block 0,
-        # k=300: another partition, held-out 0.9583 against 0.9596); seeds are sample rows,
-        # exact in float32
+        # float64 rows: on float32 ones scikit-learn upcasts the rows again for each of the k
+        # centroids it draws (2.2 CPU-s against 0.8 at 1,200 x 2,048, k=300). A near-tie can
+        # seed another row than in float32 (the paper's block 0, k=300: held-out 0.9583
+        # against 0.9596); seeds are sample rows, exact in float32
         init, _ = kmeans_plusplus(sample[init_rows].astype(np.float64), n_clusters,
                                   random_state=int(rng.integers(np.iinfo(np.int32).max)))
         # One OpenMP thread: k-means' threaded sums round differently with the thread count,
