@@ -120,6 +120,59 @@ def test_steps_errors(text, message):
         parse_steps(text, WORKERS, list(WORKERS))
 
 
+# --- calibration ---
+
+def _quota_stamps(quota: float, cpu: float, rows: int, n: int, gap: float = 0.0,
+                  period: float = 0.1):
+    """``(rows, start, end)`` of ``n`` tasks of ``cpu`` CPU-seconds each, ``gap`` idle seconds
+    after each, under a CFS bandwidth quota (``quota`` of a core per ``period``) as the kernel
+    runs them: a task runs while its group has quota left in the period, else waits for the
+    next period, which brings a fresh quota (unused quota is not carried over)."""
+    t, left, out = 0.0, quota * period, []
+
+    def advance(to: float) -> None:
+        nonlocal t, left
+        if math.floor(to / period + 1e-9) > math.floor(t / period + 1e-9):
+            left = quota * period
+        t = to
+
+    for _ in range(n):
+        start, need = t, cpu
+        while need > 1e-12:
+            run = min(need, left)
+            t, need, left = t + run, need - run, left - run
+            if need > 1e-12:  # throttled until the next period
+                advance((math.floor(t / period + 1e-9) + 1) * period)
+        out.append((rows, start, t))
+        advance(t + gap)
+    return out
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.08])
+def test_sustained_rate_is_not_fooled_by_quota_bursts(gap):
+    """A quarter core's quota, 20 ms tasks. With a pause after each (a worker waiting for its
+    next task), every task starts on a fresh period's 25 ms and runs unthrottled: the median
+    task reads 4x what the quota sustains. The sustained rate never exceeds the quota's, and
+    equals it for back-to-back tasks."""
+    stamps = _quota_stamps(quota=0.25, cpu=0.02, rows=1000, n=300, gap=gap)
+    quota_rate = 0.25 / 0.02 * 1000  # rows/s a quarter core sustains
+    rate, span = scaling.sustained_rate(stamps)
+    assert span == pytest.approx(stamps[-1][2] - stamps[0][1]) and span >= 6.0
+    assert rate <= quota_rate * 1.01
+    if gap:
+        per_task = sorted(r / (e - s) for r, s, e in stamps)
+        assert per_task[len(per_task) // 2] >= 4 * quota_rate * 0.99  # the old rule
+    else:
+        assert rate == pytest.approx(quota_rate, rel=0.02)
+
+
+def test_sustained_rate_counts_the_wall_between_tasks():
+    rate, span = scaling.sustained_rate([(100, 0.0, 1.0), (100, 3.0, 4.0)])
+    assert (rate, span) == (50.0, 4.0)
+    with pytest.raises(ValueError):
+        scaling.sustained_rate([])
+
+
 # --- real runs ---
 
 @pytest.fixture(scope="module")
@@ -204,9 +257,10 @@ def _run_starts(client) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def short_calibration(monkeypatch):
-    """A calibration window of 0.3 s: the tiny test blocks' tasks still run more than the
-    3 rounds to fill it, in a fraction of the 6 s a worker gets by default."""
+    """Calibration windows of 0.3 s: the tiny test blocks' tasks still run more than the
+    3 rounds to fill them, in a fraction of the 6 s a worker gets by default."""
     monkeypatch.setattr(scaling, "CALIBRATION_WINDOW_S", 0.3)
+    monkeypatch.setattr(scaling, "CAPACITY_WINDOW_S", 0.3)
 
 
 def test_inc_ksgd_scaling_writes_every_report(cluster, dataset, tmp_path):
@@ -215,12 +269,17 @@ def test_inc_ksgd_scaling_writes_every_report(cluster, dataset, tmp_path):
     doc = run_scaling(cluster, dataset, out, params={"n_clusters": 2, "max_iter": 3},
                       repeats=2, simulate="3x 0, 1")
     _check_reports(out, doc, 2)
-    # Each worker's warm calibration tasks (all but its first) fill the window.
+    # Each worker's warm calibration tasks (after its first, cold, round) span the window, and
+    # its rate is their rows over that wall: never above its median task's rows/s.
     for w in doc["workers"].values():
-        samples = w["calibration"]["samples"]
-        rows = doc["calibration"]["rows"]
-        assert sum(rows / r for r in samples[1:]) >= 0.3, samples
-        assert len(samples) > 3, samples
+        cal, rows = w["calibration"], doc["calibration"]["rows"]
+        warm = sorted(cal["samples"][1:])
+        assert cal["span"] >= 0.3 and len(cal["samples"]) > 3, cal
+        assert 0 < cal["rate"] <= warm[len(warm) // 2] * 1.01, cal
+    for s in doc["steps"]:
+        assert s["run_over_capacity"] == pytest.approx(1200 / s["median"] / s["capacity"])
+    assert "sustained rows/s of back-to-back tasks over at least 0.3 s" in \
+        (out / "scaling.md").read_text()
     # Each step: one untimed warm-up run on its workers, then the 2 timed repeats.
     assert len(_run_starts(cluster)) - before == 2 * (1 + 2)
     method = doc["method"]

@@ -53,6 +53,12 @@ def _per_step(method: dict) -> str:
     return f"{n} timed repeat{'s' * (n != 1)} per step{warm}"
 
 
+def _ratio(step: dict) -> str:
+    """A step's measured rows/s over its capacity, or "-" in a report written before it was."""
+    r = step.get("run_over_capacity")
+    return "-" if r is None else f"{r:.2f}"
+
+
 def _tail_text(step: dict) -> str:
     before = ", ".join(f"{w} {t:.2f} s" for w, t in sorted(step.get("finished_before_end", {})
                                                           .items()) if t > 0)
@@ -89,10 +95,12 @@ def to_markdown(doc: dict) -> str:
     lines += [
         "",
         f"Method: {doc['method']['text']}",
-        f"Calibrated throughput (rows/s, all threads, one worker at a time): {cal}. A step's "
-        "capacity is its workers' rows/s measured together (workers sharing a machine share "
-        "its cores); step capacities: "
-        + ", ".join(f"{s['step']}: {s['capacity']:,.0f}" for s in doc["steps"]) + ". "
+        "Calibrated throughput (sustained rows/s of back-to-back tasks over at least "
+        f"{doc['calibration'].get('window_s', 0):g} s, all threads, one worker at a time): "
+        f"{cal}. A step's capacity is its workers' rows/s measured together (workers sharing "
+        "a machine share its cores); step capacities (and the run's rows/s over it): "
+        + ", ".join(f"{s['step']}: {s['capacity']:,.0f} ({_ratio(s)})" for s in doc["steps"])
+        + ". "
         "Ideals are anchored at step 1's "
         "median; scalability = ideal / measured. Predictions replay step 1's task costs on each "
         f"step's workers (per-task overhead {doc['simulation']['overhead_s'] * 1000:.1f} ms, "
