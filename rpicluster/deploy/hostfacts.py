@@ -49,9 +49,9 @@ def platform_problems(facts: dict) -> list[str]:
     arch = userland_arch(facts)
     if arch.startswith("armv") or arch == "armhf":
         problems.append(
-            f"32-bit userland ({arch}, {facts.get('bits', 32)}-bit Python on a {facts['arch']} "
-            f"kernel, {facts['os']}): numpy, scikit-learn and onnxruntime have no 32-bit ARM "
-            "wheels; install the 64-bit (arm64) Raspberry Pi OS")
+            f"32-bit userland ({arch}: {facts.get('bits', 32)}-bit Python, kernel "
+            f"{facts['arch']}, {facts['os']}): numpy, scikit-learn and onnxruntime have no "
+            "32-bit ARM wheels; install the 64-bit (arm64) Raspberry Pi OS")
     elif arch not in SUPPORTED_ARCH:
         problems.append(f"architecture {arch} (supported: {', '.join(SUPPORTED_ARCH)}): no "
                         "wheels of the stack for it")
