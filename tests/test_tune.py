@@ -184,6 +184,60 @@ def test_sgd_best_is_refit_from_scratch_on_every_block(digits, client, tmp_path)
     assert tune(data, **kw, validation=str(digits / "test.zarr")).refit is None
 
 
+def _fail_tasks(part: str | None) -> None:
+    """On a worker: make ``train_candidate`` raise in every task whose key contains ``part``
+    (None: undo)."""
+    import rpicluster.tune.search as search
+    from distributed import get_worker
+
+    inner = getattr(search.train_candidate, "__wrapped__", search.train_candidate)
+    if part is None:
+        search.train_candidate = inner
+        return
+
+    def failing(*args, **kwargs):
+        if part in str(get_worker().get_current_task()):
+            raise ValueError("diverged")
+        return inner(*args, **kwargs)
+
+    failing.__wrapped__ = inner
+    search.train_candidate = failing
+
+
+def test_sgd_refit_runs_beside_the_top_rung_and_follows_the_best(digits, client, tmp_path):
+    """An SGD refit starts from scratch, so it is submitted with the top rung's one candidate,
+    not after it; if that candidate then fails, the best of the others is refit instead."""
+    data = str(digits / "train.zarr")
+    kw = dict(model="sgd", budget="1x", client=client, seed=0, max_epochs=3, n_candidates=3)
+    refits_when_top_ended = []
+
+    def on_result(entry):
+        if entry["rung"] == 1:  # the top rung of (3, 1)
+            refits_when_top_ended.extend(client.run_on_scheduler(lambda dask_scheduler: [
+                str(k) for k in dask_scheduler.tasks if "-refit-" in str(k)]))
+
+    res = tune(data, **kw, tune_dir=tmp_path / "t", on_result=on_result)
+    top = res.leaderboard[0]["candidate"]
+    assert [k.rsplit("-", 1)[1] for k in refits_when_top_ended] == [f"c{top}"]
+    assert res.plan.sizes == (3, 1) and res.leaderboard[0]["rung"] == 2
+
+    client.run(_fail_tasks, "-r2")
+    try:
+        hurt = tune(data, **kw, tune_dir=tmp_path / "hurt")
+    finally:
+        client.run(_fail_tasks, None)
+    failed = [e for e in hurt.leaderboard if e["error"]]
+    assert [e["candidate"] for e in failed] == [top] and "diverged" in failed[0]["error"]
+    best = hurt.leaderboard[0]
+    assert best["candidate"] != top and best["rung"] == 1 and hurt.best_score == best["score"]
+    units = round(best["units"] * 12 / 10)
+    assert hurt.refit == (f"refit from scratch on all 12 blocks ({units / 12:g} epochs, as the "
+                          "top rung)")
+    ds = open_dataset(data)
+    rows = [np.subtract(*ds.block_slice(b)[::-1]) for b in range(12)]
+    assert hurt.best_model.t_ - 1 == sum(rows[u % 12] for u in range(units))
+
+
 def test_tune_budget_mistakes_are_one_line_before_any_cluster(digits, tmp_path):
     """rpicluster tune checks the budget and the rungs before it connects: with a scheduler
     that does not exist, the one-line budget error still comes (not a connection error)."""

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rpicluster.errors import ConfigError, DataError, RPiClusterError, TrainingError
+from rpicluster.errors import (ConfigError, DataError, ModelError, RPiClusterError,
+                               TrainingError)
 from rpicluster.progress import Progress
 from rpicluster.tune.halving import Plan, plan as make_plan
 from rpicluster.tune.space import check_space, estimator_class, sample, to_params
@@ -323,6 +324,8 @@ def tune(data, model: str = "ksgd", space: dict | str | None = None, budget=None
     models: dict[int, object] = {}  # the latest model of each candidate still in the search
     alive = list(range(len(candidates)))
     trained = 0
+    early = None  # (candidate, future, how): a refit started beside the top rung (see below)
+    refits = refit and val is ds
     with progress:
         if resumed:
             progress.skip(resumed, note=f"{resumed} results resumed")
@@ -338,6 +341,15 @@ def tune(data, model: str = "ksgd", space: dict | str | None = None, budget=None
                     train_candidate, model, candidates[c], state, ds, train_blocks, start,
                     stop, val, val_blocks, _task_seed(seeds[c], rung), pure=False,
                     key=f"tune-{run_id[5:]}-c{c}-r{rung + 1}")
+            if refits and model != "ksgd" and rung == len(schedule.sizes) - 1 \
+                    and len(alive) == 1:
+                # The top rung's only candidate is the best unless it fails, and an MLP/SGD
+                # refit starts from scratch: run it beside that candidate's last rung rather
+                # than after it, so neither waits for the other (both are one chain of
+                # partial_fit calls; sequential, they left a worker idle for the longer one).
+                early = (alive[0], *_submit_refit(
+                    client, model, alive[0], candidates[alive[0]], stop, None, ds, train_blocks,
+                    val_blocks, _task_seed(seeds[alive[0]], 0), run_id))
             for c, out in _as_finished(client, futures):
                 entry = {"candidate": c, "rung": rung, "units": stop,
                          "rows": int(stop * ds.block_rows), "params": candidates[c]}
@@ -384,13 +396,30 @@ def tune(data, model: str = "ksgd", space: dict | str | None = None, budget=None
         raise TrainingError(f"every candidate failed; the first: {best['error']}")
     key = (best["candidate"], best["rung"] - 1)
     best_model = models.get(best["candidate"])
-    if best_model is None:
-        best_model = tdir.load(results[key], expected=cls)
+    if best_model is None and not (refits and model != "ksgd"):  # a refit from scratch needs none
+        try:
+            best_model = tdir.load(results[key], expected=cls)
+        except (AttributeError, ModelError):  # no tune directory, or the file was forgotten
+            failed = next(e for e in board if e["error"] is not None)
+            raise TrainingError(
+                f"candidate {failed['candidate']} failed in rung {failed['rung']} "
+                f"({failed['error']}), and the model of candidate {best['candidate']}, best of "
+                f"the rest, was not kept after rung {best['rung']} (only the candidates that "
+                "continue keep theirs); see why it failed, then run the search again") from None
     how = None
-    if refit and val is ds:
-        # The seed of the candidate's first rung: a refit MLP/SGD starts from its very weights.
-        best_model, how = _refit(client, model, best, best_model, ds, train_blocks, val_blocks,
-                                 _task_seed(seeds[best["candidate"]], 0), run_id)
+    if refits:
+        if early is not None and early[0] == best["candidate"]:
+            future, how = early[1:]
+        else:
+            if early is not None:  # the top rung's candidate failed: another one is best
+                early[1].cancel()
+            # The seed of the candidate's first rung: a refit MLP/SGD starts from its very
+            # weights.
+            future, how = _submit_refit(client, model, best["candidate"], best["params"],
+                                        best["units"], best_model, ds, train_blocks,
+                                        val_blocks, _task_seed(seeds[best["candidate"]], 0),
+                                        run_id)
+        best_model = _refit_result(future, best["candidate"])
     _log(client, kind="tune-end", run_id=run_id, candidate=best["candidate"],
          score=best["score"], params=_jsonable(best["params"]),
          leaderboard=str(tdir.leaderboard_path) if tdir else None)
@@ -401,30 +430,33 @@ def tune(data, model: str = "ksgd", space: dict | str | None = None, budget=None
                       tune_dir=tdir.path if tdir is not None else None, refit=how)
 
 
-def _refit(client, model: str, best: dict, best_model, ds, train_blocks: list[int],
-           val_blocks: list[int], seed: int, run_id: str):
-    """(the best model having seen the held-out blocks too, how it was refit): see
-    :func:`tune`'s ``refit``. One task on the cluster."""
+def _submit_refit(client, model: str, candidate: int, params: dict, units: int, searched, ds,
+                  train_blocks: list[int], val_blocks: list[int], seed: int, run_id: str):
+    """``(future, how)``: the task that refits ``candidate`` searched up to ``units`` units so
+    that it has seen the held-out blocks too (see :func:`tune`'s ``refit``). Inc-kSGD
+    continues ``searched``, its model after the search; MLP and SGD start from scratch."""
     if model == "ksgd":
-        args = (best_model, val_blocks, 0, len(val_blocks))
+        args = (searched, val_blocks, 0, len(val_blocks))
         how = f"continued on the {len(val_blocks)} held-out blocks (partial_fit)"
     else:
-        units = round(best["units"] * ds.n_blocks / len(train_blocks))
+        units = round(units * ds.n_blocks / len(train_blocks))
         args = (None, list(range(ds.n_blocks)), 0, units)
         how = (f"refit from scratch on all {ds.n_blocks} blocks "
                f"({units / ds.n_blocks:g} epochs, as the top rung)")
     state, blocks, start, stop = args
-    future = client.submit(train_candidate, model, best["params"], state, ds, blocks, start,
-                           stop, ds, [], seed, pure=False,
-                           key=f"tune-{run_id[5:]}-refit")
+    return client.submit(train_candidate, model, params, state, ds, blocks, start, stop, ds, [],
+                         seed, pure=False, key=f"tune-{run_id[5:]}-refit-c{candidate}"), how
+
+
+def _refit_result(future, candidate: int):
+    """The refit model of ``candidate`` (a task of :func:`_submit_refit`)."""
     try:
-        out = future.result()
+        return future.result()["model"]
     except RPiClusterError:
         raise
     except Exception as exc:  # noqa: BLE001 - a candidate's own failure, named
-        raise TrainingError(f"refitting the best candidate {best['candidate']} failed: "
+        raise TrainingError(f"refitting the best candidate {candidate} failed: "
                             f"{type(exc).__name__}: {exc}") from exc
-    return out["model"], how
 
 
 def _task_seed(seed: int, rung: int) -> int:
