@@ -17,8 +17,11 @@ AHEAD = 1
 # ... while a block takes under this many seconds (partition and fits) at the run's median
 # speed: beyond it that wait is a few percent, not worth a block of memory (paper-scale 1 GB
 # blocks of ~20 s trained no faster with one queued ahead, and peaked at 3.0 blocks per worker
-# instead of 2.0).
-AHEAD_BELOW_S = 2.0
+# instead of 2.0). Not 2 s: on a CPU-capped host the wait is longer (its own event loop waits
+# for its quota too), and the shelf's 15 % "Pis", whose 8 MB blocks take ~2.2 s, got none
+# queued: 4 of them were busy 0.91 of a quiet step's wall, and, loaded, 0.73 with none queued
+# against 0.91 with one (benchmarks/shelf.py, 19 blocks: 14.3 s against 10.6 s).
+AHEAD_BELOW_S = 5.0
 
 
 def ahead_pays(per_row: dict[str, list[float]], block_rows: int) -> bool:
