@@ -238,6 +238,52 @@ def test_validation_fraction_holds_out_blocks_and_a_resume_gives_the_same_model(
                        run_dir=tmp_path / "cut", resume=True)
 
 
+def test_mlp_with_validation_fraction_ends_with_its_best_round_even_after_a_resume(
+        digits, client, tmp_path):
+    """As MLPClassifier(early_stopping=True) restores its best weights: the run ends with the
+    model of the round whose held-out score was best, not the last one; a run killed after
+    that round and resumed keeps it from the run directory and ends with the same model."""
+    import numpy as np
+
+    from rpicluster import open_dataset
+    from rpicluster.train.averaging import score_on_cluster, train_averaged
+    from rpicluster.train.stopping import RoundStopper
+
+    ds = open_dataset(digits / "train.zarr")
+    rule = StopRule(tol=0.0, n_iter_no_change=3, max_rounds=60, monitor="score")
+    kw = dict(model="mlp", params={"random_state": 0, "learning_rate_init": 0.01},
+              rounds=60, validation_fraction=0.25)
+    whole = RoundStopper(rule)
+    full = train_averaged(ds, client, **kw, stop=whole, run_dir=tmp_path / "full")
+    best = whole.state.best_round
+    assert len(full.rounds) == best + 3 and whole.kept == best
+    assert whole.reason.endswith(f"; the model is round {best}'s, the best validation score "
+                                 "(as MLPClassifier's early_stopping keeps it)")
+    [held] = full.held_out
+    scores = [r["accuracy"] for r in full.rounds]
+    assert score_on_cluster(full.model, ds, client, blocks=[held]) == scores[best - 1] \
+        == max(scores)
+
+    def kill_after_best(report):
+        if report["round"] == best + 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_averaged(ds, client, **kw, stop=RoundStopper(rule), run_dir=tmp_path / "cut",
+                       on_round=kill_after_best)
+    again = RoundStopper(rule)
+    resumed = train_averaged(ds, client, **kw, stop=again, run_dir=tmp_path / "cut",
+                             resume=True)
+    assert resumed.resumed_rounds == best + 1 and again.kept == best
+    for a, b in zip(resumed.model.coefs_, full.model.coefs_):
+        np.testing.assert_array_equal(a, b)
+    # The same rule on an SGD run keeps its last model, as SGDClassifier does.
+    sgd = RoundStopper(rule)
+    train_averaged(ds, client, **{**kw, "model": "sgd", "params": {"random_state": 0}},
+                   stop=sgd, run_dir=tmp_path / "sgd")
+    assert sgd.kept is None
+
+
 def test_cli_validation_fraction(digits, cluster, tmp_path):
     """train --validation-fraction: the rounds table's accuracy is the held-out blocks', the
     test store is scored once at the end; a one-block store is refused in one line before

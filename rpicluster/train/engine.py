@@ -8,10 +8,14 @@ the next global model. The loop owns everything around the rounds: the run direc
 lock, a checkpoint after every round, resume at the last finished one), the page's round
 events, progress, the ``on_round`` callback, and when to stop.
 
-**Stopping rule.** ``run_rounds(..., stop=rule)`` calls ``rule(history)`` after every
-checkpointed round, with the report of every round so far (resumed ones first); a true value
-ends the run after that round, as if ``rounds`` had been reached (the reports say how many
-ran). Without a rule the run trains up to ``rounds``.
+**Stopping rule.** ``run_rounds(..., stop=rule)`` calls ``rule(history)`` after every round,
+with the report of every round so far (resumed ones first); a true value ends the run after
+that round, as if ``rounds`` had been reached (the reports say how many ran), and a resumed run
+that had stopped trains no further. Without a rule the run trains up to ``rounds``. An MLP run
+whose rule watches rows held out by a ``validation_fraction`` ends with its best round's model,
+as ``MLPClassifier(early_stopping=True)`` restores its best weights
+(:meth:`~rpicluster.train.stopping.RoundStopper.keeps_best`); the run directory keeps that
+round's model file for a resume.
 """
 
 from __future__ import annotations
@@ -123,7 +127,11 @@ def run_rounds(strategy: Strategy, client, *, model: str, rounds: int, rundir, m
         how many rounds were resumed.
     """
     from rpicluster.train.rounds import RoundEvents
+    from rpicluster.train.stopping import RoundStopper
 
+    keep_best = (isinstance(stop, RoundStopper)
+                 and stop.keeps_best(model, meta.get("validation_fraction") is not None))
+    best = None  # the best round's model, kept in memory while later rounds train
     with rundir if rundir is not None else contextlib.nullcontext():
         history, global_model = (rundir.begin(meta, resume=resume, overwrite=overwrite,
                                               expected=expected)
@@ -132,22 +140,32 @@ def run_rounds(strategy: Strategy, client, *, model: str, rounds: int, rundir, m
             global_model = initial_model()
         strategy.start()
         resumed = len(history)
+        stopped = bool(history) and stop is not None and stop(history)
         progress = progress or Progress.null()
         with progress, RoundEvents(client, strategy.mode, model, int(rounds),
                                    history) as events:
             if resumed:
                 progress.skip(resumed, note=f"{resumed} rounds resumed")
             for r in range(resumed, int(rounds)):
+                if stopped:
+                    break
                 global_model, report = strategy.fit_round(r, global_model)
                 history.append(report)
+                stopped = stop is not None and stop(history)
+                is_best = keep_best and stop.state.best_round == len(history)
                 if rundir is not None and is_fitted(global_model):
-                    rundir.commit(global_model, report)
+                    rundir.commit(global_model, report, best=is_best)
+                if is_best:
+                    best = global_model
                 progress.advance(note=strategy.note(report))
                 events.round(report)
                 if on_round is not None:
                     on_round(report)
-                if stop is not None and stop(history):
-                    break
+        if keep_best and 0 < stop.state.best_round < len(history):
+            if best is None and rundir is not None:  # the best round was before the resume
+                best = rundir.best_model(expected=expected)
+            if best is not None:
+                global_model, stop.kept = best, stop.state.best_round
     strategy.close()
     if not is_fitted(global_model):
         raise TrainingError(strategy.nothing_trained)

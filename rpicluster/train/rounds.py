@@ -98,18 +98,29 @@ class RoundDir(OwnedDir):
             self.release()
             raise
 
-    def commit(self, model, report: dict) -> None:
-        """Record a finished round: its model file first, then the round list naming it."""
+    def commit(self, model, report: dict, *, best: bool = False) -> None:
+        """Record a finished round: its model file first, then the round list naming it.
+        ``best``: the run may end with this round's model (the engine's best round), so its
+        file is kept until another round is the best."""
         state = self._state()
         n = len(state["rounds"]) + 1
         rel = f"models/round-{n:06d}.skops"
         digest = save_model(model, self.path / rel)
         state["rounds"].append(report)
         state["model"] = {"file": rel, "sha256": digest}
+        if best:
+            state["best"] = {"round": n, **state["model"]}
         atomic_write_bytes(self.rounds_path, json.dumps(state, indent=1).encode())
+        kept = (state.get("best") or {}).get("file")
         for old in sorted((self.path / "models").glob("round-*.skops"))[:-KEEP_MODELS]:
-            old.unlink(missing_ok=True)
-            Path(f"{old}.sha256").unlink(missing_ok=True)
+            if old.name != Path(kept or "").name:
+                old.unlink(missing_ok=True)
+                Path(f"{old}.sha256").unlink(missing_ok=True)
+
+    def best_model(self, expected=None):
+        """The model of the round committed as the best (:meth:`commit`), or None where none
+        was (a run begun by an rpicluster that did not keep it)."""
+        return self._load(self._state().get("best"), expected)
 
     def kept(self, rounds: int):
         """For :meth:`~rpicluster.train.api.ClusterChoice.run_client`: a function saying how many
@@ -123,7 +134,9 @@ class RoundDir(OwnedDir):
 
     def latest_model(self, expected=None):
         """The global model after the last finished round, or None before the first."""
-        entry = self._state()["model"]
+        return self._load(self._state()["model"], expected)
+
+    def _load(self, entry: dict | None, expected):
         if entry is None:
             return None
         try:

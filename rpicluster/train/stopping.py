@@ -217,17 +217,33 @@ def _is_number(v) -> bool:
             and not math.isnan(float(v)))
 
 
+#: Models whose scikit-learn early stopping ends with the weights of the best validation epoch
+#: (``MLPClassifier`` restores them; ``SGDClassifier`` ends with its last ones).
+KEEPS_BEST = frozenset({"mlp"})
+
+
 class RoundStopper:
     """The rule as the round engine's ``stop(history)`` hook.
 
     The state is replayed from the round reports every time (they are checkpointed with each
     round), so a resumed run reaches exactly the state an uninterrupted one had: nothing else
-    needs saving. ``state`` and ``reason`` say where the rule stands after the last call.
+    needs saving. ``state`` and ``reason`` say where the rule stands after the last call;
+    ``kept`` is the round whose model the run ended with when the engine restored the best
+    one (:meth:`keeps_best`), else None.
     """
 
     def __init__(self, rule: StopRule):
         self.rule = rule
         self.state = StopState()
+        self.kept: int | None = None
+
+    def keeps_best(self, model: str, held_out: bool) -> bool:
+        """Whether a ``model`` run ends with its best round's model rather than its last, as
+        ``MLPClassifier(early_stopping=True)`` restores its best weights: when the rule
+        watches the score of rows held out from training (``held_out``: a
+        ``validation_fraction``; a store scored every round may be the test store, and
+        choosing the model by it would flatter the test score)."""
+        return held_out and self.rule.monitor == "score" and model in KEEPS_BEST
 
     def value(self, report: dict) -> float | None:
         """The monitored value of one round's report (``accuracy`` or ``loss``)."""
@@ -239,6 +255,9 @@ class RoundStopper:
 
     @property
     def reason(self) -> str | None:
+        if self.state.reason is not None and self.kept is not None:
+            return (f"{self.state.reason}; the model is round {self.kept}'s, the best "
+                    "validation score (as MLPClassifier's early_stopping keeps it)")
         return self.state.reason
 
 
