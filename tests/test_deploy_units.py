@@ -242,3 +242,12 @@ def test_status_says_when_a_worker_killed_outright_was_last_alive(tmp_path, home
     assert row.state == "lost"
     assert row.detail.startswith("killed outright (or the host restarted); last alive at 20")
     assert row.detail.endswith("no process left on the host; run rpicluster up")
+
+
+def test_up_table_names_a_failed_host_once():
+    from rpicluster.deploy.cluster import HostRow, Report
+
+    row = HostRow("10.0.0.7", "worker", "failed", None, "10.0.0.7: python 3.9.2 is older than 3.11")
+    assert row.reason == "python 3.9.2 is older than 3.11"
+    assert Report("", "", (row,)).failures() == "10.0.0.7: python 3.9.2 is older than 3.11"
+    assert HostRow("pi1", "worker", "failed", None, "timed out").reason == "timed out"

@@ -77,7 +77,7 @@ def echo_table(title: str, columns: list[str], rows: list[list[object]]) -> None
 def echo_report(title, report) -> None:
     """The per-host table of ``up`` and ``down``."""
     echo_table(title, ["host", "role", "state", "pid", "detail"],
-               [[r.host, r.role, r.state, r.pid, r.detail] for r in report.rows])
+               [[r.host, r.role, r.state, r.pid, r.reason] for r in report.rows])
 
 
 # --- which cluster a command runs on (rpicluster.deploy.resolve) ---

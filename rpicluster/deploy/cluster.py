@@ -118,6 +118,11 @@ class HostRow:
     pid: int | None = None
     detail: str = ""
 
+    @property
+    def reason(self) -> str:
+        """``detail`` without a leading ``"host: "`` (host errors name their host already)."""
+        return self.detail.removeprefix(f"{self.host}: ")
+
 
 @dataclass(frozen=True)
 class Report:
@@ -132,8 +137,7 @@ class Report:
         return not any(r.state == "failed" for r in self.rows)
 
     def failures(self) -> str:
-        return "\n".join(f"{r.host}: {r.detail.removeprefix(f'{r.host}: ')}"
-                         for r in self.rows if r.state == "failed")
+        return "\n".join(f"{r.host}: {r.reason}" for r in self.rows if r.state == "failed")
 
 
 # --------------------------------------------------------------------------- up
