@@ -29,6 +29,7 @@ Sizes for the quiet figures (every timed run at least 20 s, medians of 3 after a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -133,9 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         from rpicluster.deploy import cluster
 
         groups: list[Path] = []
-        with NamespaceHosts(tmp / "hosts", len(quotas)) as hosts:
+        with contextlib.ExitStack() as stack:
+            # Last out: the groups, once the hosts' processes are gone (also on ^C).
+            stack.callback(remove_groups, groups)
+            hosts = stack.enter_context(NamespaceHosts(tmp / "hosts", len(quotas)))
             try:
-                groups = cap_hosts(hosts, quotas)
+                groups += cap_hosts(hosts, quotas)
                 share = dict(zip(hosts.hosts, quotas))
                 inventory = hosts.write_inventory(
                     tmp / "cluster.toml", local_directory=tmp / "workers", nthreads=1,
@@ -160,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
                 print("uptime after:", os.getloadavg(), flush=True)
             finally:
                 cluster.down(inventory) if "inventory" in locals() else None
-        remove_groups(groups)
     out = Path(args.out)
     if rc == 0 and (out / "scaling.json").exists():
         import json
