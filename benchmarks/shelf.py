@@ -17,11 +17,11 @@ Sizes for the quiet figures (every timed run at least 20 s, medians of 3 after a
 
 * ``--mix even --rows 1000000 --steps '1;2;4;8'``: 125 blocks of 8,000 rows; about 40,000
   rows/s at 8 x 25 % (quiet, 2026-12-06) makes step 8's runs about 25 s and step 1's about
-  155 s; the whole benchmark about 20 minutes.
+  155 s; the whole benchmark about 25 minutes (calibration about 3 of them).
 * ``--mix paper --rows 1600000 --steps '4;5;6'``: the Pi group is the baseline. At 20 s a run
   for all 6 hosts (about 60,000 rows/s), one 15 % Pi (about 3,500 rows/s) would run over
-  5 minutes a run, 23 minutes a step; so the steps are the 4 Pis (about 130 s a run), + the
-  desktop (about 40 s), + the laptop (about 26 s); about 15 minutes in all.
+  5 minutes a run, 23 minutes a step; so the steps are the 4 Pis (about 120 s a run), + the
+  desktop (about 40 s), + the laptop (about 26 s); about 16 minutes in all.
 
 ``--rows 24000 --repeats 1`` checks the harness in a few minutes.
 """
