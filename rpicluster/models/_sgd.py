@@ -168,6 +168,16 @@ def batch_sizes(n_samples: int, epochs: int, *, batch_size: int, alpha: float) -
     return np.asarray(sizes, dtype=np.intp)
 
 
+def float32_rows(X):
+    """``X`` as an aligned, C-contiguous float32 array: itself when it already is, else one copy.
+
+    Rows that arrive in a Dask message (a cluster piece fitted on another worker) can start at
+    any byte, and numpy copies an unaligned operand again in every product that uses it: a
+    piece's fit took 20x the CPU (10-12 s against 0.4-0.6 s, 2026-12-06, loaded).
+    """
+    return np.require(X, np.float32, ("C", "A"))
+
+
 def sgd_ovr_fit(X, y_codes, n_classes: int, *, epochs: int = 5, alpha: float = 1e-4,
                 learning_rate: str = "optimal", eta0: float = 0.01, power_t: float = 0.5,
                 batch_size: int = 256, average: bool = True, shuffle: bool = True,
@@ -177,7 +187,7 @@ def sgd_ovr_fit(X, y_codes, n_classes: int, *, epochs: int = 5, alpha: float = 1
     Parameters
     ----------
     X : ndarray of shape (n, d), float32, C-contiguous
-        Training rows (other dtypes/layouts are converted once).
+        Training rows (other dtypes/layouts, and unaligned rows, are converted once).
     y_codes : ndarray of shape (n,) or (len(rows),), int
         Class codes in ``[0, n_classes)`` of ``X``'s rows (of ``X[rows]`` when ``rows`` is given).
     n_classes : int
@@ -213,8 +223,8 @@ def sgd_ovr_fit(X, y_codes, n_classes: int, *, epochs: int = 5, alpha: float = 1
     coef : ndarray of shape (n_classes, d), float32
     intercept : ndarray of shape (n_classes,), float32
     """
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    y_codes = np.asarray(y_codes, dtype=np.intp)
+    X = float32_rows(X)
+    y_codes = np.require(y_codes, np.intp, "A")
     rows = None if rows is None else np.asarray(rows, dtype=np.intp)
     n = y_codes.shape[0]
     weights = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float32)
