@@ -282,7 +282,11 @@ def report(out: dict, label: str) -> str:
               "(same results), as a second search in a session. dask-ml runs after the others, "
               "on warm workers. Warm walls are medians of "
               f"{len(f['rpicluster'].get('walls', [0]))} searches of each, in turns "
-              f"(rpicluster {_walls(f['rpicluster'])}, scikit-learn {_walls(f['sklearn'])}).",
+              f"(rpicluster {_walls(f['rpicluster'])}, scikit-learn {_walls(f['sklearn'])}: "
+              "rpicluster / scikit-learn in each turn "
+              + ", ".join(f"{a / b:.2f}x" for a, b in zip(f["rpicluster"].get("walls", []),
+                                                          f["sklearn"].get("walls", [])))
+              + ").",
               "", f"rpicluster's pick: {f['rpicluster']['params']}",
               f"HalvingRandomSearchCV's pick: {f['sklearn']['params']}",
               f"HyperbandSearchCV's pick: {f['dask_ml']['params']} "
