@@ -83,7 +83,8 @@ def phases(stream: list[dict], cpu: dict, t_call: float, t_return: float, n_work
                     "idle_worker_s": n_workers * (stop - start) - busy,
                     "first_task_wall": mine[0][1] - mine[0][0]})
     gaps = [b[0] - a[1] for a, b in zip(tasks, tasks[1:]) if b[2] != a[2] and b[0] > a[1]]
-    out.append({"phase": "end (last task to return)", "wall": t_return - tasks[-1][1]})
+    out.append({"phase": "end (last task to return)",
+                "wall": t_return - max(t[1] for t in tasks)})
     out.append({"phase": "between phases (driver)", "wall": sum(gaps)})
     return out
 
