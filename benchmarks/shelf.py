@@ -10,14 +10,14 @@ inventory order (slow hosts first, as the paper adds its Pis before the desktop)
 the scaling report beside the paper's own Table I figures and takes everything down again.
 Needs root, iproute2, openssh-server and the cgroup v1 cpu controller.
 
-    python benchmarks/shelf.py [--mix even|paper] [--rows 1000000] [--repeats 3]
+    python benchmarks/shelf.py [--mix even|paper] [--rows 1300000] [--repeats 3]
         [--steps '1;2;4;8'] [-o bench-out/shelf]
 
 Sizes for the quiet figures (every timed run at least 20 s, medians of 3 after a warm-up):
 
-* ``--mix even --rows 1000000 --steps '1;2;4;8'``: 125 blocks of 8,000 rows; about 40,000
-  rows/s at 8 x 25 % (quiet, 2026-12-06) makes step 8's runs about 25 s and step 1's about
-  155 s; the whole benchmark about 25 minutes (calibration about 3 of them).
+* ``--mix even --rows 1300000 --steps '1;2;4;8'``: 163 blocks of 8,000 rows; about 51,000
+  rows/s at 8 x 25 % (quiet, 2026-12-06: 1,000,000 rows gave 8-host runs of 17.0-23.5 s)
+  makes step 8's runs 24-27 s and step 1's 161-202 s; the whole benchmark about 25 minutes.
 * ``--mix paper --rows 1600000 --steps '4;5;6'``: the Pi group is the baseline. At 20 s a run
   for all 6 hosts (about 60,000 rows/s), one 15 % Pi (about 3,500 rows/s) would run over
   5 minutes a run, 23 minutes a step; so the steps are the 4 Pis (about 120 s a run), + the
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mix", choices=sorted(MIXES), default="even")
     parser.add_argument("--quotas", help="comma-separated CPU quotas, one per host, in step "
                         "order (overrides --mix)")
-    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rows", type=int, default=1_300_000)
     parser.add_argument("--block-rows", type=int, default=8_000)
     parser.add_argument("--features", type=int, default=256)
     parser.add_argument("--classes", type=int, default=100)
