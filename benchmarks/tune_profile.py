@@ -54,7 +54,8 @@ def _collect_cpu(dask_worker) -> dict:
 
 def phases(stream: list[dict], cpu: dict, t_call: float, t_return: float, n_workers: int
            ) -> list[dict]:
-    """The search's phases from Dask's task stream: setup, rung 1..R, refit, end."""
+    """The search's phases from Dask's task stream: setup, rung 1..R, refit, end (a refit that
+    starts before the top rung, beside it or in the rung before, is one phase with it)."""
     tasks = []
     for t in stream:
         for s in t["startstops"]:
@@ -66,6 +67,7 @@ def phases(stream: list[dict], cpu: dict, t_call: float, t_return: float, n_work
     out = [{"phase": "setup (call to first task)", "wall": tasks[0][0] - t_call}]
     names = sorted({t[2] for t in tasks if t[2] != "refit"}, key=lambda n: int(n.split()[1]))
     top = names[-1]
+    prev_stop = None
     for name in names + ["refit"]:
         mine = [t for t in tasks if t[2] == name]
         if not mine:
@@ -81,7 +83,10 @@ def phases(stream: list[dict], cpu: dict, t_call: float, t_return: float, n_work
         out.append({"phase": name, "tasks": len(mine), "wall": stop - start,
                     "task_wall": busy, "task_cpu": sum(cpu.get(t[3], 0.0) for t in mine),
                     "idle_worker_s": n_workers * (stop - start) - busy,
-                    "first_task_wall": mine[0][1] - mine[0][0]})
+                    "first_task_wall": mine[0][1] - mine[0][0],
+                    # a refit may start in the rung before the top one (a worker left idle)
+                    "overlap_s": max(0.0, prev_stop - start) if prev_stop else 0.0})
+        prev_stop = stop
     gaps = [b[0] - a[1] for a, b in zip(tasks, tasks[1:]) if b[2] != a[2] and b[0] > a[1]]
     out.append({"phase": "end (last task to return)",
                 "wall": t_return - max(t[1] for t in tasks)})
@@ -143,7 +148,9 @@ def main() -> None:
                     extra = "" if "tasks" not in ph else (
                         f"  {ph['tasks']:3d} tasks, task CPU {ph['task_cpu']:6.2f} s, idle "
                         f"worker-s {ph['idle_worker_s']:5.2f}, first task "
-                        f"{ph['first_task_wall']:.2f} s")
+                        f"{ph['first_task_wall']:.2f} s") + (
+                        f", began {ph['overlap_s']:.2f} s before the rung before it ended"
+                        if ph.get("overlap_s") else "")
                     print(f"  {ph['phase']:28s} {ph['wall']:6.2f} s{extra}")
     finally:
         shutil.rmtree(root, ignore_errors=True)

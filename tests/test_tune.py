@@ -238,6 +238,81 @@ def test_sgd_refit_runs_beside_the_top_rung_and_follows_the_best(digits, client,
     assert hurt.best_model.t_ - 1 == sum(rows[u % 12] for u in range(units))
 
 
+def _slow_tasks(delays: dict | None) -> None:
+    """On a worker: make tasks slow and record how each ``train_candidate`` ended.
+
+    ``delays`` maps a part of a task key to seconds: a rung task whose key holds the part
+    sleeps that long before it trains, a refit task sleeps that long before each block (so
+    that it is still training when it is cancelled). Records ``(key, finished)`` in
+    ``search.ENDED`` (finished False: the task returned early, cancelled). None: undo.
+    """
+    import time
+
+    import rpicluster.tune.search as search
+    from distributed import get_worker
+
+    inner = getattr(search.train_candidate, "__wrapped__", search.train_candidate)
+    rows = getattr(search._rows, "__wrapped__", search._rows)
+    search.train_candidate, search._rows = inner, rows
+    if delays is None:
+        return
+    search.ENDED = []
+
+    def key() -> str:
+        return str(get_worker().get_current_task())
+
+    def slow(*args, **kwargs):
+        time.sleep(sum(s for part, s in delays.items() if part in key() and "-refit-" not in part))
+        out = inner(*args, **kwargs)
+        search.ENDED.append((key(), out is not None))
+        return out
+
+    def slow_rows(*args, **kwargs):
+        time.sleep(delays.get("-refit-", 0) if "-refit-" in key() else 0)
+        return rows(*args, **kwargs)
+
+    slow.__wrapped__, slow_rows.__wrapped__ = inner, rows
+    search.train_candidate, search._rows = slow, slow_rows
+
+
+def test_sgd_refit_starts_for_the_leader_before_the_top_rung_and_stops_when_it_loses(
+        digits, client, tmp_path):
+    """When a worker would idle at the end of the rung before the top one, the refit of the
+    best candidate finished so far starts there; if a later candidate beats it, that refit is
+    cancelled and stops at its next block, and the new leader's refit runs: the model is the
+    one the search would refit anyway."""
+    data = str(digits / "train.zarr")
+    kw = dict(model="sgd", budget="1x", client=client, seed=0, max_epochs=3, n_candidates=9)
+    plain = tune(data, **kw)
+    assert plain.plan.sizes == (9, 3, 1)
+    best = plain.leaderboard[0]["candidate"]
+    second = next(e["candidate"] for e in plain.leaderboard  # ranked: the best of the rest
+                  if e["rung"] == 2 and e["candidate"] != best)
+    refits_then = {}  # candidate of rung 2 -> the refits on the scheduler when it came in
+
+    def on_result(entry):
+        if entry["rung"] == 1:  # 0-based: rung 2 of 3
+            refits_then[entry["candidate"]] = client.run_on_scheduler(
+                lambda dask_scheduler: [str(k).rsplit("-", 1)[1] for k in dask_scheduler.tasks
+                                        if "-refit-" in str(k)])
+
+    # The best candidate's task of rung 2 of 3 finishes last: the refit first goes to the best
+    # of the other two, then follows the best.
+    client.run(_slow_tasks, {f"-c{best}-r2": 1.5, "-refit-": 0.1})
+    try:
+        late = tune(data, **kw, on_result=on_result)
+        ended = [e for w in client.run(lambda: __import__("rpicluster.tune.search").tune.search
+                                       .ENDED).values() for e in w]
+    finally:
+        client.run(_slow_tasks, None)
+    assert late.leaderboard == plain.leaderboard
+    np.testing.assert_array_equal(late.best_model.coef_, plain.best_model.coef_)
+    refits = {k.rsplit("-", 1)[1]: done for k, done in ended if "-refit-" in k}
+    assert refits == {f"c{second}": False, f"c{best}": True}, ended
+    # The second's refit was under way before the best's rung-2 result came in.
+    assert refits_then[best] == [f"c{second}"], refits_then
+
+
 def test_tune_budget_mistakes_are_one_line_before_any_cluster(digits, tmp_path):
     """rpicluster tune checks the budget and the rungs before it connects: with a scheduler
     that does not exist, the one-line budget error still comes (not a connection error)."""

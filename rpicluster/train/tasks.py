@@ -107,6 +107,24 @@ def worker_name() -> str:
         return "local"
 
 
+def task_cancelled() -> bool:
+    """Whether the client cancelled the task running in this thread (released its future).
+
+    Dask cannot interrupt a running task: a cancelled one keeps its worker's thread until it
+    returns. A long task that asks between its steps can return early and free the thread for
+    the work that replaced it. False outside a worker (and where the worker's state cannot be
+    read, so that a task never stops for a reason it cannot see).
+    """
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        task = worker.state.tasks.get(worker.get_current_task())
+    except (ValueError, AttributeError):
+        return False
+    return task is None or task.state in ("cancelled", "released", "forgotten")
+
+
 _CONTROLLER = None
 
 

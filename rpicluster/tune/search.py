@@ -63,14 +63,17 @@ def new_estimator(model: str, params: dict, seed: int, block_rows: int):
 
 
 def train_candidate(model: str, params: dict, state, dataset, train_blocks: list[int],
-                    start: int, stop: int, validation, val_blocks: list[int], seed: int) -> dict:
+                    start: int, stop: int, validation, val_blocks: list[int],
+                    seed: int) -> dict | None:
     """Train one candidate from ``start`` to ``stop`` units and score it on held-out blocks.
 
     ``state`` is the candidate's model after ``start`` units (None at 0). Unit ``u`` trains on
     block ``train_blocks[u % len(train_blocks)]``. Returns the model, its accuracy on
-    ``val_blocks`` of ``validation``, and the rows and seconds it took.
+    ``val_blocks`` of ``validation``, and the rows and seconds it took; None when the task was
+    cancelled while it trained (a refit started for a candidate that then lost; nobody waits
+    for its result).
     """
-    from rpicluster.train.tasks import one_blas_thread, worker_name
+    from rpicluster.train.tasks import one_blas_thread, task_cancelled, worker_name
 
     t0 = time.perf_counter()
     est = state if state is not None else new_estimator(model, params, seed, dataset.block_rows)
@@ -84,6 +87,8 @@ def train_candidate(model: str, params: dict, state, dataset, train_blocks: list
         # A block smaller than the MLP's batch_size is one batch: scikit-learn says so per call.
         warnings.filterwarnings("ignore", message="Got `batch_size` less than 1 or larger")
         for u in range(int(start), int(stop)):
+            if task_cancelled():
+                return None
             X, labels = _rows(dataset, train_blocks[u % len(train_blocks)])
             est.partial_fit(X, labels, classes=classes)
             rows += int(X.shape[0])
@@ -324,8 +329,28 @@ def tune(data, model: str = "ksgd", space: dict | str | None = None, budget=None
     models: dict[int, object] = {}  # the latest model of each candidate still in the search
     alive = list(range(len(candidates)))
     trained = 0
-    early = None  # (candidate, future, how): a refit started beside the top rung (see below)
     refits = refit and val is ds
+    # An MLP/SGD refit starts from scratch and needs only the best candidate's parameters and
+    # seed, so it need not wait for the search to end: it runs beside the top rung's one
+    # candidate (the best unless it fails) and, where a worker would otherwise idle at the end
+    # of the rung before, it starts there for the best candidate finished so far. A candidate
+    # that then loses the lead has its refit cancelled (the task stops at its next block), so
+    # the choice, and the model, never depend on which task finished first.
+    early = None  # (candidate, future, how): the refit started before the search ended
+    refits_early = refits and model != "ksgd" and schedule.sizes[-1] == 1
+    n_refits = 0
+
+    def refit_early(c: int) -> None:
+        nonlocal early, n_refits
+        if early is not None and early[0] == c:
+            return
+        if early is not None:
+            early[1].cancel()
+        n_refits += 1
+        early = (c, *_submit_refit(client, model, c, candidates[c], schedule.units[-1], None,
+                                   ds, train_blocks, val_blocks, _task_seed(seeds[c], 0),
+                                   f"{run_id}-{n_refits}"))
+
     with progress:
         if resumed:
             progress.skip(resumed, note=f"{resumed} results resumed")
@@ -341,16 +366,15 @@ def tune(data, model: str = "ksgd", space: dict | str | None = None, budget=None
                     train_candidate, model, candidates[c], state, ds, train_blocks, start,
                     stop, val, val_blocks, _task_seed(seeds[c], rung), pure=False,
                     key=f"tune-{run_id[5:]}-c{c}-r{rung + 1}")
-            if refits and model != "ksgd" and rung == len(schedule.sizes) - 1 \
-                    and len(alive) == 1:
-                # The top rung's only candidate is the best unless it fails, and an MLP/SGD
-                # refit starts from scratch: run it beside that candidate's last rung rather
-                # than after it, so neither waits for the other (both are one chain of
-                # partial_fit calls; sequential, they left a worker idle for the longer one).
-                early = (alive[0], *_submit_refit(
-                    client, model, alive[0], candidates[alive[0]], stop, None, ds, train_blocks,
-                    val_blocks, _task_seed(seeds[alive[0]], 0), run_id))
+            if refits_early and rung == len(schedule.sizes) - 1 and len(alive) == 1:
+                refit_early(alive[0])
+            # Before the top rung: a worker thread with no task of this rung left to start may
+            # take the refit of the best finished candidate (see refit_early).
+            threads = sum(client.nthreads().values()) \
+                if refits_early and rung == len(schedule.sizes) - 2 else 0
+            left = len(futures)
             for c, out in _as_finished(client, futures):
+                left -= 1
                 entry = {"candidate": c, "rung": rung, "units": stop,
                          "rows": int(stop * ds.block_rows), "params": candidates[c]}
                 if isinstance(out, BaseException):
@@ -374,6 +398,12 @@ def tune(data, model: str = "ksgd", space: dict | str | None = None, budget=None
                                  + ("failed" if entry["error"] else f"{entry['score']:.4f}"))
                 if on_result is not None:
                     on_result(entry)
+                if left < threads:
+                    finished = [c2 for c2 in alive if (c2, rung) in results
+                                and results[(c2, rung)]["error"] is None]
+                    if finished:
+                        refit_early(min(finished, key=lambda c2: _rank_key(results[(c2, rung)],
+                                                                            c2)))
             ranked = sorted(alive, key=lambda c: _rank_key(results[(c, rung)], c))
             if rung + 1 < len(schedule.sizes):
                 keep = [c for c in ranked[:schedule.sizes[rung + 1]]
@@ -418,7 +448,7 @@ def tune(data, model: str = "ksgd", space: dict | str | None = None, budget=None
             future, how = _submit_refit(client, model, best["candidate"], best["params"],
                                         best["units"], best_model, ds, train_blocks,
                                         val_blocks, _task_seed(seeds[best["candidate"]], 0),
-                                        run_id)
+                                        f"{run_id}-{n_refits + 1}")
         best_model = _refit_result(future, best["candidate"])
     _log(client, kind="tune-end", run_id=run_id, candidate=best["candidate"],
          score=best["score"], params=_jsonable(best["params"]),
@@ -431,7 +461,7 @@ def tune(data, model: str = "ksgd", space: dict | str | None = None, budget=None
 
 
 def _submit_refit(client, model: str, candidate: int, params: dict, units: int, searched, ds,
-                  train_blocks: list[int], val_blocks: list[int], seed: int, run_id: str):
+                  train_blocks: list[int], val_blocks: list[int], seed: int, key: str):
     """``(future, how)``: the task that refits ``candidate`` searched up to ``units`` units so
     that it has seen the held-out blocks too (see :func:`tune`'s ``refit``). Inc-kSGD
     continues ``searched``, its model after the search; MLP and SGD start from scratch."""
@@ -445,7 +475,7 @@ def _submit_refit(client, model: str, candidate: int, params: dict, units: int, 
                f"({units / ds.n_blocks:g} epochs, as the top rung)")
     state, blocks, start, stop = args
     return client.submit(train_candidate, model, params, state, ds, blocks, start, stop, ds, [],
-                         seed, pure=False, key=f"tune-{run_id[5:]}-refit-c{candidate}"), how
+                         seed, pure=False, key=f"{key}-refit-c{candidate}"), how
 
 
 def _refit_result(future, candidate: int):
