@@ -4,8 +4,9 @@ Runs :func:`rpicluster.bench.scaling.scaling_bench` (the library behind
 ``rpicluster bench scaling``) on a small synthetic store and prints, per step, the median time,
 the speed-up over one worker and the scalability against the core ideal (every core equal) and
 the capacity ideal (each step weighted by the throughput its workers reached together in
-calibration). Each step's timed runs follow an untimed warm-up run on its workers. The
-reports land in ``--out``: scaling.csv, scaling.json, scaling.md, scaling.png, step-N.html.
+calibration, right before each of its timed runs). An untimed warm-up run on each step's
+workers comes first; the timed runs then go in rounds across the steps. The reports land in
+``--out``: scaling.csv, scaling.json, scaling.md, scaling.png, timed-runs.html.
 
     python examples/scaling_report.py                          # embedded cluster, small
     python examples/scaling_report.py -c cluster.toml --rows 400000 --repeats 3 \\

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 import sys
 
 import pytest
@@ -198,8 +199,8 @@ def _check_reports(out, doc, n_steps):
     for name in ("scaling.csv", "scaling.json", "scaling.md", "scaling.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for i in range(1, n_steps + 1):
-        assert "<html" in (out / f"step-{i}.html").read_text()[:2000].lower()
+    assert "<html" in (out / "timed-runs.html").read_text()[:2000].lower()
+    assert doc["files"]["html"] == [str(out / "timed-runs.html")]
     steps = doc["steps"]
     assert [s["step"] for s in steps] == list(range(1, n_steps + 1))
     cores = [s["cores"] for s in steps]
@@ -225,14 +226,31 @@ def _check_reports(out, doc, n_steps):
         assert all(t >= 0 for t in tail.values())
     if any(len(s["workers"]) > 1 for s in steps):
         assert "The tail: the worker whose last task ended last" in (out / "scaling.md").read_text()
+    # The timed runs in rounds: run r of every step, in step order, before any run r + 1; each
+    # after its own capacity measurement.
+    repeats = doc["repeats"]
+    assert [(r["step"], r["repeat"]) for r in doc["runs"]] == [
+        (i, r) for r in range(1, repeats + 1) for i in range(1, n_steps + 1)]
+    stamps = [t for r in doc["runs"] for t in (r["capacity_at"], r["started"])]
+    assert stamps == sorted(stamps)
+    for r in doc["runs"]:
+        s = steps[r["step"] - 1]
+        assert (r["seconds"], r["capacity"]) == (s["seconds"][r["repeat"] - 1],
+                                                 s["capacities"][r["repeat"] - 1])
+    assert doc["method"]["order"] == "rounds"
     assert steps[0]["scalability_cores"] == pytest.approx(1.0)
     assert steps[-1]["ideal_cores"] == pytest.approx(
         steps[0]["median"] * steps[0]["cores"] / steps[-1]["cores"])
-    # Capacity: step 1's is its worker's own calibrated rate; a larger step's is measured with
-    # its workers together (not the sum of their one-at-a-time rates, kept alongside).
+    # Capacity: measured with the step's workers together (not the sum of their one-at-a-time
+    # rates, kept alongside) right before each timed run, step 1's too; the step's is the
+    # median of those, and each run's rows/s is set against its own.
     rates = {n: w["calibration"]["rate"] for n, w in doc["workers"].items()}
-    assert steps[0]["capacity"] == rates[steps[0]["workers"][0]]
+    rows = doc["dataset"]["rows"]
     for s in steps:
+        assert len(s["capacities"]) == len(s["seconds"]) and min(s["capacities"]) > 0
+        assert s["capacity"] == statistics.median(s["capacities"])
+        assert s["runs_over_capacity"] == pytest.approx(
+            [rows / t / c for t, c in zip(s["seconds"], s["capacities"])])
         assert s["capacity_one_at_a_time"] == pytest.approx(sum(rates[n] for n in s["workers"]))
         assert s["ideal_capacity"] == pytest.approx(
             steps[0]["median"] * steps[0]["capacity"] / s["capacity"])
@@ -253,6 +271,17 @@ def _run_starts(client) -> list[str]:
 
     return [e[1]["run_id"] for e in client.get_events(ev.TOPIC)
             if e[1].get(ev.KIND) == ev.RUN_START]
+
+
+def _run_workers(client) -> dict[str, set[str]]:
+    """By training run id: the workers that partitioned its blocks."""
+    from rpicluster import events as ev
+
+    out: dict[str, set[str]] = {}
+    for _, e in client.get_events(ev.TOPIC):
+        if e.get(ev.KIND) == ev.PARTITIONED:
+            out.setdefault(e["run_id"], set()).add(str(e["worker"]))
+    return out
 
 
 @pytest.fixture(autouse=True)
@@ -280,8 +309,19 @@ def test_inc_ksgd_scaling_writes_every_report(cluster, dataset, tmp_path):
         assert s["run_over_capacity"] == pytest.approx(1200 / s["median"] / s["capacity"])
     assert "sustained rows/s of back-to-back tasks over at least 0.3 s" in \
         (out / "scaling.md").read_text()
-    # Each step: one untimed warm-up run on its workers, then the 2 timed repeats.
-    assert len(_run_starts(cluster)) - before == 2 * (1 + 2)
+    # Each step: one untimed warm-up run on its workers (both first), then the 2 timed repeats,
+    # in rounds; the scheduler's events say which workers partitioned blocks in each run.
+    started = _run_starts(cluster)[before:]
+    assert len(started) == 2 * (1 + 2)
+    used = _run_workers(cluster)
+    steps_run = [1, 2] + [r["step"] for r in doc["runs"]]
+    assert steps_run == [1, 2, 1, 2, 1, 2]
+    for run_id, step in zip(started, steps_run):
+        assert used[run_id] <= set(doc["steps"][step - 1]["workers"]), (run_id, step)
+        if step == 1:
+            assert used[run_id] == {"0"}
+    assert any("1" in used[run_id] for run_id, step in zip(started[2:], steps_run[2:])
+               if step == 2)
     method = doc["method"]
     assert (method["warmup"], method["warmup_runs"], method["repeats"], method["statistic"]) == \
         ("reduced", 1, 2, "median")

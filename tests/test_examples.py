@@ -76,7 +76,7 @@ def test_random_forest_joblib(cluster_env, tmp_path):
 def test_scaling_report(cluster_env, tmp_path):
     out = run_example("scaling_report.py", cluster_env, "--workdir", str(tmp_path),
                       "--rows", "3000", "--block-rows", "500")
-    for name in ("scaling.csv", "scaling.json", "scaling.md", "scaling.png", "step-2.html"):
+    for name in ("scaling.csv", "scaling.json", "scaling.md", "scaling.png", "timed-runs.html"):
         assert (tmp_path / name).stat().st_size > 0, name
     doc = json.loads((tmp_path / "scaling.json").read_text())
     assert [len(s["workers"]) for s in doc["steps"]] == [1, 2]

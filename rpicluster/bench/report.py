@@ -59,6 +59,12 @@ def _ratio(step: dict) -> str:
     return "-" if r is None else f"{r:.2f}"
 
 
+def _spread(step: dict) -> str:
+    """" (min-max)" of a step's per-run capacities, or "" in a report written before them."""
+    caps = step.get("capacities")
+    return f" ({min(caps):,.0f}-{max(caps):,.0f})" if caps and len(caps) > 1 else ""
+
+
 def _tail_text(step: dict) -> str:
     before = ", ".join(f"{w} {t:.2f} s" for w, t in sorted(step.get("finished_before_end", {})
                                                           .items()) if t > 0)
@@ -98,8 +104,10 @@ def to_markdown(doc: dict) -> str:
         "Calibrated throughput (sustained rows/s of back-to-back tasks over at least "
         f"{doc['calibration'].get('window_s', 0):g} s, all threads, one worker at a time): "
         f"{cal}. A step's capacity is its workers' rows/s measured together (workers sharing "
-        "a machine share its cores); step capacities (and the run's rows/s over it): "
-        + ", ".join(f"{s['step']}: {s['capacity']:,.0f} ({_ratio(s)})" for s in doc["steps"])
+        "a machine share its cores), right before each of its timed runs (the median of "
+        "those); step capacities (their range, and the run's rows/s over the capacity): "
+        + ", ".join(f"{s['step']}: {s['capacity']:,.0f}{_spread(s)} ({_ratio(s)})"
+                    for s in doc["steps"])
         + ". "
         "Ideals are anchored at step 1's "
         "median; scalability = ideal / measured. Predictions replay step 1's task costs on each "
@@ -176,7 +184,7 @@ def write_all(doc: dict, out_dir: Path) -> dict[str, str]:
     """Write scaling.{json,csv,md,png} into ``out_dir``; returns their paths by kind."""
     out = Path(out_dir)
     files = {k: str(out / f"scaling.{k}") for k in ("json", "csv", "md", "png")}
-    doc["files"] = {**files, "html": [str(out / s["report_html"]) for s in doc["steps"]]}
+    doc["files"] = {**files, "html": [str(out / doc["report_html"])]}
     write_png(doc, Path(files["png"]))
     write_csv(doc, Path(files["csv"]))
     Path(files["md"]).write_text(to_markdown(doc))

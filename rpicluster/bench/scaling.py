@@ -32,9 +32,18 @@ nanny's monitor, all under the same quota) to its rate, as a run does. The repor
 step's measured rows/s beside its capacity (``run_over_capacity``): a fair ideal has about the
 same ratio at every step.
 
-Method, as hyperfine's ``--warmup`` and pytest-benchmark's warm-up rounds: every step starts
-with an untimed warm-up run on the step's own workers, then ``repeats`` timed runs; a step's
-time is their median (min and max are reported beside it). The workers are not restarted
+Capacities and runs of the same minutes: the same work's CPU cost drifts from minute to minute
+(by up to 25 % on the shelf's VM), and a capacity measured once before all the steps set step
+1's ideal with one minute's machine and step 8's runs with another 25 minutes later. So the
+timed runs go in rounds (round r: run r of step 1, of step 2, ... of step N), as
+``benchmarks/train_profile.py`` alternates its runs, and a step's capacity is measured with
+:func:`step_capacity` right before each of its timed runs: a slow stretch of the machine hits
+every step alike, and a step's capacity (the median of its measurements, each kept in the JSON)
+comes from the minutes of its own runs.
+
+Method, as hyperfine's ``--warmup`` and pytest-benchmark's warm-up rounds: every step has an
+untimed warm-up run on the step's own workers (all of them before the first round), then
+``repeats`` timed runs; a step's time is their median (min and max are reported beside it). The workers are not restarted
 between steps, so what a worker does only once (imports, its first read of the store, joblib's
 per-worker client to the scheduler, its first TLS connections to the scheduler and to the other
 workers) would otherwise land in the first timed run of the first step that uses it. The default
@@ -364,10 +373,11 @@ def calibrate(client, job, dataset, workers: dict[str, dict], *, rows: int | Non
 
 def step_capacity(client, job, dataset, workers: dict[str, dict], step: list[str],
                   cal: dict[str, dict], *, rows: int | None = None, rounds: int = 3) -> float:
-    """Rows/s of the step's workers together: each runs calibration tasks back to back on
+    """Rows/s of the step's workers together, now: each runs calibration tasks back to back on
     every thread, all of them at once, and contributes its sustained rate
-    (:func:`sustained_rate`). A one-worker step is its worker's own rate from ``cal``
-    (:func:`calibrate`).
+    (:func:`sustained_rate`). ``cal`` (:func:`calibrate`) sizes each worker's share of tasks;
+    a one-worker step is measured too, not read from ``cal``: the same work's CPU cost drifts,
+    and a capacity is compared with runs of the same minutes.
 
     Each worker runs at least ``rounds`` tasks per thread, and as many as fill
     :data:`CAPACITY_WINDOW_S` at its own rate: with a fixed count, a fast worker's short tasks
@@ -379,8 +389,6 @@ def step_capacity(client, job, dataset, workers: dict[str, dict], step: list[str
     TrainingError
         The calibration task failed on a worker (named).
     """
-    if len(step) == 1:
-        return cal[step[0]]["rate"]
     rows = _calibration_size(dataset, rows)
 
     def count(n: str) -> int:
@@ -401,6 +409,11 @@ def _calibration_size(dataset, rows: int | None = None) -> int:
 
 
 # --- the benchmark ---
+
+#: Dask's performance report of the timed rounds (every step's timed runs and the capacity
+#: measurements before them), in the output folder.
+TIMED_REPORT = "timed-runs.html"
+
 
 def _thread_rate(cal: dict[str, dict], worker: str) -> float:
     """Calibrated rows/s of one thread of ``worker``: a task of s seconds there did s x this."""
@@ -431,6 +444,17 @@ def _waited(tail: dict[str, float]) -> float:
     next-to-last worker's last task and the run's (0 with one worker)."""
     ends = sorted(tail.values())
     return ends[1] if len(ends) > 1 else 0.0
+
+
+def _method(warmup: str, repeats: int, reduced: str) -> dict:
+    """:func:`rpicluster.bench.method.method`, plus the order of the timed runs."""
+    out = method(warmup, repeats, reduced)
+    out["order"] = "rounds"
+    out["text"] += (" The warm-ups come first; then the timed runs in rounds (round r: run r "
+                    "of every step, in step order), each right after its step's capacity is "
+                    "measured, so that a slow stretch of the machine hits every step alike; a "
+                    "step's capacity is the median of those measurements.")
+    return out
 
 
 def _median_run(runs: list[RunRecord]) -> RunRecord:
@@ -477,14 +501,16 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
     dataset : rpicluster.data.reader.Dataset
         Readable by every worker.
     out_dir : path
-        Receives scaling.csv, scaling.json, scaling.md, scaling.png and step-N.html.
+        Receives scaling.csv, scaling.json, scaling.md, scaling.png and timed-runs.html
+        (:data:`TIMED_REPORT`).
     job : {"inc-ksgd", "random-forest"}
     params : dict, optional
         Estimator parameters of the job.
     steps : str, optional
         ``"pi01; pi01,desktop"``; default one more worker per step in ``worker_order``.
     repeats : int
-        Timed runs per step (median, min and max are reported).
+        Timed runs per step (median, min and max are reported), in rounds across the steps,
+        each after a measurement of its step's capacity.
     warmup : {"reduced", "full", "none"}
         The untimed run on a step's workers before its timed runs: the job's reduced run
         (the job's ``reduced`` says what it is), the timed run itself, or none.
@@ -521,9 +547,6 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
         cal = calibrate(client, jobber, dataset, workers, rows=calibration_rows)
         progress.advance(note="calibrated " + ", ".join(
             f"{n}: {c['rate']:,.0f} rows/s" for n, c in cal.items()))
-        capacity = [step_capacity(client, jobber, dataset, workers, step, cal,
-                                  rows=calibration_rows) for step in step_sets]
-        runs: list[list[RunRecord]] = []
         warm: list[RunRecord | None] = []
         for i, step in enumerate(step_sets, start=1):
             warm.append(None if warmup == "none" else
@@ -531,14 +554,26 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
             if warm[-1] is not None:
                 progress.advance(note=f"step {i} ({len(step)} workers) warm-up, untimed: "
                                       f"{warm[-1].seconds:.1f} s")
-            # After the warm-up: the step's report shows its timed runs only.
-            with performance_report(client, out / f"step-{i}.html"):
-                step_runs = []
-                for r in range(repeats):
-                    step_runs.append(jobber.run(client, dataset, workers, step))
-                    progress.advance(note=f"step {i} ({len(step)} workers) run {r + 1}: "
-                                          f"{step_runs[-1].seconds:.1f} s")
-            runs.append(step_runs)
+        runs: list[list[RunRecord]] = [[] for _ in step_sets]
+        caps: list[list[float]] = [[] for _ in step_sets]
+        order: list[dict] = []
+        # After the warm-ups: one report for the timed rounds (a step's runs are spread over
+        # them, and the scheduler's report spans one stretch of time).
+        with performance_report(client, out / TIMED_REPORT):
+            for r in range(repeats):
+                for i, step in enumerate(step_sets):
+                    measured = time.time()
+                    caps[i].append(step_capacity(client, jobber, dataset, workers, step, cal,
+                                                 rows=calibration_rows))
+                    started = time.time()
+                    runs[i].append(jobber.run(client, dataset, workers, step))
+                    order.append({"step": i + 1, "repeat": r + 1, "capacity_at": measured,
+                                  "started": started, "seconds": runs[i][-1].seconds,
+                                  "capacity": caps[i][-1]})
+                    progress.advance(note=f"round {r + 1}: step {i + 1} ({len(step)} workers) "
+                                          f"{runs[i][-1].seconds:.1f} s, capacity "
+                                          f"{caps[i][-1]:,.0f} rows/s")
+    capacity = [statistics.median(c) for c in caps]
     rows_out = []
     ref = _median_run(runs[0])
     ref_tasks = jobber.sim_tasks(ref.trace, cal)
@@ -547,8 +582,8 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
                                 window=jobber.window(len(step_sets[0])))
     cores1 = sum(workers[n]["threads"] for n in step_sets[0])
     cap1 = capacity[0]
-    for i, (step, step_runs, cap, w) in enumerate(zip(step_sets, runs, capacity, warm),
-                                                  start=1):
+    for i, (step, step_runs, cap, w, run_caps) in enumerate(
+            zip(step_sets, runs, capacity, warm, caps), start=1):
         secs = [r.seconds for r in step_runs]
         med = statistics.median(secs)
         cores = sum(workers[n]["threads"] for n in step)
@@ -560,11 +595,14 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
             "memory": sum(workers[n]["memory"] for n in step),
             "seconds": secs, "median": med, "min": min(secs), "max": max(secs),
             "ideal_cores": ideal_c, "scalability_cores": ideal_c / med,
-            "capacity": cap, "capacity_one_at_a_time": sum(cal[n]["rate"] for n in step),
+            # the median of the capacities measured right before each of its timed runs
+            "capacity": cap, "capacities": run_caps,
+            "capacity_one_at_a_time": sum(cal[n]["rate"] for n in step),
             "ideal_capacity": ideal_k, "scalability_capacity": ideal_k / med,
             # the step's measured rows/s over its capacity: a fair capacity ideal needs the
             # same ratio at every step (step 1's sets it)
             "run_over_capacity": dataset.n_rows / med / cap,
+            "runs_over_capacity": [dataset.n_rows / t / c for t, c in zip(secs, run_caps)],
             "speedup": t1 / med, "rows_per_s_per_core": dataset.n_rows / med / cores,
             "predicted": pred, "prediction_error": (pred - med) / med,
             "tasks_outside_step": sum(r.outside for r in step_runs),
@@ -577,11 +615,11 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
             "tail_waited": [_waited(_tail(r.trace)) for r in step_runs],
             "finished_before_end": _tail(_median_run(step_runs).trace),
             "warmup_seconds": None if w is None else w.seconds,
-            "warmup_workers": None if w is None else sorted(_busy(w.trace), key=natural),
-            "report_html": f"step-{i}.html"})
+            "warmup_workers": None if w is None else sorted(_busy(w.trace), key=natural)})
     doc = {
         "job": jobber.name, "params": jobber.params, "repeats": repeats,
-        "method": method(warmup, repeats, jobber.reduced),
+        "method": _method(warmup, repeats, jobber.reduced),
+        "runs": order, "report_html": TIMED_REPORT,
         "dataset": {"url": str(dataset.url), "rows": int(dataset.n_rows),
                     "features": int(dataset.n_features), "classes": len(dataset.classes),
                     "blocks": int(dataset.n_blocks), "block_rows": int(dataset.block_rows)},
@@ -592,7 +630,8 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
                         "mode": "sustained rows/s of back-to-back tasks over at least "
                                 "window_s of wall; workers: one at a time, all its threads "
                                 "busy; step capacity: the step's workers together, every "
-                                "thread busy"},
+                                "thread busy, measured right before each timed run of the "
+                                "step; a step's capacity is the median of those"},
         "steps": rows_out,
         "simulation": {"reference_step": 1, "overhead_s": overhead,
                        "window": "blocks in flight = worker threads" if job == "inc-ksgd"

@@ -98,7 +98,7 @@ def bench_algorithms(sizes, quick, data, algos, time_cap, epochs, seed, out_dir)
               help="random-forest: trees (default 32).")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
               default=str(config.BENCH_OUT / "scaling"), show_default=True,
-              help="Folder for scaling.{csv,json,md,png} and step-N.html.")
+              help="Folder for scaling.{csv,json,md,png} and timed-runs.html.")
 def bench_scaling(scheduler, inventory, local, job, syncs, local_epochs, hidden, test, data,
                   rows, features, classes, block_rows, steps, repeats, warmup, simulate,
                   n_clusters, max_iter, n_estimators, out_dir) -> None:
@@ -133,7 +133,7 @@ def bench_scaling(scheduler, inventory, local, job, syncs, local_epochs, hidden,
                         progress=Progress("bench scaling", unit="runs", interval=0),
                         announce=announce)
     click.echo(to_markdown(doc))
-    click.echo(f"wrote {out_dir}/scaling.{{csv,json,md,png}} and step-1..{len(doc['steps'])}.html")
+    click.echo(f"wrote {out_dir}/scaling.{{csv,json,md,png}} and {doc['report_html']}")
 
 
 @bench.command("paper")
