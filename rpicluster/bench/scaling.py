@@ -33,8 +33,8 @@ step's measured rows/s beside its capacity (``run_over_capacity``): a fair ideal
 same ratio at every step.
 
 Capacities and runs of the same minutes: the same work's CPU cost drifts from minute to minute
-(by up to 25 % on the shelf's VM), and a capacity measured once before all the steps set step
-1's ideal with one minute's machine and step 8's runs with another 25 minutes later. So the
+(by up to 25 % on the shelf's VM), and with every capacity measured once, before the steps,
+step 8's capacity came from one minute and its runs from 25 minutes later. So the
 timed runs go in rounds (round r: run r of step 1, of step 2, ... of step N), as
 ``benchmarks/train_profile.py`` alternates its runs, and a step's capacity is measured with
 :func:`step_capacity` right before each of its timed runs: a slow stretch of the machine hits
@@ -43,10 +43,11 @@ comes from the minutes of its own runs.
 
 Method, as hyperfine's ``--warmup`` and pytest-benchmark's warm-up rounds: every step has an
 untimed warm-up run on the step's own workers (all of them before the first round), then
-``repeats`` timed runs; a step's time is their median (min and max are reported beside it). The workers are not restarted
-between steps, so what a worker does only once (imports, its first read of the store, joblib's
-per-worker client to the scheduler, its first TLS connections to the scheduler and to the other
-workers) would otherwise land in the first timed run of the first step that uses it. The default
+``repeats`` timed runs; a step's time is their median (min and max are reported beside it).
+The workers are not restarted between steps, so what a worker does only once (imports, its
+first read of the store, joblib's per-worker client to the scheduler, its first TLS connections
+to the scheduler and to the other workers) would otherwise land in the first timed run of the
+first step that uses it. The default
 warm-up is a reduced run through the same code path (:attr:`IncKSGDJob.reduced` and
 :attr:`RandomForestJob.reduced` say what is reduced); ``warmup="full"`` repeats the timed run
 itself, ``"none"`` measures cold workers. The calibration before the steps is no substitute: its
