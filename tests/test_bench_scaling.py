@@ -299,12 +299,14 @@ def test_inc_ksgd_scaling_writes_every_report(cluster, dataset, tmp_path):
                       repeats=2, simulate="3x 0, 1")
     _check_reports(out, doc, 2)
     # Each worker's warm calibration tasks (after its first, cold, round) span the window, and
-    # its rate is their rows over that wall: never above its median task's rows/s.
+    # its rate is their rows over that wall, which is at least their summed durations: never
+    # above their rows over those durations, the harmonic mean of the tasks' rows/s (the median
+    # task's rate can be lower: a few fast tasks lift the mean).
     for w in doc["workers"].values():
-        cal, rows = w["calibration"], doc["calibration"]["rows"]
-        warm = sorted(cal["samples"][1:])
+        cal = w["calibration"]
+        warm = cal["samples"][1:]
         assert cal["span"] >= 0.3 and len(cal["samples"]) > 3, cal
-        assert 0 < cal["rate"] <= warm[len(warm) // 2] * 1.01, cal
+        assert 0 < cal["rate"] <= statistics.harmonic_mean(warm) * 1.01, cal
     for s in doc["steps"]:
         assert s["run_over_capacity"] == pytest.approx(1200 / s["median"] / s["capacity"])
     assert "sustained rows/s of back-to-back tasks over at least 0.3 s" in \
