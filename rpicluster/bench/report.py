@@ -60,7 +60,7 @@ def _ratio(step: dict) -> str:
 
 
 def _spread(step: dict) -> str:
-    """" (min-max)" of a step's per-run capacities, or "" in a report written before them."""
+    """A step's per-run capacities as " (min-max)", or "" in a report written before them."""
     caps = step.get("capacities")
     return f" ({min(caps):,.0f}-{max(caps):,.0f})" if caps and len(caps) > 1 else ""
 
