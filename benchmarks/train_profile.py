@@ -122,7 +122,11 @@ def fit_dask(store, params: dict, counts, *, run_dir: Path, repeats: int) -> dic
     from distributed import Client, LocalCluster, get_task_stream
 
     from rpicluster import IncrementalKSGDClassifier, open_dataset
+    from rpicluster import config as rpicluster_config
     from rpicluster.train.job import train
+
+    # Dask's clocks as on every cluster rpicluster starts (config.DASK_DEFAULTS).
+    rpicluster_config.apply_dask_defaults()
 
     runs = {n: [] for n in counts}
     with ExitStack() as stack:

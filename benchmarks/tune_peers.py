@@ -331,6 +331,11 @@ def main() -> None:
 
     from distributed import Client, LocalCluster
 
+    from rpicluster import config as rpicluster_config
+
+    # Dask's clocks as on every cluster rpicluster starts (config.DASK_DEFAULTS).
+    rpicluster_config.apply_dask_defaults()
+
     out = {"label": args.label}
     with tempfile.TemporaryDirectory() as tmp, \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True,

@@ -108,8 +108,12 @@ def main() -> None:
 
     from distributed import Client, LocalCluster, get_task_stream
 
+    from rpicluster import config as rpicluster_config
     from rpicluster import ingest
     from rpicluster.tune import tune
+
+    # Dask's clocks as on every cluster rpicluster starts (config.DASK_DEFAULTS).
+    rpicluster_config.apply_dask_defaults()
 
     root = Path(tempfile.mkdtemp(prefix="tune-profile-"))
     X, y = read_idx("train")

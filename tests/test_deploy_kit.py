@@ -4,6 +4,7 @@ the commands README.md shows, each checked against the code it must agree with."
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import os
 import re
@@ -180,6 +181,14 @@ def test_worker_unit_runs_what_up_runs(tmp_path):
     assert settings["Restart"] == ["always"] and settings["User"] == ["pi"]
     assert int(settings["MemoryMax"][0]) > pi.memory
     assert 'Environment="OMP_NUM_THREADS=1"' in unit.text
+    # Dask's clocks as on every cluster rpicluster starts (config.DASK_DEFAULTS)...
+    assert 'Environment="DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL=100ms"' in unit.text
+    # ...unless the inventory's env chose its own.
+    chosen = dataclasses.replace(
+        pi, env={**pi.env, "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "20ms"})
+    text = systemd.worker_unit(spec, chosen).text
+    assert text.count("DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL") == 1
+    assert 'Environment="DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=20ms"' in text
 
 
 def test_scheduler_unit_runs_the_start_spec_up_sends(home):

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 
@@ -139,6 +140,9 @@ def test_up_train_status_down(hosts, inventory, home):
         workers = client.scheduler_info()["workers"]
         assert sorted(w["name"] for w in workers.values()) == sorted(
             h.address for h in hosts.hosts.values())
+        # Dask's clocks of every cluster rpicluster starts (config.DASK_DEFAULTS).
+        assert set(client.run(dask.config.get, "distributed.worker.profile.interval").values()
+                   ) == {"100ms"}
         rng = np.random.default_rng(0)
         a = rng.random((300, 300))
         futures = [client.submit(np.linalg.matrix_power, a / 30, k, pure=False,

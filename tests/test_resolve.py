@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import dask
 import pytest
 from click.testing import CliRunner
 
@@ -104,6 +105,10 @@ def test_up_local_then_every_command_finds_it_without_flags(home):
         assert "(2 workers)" in out
         with rpicluster.connect(timeout=30) as client:
             assert len(client.scheduler_info()["workers"]) == 2
+            # Dask's clocks of every cluster rpicluster starts (config.DASK_DEFAULTS), passed
+            # on by the nannies.
+            for key in config.DASK_DEFAULTS:
+                assert set(client.run(dask.config.get, key).values()) == {"100ms"}, key
         rows = rpicluster.status()          # the library's answer, which `status` prints
         assert [(r.role, r.state) for r in rows] == [("scheduler", "running")] + [
             ("worker", "running")] * 2

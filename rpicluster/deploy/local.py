@@ -262,6 +262,7 @@ def _serve(spec: dict) -> None:
     workdir = private_directory(spec["local_directory"])
     # The scheduler's scratch too; nannies pass this configuration on to their workers.
     dask.config.set({"temporary-directory": workdir})
+    config.apply_dask_defaults()
     # Each process presents its role's certificate: the guard tells workers from the client.
     security = Security(
         tls_ca_file=str(tls / "ca.pem"), require_encryption=True,

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 
+from rpicluster import config
 from rpicluster.deploy.guard import GUARD
 from rpicluster.deploy.versions import PRELOAD as VERSIONS
 from rpicluster.deploy.workdir import private_directory
@@ -132,6 +133,7 @@ def start(spec: dict) -> dict:
     directory = private_directory(spec["local_directory"])
     log = os.path.join(directory, f"{spec['role']}.log")
     env = dict(os.environ, **spec.get("env", {}))
+    env.update(config.dask_environ(env))
     env[MARKER] = spec["name"]
     # Whatever Dask writes outside --local-directory (the scheduler's scratch) stays private too.
     env["DASK_TEMPORARY_DIRECTORY"] = directory

@@ -30,6 +30,7 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
+from rpicluster import config
 from rpicluster.deploy import remote
 from rpicluster.deploy.hosts import is_local_host
 from rpicluster.deploy.state import cluster_dir, cluster_id
@@ -149,6 +150,7 @@ def _render(template: str, spec: dict, node: NodeSpec, python: str, *,
     workdir = _setting(spec["local_directory"], f"{where}.local_directory")
     # Dask's scratch space goes in the private work directory, never a shared $TMPDIR.
     env = {**dict(node.env), "DASK_TEMPORARY_DIRECTORY": workdir}
+    env.update(config.dask_environ(env))
     return _template(template).substitute(
         host=node.host, inventory=_check(str(inventory), "inventory path"),
         user=_setting(node.user, f"{where}.user"), workdir=workdir,
