@@ -22,8 +22,8 @@ the scheduler, the driver, sshd and the kernel then take their CPU from the host
 them a quarter of a core, as the desktop's own.
 
 Sizes for the quiet figures (every timed run at least 20 s, medians of 3 after a warm-up;
-``bench scaling`` runs them in rounds across the steps, each after a measurement of its step's
-capacity, about 7 s):
+``bench scaling`` runs them in rounds across the steps, each between two measurements of its
+step's capacity, about 7 s each; the second adds 12 x 7 s to a 4-step benchmark):
 
 * ``--mix even --rows 1300000 --steps '1;2;4;8'``: 163 blocks of 8,000 rows; about 51,000
   rows/s at 8 x 25 % (quiet, 2026-12-06: 1,000,000 rows gave 8-host runs of 17.0-23.5 s)

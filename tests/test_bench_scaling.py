@@ -227,23 +227,26 @@ def _check_reports(out, doc, n_steps):
     if any(len(s["workers"]) > 1 for s in steps):
         assert "The tail: the worker whose last task ended last" in (out / "scaling.md").read_text()
     # The timed runs in rounds: run r of every step, in step order, before any run r + 1; each
-    # after its own capacity measurement.
+    # between two capacity measurements of its own, and its capacity their mean.
     repeats = doc["repeats"]
     assert [(r["step"], r["repeat"]) for r in doc["runs"]] == [
         (i, r) for r in range(1, repeats + 1) for i in range(1, n_steps + 1)]
-    stamps = [t for r in doc["runs"] for t in (r["capacity_at"], r["started"])]
+    stamps = [t for r in doc["runs"] for t in (r["capacity_at"], r["started"], r["ended"])]
     assert stamps == sorted(stamps)
     for r in doc["runs"]:
         s = steps[r["step"] - 1]
         assert (r["seconds"], r["capacity"]) == (s["seconds"][r["repeat"] - 1],
                                                  s["capacities"][r["repeat"] - 1])
+        assert r["ended"] - r["started"] >= r["seconds"]
+        assert min(r["capacity_before"], r["capacity_after"]) > 0
+        assert r["capacity"] == pytest.approx((r["capacity_before"] + r["capacity_after"]) / 2)
     assert doc["method"]["order"] == "rounds"
     assert steps[0]["scalability_cores"] == pytest.approx(1.0)
     assert steps[-1]["ideal_cores"] == pytest.approx(
         steps[0]["median"] * steps[0]["cores"] / steps[-1]["cores"])
     # Capacity: measured with the step's workers together (not the sum of their one-at-a-time
-    # rates, kept alongside) right before each timed run, step 1's too; the step's is the
-    # median of those, and each run's rows/s is set against its own.
+    # rates, kept alongside) around each timed run, step 1's too; the step's is the median of
+    # the runs', and each run's rows/s is set against its own.
     rates = {n: w["calibration"]["rate"] for n, w in doc["workers"].items()}
     rows = doc["dataset"]["rows"]
     for s in steps:

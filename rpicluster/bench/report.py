@@ -104,8 +104,8 @@ def to_markdown(doc: dict) -> str:
         "Calibrated throughput (sustained rows/s of back-to-back tasks over at least "
         f"{doc['calibration'].get('window_s', 0):g} s, all threads, one worker at a time): "
         f"{cal}. A step's capacity is its workers' rows/s measured together (workers sharing "
-        "a machine share its cores), right before each of its timed runs (the median of "
-        "those); step capacities (their range, and the run's rows/s over the capacity): "
+        "a machine share its cores), right before and right after each of its timed runs "
+        "(a run's is the mean of its two, a step's the median of its runs'); step capacities (their range, and the run's rows/s over the capacity): "
         + ", ".join(f"{s['step']}: {s['capacity']:,.0f}{_spread(s)} ({_ratio(s)})"
                     for s in doc["steps"])
         + ". "

@@ -37,9 +37,11 @@ Capacities and runs of the same minutes: the same work's CPU cost drifts from mi
 step 8's capacity came from one minute and its runs from 25 minutes later. So the
 timed runs go in rounds (round r: run r of step 1, of step 2, ... of step N), as
 ``benchmarks/train_profile.py`` alternates its runs, and a step's capacity is measured with
-:func:`step_capacity` right before each of its timed runs: a slow stretch of the machine hits
-every step alike, and a step's capacity (the median of its measurements, each kept in the JSON)
-comes from the minutes of its own runs.
+:func:`step_capacity` right before and right after each of its timed runs: a slow stretch of
+the machine hits every step alike, and a step's capacity (the median of its runs' capacities,
+each the mean of the two that bracket it, all kept in the JSON) comes from the minutes of its
+own runs. One measurement before each run was not enough on the shelf's VM: its runs' rows/s
+over it spread 0.78-1.30, as the machine sped up or slowed down during a 3-minute run.
 
 Method, as hyperfine's ``--warmup`` and pytest-benchmark's warm-up rounds: every step has an
 untimed warm-up run on the step's own workers (all of them before the first round), then
@@ -452,9 +454,10 @@ def _method(warmup: str, repeats: int, reduced: str) -> dict:
     out = method(warmup, repeats, reduced)
     out["order"] = "rounds"
     out["text"] += (" The warm-ups come first; then the timed runs in rounds (round r: run r "
-                    "of every step, in step order), each right after its step's capacity is "
-                    "measured, so that a slow stretch of the machine hits every step alike; a "
-                    "step's capacity is the median of those measurements.")
+                    "of every step, in step order), each between two measurements of its "
+                    "step's capacity, so that a slow stretch of the machine hits every step "
+                    "alike; a run's capacity is the mean of its two, a step's the median of "
+                    "its runs'.")
     return out
 
 
@@ -563,17 +566,26 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
         with performance_report(client, out / TIMED_REPORT):
             for r in range(repeats):
                 for i, step in enumerate(step_sets):
+                    def capacity() -> float:
+                        return step_capacity(client, jobber, dataset, workers, step, cal,
+                                             rows=calibration_rows)
+
                     measured = time.time()
-                    caps[i].append(step_capacity(client, jobber, dataset, workers, step, cal,
-                                                 rows=calibration_rows))
+                    before = capacity()
                     started = time.time()
                     runs[i].append(jobber.run(client, dataset, workers, step))
+                    ended = time.time()
+                    after = capacity()
+                    # The run's capacity: the mean of the two that bracket it (a machine
+                    # speeding up or slowing down during the run weighs on both).
+                    caps[i].append((before + after) / 2)
                     order.append({"step": i + 1, "repeat": r + 1, "capacity_at": measured,
-                                  "started": started, "seconds": runs[i][-1].seconds,
-                                  "capacity": caps[i][-1]})
+                                  "started": started, "ended": ended,
+                                  "seconds": runs[i][-1].seconds, "capacity_before": before,
+                                  "capacity_after": after, "capacity": caps[i][-1]})
                     progress.advance(note=f"round {r + 1}: step {i + 1} ({len(step)} workers) "
                                           f"{runs[i][-1].seconds:.1f} s, capacity "
-                                          f"{caps[i][-1]:,.0f} rows/s")
+                                          f"{before:,.0f} before, {after:,.0f} rows/s after")
     capacity = [statistics.median(c) for c in caps]
     rows_out = []
     ref = _median_run(runs[0])
@@ -596,7 +608,8 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
             "memory": sum(workers[n]["memory"] for n in step),
             "seconds": secs, "median": med, "min": min(secs), "max": max(secs),
             "ideal_cores": ideal_c, "scalability_cores": ideal_c / med,
-            # the median of the capacities measured right before each of its timed runs
+            # the median of its timed runs' capacities (each the mean of the two measured
+            # right before and right after the run)
             "capacity": cap, "capacities": run_caps,
             "capacity_one_at_a_time": sum(cal[n]["rate"] for n in step),
             "ideal_capacity": ideal_k, "scalability_capacity": ideal_k / med,
@@ -631,8 +644,9 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
                         "mode": "sustained rows/s of back-to-back tasks over at least "
                                 "window_s of wall; workers: one at a time, all its threads "
                                 "busy; step capacity: the step's workers together, every "
-                                "thread busy, measured right before each timed run of the "
-                                "step; a step's capacity is the median of those"},
+                                "thread busy, measured right before and right after each "
+                                "timed run of the step; a run's capacity is the mean of its "
+                                "two, a step's the median of its runs'"},
         "steps": rows_out,
         "simulation": {"reference_step": 1, "overhead_s": overhead,
                        "window": "blocks in flight = worker threads" if job == "inc-ksgd"
