@@ -334,6 +334,63 @@ def test_a_late_task_is_run_again_on_an_idle_worker_and_the_model_is_unchanged(s
     same_model(unspeculated.model, plain, X)
 
 
+def _slow_fits(name: str | None, seconds: float = 0.0, dask_worker=None) -> list:
+    """On a worker: make every cluster fit on the worker named ``name`` take ``seconds`` more,
+    and count each task's cluster fits (``(task key, clusters fitted)`` in ``ksgd.FITS``, in
+    order). ``name`` None: undo, and return what was counted."""
+    import rpicluster.models.ksgd as ksgd
+
+    inner = getattr(ksgd.fit_cluster, "__wrapped__", ksgd.fit_cluster)
+    counted = list(getattr(ksgd, "FITS", []))
+    ksgd.fit_cluster = inner
+    if name is None:
+        return counted
+    worker = dask_worker
+    ksgd.FITS = []
+
+    def slow(*args, **kwargs):
+        ksgd.FITS.append(str(worker.get_current_task()))
+        if str(worker.name) == name:
+            time.sleep(seconds)
+        return inner(*args, **kwargs)
+
+    slow.__wrapped__ = inner
+    ksgd.fit_cluster = slow
+    return []
+
+
+def _executing(dask_worker) -> int:
+    return len(dask_worker.state.executing)
+
+
+def test_a_late_fit_that_lost_to_its_copy_stops_at_its_next_cluster(store, client):
+    """The slow worker's cluster fits take 1.5 s each: its late fits are copied to the idle
+    worker, the copies win, and each cancelled original frees its thread after the cluster it
+    was fitting, not after the rest of its group."""
+    ds = open_dataset(store / "train.zarr")
+    plain = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS)
+    train(plain, ds, client)  # also warms both workers
+    names = sorted(str(w["name"]) for w in client.scheduler_info()["workers"].values())
+    slow = names[0]
+    client.run(_slow_fits, slow, 1.5)
+    try:
+        est = IncrementalKSGDClassifier(block_rows=BLOCK_ROWS, **PARAMS)
+        result = train(est, ds, client)
+        # a cancelled task leaves its worker's thread when it returns
+        wait_until(lambda: not any(client.run(_executing).values()), 30,
+                   what="the cancelled tasks to return")
+    finally:
+        fits = client.run(_slow_fits, None)
+    assert result.speculation["won"] >= 1, result.speculation
+    same_model(est, plain, all_rows(ds)[0])
+    workers = client.scheduler_info()["workers"]
+    slow_fits = Counter(next(f for a, f in fits.items() if str(workers[a]["name"]) == slow))
+    # The slow worker's tasks whose copy won: one or more fitted fewer clusters than their
+    # group has (4 clusters in 1 or 2 groups: 2 or 4 a task).
+    losers = {k: n for k, n in slow_fits.items() if "copy" not in k and n < 2}
+    assert losers, (fits, slow, result.speculation)
+
+
 def test_a_block_has_one_fit_task_per_worker_thread_at_most_one_per_cluster():
     two = {"a": {"nthreads": 1}, "b": {"nthreads": 1}}
     assert fit_groups_per_block(10, two) == 2

@@ -125,6 +125,12 @@ def task_cancelled() -> bool:
     return task is None or task.state in ("cancelled", "released", "forgotten")
 
 
+class TaskCancelled(Exception):
+    """A long task stopped early because :func:`task_cancelled` said its future was released
+    while it ran (a speculative copy that lost): nobody waits for its result, and the worker
+    drops this error with the task."""
+
+
 _CONTROLLER = None
 
 
@@ -257,6 +263,11 @@ def fit_task(piece, block: int, group: int, params: dict, random_state: int) -> 
     models = []
     with one_blas_thread():
         for i, (a, z) in enumerate(zip(bounds[:-1], bounds[1:])):
+            # A copy of this task won (the driver cancelled this one): free the thread now
+            # rather than after the rest of the group's clusters.
+            if i and task_cancelled():
+                raise TaskCancelled(f"block {block}, fit group {group}: cancelled after {i} "
+                                    f"of {len(bounds) - 1} clusters")
             models.append(fit_cluster(X[a:z], y[a:z], params=params,
                                       seed=task_seed(random_state, block, first_cluster + i)))
     return FitResult(models=models, first=int(first_cluster), sizes=np.diff(bounds).tolist(),
