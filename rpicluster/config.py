@@ -41,39 +41,47 @@ SSH_PARALLEL = 32
 #: Dask settings of every scheduler and worker rpicluster starts (the embedded cluster, `up`'s
 #: hosts, the systemd kit), where the user's own Dask configuration does not set them. Dask's
 #: worker profiler samples every running thread's stack every 10 ms and every server checks its
-#: event loop every 20 ms: measured on this project's 2-core machine (docs/performance.md,
-#: "Dask's clocks"), that is a quarter of the workers' CPU outside their tasks and half their
-#: task threads' involuntary switches, CPU a Pi's 4 slow cores give to its blocks instead. Every
-#: 100 ms keeps the dashboard's profile and the unresponsive-loop warnings. Set a key in Dask's
-#: configuration, or its ``DASK_...`` variable (a host's ``env`` in the inventory), to override.
+#: event loop every 20 ms: CPU outside the tasks, and switches of the task threads, that a Pi's
+#: 4 slow cores would rather give to its blocks (measured in docs/performance.md, "Dask's
+#: clocks"). Every 100 ms keeps the dashboard's profile and the unresponsive-loop warnings. Set
+#: a key in Dask's configuration, or its ``DASK_...`` variable (a host's ``env`` in the
+#: inventory), to override.
 DASK_DEFAULTS = {
     "distributed.worker.profile.interval": "100ms",
     "distributed.admin.tick.interval": "100ms",
 }
 
 
+def _dask_variable(key: str) -> str:
+    """The environment variable Dask reads for configuration ``key`` (``DASK_A__B_C``)."""
+    return "DASK_" + key.upper().replace(".", "__").replace("-", "_")
+
+
 def dask_environ(env) -> dict[str, str]:
     """The ``DASK_...`` variables of :data:`DASK_DEFAULTS` that ``env`` (a mapping, usually the
     environment a process will be started with) does not already set."""
-    names = {"DASK_" + key.upper().replace(".", "__").replace("-", "_"): value
-             for key, value in DASK_DEFAULTS.items()}
-    return {name: value for name, value in names.items() if name not in env}
+    return {_dask_variable(key): value for key, value in DASK_DEFAULTS.items()
+            if _dask_variable(key) not in env}
 
 
 def apply_dask_defaults() -> None:
-    """:data:`DASK_DEFAULTS` as Dask defaults of this process (a value the user's configuration
-    or environment already set stays), before it starts a scheduler or workers."""
+    """:data:`DASK_DEFAULTS` as Dask defaults of this process, before it starts a scheduler or
+    workers: a value the user's Dask configuration sets stays, and so does one its ``DASK_...``
+    variable sets (even to Dask's own default, which ``update_defaults`` alone would replace)."""
     import dask
     import distributed  # noqa: F401 - its own defaults first, so that ours replace them
 
     nested: dict = {}
     for key, value in DASK_DEFAULTS.items():
+        if _dask_variable(key) in os.environ:
+            continue
         *path, last = key.split(".")
         level = nested
         for part in path:
             level = level.setdefault(part, {})
         level[last] = value
     dask.config.update_defaults(nested)
+
 
 #: Timeouts in seconds: name -> (default, what it bounds). Each is read when used, and
 #: ``RPICLUSTER_<NAME>`` in the environment overrides it (e.g. ``RPICLUSTER_JOIN_TIMEOUT=300`` for

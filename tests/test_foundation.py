@@ -1,6 +1,7 @@
 """The package skeleton: public names, error hierarchy, CLI entry point, progress output."""
 
 import io
+import os
 import subprocess
 import sys
 
@@ -91,3 +92,23 @@ def test_progress_eta_uses_the_recent_rate_and_ignores_skipped_work(monkeypatch)
         # 3 items in the last 6 s of 66 s elapsed (the second half: since t=33 s, 3 items and
         # the one at t=60 s), 2 items left: about 4-5 s, far from the 66/4*2 = 33 s average.
         assert p.eta() < 10
+
+
+def test_dask_defaults_keep_what_the_user_set():
+    """config.DASK_DEFAULTS replace Dask's own defaults in a process that starts a cluster, but
+    not a value the user's environment sets, even one equal to Dask's default."""
+    code = ("import dask; from rpicluster import config; config.apply_dask_defaults(); "
+            "print(dask.config.get('distributed.worker.profile.interval'), "
+            "dask.config.get('distributed.admin.tick.interval'))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["100ms", "100ms"]
+    env["DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL"] = "10ms"  # Dask's own default
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["10ms", "100ms"]
+    from rpicluster import config
+
+    assert config.dask_environ({"DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "20ms"}) == {
+        "DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL": "100ms"}
