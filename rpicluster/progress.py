@@ -266,7 +266,10 @@ class Progress:
         with self._lock:
             self._cancel_pending()
             self._last_line = time.time()
-            print(self.line(self._last_line, final=final), file=self.stream, flush=True)
+            # One write: print's text and newline are two, and a Ctrl-C raised between them
+            # (or a line from the pending timer's thread) glued the next message to this line.
+            self.stream.write(self.line(self._last_line, final=final) + "\n")
+            self.stream.flush()
 
 
 def _is_terminal(stream: IO[str]) -> bool:

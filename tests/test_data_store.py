@@ -365,13 +365,14 @@ def test_ctrl_c_during_ingest_leaves_an_incomplete_store_and_prints_the_resume_c
     from rpicluster.cli import main
 
     out = tmp_path / "a" / "x.zarr"
-    src = "synthetic:rows=200000,features=16,classes=4,seed=1"
+    src = "synthetic:rows=600000,features=16,classes=4,seed=1"
     proc = subprocess.Popen([sys.executable, "-m", "rpicluster.cli", "ingest", src, str(out),
                              "--block-rows", "1000", "--no-shuffle"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     meta = out / "zarr.json"
-    # Stop it once a block or more is written, then Ctrl-C. Not written yet, or caught
-    # mid-write: OSError, ValueError, KeyError.
+    # Stop it once a block or more is written, then Ctrl-C (600 blocks: about 3 s of work, so
+    # that a test process starved for a second still stops it mid-way). Not written yet, or
+    # caught mid-write: OSError, ValueError, KeyError.
     wait_until(lambda: json.loads(meta.read_text())["attributes"]["blocks_written"] >= 1, 120,
                what=f"a block written to {out}", process=proc,
                ignore=(OSError, ValueError, KeyError), interval=0.005)
@@ -386,13 +387,13 @@ def test_ctrl_c_during_ingest_leaves_an_incomplete_store_and_prints_the_resume_c
 
     written = wait_until(stopped_with_a_whole_record, 30, interval=0.002,
                          what=f"the ingest stopped with {meta} whole")
-    assert written < 200
+    assert written < 600
     proc.send_signal(signal.SIGINT)
     os.kill(proc.pid, signal.SIGCONT)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output
     assert "Traceback" not in output and "Aborted!" not in output, output
-    m = re.search(rf"^interrupted \(Ctrl-C\): {re.escape(str(out))} holds (\d+) of 200 blocks "
+    m = re.search(rf"^interrupted \(Ctrl-C\): {re.escape(str(out))} holds (\d+) of 600 blocks "
                   r"and is marked incomplete; continue with: (.*)$", output, re.M)
     assert m, output
     with pytest.raises(StoreIncompleteError):
@@ -406,6 +407,6 @@ def test_ctrl_c_during_ingest_leaves_an_incomplete_store_and_prints_the_resume_c
     assert CliRunner().invoke(main, ["ingest", src, str(whole), "--block-rows", "1000",
                                      "--no-shuffle"]).exit_code == 0
     a, b = open_dataset(out), open_dataset(whole)
-    for i in (0, int(m.group(1)), 199):
+    for i in (0, int(m.group(1)), 599):
         np.testing.assert_array_equal(a.block(i)[0], b.block(i)[0])
         np.testing.assert_array_equal(a.block(i)[1], b.block(i)[1])

@@ -166,14 +166,31 @@ def command_line(command: list, options) -> str:
     return shlex.join(words)
 
 
+def _settled_state(url, wait: float = 2.0):
+    """:func:`~rpicluster.data.writer.written_blocks` of ``url`` once its record is readable:
+    Ctrl-C stops this thread, not zarr's I/O thread, which may be rewriting ``zarr.json`` at
+    that moment (read then, the store looked absent: "nothing was written"). A local path
+    that does not exist is absent at once."""
+    import os
+    import time
+
+    from rpicluster.data.writer import written_blocks
+
+    deadline = time.monotonic() + wait
+    while True:
+        state = written_blocks(url)
+        if state is not None or time.monotonic() > deadline or (
+                "://" not in str(url) and not os.path.exists(url)):
+            return state
+        time.sleep(0.05)
+
+
 def exit_interrupted(command: list[str], options, stores: list[str]) -> None:
     """Ctrl-C during a store writer (ingest, features): one line saying what each store holds
     (an incomplete one is refused by readers) and the exact command that resumes, then exit."""
-    from rpicluster.data.writer import written_blocks
-
     said, resumable = [], False
     for url in stores:
-        state = written_blocks(url)
+        state = _settled_state(url)
         if state is None:
             continue
         done, total, complete = state
