@@ -443,6 +443,17 @@ class DieOn(WorkerPlugin):
             os._exit(13)
 
 
+def cli_argv(*args: str) -> list[str]:
+    """The command line of ``rpicluster ARGS`` in a child process that Ctrl-C (SIGINT) always
+    interrupts. A shell without job control (``cmd &`` in a script, ``nohup``) starts its
+    background commands with SIGINT ignored; their children inherit that, and Python then
+    installs no KeyboardInterrupt handler, so a test that sends SIGINT saw the command run to
+    the end (exit 0) when its CI was started that way."""
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "sys.argv[0] = 'rpicluster'; from rpicluster.cli import main; main()")
+    return [sys.executable, "-c", code, *args]
+
+
 def features_after_a_block(args: list[str], out: str | os.PathLike,
                            timeout: float = 120.0) -> subprocess.Popen:
     """Start ``rpicluster features ARGS`` (output store ``out``) and return its process once the
@@ -450,7 +461,7 @@ def features_after_a_block(args: list[str], out: str | os.PathLike,
     import json
 
     out = Path(out)
-    proc = subprocess.Popen([sys.executable, "-m", "rpicluster.cli", "features", *args],
+    proc = subprocess.Popen(cli_argv("features", *args),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # Not written yet, or caught mid-write: OSError, ValueError, KeyError.
     wait_until(lambda: json.loads((out / "zarr.json").read_text())["attributes"]["blocks_done"],

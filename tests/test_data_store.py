@@ -18,7 +18,7 @@ from rpicluster.data.writer import ingest as ingest_store
 # tests/test_data_shuffle.py covers the (default) shuffled ingest.
 ingest = functools.partial(ingest_store, shuffle=False)
 from rpicluster.errors import DataError, StoreIncompleteError
-from rpicluster.testing import wait_until
+from rpicluster.testing import cli_argv, wait_until
 
 
 @pytest.fixture
@@ -358,7 +358,6 @@ def test_ctrl_c_during_ingest_leaves_an_incomplete_store_and_prints_the_resume_c
     import shlex
     import signal
     import subprocess
-    import sys
 
     from click.testing import CliRunner
 
@@ -366,8 +365,8 @@ def test_ctrl_c_during_ingest_leaves_an_incomplete_store_and_prints_the_resume_c
 
     out = tmp_path / "a" / "x.zarr"
     src = "synthetic:rows=600000,features=16,classes=4,seed=1"
-    proc = subprocess.Popen([sys.executable, "-m", "rpicluster.cli", "ingest", src, str(out),
-                             "--block-rows", "1000", "--no-shuffle"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cli_argv("ingest", src, str(out), "--block-rows", "1000",
+                                     "--no-shuffle"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     meta = out / "zarr.json"
     # Stop it once a block or more is written, then Ctrl-C (600 blocks: about 3 s of work, so

@@ -40,7 +40,7 @@ from distributed import Client
 from rpicluster import IncrementalKSGDClassifier, events as ev, open_dataset
 from rpicluster.cli import main
 from rpicluster.errors import ModelError
-from rpicluster.testing import SlowTasks, reference_fit, same_model, wait_until
+from rpicluster.testing import SlowTasks, cli_argv, reference_fit, same_model, wait_until
 from rpicluster.train.job import train
 from rpicluster.train.modelfile import load_model, save_model, trust_model
 from rpicluster.train.rundir import RunDir
@@ -78,7 +78,7 @@ def recovery(record_property):
 
 def _cli(*args, **kwargs):
     """``rpicluster ARGS`` in its own process (it can be killed), output merged."""
-    return subprocess.Popen([sys.executable, "-m", "rpicluster.cli", *args],
+    return subprocess.Popen(cli_argv(*args),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from rpicluster import ingest, open_dataset
 from rpicluster.cli import main
 from rpicluster.deploy import cluster
-from rpicluster.testing import NamespaceHosts, unavailable, wait_until
+from rpicluster.testing import NamespaceHosts, cli_argv, unavailable, wait_until
 from rpicluster.train.federated import federate
 from rpicluster.train.modelfile import load_model
 from rpicluster.train.rounds import RoundDir
@@ -134,8 +134,8 @@ def test_cli_federate_names_bad_hosts(hosts, home, stores, tmp_path):
                                    "1"])
         assert res.exit_code == 1 and "already exists" in res.output, res.output
         proc = subprocess.Popen(
-            [sys.executable, "-m", "rpicluster.cli", "federate", "-c", str(path), "-o",
-             str(model), "--model", "sgd", "--rounds", "500", "--seed", "1", "--overwrite"],
+            cli_argv("federate", "-c", str(path), "-o", str(model), "--model", "sgd",
+                     "--rounds", "500", "--seed", "1", "--overwrite"),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         before = RoundDir(run_dir).meta()["created"]  # the 2-round run above; --overwrite's
         wait_until(lambda: RoundDir(run_dir).meta()["created"] != before

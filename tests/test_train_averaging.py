@@ -17,7 +17,7 @@ from sklearn.neural_network import MLPClassifier
 from rpicluster import IncrementalKSGDClassifier, ingest, open_dataset
 from rpicluster.cli import main
 from rpicluster.errors import ConfigError, ModelError
-from rpicluster.testing import wait_until
+from rpicluster.testing import cli_argv, wait_until
 from rpicluster.train.averaging import (merge_updates, parse_hidden, shard_blocks,
                                         train_averaged, weighted_average)
 from rpicluster.train.modelfile import load_model, save_model
@@ -316,9 +316,9 @@ def test_ctrl_c_says_what_was_kept_and_the_resume_command(digits, cluster, tmp_p
 
     model, run_dir = tmp_path / "m.skops", tmp_path / "m.skops.run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rpicluster.cli", "train", str(digits / "train.zarr"), "-o",
-         str(model), "--model", "mlp", "--hidden", "32", "--rounds", "500", "--seed", "3",
-         "--sync", "epoch", "--scheduler", cluster.scheduler_address],
+        cli_argv("train", str(digits / "train.zarr"), "-o", str(model), "--model", "mlp",
+                 "--hidden", "32", "--rounds", "500", "--seed", "3", "--sync", "epoch",
+                 "--scheduler", cluster.scheduler_address),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # 400 s: a loaded machine starts the CLI slowly.
     wait_until(lambda: len(RoundDir(run_dir).history()) >= 2, 400,
