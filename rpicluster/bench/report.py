@@ -105,7 +105,8 @@ def to_markdown(doc: dict) -> str:
         f"{doc['calibration'].get('window_s', 0):g} s, all threads, one worker at a time): "
         f"{cal}. A step's capacity is its workers' rows/s measured together (workers sharing "
         "a machine share its cores), right before and right after each of its timed runs "
-        "(a run's is the mean of its two, a step's the median of its runs'); step capacities (their range, and the run's rows/s over the capacity): "
+        "(a run's is the mean of its two, a step's the median of its runs'); step capacities "
+        "(their range, and the run's rows/s over the capacity): "
         + ", ".join(f"{s['step']}: {s['capacity']:,.0f}{_spread(s)} ({_ratio(s)})"
                     for s in doc["steps"])
         + ". "

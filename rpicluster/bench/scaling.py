@@ -561,21 +561,22 @@ def run_scaling(client, dataset, out_dir, *, job: str = "inc-ksgd", params: dict
         runs: list[list[RunRecord]] = [[] for _ in step_sets]
         caps: list[list[float]] = [[] for _ in step_sets]
         order: list[dict] = []
+
+        def capacity(step: list[str]) -> float:
+            return step_capacity(client, jobber, dataset, workers, step, cal,
+                                 rows=calibration_rows)
+
         # After the warm-ups: one report for the timed rounds (a step's runs are spread over
         # them, and the scheduler's report spans one stretch of time).
         with performance_report(client, out / TIMED_REPORT):
             for r in range(repeats):
                 for i, step in enumerate(step_sets):
-                    def capacity() -> float:
-                        return step_capacity(client, jobber, dataset, workers, step, cal,
-                                             rows=calibration_rows)
-
                     measured = time.time()
-                    before = capacity()
+                    before = capacity(step)
                     started = time.time()
                     runs[i].append(jobber.run(client, dataset, workers, step))
                     ended = time.time()
-                    after = capacity()
+                    after = capacity(step)
                     # The run's capacity: the mean of the two that bracket it (a machine
                     # speeding up or slowing down during the run weighs on both).
                     caps[i].append((before + after) / 2)
