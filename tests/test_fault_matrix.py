@@ -751,3 +751,20 @@ def test_sigstopped_worker_is_named(store, uninterrupted, cluster, client, tmp_p
     assert named, out
     assert proc.returncode == 0, out
     same_model(load_model(tmp_path / "m.skops"), *uninterrupted)
+
+
+def test_a_lost_scheduler_is_named_by_its_cause_not_a_reconnect_timeout(tmp_path):
+    """The one line for a lost scheduler quotes the connection error that stopped the run,
+    but not a timed-out connect (the client's own reconnecting, which the run may meet first):
+    that one says no more than "the client gave up reconnecting"."""
+    from distributed.comm import CommClosedError
+
+    from rpicluster.train.api import _stopped
+
+    closed = _stopped(CommClosedError("in <TCP (closed)>: Stream is closed"), "2 of 4 blocks",
+                      tmp_path, "tcp://192.0.2.2:1")
+    assert "(CommClosedError: in <TCP (closed)>: Stream is closed): 2 of 4 blocks" in str(closed)
+    timed_out = _stopped(OSError("Timed out trying to connect to tcp://192.0.2.2:1 after 5 s"),
+                         "2 of 4 blocks", tmp_path, "tcp://192.0.2.2:1")
+    assert ("lost the scheduler tcp://192.0.2.2:1 during training (it stopped answering and "
+            "the client gave up reconnecting): 2 of 4 blocks") in str(timed_out)

@@ -294,9 +294,12 @@ def _stopped(exc: BaseException, kept: str | None, run_dir, address: str | None
     lost = _first(exc, _is_connection_error)
     if lost is not None:
         # Quote the connection error only when it is the cause; one raised while cleaning up
-        # (cancelling, logging the run's end) would only say that cleanup timed out.
+        # (cancelling, logging the run's end) would only say that cleanup timed out, and a
+        # connect that timed out (the client's own reconnecting, which the run can meet first
+        # when it asks the scheduler just after the loss) says no more than the fallback.
         why = (f"{type(lost).__name__}: {str(lost).splitlines()[0][:160]}"
-               if any(lost is e for e in _causes(_origin(exc))) else
+               if any(lost is e for e in _causes(_origin(exc)))
+               and "Timed out trying to connect" not in str(lost) else
                "it stopped answering and the client gave up reconnecting")
         return TrainingStopped(f"lost the scheduler {address} during training ({why}): "
                                f"{kept}; bring the cluster back (rpicluster up)", run_dir)
