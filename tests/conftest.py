@@ -7,11 +7,16 @@ import pytest
 from rpicluster import testing
 
 
-@pytest.fixture(autouse=True)
-def _no_run_history_in_the_developer_home(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def _no_run_history_in_the_developer_home():
     """Runs are not recorded in the run history (``RPICLUSTER_HISTORY=0``) unless the test has
-    its own ``home``: the suite's runs must not fill the developer's ``~/.rpicluster``."""
-    monkeypatch.setenv("RPICLUSTER_HISTORY", "0")
+    its own ``home``: the suite's runs must not fill the developer's ``~/.rpicluster``. For the
+    whole session, before any fixture: a module fixture that trains or extracts features (the
+    edge tests' store) runs before a test's own fixtures, and recorded its run in the
+    developer's history while this was set per test."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RPICLUSTER_HISTORY", "0")
+        yield
 
 
 @pytest.fixture

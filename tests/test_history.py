@@ -207,6 +207,18 @@ def test_history_off_records_nothing(home, monkeypatch):
     assert not (home / "history.sqlite").exists()
 
 
+@pytest.fixture(scope="module")
+def history_seen_by_a_module_fixture():
+    """What a module fixture (one that builds a store, trains, extracts features) sees: it runs
+    before any of a test's function fixtures."""
+    return history.enabled()
+
+
+def test_a_module_fixture_does_not_record_in_the_developer_home(
+        history_seen_by_a_module_fixture):
+    assert history_seen_by_a_module_fixture is False
+
+
 def test_a_features_run_is_recorded_and_listed(home, tmp_path):
     """A real feature extraction (the packaged EfficientNet-Lite0 weights on scikit-image's
     faces) is recorded through its library entry point: `rpicluster runs --json` shows its
