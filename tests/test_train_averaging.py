@@ -251,9 +251,11 @@ def test_bench_averaging_scaling_report(digits, client, tmp_path):
                                 steps=[names[:1], names], addresses=workers,
                                 params={"hidden_layer_sizes": (8,)}, epochs=2, local_epochs=2,
                                 test=open_dataset(digits / "test.zarr"), repeats=2)
-    # Per (sync, worker set): a one-round warm-up run, then 2 timed runs of the whole budget.
+    # Per (sync, worker set): a one-round warm-up run, all of them first; then 2 timed runs of
+    # the whole budget in rounds: run 1 of every pair before any run 2.
     runs = _averaging_runs(client)[len(runs_before):]
-    assert runs == [1, 2, 2] * 2 + [1, 1, 1] * 2  # batch: 2 rounds of 1 epoch; round: 1 of 2
+    assert runs == [1] * 4 + [2, 2, 1, 1] * 2  # batch: 2 rounds of 1 epoch; round: 1 of 2
+    assert doc["method"]["order"] == "rounds"
     assert doc["method"]["warmup"] == "reduced"
     assert doc["method"]["repeats"] == 2 and doc["method"]["statistic"] == "median"
     for r in doc["rows"]:
@@ -262,6 +264,7 @@ def test_bench_averaging_scaling_report(digits, client, tmp_path):
     md = (tmp_path / "averaging.md").read_text()
     assert "Method: Every step: warm-up on the step's workers: one untimed reduced run (one " \
            "round of the same sync and local epochs); then 2 timed repeats" in md
+    assert "then the timed runs in rounds (round r: run r of every step" in md
     # How quiet the machine was is measured, not asserted by a fixed label.
     assert len(doc["load"]["before"]) == 3 and doc["load"]["cpus"] >= 1
     assert re.search(r"Load average before/after: \d+\.\d\d / \d+\.\d\d on \d+ CPUs", md)

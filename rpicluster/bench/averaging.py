@@ -12,8 +12,10 @@ Measured as :mod:`rpicluster.bench.scaling` measures the block jobs: a warm-up o
 first (imports and a first read), then per (sync, worker set) an untimed warm-up run on those
 workers (reduced: one round of the same sync and local epochs; every round of the timed run is
 the same work, so one pays each worker's first round trip, first model transfer and first
-local fit) and ``repeats`` timed runs; the row reports their median (min and max beside it),
-and the median run's accuracy, traffic and CPU use.
+local fit), all warm-ups before the first timed run; then ``repeats`` timed runs of every pair
+in rounds (round r: run r of every pair, in order), so that a slow stretch of the machine
+weighs on every pair alike. The row reports a pair's median (min and max beside it), and the
+median run's accuracy, traffic and CPU use.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rpicluster.bench.method import check_method, method
+from rpicluster.bench.method import check_method, in_rounds, method
 from rpicluster.errors import make_dirs
 from rpicluster.progress import Progress
 from rpicluster.train.averaging import SYNC, _labelled, train_averaged
@@ -89,56 +91,43 @@ def run_averaging_scaling(client, dataset, out_dir, *, steps: list[list[str]],
         X_test, y_test = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     # Imports and a first read on every worker before any clock starts.
     client.run(_warm, dataset)
-    rows = []
+    for sync in syncs:
+        if sync not in SYNC:
+            raise ValueError(f"unknown sync {sync!r}")
+    pairs = []  # (sync, step, the run's arguments, rounds, label)
+    for sync in syncs:
+        for step in steps:
+            local = local_epochs if sync == "round" else 1
+            run = dict(model=model, params=params, local_epochs=local, sync=sync,
+                       workers=[addresses[n] for n in step])
+            pairs.append((sync, step, run, max(1, epochs // local),
+                          f"sync {sync}, {len(step)} workers"))
+    warm: list[float | None] = []
+    runs: list[list] = [[] for _ in pairs]
     progress = progress or Progress.null()
-    progress.total = len(syncs) * len(steps) * (repeats + (warmup != "none"))
+    progress.total = len(pairs) * (repeats + (warmup != "none"))
     with progress:
-        for sync in syncs:
-            if sync not in SYNC:
-                raise ValueError(f"unknown sync {sync!r}")
-            for step in steps:
-                addrs = [addresses[n] for n in step]
-                local = local_epochs if sync == "round" else 1
-                n_rounds = max(1, epochs // local)
-                run = dict(model=model, params=params, local_epochs=local, sync=sync,
-                           workers=addrs)
-                label = f"sync {sync}, {len(step)} workers"
-                warm = None
-                if warmup != "none":
-                    warm = _timed(client, dataset, rounds=1 if warmup == "reduced" else n_rounds,
-                                  **run)[1]
-                    progress.advance(note=f"{label}: warm-up, untimed: {warm:.1f} s")
-                runs = []
-                for r in range(repeats):
-                    runs.append(_timed(client, dataset, rounds=n_rounds, **run))
-                    progress.advance(note=f"{label}: run {r + 1}: {runs[-1][1]:.1f} s")
-                walls = [w for _, w, _ in runs]
-                med = statistics.median(walls)
-                res, wall, cpu = min(runs, key=lambda x: abs(x[1] - med))
-                moved = [r["bytes_down"] + r["bytes_up"] for r in res.rounds]
-                done_epochs = n_rounds * local
-                rows.append({
-                    "sync": sync, "workers": len(step), "epochs": done_epochs,
-                    "seconds": round(med, 3), "seconds_min": round(min(walls), 3),
-                    "seconds_max": round(max(walls), 3), "runs": [round(w, 3) for w in walls],
-                    "warmup_seconds": None if warm is None else round(warm, 3),
-                    "s_per_epoch": round(med / done_epochs, 3),
-                    "accuracy": (None if X_test is None
-                                 else round(float(res.model.score(X_test, y_test)), 4)),
-                    "rounds": n_rounds,
-                    "syncs_per_epoch": sum(r["steps"] for r in res.rounds) / done_epochs,
-                    "mb_per_round": round(float(np.mean(moved)) / 1e6, 3),
-                    "mb_per_epoch": round(sum(moved) / done_epochs / 1e6, 3),
-                    "cpu_mean": round(float(np.mean(list(cpu.values()))), 3),
-                    "cpu_per_worker": {n: round(cpu[a], 3) for n, a in zip(step, addrs)},
-                })
+        # Every pair's warm-up first, then the timed runs in rounds (run r of every pair before
+        # any run r + 1), so that a slow stretch of the machine hits every pair alike.
+        for _, _, run, n_rounds, label in pairs:
+            warm.append(None)
+            if warmup != "none":
+                warm[-1] = _timed(client, dataset,
+                                  rounds=1 if warmup == "reduced" else n_rounds, **run)[1]
+                progress.advance(note=f"{label}: warm-up, untimed: {warm[-1]:.1f} s")
+        for r in range(repeats):
+            for i, (_, _, run, n_rounds, label) in enumerate(pairs):
+                runs[i].append(_timed(client, dataset, rounds=n_rounds, **run))
+                progress.advance(note=f"round {r + 1}: {label}: {runs[i][-1][1]:.1f} s")
+    rows = [_row(sync, step, run, n_rounds, pair_runs, w, X_test, y_test)
+            for (sync, step, run, n_rounds, _), pair_runs, w in zip(pairs, runs, warm)]
     doc = {"job": model, "params": {k: (list(v) if isinstance(v, tuple) else v)
                                     for k, v in params.items()},
            "dataset": {"url": dataset.url, "rows": int(dataset.n_rows),
                        "features": int(dataset.n_features), "classes": len(dataset.classes)},
            "test": None if test is None else test.url, "epochs": epochs,
            "local_epochs": local_epochs, "steps": steps, "rows": rows, "repeats": repeats,
-           "method": method(warmup, repeats, REDUCED),
+           "method": in_rounds(method(warmup, repeats, REDUCED)),
            "load": {"before": list(load_before), "after": list(os.getloadavg()),
                     "cpus": os.cpu_count()}}
     (out / "averaging.json").write_text(json.dumps(doc, indent=1))
@@ -149,6 +138,32 @@ def run_averaging_scaling(client, dataset, out_dir, *, steps: list[list[str]],
             w.writerow({**r, "cpu_per_worker": json.dumps(r["cpu_per_worker"])})
     (out / "averaging.md").write_text(to_markdown(doc))
     return doc
+
+
+def _row(sync: str, step: list[str], run: dict, n_rounds: int, runs: list, warm,
+         X_test, y_test) -> dict:
+    """The report row of one (sync, worker set): its timed runs' median (min, max), and the
+    median run's accuracy, traffic and CPU use."""
+    walls = [w for _, w, _ in runs]
+    med = statistics.median(walls)
+    res, _, cpu = min(runs, key=lambda x: abs(x[1] - med))
+    moved = [r["bytes_down"] + r["bytes_up"] for r in res.rounds]
+    done_epochs = n_rounds * run["local_epochs"]
+    return {
+        "sync": sync, "workers": len(step), "epochs": done_epochs,
+        "seconds": round(med, 3), "seconds_min": round(min(walls), 3),
+        "seconds_max": round(max(walls), 3), "runs": [round(w, 3) for w in walls],
+        "warmup_seconds": None if warm is None else round(warm, 3),
+        "s_per_epoch": round(med / done_epochs, 3),
+        "accuracy": (None if X_test is None
+                     else round(float(res.model.score(X_test, y_test)), 4)),
+        "rounds": n_rounds,
+        "syncs_per_epoch": sum(r["steps"] for r in res.rounds) / done_epochs,
+        "mb_per_round": round(float(np.mean(moved)) / 1e6, 3),
+        "mb_per_epoch": round(sum(moved) / done_epochs / 1e6, 3),
+        "cpu_mean": round(float(np.mean(list(cpu.values()))), 3),
+        "cpu_per_worker": {n: round(cpu[a], 3) for n, a in zip(step, run["workers"])},
+    }
 
 
 def to_markdown(doc: dict) -> str:

@@ -30,3 +30,13 @@ def method(warmup: str, repeats: int, reduced: str) -> dict:
             "text": f"Every step: warm-up on the step's workers: {run}; then {repeats} timed "
                     f"repeat{'s' * (repeats != 1)}; measured = median (min-max) of the repeats. "
                     "One cluster serves every step; its workers are not restarted."}
+
+
+#: The order of the timed runs when every step's warm-up comes first (the reports' method line).
+ROUNDS = ("The warm-ups come first; then the timed runs in rounds (round r: run r of every "
+          "step, in step order), so that a slow stretch of the machine hits every step alike.")
+
+
+def in_rounds(out: dict) -> dict:
+    """``out`` (a :func:`method`) for timed runs taken in rounds across the steps."""
+    return {**out, "order": "rounds", "text": f"{out['text']} {ROUNDS}"}

@@ -78,7 +78,7 @@ import numpy as np
 
 from rpicluster import config, history
 from rpicluster.bench import simulate as sim
-from rpicluster.bench.method import check_method, method
+from rpicluster.bench.method import check_method, in_rounds, method
 from rpicluster.bench.steps import natural, parse_steps, worker_order, worker_table
 from rpicluster.errors import ConfigError, TrainingError, make_dirs
 from rpicluster.progress import Progress
@@ -451,13 +451,9 @@ def _waited(tail: dict[str, float]) -> float:
 
 def _method(warmup: str, repeats: int, reduced: str) -> dict:
     """:func:`rpicluster.bench.method.method`, plus the order of the timed runs."""
-    out = method(warmup, repeats, reduced)
-    out["order"] = "rounds"
-    out["text"] += (" The warm-ups come first; then the timed runs in rounds (round r: run r "
-                    "of every step, in step order), each between two measurements of its "
-                    "step's capacity, so that a slow stretch of the machine hits every step "
-                    "alike; a run's capacity is the mean of its two, a step's the median of "
-                    "its runs'.")
+    out = in_rounds(method(warmup, repeats, reduced))
+    out["text"] += (" Each timed run sits between two measurements of its step's capacity; a "
+                    "run's capacity is the mean of its two, a step's the median of its runs'.")
     return out
 
 
