@@ -99,9 +99,10 @@ class _Reader:
 
 
 def dumps(model) -> bytes | None:
-    """The skops archive of ``model`` (as ``skops.io.dumps`` writes it) when it is an rpicluster
-    estimator made only of what :func:`read_model` reads back; None otherwise (skops must
-    write it)."""
+    """The skops archive of ``model`` (as ``skops.io.dumps`` writes it, its schema unindented:
+    :func:`~rpicluster.train.modelfile.deterministic_archive` dumps it again as skops does) when
+    it is an rpicluster estimator made only of what :func:`read_model` reads back; None
+    otherwise (skops must write it)."""
     if f"{type(model).__module__}.{type(model).__qualname__}" not in CLASSES:
         return None
     writer = _Writer()
@@ -117,7 +118,7 @@ def dumps(model) -> bytes | None:
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as z:
         for name, payload in writer.files.items():
             z.writestr(name, payload)
-        z.writestr("schema.json", json.dumps(state, indent=2))
+        z.writestr("schema.json", json.dumps(state))
     return out.getvalue()
 
 

@@ -66,6 +66,18 @@ def blocks_data(dataset) -> dict[int, dict]:
             for b in range(int(dataset.n_blocks))}
 
 
+def _manifest_line(block: int, entry: dict) -> str:
+    return f'  "{block}": {json.dumps(entry, sort_keys=True)}'
+
+
+def _manifest(lines: dict[int, str]) -> bytes:
+    """The manifest, one committed block per line in block order: JSON, encoded one entry at
+    a time (re-encoding every entry, indented, on each commit cost 31 ms of the driver's CPU a
+    block at 150 blocks, quadratic in the blocks)."""
+    body = ",\n".join(lines[b] for b in sorted(lines))
+    return ('{"blocks": {\n' + body + "\n}}\n" if body else '{"blocks": {}}\n').encode()
+
+
 # Locks this process holds, by resolved run directory: [file descriptor, holders]. A run
 # directory is owned by a process; nested holders in it (train_model around train) share it.
 _HELD: dict[str, list] = {}
@@ -208,6 +220,9 @@ class RunDir(OwnedDir):
         super().__init__(path)
         self._run: dict | None = None  # meta of the run this object owns (set by begin)
         self._data: dict | None = None  # per-block data records (set by begin)
+        # The manifest's lines as this owner wrote them, {block: line} (set by begin): a commit
+        # encodes its own entry only, not every committed block's again.
+        self._lines: dict[int, str] | None = None
 
     @property
     def manifest_path(self) -> Path:
@@ -243,6 +258,7 @@ class RunDir(OwnedDir):
     def _own(self, meta: dict, dataset) -> None:
         self._run = meta
         self._data = blocks_data(dataset)
+        self._lines = {b: _manifest_line(b, e) for b, e in self.committed().items()}
 
     def create(self, params: dict, dataset, *, overwrite: bool = False) -> dict:
         """Start a new run; refuses a directory that already holds committed blocks unless
@@ -262,7 +278,8 @@ class RunDir(OwnedDir):
         if self._key is None:
             raise ConfigError(f"clearing {self.path} needs its lock (RunDir.acquire)")
         # The empty manifest first: from then on no old block counts as committed.
-        atomic_write_bytes(self.manifest_path, json.dumps({"blocks": {}}).encode())
+        self._lines = {}
+        atomic_write_bytes(self.manifest_path, _manifest(self._lines))
         shutil.rmtree(self.path / "blocks", ignore_errors=True)
 
     def check_resumable(self, params: dict, dataset) -> None:
@@ -338,10 +355,10 @@ class RunDir(OwnedDir):
         entry = {"file": rel, "sha256": digest, "committed": time.time(), **(info or {}),
                  "params": run["params"],
                  "data": (self._data or {}).get(block)}
-        blocks = {str(b): e for b, e in self.committed().items()}
-        blocks[str(block)] = entry
-        atomic_write_bytes(self.manifest_path,
-                           json.dumps({"blocks": blocks}, indent=2, sort_keys=True).encode())
+        if self._lines is None:  # committing without begin (a tool, a test)
+            self._lines = {b: _manifest_line(b, e) for b, e in self.committed().items()}
+        self._lines[block] = _manifest_line(block, entry)
+        atomic_write_bytes(self.manifest_path, _manifest(self._lines))
         return entry
 
     def load_block(self, block: int):
