@@ -51,7 +51,9 @@ def test_a_host_that_is_no_ssh_server_is_one_line(tmp_path):
         server.close()
     lines = res.stderr.strip().splitlines()
     assert "Traceback" not in res.stderr, res.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: 127.0.0.1"), res.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: 127.0.0.1:{port}: cannot connect: "
+                                                   "something answered but did not speak SSH ("), \
+        res.stderr
 
 
 def test_doctor_lists_the_scheduler_host_first(tmp_path, home):
@@ -74,3 +76,25 @@ def test_doctor_lists_the_scheduler_host_first(tmp_path, home):
     rows = [line for line in res.output.splitlines() if line.startswith("127.0.0.1")]
     assert rows[0].startswith("127.0.0.1 (scheduler)") and " ok " in rows[0], res.output
     assert len(rows) == 2 and "FAIL" in rows[1], res.output
+    assert f"127.0.0.1:{closed}: cannot connect: connection refused: no SSH server listens on " \
+        "that port; enable SSH on the host" in rows[1], res.output
+
+
+def test_a_host_name_that_does_not_resolve_says_so_and_what_to_check(tmp_path, home):
+    """A misspelt host (``.invalid`` never resolves, RFC 2606): not errno -2's 'Name or service
+    not known' alone, but what it means and what to check."""
+    from click.testing import CliRunner
+
+    from rpicluster.cli import main
+
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    inventory = tmp_path / "cluster.toml"
+    inventory.write_text(f'[scheduler]\nhost = "127.0.0.1"\n[defaults]\nuser = "pi"\n'
+                         f'key = "{key}"\nknown_hosts = "{tmp_path / "known_hosts"}"\n'
+                         '[[workers]]\nhosts = "pi01.invalid"\n')
+    res = CliRunner().invoke(main, ["doctor", "-c", str(inventory)])
+    assert res.exit_code == 1, res.output
+    row = next(line for line in res.output.splitlines() if line.startswith("pi01.invalid"))
+    assert "FAIL" in row and "pi01.invalid:22: cannot connect: the host name does not resolve (" \
+        in row and "check its spelling in the inventory, or use its IP address" in row, row

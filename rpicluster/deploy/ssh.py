@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import errno
 import hashlib
 import logging
 import os
@@ -93,6 +94,28 @@ class CommandResult:
     exit_status: int
 
 
+def _connect_failure(exc: BaseException, timeout: float) -> str:
+    """What a failed SSH connect means, and what to check, for the usual causes."""
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return (f"timed out after {timeout:g} s; is the host powered on and on this network "
+                "(a Pi still booting takes a minute)?")
+    if isinstance(exc, socket.gaierror):
+        return (f"the host name does not resolve ({exc.strerror or exc}); check its spelling in "
+                "the inventory, or use its IP address")
+    if isinstance(exc, ConnectionRefusedError) or (
+            isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError)
+            and all(isinstance(e, ConnectionRefusedError) for e in exc.errors.values())):
+        return ("connection refused: no SSH server listens on that port; enable SSH on the "
+                "host (raspi-config, or an empty 'ssh' file on a Pi's boot partition) or fix "
+                "the port in the inventory")
+    if isinstance(exc, paramiko.SSHException) and "banner" in str(exc):
+        return (f"something answered but did not speak SSH ({exc}); check the host and port "
+                "in the inventory")
+    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return f"{exc.strerror}; is the host on this network?"
+    return str(exc) or type(exc).__name__
+
+
 class Connection:
     """An open SSH connection to one node; use as a context manager.
 
@@ -132,12 +155,13 @@ class Connection:
         except paramiko.AuthenticationException as exc:
             client.close()
             raise SSHError(f"{node.host}: key authentication as {node.user!r} with {node.key} "
-                           f"failed: {exc}") from None
+                           f"failed: {exc}; add the public key to the host's authorized keys "
+                           f"(ssh-copy-id -i {node.key}.pub {node.user}@{node.host}), or set "
+                           "user/key for it in the inventory") from None
         except (OSError, socket.timeout, paramiko.SSHException) as exc:
             client.close()
-            what = "timed out" if isinstance(exc, (socket.timeout, TimeoutError)) else str(exc)
-            raise SSHError(f"{node.host}:{node.port}: cannot connect: {what or type(exc).__name__}"
-                           ) from None
+            raise SSHError(f"{node.host}:{node.port}: cannot connect: "
+                           f"{_connect_failure(exc, timeout)}") from None
         self._client = client
         self._home: str | None = None
 
