@@ -78,6 +78,11 @@ def test_plan_spends_the_budget_and_names_what_does_not_fit():
     p = plan(1000, 270)
     assert p.sizes[0] == 81 and p.units[-1] == 270 and p.cost <= 1000
     assert plan(260, 650).sizes[0] >= 9  # a small budget still searches, with shorter rungs
+    # Too few blocks to halve by 3 (2 training blocks): one rung of full trainings, as many as
+    # the budget pays for (at most 9), not a "search" of one candidate; halving where it fits.
+    assert (plan(6, 2).sizes, plan(6, 2).units) == ((3,), (2,))
+    assert plan(100, 2).sizes == (9,) and plan(2, 2).sizes == (1,)
+    assert plan(9, 3).sizes == (3, 1)
     with pytest.raises(ConfigError, match="smaller than one block"):
         plan(0.5, 13)
     with pytest.raises(ConfigError, match="too small for 4 rungs .* hold at most 3 rungs"):

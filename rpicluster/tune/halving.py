@@ -21,6 +21,8 @@ from rpicluster.errors import ConfigError
 
 #: Candidate counts tried when none is asked for (powers of 3: a whole number of halvings).
 CANDIDATES = (81, 27, 9, 3, 1)
+#: The most candidates of a one-rung search (a store too small to halve).
+ONE_RUNG_MOST = 9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +70,10 @@ def plan(budget_units: float, max_units: int, *, factor: int = 3,
     ``max_units`` units.
 
     Without ``n_candidates``, the most candidates of :data:`CANDIDATES` whose best one still
-    gets ``max_units`` (else at least a ``factor**2``-th of it; else the most that fit).
+    gets ``max_units`` (else at least a ``factor**2``-th of it; else the most that fit). Where
+    halving cannot hold more than one candidate (a store of fewer than ``factor`` training
+    blocks) but the budget pays for several full trainings, one rung of that many candidates,
+    at most :data:`ONE_RUNG_MOST`, each trained in full (a random search).
 
     Raises
     ------
@@ -100,13 +105,18 @@ def plan(budget_units: float, max_units: int, *, factor: int = 3,
     plans = [_fit(n, budget_units, max_units, factor) for n in CANDIDATES
              if factor ** (n_rungs(n, factor) - 1) <= max_units]
     plans = [p for p in plans if p.units[0] >= 1 and p.cost <= max(budget_units, 1)]
+    best = _fit(1, budget_units, max_units, factor)
     for good in (lambda p: p.units[-1] >= max_units,
                  lambda p: p.units[-1] * factor ** 2 >= max_units,
                  lambda p: True):
         chosen = [p for p in plans if good(p)]
         if chosen:
-            return max(chosen, key=lambda p: (p.n_candidates, p.units[-1]))
-    return _fit(1, budget_units, max_units, factor)
+            best = max(chosen, key=lambda p: (p.n_candidates, p.units[-1]))
+            break
+    full = min(ONE_RUNG_MOST, int(budget_units // max_units))
+    if best.n_candidates == 1 and full > 1:
+        return Plan(sizes=(full,), units=(max_units,), factor=factor)
+    return best
 
 
 def n_rungs_fitting(max_units: int, factor: int) -> int:
