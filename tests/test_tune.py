@@ -370,3 +370,25 @@ def test_cli_tune_mlp_writes_a_model_that_score_reads(digits, cluster, tmp_path)
     assert res.exit_code != 0
     assert "budget of 0.088 blocks is smaller than one block" in res.output
     assert "Traceback" not in res.output
+
+
+def test_cli_tune_on_a_store_too_small_to_halve_trains_three_candidates_in_full(
+        cluster, tmp_path):
+    """README's digits store (blocks of 600 rows: 2 training blocks and 1 held out) cannot be
+    halved by 3: the default 3x budget trains 3 candidates in full, and the summary says why."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    np.savez(tmp_path / "digits.npz", X=(X / 16.0).astype(np.float32), y=y)
+    ingest(str(tmp_path / "digits.npz"), tmp_path / "small.zarr", block_rows=600)
+    res = CliRunner().invoke(main, ["tune", str(tmp_path / "small.zarr"), "-o",
+                                    str(tmp_path / "best.skops"), "--scheduler",
+                                    cluster.scheduler_address])
+    assert res.exit_code == 0, res.output
+    assert "tuned 3 candidates of ksgd in 1 rungs (units per rung 2)" in res.output
+    assert "every candidate trained in full: 2 training block(s) are too few to halve by 3; " \
+        "ingest with a smaller --block-rows for more blocks, or tune with --factor 2" in res.output
+    board = json.loads((tmp_path / "best.skops.tune" / "leaderboard.json").read_text())
+    entries = board if isinstance(board, list) else board["leaderboard"]
+    assert sorted(e["candidate"] for e in entries) == [0, 1, 2]
+    assert all(e["units"] == 2 and e["error"] is None for e in entries)
