@@ -373,7 +373,7 @@ def test_cli_tune_mlp_writes_a_model_that_score_reads(digits, cluster, tmp_path)
 
 
 def test_cli_tune_on_a_store_too_small_to_halve_trains_three_candidates_in_full(
-        cluster, tmp_path):
+        cluster, tmp_path, home, monkeypatch):
     """README's digits store (blocks of 600 rows: 2 training blocks and 1 held out) cannot be
     halved by 3: the default 3x budget trains 3 candidates in full, and the summary says why."""
     from sklearn.datasets import load_digits
@@ -381,7 +381,8 @@ def test_cli_tune_on_a_store_too_small_to_halve_trains_three_candidates_in_full(
     X, y = load_digits(return_X_y=True)
     np.savez(tmp_path / "digits.npz", X=(X / 16.0).astype(np.float32), y=y)
     ingest(str(tmp_path / "digits.npz"), tmp_path / "small.zarr", block_rows=600)
-    res = CliRunner().invoke(main, ["tune", str(tmp_path / "small.zarr"), "-o",
+    monkeypatch.chdir(tmp_path)  # the store given as a relative path
+    res = CliRunner().invoke(main, ["tune", "small.zarr", "-o",
                                     str(tmp_path / "best.skops"), "--scheduler",
                                     cluster.scheduler_address])
     assert res.exit_code == 0, res.output
@@ -392,3 +393,10 @@ def test_cli_tune_on_a_store_too_small_to_halve_trains_three_candidates_in_full(
     entries = board if isinstance(board, list) else board["leaderboard"]
     assert sorted(e["candidate"] for e in entries) == [0, 1, 2]
     assert all(e["units"] == 2 and e["error"] is None for e in entries)
+    # The history names the store as train does (its full path) and the best of the three.
+    runs = CliRunner().invoke(main, ["runs"])
+    row = runs.output.splitlines()[2].split()
+    assert row[1] == "tune" and str(tmp_path / "small.zarr") in row, runs.output
+    assert f"best {max(e['score'] for e in entries):.4f} of 3" in runs.output
+    shown = json.loads(CliRunner().invoke(main, ["runs", "show", row[0], "--json"]).output)
+    assert shown["fingerprint"] and shown["data"] == str(tmp_path / "small.zarr")

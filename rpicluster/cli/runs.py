@@ -25,6 +25,8 @@ def _figure(run: dict) -> str:
     for key in ("test_accuracy", "accuracy"):
         if isinstance(res.get(key), (int, float)):
             return f"{key.replace('_', ' ')} {res[key]:.4f}"
+    if isinstance(res.get("best_score"), (int, float)):  # tune: the best held-out accuracy
+        return f"best {res['best_score']:.4f} of {res.get('candidates', '?')}"
     return ""
 
 

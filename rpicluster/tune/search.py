@@ -589,14 +589,15 @@ def tune_to_file(data: str, model_path, *, model: str = "ksgd", space=None, budg
     """
     from rpicluster import history
     from rpicluster.train.api import ClusterChoice, refuse_existing_model
+    from rpicluster.train.checks import fingerprint
     from rpicluster.train.modelfile import save_model
 
     model_path = Path(model_path)
     refuse_existing_model(model_path, overwrite or resume)
     tdir = TuneDir(tune_dir if tune_dir is not None else f"{model_path}.tune")
     # A bad space, budget or store is one line before any cluster is started or reached.
-    check_search(data, model, space, budget, factor=factor, n_candidates=n_candidates,
-                 validation=validation, storage_options=storage_options)
+    setup = check_search(data, model, space, budget, factor=factor, n_candidates=n_candidates,
+                         validation=validation, storage_options=storage_options)
 
     def kept() -> str | None:
         if not tdir.meta_path.exists():
@@ -606,7 +607,10 @@ def tune_to_file(data: str, model_path, *, model: str = "ksgd", space=None, budg
     params = {"model": model, "space": str(space) if space is not None else None,
               "budget": budget, "seed": seed, "factor": factor, "n_candidates": n_candidates,
               "validation": validation, "resume": resume, "refit": refit}
-    with history.recording("tune", params=params, data=str(data)) as record, \
+    # The store as train records it (its full URL), with its fingerprint: `runs` then names
+    # the same store the same way whatever path the command was given.
+    with history.recording("tune", params=params, data=str(setup.ds.url),
+                           fingerprint=fingerprint(setup.ds)) as record, \
             (cluster or ClusterChoice()).run_client(kept, tdir.path) as client:
         workers = client.scheduler_info()["workers"]
         n_workers = len(workers)
