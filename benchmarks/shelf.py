@@ -33,7 +33,9 @@ step's capacity, about 7 s each; the second adds 12 x 7 s to a 4-step benchmark)
   of the even mix's, so about 45,000 rows/s at 8 hosts (51,000 x 0.875; at most about 49,000
   should the spare quarter core give the hosts their whole quota, 6,100 rows/s each) makes
   step 8's runs 24.5-27 s and step 1's about 185 s (6,400 rows/s); the whole benchmark about
-  27 minutes.
+  27 minutes. On a fast stretch of this VM (hosts at 9,400-11,600 rows/s) its 8-host runs took
+  14-21 s, so the quiet figures now use ``--rows 1800000`` (225 blocks): 29-37 s at 8 hosts,
+  245-315 s at one, about 41 minutes (2026-12-06, hosts at 5,200-8,300 rows/s).
 * ``--mix paper --rows 1600000 --steps '4;5;6'``: the Pi group is the baseline. At 20 s a run
   for all 6 hosts (about 60,000 rows/s), one 15 % Pi (about 3,500 rows/s) would run over
   5 minutes a run, 23 minutes a step; so the steps are the 4 Pis (about 120 s a run), + the
