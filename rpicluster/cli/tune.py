@@ -69,9 +69,10 @@ def tune_cmd(data, model_path, kind, space, budget, factor, n_candidates, valida
                f"in {r.seconds:.1f} s: {r.trained} trained"
                + (f", {r.resumed} resumed" if r.resumed else ""))
     if len(p.sizes) == 1 and p.sizes[0] > 1:
+        factor_2 = p.units[0] >= 2 and p.factor > 2
         click.echo(f"  every candidate trained in full: {p.units[0]} training block(s) are "
                    f"too few to halve by {p.factor}; ingest with a smaller --block-rows for more "
-                   "blocks" + (", or tune with --factor 2" if p.units[0] >= 2 and p.factor > 2 else ""))
+                   "blocks" + (", or tune with --factor 2" if factor_2 else ""))
     table = r.table()
     echo_table("leaderboard (held-out accuracy)", table[0], table[1:])
     click.echo(f"best: candidate {r.leaderboard[0]['candidate']}, held-out accuracy "
