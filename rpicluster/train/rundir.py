@@ -220,8 +220,8 @@ class RunDir(OwnedDir):
         super().__init__(path)
         self._run: dict | None = None  # meta of the run this object owns (set by begin)
         self._data: dict | None = None  # per-block data records (set by begin)
-        # The manifest's lines as this owner wrote them, {block: line} (set by begin): a commit
-        # encodes its own entry only, not every committed block's again.
+        # The manifest's lines as this owner wrote them, {block: line} (read at a run's first
+        # commit): a commit encodes its own entry only, not every committed block's again.
         self._lines: dict[int, str] | None = None
 
     @property
@@ -258,7 +258,7 @@ class RunDir(OwnedDir):
     def _own(self, meta: dict, dataset) -> None:
         self._run = meta
         self._data = blocks_data(dataset)
-        self._lines = {b: _manifest_line(b, e) for b, e in self.committed().items()}
+        self._lines = None  # read from the manifest at this run's first commit
 
     def create(self, params: dict, dataset, *, overwrite: bool = False) -> dict:
         """Start a new run; refuses a directory that already holds committed blocks unless
@@ -355,7 +355,7 @@ class RunDir(OwnedDir):
         entry = {"file": rel, "sha256": digest, "committed": time.time(), **(info or {}),
                  "params": run["params"],
                  "data": (self._data or {}).get(block)}
-        if self._lines is None:  # committing without begin (a tool, a test)
+        if self._lines is None:
             self._lines = {b: _manifest_line(b, e) for b, e in self.committed().items()}
         self._lines[block] = _manifest_line(block, entry)
         atomic_write_bytes(self.manifest_path, _manifest(self._lines))
